@@ -1,0 +1,244 @@
+"""The `facefoundry` command line. Library code raises; only this module turns errors into exit codes."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Generate and curate face datasets on Ray, with per-sample lineage.")
+out = Console()
+err = Console(stderr=True)
+
+
+class Fmt(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+    parquet = "parquet"
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="pipeline YAML")],
+    output: Annotated[str, typer.Option("--output", "-o", help="run directory: a path or fsspec URL")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override: path.to.key=value")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (else RAY_ADDRESS, else local)")] = None,
+    new: Annotated[bool, typer.Option("--new", help="delete what the output holds and start over")] = False,
+    force: Annotated[bool, typer.Option("--force", help="recompute stages whose config changed")] = False,
+    num_cpus: Annotated[int | None, typer.Option(help="CPUs for the embedded local Ray")] = None,
+    progress: Annotated[bool, typer.Option(help="live progress display")] = True,
+) -> None:
+    """Run a pipeline config end to end (resumes what an earlier run of it committed)."""
+    from pipeline.config import ConfigError, load_config
+    from pipeline.rundir import RunConflictError, RunLockedError
+
+    try:
+        cfg, stages = load_config(config, set_ or [])
+        from pipeline.runner import Runner
+
+        runner = Runner(cfg, stages, output, console=err, show_progress=progress)
+    except ConfigError as exc:
+        _fail(str(exc))
+        return
+    try:
+        result = runner.run(force=force, new=new, address=address, num_cpus=num_cpus)
+    except (RunConflictError, RunLockedError) as exc:
+        _fail(str(exc))
+        return
+    except KeyboardInterrupt:
+        err.print("\n[yellow]interrupted[/yellow]: committed shards are kept; run the same command again to resume.")
+        raise typer.Exit(130) from None
+    for f in result.failures:
+        err.print(f"[red]failed[/red] {f['stage']} shard {f['shard']}: {f['error'].splitlines()[-1] if f['error'] else ''}")
+    _print_next_steps(output, result.complete, result.export)
+    if not result.complete:
+        raise typer.Exit(1)
+
+
+def _print_next_steps(output: str, complete: bool, export: dict[str, Any] | None) -> None:
+    state = "[green]complete[/green]" if complete else "[yellow]incomplete[/yellow] (run again to resume)"
+    err.print(f"\nrun {output}: {state}")
+    if export:
+        s = export["splits"]
+        err.print(f"  training shards  {output}/export/train ({s['train']['samples']} samples, "
+                  f"{s['train']['identities']} identities), {output}/export/val ({s['val']['samples']} samples)")
+        err.print(f"  dataset card     {output}/export/dataset_card.md")
+    err.print(f"  manifests        {output}/manifests/<stage>/*.parquet")
+    err.print(f"  report           {output}/report/index.html")
+    err.print("next:")
+    err.print(f"  facefoundry status {output}")
+    err.print(f"  facefoundry query {output} \"SELECT stage, reason, count(*) FROM decisions WHERE NOT keep GROUP BY ALL\"")
+    err.print(f"  facefoundry lineage {output} <sample_id>")
+
+
+@app.command()
+def status(
+    run_dir: Annotated[str, typer.Argument(help="run directory")],
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Per stage: shards committed/total, samples kept/dropped/errored, throughput, completeness."""
+    from manifests.storage import RunStorage
+    from pipeline.status import NotARunError, run_status
+
+    try:
+        st = run_status(RunStorage(run_dir))
+    except NotARunError as exc:
+        _fail(str(exc))
+        return
+    if as_json:
+        out.print_json(json.dumps(st, default=str))
+        return
+    t = Table(title=f"{run_dir}: {'complete' if st['complete'] else 'incomplete'}")
+    for col in ("stage", "shards", "samples", "kept", "dropped", "errors", "samples/s", "workers"):
+        t.add_column(col, justify="left" if col == "stage" else "right")
+    for s in st["stages"]:
+        rate = f"{s['samples_per_s']:,.1f}" if s["samples_per_s"] else "-"
+        t.add_row(s["stage"], f"{s['shards_committed']}/{s['shards_total']}", str(s["samples"]), str(s["kept"]),
+                  str(s["dropped"]), str(s["errors"]), rate, str(s["workers"]))
+    out.print(t)
+    if st["export"]:
+        sp = st["export"]["splits"]
+        out.print(f"export: train {sp['train']['samples']} samples / {sp['train']['identities']} identities, "
+                  f"val {sp['val']['samples']} / {sp['val']['identities']}")
+    else:
+        out.print("export: not written")
+
+
+@app.command()
+def query(
+    run_dir: Annotated[str, typer.Argument(help="run directory")],
+    sql: Annotated[str, typer.Argument(help="one SELECT over: identities, decisions, samples, <stage id>")],
+    fmt: Annotated[Fmt, typer.Option("--format", "-f")] = Fmt.table,
+    output: Annotated[Path | None, typer.Option("--out", help="file to write (needed for parquet)")] = None,
+    limit: Annotated[int, typer.Option(help="rows shown in table format")] = 50,
+) -> None:
+    """SQL on a read-only DuckDB connection over the committed manifests."""
+    import duckdb
+    import pyarrow.parquet as pq
+
+    from manifests.catalog import Catalog, QueryError
+    from manifests.storage import RunStorage
+    from pipeline.status import NotARunError, stage_order
+
+    store = RunStorage(run_dir)
+    try:
+        table = Catalog(store, stage_order(store)).query(sql)
+    except (QueryError, NotARunError, duckdb.Error) as exc:
+        _fail(str(exc))
+        return
+    if fmt == Fmt.parquet:
+        if output is None:
+            _fail("--format parquet needs --out FILE")
+            return
+        pq.write_table(table, output)
+        err.print(f"wrote {table.num_rows} rows to {output}")
+        return
+    rows = table.to_pylist()
+    if fmt == Fmt.json:
+        text = json.dumps(rows, default=str, indent=1)
+    elif fmt == Fmt.csv:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(table.column_names)
+        for r in rows:
+            w.writerow([r[c] for c in table.column_names])
+        text = buf.getvalue()
+    else:
+        t = Table(caption=f"{table.num_rows} rows" + (f" (first {limit} shown)" if table.num_rows > limit else ""))
+        for c in table.column_names:
+            t.add_column(c)
+        for r in rows[:limit]:
+            t.add_row(*[_short(r[c]) for c in table.column_names])
+        out.print(t)
+        return
+    if output:
+        output.write_text(text)
+    else:
+        sys.stdout.write(text + ("" if text.endswith("\n") else "\n"))
+
+
+def _short(v: Any) -> str:
+    text = str(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+@app.command()
+def lineage(
+    run_dir: Annotated[str, typer.Argument(help="run directory")],
+    sample_id: Annotated[str, typer.Argument(help="sample id")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Every stage's row for one sample, in order: versions, model, params hash, scores, decision, shards."""
+    from manifests.lineage import trace
+    from manifests.storage import RunStorage
+    from pipeline.status import NotARunError, stage_order
+
+    store = RunStorage(run_dir)
+    try:
+        rows = trace(store, stage_order(store), sample_id)
+    except NotARunError as exc:
+        _fail(str(exc))
+        return
+    if not rows:
+        _fail(f"no sample {sample_id!r} in {run_dir}", code=1)
+        return
+    if as_json:
+        out.print_json(json.dumps(rows, default=_jsonable))
+        return
+    for r in rows:
+        head = f"[bold]{r.get('stage')}[/bold]"
+        if r.get("stage") == "export":
+            out.print(f"{head}  split={r.get('split')} label={r.get('label')} shard={r.get('export_shard')} "
+                      f"key={r.get('export_key')}")
+            continue
+        decision = "keep" if r.get("keep") else f"drop ({r.get('reason')})"
+        if r.get("status") != "ok":
+            decision = f"[red]error[/red] ({r.get('reason')})"
+        out.print(f"{head} v{r.get('stage_version')}  {decision}  sample={r.get('sample_id')}"
+                  + (f" parent={r['parent_id']}" if r.get("parent_id") else ""))
+        out.print(f"    model={r.get('model_name') or '-'}@{r.get('model_revision') or '-'}  params={r.get('params_hash')}"
+                  f"  worker={r.get('worker')}  at={r.get('processed_at')}")
+        out.print(f"    in={r.get('input_shard') or '-'}  out={r.get('output_shard') or '-'}")
+        scores = {k: v for k, v in r.items() if k not in _COMMON and not isinstance(v, bytes | list)}
+        if scores:
+            out.print("    " + "  ".join(f"{k}={_fmt(v)}" for k, v in scores.items()), highlight=False)
+
+
+_COMMON = {"sample_id", "key", "identity_id", "parent_id", "stage", "stage_name", "stage_version", "shard", "status",
+           "keep", "reason", "model_name", "model_revision", "params_hash", "fingerprint", "input_shard",
+           "output_shard", "image_ext", "tar_offset", "tar_size", "worker", "processed_at", "duration_ms",
+           "stage_index"}
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _jsonable(v: Any) -> Any:
+    return v.hex() if isinstance(v, bytes) else str(v)
+
+
+def main() -> None:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    app()
+
+
+if __name__ == "__main__":
+    main()

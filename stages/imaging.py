@@ -1,0 +1,50 @@
+"""Image decoding and encoding shared by stages: one place that turns bad bytes into a reason."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+# Refuse decompression bombs before decoding: 12000 x 12000 is 144 MP.
+MAX_PIXELS = 64_000_000
+MIN_SIDE = 16
+
+
+class ImageError(ValueError):
+    """A sample's bytes cannot be used as an image; the message is the reason stored in its row."""
+
+
+def decode_rgb(data: bytes | None, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE) -> np.ndarray:
+    """Decode to an RGB uint8 array, or raise ImageError with a short reason."""
+    if not data:
+        raise ImageError("empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageError(f"image too large: {w}x{h} > {max_pixels} pixels")
+            if min(w, h) < min_side:
+                raise ImageError(f"image too small: {w}x{h} < {min_side} px")
+            img.load()
+            return np.asarray(img.convert("RGB"))
+    except ImageError:
+        raise
+    except UnidentifiedImageError as exc:
+        raise ImageError("not an image") from exc
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"corrupt image: {exc}") from exc
+
+
+def encode_png(rgb: np.ndarray, compress_level: int = 1) -> bytes:
+    """Lossless and deterministic: the same pixels always give the same bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int = 95) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
