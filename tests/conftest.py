@@ -37,3 +37,36 @@ def _guarded_connect(self: socket.socket, address: object) -> None:
 @pytest.fixture(autouse=True)
 def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket.socket, "connect", _guarded_connect)
+
+
+@pytest.fixture(scope="session")
+def ray_session():  # type: ignore[no-untyped-def]
+    """One local Ray for every in-process pipeline test (starting Ray costs seconds)."""
+    import tempfile
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ffray-", dir="/tmp"),
+                 configure_logging=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+ENGINE_CONFIG = {
+    "name": "engine-test",
+    "run": {"seed": 3, "shard_size": 8},
+    "identities": {"count": 6, "images_per_identity": 4, "dim": 64, "max_cosine": 0.5},
+    "stages": [
+        {"stage": "tests.engine_stages:PatternSource", "id": "pattern"},
+        {"stage": "tests.engine_stages:MeanFilter", "id": "meanf", "params": {"min_mean": 60}},
+    ],
+    "export": {"shard_size": 5, "val_fraction": 0.34, "min_images_per_identity": 2},
+}
+
+
+@pytest.fixture
+def engine_config() -> dict:
+    import copy
+
+    return copy.deepcopy(ENGINE_CONFIG)
