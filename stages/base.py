@@ -113,6 +113,12 @@ class Stage:
     def model_info(self) -> ModelInfo:
         return ModelInfo()
 
+    @classmethod
+    def doctor(cls, params: Params) -> list[str]:
+        """Problems that would stop ``setup()`` (missing model files, unreachable server), found
+        without loading anything; each names where it looked and how to fix it."""
+        return []
+
     def process(self, batch: Batch) -> Batch:
         raise NotImplementedError(f"stage {self.name!r} does not implement process()")
 

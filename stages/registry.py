@@ -11,8 +11,26 @@ import importlib
 from stages.base import Stage
 
 BUILTIN_STAGES: dict[str, str] = {
+    # sources
     "render": "stages.render:RenderStage",
+    "arc2face": "stages.arc2face_stage:Arc2FaceStage",
+    "ingest": "stages.ingest:IngestStage",
+    # per-sample mappers and filters
     "image_stats": "stages.image_stats:ImageStatsStage",
+    "fingerprint": "stages.fingerprint:FingerprintStage",
+    "detect": "stages.detect:DetectStage",
+    "align": "stages.align:AlignStage",
+    "embed": "stages.embed:EmbedStage",
+    "quality": "stages.quality:QualityStage",
+    "labels": "stages.labels:LabelStage",
+    "degrade": "stages.degrade:DegradeStage",
+    "clip_filter": "stages.clip_filter:ClipFilterStage",
+    "mllm_filter": "stages.mllm_filter:MLLMFilterStage",
+    # global stages
+    "consistency": "stages.consistency:ConsistencyStage",
+    "separation": "stages.separation:SeparationStage",
+    "dedup": "stages.dedup:DedupStage",
+    "grouping": "stages.grouping:GroupingStage",
 }
 
 

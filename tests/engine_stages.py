@@ -87,9 +87,8 @@ class BusyMapper(Stage):
         sums = []
         for data in batch[IMAGE]:
             end = time.thread_time() + self.params.ms_per_sample / 1000  # type: ignore[attr-defined]
-            acc = 0.0
-            arr = decode_rgb(data).astype(np.float32)
+            arr = decode_rgb(data).astype(np.float64)
             while time.thread_time() < end:
-                acc += float(arr.sum() % 7)
-            sums.append(acc)
+                np.sqrt(arr).sum()
+            sums.append(float(arr.sum()))
         return {SAMPLE_ID: list(batch[SAMPLE_ID]), "checksum": sums}

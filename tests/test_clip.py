@@ -15,11 +15,13 @@ import pyarrow as pa
 import pytest
 import torch
 
-from stages.base import STATUS_ERROR, STATUS_OK, StageContext
+from pipeline.execution import StageSpec, build_manifest, process_isolated
+from stages.base import STATUS_ERROR, STATUS_OK, Batch, Stage, StageContext
 from stages.clip_backend import ClipModel, ClipWeightsError, check_files
 from stages.clip_filter import ClipFilterParams, ClipFilterStage
 from stages.clip_labels import DEFAULT_ATTRIBUTES, ClipLabeler
 from stages.imaging import encode_png
+from stages.labels import Labeler, LabelParams, LabelStage
 
 ARCH = "facefoundry-tiny-clip"
 TINY = {
@@ -55,6 +57,14 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def model(tiny: dict[str, Path]) -> ClipModel:
     return ClipModel({"model": ARCH, "pretrained": str(tiny["safetensors"]),
                       "model_config_file": str(tiny["config"]), "device": "cpu"})
+
+
+def manifest(stage: Stage, batch: Batch) -> pa.Table:
+    """The stage's rows as the runner commits them (its own code, no Ray): proves the schema fits."""
+    spec = StageSpec(stage_id=stage.context.stage_id, cls=type(stage), params=stage.params, batch_size=64,
+                     fingerprint="f", params_hash="p", upstream=(), context=stage.context)
+    out = process_isolated(stage, batch)
+    return build_manifest(spec, stage, "000000", out, None, None, {}, "test", [])
 
 
 def images(n: int = 3) -> list[np.ndarray]:
@@ -113,6 +123,7 @@ def test_released_weights_missing_from_the_cache_are_reported_not_downloaded(tmp
     assert str(tmp_path) in problem and "allow_download" in problem
     with pytest.raises(ClipWeightsError):
         ClipModel(spec)
+    assert ClipFilterStage.doctor(ClipFilterParams.model_validate({"clip": spec})) == [problem]
     (unknown,) = check_files({"model": "ViT-B-32", "pretrained": "no-such-tag"})
     assert "known tags" in unknown and "laion2b_s34b_b79k" in unknown
     (missing,) = check_files({"model": "ViT-B-32", "pretrained": str(tmp_path / "w.safetensors")})
@@ -130,6 +141,7 @@ def test_clip_filter_stores_pair_scores_and_embeddings_and_decides_per_pair(
             {"name": "photo", "positive": "a photograph", "negative": "a drawing", "min_prob": 1.0},
         ],
     })
+    assert ClipFilterStage.doctor(params) == []
     stage = ClipFilterStage(params, StageContext(run_dir=str(tmp_path), stage_id="clip", seed=0))
     stage.setup()
     names = [f.name for f in stage.output_fields()]
@@ -147,15 +159,20 @@ def test_clip_filter_stores_pair_scores_and_embeddings_and_decides_per_pair(
         assert out["reason"][i] == f"clip photo {out['clip_photo'][i]:.2f} < 1.0"
         assert len(out["clip_embedding"][i]) == 32 and out["clip_space"][i] == "clip-local-32"
     assert out["clip_sharp"][3] is None and out["reason"][3]
+    table = manifest(stage, batch)
+    assert table.column("clip_photo").to_pylist()[:3] == pytest.approx(out["clip_photo"][:3])
+    assert table.column("status").to_pylist() == out["status"]
 
 
 def test_clip_labeler_stores_the_label_its_probability_and_the_whole_distribution(
     tiny: dict[str, Path],
 ) -> None:
     labeler = ClipLabeler({"clip": {"model": f"local-dir:{tiny['local']}"}})
-    names = [f.name for f in labeler.fields()]
+    assert isinstance(labeler, Labeler)
+    names = [f.name for f in labeler.fields()]  # known before any model loads
     for attr in ("expression", "glasses", "hair", "age_group"):
         assert {f"clip_{attr}", f"clip_{attr}_prob", f"clip_{attr}_probs"} <= set(names)
+    labeler.setup()
     rows = labeler.label(images())
     assert len(rows) == 3 and labeler.label([]) == []
     for row in rows:
@@ -166,5 +183,22 @@ def test_clip_labeler_stores_the_label_its_probability_and_the_whole_distributio
             assert row[f"clip_{attr.name}"] == max(dist, key=dist.__getitem__)
             assert row[f"clip_{attr.name}_prob"] == pytest.approx(max(dist.values()))
     assert labeler.label(images()) == rows  # deterministic
-    table = pa.Table.from_pylist(rows, schema=pa.schema(list(labeler.fields())))
-    assert table.num_rows == 3
+
+
+def test_the_labels_stage_runs_the_clip_labeler_and_writes_its_schema(
+    tiny: dict[str, Path], tmp_path: Path
+) -> None:
+    glasses = {"name": "glasses", "prompts": {"none": "a face", "eyeglasses": "a face wearing glasses"}}
+    params = LabelParams.model_validate({"labelers": [{"kind": "stages.clip_labels:ClipLabeler", "params": {
+        "clip": {"model": f"local-dir:{tiny['local']}"}, "attributes": [glasses]}}]})
+    stage = LabelStage(params, StageContext(run_dir=str(tmp_path), stage_id="labels", seed=0))
+    stage.setup()
+    ids = ["a", "b", "bad"]
+    batch = {"sample_id": ids, "key": ids, "identity_id": [None] * 3, "parent_id": [None] * 3,
+             "image": [encode_png(a) for a in images(2)] + [b"junk"], "image_ext": ["png"] * 3}
+    out = stage.process(batch)
+    assert out["status"] == ["ok"] * 3
+    assert out["clip_glasses"][0] in {"none", "eyeglasses"} and out["clip_glasses"][2] is None
+    table = manifest(stage, batch)
+    assert table.column("clip_glasses_probs").type == pa.map_(pa.string(), pa.float32())
+    assert table.column("clip_glasses").to_pylist() == out["clip_glasses"]

@@ -20,6 +20,7 @@ from stages.detect import DetectParams, DetectStage
 from stages.embed import EmbedParams, EmbedStage
 from stages.face_backends import FaceDetector, FaceEmbedder
 from stages.genderage import GenderAgeLabeler, age_group
+from stages.genderage import check_files as genderage_check_files
 from stages.imaging import encode_png
 from stages.insightface_backend import (
     InsightFaceDetector,
@@ -29,6 +30,7 @@ from stages.insightface_backend import (
     check_files,
     load_model,
 )
+from stages.labels import Labeler, LabelParams, LabelStage
 from tests import tiny_onnx
 
 
@@ -146,6 +148,8 @@ def test_genderage_labels_each_face_with_gender_probability_and_age_group(
     pack: Path, photo: np.ndarray
 ) -> None:
     labeler = GenderAgeLabeler({"model_dir": str(pack)})
+    assert isinstance(labeler, Labeler)
+    labeler.setup()
     detector = InsightFaceDetector({"model_dir": str(pack), "with_pose": False})
     faces = detector.detect(photo)[:3]
     rows = labeler.label([photo] * len(faces), boxes=[f.box for f in faces])
@@ -162,6 +166,24 @@ def test_genderage_labels_each_face_with_gender_probability_and_age_group(
     assert alone["genderage_gender_prob"] == pytest.approx(rows[-1]["genderage_gender_prob"], abs=1e-5)
     assert [age_group(a) for a in (5, 13, 19.5, 35, 36, 59, 60)] == [
         "child", "teenager", "teenager", "young_adult", "middle_aged", "middle_aged", "senior"]
+
+
+def test_the_labels_stage_runs_the_genderage_labeler_and_keeps_undecodable_rows(
+    pack: Path, photo: np.ndarray, tmp_path: Path
+) -> None:
+    params = LabelParams.model_validate({"labelers": [
+        {"kind": "stages.genderage:GenderAgeLabeler", "params": {"model_dir": str(pack)}}]})
+    stage = LabelStage(params, StageContext(run_dir=str(tmp_path), stage_id="labels", seed=0))
+    stage.setup()
+    batch = {"sample_id": ["a", "bad"], "key": ["a", "bad"], "identity_id": [None, None],
+             "parent_id": [None, None], "image": [encode_png(photo[:112, :112].copy()), b""],
+             "image_ext": ["png", "png"]}
+    out = stage.process(batch)
+    assert out["status"] == ["ok", "ok"] and out["genderage_gender"][0] in {"female", "male"}
+    assert out["genderage_gender"][1] is None and out["genderage_age"][1] is None
+    assert stage.model_info().name == "insightface:genderage.onnx"
+    assert genderage_check_files({"model_dir": str(pack)}) == []
+    assert "genderage.onnx" in genderage_check_files({"model_dir": str(tmp_path)})[0]
 
 
 def test_a_detector_with_free_input_size_runs_at_the_configured_size(pack: Path, tmp_path: Path) -> None:

@@ -17,20 +17,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from stages.base import STATUS_ERROR, STATUS_OK, Batch, StageContext
+from pipeline.execution import StageSpec, build_manifest, process_isolated
+from stages.base import STATUS_ERROR, STATUS_OK, Batch, Stage, StageContext
 from stages.imaging import encode_png
 from stages.mllm_client import MLLMServerSpec, check_server, parse_answer
 from stages.mllm_filter import MLLMFilterParams, MLLMFilterStage, Question
+from stages.vlm_local import check_files as vlm_check_files
 
 QUESTIONS = [
     {"name": "real_face", "prompt": "Is there one real human face?", "type": "boolean", "pass_if": True},
     {"name": "quality", "prompt": "Rate the image quality.", "type": "integer", "min": 1, "max": 5},
 ]
 Reply = tuple[int, bytes] | None  # None: hang until the test ends
+Behaviour = Callable[[int, dict[str, Any]], Reply]
 
 
 def brightness(payload: dict[str, Any]) -> float:
@@ -54,7 +58,7 @@ def honest(payload: dict[str, Any]) -> Reply:
 class FakeServer:
     """Records every request; ``behaviour(n, payload)`` picks the reply to the n-th request (0-based)."""
 
-    def __init__(self, behaviour: Callable[[int, dict[str, Any]], Reply]) -> None:
+    def __init__(self, behaviour: Behaviour) -> None:
         self.behaviour = behaviour
         self.requests: list[dict[str, Any]] = []
         self.lock = threading.Lock()
@@ -107,11 +111,14 @@ class FakeServer:
         self.httpd.server_close()
 
 
+Serve = Callable[[Behaviour], FakeServer]
+
+
 @pytest.fixture
-def serve() -> Iterator[Callable[[Callable[[int, dict[str, Any]], Reply]], FakeServer]]:
+def serve() -> Iterator[Serve]:
     servers: list[FakeServer] = []
 
-    def start(behaviour: Callable[[int, dict[str, Any]], Reply]) -> FakeServer:
+    def start(behaviour: Behaviour) -> FakeServer:
         servers.append(FakeServer(behaviour))
         return servers[-1]
 
@@ -131,6 +138,14 @@ def make_batch(levels: list[int], extra: dict[str, bytes] | None = None) -> Batc
             "image": images, "image_ext": ["png"] * n}
 
 
+def manifest(stage: Stage, batch: Batch) -> pa.Table:
+    """The stage's rows as the runner commits them (its own code, no Ray): proves the schema fits."""
+    spec = StageSpec(stage_id=stage.context.stage_id, cls=type(stage), params=stage.params, batch_size=64,
+                     fingerprint="f", params_hash="p", upstream=(), context=stage.context)
+    out = process_isolated(stage, batch)
+    return build_manifest(spec, stage, "000000", out, None, None, {}, "test", [])
+
+
 def make_stage(run_dir: Path, url: str, **server: Any) -> MLLMFilterStage:
     spec = {"base_url": url, "model": "test-vlm", "backoff_s": 0.01, "max_concurrency": 3, **server}
     params = MLLMFilterParams.model_validate({"server": spec, "questions": QUESTIONS})
@@ -139,7 +154,7 @@ def make_stage(run_dir: Path, url: str, **server: Any) -> MLLMFilterStage:
     return stage
 
 
-def test_answers_are_stored_and_pass_rules_decide_with_a_reason(serve: Any, tmp_path: Path) -> None:
+def test_answers_are_stored_and_pass_rules_decide_with_a_reason(serve: Serve, tmp_path: Path) -> None:
     server = serve(lambda n, p: honest(p))
     batch = make_batch([200, 30, 220], extra={"broken": b"not an image"})
     out = make_stage(tmp_path, server.url).process(batch)
@@ -155,9 +170,13 @@ def test_answers_are_stored_and_pass_rules_decide_with_a_reason(serve: Any, tmp_
     schema = req["response_format"]["json_schema"]["schema"]
     assert req["response_format"]["type"] == "json_schema" and schema["required"] == ["real_face", "quality"]
     assert req["messages"][-1]["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
+    table = manifest(make_stage(tmp_path, server.url), batch)  # answers come from the cache now
+    quality = table.column("mllm_quality")
+    assert quality.type == pa.int32() and quality.to_pylist()[:3] == [4, 2, 4]
+    assert table.column("status").to_pylist() == out["status"] and len(server.requests) == 3
 
 
-def test_a_500_is_retried_with_backoff_until_the_server_answers(serve: Any, tmp_path: Path) -> None:
+def test_a_500_is_retried_with_backoff_until_the_server_answers(serve: Serve, tmp_path: Path) -> None:
     server = serve(lambda n, p: (500, b"overloaded") if n < 2 else honest(p))
     out = make_stage(tmp_path, server.url, max_retries=3).process(make_batch([200, 200, 30]))
     assert out["status"] == [STATUS_OK] * 3 and out["keep"] == [True, True, False]
@@ -165,7 +184,7 @@ def test_a_500_is_retried_with_backoff_until_the_server_answers(serve: Any, tmp_
 
 
 def test_a_server_that_always_fails_gives_one_error_row_per_sample_with_the_reason(
-    serve: Any, tmp_path: Path
+    serve: Serve, tmp_path: Path
 ) -> None:
     server = serve(lambda n, p: (500, b"internal error"))
     out = make_stage(tmp_path, server.url, max_retries=2).process(make_batch([200, 30]))
@@ -176,21 +195,21 @@ def test_a_server_that_always_fails_gives_one_error_row_per_sample_with_the_reas
     assert len(server.requests) == 2 * 3
 
 
-def test_a_client_error_is_not_retried(serve: Any, tmp_path: Path) -> None:
+def test_a_client_error_is_not_retried(serve: Serve, tmp_path: Path) -> None:
     server = serve(lambda n, p: (400, b'{"error": "model does not support images"}'))
     out = make_stage(tmp_path, server.url, max_retries=3).process(make_batch([200]))
     assert out["status"] == [STATUS_ERROR] and "HTTP 400" in out["reason"][0]
     assert len(server.requests) == 1
 
 
-def test_a_server_that_times_out_gives_error_rows_and_the_run_goes_on(serve: Any, tmp_path: Path) -> None:
+def test_a_server_that_times_out_gives_error_rows_and_the_run_goes_on(serve: Serve, tmp_path: Path) -> None:
     server = serve(lambda n, p: None if brightness(p) < 100 else honest(p))
     out = make_stage(tmp_path, server.url, timeout_s=0.3, max_retries=1).process(make_batch([200, 30, 220]))
     assert out["status"] == [STATUS_OK, STATUS_ERROR, STATUS_OK]
     assert "timed out after 0.3 s" in out["reason"][1] and "gave up after 2 attempts" in out["reason"][1]
 
 
-def test_a_malformed_json_answer_is_an_error_row_holding_the_raw_text(serve: Any, tmp_path: Path) -> None:
+def test_a_malformed_json_answer_is_an_error_row_holding_the_raw_text(serve: Serve, tmp_path: Path) -> None:
     def behaviour(n: int, p: dict[str, Any]) -> Reply:
         level = brightness(p)
         if level < 50:
@@ -210,7 +229,7 @@ def test_a_malformed_json_answer_is_an_error_row_holding_the_raw_text(serve: Any
     assert out["mllm_quality"][3] == 5
 
 
-def test_a_resumed_run_does_not_ask_answered_questions_again(serve: Any, tmp_path: Path) -> None:
+def test_a_resumed_run_does_not_ask_answered_questions_again(serve: Serve, tmp_path: Path) -> None:
     def flaky(n: int, p: dict[str, Any]) -> Reply:
         level = brightness(p)
         if level < 50:
@@ -239,9 +258,12 @@ def test_a_resumed_run_does_not_ask_answered_questions_again(serve: Any, tmp_pat
     assert third_server.requests == []
 
 
-def test_doctor_check_names_an_unserved_model_and_an_unreachable_server(serve: Any) -> None:
+def test_doctor_check_names_an_unserved_model_and_an_unreachable_server(serve: Serve) -> None:
     server = serve(lambda n, p: honest(p))
     assert check_server(MLLMServerSpec(base_url=server.url, model="test-vlm")) == []
+    params = MLLMFilterParams.model_validate({"server": {"base_url": server.url, "model": "test-vlm"},
+                                              "questions": QUESTIONS})
+    assert MLLMFilterStage.doctor(params) == []
     (wrong,) = check_server(MLLMServerSpec(base_url=server.url, model="other"))
     assert "does not serve model 'other'" in wrong and "test-vlm" in wrong
     port = server.httpd.server_address[1]
@@ -318,6 +340,9 @@ def test_local_vlm_loads_a_saved_checkpoint_and_never_loses_a_sample(tmp_path: P
     params = MLLMFilterParams.model_validate({
         "backend": "local", "local": {"model": str(folder), "max_new_tokens": 8, "batch_size": 2},
         "questions": QUESTIONS})
+    assert MLLMFilterStage.doctor(params) == []
+    assert vlm_check_files({"model": str(tmp_path / "missing")}) == [
+        f"local VLM folder {tmp_path / 'missing'} does not exist"]
     run = tmp_path / "run"
     stage = MLLMFilterStage(params, StageContext(run_dir=str(run), stage_id="mllm", seed=0))
     stage.setup()
