@@ -234,6 +234,42 @@ def _jsonable(v: Any) -> Any:
     return v.hex() if isinstance(v, bytes) else str(v)
 
 
+@app.command()
+def doctor(
+    config: Annotated[Path | None, typer.Argument(help="pipeline YAML whose models to check")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override: path.to.key=value")] = None,
+) -> None:
+    """Installed packages, GPUs, and whether each model a config names can be found (nothing is loaded)."""
+    from pipeline.config import ConfigError, load_config
+    from pipeline.doctor import run_doctor
+
+    stages = None
+    if config is not None:
+        try:
+            _, stages = load_config(config, set_ or [])
+        except ConfigError as exc:
+            _fail(str(exc))
+            return
+    rep = run_doctor(stages)
+    t = Table(title="packages")
+    t.add_column("package")
+    t.add_column("version")
+    for name, version in rep.packages.items():
+        t.add_row(name, version or "[yellow]not installed[/yellow]")
+    out.print(t)
+    out.print(f"GPUs: {', '.join(rep.gpus)}" if rep.gpus else f"GPUs: none ({rep.gpu_note})")
+    for s in rep.stages:
+        res = ", ".join(f"{k}={v}" for k, v in s["resources"].items() if v)
+        if s["problems"]:
+            out.print(f"[red]✗[/red] {s['stage']} ({s['class']}; {res})")
+            for p in s["problems"]:
+                out.print(f"    {p}", highlight=False)
+        else:
+            out.print(f"[green]✓[/green] {s['stage']} ({s['class']}; {res})")
+    if not rep.ok:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")

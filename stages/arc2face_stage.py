@@ -79,6 +79,28 @@ class Arc2FaceStage(GeneratorSource):
         params = self.params.model_dump(mode="json", exclude=set(EXECUTION_ONLY))
         return stable_hash([identity_id, variant, self.name, self.version, params], 24)
 
+    @classmethod
+    def doctor(cls, params: Params) -> list[str]:
+        from pathlib import Path
+
+        from stages.arc2face import ModelFilesError, check_folder, resolve_base_model
+
+        p = params if isinstance(params, Arc2FaceParams) else Arc2FaceParams.model_validate(params)
+        problems = []
+        checks = [(p.arc2face_dir, "arc2face"), (p.encoder_dir, "encoder")]
+        if p.controlnet_dir:
+            checks.append((p.controlnet_dir, "controlnet"))
+        for folder, role in checks:
+            try:
+                check_folder(Path(folder).expanduser(), role)
+            except ModelFilesError as exc:
+                problems.append(str(exc))
+        try:
+            resolve_base_model(p.base_model, allow_download=False)
+        except ModelFilesError as exc:
+            problems.append(str(exc))
+        return problems
+
     def setup(self) -> None:
         if self.model is None:
             self.model = Arc2Face.load(self.params)
