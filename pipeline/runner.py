@@ -419,13 +419,9 @@ def export_task(url: str, storage_options: dict[str, Any], order: list[str], pix
     writer = ray.remote(write_export_shard).options(num_cpus=0.25)
     meta_names = [m.replace(".", "_") for m in cfg.metadata_columns]
     ray.get([writer.remote(store, path, grp, cfg.image_format, meta_names) for path, grp in sorted(groups.items())])
-    balance = ""
-    try:
-        from stages.labels import balance_report  # type: ignore[attr-defined]
+    from stages.export import balance_section
 
-        balance = balance_report(store, order)
-    except (ImportError, AttributeError, TypeError):
-        balance = ""
+    balance = balance_section(store, order, table)
     return write_manifest_and_card(store, table, stats, fingerprint, cfg, cfg_hash, balance)
 
 

@@ -153,6 +153,28 @@ def plan_export(store: RunStorage, stage_ids: list[str], pixel_stage: str, cfg: 
     return pa.Table.from_pylist(rows) if rows else pa.table({"sample_id": pa.array([], pa.string())}), stats
 
 
+def balance_section(store: RunStorage, stage_ids: list[str], selected: pa.Table) -> str:
+    """Counts per attribute bin per split for the exported samples, from every `labels` stage."""
+    from manifests.schema import COMMON_NAMES
+    from stages.labels import balance_report
+
+    if "split" not in selected.column_names or selected.num_rows == 0:
+        return ""
+    catalog = Catalog(store, stage_ids)
+    parts = []
+    with catalog.connect(read_only=True) as con:
+        kinds = dict(con.execute("SELECT DISTINCT stage, stage_name FROM decisions").fetchall())
+        for sid in stage_ids:
+            if kinds.get(sid) != "labels":
+                continue
+            rows = con.sql(f"SELECT * FROM {_q(sid)}").to_arrow_table()
+            own = [c for c in rows.column_names if c not in COMMON_NAMES]
+            joined = selected.select(["sample_id", "split"]).join(rows.select(["sample_id", *own]), "sample_id")
+            if own:
+                parts.append(balance_report(joined.select(["split", *own])))
+    return "\n".join(p for p in parts if p)
+
+
 def write_export_shard(store: RunStorage, shard_path: str, rows: list[dict[str, Any]],
                        image_format: str | None, meta_names: list[str]) -> int:
     samples = []
