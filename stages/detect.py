@@ -118,6 +118,12 @@ class DetectStage(Stage):
     )
     params: DetectParams
 
+    @classmethod
+    def doctor(cls, params: Params) -> list[str]:
+        from stages.face_backends import check_backend_files
+
+        return check_backend_files(params.backend, dict(params.options), "detector")  # type: ignore[attr-defined]
+
     def setup(self) -> None:
         self.detector: FaceDetector = build_backend(self.params.backend, "detector", self.params.options)
 

@@ -81,6 +81,19 @@ def model_path(name: str, explicit_dir: str | None = None) -> Path:
     return path
 
 
+def check_files(spec: DlibSpec | dict[str, Any] | None, uses: tuple[str, ...] = ("detector", "embedder")) -> list[str]:
+    """For ``doctor``: the .dat files a role needs that cannot be found (the HOG detector needs none)."""
+    spec = _as_spec(spec)
+    needed = {PREDICTOR_68} | ({RESNET} if "embedder" in uses else set())
+    problems = []
+    for name in sorted(needed):
+        try:
+            model_path(name, spec.model_dir)
+        except FileNotFoundError as exc:
+            problems.append(str(exc))
+    return problems
+
+
 @lru_cache(maxsize=16)
 def _sha256(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()

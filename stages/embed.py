@@ -73,6 +73,12 @@ class EmbedStage(Stage):
     def output_fields(self) -> tuple[pa.Field, ...]:
         return embedding_fields(self.params.width)
 
+    @classmethod
+    def doctor(cls, params: Params) -> list[str]:
+        from stages.face_backends import check_backend_files
+
+        return check_backend_files(params.backend, dict(params.options), "embedder")  # type: ignore[attr-defined]
+
     def setup(self) -> None:
         self.embedder: FaceEmbedder = build_backend(self.params.backend, "embedder", self.params.options)
         if self.embedder.dim != self.params.width:

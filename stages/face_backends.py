@@ -62,3 +62,13 @@ def load_backend_module(name: str) -> Any:
     if name not in BACKENDS:
         raise ValueError(f"unknown face backend {name!r}; expected one of {sorted(BACKENDS)}")
     return importlib.import_module(BACKENDS[name])
+
+
+def check_backend_files(backend: str, options: dict[str, Any], role: str) -> list[str]:
+    """For ``doctor``: what a backend cannot find for a role, without loading any model."""
+    try:
+        module = load_backend_module(backend)
+    except ImportError as exc:
+        return [f"face backend {backend!r} cannot be imported ({exc}); pip install 'facefoundry[models]'"]
+    check = getattr(module, "check_files", None)
+    return list(check(options, uses=(role,))) if check else []
