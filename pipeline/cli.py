@@ -7,7 +7,7 @@ import io
 import json
 import os
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,7 +21,7 @@ out = Console()
 err = Console(stderr=True)
 
 
-class Fmt(str, Enum):
+class Fmt(StrEnum):
     table = "table"
     csv = "csv"
     json = "json"
@@ -65,7 +65,8 @@ def run(
         err.print("\n[yellow]interrupted[/yellow]: committed shards are kept; run the same command again to resume.")
         raise typer.Exit(130) from None
     for f in result.failures:
-        err.print(f"[red]failed[/red] {f['stage']} shard {f['shard']}: {f['error'].splitlines()[-1] if f['error'] else ''}")
+        last = (f["error"].splitlines() or [""])[-1]
+        err.print(f"[red]failed[/red] {f['stage']} shard {f['shard']}: {last}")
     _print_next_steps(output, result.complete, result.export)
     if not result.complete:
         raise typer.Exit(1)
@@ -83,7 +84,8 @@ def _print_next_steps(output: str, complete: bool, export: dict[str, Any] | None
     err.print(f"  report           {output}/report/index.html")
     err.print("next:")
     err.print(f"  facefoundry status {output}")
-    err.print(f"  facefoundry query {output} \"SELECT stage, reason, count(*) FROM decisions WHERE NOT keep GROUP BY ALL\"")
+    sql = "SELECT stage, reason, count(*) FROM decisions WHERE NOT keep GROUP BY ALL"
+    err.print(f'  facefoundry query {output} "{sql}"')
     err.print(f"  facefoundry lineage {output} <sample_id>")
 
 
@@ -212,7 +214,8 @@ def lineage(
             decision = f"[red]error[/red] ({r.get('reason')})"
         out.print(f"{head} v{r.get('stage_version')}  {decision}  sample={r.get('sample_id')}"
                   + (f" parent={r['parent_id']}" if r.get("parent_id") else ""))
-        out.print(f"    model={r.get('model_name') or '-'}@{r.get('model_revision') or '-'}  params={r.get('params_hash')}"
+        model = f"{r.get('model_name') or '-'}@{r.get('model_revision') or '-'}"
+        out.print(f"    model={model}  params={r.get('params_hash')}"
                   f"  worker={r.get('worker')}  at={r.get('processed_at')}")
         out.print(f"    in={r.get('input_shard') or '-'}  out={r.get('output_shard') or '-'}")
         scores = {k: v for k, v in r.items() if k not in _COMMON and not isinstance(v, bytes | list)}
@@ -268,6 +271,73 @@ def doctor(
             out.print(f"[green]✓[/green] {s['stage']} ({s['class']}; {res})")
     if not rep.ok:
         raise typer.Exit(1)
+
+
+train_app = typer.Typer(no_args_is_help=True, help="Train on exported shards (Ray Train, DDP).")
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate trained models.")
+app.add_typer(train_app, name="train")
+app.add_typer(eval_app, name="eval")
+
+
+def _train_config(config: Path, overrides: list[str] | None, model: type[Any]) -> Any:
+    import yaml
+
+    from pipeline.config import ConfigError, apply_overrides
+    from pipeline.training.config import TrainConfigError, load_train_config
+
+    try:
+        raw = yaml.safe_load(config.read_text()) or {}
+        return load_train_config(apply_overrides(raw, overrides or []), model)
+    except (OSError, yaml.YAMLError, ConfigError, TrainConfigError) as exc:
+        _fail(str(exc))
+
+
+@train_app.command("recognition")
+def train_recognition_cmd(
+    config: Annotated[Path, typer.Argument(help="recognition training YAML")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override: path.to.key=value")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address")] = None,
+) -> None:
+    """IResNet + margin loss on exported shards; safetensors checkpoints; resumes from the last one."""
+    from pipeline import cluster
+    from pipeline.training.config import RecognitionTrainConfig
+    from pipeline.training.recognition import train_recognition
+
+    cfg = _train_config(config, set_, RecognitionTrainConfig)
+    cluster.connect(address)
+    result = train_recognition(cfg)
+    out.print_json(json.dumps(result.__dict__ if hasattr(result, "__dict__") else result, default=str))
+
+
+@train_app.command("enhancement")
+def train_enhancement_cmd(
+    config: Annotated[Path, typer.Argument(help="enhancement training YAML")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override: path.to.key=value")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address")] = None,
+) -> None:
+    """A small U-Net on (degraded, clean) pairs; PSNR/SSIM/identity similarity vs the degraded input."""
+    from pipeline import cluster
+    from pipeline.training.config import EnhancementTrainConfig
+    from pipeline.training.enhancement import train_enhancement
+
+    cfg = _train_config(config, set_, EnhancementTrainConfig)
+    cluster.connect(address)
+    result = train_enhancement(cfg)
+    out.print_json(json.dumps(result.__dict__ if hasattr(result, "__dict__") else result, default=str))
+
+
+@eval_app.command("verification")
+def eval_verification_cmd(
+    config: Annotated[Path, typer.Argument(help="verification eval YAML")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override: path.to.key=value")] = None,
+) -> None:
+    """10-fold verification accuracy and TAR@FAR on .bin pair files and held-out export identities."""
+    from pipeline.training.config import VerificationEvalConfig
+    from pipeline.training.verification import evaluate_verification
+
+    cfg = _train_config(config, set_, VerificationEvalConfig)
+    results = evaluate_verification(cfg, console=out)
+    out.print_json(json.dumps(results, default=str))
 
 
 def main() -> None:

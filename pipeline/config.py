@@ -212,10 +212,12 @@ def resolve_stages(cfg: PipelineConfig) -> list[ResolvedStage]:
         raise ConfigError(f"invalid config:\n  stages[0] ({out[0].stage_id}): the first stage must be a source")
     for r in out[1:]:
         if r.cls.kind == StageKind.SOURCE:
-            raise ConfigError(f"invalid config:\n  stages[{r.index}] ({r.stage_id}): only the first stage may be a source")
+            raise ConfigError(
+                f"invalid config:\n  stages[{r.index}] ({r.stage_id}): only the first stage may be a source")
     if cfg.identities is None and getattr(out[0].cls, "needs_identities", False):
         raise ConfigError(
-            f"invalid config:\n  identities: stage {out[0].stage_id!r} generates from identities; add an 'identities' block"
+            f"invalid config:\n  identities: stage {out[0].stage_id!r} generates from identities; "
+            "add an 'identities' block"
         )
     return out
 

@@ -379,7 +379,8 @@ def run_global_stage(spec: StageSpec, shards: list[str]) -> list[ShardResult]:
     try:
         out = complete_rows(batch, stage.run_global(table))
     except Exception as exc:
-        raise RuntimeError(f"global stage {spec.stage_id!r} failed: {_describe(exc)}\n{traceback.format_exc()}") from exc
+        detail = traceback.format_exc()
+        raise RuntimeError(f"global stage {spec.stage_id!r} failed: {_describe(exc)}\n{detail}") from exc
     where = dict(zip(batch[SAMPLE_ID], shard_of, strict=True))
     results = []
     per = (time.perf_counter() - t0) * 1000 / max(len(out[SAMPLE_ID]), 1)

@@ -86,8 +86,7 @@ def check_compatible(store: RunStorage, new: dict[str, str], order: list[str]) -
     changed = next((sid for sid in order if old.fingerprints.get(sid) not in (None, new[sid])), None)
     if changed is None:
         # Stages added at the end, or removed, do not invalidate anything that stays.
-        added_before = next((sid for sid in order if sid not in old.fingerprints and committed_shards(store, sid)), None)
-        changed = added_before
+        changed = next((sid for sid in order if sid not in old.fingerprints and committed_shards(store, sid)), None)
     if changed is None:
         return [], None
     after = order[order.index(changed):]

@@ -347,8 +347,9 @@ class Runner:
                         else:
                             failures[(sid, shard)] = str(exc.cause if hasattr(exc, "cause") else exc)[:2000]
                             prog.stages[sid].failed += 1
-                            self.console.print(f"[red]shard {shard} of {sid} failed {MAX_SHARD_ATTEMPTS} times:[/red] "
-                                               f"{failures[(sid, shard)].splitlines()[-1] if failures[(sid, shard)] else ''}")
+                            last = (failures[(sid, shard)].splitlines() or [""])[-1]
+                            self.console.print(
+                                f"[red]shard {shard} of {sid} failed {MAX_SHARD_ATTEMPTS} times:[/red] {last}")
                         continue
                     committed[sid].add(shard)
                     prog.update(res)
@@ -372,7 +373,8 @@ class Runner:
             return
         cpus, gpus = cluster.cluster_totals()
         if s.resources.gpus > gpus:
-            raise cluster.ClusterFitError(f"stage {sid!r} declares gpus={s.resources.gpus} but the cluster has {gpus:g}")
+            raise cluster.ClusterFitError(
+                f"stage {sid!r} declares gpus={s.resources.gpus} but the cluster has {gpus:g}")
         task = ray.remote(run_global_stage).options(num_cpus=min(max(s.resources.cpus, 0.1), cpus),
                                                     num_gpus=s.resources.gpus)
         try:

@@ -40,7 +40,7 @@ STATUS_OK = "ok"
 STATUS_ERROR = "error"
 
 
-class StageKind(str, enum.Enum):
+class StageKind(enum.StrEnum):
     """How the runner schedules a stage."""
 
     SOURCE = "source"  # plans shards and creates samples

@@ -38,7 +38,8 @@ def test_stage_params_are_validated_by_the_stage_model(engine_config: dict) -> N
 
 def test_unknown_stage_lists_the_known_ones(engine_config: dict) -> None:
     engine_config["stages"][1]["stage"] = "detekt"
-    with pytest.raises(ConfigError, match=r"stages\[1\] \(meanf\)\.stage: unknown stage 'detekt'; known stages: .*image_stats"):
+    expected = r"stages\[1\] \(meanf\)\.stage: unknown stage 'detekt'; known stages: .*image_stats"
+    with pytest.raises(ConfigError, match=expected):
         _load(engine_config)
 
 
@@ -64,7 +65,8 @@ def test_export_threshold_on_a_missing_column_fails_before_any_work(engine_confi
     engine_config["export"]["thresholds"] = {"meanf.brightness": {"min": 3}}
     cfg, stages = _load(engine_config)
     out = tmp_path / "run"
-    with pytest.raises(ConfigError, match=r"export\.thresholds\.meanf\.brightness: stage 'meanf' has no column 'brightness'"):
+    expected = r"export\.thresholds\.meanf\.brightness: stage 'meanf' has no column 'brightness'"
+    with pytest.raises(ConfigError, match=expected):
         Runner(cfg, stages, str(out), show_progress=False)
     assert not out.exists()
 
@@ -79,9 +81,9 @@ def test_set_overrides_by_index_and_by_stage_id(engine_config: dict) -> None:
 
 
 def test_set_without_equals_or_through_a_scalar_is_an_error(engine_config: dict) -> None:
-    with pytest.raises(ConfigError, match="expected path.to.key=value"):
+    with pytest.raises(ConfigError, match=r"expected path\.to\.key=value"):
         apply_overrides(engine_config, ["run.seed"])
-    with pytest.raises(ConfigError, match="run.seed is not a mapping"):
+    with pytest.raises(ConfigError, match=r"run\.seed is not a mapping"):
         apply_overrides(engine_config, ["run.seed.x=1"])
 
 

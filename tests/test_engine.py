@@ -19,7 +19,7 @@ from manifests.storage import RunStorage
 from pipeline.config import load_config
 from pipeline.execution import ShardExecutor, write_pixels
 from pipeline.rundir import RunConflictError, RunLockedError, run_lock
-from pipeline.runner import RunResult, Runner
+from pipeline.runner import Runner, RunResult
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -127,7 +127,8 @@ def test_a_sample_whose_processing_raises_gets_an_error_row_and_the_run_goes_on(
     assert sum(r["status"] == "error" for r in rows.values()) == 1
 
 
-def test_a_tar_without_its_manifest_is_invisible_and_recomputed_identically(tmp_path: Path, engine_config: dict) -> None:
+def test_a_tar_without_its_manifest_is_invisible_and_recomputed_identically(tmp_path: Path,
+                                                                             engine_config: dict) -> None:
     out = tmp_path / "run"
     assert _run(engine_config, out, overrides=["export.enabled=false"]).complete
     tar = out / "shards" / "pattern" / "000001.tar"

@@ -86,4 +86,5 @@ def test_resume_after_sigkill_is_byte_identical_to_an_uninterrupted_run(tmp_path
         assert a == b, f"{pattern} differs after resume"
     for stage in ("pattern", "busy", "meanf"):
         assert _rows(ref, stage) == _rows(resumed, stage)
-    assert pq.read_table(ref / "export" / "manifest.parquet").equals(pq.read_table(resumed / "export" / "manifest.parquet"))
+    manifest = Path("export") / "manifest.parquet"
+    assert pq.read_table(ref / manifest).equals(pq.read_table(resumed / manifest))
