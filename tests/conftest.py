@@ -16,14 +16,25 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 _real_connect = socket.socket.connect
 
 
+def _own_addresses() -> set[str]:
+    """This machine's own addresses: Ray's processes talk to each other on the node IP."""
+    try:
+        return set(socket.gethostbyname_ex(socket.gethostname())[2])
+    except OSError:
+        return set()
+
+
+_OWN = _own_addresses()
+
+
 def _is_local(address: object) -> bool:
     if not isinstance(address, tuple):
         return True  # unix sockets
     host = str(address[0])
-    if host in ("localhost", ""):
+    if host in ("localhost", "") or host in _OWN:
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback or ipaddress.ip_address(host).is_private
+        return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
 
