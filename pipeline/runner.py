@@ -101,32 +101,31 @@ class Runner:
     # ------------------------------------------------------------ validation before work
 
     def _check_columns(self) -> None:
+        from pipeline.config import ConfigError
+
         available: set[str] = set()
         for s in self.stages:
             inst = self.instances[s.stage_id]
-            needs = getattr(s.cls, "needs", ())
-            missing = [c for c in needs if c not in available]
+            missing = [c for c in getattr(s.cls, "needs", ()) if c not in available]
             if s.cls.kind == StageKind.GLOBAL and missing:
-                from pipeline.config import ConfigError
-
                 raise ConfigError(
                     f"invalid config:\n  stages[{s.index}] ({s.stage_id}): needs column(s) {missing} that no earlier "
                     f"stage writes (earlier columns: {sorted(available) or 'none'})"
                 )
             available.update(f.name for f in inst.output_fields())
-        for target in self.cfg.export.thresholds:
+        exp = self.cfg.export
+        refs = [(f"export.thresholds.{t}", t) for t in exp.thresholds]
+        refs += [(f"export.metadata_columns[{i}]", t) for i, t in enumerate(exp.metadata_columns)]
+        refs += [(f"export.extra_members.{k}", t) for k, t in exp.extra_members.items()]
+        for where, target in refs:
             stage, _, column = target.partition(".")
             if stage not in self.instances:
-                from pipeline.config import ConfigError
-
-                raise ConfigError(f"invalid config:\n  export.thresholds.{target}: no stage {stage!r} in this run "
+                raise ConfigError(f"invalid config:\n  {where}: no stage {stage!r} in this run "
                                   f"(stages: {', '.join(self.order)})")
             cols = {f.name for f in self.instances[stage].output_fields()}
             if column not in cols:
-                from pipeline.config import ConfigError
-
-                raise ConfigError(f"invalid config:\n  export.thresholds.{target}: stage {stage!r} has no column "
-                                  f"{column!r} (columns: {', '.join(sorted(cols))})")
+                raise ConfigError(f"invalid config:\n  {where}: stage {stage!r} has no column {column!r} "
+                                  f"(columns: {', '.join(sorted(cols))})")
 
     # ------------------------------------------------------------ specs and plans
 
@@ -420,7 +419,9 @@ def export_task(url: str, storage_options: dict[str, Any], order: list[str], pix
         groups.setdefault(r["export_shard"], []).append(r)
     writer = ray.remote(write_export_shard).options(num_cpus=0.25)
     meta_names = [m.replace(".", "_") for m in cfg.metadata_columns]
-    ray.get([writer.remote(store, path, grp, cfg.image_format, meta_names) for path, grp in sorted(groups.items())])
+    members = list(cfg.extra_members)
+    ray.get([writer.remote(store, path, grp, cfg.image_format, meta_names, members)
+             for path, grp in sorted(groups.items())])
     from stages.export import balance_section
 
     balance = balance_section(store, order, table)

@@ -51,6 +51,11 @@ class ExportConfig(BaseModel):
     metadata_columns: tuple[str, ...] = Field(
         (), description="'stage.column' values copied into each sample's .json (e.g. labels.pose_bin)"
     )
+    extra_members: dict[str, str] = Field(
+        default_factory=dict,
+        description="tar extension -> 'stage.column' of bytes written beside the image, e.g. "
+        "{'degraded.png': 'degrade.degraded'} for (degraded, clean) enhancement pairs",
+    )
 
 
 def _q(name: str) -> str:
@@ -89,6 +94,9 @@ def selection_sql(cfg: ExportConfig, stage_ids: list[str], pixel_stage: str) -> 
     for i, target in enumerate(cfg.metadata_columns):
         stage, _, column = target.partition(".")
         extra += f", {_q(stage)}.{_q(column)} AS meta_{i}"
+    for i, target in enumerate(cfg.extra_members.values()):
+        stage, _, column = target.partition(".")
+        extra += f", {_q(stage)}.{_q(column)} AS member_{i}"
     p = _q(pixel_stage)
     return (
         f"SELECT sample_id, key, identity_id, {p}.output_shard AS src_shard, {p}.tar_offset AS src_offset, "
@@ -176,7 +184,7 @@ def balance_section(store: RunStorage, stage_ids: list[str], selected: pa.Table)
 
 
 def write_export_shard(store: RunStorage, shard_path: str, rows: list[dict[str, Any]],
-                       image_format: str | None, meta_names: list[str]) -> int:
+                       image_format: str | None, meta_names: list[str], member_exts: list[str] | None = None) -> int:
     samples = []
     for r in rows:
         data = store.read_range(r["src_shard"], int(r["src_offset"]), int(r["src_size"]))
@@ -188,7 +196,11 @@ def write_export_shard(store: RunStorage, shard_path: str, rows: list[dict[str, 
                 "split": r["split"], "source_key": r["key"]}
         for i, name in enumerate(meta_names):
             meta[name] = r.get(f"meta_{i}")
-        samples.append({"__key__": r["export_key"], ext: data, "cls": str(r["label"]), "json": meta})
+        record = {"__key__": r["export_key"], ext: data, "cls": str(r["label"]), "json": meta}
+        for i, member in enumerate(member_exts or []):
+            if r.get(f"member_{i}") is not None:
+                record[member] = r[f"member_{i}"]
+        samples.append(record)
     data, _ = write_tar(samples)
     store.write_atomic(data, shard_path)
     return len(samples)
