@@ -70,3 +70,22 @@ def test_quickstart_query_and_lineage_commands(quickstart_run: Path) -> None:
     assert csv.stdout.strip().splitlines() == ["n", "10"]
     bad = _cli("query", str(quickstart_run), "DROP VIEW samples")
     assert bad.returncode == 2 and "only SELECT" in bad.stderr
+
+
+@pytest.mark.slow
+def test_recognition_training_reads_the_pipeline_export_and_writes_metrics(quickstart_run: Path) -> None:
+    proc = _cli("train", "recognition", "examples/train-recognition.yaml",
+                "--set", f"data.export={quickstart_run}", "--set", "model.name=iresnet_tiny",
+                "--set", "data.input_size=48", "--set", "data.batch_size=16", "--set", "data.loader_workers=0",
+                "--set", "scaling.num_workers=0", "--set", "scaling.use_gpu=false", "--set", "max_steps=4",
+                "--set", "eval.pairs=20", "--set", "optimizer.name=adamw", "--set", "optimizer.lr=0.001")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ckpts = list((quickstart_run / "train").glob("*/checkpoints/step-*/checkpoint.json"))
+    assert ckpts, list(quickstart_run.rglob("*"))[:50]
+    meta = json.loads(ckpts[-1].read_text())
+    import hashlib
+
+    export_hash = hashlib.sha256((quickstart_run / "export" / "export.json").read_bytes()).hexdigest()
+    assert export_hash in json.dumps(meta)
+    q = _cli("query", str(quickstart_run), "SELECT count(*) AS n FROM metrics", "-f", "csv")
+    assert q.returncode == 0 and int(q.stdout.strip().splitlines()[-1]) > 0, q.stderr
