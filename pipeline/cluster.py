@@ -45,7 +45,8 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
 
 @dataclass(frozen=True)
 class ActorPlan:
-    workers: int
+    initial: int  # actors started with the phase
+    maximum: int  # actors the stage may grow to while it has a backlog
     num_cpus: float
     num_gpus: float
     memory: int | None
@@ -56,16 +57,20 @@ def cluster_totals() -> tuple[float, float]:
     return float(res.get("CPU", 0.0)), float(res.get("GPU", 0.0))
 
 
-def plan_actors(stages: list[tuple[str, Resources, int | None]], cpus: float, gpus: float) -> dict[str, ActorPlan]:
-    """Split the cluster between the stages alive in one phase.
+def plan_actors(stages: list[tuple[str, Resources, int | None]], cpus: float, gpus: float
+                ) -> tuple[dict[str, ActorPlan], int]:
+    """Size the actor pools of the stages alive in one phase; returns the plans and the actor budget.
 
-    GPU stages get whole (or declared fractional) GPUs, as many actors as fit. CPU shares are equal
-    per stage; each stage's per-actor request is its declared CPUs capped at its share, and it gets as
-    many actors as its share holds (at least one), bounded by the stage's ``workers`` setting.
+    GPU stages get as many actors as the GPUs hold, from the start. CPU stages start with one actor
+    and grow towards one per core while they have a backlog (the runner adds actors to the stage whose
+    ready shards wait), so cheap stages do not hold cores that an expensive one needs. Every actor's
+    CPU request is capped at cpus / budget, so the whole budget always fits: no deadlock on 2 cores.
     """
     if not stages:
-        return {}
-    share = cpus / len(stages)
+        return {}, 0
+    cores = max(1, math.floor(cpus + 1e-9))
+    budget = len(stages) + cores
+    cap_req = cpus / budget
     out: dict[str, ActorPlan] = {}
     for stage_id, res, max_workers in stages:
         if res.gpus > 0:
@@ -74,13 +79,16 @@ def plan_actors(stages: list[tuple[str, Resources, int | None]], cpus: float, gp
                     f"stage {stage_id!r} declares gpus={res.gpus} but the cluster has {gpus:g} GPU(s); "
                     f"run it on a GPU cluster (--address) or set stages.{stage_id}.resources.gpus=0"
                 )
-            n = max(1, math.floor(gpus / res.gpus + 1e-9))
-            cpu_req = min(res.cpus, share / n)
+            initial = maximum = max(1, math.floor(gpus / res.gpus + 1e-9))
         else:
-            cpu_req = min(res.cpus, share) if res.cpus > 0 else 0.0
-            n = max(1, math.floor(share / cpu_req + 1e-9)) if cpu_req > 0 else 1
+            initial = 1
+            maximum = max(1, min(cores, math.floor(cpus / res.cpus + 1e-9) if res.cpus > 0 else cores))
         if max_workers is not None:
-            n = min(n, max_workers)
+            initial, maximum = min(initial, max_workers), min(maximum, max_workers)
         memory = int(res.memory_gb * 2**30) if res.memory_gb > 0 else None
-        out[stage_id] = ActorPlan(workers=n, num_cpus=round(cpu_req, 4), num_gpus=res.gpus, memory=memory)
-    return out
+        out[stage_id] = ActorPlan(initial=initial, maximum=maximum, num_cpus=round(min(res.cpus, cap_req), 4),
+                                  num_gpus=res.gpus, memory=memory)
+    if sum(p.maximum for p in out.values()) <= budget:
+        # Everything fits at full size: start there rather than pay actor start-up while work waits.
+        out = {k: ActorPlan(p.maximum, p.maximum, p.num_cpus, p.num_gpus, p.memory) for k, p in out.items()}
+    return out, budget

@@ -366,7 +366,7 @@ def run_global_stage(spec: StageSpec, shards: list[str]) -> list[ShardResult]:
     assert isinstance(stage, GlobalStage)
     stage.setup()
     worker = worker_name()
-    needs = set(stage.needs)
+    needs = set(getattr(stage, "needs", ()))
     parts, shard_of = [], []
     for shard in shards:
         b, _ = load_shard_input(store, spec.upstream, shard, with_images=False, columns=needs)

@@ -106,7 +106,7 @@ class Runner:
         available: set[str] = set()
         for s in self.stages:
             inst = self.instances[s.stage_id]
-            missing = [c for c in getattr(s.cls, "needs", ()) if c not in available]
+            missing = [c for c in getattr(inst, "needs", ()) if c not in available]
             if s.cls.kind == StageKind.GLOBAL and missing:
                 raise ConfigError(
                     f"invalid config:\n  stages[{s.index}] ({s.stage_id}): needs column(s) {missing} that no earlier "
@@ -276,33 +276,38 @@ class Runner:
 
     def _run_streaming(self, phase: list[ResolvedStage], shards: list[str], specs: dict[str, Any],
                        committed: dict[str, set[str]], failures: dict[tuple[str, str], str], prog: Progress) -> None:
+        """Stream shards through the phase's stages. Pools grow towards the stage with a backlog and
+        shrink to nothing once a stage has no work left, so the cores follow the bottleneck."""
         todo = {s.stage_id: [sh for sh in shards if sh not in committed[s.stage_id]] for s in phase}
         active = [s for s in phase if todo[s.stage_id]]
         if not active:
             return
         cpus, gpus = cluster.cluster_totals()
-        plans = cluster.plan_actors([(s.stage_id, s.resources, s.workers) for s in active], cpus, gpus)
-        pools: dict[str, list[Any]] = {}
-        load: dict[str, list[int]] = {}
+        plans, budget = cluster.plan_actors([(s.stage_id, s.resources, s.workers) for s in active], cpus, gpus)
+        by_id = {s.stage_id: s for s in active}
+        pools: dict[str, list[Any]] = {sid: [] for sid in by_id}
+        load: dict[str, list[int]] = {sid: [] for sid in by_id}
 
-        def new_actor(s: ResolvedStage) -> Any:
-            ap = plans[s.stage_id]
+        def add_actor(sid: str) -> None:
+            ap = plans[sid]
             opts: dict[str, Any] = {"num_cpus": ap.num_cpus, "num_gpus": ap.num_gpus, "max_concurrency": 1}
             if ap.memory:
                 opts["memory"] = ap.memory
-            return StageActor.options(**opts).remote(self.spec(s))
+            pools[sid].append(StageActor.options(**opts).remote(self.spec(by_id[sid])))
+            load[sid].append(0)
 
-        for s in active:
-            pools[s.stage_id] = [new_actor(s) for _ in range(plans[s.stage_id].workers)]
-            load[s.stage_id] = [0] * plans[s.stage_id].workers
-        prev = {s.stage_id: (self.order[self.order.index(s.stage_id) - 1] if self.order.index(s.stage_id) else None)
-                for s in active}
-        queues = {sid: deque(todo[sid]) for sid in pools}
-        pending: dict[Any, tuple[str, str, int]] = {}
+        def n_actors() -> int:
+            return sum(len(p) for p in pools.values())
+
+        for sid in by_id:
+            for _ in range(plans[sid].initial):
+                add_actor(sid)
+        prev = {sid: (self.order[self.order.index(sid) - 1] if self.order.index(sid) else None) for sid in by_id}
+        queues = {sid: deque(todo[sid]) for sid in by_id}
+        pending: dict[Any, tuple[str, str, Any]] = {}
         attempts: Counter[tuple[str, str]] = Counter()
         actor_deaths: Counter[str] = Counter()
         cap = self.cfg.run.max_in_flight_per_worker
-        by_id = {s.stage_id: s for s in active}
 
         def ready(sid: str, shard: str) -> bool:
             up = prev[sid]
@@ -312,31 +317,48 @@ class Runner:
             for s in reversed(active):  # downstream first: finish shards before starting new ones
                 sid = s.stage_id
                 q = queues[sid]
-                while q and min(load[sid]) < cap:
+                while q:
                     shard = next((sh for sh in q if ready(sid, sh)), None)
                     if shard is None:
                         break
+                    if not pools[sid] or min(load[sid]) >= cap:
+                        grow = len(pools[sid]) < plans[sid].maximum and (n_actors() < budget or not pools[sid])
+                        if not grow:
+                            break
+                        add_actor(sid)
                     q.remove(shard)
                     ai = load[sid].index(min(load[sid]))
                     src = specs[shard] if s.cls.kind == StageKind.SOURCE else None
                     ref = pools[sid][ai].run_shard.remote(shard, src)
-                    pending[ref] = (sid, shard, ai)
+                    pending[ref] = (sid, shard, pools[sid][ai])
                     load[sid][ai] += 1
+
+        def retire_idle() -> None:
+            busy = {sid for sid, _, _ in pending.values()}
+            for sid in by_id:
+                if not queues[sid] and sid not in busy and pools[sid]:
+                    for actor in pools[sid]:
+                        ray.kill(actor)
+                    pools[sid], load[sid] = [], []
 
         try:
             submit()
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
                 for ref in done:
-                    sid, shard, ai = pending.pop(ref)
-                    load[sid][ai] -= 1
+                    sid, shard, actor = pending.pop(ref)
+                    ai = next((i for i, a in enumerate(pools[sid]) if a is actor), None)
+                    if ai is not None:
+                        load[sid][ai] -= 1
                     try:
                         res: ShardResult = ray.get(ref)
                     except ray.exceptions.RayActorError as exc:
                         actor_deaths[sid] += 1
-                        if actor_deaths[sid] > plans[sid].workers + 2:
+                        if actor_deaths[sid] > plans[sid].maximum + 2:
                             raise StageSetupError(f"stage {sid!r}: its workers keep dying: {exc}") from None
-                        pools[sid][ai] = new_actor(by_id[sid])
+                        if ai is not None:
+                            pools[sid].pop(ai)
+                            load[sid].pop(ai)
                         queues[sid].appendleft(shard)
                         continue
                     except ray.exceptions.RayTaskError as exc:
@@ -352,6 +374,7 @@ class Runner:
                         continue
                     committed[sid].add(shard)
                     prog.update(res)
+                retire_idle()
                 submit()
                 prog.update()
         finally:
