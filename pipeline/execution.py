@@ -262,8 +262,8 @@ def build_manifest(spec: StageSpec, stage: Stage, shard: str, out: Batch, input_
         "duration_ms": durations if len(durations) == n else [None] * n,
     }
     for f in fields:
-        data[f.name] = [v if s == STATUS_OK else None for v, s in
-                        zip(out.get(f.name, [None] * n), out[STATUS], strict=True)]
+        # Error rows keep whatever the stage could say (the failing file's path, an MLLM's raw answer).
+        data[f.name] = list(out.get(f.name, [None] * n))
     try:
         return pa.Table.from_pydict(data, schema=schema)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:

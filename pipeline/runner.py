@@ -103,7 +103,9 @@ class Runner:
     def _check_columns(self) -> None:
         from pipeline.config import ConfigError
 
-        available: set[str] = set()
+        from manifests.schema import CARRIED
+
+        available: set[str] = set(CARRIED)
         for s in self.stages:
             inst = self.instances[s.stage_id]
             missing = [c for c in getattr(inst, "needs", ()) if c not in available]

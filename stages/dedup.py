@@ -104,6 +104,34 @@ def equal_value_pairs(values: list[str | None]) -> tuple[np.ndarray, np.ndarray]
     return np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
 
 
+def _whole_image_edge_filter(table: pa.Table) -> Any:
+    """Byte, pixel and pHash fingerprints describe the whole image they were taken on. Faces derived
+    from one photo all inherit that photo's fingerprint, so for derived samples a link only holds
+    between the same face (same rank among its siblings) of two different photos, never between
+    siblings."""
+    n = table.num_rows
+    parents = table.column("parent_id").to_pylist() if "parent_id" in table.column_names else [None] * n
+    if not any(parents):
+        return lambda a, b: (a, b)
+    keys = table.column("key").to_pylist() if "key" in table.column_names else [""] * n
+    siblings: dict[str, list[int]] = {}
+    for i, par in enumerate(parents):
+        if par:
+            siblings.setdefault(par, []).append(i)
+    rank = np.full(n, -1, dtype=np.int64)
+    for members in siblings.values():
+        for r, i in enumerate(sorted(members, key=lambda i: (keys[i] or "", i))):
+            rank[i] = r
+    parent_arr = np.asarray([p or "" for p in parents], dtype=object)
+
+    def keep(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        derived = (parent_arr[a] != "") | (parent_arr[b] != "")
+        ok = ~derived | ((rank[a] == rank[b]) & (parent_arr[a] != parent_arr[b]))
+        return a[ok], b[ok]
+
+    return keep
+
+
 class DedupStage(GlobalStage):
     """Groups duplicates of every kind and keeps one sample per group by a deterministic rule."""
 
@@ -154,10 +182,11 @@ class DedupStage(GlobalStage):
         cols = set(table.column_names)
         edges: list[tuple[np.ndarray, np.ndarray, int]] = []  # (i, j, kind rank)
 
+        keep_edge = _whole_image_edge_filter(table)
         if p.exact:
             for col in (CONTENT_SHA256, PIXEL_SHA256):
                 if col in cols:
-                    a, b = equal_value_pairs(table.column(col).to_pylist())
+                    a, b = keep_edge(*equal_value_pairs(table.column(col).to_pylist()))
                     edges.append((a, b, 0))
 
         x, metric, same_identity, embed_threshold = self._embeddings(table)
@@ -165,7 +194,7 @@ class DedupStage(GlobalStage):
             codes, has = phash_codes(table.column(PHASH).to_pylist())
             rows = np.flatnonzero(has)
             a, b = hamming_pairs(codes[rows], p.phash_max_distance, p.phash_exact_max)
-            a, b = rows[a], rows[b]
+            a, b = keep_edge(rows[a], rows[b])
             if p.phash_confirm and x is not None and metric is not None and same_identity is not None:
                 ok = metric.same(metric.score(x[a], x[b]), same_identity)
                 both = ~np.isnan(x[a, 0]) & ~np.isnan(x[b, 0])
