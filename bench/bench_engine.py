@@ -90,11 +90,11 @@ def bench_overhead(samples: int, ms: float, cpus: int) -> None:
     span = Catalog(RunStorage(f"{tmp}/run"), ["pattern", "busy"]).query(
         "SELECT epoch(max(processed_at)) - epoch(min(processed_at)) AS s FROM decisions").column("s")[0].as_py()
     print(f"[overhead] {samples} samples, mapper {ms} ms/sample, {cpus} CPUs")
-    print(f"  end to end, startup included (Ray actors vs process spawn):")
+    print("  end to end, startup included (Ray actors vs process spawn):")
     print(f"    pipeline (actors, tars, manifests, commit): {t_pipe:7.2f} s  {samples / t_pipe:8.1f} samples/s")
     print(f"    bare loop ({cpus} processes, no I/O):          {t_bare:7.2f} s  {n / t_bare:8.1f} samples/s")
     print(f"    ratio: {t_bare / t_pipe:.3f}")
-    print(f"  steady state (first commit to last commit vs the bare loops' own time):")
+    print("  steady state (first commit to last commit vs the bare loops' own time):")
     print(f"    pipeline {span:6.2f} s, bare {loop_bare:6.2f} s, ratio {loop_bare / span:.3f}  (target >= 0.90)")
 
 

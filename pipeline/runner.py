@@ -101,9 +101,8 @@ class Runner:
     # ------------------------------------------------------------ validation before work
 
     def _check_columns(self) -> None:
-        from pipeline.config import ConfigError
-
         from manifests.schema import CARRIED
+        from pipeline.config import ConfigError
 
         available: set[str] = set(CARRIED)
         for s in self.stages:

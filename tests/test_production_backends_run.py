@@ -49,7 +49,7 @@ def test_run_with_tiny_arc2face_and_insightface_pack(model_folders: tuple[Path, 
     assert all(r["model_revision"] and r["steps"] == 2 for r in gen)
     det = pq.read_table(tmp_path / "run" / "manifests" / "detect").to_pylist()
     assert len(det) == 6
-    assert all(r["model_name"] and "insightface" in r["model_name"].lower() or r["status"] == "error" for r in det)
+    assert all((r["model_name"] and "insightface" in r["model_name"].lower()) or r["status"] == "error" for r in det)
     # Random weights make arbitrary detections: whatever is found is embedded in ArcFace space, the rest
     # are error rows with a reason; nothing vanishes.
     for r in det:
