@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 
 from pipeline.training.config import RecognitionTrainConfig
@@ -18,10 +17,9 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir="/tmp/ray-train-ddp", log_to_driver=True)
+def local_ray(ray_session: object) -> Iterator[None]:
+    """The session's 2-CPU local Ray (one per test session: a second ray.init would fail)."""
     yield
-    ray.shutdown()
 
 
 def test_two_workers_hold_identical_weights_after_a_step_on_different_samples(
