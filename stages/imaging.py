@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -21,7 +22,11 @@ def decode_rgb(data: bytes | None, max_pixels: int = MAX_PIXELS, min_side: int =
     if not data:
         raise ImageError("empty file")
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with warnings.catch_warnings():
+            # Our own pixel limit below decides; PIL's bomb warning would only be noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+        with img:
             w, h = img.size
             if w * h > max_pixels:
                 raise ImageError(f"image too large: {w}x{h} > {max_pixels} pixels")
