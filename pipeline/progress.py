@@ -33,7 +33,8 @@ class StageProgress:
 
     def add(self, r: ShardResult) -> None:
         now = time.monotonic()
-        self.started = self.started or now - r.seconds
+        began = now - r.seconds
+        self.started = began if self.started is None else min(self.started, began)
         self.last = now
         self.done += 1
         self.computed += 1
