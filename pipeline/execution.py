@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from manifests.schema import CARRIED, COMMON_NAMES, manifest_schema
-from manifests.shards import UnsafeMemberError, check_key, read_tar_bytes, write_tar
+from manifests.shards import UnsafeMemberError, check_key, write_tar
 from manifests.storage import RunStorage
 from stages.base import (
     IMAGE,
@@ -133,17 +133,22 @@ def load_shard_input(store: RunStorage, upstream: tuple[UpstreamInfo, ...], shar
         if pix is None:
             raise RuntimeError("no upstream stage writes pixels")
         tab = tables[pix.stage_id]
-        key_of = dict(zip(tab.column(SAMPLE_ID).to_pylist(), tab.column("key").to_pylist(), strict=True))
         rel = "/".join(shard_tar_path(pix.stage_id, shard))
         input_shard = rel
-        members = read_tar_bytes(store.read_bytes(rel)) if any(k for k in key_of.values()) else {}
+        # The manifest knows where each image lies in the tar: slice the bytes, no tar parsing.
+        where = {
+            sid: (off, size, ext)
+            for sid, off, size, ext in zip(tab.column(SAMPLE_ID).to_pylist(), tab.column("tar_offset").to_pylist(),
+                                           tab.column("tar_size").to_pylist(), tab.column(IMAGE_EXT).to_pylist(),
+                                           strict=True)
+            if off is not None
+        }
+        data = store.read_bytes(rel) if where else b""
         images, exts = [], []
         for s, p in zip(sids, parents, strict=True):
-            key = key_of.get(s) or (key_of.get(p) if p else None)
-            entry = members.get(key or "", {})
-            ext = next((e for e in entry if e != "json"), None)
-            images.append(entry.get(ext) if ext else None)
-            exts.append(ext)
+            loc = where.get(s) or (where.get(p) if p else None)
+            images.append(data[loc[0] : loc[0] + loc[1]] if loc else None)
+            exts.append(loc[2] if loc else None)
         batch[IMAGE] = images
         batch[IMAGE_EXT] = exts
     return batch, input_shard
