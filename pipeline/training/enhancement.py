@@ -10,7 +10,6 @@ embeddings of the output and of the clean image).
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -27,7 +26,7 @@ from pipeline.training.export_index import ExportIndex, load_export
 from pipeline.training.image_quality import psnr, ssim
 from pipeline.training.job_layout import TrainResult, find_resume, job_dir, write_json
 from pipeline.training.optimizers import build_optimizer, lr_at, set_lr
-from pipeline.training.ray_launch import absolute_url, run_train_loop
+from pipeline.training.ray_launch import absolute_url, launch_job
 from pipeline.training.shard_loader import Sample, ShardStream, make_loader
 from pipeline.training.step_log import StepLog
 from pipeline.training.unet import UNet
@@ -93,21 +92,7 @@ def train_enhancement(config: EnhancementTrainConfig) -> TrainResult:
         }
     )
     export.split(config.data.train_split)  # fail here, not on a worker
-    find_resume(
-        job_dir(run_dir, config.job),
-        config.checkpoint.resume,
-        KIND,
-        export.sha256,
-        config.data.storage_options,
-        with_tensors=False,
-    )
-    loop_config = {"config": config.model_dump(mode="json"), "run_dir": run_dir}
-    started = time.perf_counter()
-    summary = run_train_loop(
-        enhancement_train_loop, loop_config, config.scaling, job_dir(run_dir, config.job)
-    )
-    summary["wall_s"] = time.perf_counter() - started
-    return TrainResult(**summary)
+    return launch_job(enhancement_train_loop, config, KIND, export.sha256, run_dir)
 
 
 def enhancement_train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:

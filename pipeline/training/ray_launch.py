@@ -56,3 +56,21 @@ def run_train_loop(
 def absolute_url(path: str) -> str:
     """Workers may run in another working directory: make local paths absolute, keep URLs as they are."""
     return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def launch_job(loop: Callable[[dict[str, Any]], dict[str, Any] | None], config: Any, kind: str,
+               export_sha256: str, run_dir: str) -> Any:
+    """What every training job does on the driver: refuse a resume against another export before any
+    worker starts, run the loop on Ray Train, and time it."""
+    import time
+
+    from pipeline.training.job_layout import TrainResult, find_resume, job_dir
+
+    folder = job_dir(run_dir, config.job)
+    find_resume(folder, config.checkpoint.resume, kind, export_sha256, config.data.storage_options,
+                with_tensors=False)
+    started = time.perf_counter()
+    summary = run_train_loop(loop, {"config": config.model_dump(mode="json"), "run_dir": run_dir},
+                             config.scaling, folder)
+    summary["wall_s"] = time.perf_counter() - started
+    return TrainResult(**summary)

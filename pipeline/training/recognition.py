@@ -10,7 +10,6 @@ does; exact replay of the sample stream is not attempted).
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
 import ray.train
@@ -30,7 +29,7 @@ from pipeline.training.ddp import (
 from pipeline.training.export_index import ExportError, ExportIndex, load_export
 from pipeline.training.job_layout import TrainResult, find_resume, job_dir, write_json
 from pipeline.training.optimizers import build_optimizer, lr_at, set_lr
-from pipeline.training.ray_launch import absolute_url, run_train_loop
+from pipeline.training.ray_launch import absolute_url, launch_job
 from pipeline.training.recognition_model import RecognitionModule, build_recognition_module
 from pipeline.training.shard_loader import RecognitionDecoder, ShardStream, make_loader
 from pipeline.training.step_log import StepLog
@@ -55,21 +54,7 @@ def train_recognition(config: RecognitionTrainConfig) -> TrainResult:
         raise ExportError(
             f"split {split.name!r} has {split.identities} identities; training needs two or more"
         )
-    find_resume(
-        job_dir(run_dir, config.job),
-        config.checkpoint.resume,
-        KIND,
-        export.sha256,
-        config.data.storage_options,
-        with_tensors=False,
-    )
-    loop_config = {"config": config.model_dump(mode="json"), "run_dir": run_dir}
-    started = time.perf_counter()
-    summary = run_train_loop(
-        recognition_train_loop, loop_config, config.scaling, job_dir(run_dir, config.job)
-    )
-    summary["wall_s"] = time.perf_counter() - started
-    return TrainResult(**summary)
+    return launch_job(recognition_train_loop, config, KIND, export.sha256, run_dir)
 
 
 def recognition_train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
