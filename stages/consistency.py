@@ -36,7 +36,7 @@ from pydantic import Field
 
 from stages.base import IDENTITY_ID, SAMPLE_ID, Batch, GlobalStage, Params, Resources, rows_ok
 from stages.thresholds import FittedThreshold, Metric, defaults_for, fit_at_far
-from stages.vector_index import EXACT_MAX, embedding_matrix, knn, normalise_rows, space_of
+from stages.vector_index import EXACT_MAX, knn, labelled_embeddings, normalise_rows
 
 LOO_MEDIAN_MAX = 64  # above this many images one image barely moves a median; use the plain median
 
@@ -155,20 +155,12 @@ class ConsistencyStage(GlobalStage):
         out = rows_ok(table.column(SAMPLE_ID).to_pylist())
         for f in self.columns:
             out[f.name] = [None] * n
-        x, valid = embedding_matrix(table)
         labels = table.column(IDENTITY_ID).to_pylist()
-        judged = valid & np.array([lab is not None for lab in labels], dtype=bool)
-        if not judged.any():
+        le = labelled_embeddings(table, labels)
+        if le is None:
             self._summary = {"judged": 0}
             return out
-        space, metric = space_of(table, valid)
-        if metric.higher_is_same:
-            x = normalise_rows(x)
-
-        rows = np.flatnonzero(judged)
-        names, codes = np.unique(
-            np.array([labels[i] for i in rows], dtype=object).astype(str), return_inverse=True
-        )
+        x, rows, names, codes, space, metric = le.x, le.rows, le.names, le.codes, le.space, le.metric
         k = len(names)
         xj = x[rows]
         counts = np.bincount(codes, minlength=k)

@@ -29,7 +29,7 @@ from scipy.sparse.csgraph import connected_components
 from stages.base import IDENTITY_ID, SAMPLE_ID, Batch, GlobalStage, Params, Resources, rows_ok
 from stages.consistency import centroids
 from stages.thresholds import Metric, defaults_for
-from stages.vector_index import EXACT_MAX, embedding_matrix, knn, normalise_rows, range_pairs, space_of
+from stages.vector_index import EXACT_MAX, knn, labelled_embeddings, normalise_rows, range_pairs
 
 
 class SeparationParams(Params):
@@ -92,19 +92,12 @@ class SeparationStage(GlobalStage):
         for f in self.columns:
             out[f.name] = [None] * n
         out[IDENTITY_ID] = list(labels)
-        x, valid = embedding_matrix(table)
-        usable = valid & np.array([lab is not None for lab in labels], dtype=bool)
-        if not usable.any():
+        le = labelled_embeddings(table, labels)
+        if le is None:
             self._summary = {"identities": 0}
             return out
-        space, metric = space_of(table, valid)
-        if metric.higher_is_same:
-            x = normalise_rows(x)
-        rows = np.flatnonzero(usable)
-        names, codes = np.unique(
-            np.array([labels[i] for i in rows], dtype=object).astype(str), return_inverse=True
-        )
-        k = len(names)  # np.unique sorts: code order is the deterministic identity order
+        x, rows, names, codes, space, metric = le.x, le.rows, le.names, le.codes, le.space, le.metric
+        k = len(names)  # names are sorted: code order is the deterministic identity order
         cents = centroids(x[rows], codes, k, metric, np.ones(rows.size, dtype=bool))
         threshold, source = self._threshold(space, metric, x[rows], codes, k)
 
