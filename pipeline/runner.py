@@ -379,8 +379,7 @@ class Runner:
                 submit()
                 prog.update()
         finally:
-            for refs in pending:
-                ray.cancel(refs, force=True)
+            # Killing the actors ends their in-flight shards; nothing of those was committed.
             for pool in pools.values():
                 for actor in pool:
                     ray.kill(actor)

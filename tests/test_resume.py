@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import signal
 import subprocess
@@ -88,3 +89,24 @@ def test_resume_after_sigkill_is_byte_identical_to_an_uninterrupted_run(tmp_path
         assert _rows(ref, stage) == _rows(resumed, stage)
     manifest = Path("export") / "manifest.parquet"
     assert pq.read_table(ref / manifest).equals(pq.read_table(resumed / manifest))
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tmp_path: Path) -> None:
+    config = tmp_path / "resume.yaml"
+    config.write_text(yaml.safe_dump(CONFIG))
+    out = tmp_path / "run"
+    proc = _cli(config, out)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(glob.glob(str(out / "manifests" / "busy" / "*.parquet"))) < 2:
+        if proc.poll() is not None:
+            pytest.fail("the run finished before it could be interrupted")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    text, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, text.decode(errors="replace")[-3000:]
+    assert b"run the same command again to resume" in text
+    _finish(_cli(config, out))
+    history = [json.loads(p.read_text()) for p in sorted((out / "history").glob("*.json"))]
+    busy = history[-1]["stages"]["busy"]
+    assert busy["resumed"] >= 2 and busy["resumed"] + busy["computed"] == 8
