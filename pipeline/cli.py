@@ -45,6 +45,7 @@ def run(
     progress: Annotated[bool, typer.Option(help="live progress display")] = True,
 ) -> None:
     """Run a pipeline config end to end (resumes what an earlier run of it committed)."""
+    from pipeline.cluster import ClusterConnectError, ClusterFitError
     from pipeline.config import ConfigError, load_config
     from pipeline.rundir import RunConflictError, RunLockedError
 
@@ -58,7 +59,7 @@ def run(
         return
     try:
         result = runner.run(force=force, new=new, address=address, num_cpus=num_cpus)
-    except (RunConflictError, RunLockedError) as exc:
+    except (RunConflictError, RunLockedError, ClusterConnectError, ClusterFitError) as exc:
         _fail(str(exc))
         return
     except KeyboardInterrupt:

@@ -21,6 +21,10 @@ class ClusterFitError(RuntimeError):
     pass
 
 
+class ClusterConnectError(RuntimeError):
+    pass
+
+
 def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     """Connect to Ray; returns True when this call started a local embedded Ray (and so owns it)."""
     if ray.is_initialized():
@@ -35,7 +39,10 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
 
         if os.environ.get("FACEFOUNDRY_UPLOAD_CODE", "1") == "1":
             env["py_modules"] = [pipeline, stages, manifests]
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        try:
+            ray.init(address=address, runtime_env=env, log_to_driver=True)
+        except Exception as exc:  # Ray raises ConnectionError, RuntimeError or its own types here
+            raise ClusterConnectError(f"cannot connect to the Ray cluster at {address}: {exc}") from exc
         return False
     tmp = os.environ.get("FACEFOUNDRY_RAY_TMP") or tempfile.mkdtemp(prefix="ffray-", dir="/tmp")
     ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, _temp_dir=tmp,
