@@ -236,6 +236,13 @@ class Runner:
             specs = {p["name"]: p["spec"] for p in plan}
             owns_ray = cluster.connect(address, num_cpus)
             try:
+                _, gpus = cluster.cluster_totals()
+                for s in self.stages:  # before any work: a GPU stage on a cluster without GPUs
+                    if s.resources.gpus > gpus:
+                        raise cluster.ClusterFitError(
+                            f"stage {s.stage_id!r} declares gpus={s.resources.gpus:g} but the cluster has "
+                            f"{gpus:g} GPU(s); run it on a GPU cluster (--address) or set "
+                            f"--set stages.{s.stage_id}.resources.gpus=0")
                 committed = {sid: committed_shards(self.store, sid) for sid in self.order}
                 prog = Progress(
                     [StageProgress(s.stage_id, s.cls.kind.value, len(shards), done=len(committed[s.stage_id]),
