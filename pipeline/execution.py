@@ -335,9 +335,8 @@ class ShardExecutor:
         durations: list[float] = []
         if isinstance(stage, SourceStage):
             assert source_spec is not None
-            parts = []
-            for part in stage.read(source_spec):
-                parts.append(complete_rows({c: [] for c in (*CARRIED,)}, part) if part.get(SAMPLE_ID) else part)
+            no_input: Batch = {c: [] for c in CARRIED}
+            parts = [complete_rows(no_input, part) for part in stage.read(source_spec) if part.get(SAMPLE_ID)]
             out = _concat(parts) if parts else {c: [] for c in (*CARRIED, STATUS, KEEP, REASON)}
             rows_in, input_shard = len(out[SAMPLE_ID]), None
             per = (time.perf_counter() - t0) * 1000 / max(rows_in, 1)
