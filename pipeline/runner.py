@@ -196,13 +196,20 @@ class Runner:
 
     # ------------------------------------------------------------ the run
 
-    def prepare(self, force: bool, new: bool) -> None:
+    def stages_to_wipe(self, force: bool, new: bool) -> list[str]:
+        """Refuse a changed config before anything starts; otherwise the stages a re-run recomputes."""
+        if new:
+            return []
+        to_wipe, message = check_compatible(self.store, self.fingerprints, self.order)
+        if message and not force:
+            raise RunConflictError(message)
+        return to_wipe
+
+    def prepare(self, force: bool, new: bool, to_wipe: list[str] | None = None) -> None:
         if new:
             wipe_run(self.store)
         else:
-            to_wipe, message = check_compatible(self.store, self.fingerprints, self.order)
-            if message and not force:
-                raise RunConflictError(message)
+            to_wipe = self.stages_to_wipe(force, new) if to_wipe is None else to_wipe
             if to_wipe:
                 wipe_stages(self.store, to_wipe)
                 if self.order[0] in to_wipe:
@@ -229,11 +236,7 @@ class Runner:
         t0 = time.monotonic()
         result = RunResult(run_dir=self.store.url)
         with run_lock(self.store, force=force):
-            self.prepare(force, new)
-            self.ensure_identities()
-            plan = self.shard_plan()
-            shards = [p["name"] for p in plan]
-            specs = {p["name"]: p["spec"] for p in plan}
+            to_wipe = self.stages_to_wipe(force, new)
             owns_ray = cluster.connect(address, num_cpus)
             try:
                 _, gpus = cluster.cluster_totals()
@@ -243,6 +246,11 @@ class Runner:
                             f"stage {s.stage_id!r} declares gpus={s.resources.gpus:g} but the cluster has "
                             f"{gpus:g} GPU(s); run it on a GPU cluster (--address) or set "
                             f"--set stages.{s.stage_id}.resources.gpus=0")
+                self.prepare(force, new, to_wipe)
+                self.ensure_identities()
+                plan = self.shard_plan()
+                shards = [p["name"] for p in plan]
+                specs = {p["name"]: p["spec"] for p in plan}
                 committed = {sid: committed_shards(self.store, sid) for sid in self.order}
                 prog = Progress(
                     [StageProgress(s.stage_id, s.cls.kind.value, len(shards), done=len(committed[s.stage_id]),
@@ -400,10 +408,7 @@ class Runner:
         if len(committed[up]) != len(shards):
             failures[(sid, "*")] = f"blocked: {len(shards) - len(committed[up])} shard(s) of {up!r} are not committed"
             return
-        cpus, gpus = cluster.cluster_totals()
-        if s.resources.gpus > gpus:
-            raise cluster.ClusterFitError(
-                f"stage {sid!r} declares gpus={s.resources.gpus} but the cluster has {gpus:g}")
+        cpus, _ = cluster.cluster_totals()  # GPU fit was checked before any work
         task = ray.remote(run_global_stage).options(num_cpus=min(max(s.resources.cpus, 0.1), cpus),
                                                     num_gpus=s.resources.gpus)
         try:
