@@ -22,9 +22,8 @@ from collections.abc import Iterator
 
 import duckdb
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from manifests.schema import COMMON_FIELDS, COMMON_NAMES
+from manifests.schema import COMMON_FIELDS
 from manifests.storage import RunStorage
 
 
@@ -48,22 +47,14 @@ class Catalog:
         names = self.store.list_files("manifests", stage_id, suffix=".parquet")
         return [self._url(self.store.path("manifests", stage_id, n)) for n in names]
 
-    def _stage_schema(self, stage_id: str, files: list[str]) -> pa.Schema | None:
-        if not files:
-            return None
-        with self.store.fs.open(self.store.path("manifests", stage_id, os.path.basename(files[0])), "rb") as f:
-            return pq.read_schema(f)
-
     def view_sql(self) -> list[str]:
         stmts: list[str] = []
         common = [f.name for f in COMMON_FIELDS]
-        present: list[str] = []
         for sid in self.stage_ids:
             files = self.fragments(sid)
             if files:
                 listing = ", ".join(_lit(f) for f in files)
                 stmts.append(f"CREATE VIEW {_q(sid)} AS SELECT * FROM read_parquet([{listing}], union_by_name=true)")
-                present.append(sid)
             else:
                 cols = ", ".join(f"CAST(NULL AS {_duck_type(f.type)}) AS {_q(f.name)}" for f in COMMON_FIELDS)
                 stmts.append(f"CREATE VIEW {_q(sid)} AS SELECT {cols} WHERE false")
@@ -171,6 +162,3 @@ def _duck_type(t: pa.DataType) -> str:
         return "TIMESTAMPTZ"
     return "VARCHAR"
 
-
-def stage_own_columns(schema: pa.Schema) -> list[str]:
-    return [n for n in schema.names if n not in COMMON_NAMES]

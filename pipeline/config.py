@@ -248,6 +248,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def config_hash(cfg: PipelineConfig) -> str:
     return stable_hash(cfg.model_dump(mode="json"))
 
-
-def dump_config(cfg: PipelineConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
