@@ -37,8 +37,8 @@ def overhead_config(samples: int, ms: float) -> dict:
         "run": {"seed": 1, "shard_size": 64},
         "identities": {"count": samples // 8, "images_per_identity": 8, "dim": 32, "max_cosine": 0.9},
         "stages": [
-            {"stage": "tests.engine_stages:PatternSource", "id": "pattern", "params": {"size": 64}},
-            {"stage": "tests.engine_stages:BusyMapper", "id": "busy", "params": {"ms_per_sample": ms}},
+            {"stage": "tests.fixtures.engine_stages:PatternSource", "id": "pattern", "params": {"size": 64}},
+            {"stage": "tests.fixtures.engine_stages:BusyMapper", "id": "busy", "params": {"ms_per_sample": ms}},
         ],
         "export": {"enabled": False},
     }
@@ -64,7 +64,7 @@ def _bare_worker(args: tuple[dict, str, list[dict]]) -> tuple[int, float]:
 def bench_overhead(samples: int, ms: float, cpus: int) -> None:
     import ray
 
-    from pipeline.runner import Runner
+    from pipeline.engine.runner import Runner
 
     raw = overhead_config(samples, ms)
     tmp = tempfile.mkdtemp(prefix="ffbench-")
@@ -101,7 +101,7 @@ def bench_overhead(samples: int, ms: float, cpus: int) -> None:
 def bench_io(samples: int) -> None:
     import webdataset as wds
 
-    from stages.imaging import encode_png
+    from facekit.imaging import encode_png
 
     rng = np.random.default_rng(0)
     imgs = [encode_png((rng.random((128, 128, 3)) * 255).astype(np.uint8)) for _ in range(64)]
@@ -142,7 +142,7 @@ def bench_scan(shards: int) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.rundir import committed_shards
+    from pipeline.engine.rundir import committed_shards
 
     tmp = tempfile.mkdtemp(prefix="ffbench-scan-")
     buf = io.BytesIO()

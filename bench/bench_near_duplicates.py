@@ -22,8 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from stages.thresholds import Metric
-from stages.vector_index import EXACT_MAX, default_nlist, range_pairs
+from facekit.thresholds import Metric
+from facekit.vector_index import EXACT_MAX, default_nlist, range_pairs
 
 HEADER = "n        d    mode         nlist  nprobe search_s  recall_planted   recall_sampled  exact_est_s"
 ROW = (

@@ -23,9 +23,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.face_renderer import render_sample
-from stages.identities import perturb
-from stages.imaging import encode_png
+from facekit.identities.gaussian import perturb
+from facekit.imaging import encode_png
+from facekit.renderer.render import render_sample
 
 SIGMAS = (0.3, 0.5, 0.7)
 

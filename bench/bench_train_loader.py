@@ -19,14 +19,14 @@ from collections.abc import Iterator
 
 import torch
 
-from pipeline.training.augmentations import recognition_train_transform
-from pipeline.training.config import AugmentConfig
-from pipeline.training.export_index import load_export
-from pipeline.training.iresnet import build_iresnet
-from pipeline.training.margin_losses import MarginSoftmaxHead, margin_from_config
-from pipeline.training.procedural_export import ProceduralExportSpec, write_procedural_export
-from pipeline.training.recognition_model import RecognitionModule
-from pipeline.training.shard_loader import RecognitionDecoder, ShardStream, make_loader
+from tests.fixtures.procedural_export import ProceduralExportSpec, write_procedural_export
+from training.augmentations import recognition_train_transform
+from training.config import AugmentConfig
+from training.export_index import load_export
+from training.iresnet import build_iresnet
+from training.margin_losses import MarginSoftmaxHead, margin_from_config
+from training.recognition_model import RecognitionModule
+from training.shard_loader import RecognitionDecoder, ShardStream, make_loader
 
 
 def _train_steps(

@@ -20,7 +20,8 @@ COMMON_FIELDS: tuple[pa.Field, ...] = (
     pa.field("shard", pa.string(), nullable=False),
     pa.field("status", pa.string(), nullable=False),
     pa.field("keep", pa.bool_(), nullable=False),
-    pa.field("reason", pa.string()),
+    pa.field("reason", pa.string()),  # a stable rule name
+    pa.field("detail", pa.string()),  # that rule's detail for this row
     pa.field("model_name", pa.string()),
     pa.field("model_revision", pa.string()),
     pa.field("params_hash", pa.string(), nullable=False),

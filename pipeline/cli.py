@@ -45,13 +45,13 @@ def run(
     progress: Annotated[bool, typer.Option(help="live progress display")] = True,
 ) -> None:
     """Run a pipeline config end to end (resumes what an earlier run of it committed)."""
-    from pipeline.cluster import ClusterConnectError, ClusterFitError
     from pipeline.config import ConfigError, load_config
-    from pipeline.rundir import RunConflictError, RunLockedError
+    from pipeline.engine.cluster import ClusterConnectError, ClusterFitError
+    from pipeline.engine.rundir import RunConflictError, RunLockedError
 
     try:
         cfg, stages = load_config(config, set_ or [])
-        from pipeline.runner import Runner
+        from pipeline.engine.runner import Runner
 
         runner = Runner(cfg, stages, output, console=err, show_progress=progress)
     except ConfigError as exc:
@@ -284,7 +284,7 @@ def _train_config(config: Path, overrides: list[str] | None, model: type[Any]) -
     import yaml
 
     from pipeline.config import ConfigError, apply_overrides
-    from pipeline.training.config import TrainConfigError, load_train_config
+    from training.config import TrainConfigError, load_train_config
 
     try:
         raw = yaml.safe_load(config.read_text()) or {}
@@ -300,9 +300,9 @@ def train_recognition_cmd(
     address: Annotated[str | None, typer.Option(help="Ray cluster address")] = None,
 ) -> None:
     """IResNet + margin loss on exported shards; safetensors checkpoints; resumes from the last one."""
-    from pipeline import cluster
-    from pipeline.training.config import RecognitionTrainConfig
-    from pipeline.training.recognition import train_recognition
+    from pipeline.engine import cluster
+    from training.config import RecognitionTrainConfig
+    from training.recognition import train_recognition
 
     cfg = _train_config(config, set_, RecognitionTrainConfig)
     cluster.connect(address)
@@ -317,9 +317,9 @@ def train_enhancement_cmd(
     address: Annotated[str | None, typer.Option(help="Ray cluster address")] = None,
 ) -> None:
     """A small U-Net on (degraded, clean) pairs; PSNR/SSIM/identity similarity vs the degraded input."""
-    from pipeline import cluster
-    from pipeline.training.config import EnhancementTrainConfig
-    from pipeline.training.enhancement import train_enhancement
+    from pipeline.engine import cluster
+    from training.config import EnhancementTrainConfig
+    from training.enhancement import train_enhancement
 
     cfg = _train_config(config, set_, EnhancementTrainConfig)
     cluster.connect(address)
@@ -333,8 +333,8 @@ def eval_verification_cmd(
     set_: Annotated[list[str] | None, typer.Option("--set", help="override: path.to.key=value")] = None,
 ) -> None:
     """10-fold verification accuracy and TAR@FAR on .bin pair files and held-out export identities."""
-    from pipeline.training.config import VerificationEvalConfig
-    from pipeline.training.verification import evaluate_verification
+    from training.config import VerificationEvalConfig
+    from training.verification import evaluate_verification
 
     cfg = _train_config(config, set_, VerificationEvalConfig)
     results = evaluate_verification(cfg, console=out)

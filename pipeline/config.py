@@ -13,8 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline.export import ExportConfig
 from stages.base import Params, Resources, Stage, StageKind, stable_hash
-from stages.export import ExportConfig
 from stages.registry import UnknownStageError, resolve_stage
 
 
@@ -142,7 +142,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def _find_stage_index(raw: dict[str, Any], key: str) -> str | None:
-    """Let overrides name a stage by id: `--set stages.detect.params.upsample=2`."""
+    """Let overrides name a stage by id: `--set stages.mappers.detect.params.upsample=2`."""
     for i, s in enumerate(raw.get("stages") or []):
         if isinstance(s, dict) and (s.get("id") == key or (s.get("id") is None and s.get("stage") == key)):
             return str(i)

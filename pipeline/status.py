@@ -8,7 +8,7 @@ from typing import Any
 
 from manifests.catalog import Catalog
 from manifests.storage import RunStorage
-from pipeline.rundir import committed_shards, read_plan, read_run_file
+from pipeline.engine.rundir import committed_shards, read_plan, read_run_file
 
 
 class NotARunError(FileNotFoundError):

@@ -13,28 +13,32 @@ stage's own columns into an Arrow table with the stage's declared schema for its
 from __future__ import annotations
 
 import enum
-import hashlib
-import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-Batch = dict[str, list[Any]]
+# Re-exported: stages import the shared vocabulary from here.
+from facekit.common import IMAGE as IMAGE
+from facekit.common import SAMPLE_ID as SAMPLE_ID
+from facekit.common import Batch as Batch
+from facekit.common import ModelInfo as ModelInfo
+from facekit.common import Params as Params
+from facekit.common import sample_seed as sample_seed
+from facekit.common import stable_hash as stable_hash
 
 # Columns every batch carries between stages (besides image bytes).
-SAMPLE_ID = "sample_id"
 KEY = "key"
 IDENTITY_ID = "identity_id"
 PARENT_ID = "parent_id"
-IMAGE = "image"
 IMAGE_EXT = "image_ext"
 # Decision columns every stage emits for every row.
 STATUS = "status"
 KEEP = "keep"
-REASON = "reason"
+REASON = "reason"  # a stable rule name people group by: "sharpness_below_min", "no_face", "unreadable_image"
+DETAIL = "detail"  # the human detail of that rule for this row: "10.2 < 20.0"
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
@@ -60,22 +64,8 @@ class Resources(BaseModel):
     memory_gb: float = Field(0.0, ge=0.0)
 
 
-class Params(BaseModel):
-    """Base for stage params: unknown keys are errors, values are immutable once validated."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
-
-
 class EmptyParams(Params):
     pass
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a stage ran, for lineage: a model name plus a revision or a hash of its weight files."""
-
-    name: str = ""
-    revision: str = ""
 
 
 @dataclass(frozen=True)
@@ -135,6 +125,10 @@ class SourceStage(Stage):
     kind: ClassVar[StageKind] = StageKind.SOURCE
     writes_pixels: ClassVar[bool] = True
 
+    def prepare(self, store: Any) -> None:
+        """Create run-level inputs before the plan is cut (a generator writes its identities table);
+        called once per run in the driver, and must be idempotent so a resumed run reuses them."""
+
     def plan(self, shard_size: int) -> list[dict[str, Any]]:
         raise NotImplementedError
 
@@ -182,6 +176,69 @@ class GlobalStage(Stage):
         raise NotImplementedError
 
 
+@dataclass(frozen=True)
+class Reason:
+    """Why a row failed or was dropped: a stable rule name (snake_case; cards, reports and SQL group
+    by it) and a detail with this row's numbers or message."""
+
+    rule: str
+    detail: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.rule}: {self.detail}" if self.detail else self.rule
+
+
+class Rows:
+    """The one way a stage builds its output rows.
+
+    Pre-filled from the batch's sample ids with the default decision (status ok, kept, no reason) and
+    every declared column empty; a stage sets values per row or per column and marks single rows as
+    failed (``fail``: status error, something is wrong with this sample) or dropped (``drop``: a
+    filter's decision). ``batch()`` is what ``process`` returns.
+    """
+
+    def __init__(self, sample_ids: Sequence[str], columns: Iterable[str] = ()) -> None:
+        self.n = len(sample_ids)
+        self.data: Batch = {
+            SAMPLE_ID: list(sample_ids),
+            STATUS: [STATUS_OK] * self.n,
+            KEEP: [True] * self.n,
+            REASON: [None] * self.n,
+            DETAIL: [None] * self.n,
+        }
+        for c in columns:
+            self.data.setdefault(c, [None] * self.n)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def set(self, i: int, **values: Any) -> None:
+        for col, value in values.items():
+            self.data.setdefault(col, [None] * self.n)[i] = value
+
+    def column(self, name: str, values: Sequence[Any]) -> None:
+        if len(values) != self.n:
+            raise ValueError(f"column {name!r} has {len(values)} values for {self.n} rows")
+        self.data[name] = list(values)
+
+    def fail(self, i: int, rule: str, detail: object = None) -> None:
+        self.data[STATUS][i] = STATUS_ERROR
+        self.data[KEEP][i] = False
+        self.data[REASON][i] = rule
+        self.data[DETAIL][i] = None if detail is None else str(detail)[:1000]
+
+    def drop(self, i: int, rule: str, detail: object = None) -> None:
+        self.data[KEEP][i] = False
+        self.data[REASON][i] = rule
+        self.data[DETAIL][i] = None if detail is None else str(detail)[:1000]
+
+    def failed(self, i: int) -> bool:
+        return self.data[STATUS][i] != STATUS_OK
+
+    def batch(self) -> Batch:
+        return self.data
+
+
 def rows_ok(sample_ids: Sequence[str]) -> Batch:
     """Decision columns for rows that all pass."""
     n = len(sample_ids)
@@ -191,15 +248,3 @@ def rows_ok(sample_ids: Sequence[str]) -> Batch:
         KEEP: [True] * n,
         REASON: [None] * n,
     }
-
-
-def stable_hash(obj: Any, length: int = 16) -> str:
-    """Hash of a JSON-able object, independent of dict order and Python's hash seed."""
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:length]
-
-
-def sample_seed(run_seed: int, sample_id: str, purpose: str = "") -> int:
-    """Per-sample seed derived from the sample id, so a sample's bytes never depend on scheduling."""
-    digest = hashlib.sha256(f"{run_seed}:{sample_id}:{purpose}".encode()).digest()
-    return int.from_bytes(digest[:8], "little")

@@ -12,25 +12,25 @@ from stages.base import Stage
 
 BUILTIN_STAGES: dict[str, str] = {
     # sources
-    "render": "stages.render:RenderStage",
-    "arc2face": "stages.arc2face_stage:Arc2FaceStage",
-    "ingest": "stages.ingest:IngestStage",
+    "render": "stages.sources.render:RenderStage",
+    "arc2face": "stages.sources.arc2face:Arc2FaceStage",
+    "ingest": "stages.sources.ingest:IngestStage",
     # per-sample mappers and filters
-    "image_stats": "stages.image_stats:ImageStatsStage",
-    "fingerprint": "stages.fingerprint:FingerprintStage",
-    "detect": "stages.detect:DetectStage",
-    "align": "stages.align:AlignStage",
-    "embed": "stages.embed:EmbedStage",
-    "quality": "stages.quality:QualityStage",
-    "labels": "stages.labels:LabelStage",
-    "degrade": "stages.degrade:DegradeStage",
-    "clip_filter": "stages.clip_filter:ClipFilterStage",
-    "mllm_filter": "stages.mllm_filter:MLLMFilterStage",
+    "image_stats": "stages.filters.image_stats:ImageStatsStage",
+    "fingerprint": "stages.mappers.fingerprint:FingerprintStage",
+    "detect": "stages.mappers.detect:DetectStage",
+    "align": "stages.mappers.align:AlignStage",
+    "embed": "stages.mappers.embed:EmbedStage",
+    "quality": "stages.filters.quality:QualityStage",
+    "labels": "stages.labelers.labels:LabelStage",
+    "degrade": "stages.mappers.degrade:DegradeStage",
+    "clip_filter": "stages.filters.clip_filter:ClipFilterStage",
+    "mllm_filter": "stages.filters.mllm_filter:MLLMFilterStage",
     # global stages
-    "consistency": "stages.consistency:ConsistencyStage",
-    "separation": "stages.separation:SeparationStage",
-    "dedup": "stages.dedup:DedupStage",
-    "grouping": "stages.grouping:GroupingStage",
+    "consistency": "stages.corpus.consistency:ConsistencyStage",
+    "separation": "stages.corpus.separation:SeparationStage",
+    "dedup": "stages.corpus.dedup:DedupStage",
+    "grouping": "stages.corpus.grouping:GroupingStage",
 }
 
 

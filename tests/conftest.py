@@ -69,8 +69,8 @@ ENGINE_CONFIG = {
     "run": {"seed": 3, "shard_size": 8},
     "identities": {"count": 6, "images_per_identity": 4, "dim": 64, "max_cosine": 0.5},
     "stages": [
-        {"stage": "tests.engine_stages:PatternSource", "id": "pattern"},
-        {"stage": "tests.engine_stages:MeanFilter", "id": "meanf", "params": {"min_mean": 60}},
+        {"stage": "tests.fixtures.engine_stages:PatternSource", "id": "pattern"},
+        {"stage": "tests.fixtures.engine_stages:MeanFilter", "id": "meanf", "params": {"min_mean": 60}},
     ],
     "export": {"shard_size": 5, "val_fraction": 0.34, "min_images_per_identity": 2},
 }

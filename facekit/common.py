@@ -1,0 +1,45 @@
+"""The small vocabulary the toolbox shares with the stages: params base, model identity, stable hashes.
+
+It lives here, not in stages/, so that facekit imports neither Ray nor the pipeline: a notebook can
+load a backend or the renderer with nothing but this package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+# A batch is a column dict; these are the two columns every labeler and backend helper may read.
+Batch = dict[str, list[Any]]
+SAMPLE_ID = "sample_id"
+IMAGE = "image"
+
+
+class Params(BaseModel):
+    """Base for params and model specs: unknown keys are errors, values are immutable once validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a stage ran, for lineage: a model name plus a revision or a hash of its weight files."""
+
+    name: str = ""
+    revision: str = ""
+
+
+def stable_hash(obj: Any, length: int = 16) -> str:
+    """Hash of a JSON-able object, independent of dict order and Python's hash seed."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def sample_seed(run_seed: int, sample_id: str, purpose: str = "") -> int:
+    """Per-sample seed derived from the sample id, so a sample's bytes never depend on scheduling."""
+    digest = hashlib.sha256(f"{run_seed}:{sample_id}:{purpose}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")

@@ -1,0 +1,409 @@
+"""What a worker does with one shard of one stage: assemble the input, process it batch by batch with
+per-sample error isolation, write the outputs and commit. Plain Python, so it runs the same inside a
+Ray actor, a Ray task or a test."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import time
+import traceback
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from manifests.schema import CARRIED, COMMON_NAMES, manifest_schema
+from manifests.shards import UnsafeMemberError, check_key, write_tar
+from manifests.storage import RunStorage
+from stages.base import (
+    IMAGE,
+    IMAGE_EXT,
+    KEEP,
+    PARENT_ID,
+    REASON,
+    SAMPLE_ID,
+    STATUS,
+    STATUS_ERROR,
+    STATUS_OK,
+    Batch,
+    GlobalStage,
+    Params,
+    SourceStage,
+    Stage,
+    StageContext,
+)
+
+
+@dataclass(frozen=True)
+class UpstreamInfo:
+    stage_id: str
+    writes_pixels: bool
+    prune: bool
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Everything a worker needs to run one stage; small and picklable."""
+
+    stage_id: str
+    cls: type[Stage]
+    params: Params
+    batch_size: int
+    fingerprint: str
+    params_hash: str
+    upstream: tuple[UpstreamInfo, ...]
+    context: StageContext
+
+    def build(self) -> Stage:
+        return self.cls(self.params, self.context)
+
+
+@dataclass
+class ShardResult:
+    stage_id: str
+    shard: str
+    rows_in: int = 0
+    rows_out: int = 0
+    kept: int = 0
+    dropped: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    worker: str = ""
+    reasons: Counter[str] = field(default_factory=Counter)
+
+
+def manifest_path(stage_id: str, shard: str) -> tuple[str, str, str]:
+    return ("manifests", stage_id, f"{shard}.parquet")
+
+
+def shard_tar_path(stage_id: str, shard: str) -> tuple[str, str, str]:
+    return ("shards", stage_id, f"{shard}.tar")
+
+
+def is_committed(store: RunStorage, stage_id: str, shard: str) -> bool:
+    return store.exists(*manifest_path(stage_id, shard))
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+# ---------------------------------------------------------------- input assembly
+
+
+def read_manifest(store: RunStorage, stage_id: str, shard: str) -> pa.Table:
+    with store.fs.open(store.path(*manifest_path(stage_id, shard)), "rb") as f:
+        return pq.read_table(f)
+
+
+def load_shard_input(store: RunStorage, upstream: tuple[UpstreamInfo, ...], shard: str,
+                     with_images: bool = True, columns: set[str] | None = None) -> tuple[Batch, str | None]:
+    """Rebuild the batch a stage sees for one shard from committed upstream outputs.
+
+    Live samples are those the immediate upstream stage passed on (status ok, and kept when that
+    stage prunes). Each upstream stage's own columns are joined by sample id, or by parent id for
+    samples derived after that stage ran. Images come from the latest pixel-writing stage.
+    """
+    tables = {u.stage_id: read_manifest(store, u.stage_id, shard) for u in upstream}
+    last = upstream[-1]
+    t = tables[last.stage_id]
+    status = t.column(STATUS).to_pylist()
+    keep = t.column(KEEP).to_pylist()
+    live = [i for i in range(t.num_rows) if status[i] == STATUS_OK and (keep[i] or not last.prune)]
+    batch: Batch = {c: [t.column(c)[i].as_py() for i in live] for c in CARRIED}
+    sids, parents = batch[SAMPLE_ID], batch[PARENT_ID]
+    for u in upstream:
+        tab = tables[u.stage_id]
+        own = [c for c in tab.column_names if c not in COMMON_NAMES and (columns is None or c in columns)]
+        if not own:
+            continue
+        index = {sid: i for i, sid in enumerate(tab.column(SAMPLE_ID).to_pylist())}
+        rows = [index.get(s, index.get(p) if p else None) for s, p in zip(sids, parents, strict=True)]
+        for c in own:
+            values = tab.column(c).to_pylist()
+            batch[c] = [values[r] if r is not None else None for r in rows]
+    input_shard = None
+    if with_images:
+        pix = next((u for u in reversed(upstream) if u.writes_pixels), None)
+        if pix is None:
+            raise RuntimeError("no upstream stage writes pixels")
+        tab = tables[pix.stage_id]
+        rel = "/".join(shard_tar_path(pix.stage_id, shard))
+        input_shard = rel
+        # The manifest knows where each image lies in the tar: slice the bytes, no tar parsing.
+        where = {
+            sid: (off, size, ext)
+            for sid, off, size, ext in zip(tab.column(SAMPLE_ID).to_pylist(), tab.column("tar_offset").to_pylist(),
+                                           tab.column("tar_size").to_pylist(), tab.column(IMAGE_EXT).to_pylist(),
+                                           strict=True)
+            if off is not None
+        }
+        data = store.read_bytes(rel) if where else b""
+        images, exts = [], []
+        for s, p in zip(sids, parents, strict=True):
+            loc = where.get(s) or (where.get(p) if p else None)
+            images.append(data[loc[0] : loc[0] + loc[1]] if loc else None)
+            exts.append(loc[2] if loc else None)
+        batch[IMAGE] = images
+        batch[IMAGE_EXT] = exts
+    return batch, input_shard
+
+
+# ---------------------------------------------------------------- processing
+
+
+def _error_rows(batch: Batch, reason: str) -> Batch:
+    n = len(batch[SAMPLE_ID])
+    return {SAMPLE_ID: list(batch[SAMPLE_ID]), STATUS: [STATUS_ERROR] * n, KEEP: [False] * n, REASON: [reason] * n}
+
+
+def _slice(batch: Batch, start: int, stop: int) -> Batch:
+    return {k: v[start:stop] for k, v in batch.items()}
+
+
+def _concat(parts: list[Batch]) -> Batch:
+    keys: list[str] = []
+    for p in parts:
+        keys.extend(k for k in p if k not in keys)
+    out: Batch = {k: [] for k in keys}
+    for p in parts:
+        n = len(p[SAMPLE_ID])
+        for k in keys:
+            out[k].extend(p.get(k, [None] * n))
+    return out
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}"[:500] if text else type(exc).__name__
+
+
+def process_isolated(stage: Stage, batch: Batch) -> Batch:
+    """Run ``process``; if a batch fails, retry sample by sample so one bad sample costs one row."""
+    try:
+        out = stage.process(batch)
+    except Exception as exc:
+        n = len(batch[SAMPLE_ID])
+        if n == 1:
+            return _error_rows(batch, _describe(exc))
+        return _concat([process_isolated(stage, _slice(batch, i, i + 1)) for i in range(n)])
+    return complete_rows(batch, out)
+
+
+def complete_rows(batch: Batch, out: Batch) -> Batch:
+    """Fill decision defaults, carry sample columns, and add an error row for any sample the stage
+    returned nothing for: samples never vanish."""
+    n = len(out.get(SAMPLE_ID, []))
+    for col, default in ((STATUS, STATUS_OK), (KEEP, True), (REASON, None)):
+        out.setdefault(col, [default] * n)
+    index = {sid: i for i, sid in enumerate(batch[SAMPLE_ID])}
+    carried: dict[str, list[Any]] = {c: [] for c in CARRIED if c != SAMPLE_ID}
+    for j, sid in enumerate(out[SAMPLE_ID]):
+        parent = out.get(PARENT_ID, [None] * n)[j]
+        src = index.get(sid, index.get(parent) if parent else None)
+        for c in carried:
+            mine = out.get(c)
+            value = mine[j] if mine is not None and mine[j] is not None else None
+            if value is None and src is not None and not (c == PARENT_ID and sid not in index):
+                value = batch[c][src]
+            carried[c].append(value)
+    out.update(carried)
+    seen = set(out[SAMPLE_ID]) | {p for p in out[PARENT_ID] if p}
+    missing = [i for i, sid in enumerate(batch[SAMPLE_ID]) if sid not in seen]
+    if missing:
+        lost = {c: [batch[c][i] for i in missing] for c in CARRIED}
+        lost.update({STATUS: [STATUS_ERROR] * len(missing), KEEP: [False] * len(missing),
+                     REASON: ["stage returned no row for this sample"] * len(missing)})
+        out = _concat([out, lost])
+    return out
+
+
+# ---------------------------------------------------------------- commit
+
+
+def build_manifest(spec: StageSpec, stage: Stage, shard: str, out: Batch, input_shard: str | None,
+                   output_shard: str | None, locations: dict[str, Any], worker: str,
+                   durations: list[float]) -> pa.Table:
+    fields = stage.output_fields()
+    schema = manifest_schema(fields)
+    n = len(out[SAMPLE_ID])
+    info = stage.model_info()
+    now = datetime.now(UTC)
+    keys = out.get("key", [None] * n)
+    exts = out.get(IMAGE_EXT, [None] * n) if output_shard else [None] * n
+    offsets, sizes = [], []
+    for i in range(n):
+        loc = locations.get(keys[i] or "", {}).get(exts[i] or "") if output_shard else None
+        offsets.append(loc.offset if loc else None)
+        sizes.append(loc.size if loc else None)
+    data: dict[str, list[Any]] = {
+        "sample_id": out[SAMPLE_ID],
+        "key": keys,
+        "identity_id": out.get("identity_id", [None] * n),
+        "parent_id": out.get(PARENT_ID, [None] * n),
+        "stage": [spec.stage_id] * n,
+        "stage_name": [stage.name] * n,
+        "stage_version": [stage.version] * n,
+        "shard": [shard] * n,
+        "status": out[STATUS],
+        "keep": [bool(k) for k in out[KEEP]],
+        "reason": out[REASON],
+        "detail": out.get("detail", [None] * n),
+        "model_name": [info.name or None] * n,
+        "model_revision": [info.revision or None] * n,
+        "params_hash": [spec.params_hash] * n,
+        "fingerprint": [spec.fingerprint] * n,
+        "input_shard": [input_shard] * n,
+        "output_shard": [output_shard if o is not None else None for o in offsets],
+        "image_ext": [e if o is not None else None for e, o in zip(exts, offsets, strict=True)],
+        "tar_offset": offsets,
+        "tar_size": sizes,
+        "worker": [worker] * n,
+        "processed_at": [now] * n,
+        "duration_ms": durations if len(durations) == n else [None] * n,
+    }
+    for f in fields:
+        # Error rows keep whatever the stage could say (the failing file's path, an MLLM's raw answer).
+        data[f.name] = list(out.get(f.name, [None] * n))
+    try:
+        return pa.Table.from_pydict(data, schema=schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise TypeError(f"stage {spec.stage_id!r} returned columns that do not match its schema: {exc}") from exc
+
+
+def write_pixels(store: RunStorage, spec: StageSpec, shard: str, out: Batch) -> tuple[str | None, dict[str, Any]]:
+    """Write the shard tar for rows that carry pixels; a bad key turns that row into an error."""
+    n = len(out[SAMPLE_ID])
+    images = out.get(IMAGE, [None] * n)
+    exts = out.get(IMAGE_EXT, [None] * n)
+    samples = []
+    for i in range(n):
+        if out[STATUS][i] != STATUS_OK or images[i] is None:
+            continue
+        try:
+            key = check_key(out["key"][i])
+        except (UnsafeMemberError, TypeError) as exc:
+            out[STATUS][i], out[KEEP][i], out[REASON][i] = STATUS_ERROR, False, str(exc)
+            continue
+        meta = {"sample_id": out[SAMPLE_ID][i], "identity_id": out["identity_id"][i],
+                "parent_id": out[PARENT_ID][i], "stage": spec.stage_id}
+        samples.append({"__key__": key, exts[i] or "png": images[i], "json": meta})
+    data, index = write_tar(samples)
+    rel = "/".join(shard_tar_path(spec.stage_id, shard))
+    store.write_atomic(data, rel)
+    return rel, index
+
+
+def commit_manifest(store: RunStorage, spec: StageSpec, shard: str, table: pa.Table) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    store.write_atomic(buf.getvalue(), *manifest_path(spec.stage_id, shard))
+
+
+def summarise(spec: StageSpec, shard: str, rows_in: int, out: Batch, seconds: float, worker: str) -> ShardResult:
+    res = ShardResult(spec.stage_id, shard, rows_in=rows_in, rows_out=len(out[SAMPLE_ID]),
+                      seconds=seconds, worker=worker)
+    for st, kp, rs in zip(out[STATUS], out[KEEP], out[REASON], strict=True):
+        if st != STATUS_OK:
+            res.errors += 1
+            res.reasons[f"error: {rs}"[:120]] += 1
+        elif kp:
+            res.kept += 1
+        else:
+            res.dropped += 1
+            res.reasons[str(rs)[:120]] += 1
+    return res
+
+
+class ShardExecutor:
+    """One stage instance, set up once, running shards. Lives inside a Ray actor."""
+
+    def __init__(self, spec: StageSpec) -> None:
+        self.spec = spec
+        self.store = RunStorage(spec.context.run_dir, spec.context.storage_options)
+        self.stage = spec.build()
+        self.stage.setup()
+        self.worker = worker_name()
+
+    def run_shard(self, shard: str, source_spec: dict[str, Any] | None = None) -> ShardResult:
+        t0 = time.perf_counter()
+        spec, stage = self.spec, self.stage
+        durations: list[float] = []
+        if isinstance(stage, SourceStage):
+            assert source_spec is not None
+            no_input: Batch = {c: [] for c in CARRIED}
+            parts = [complete_rows(no_input, part) for part in stage.read(source_spec) if part.get(SAMPLE_ID)]
+            out = _concat(parts) if parts else {c: [] for c in (*CARRIED, STATUS, KEEP, REASON)}
+            rows_in, input_shard = len(out[SAMPLE_ID]), None
+            per = (time.perf_counter() - t0) * 1000 / max(rows_in, 1)
+            durations = [per] * rows_in
+        else:
+            batch, input_shard = load_shard_input(self.store, spec.upstream, shard)
+            rows_in = len(batch[SAMPLE_ID])
+            parts = []
+            for start in range(0, rows_in, spec.batch_size):
+                chunk = _slice(batch, start, start + spec.batch_size)
+                t1 = time.perf_counter()
+                part = process_isolated(stage, chunk)
+                per = (time.perf_counter() - t1) * 1000 / max(len(part[SAMPLE_ID]), 1)
+                durations.extend([per] * len(part[SAMPLE_ID]))
+                parts.append(part)
+            out = _concat(parts) if parts else complete_rows(batch, {SAMPLE_ID: []})
+        output_shard, locations = (None, {})
+        if stage.writes_pixels:
+            output_shard, locations = write_pixels(self.store, spec, shard, out)
+        table = build_manifest(spec, stage, shard, out, input_shard, output_shard, locations, self.worker, durations)
+        commit_manifest(self.store, spec, shard, table)
+        return summarise(spec, shard, rows_in, out, time.perf_counter() - t0, self.worker)
+
+
+def run_global_stage(spec: StageSpec, shards: list[str]) -> list[ShardResult]:
+    """Load every live sample's needed columns (never pixels), run the stage once, and commit one
+    manifest fragment per shard so that later per-shard stages line up with the source's shards."""
+    t0 = time.perf_counter()
+    store = RunStorage(spec.context.run_dir, spec.context.storage_options)
+    stage = spec.build()
+    assert isinstance(stage, GlobalStage)
+    stage.setup()
+    worker = worker_name()
+    needs = set(getattr(stage, "needs", ()))
+    parts, shard_of = [], []
+    for shard in shards:
+        b, _ = load_shard_input(store, spec.upstream, shard, with_images=False, columns=needs)
+        parts.append(b)
+        shard_of.extend([shard] * len(b[SAMPLE_ID]))
+    batch = _concat(parts) if parts else {c: [] for c in CARRIED}
+    for c in needs:
+        batch.setdefault(c, [None] * len(batch[SAMPLE_ID]))
+    table = pa.Table.from_pydict(batch)
+    try:
+        out = complete_rows(batch, stage.run_global(table))
+    except Exception as exc:
+        detail = traceback.format_exc()
+        raise RuntimeError(f"global stage {spec.stage_id!r} failed: {_describe(exc)}\n{detail}") from exc
+    where = dict(zip(batch[SAMPLE_ID], shard_of, strict=True))
+    results = []
+    per = (time.perf_counter() - t0) * 1000 / max(len(out[SAMPLE_ID]), 1)
+    for shard in shards:
+        idx = [i for i, sid in enumerate(out[SAMPLE_ID]) if where.get(sid) == shard]
+        part = {k: [v[i] for i in idx] for k, v in out.items()}
+        table_out = build_manifest(spec, stage, shard, part, None, None, {}, worker, [per] * len(idx))
+        commit_manifest(store, spec, shard, table_out)
+        results.append(summarise(spec, shard, len(idx), part, 0.0, worker))
+    if results:
+        results[-1].seconds = time.perf_counter() - t0
+    summary = getattr(stage, "summary", None)
+    if callable(summary):
+        store.write_atomic(_json_bytes(summary()), "report", f"{spec.stage_id}.summary.json")
+    return results
+
+
+def _json_bytes(obj: Any) -> bytes:
+    import json
+
+    return json.dumps(obj, indent=2, sort_keys=True, default=str).encode()

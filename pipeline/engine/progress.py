@@ -1,0 +1,92 @@
+"""Live per-stage progress: shards done/total, samples/s, kept/dropped/errors."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from types import TracebackType
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from pipeline.engine.execution import ShardResult
+
+
+@dataclass
+class StageProgress:
+    stage_id: str
+    kind: str
+    total: int
+    done: int = 0
+    skipped: int = 0
+    computed: int = 0
+    failed: int = 0
+    rows: int = 0
+    kept: int = 0
+    dropped: int = 0
+    errors: int = 0
+    started: float | None = None
+    last: float | None = None
+    reasons: Counter[str] = field(default_factory=Counter)
+
+    def add(self, r: ShardResult) -> None:
+        now = time.monotonic()
+        began = now - r.seconds
+        self.started = began if self.started is None else min(self.started, began)
+        self.last = now
+        self.done += 1
+        self.computed += 1
+        self.rows += r.rows_out
+        self.kept += r.kept
+        self.dropped += r.dropped
+        self.errors += r.errors
+        self.reasons.update(r.reasons)
+
+    @property
+    def rate(self) -> float:
+        if not self.started or not self.last or self.last <= self.started:
+            return 0.0
+        return self.rows / (self.last - self.started)
+
+
+class Progress:
+    def __init__(self, stages: list[StageProgress], enabled: bool = True, console: Console | None = None) -> None:
+        self.stages = {s.stage_id: s for s in stages}
+        self.console = console or Console(stderr=True)
+        self.enabled = enabled
+        self._live: Live | None = None
+        self.export_note = ""
+
+    def table(self) -> Table:
+        t = Table(title="facefoundry", expand=False)
+        for col in ("stage", "kind", "shards", "samples/s", "kept", "dropped", "errors"):
+            t.add_column(col, justify="left" if col in ("stage", "kind") else "right")
+        for s in self.stages.values():
+            shards = f"{s.done}/{s.total}" + (f" ({s.skipped} resumed)" if s.skipped else "")
+            if s.failed:
+                shards += f" [red]{s.failed} failed[/red]"
+            t.add_row(s.stage_id, s.kind, shards, f"{s.rate:,.1f}" if s.rate else "-",
+                      str(s.kept), str(s.dropped), str(s.errors))
+        if self.export_note:
+            t.caption = self.export_note
+        return t
+
+    def update(self, result: ShardResult | None = None) -> None:
+        if result is not None:
+            self.stages[result.stage_id].add(result)
+        if self._live is not None:
+            self._live.update(self.table())
+
+    def __enter__(self) -> Progress:
+        if self.enabled:
+            self._live = Live(self.table(), console=self.console, refresh_per_second=4, transient=False)
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        if self._live is not None:
+            self._live.update(self.table())
+            self._live.__exit__(et, ev, tb)
+            self._live = None

@@ -1,0 +1,162 @@
+"""The run directory: frozen config, stage fingerprints, the shard plan, the lock, and what is done.
+
+A stage's fingerprint hashes everything that defines its outputs: its class, version and params, and
+the fingerprint of the stage before it. On a re-run, stages whose fingerprints match keep their
+committed shards; a changed stage with committed shards is refused unless ``--force`` (recompute it
+and everything after it) or ``--new`` (start over). The export has its own fingerprint, so changing
+an export threshold re-runs only the export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import yaml
+
+from manifests.layout import LOCK_FILE, PLAN_FILE, RUN_FILE
+from manifests.storage import RunStorage
+from pipeline.config import PipelineConfig, ResolvedStage, config_hash
+from stages.base import stable_hash
+
+REMOTE_LOCK_TTL_S = 6 * 3600
+
+
+class RunConflictError(RuntimeError):
+    pass
+
+
+class RunLockedError(RuntimeError):
+    pass
+
+
+def stage_fingerprints(cfg: PipelineConfig, stages: list[ResolvedStage]) -> dict[str, str]:
+    prev = stable_hash({"seed": cfg.run.seed, "shard_size": cfg.run.shard_size,
+                        "identities": cfg.identities.model_dump(mode="json") if cfg.identities else None})
+    out: dict[str, str] = {}
+    for s in stages:
+        # The registered name and version, never the module path: moving a file must not invalidate runs.
+        prev = stable_hash([prev, s.cls.name, s.cls.version,
+                            s.params.model_dump(mode="json"), s.prune])
+        out[s.stage_id] = prev
+    return out
+
+
+def export_fingerprint(cfg: PipelineConfig, fingerprints: dict[str, str]) -> str:
+    return stable_hash([fingerprints, cfg.export.model_dump(mode="json")])
+
+
+@dataclass
+class RunState:
+    config_hash: str
+    fingerprints: dict[str, str]
+    config: dict[str, Any]
+
+
+def read_run_file(store: RunStorage) -> RunState | None:
+    if not store.exists(RUN_FILE):
+        return None
+    doc = yaml.safe_load(store.read_bytes(RUN_FILE)) or {}
+    return RunState(doc.get("config_hash", ""), doc.get("fingerprints", {}), doc.get("config", {}))
+
+
+def write_run_file(store: RunStorage, cfg: PipelineConfig, fingerprints: dict[str, str]) -> None:
+    doc = {"config_hash": config_hash(cfg), "fingerprints": fingerprints, "config": cfg.model_dump(mode="json")}
+    store.write_atomic(yaml.safe_dump(doc, sort_keys=False).encode(), RUN_FILE)
+
+
+def committed_shards(store: RunStorage, stage_id: str) -> set[str]:
+    """One listing per stage: the resume scan stays cheap at 10,000s of shards."""
+    return {n[: -len(".parquet")] for n in store.list_files("manifests", stage_id, suffix=".parquet")}
+
+
+def check_compatible(store: RunStorage, new: dict[str, str], order: list[str]) -> tuple[list[str], str | None]:
+    """Which stages must be wiped before this config may run here; the message if that needs --force."""
+    old = read_run_file(store)
+    if old is None:
+        return [], None
+    changed = next((sid for sid in order if old.fingerprints.get(sid) not in (None, new[sid])), None)
+    if changed is None:
+        # Stages added at the end, or removed, do not invalidate anything that stays.
+        changed = next((sid for sid in order if sid not in old.fingerprints and committed_shards(store, sid)), None)
+    if changed is None:
+        return [], None
+    after = order[order.index(changed):]
+    committed = [sid for sid in after if committed_shards(store, sid)]
+    if not committed:
+        return after, None
+    msg = (
+        f"{store.url} holds a run made with a different config: stage {changed!r} changed "
+        f"(fingerprint {old.fingerprints.get(changed, '-')} -> {new[changed]}) and {len(committed)} stage(s) from it "
+        f"on have committed shards ({', '.join(committed)}).\n"
+        f"  --force  recompute {changed!r} and the stages after it, keeping the stages before it\n"
+        f"  --new    delete this run and start over\n"
+        f"  or choose another --output"
+    )
+    return after, msg
+
+
+def wipe_stages(store: RunStorage, stage_ids: list[str]) -> None:
+    for sid in stage_ids:
+        store.remove("manifests", sid, recursive=True)
+        store.remove("shards", sid, recursive=True)
+    store.remove("export", recursive=True)
+
+
+def wipe_run(store: RunStorage) -> None:
+    for part in ("manifests", "shards", "export", "identities", "report", "cache", "metrics", RUN_FILE, PLAN_FILE):
+        store.remove(part, recursive=True)
+
+
+def read_plan(store: RunStorage) -> dict[str, Any] | None:
+    if not store.exists(PLAN_FILE):
+        return None
+    return json.loads(store.read_bytes(PLAN_FILE))
+
+
+def write_plan(store: RunStorage, plan: dict[str, Any]) -> None:
+    store.write_atomic(json.dumps(plan, sort_keys=True).encode(), PLAN_FILE)
+
+
+@contextlib.contextmanager
+def run_lock(store: RunStorage, force: bool = False) -> Iterator[None]:
+    """One writer per run directory. Locally an flock, released by the kernel even on kill -9;
+    on object stores a lock object with owner and time (stale after REMOTE_LOCK_TTL_S)."""
+    store.fs.makedirs(store.root, exist_ok=True)
+    if store.is_local:
+        path = store.path(LOCK_FILE)
+        handle: BinaryIO = open(path, "a+b")  # noqa: SIM115 - held for the whole run
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().decode(errors="replace").strip() or "another process"
+            handle.close()
+            raise RunLockedError(f"{store.url} is in use by {owner}; wait for it or choose another --output") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{socket.gethostname()} pid {os.getpid()}".encode())
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            handle.close()
+        return
+    if store.exists(LOCK_FILE) and not force:
+        info = json.loads(store.read_bytes(LOCK_FILE))
+        if time.time() - float(info.get("time", 0)) < REMOTE_LOCK_TTL_S:
+            raise RunLockedError(f"{store.url} is in use by {info.get('owner')}; --force takes the lock over")
+    store.write_atomic(json.dumps({"owner": f"{socket.gethostname()} pid {os.getpid()}", "time": time.time()}).encode(),
+                       LOCK_FILE)
+    try:
+        yield
+    finally:
+        store.remove(LOCK_FILE)

@@ -1,0 +1,433 @@
+"""The runner: the one place where scheduling happens.
+
+A run is a list of phases. Consecutive per-shard stages form one streaming phase: each stage has a
+pool of long-lived Ray actors (set up once: models load once per actor), and shard i of stage k is
+submitted as soon as shard i of stage k-1 is committed, with a bounded number of shards in flight
+per actor. A global stage is a phase of its own, a barrier run as one Ray task over the manifests.
+The export is the last phase. The driver only ever holds shard names and small per-shard summaries.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import ray
+from rich.console import Console
+
+from manifests.layout import EXPORT_DIR, EXPORT_DONE, IDENTITIES_FILE, PLAN_FILE, history_path
+from manifests.storage import RunStorage
+from pipeline.config import PipelineConfig, ResolvedStage, config_hash
+from pipeline.engine import cluster
+from pipeline.engine.execution import ShardExecutor, ShardResult, StageSpec, UpstreamInfo, run_global_stage
+from pipeline.engine.progress import Progress, StageProgress
+from pipeline.engine.rundir import (
+    RunConflictError,
+    check_compatible,
+    committed_shards,
+    export_fingerprint,
+    read_plan,
+    run_lock,
+    stage_fingerprints,
+    wipe_run,
+    wipe_stages,
+    write_plan,
+    write_run_file,
+)
+from pipeline.export import ExportConfig
+from stages.base import SourceStage, Stage, StageContext, StageKind
+
+MAX_SHARD_ATTEMPTS = 3
+
+
+class StageSetupError(RuntimeError):
+    pass
+
+
+@dataclass
+class RunResult:
+    run_dir: str
+    stages: dict[str, dict[str, int]] = field(default_factory=dict)
+    export_ran: bool = False
+    export: dict[str, Any] | None = None
+    complete: bool = False
+    failures: list[dict[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@ray.remote
+class StageActor:
+    """Holds one set-up stage; Ray keeps it alive for the whole phase."""
+
+    def __init__(self, spec: StageSpec) -> None:
+        self.executor = ShardExecutor(spec)
+
+    def run_shard(self, shard: str, source_spec: dict[str, Any] | None) -> ShardResult:
+        return self.executor.run_shard(shard, source_spec)
+
+
+def _shard_name(i: int) -> str:
+    return f"{i:06d}"
+
+
+class Runner:
+    def __init__(self, cfg: PipelineConfig, stages: list[ResolvedStage], output: str, *,
+                 storage_options: dict[str, Any] | None = None, console: Console | None = None,
+                 show_progress: bool = True) -> None:
+        self.cfg = cfg
+        self.stages = stages
+        self.store = RunStorage(output, storage_options)
+        self.console = console or Console(stderr=True)
+        self.show_progress = show_progress
+        self.fingerprints = stage_fingerprints(cfg, stages)
+        self.order = [s.stage_id for s in stages]
+        ids = cfg.identities.model_dump(mode="json") if cfg.identities else None
+        self.contexts = {
+            s.stage_id: StageContext(run_dir=output, stage_id=s.stage_id, seed=cfg.run.seed,
+                                     storage_options=dict(storage_options or {}), identities=ids)
+            for s in stages
+        }
+        # Instances in the driver are never set up: they only answer schema questions.
+        self.instances: dict[str, Stage] = {s.stage_id: s.cls(s.params, self.contexts[s.stage_id]) for s in stages}
+        self._check_columns()
+
+    # ------------------------------------------------------------ validation before work
+
+    def _check_columns(self) -> None:
+        from manifests.schema import CARRIED
+        from pipeline.config import ConfigError
+
+        available: set[str] = set(CARRIED)
+        for s in self.stages:
+            inst = self.instances[s.stage_id]
+            missing = [c for c in getattr(inst, "needs", ()) if c not in available]
+            if s.cls.kind == StageKind.GLOBAL and missing:
+                raise ConfigError(
+                    f"invalid config:\n  stages[{s.index}] ({s.stage_id}): needs column(s) {missing} that no earlier "
+                    f"stage writes (earlier columns: {sorted(available) or 'none'})"
+                )
+            available.update(f.name for f in inst.output_fields())
+        exp = self.cfg.export
+        refs = [(f"export.thresholds.{t}", t) for t in exp.thresholds]
+        refs += [(f"export.metadata_columns[{i}]", t) for i, t in enumerate(exp.metadata_columns)]
+        refs += [(f"export.extra_members.{k}", t) for k, t in exp.extra_members.items()]
+        for where, target in refs:
+            stage, _, column = target.partition(".")
+            if stage not in self.instances:
+                raise ConfigError(f"invalid config:\n  {where}: no stage {stage!r} in this run "
+                                  f"(stages: {', '.join(self.order)})")
+            cols = {f.name for f in self.instances[stage].output_fields()}
+            if column not in cols:
+                raise ConfigError(f"invalid config:\n  {where}: stage {stage!r} has no column {column!r} "
+                                  f"(columns: {', '.join(sorted(cols))})")
+
+    # ------------------------------------------------------------ specs and plans
+
+    def spec(self, s: ResolvedStage) -> StageSpec:
+        upstream = tuple(
+            UpstreamInfo(u.stage_id, u.cls.writes_pixels, u.prune) for u in self.stages[: self.order.index(s.stage_id)]
+        )
+        return StageSpec(stage_id=s.stage_id, cls=s.cls, params=s.params, batch_size=s.batch_size,
+                         fingerprint=self.fingerprints[s.stage_id], params_hash=s.params_hash,
+                         upstream=upstream, context=self.contexts[s.stage_id])
+
+    def prepare_source(self) -> None:
+        """Let the source create its run-level inputs (a generator's identities table) before planning."""
+        source = self.stages[0]
+        inst = self.instances[source.stage_id]
+        assert isinstance(inst, SourceStage)
+        inst.prepare(self.store)
+
+    def shard_plan(self) -> list[dict[str, Any]]:
+        source = self.stages[0]
+        fp = self.fingerprints[source.stage_id]
+        plan = read_plan(self.store)
+        if plan is None or plan.get("fingerprint") != fp:
+            inst = self.instances[source.stage_id]
+            assert hasattr(inst, "plan")
+            specs = inst.plan(self.cfg.run.shard_size)  # type: ignore[attr-defined]
+            plan = {"fingerprint": fp, "source": source.stage_id,
+                    "shards": [{"name": _shard_name(i), "spec": sp} for i, sp in enumerate(specs)]}
+            write_plan(self.store, plan)
+        return plan["shards"]
+
+    # ------------------------------------------------------------ the run
+
+    def stages_to_wipe(self, force: bool, new: bool) -> list[str]:
+        """Refuse a changed config before anything starts; otherwise the stages a re-run recomputes."""
+        if new:
+            return []
+        to_wipe, message = check_compatible(self.store, self.fingerprints, self.order)
+        if message and not force:
+            raise RunConflictError(message)
+        return to_wipe
+
+    def prepare(self, force: bool, new: bool, to_wipe: list[str] | None = None) -> None:
+        if new:
+            wipe_run(self.store)
+        else:
+            to_wipe = self.stages_to_wipe(force, new) if to_wipe is None else to_wipe
+            if to_wipe:
+                wipe_stages(self.store, to_wipe)
+                if self.order[0] in to_wipe:
+                    self.store.remove(PLAN_FILE)
+                    self.store.remove(*IDENTITIES_FILE)
+        write_run_file(self.store, self.cfg, self.fingerprints)
+        for sid in self.order:
+            self.store.clear_tmp("manifests", sid)
+            self.store.clear_tmp("shards", sid)
+
+    def phases(self) -> list[list[ResolvedStage]]:
+        out: list[list[ResolvedStage]] = []
+        for s in self.stages:
+            if s.cls.kind == StageKind.GLOBAL:
+                out.append([s])
+            elif out and out[-1][0].cls.kind != StageKind.GLOBAL:
+                out[-1].append(s)
+            else:
+                out.append([s])
+        return out
+
+    def run(self, *, force: bool = False, new: bool = False, address: str | None = None,
+            num_cpus: int | None = None) -> RunResult:
+        t0 = time.monotonic()
+        result = RunResult(run_dir=self.store.url)
+        with run_lock(self.store, force=force):
+            to_wipe = self.stages_to_wipe(force, new)
+            owns_ray = cluster.connect(address, num_cpus)
+            try:
+                _, gpus = cluster.cluster_totals()
+                for s in self.stages:  # before any work: a GPU stage on a cluster without GPUs
+                    if s.resources.gpus > gpus:
+                        raise cluster.ClusterFitError(
+                            f"stage {s.stage_id!r} declares gpus={s.resources.gpus:g} but the cluster has "
+                            f"{gpus:g} GPU(s); run it on a GPU cluster (--address) or set "
+                            f"--set stages.{s.stage_id}.resources.gpus=0")
+                self.prepare(force, new, to_wipe)
+                self.prepare_source()
+                plan = self.shard_plan()
+                shards = [p["name"] for p in plan]
+                specs = {p["name"]: p["spec"] for p in plan}
+                committed = {sid: committed_shards(self.store, sid) for sid in self.order}
+                prog = Progress(
+                    [StageProgress(s.stage_id, s.cls.kind.value, len(shards), done=len(committed[s.stage_id]),
+                                   skipped=len(committed[s.stage_id])) for s in self.stages],
+                    enabled=self.show_progress, console=self.console,
+                )
+                failures: dict[tuple[str, str], str] = {}
+                with prog:
+                    for phase in self.phases():
+                        if phase[0].cls.kind == StageKind.GLOBAL:
+                            self._run_global(phase[0], shards, committed, failures, prog)
+                        else:
+                            self._run_streaming(phase, shards, specs, committed, failures, prog)
+                    complete = not failures and all(len(committed[s]) == len(shards) for s in self.order)
+                    if complete and self.cfg.export.enabled:
+                        prog.export_note = "export: running"
+                        prog.update()
+                        result.export, result.export_ran = self._run_export()
+                        prog.export_note = "export: " + ("written" if result.export_ran else "up to date")
+                        prog.update()
+                for s in self.stages:
+                    p = prog.stages[s.stage_id]
+                    result.stages[s.stage_id] = {"computed": p.computed, "resumed": p.skipped, "failed": p.failed,
+                                                 "kept": p.kept, "dropped": p.dropped, "errors": p.errors}
+                result.failures = [{"stage": k[0], "shard": k[1], "error": v} for k, v in failures.items()]
+                result.complete = complete and (result.export is not None or not self.cfg.export.enabled)
+            finally:
+                if owns_ray:
+                    ray.shutdown()
+            result.seconds = time.monotonic() - t0
+            self._write_history(result)
+            try:
+                from pipeline.report import write_report
+
+                write_report(self.store)
+            except Exception as exc:  # a report problem must never fail a finished run
+                self.console.print(f"[yellow]report not written:[/yellow] {exc}")
+        return result
+
+    def _run_streaming(self, phase: list[ResolvedStage], shards: list[str], specs: dict[str, Any],
+                       committed: dict[str, set[str]], failures: dict[tuple[str, str], str], prog: Progress) -> None:
+        """Stream shards through the phase's stages. Pools grow towards the stage with a backlog and
+        shrink to nothing once a stage has no work left, so the cores follow the bottleneck."""
+        todo = {s.stage_id: [sh for sh in shards if sh not in committed[s.stage_id]] for s in phase}
+        active = [s for s in phase if todo[s.stage_id]]
+        if not active:
+            return
+        cpus, gpus = cluster.cluster_totals()
+        plans, budget = cluster.plan_actors([(s.stage_id, s.resources, s.workers) for s in active], cpus, gpus)
+        by_id = {s.stage_id: s for s in active}
+        pools: dict[str, list[Any]] = {sid: [] for sid in by_id}
+        load: dict[str, list[int]] = {sid: [] for sid in by_id}
+
+        def add_actor(sid: str) -> None:
+            ap = plans[sid]
+            opts: dict[str, Any] = {"num_cpus": ap.num_cpus, "num_gpus": ap.num_gpus, "max_concurrency": 1}
+            if ap.memory:
+                opts["memory"] = ap.memory
+            pools[sid].append(StageActor.options(**opts).remote(self.spec(by_id[sid])))
+            load[sid].append(0)
+
+        def n_actors() -> int:
+            return sum(len(p) for p in pools.values())
+
+        for sid in by_id:
+            for _ in range(plans[sid].initial):
+                add_actor(sid)
+        prev = {sid: (self.order[self.order.index(sid) - 1] if self.order.index(sid) else None) for sid in by_id}
+        queues = {sid: deque(todo[sid]) for sid in by_id}
+        pending: dict[Any, tuple[str, str, Any]] = {}
+        attempts: Counter[tuple[str, str]] = Counter()
+        actor_deaths: Counter[str] = Counter()
+        cap = self.cfg.run.max_in_flight_per_worker
+
+        def ready(sid: str, shard: str) -> bool:
+            up = prev[sid]
+            return up is None or shard in committed[up]
+
+        def submit() -> None:
+            for s in reversed(active):  # downstream first: finish shards before starting new ones
+                sid = s.stage_id
+                q = queues[sid]
+                while q:
+                    shard = next((sh for sh in q if ready(sid, sh)), None)
+                    if shard is None:
+                        break
+                    if not pools[sid] or min(load[sid]) >= cap:
+                        grow = len(pools[sid]) < plans[sid].maximum and (n_actors() < budget or not pools[sid])
+                        if not grow:
+                            break
+                        add_actor(sid)
+                    q.remove(shard)
+                    ai = load[sid].index(min(load[sid]))
+                    src = specs[shard] if s.cls.kind == StageKind.SOURCE else None
+                    ref = pools[sid][ai].run_shard.remote(shard, src)
+                    pending[ref] = (sid, shard, pools[sid][ai])
+                    load[sid][ai] += 1
+
+        def retire_idle() -> None:
+            busy = {sid for sid, _, _ in pending.values()}
+            for sid in by_id:
+                if not queues[sid] and sid not in busy and pools[sid]:
+                    for actor in pools[sid]:
+                        ray.kill(actor)
+                    pools[sid], load[sid] = [], []
+
+        try:
+            submit()
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+                for ref in done:
+                    sid, shard, actor = pending.pop(ref)
+                    ai = next((i for i, a in enumerate(pools[sid]) if a is actor), None)
+                    if ai is not None:
+                        load[sid][ai] -= 1
+                    try:
+                        res: ShardResult = ray.get(ref)
+                    except ray.exceptions.RayActorError as exc:
+                        actor_deaths[sid] += 1
+                        if actor_deaths[sid] > plans[sid].maximum + 2:
+                            raise StageSetupError(f"stage {sid!r}: its workers keep dying: {exc}") from None
+                        if ai is not None:
+                            pools[sid].pop(ai)
+                            load[sid].pop(ai)
+                        queues[sid].appendleft(shard)
+                        continue
+                    except ray.exceptions.RayTaskError as exc:
+                        attempts[(sid, shard)] += 1
+                        if attempts[(sid, shard)] < MAX_SHARD_ATTEMPTS:
+                            queues[sid].appendleft(shard)
+                        else:
+                            failures[(sid, shard)] = str(exc.cause if hasattr(exc, "cause") else exc)[:2000]
+                            prog.stages[sid].failed += 1
+                            last = (failures[(sid, shard)].splitlines() or [""])[-1]
+                            self.console.print(
+                                f"[red]shard {shard} of {sid} failed {MAX_SHARD_ATTEMPTS} times:[/red] {last}")
+                        continue
+                    committed[sid].add(shard)
+                    prog.update(res)
+                retire_idle()
+                submit()
+                prog.update()
+        finally:
+            # Killing the actors ends their in-flight shards; nothing of those was committed.
+            for pool in pools.values():
+                for actor in pool:
+                    ray.kill(actor)
+
+    def _run_global(self, s: ResolvedStage, shards: list[str], committed: dict[str, set[str]],
+                    failures: dict[tuple[str, str], str], prog: Progress) -> None:
+        sid = s.stage_id
+        if len(committed[sid]) == len(shards):
+            return
+        up = self.order[self.order.index(sid) - 1]
+        if len(committed[up]) != len(shards):
+            failures[(sid, "*")] = f"blocked: {len(shards) - len(committed[up])} shard(s) of {up!r} are not committed"
+            return
+        cpus, _ = cluster.cluster_totals()  # GPU fit was checked before any work
+        task = ray.remote(run_global_stage).options(num_cpus=min(max(s.resources.cpus, 0.1), cpus),
+                                                    num_gpus=s.resources.gpus)
+        try:
+            results = ray.get(task.remote(self.spec(s), shards))
+        except ray.exceptions.RayTaskError as exc:
+            failures[(sid, "*")] = str(exc)[:4000]
+            prog.stages[sid].failed = len(shards)
+            self.console.print(f"[red]global stage {sid} failed:[/red] {str(exc).splitlines()[-1]}")
+            return
+        committed[sid] = set(shards)
+        prog.stages[sid].done = 0
+        for r in results:
+            prog.update(r)
+
+    def _run_export(self) -> tuple[dict[str, Any], bool]:
+        fp = export_fingerprint(self.cfg, self.fingerprints)
+        if self.store.exists(EXPORT_DIR, EXPORT_DONE):
+            done = json.loads(self.store.read_bytes(EXPORT_DIR, EXPORT_DONE))
+            if done.get("fingerprint") == fp:
+                return done, False
+        pixel_stage = next(s.stage_id for s in reversed(self.stages) if s.cls.writes_pixels)
+        task = ray.remote(export_task).options(num_cpus=0.25)
+        done = ray.get(task.remote(self.store.url, self.store.storage_options, self.order, pixel_stage,
+                                   self.cfg.export, fp, config_hash(self.cfg)))
+        return done, True
+
+    def _write_history(self, result: RunResult) -> None:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        self.store.write_atomic(json.dumps(asdict(result), indent=2, default=str).encode(), *history_path(stamp))
+
+
+def export_task(url: str, storage_options: dict[str, Any], order: list[str], pixel_stage: str,
+                cfg: ExportConfig, fingerprint: str, cfg_hash: str) -> dict[str, Any]:
+    """Plan the export with DuckDB, write training shards in parallel Ray tasks, then commit."""
+    from pipeline.export import plan_export, write_export_shard, write_manifest_and_card
+
+    store = RunStorage(url, storage_options)
+    store.remove(EXPORT_DIR, recursive=True)
+    table, stats = plan_export(store, order, pixel_stage, cfg)
+    rows = table.to_pylist() if "export_shard" in table.column_names else []
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(r["export_shard"], []).append(r)
+    writer = ray.remote(write_export_shard).options(num_cpus=0.25)
+    meta_names = [m.replace(".", "_") for m in cfg.metadata_columns]
+    members = list(cfg.extra_members)
+    ray.get([writer.remote(store, path, grp, cfg.image_format, meta_names, members)
+             for path, grp in sorted(groups.items())])
+    from pipeline.export import balance_section
+
+    balance = balance_section(store, order, table)
+    return write_manifest_and_card(store, table, stats, fingerprint, cfg, cfg_hash, balance)
+
+
+def run_pipeline(cfg: PipelineConfig, stages: list[ResolvedStage], output: str, *, force: bool = False,
+                 new: bool = False, address: str | None = None, num_cpus: int | None = None,
+                 storage_options: dict[str, Any] | None = None, show_progress: bool = True,
+                 console: Console | None = None) -> RunResult:
+    runner = Runner(cfg, stages, output, storage_options=storage_options, console=console,
+                    show_progress=show_progress)
+    return runner.run(force=force, new=new, address=address, num_cpus=num_cpus)

@@ -1,9 +1,0 @@
-"""Training jobs fed by the pipeline's export: face recognition and face enhancement, on Ray Train.
-
-Entry points (plain functions the CLI calls; nothing heavy is imported here):
-
-- ``pipeline.training.recognition.train_recognition(RecognitionTrainConfig) -> TrainResult``
-- ``pipeline.training.enhancement.train_enhancement(EnhancementTrainConfig) -> TrainResult``
-- ``pipeline.training.verification.evaluate_verification(VerificationEvalConfig) -> dict``
-- ``pipeline.training.config.load_train_config(path_or_dict, ConfigModel)``
-"""

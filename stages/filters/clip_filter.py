@@ -1,0 +1,130 @@
+"""Stage "clip_filter": zero-shot prompt-pair scores (CLIP-IQA style) and CLIP image embeddings.
+
+Each pair compares a positive and a negative prompt ("a sharp photo of a face" vs "a blurry photo of
+a face"); the score is the softmax probability of the positive one, which CLIP-IQA showed tracks
+perceived quality better than a single prompt's raw similarity. Every pair's probability is stored
+as its own column (``clip_<name>``) so an export can re-threshold it; the embedding column feeds
+dedup. A sample whose bytes do not decode gets an error row; the rest of the batch goes on.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field, model_validator
+
+from facekit.backends.clip import ClipModel, ClipSpec, check_files
+from facekit.imaging import decode_images
+from stages.base import (
+    IMAGE,
+    KEEP,
+    REASON,
+    STATUS,
+    STATUS_ERROR,
+    Batch,
+    FilterStage,
+    ModelInfo,
+    Params,
+    Resources,
+)
+
+NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
+
+
+class PromptPair(Params):
+    name: str = Field(pattern=NAME_PATTERN)
+    positive: str
+    negative: str
+    min_prob: float = Field(0.5, ge=0.0, le=1.0)
+
+
+DEFAULT_PAIRS: tuple[PromptPair, ...] = (
+    PromptPair(name="sharp", positive="a sharp photo of a face", negative="a blurry photo of a face"),
+    PromptPair(name="photo", positive="a photograph of a person", negative="a drawing of a person"),
+)
+
+
+class ClipFilterParams(Params):
+    clip: ClipSpec = ClipSpec()
+    pairs: tuple[PromptPair, ...] = DEFAULT_PAIRS
+    store_embedding: bool = True
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ClipFilterParams:
+        names = [p.name for p in self.pairs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"prompt pair names must be unique, got {names}")
+        return self
+
+
+def error_rows(out: Batch, errors: list[str | None], columns: list[str]) -> Batch:
+    """Turn rows with an error into status=error rows with the reason and empty score columns."""
+    for i, err in enumerate(errors):
+        if err is not None:
+            out[STATUS][i], out[KEEP][i], out[REASON][i] = STATUS_ERROR, False, err
+            for c in columns:
+                out[c][i] = None
+    return out
+
+
+class ClipFilterStage(FilterStage):
+    name: ClassVar[str] = "clip_filter"
+    version: ClassVar[str] = "1"
+    params_model: ClassVar[type[Params]] = ClipFilterParams
+    resources: ClassVar[Resources] = Resources(cpus=1.0, memory_gb=2.0)
+    batch_size: ClassVar[int] = 64
+    params: ClipFilterParams
+
+    @classmethod
+    def doctor(cls, params: ClipFilterParams) -> list[str]:
+        """What would stop ``setup`` (missing weights and where they were looked for); loads nothing."""
+        return check_files(params.clip)
+
+    def output_fields(self) -> tuple[pa.Field, ...]:
+        fields = [pa.field(f"clip_{p.name}", pa.float32()) for p in self.params.pairs]
+        if self.params.store_embedding:
+            fields += [pa.field("clip_embedding", pa.list_(pa.float32())),
+                       pa.field("clip_space", pa.string())]
+        return tuple(fields)
+
+    def setup(self) -> None:
+        self.model = ClipModel(self.params.clip)
+        prompts = [t for p in self.params.pairs for t in (p.positive, p.negative)]
+        self.text = self.model.embed_texts(prompts) if prompts else np.zeros((0, self.model.dim), np.float32)
+
+    def model_info(self) -> ModelInfo:
+        return self.model.model_info()
+
+    def score(self, batch: Batch) -> Batch:
+        images, errors = decode_images(batch[IMAGE])
+        n = len(images)
+        out: Batch = {f.name: [None] * n for f in self.output_fields()}
+        good = [i for i in range(n) if images[i] is not None]
+        emb = self.model.embed_images([images[i] for i in good])  # type: ignore[misc]
+        for k, pair in enumerate(self.params.pairs):
+            probs = self.model.probabilities(emb, self.text[2 * k : 2 * k + 2])[:, 0]
+            for j, i in enumerate(good):
+                out[f"clip_{pair.name}"][i] = float(probs[j])
+        if self.params.store_embedding:
+            for j, i in enumerate(good):
+                out["clip_embedding"][i] = emb[j].tolist()
+                out["clip_space"][i] = self.model.space
+        out["_errors"] = errors
+        return out
+
+    def decide(self, scores: dict[str, Any]) -> tuple[bool, str | None]:
+        if scores["_errors"] is not None:
+            return False, scores["_errors"]
+        failed = [f"clip {p.name} {scores[f'clip_{p.name}']:.2f} < {p.min_prob}"
+                  for p in self.params.pairs if scores[f"clip_{p.name}"] < p.min_prob]
+        return not failed, "; ".join(failed) or None
+
+    def process(self, batch: Batch) -> Batch:
+        out = super().process(batch)
+        errors = out.pop("_errors")
+        return error_rows(out, errors, [f.name for f in self.output_fields()])
+
+
+__all__ = ["DEFAULT_PAIRS", "ClipFilterParams", "ClipFilterStage", "PromptPair", "decode_images"]

@@ -1,0 +1,101 @@
+"""labels: attribute columns from pluggable labelers, and the balance report of the dataset card.
+
+A ``Labeler`` turns a batch into label columns. The stage composes the configured labelers, so a
+CLIP zero-shot labeler, an MLLM labeler or a gender/age model is one class plus one config entry:
+
+    - stage: labels
+      params:
+        labelers:
+          - {kind: pose, params: {yaw_edge: 20}}
+          - {kind: my_pkg.labels:GlassesLabeler, params: {...}}
+
+A labeler declares its columns up front (``fields``, from its params only) because the runner writes
+manifests with a fixed schema before any model loads; ``setup`` is where it loads models.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from facekit.labelers.base import Labeler, labeler_class
+from stages.base import (
+    SAMPLE_ID,
+    Batch,
+    ModelInfo,
+    Params,
+    Resources,
+    Stage,
+    StageContext,
+    rows_ok,
+)
+
+
+class LabelerConfig(BaseModel):
+    """One labeler: its kind and its own params (validated against the labeler's params model)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _valid(self) -> LabelerConfig:
+        labeler_class(self.kind).params_model.model_validate(self.params)
+        return self
+
+    def build(self) -> Labeler:
+        cls = labeler_class(self.kind)
+        return cls(cls.params_model.model_validate(self.params))
+
+
+class LabelParams(Params):
+    labelers: tuple[LabelerConfig, ...] = (LabelerConfig(kind="pose"),)
+
+    @model_validator(mode="after")
+    def _distinct_columns(self) -> LabelParams:
+        seen: dict[str, str] = {}
+        for cfg in self.labelers:
+            for f in cfg.build().fields():
+                if f.name in seen:
+                    raise ValueError(f"labelers {seen[f.name]!r} and {cfg.kind!r} both write {f.name!r}")
+                seen[f.name] = cfg.kind
+        return self
+
+
+class LabelStage(Stage):
+    name: ClassVar[str] = "labels"
+    version: ClassVar[str] = "1"
+    params_model: ClassVar[type[Params]] = LabelParams
+    resources: ClassVar[Resources] = Resources(cpus=0.25)
+    batch_size: ClassVar[int] = 256
+    columns: ClassVar[tuple[pa.Field, ...]] = (pa.field("pose_bin", pa.string()),)  # the default labelers'
+    params: LabelParams
+
+    def __init__(self, params: Params, context: StageContext) -> None:
+        super().__init__(params, context)
+        self.labelers: list[Labeler] = [cfg.build() for cfg in self.params.labelers]
+
+    def output_fields(self) -> tuple[pa.Field, ...]:
+        return tuple(f for lab in self.labelers for f in lab.fields())
+
+    def setup(self) -> None:
+        for lab in self.labelers:
+            lab.setup()
+
+    def model_info(self) -> ModelInfo:
+        infos = [i for i in (getattr(lab, "model_info", ModelInfo)() for lab in self.labelers) if i.name]
+        return ModelInfo(name="+".join(i.name for i in infos), revision="+".join(i.revision for i in infos))
+
+    def process(self, batch: Batch) -> Batch:
+        out = rows_ok(batch[SAMPLE_ID])
+        for lab in self.labelers:
+            out.update(lab.labels(batch))
+        return out
+
+
+# ------------------------------------------------------------------------------------ balance
+
+# Columns that identify samples rather than describe them.

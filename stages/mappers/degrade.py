@@ -1,0 +1,166 @@
+"""Degradation stage: (degraded, clean) pairs for face restoration, with the GFPGAN/CodeFormer model.
+
+    degraded = upsample( JPEG_q( downsample_r( clean * Gaussian(sigma) ) + N(0, noise^2) ) )
+
+Each of sigma, r, noise and q is drawn uniformly from its configured range with the sample's own
+seed (``sample_seed(run_seed, sample_id, "degrade")``), and every drawn value is a manifest column,
+so a pair can be regenerated exactly and a training set can be sliced by degradation strength.
+
+Output. The clean crop is the training target and what later stages (embedding, filters) must keep
+seeing, so the stage passes ``image`` through byte for byte (never re-encoded) as its pixel output,
+and puts the degraded pixels, as lossless PNG at the clean image's size, in the binary column
+``degraded`` beside the drawn values. ``writes_pixels`` is set because the stage makes new pixel
+data. For training, the export writes ``degraded`` beside the clean image as ``<key>.degraded.png``
+under the same key, which is what ``training.enhancement`` reads.
+
+GFPGAN's ranges (sigma 0.1-10, r 0.8-8, noise 0-20, q 60-100) are for 512 px faces; the defaults
+here scale blur and downsampling to 112 px aligned crops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+
+import cv2
+import numpy as np
+import pyarrow as pa
+from pydantic import model_validator
+
+from facekit.imaging import ImageError, decode_rgb, encode_jpeg, encode_png
+from stages.base import (
+    IMAGE,
+    IMAGE_EXT,
+    KEEP,
+    REASON,
+    SAMPLE_ID,
+    STATUS,
+    STATUS_ERROR,
+    STATUS_OK,
+    Batch,
+    Params,
+    Resources,
+    Stage,
+    StageKind,
+    sample_seed,
+)
+
+DEGRADED = "degraded"
+
+
+class DegradeParams(Params):
+    """Ranges ``[low, high]`` each drawn uniformly per sample."""
+
+    blur_sigma: tuple[float, float] = (0.1, 2.5)
+    downsample: tuple[float, float] = (1.0, 4.0)
+    noise_sigma: tuple[float, float] = (0.0, 15.0)  # on the 0-255 scale
+    jpeg_quality: tuple[int, int] = (40, 95)
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> DegradeParams:
+        checks = {
+            "blur_sigma": (self.blur_sigma, 0.0, 50.0),
+            "downsample": (self.downsample, 0.5, 16.0),
+            "noise_sigma": (self.noise_sigma, 0.0, 255.0),
+            "jpeg_quality": (self.jpeg_quality, 1, 100),
+        }
+        for name, ((low, high), floor, ceil) in checks.items():
+            if not floor <= low <= high <= ceil:
+                raise ValueError(f"{name}: expected {floor} <= low <= high <= {ceil} (got [{low}, {high}])")
+        return self
+
+
+@dataclass(frozen=True)
+class DegradationDraw:
+    """The values drawn for one sample (one manifest row)."""
+
+    blur_sigma: float
+    downsample: float
+    noise_sigma: float
+    jpeg_quality: int
+    noise_seed: int
+
+
+def draw_degradation(params: DegradeParams, rng: np.random.Generator) -> DegradationDraw:
+    return DegradationDraw(
+        blur_sigma=float(rng.uniform(*params.blur_sigma)),
+        downsample=float(rng.uniform(*params.downsample)),
+        noise_sigma=float(rng.uniform(*params.noise_sigma)),
+        jpeg_quality=int(rng.integers(params.jpeg_quality[0], params.jpeg_quality[1] + 1)),
+        noise_seed=int(rng.integers(0, 2**63 - 1)),
+    )
+
+
+def degrade_rgb(clean: np.ndarray, draw: DegradationDraw) -> np.ndarray:
+    """Apply one drawn degradation to an RGB uint8 image; returns RGB uint8 of the same size."""
+    h, w = clean.shape[:2]
+    img = clean.astype(np.float32)
+    if draw.blur_sigma > 0:
+        radius = min(20, max(1, int(np.ceil(3 * draw.blur_sigma))))  # GFPGAN: 41-tap kernel at most
+        img = cv2.GaussianBlur(
+            img, (2 * radius + 1, 2 * radius + 1), draw.blur_sigma, borderType=cv2.BORDER_REFLECT_101
+        )
+    small = (max(1, round(w / draw.downsample)), max(1, round(h / draw.downsample)))
+    img = cv2.resize(img, small, interpolation=cv2.INTER_LINEAR)
+    if draw.noise_sigma > 0:
+        img = img + np.random.default_rng(draw.noise_seed).normal(0.0, draw.noise_sigma, img.shape)
+    low = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    low = decode_rgb(encode_jpeg(low, quality=draw.jpeg_quality), min_side=1)
+    return cv2.resize(low, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def psnr_uint8(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10.0 * np.log10(255.0**2 / mse)
+
+
+class DegradeStage(Stage):
+    name: ClassVar[str] = "degrade"
+    version: ClassVar[str] = "1"
+    kind: ClassVar[StageKind] = StageKind.MAPPER
+    params_model: ClassVar[type[Params]] = DegradeParams
+    resources: ClassVar[Resources] = Resources(cpus=0.5)
+    batch_size: ClassVar[int] = 64
+    writes_pixels: ClassVar[bool] = True
+    columns: ClassVar[tuple[pa.Field, ...]] = (
+        pa.field(DEGRADED, pa.binary()),
+        pa.field("degrade_blur_sigma", pa.float32()),
+        pa.field("degrade_downsample", pa.float32()),
+        pa.field("degrade_noise_sigma", pa.float32()),
+        pa.field("degrade_jpeg_quality", pa.int32()),
+        pa.field("degrade_noise_seed", pa.int64()),
+        pa.field("degrade_psnr", pa.float32()),  # degraded vs clean: how hard this pair is
+    )
+
+    params: DegradeParams
+
+    def process(self, batch: Batch) -> Batch:
+        ids = batch[SAMPLE_ID]
+        exts = batch.get(IMAGE_EXT) or [None] * len(ids)
+        out: Batch = {SAMPLE_ID: list(ids), IMAGE: [], IMAGE_EXT: []}
+        for f in self.columns:
+            out[f.name] = []
+        out[STATUS], out[KEEP], out[REASON] = [], [], []
+        for sample_id, data, ext in zip(ids, batch[IMAGE], exts, strict=True):
+            try:
+                clean = decode_rgb(data)
+            except ImageError as exc:
+                for name in (IMAGE, IMAGE_EXT, *(f.name for f in self.columns)):
+                    out[name].append(None)
+                out[STATUS].append(STATUS_ERROR)
+                out[KEEP].append(False)
+                out[REASON].append(f"degrade: {exc}")
+                continue
+            rng = np.random.default_rng(sample_seed(self.context.seed, sample_id, "degrade"))
+            draw = draw_degradation(self.params, rng)
+            degraded = degrade_rgb(clean, draw)
+            out[IMAGE].append(data)
+            out[IMAGE_EXT].append(ext or "png")
+            out[DEGRADED].append(encode_png(degraded))
+            for name, value in asdict(draw).items():
+                out[f"degrade_{name}"].append(value)
+            out["degrade_psnr"].append(min(psnr_uint8(degraded, clean), 100.0))
+            out[STATUS].append(STATUS_OK)
+            out[KEEP].append(True)
+            out[REASON].append(None)
+        return out

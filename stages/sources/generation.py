@@ -1,0 +1,137 @@
+"""Generator sources: turn the run's identities table into samples to synthesise.
+
+Every generator (the procedural renderer, Arc2Face) shares the sample plan: identity x variant,
+cut into shards by position, with a sample id that hashes what defines the sample and a per-image
+perturbation of the identity vector drawn from the sample's own seed. A subclass only implements
+``render_batch``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from facekit.identities.gaussian import identity_id, perturb, perturbation_sigma, sample_gaussian_identities
+from manifests.layout import IDENTITIES_FILE
+from manifests.schema import identity_schema
+from manifests.storage import RunStorage
+from stages.base import Batch, SourceStage, sample_seed, stable_hash
+
+GENERATOR_FIELDS: tuple[pa.Field, ...] = (
+    pa.field("variant", pa.int32()),
+    pa.field("perturbation_sigma", pa.float32()),
+    pa.field("perturbation_cosine", pa.float32()),
+)
+
+
+class GeneratorSource(SourceStage):
+    needs_identities: ClassVar[bool] = True
+
+    def output_fields(self) -> tuple[pa.Field, ...]:
+        return GENERATOR_FIELDS + tuple(self.columns)
+
+    def _identities(self) -> dict[str, Any]:
+        if not self.context.identities:
+            raise RuntimeError(f"stage {self.name!r} needs the run's identities block")
+        return self.context.identities
+
+    def prepare(self, store: RunStorage) -> None:
+        """Sample the run's identities once (Gaussian with the cosine rule, or PCA-space from a
+        reference file) and write them as their own table; a resumed run reuses the table."""
+        if store.exists(*IDENTITIES_FILE):
+            return
+        ids = self._identities()
+        seed = self.context.seed
+        reference_sha = None
+        if ids["sampler"] == "pca":
+            from facekit.identities.pca import sample_pca_identities
+
+            sampled, reference_sha = sample_pca_identities(
+                ids["reference"], ids["count"], ids["max_cosine"], seed, ids["max_candidates"], ids["dim"],
+                storage_options=store.storage_options,
+            )
+        else:
+            sampled = sample_gaussian_identities(ids["count"], ids["dim"], ids["max_cosine"], seed,
+                                                 ids["max_candidates"])
+        sampler_params = {k: v for k, v in ids.items() if k not in ("images_per_identity", "perturbation")}
+        sampler_fp = stable_hash([sampler_params, seed])
+        dim = sampled.vectors.shape[1]
+        n = len(sampled.vectors)
+        table = pa.Table.from_pydict(
+            {
+                "identity_id": [identity_id(sampler_fp, i) for i in range(n)],
+                "index": list(range(n)),
+                "sampler": [ids["sampler"]] * n,
+                "sampler_params": [json.dumps(sampler_params, sort_keys=True)] * n,
+                "seed": [seed] * n,
+                "max_cosine_to_kept": sampled.max_cosine_to_kept.tolist(),
+                "candidates_tried": [sampled.candidates_tried] * n,
+                "reference_sha256": [reference_sha] * n,
+                "vector": list(sampled.vectors),
+            },
+            schema=identity_schema(dim),
+        )
+        buf = io.BytesIO()
+        pq.write_table(table, buf, row_group_size=1024)
+        store.write_atomic(buf.getvalue(), *IDENTITIES_FILE)
+
+    def plan(self, shard_size: int) -> list[dict[str, Any]]:
+        ids = self._identities()
+        total = int(ids["count"]) * int(ids["images_per_identity"])
+        return [{"start": a, "stop": min(a + shard_size, total)} for a in range(0, total, shard_size)]
+
+    def sample_id(self, identity_id: str, variant: int) -> str:
+        params = self.params.model_dump(mode="json")
+        return stable_hash([identity_id, variant, self.name, self.version, params], 24)
+
+    def read(self, shard: dict[str, Any]) -> Iterator[Batch]:
+        ids = self._identities()
+        per = int(ids["images_per_identity"])
+        start, stop = int(shard["start"]), int(shard["stop"])
+        first, last = start // per, (stop - 1) // per
+        table = self._load_identity_rows(first, last)
+        by_index = {int(i): n for n, i in enumerate(table.column("index").to_pylist())}
+        ident_ids = table.column("identity_id").to_pylist()
+        vectors = np.asarray(table.column("vector").to_pylist(), dtype=np.float32)
+        sigmas = tuple(ids["perturbation"]["sigmas"])
+        fractions = tuple(ids["perturbation"]["fractions"])
+        rows: list[dict[str, Any]] = []
+        for flat in range(start, stop):
+            n = by_index[flat // per]
+            variant = flat % per
+            sid = self.sample_id(ident_ids[n], variant)
+            sigma = perturbation_sigma(self.context.seed, sid, sigmas, fractions)
+            vec = vectors[n]
+            pert = perturb(vec, sigma, sample_seed(self.context.seed, sid, "perturb"))
+            rows.append({
+                "sample_id": sid, "key": sid, "identity_id": ident_ids[n], "variant": variant,
+                "identity_vector": vec, "perturbed_vector": pert, "perturbation_sigma": sigma,
+                "perturbation_cosine": float(vec @ pert),
+            })
+        for i in range(0, len(rows), self.batch_size_for_read()):
+            chunk = rows[i : i + self.batch_size_for_read()]
+            out = self.render_batch(chunk)
+            for col in ("variant", "perturbation_sigma", "perturbation_cosine"):
+                out[col] = [r[col] for r in chunk]
+            yield out
+
+    def batch_size_for_read(self) -> int:
+        return int(getattr(self.params, "batch_size", 0) or self.batch_size)
+
+    def _load_identity_rows(self, first: int, last: int) -> pa.Table:
+        store = RunStorage(self.context.run_dir, self.context.storage_options)
+        path = posixpath.join(store.root, *IDENTITIES_FILE)
+        dataset = pads.dataset(path, filesystem=store.fs, format="parquet")
+        expr = (pads.field("index") >= first) & (pads.field("index") <= last)
+        return dataset.to_table(filter=expr, columns=["identity_id", "index", "vector"])
+
+    def render_batch(self, rows: list[dict[str, Any]]) -> Batch:
+        raise NotImplementedError

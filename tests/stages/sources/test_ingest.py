@@ -1,0 +1,243 @@
+"""Ingest: folders and WebDataset tars become samples; bad files become error rows, never crashes."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import numpy as np
+import pytest
+from PIL import Image
+from pydantic import ValidationError
+
+from facekit.imaging import encode_jpeg, encode_png
+from manifests.shards import check_key
+from stages.base import StageContext
+from stages.sources.ingest import IngestParams, IngestStage, folder_key
+
+CTX = StageContext(run_dir="/tmp/unused", stage_id="ingest", seed=0)
+
+
+def rgb(seed: int, size: int = 64) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
+
+
+def stage(**params: Any) -> IngestStage:
+    return IngestStage(IngestParams(**params), CTX)
+
+
+def rows_of(st: IngestStage, shard_size: int = 4) -> list[dict[str, Any]]:
+    rows = []
+    for shard in st.plan(shard_size):
+        json.dumps(shard)  # shard descriptions are frozen in the run: JSON-able
+        for batch in st.read(shard):
+            n = len(batch["sample_id"])
+            assert all(len(v) == n for v in batch.values())
+            rows += [{k: v[i] for k, v in batch.items()} for i in range(n)]
+    return rows
+
+
+@pytest.fixture
+def messy_folder(tmp_path: Path) -> Path:
+    """Good images under identity folders, and one of each kind of bad file."""
+    root = tmp_path / "corpus"
+    (root / "alice").mkdir(parents=True)
+    (root / "bob" / "holiday").mkdir(parents=True)
+    (root / ".cache").mkdir()
+    (root / "alice" / "a1.png").write_bytes(encode_png(rgb(1)))
+    (root / "alice" / "a 2.final.JPG").write_bytes(encode_jpeg(rgb(2)))
+    (root / "bob" / "holiday" / "b1.jpeg").write_bytes(encode_jpeg(rgb(3)))
+    (root / "bob" / "b2.webp").write_bytes(_webp(rgb(4)))
+    (root / "loose.bmp").write_bytes(_bmp(rgb(5)))
+    (root / "bob" / "zero.jpg").write_bytes(b"")
+    (root / "bob" / "notes.jpg").write_text("this is a text file, not a JPEG\n")
+    full = encode_jpeg(rgb(6, 128))
+    (root / "alice" / "truncated.jpg").write_bytes(full[: len(full) // 2])
+    (root / "alice" / "tiny.png").write_bytes(encode_png(np.zeros((1, 1, 3), dtype=np.uint8)))
+    huge = io.BytesIO()
+    Image.new("1", (12000, 12000)).save(huge, format="PNG")  # 144 MP, a few KB on disk
+    (root / "bob" / "huge.png").write_bytes(huge.getvalue())
+    (root / "alice" / "readme.txt").write_text("not an image extension: not a sample")
+    (root / ".cache" / "thumb.png").write_bytes(encode_png(rgb(7)))
+    (root / "alice" / ".hidden.png").write_bytes(encode_png(rgb(8)))
+    return root
+
+
+def _webp(x: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(x).save(buf, format="WEBP", lossless=True)
+    return buf.getvalue()
+
+
+def _bmp(x: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(x).save(buf, format="BMP")
+    return buf.getvalue()
+
+
+def test_folder_ingest_gives_one_error_row_with_a_reason_per_bad_file(messy_folder: Path) -> None:
+    rows = rows_of(stage(root=str(messy_folder), labels_from_dirs=True))
+    by_path = {r["source_path"]: r for r in rows}
+
+    assert sorted(by_path) == sorted(
+        [
+            "alice/a1.png",
+            "alice/a 2.final.JPG",
+            "bob/holiday/b1.jpeg",
+            "bob/b2.webp",
+            "loose.bmp",
+            "bob/zero.jpg",
+            "bob/notes.jpg",
+            "alice/truncated.jpg",
+            "alice/tiny.png",
+            "bob/huge.png",
+        ]
+    )  # hidden files and non-image extensions are not samples
+    bad = {
+        "bob/zero.jpg": "empty file",
+        "bob/notes.jpg": "not an image",
+        "alice/truncated.jpg": "corrupt image",
+        "alice/tiny.png": "image too small",
+        "bob/huge.png": "image too large",
+    }
+    for path, row in by_path.items():
+        if path in bad:
+            assert row["status"] == "error" and row["keep"] is False, path
+            assert row["reason"].startswith(bad[path]), (path, row["reason"])
+            assert row["image"] is None
+        else:
+            assert row["status"] == "ok" and row["keep"] is True and row["reason"] is None, path
+            assert row["image"] == (messy_folder / path).read_bytes()  # bytes as they are, never re-encoded
+    assert by_path["alice/a1.png"]["identity_id"] == "alice"
+    assert by_path["bob/holiday/b1.jpeg"]["identity_id"] == "bob"
+    assert by_path["loose.bmp"]["identity_id"] is None
+    assert by_path["alice/a 2.final.JPG"]["image_ext"] == "jpg"
+    assert by_path["bob/b2.webp"]["image_ext"] == "webp" and by_path["loose.bmp"]["image_ext"] == "bmp"
+    assert (by_path["alice/a1.png"]["width"], by_path["alice/a1.png"]["height"]) == (64, 64)
+
+
+def test_keys_are_valid_unique_and_ids_deterministic(messy_folder: Path) -> None:
+    (messy_folder / "alice__a1.png").write_bytes(encode_png(rgb(9)))  # sanitises like alice/a1.png
+    (messy_folder / "alice" / "a1.jpg").write_bytes(encode_jpeg(rgb(10)))  # same stem, other extension
+    first = rows_of(stage(root=str(messy_folder)))
+    again = rows_of(stage(root=str(messy_folder)), shard_size=3)
+
+    keys = [r["key"] for r in first]
+    assert len(set(keys)) == len(keys)
+    for key in keys:
+        assert check_key(key) == key and "." not in key and "/" not in key
+    assert [(r["sample_id"], r["key"]) for r in first] == [(r["sample_id"], r["key"]) for r in again]
+    assert len({r["sample_id"] for r in first}) == len(first)
+    assert folder_key("../../etc/passwd.jpg").startswith("etc__passwd-")
+
+
+def test_plan_is_sorted_and_cut_into_shards(messy_folder: Path) -> None:
+    plan = stage(root=str(messy_folder)).plan(3)
+    paths = [p for shard in plan for p in shard["paths"]]
+    assert paths == sorted(paths) and len(paths) == 10
+    assert [len(s["paths"]) for s in plan] == [3, 3, 3, 1]
+    assert stage(root=str(messy_folder)).plan(3) == plan
+
+
+def test_a_file_that_vanishes_after_planning_is_an_error_row(messy_folder: Path) -> None:
+    st = stage(root=str(messy_folder))
+    shard = st.plan(100)[0]
+    (messy_folder / "alice" / "a1.png").unlink()
+    rows = [
+        r
+        for b in st.read(shard)
+        for r in (dict(zip(b, v, strict=True)) for v in zip(*b.values(), strict=True))
+    ]
+    row = next(r for r in rows if r["source_path"] == "alice/a1.png")
+    assert row["status"] == "error" and row["reason"].startswith("unreadable file: FileNotFoundError")
+    assert len(rows) == 10
+
+
+def test_fsspec_memory_folder_ingests_like_a_local_one() -> None:
+    fs = fsspec.filesystem("memory")
+    fs.pipe({"/ff-ingest/p1/x.png": encode_png(rgb(11)), "/ff-ingest/p2/y.jpg": encode_jpeg(rgb(12))})
+    try:
+        rows = rows_of(stage(root="memory://ff-ingest", labels_from_dirs=True))
+    finally:
+        fs.rm("/ff-ingest", recursive=True)
+    assert [(r["identity_id"], r["status"]) for r in rows] == [("p1", "ok"), ("p2", "ok")]
+    assert rows[0]["source_uri"] == "memory:///ff-ingest"
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture
+def tars(tmp_path: Path) -> list[Path]:
+    good = _tar(
+        tmp_path / "shard-000.tar",
+        [
+            ("000001.png", encode_png(rgb(20))),
+            ("000001.json", json.dumps({"identity_id": "carol"}).encode()),
+            ("train/000002.jpg", encode_jpeg(rgb(21))),
+            ("../evil.png", encode_png(rgb(22))),
+            ("/abs/root.png", encode_png(rgb(23))),
+            ("000003.json", b"{}"),
+            ("000004.png", b"garbage"),
+            ("we ird.key.png", encode_png(rgb(24))),
+        ],
+    )
+    whole = _tar(tmp_path / "tmp.tar", [("a.png", encode_png(rgb(25))), ("b.png", encode_png(rgb(26, 256)))])
+    data = whole.read_bytes()
+    cut = tmp_path / "shard-001.tar"
+    cut.write_bytes(data[: 1024 + 512 + len(encode_png(rgb(25))) + 600])  # inside member b's data
+    whole.unlink()
+    return [good, cut]
+
+
+def test_tar_ingest_keeps_keys_and_turns_unsafe_or_truncated_members_into_error_rows(
+    tars: list[Path],
+) -> None:
+    rows = rows_of(stage(tars=[str(tars[0].parent / "shard-*.tar")]))
+    ok = {r["key"]: r for r in rows if r["status"] == "ok"}
+    errors = [r for r in rows if r["status"] == "error"]
+
+    assert set(ok) == {"000001", "train/000002", "a"} | {k for k in ok if k.startswith("we_ird")}
+    assert ok["000001"]["identity_id"] == "carol" and ok["000001"]["image"] == encode_png(rgb(20))
+    assert ok["train/000002"]["image_ext"] == "jpg"
+    reasons = sorted(r["reason"] for r in errors)
+    assert reasons.count("unsafe member name") == 2
+    assert {r["source_path"] for r in errors if r["reason"] == "unsafe member name"} == {
+        "../evil.png",
+        "/abs/root.png",
+    }
+    assert any(r.startswith("no image in sample") for r in reasons)  # 000003: only a json
+    assert any(r == "not an image" for r in reasons)  # 000004.png holds garbage
+    assert any("truncated" in r for r in reasons)  # shard-001 ends inside b.png
+    assert len(errors) == 5
+    for r in rows:
+        assert check_key(r["key"]) == r["key"]
+        if r["status"] == "error":
+            assert r["image"] is None
+
+
+def test_tar_split_cuts_member_ranges_that_cover_each_sample_once(tars: list[Path]) -> None:
+    whole = rows_of(stage(tars=[str(t) for t in tars]), shard_size=100)
+    st = stage(tars=[str(t) for t in tars], tar_split=True)
+    plan = st.plan(2)
+    assert all(set(s) == {"tar", "start", "stop"} for s in plan)
+    assert len(plan) > len(tars)
+    split = rows_of(st, shard_size=2)
+    assert [r["sample_id"] for r in split] == [r["sample_id"] for r in whole]
+
+
+def test_params_need_exactly_one_source() -> None:
+    with pytest.raises(ValidationError, match="exactly one"):
+        IngestParams()
+    with pytest.raises(ValidationError, match="exactly one"):
+        IngestParams(root="/x", tars=["/y.tar"])
