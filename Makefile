@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 export HF_HUB_OFFLINE ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: demo test install install-all lint bench clean
+.PHONY: demo test install install-all lint bench faults clean
 
 $(VENV)/.core: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ demo: install
 
 test: install-all
 	$(PY) -m pytest -q
+
+faults: install-all
+	$(PY) -m pytest -q -m faults
 
 lint: install-all
 	$(VENV)/bin/ruff check .

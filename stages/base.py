@@ -44,6 +44,14 @@ STATUS_OK = "ok"
 STATUS_ERROR = "error"
 
 
+class TransientError(RuntimeError):
+    """A failure that says nothing about the sample (a model server down, a storage 5xx, throttling).
+
+    Raise it (or let it propagate) instead of recording an error row: the engine retries the whole
+    shard with backoff, and only what is really wrong with a sample becomes that sample's error row.
+    """
+
+
 class StageKind(enum.StrEnum):
     """How the runner schedules a stage."""
 
@@ -92,6 +100,9 @@ class Stage:
     writes_pixels: ClassVar[bool] = False
     # The stage's own manifest columns (besides the common lineage and decision columns).
     columns: ClassVar[tuple[pa.Field, ...]] = ()
+    # Columns this stage reads that earlier stages write (besides sample_id/key/identity_id/parent_id and
+    # the image). The runner refuses, before any work, a config where no earlier stage writes one.
+    reads: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: Params, context: StageContext) -> None:
         self.params = params
@@ -148,6 +159,11 @@ class FilterStage(Stage):
 
     def decide(self, scores: dict[str, Any]) -> tuple[bool, str | None]:
         raise NotImplementedError
+
+    def thresholds(self) -> dict[str, dict[str, float]]:
+        """The thresholds this filter's decision applies, per score column, as ``{"min": x}`` and/or
+        ``{"max": y}``: the report draws them over the score histograms, the card lists them."""
+        return {}
 
     def process(self, batch: Batch) -> Batch:
         scores = self.score(batch)
