@@ -11,6 +11,9 @@ plan.json                                 the source's shard plan
 identities/identities.parquet
 shards/<stage>/<shard>.tar                pixel-writing stages only
 manifests/<stage>/<shard>.parquet         one row per sample per stage: the lineage (the commit)
+manifests/<stage>/_compacted/current.json the stage's sorted copy (which fragments it covers) ...
+manifests/<stage>/_compacted/<gen>/*.parquet   ... and its files, sorted by sample_id
+tables/samples/*.parquet                  one row per sample (written at the run's commit)
 export/...                                training shards, export manifest, dataset card
 report/index.html, report/<stage>.summary.json
 history/<time>.json                       what each invocation did
@@ -37,6 +40,10 @@ REPORT_FILE = (REPORT_DIR, "index.html")
 HISTORY_DIR = "history"
 METRICS_DIR = "metrics"
 CACHE_DIR = "cache"
+TABLES_DIR = "tables"
+SAMPLES_TABLE_DIR = (TABLES_DIR, "samples")
+COMPACTED_DIR = "_compacted"  # "_": never a committed fragment, never matched by the fragment glob
+COMPACTED_POINTER = "current.json"
 
 MANIFEST_SUFFIX = ".parquet"
 SHARD_SUFFIX = ".tar"
@@ -52,6 +59,10 @@ def manifest_path(stage_id: str, shard: str) -> tuple[str, ...]:
 
 def shard_path(stage_id: str, shard: str) -> tuple[str, ...]:
     return (SHARDS_DIR, stage_id, f"{shard}{SHARD_SUFFIX}")
+
+
+def compacted_dir(stage_id: str) -> tuple[str, ...]:
+    return (MANIFESTS_DIR, stage_id, COMPACTED_DIR)
 
 
 def stage_summary_path(stage_id: str) -> tuple[str, ...]:

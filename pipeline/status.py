@@ -8,7 +8,7 @@ from typing import Any
 
 from manifests.catalog import Catalog
 from manifests.storage import RunStorage
-from pipeline.engine.rundir import committed_shards, read_plan, read_run_file
+from pipeline.engine.rundir import read_plan, read_run_file
 
 
 class NotARunError(FileNotFoundError):
@@ -22,20 +22,24 @@ def stage_order(store: RunStorage) -> list[str]:
     return [s.get("id") or s["stage"].rsplit(":", 1)[-1].lower() for s in state.config.get("stages", [])]
 
 
+_AGG = (
+    "SELECT stage, count(*) AS rows, count(*) FILTER (WHERE status = 'ok' AND keep) AS kept, "
+    "count(*) FILTER (WHERE status = 'ok' AND NOT keep) AS dropped, "
+    "count(*) FILTER (WHERE status <> 'ok') AS errors, "
+    "epoch(max(processed_at)) - epoch(min(processed_at)) AS span_s, "
+    "sum(duration_ms) / 1000.0 AS busy_s, count(DISTINCT worker) AS workers "
+    "FROM decisions GROUP BY stage"
+)
+
+
 def run_status(store: RunStorage) -> dict[str, Any]:
     order = stage_order(store)
     plan = read_plan(store)
     total = len(plan["shards"]) if plan else 0
     catalog = Catalog(store, order)
-    with catalog.connect(read_only=True) as con:
-        agg = con.execute(
-            "SELECT stage, count(*) AS rows, count(*) FILTER (WHERE status = 'ok' AND keep) AS kept, "
-            "count(*) FILTER (WHERE status = 'ok' AND NOT keep) AS dropped, "
-            "count(*) FILTER (WHERE status <> 'ok') AS errors, "
-            "epoch(max(processed_at)) - epoch(min(processed_at)) AS span_s, "
-            "sum(duration_ms) / 1000.0 AS busy_s, count(DISTINCT worker) AS workers "
-            "FROM decisions GROUP BY stage"
-        ).fetchall()
+    # The catalog lists each stage's committed fragments once; the shard counts come from that listing.
+    with catalog.connect(read_only=True, sql=_AGG) as con:
+        agg = con.execute(_AGG).fetchall()
     by_stage = {r[0]: r for r in agg}
     stages = []
     for sid in order:
@@ -44,7 +48,7 @@ def run_status(store: RunStorage) -> dict[str, Any]:
         span, busy = (float(r[5] or 0), float(r[6] or 0)) if r else (0.0, 0.0)
         stages.append({
             "stage": sid,
-            "shards_committed": len(committed_shards(store, sid)),
+            "shards_committed": len(catalog.source(sid).fragments),
             "shards_total": total,
             "samples": rows,
             "kept": int(r[2]) if r else 0,
