@@ -42,7 +42,8 @@ from manifests.storage import TMP_PREFIX, RunStorage
 
 # A lineage lookup reads one row group per stage: keep row groups near this many bytes.
 ROW_GROUP_BYTES = 8 << 20
-FILE_SIZE_BYTES = 512 << 20
+MIN_ROW_GROUP_ROWS = 2048  # DuckDB writes no smaller row groups
+ROW_GROUPS_PER_FILE = 64  # files of ~512 MiB: few footers to read, and the pointer indexes their ranges
 
 
 def read_pointer(store: RunStorage, stage_id: str) -> dict[str, Any] | None:
@@ -68,7 +69,7 @@ def _row_group_rows(store: RunStorage, first: str) -> int:
     if meta.num_rows == 0:
         return 65536
     width = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)) / meta.num_rows
-    return int(min(max(ROW_GROUP_BYTES // max(width, 1), 1024), 122880))
+    return int(min(max(ROW_GROUP_BYTES // max(width, 1), MIN_ROW_GROUP_ROWS), 122880))
 
 
 def _put(store: RunStorage, local: str, final: str) -> None:
@@ -123,7 +124,7 @@ def compact_stage(store: RunStorage | str, stage_id: str, *, storage_options: di
             con.execute(
                 f"COPY (SELECT * FROM read_parquet({_lit(glob)}) ORDER BY {_q('sample_id')}, {_q('shard')}) "
                 f"TO {_lit(out_dir)} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {rg_rows}, "
-                f"FILE_SIZE_BYTES {FILE_SIZE_BYTES}, FILENAME_PATTERN 'part-{{i}}')"
+                f"ROW_GROUPS_PER_FILE {ROW_GROUPS_PER_FILE}, FILENAME_PATTERN 'part-{{i}}')"
             )
         finally:
             con.close()
