@@ -70,11 +70,21 @@ def committed_fragments(store: RunStorage, stage_id: str) -> dict[str, str]:
     The token tells a compacted copy whether the fragment it copied is still the one on disk.
     """
     folder = store.path(MANIFESTS_DIR, stage_id)
+    out: dict[str, str] = {}
+    if store.is_local:  # os.scandir: fsspec's local ls costs a Python info() per entry (20,000 of them)
+        try:
+            with os.scandir(folder) as it:
+                for d in it:
+                    if d.name.endswith(MANIFEST_SUFFIX) and not d.name.startswith((".", "_")) and d.is_file():
+                        st = d.stat()
+                        out[d.name] = f"{st.st_size}:{st.st_mtime_ns}"
+        except FileNotFoundError:
+            return {}
+        return dict(sorted(out.items()))
     try:
         entries = store.fs.ls(folder, detail=True)
     except FileNotFoundError:
         return {}
-    out: dict[str, str] = {}
     for e in entries:
         name = posixpath.basename(str(e["name"]).rstrip("/"))
         if e.get("type") != "file" or not name.endswith(MANIFEST_SUFFIX) or name.startswith((".", "_")):
@@ -284,7 +294,7 @@ class Catalog:
                 self._register(con)
                 con.execute(f"SET temp_directory={_lit(os.path.join(tmp, 'spill'))}")
                 con.execute(f"SET memory_limit={_lit(self.memory_limit)}")
-                con.execute("SET enable_object_cache=true")
+                con.execute("SET parquet_metadata_cache=true")
                 sandbox(con, self._allowed())
                 yield con
             finally:

@@ -41,9 +41,10 @@ from manifests.layout import COMPACTED_DIR, COMPACTED_POINTER, MANIFEST_SUFFIX, 
 from manifests.storage import TMP_PREFIX, RunStorage
 
 # A lineage lookup reads one row group per stage: keep row groups near this many bytes.
-ROW_GROUP_BYTES = 8 << 20
+ROW_GROUP_BYTES = 4 << 20
+MAX_ROW_GROUP_ROWS = 16384
 MIN_ROW_GROUP_ROWS = 2048  # DuckDB writes no smaller row groups
-ROW_GROUPS_PER_FILE = 64  # files of ~512 MiB: few footers to read, and the pointer indexes their ranges
+ROW_GROUPS_PER_FILE = 64  # files of <= 256 MiB / 1M rows: few footers to read, and the pointer indexes their ranges
 
 
 def read_pointer(store: RunStorage, stage_id: str) -> dict[str, Any] | None:
@@ -69,7 +70,7 @@ def _row_group_rows(store: RunStorage, first: str) -> int:
     if meta.num_rows == 0:
         return 65536
     width = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)) / meta.num_rows
-    return int(min(max(ROW_GROUP_BYTES // max(width, 1), MIN_ROW_GROUP_ROWS), 122880))
+    return int(min(max(ROW_GROUP_BYTES // max(width, 1), MIN_ROW_GROUP_ROWS), MAX_ROW_GROUP_ROWS))
 
 
 def _put(store: RunStorage, local: str, final: str) -> None:

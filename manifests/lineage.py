@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from manifests.catalog import Catalog, _lit, _q
@@ -28,10 +29,19 @@ class _Lookup:
         self._ctx: Any = None
 
     def _read(self, path: str, ids: list[str]) -> pa.Table:
-        filters = [("sample_id", "in", ids)]
-        if self.store.is_local:
-            return pq.read_table(path, filters=filters)
-        return pq.read_table(path, filesystem=self.store.fs, filters=filters)
+        """The rows of ``ids`` in one Parquet file, reading only the row groups whose sample_id
+        statistics can hold them (all of them for a file written without statistics)."""
+        with (open(path, "rb") if self.store.is_local else self.store.fs.open(path, "rb")) as f:
+            pf = pq.ParquetFile(f)
+            meta = pf.metadata
+            col = pf.schema_arrow.get_field_index("sample_id")
+            groups = []
+            for g in range(meta.num_row_groups):
+                st = meta.row_group(g).column(col).statistics
+                if st is None or not st.has_min_max or any(st.min <= i <= st.max for i in ids):
+                    groups.append(g)
+            table = pf.read_row_groups(groups) if groups else pf.schema_arrow.empty_table()
+        return table.filter(pc.is_in(table.column("sample_id"), value_set=pa.array(ids, pa.string())))
 
     def rows(self, sid: str, ids: list[str]) -> list[dict[str, Any]]:
         src = self.catalog.source(sid)

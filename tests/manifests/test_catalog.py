@@ -185,3 +185,35 @@ def test_a_predicate_is_one_expression_and_comes_back_canonical() -> None:
                 "sample_id IN (SELECT sample_id FROM read_csv('/etc/passwd'))", "", "   "]:
         with pytest.raises(ValueError, match=r"export\.where"):
             validate_predicate(bad)
+
+
+def _write(store: RunStorage, table: pa.Table, *parts: str) -> None:
+    import io
+
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    store.write_atomic(buf.getvalue(), *parts)
+
+
+def test_the_runs_samples_table_is_the_samples_view_when_it_exists(tmp_path: Path) -> None:
+    store = RunStorage(str(tmp_path / "run"))
+    build_run(store, 1, 4)
+    assert Catalog(store, STAGES).query("SELECT count(*) AS n FROM samples").column("n")[0].as_py() == 5
+    vec = pa.FixedSizeListArray.from_arrays(pa.array([0.5] * 6, pa.float32()), 3)
+    _write(store, pa.table({"sample_id": ["a", "b"], "vec": vec}), "tables", "samples", "part-00000.parquet")
+    _plant_temporary(store, "src")
+    with store.fs.open(store.path("tables", "samples", "_tmp-0-part-00001.parquet"), "wb") as f:
+        f.write(b"half")
+    got = Catalog(store, STAGES).query("SELECT count(*) AS n, any_value(typeof(vec)) AS t FROM samples").to_pylist()
+    assert got == [{"n": 2, "t": "FLOAT[3]"}]
+
+
+def test_metrics_view_reads_committed_metric_files_only(tmp_path: Path) -> None:
+    store = RunStorage(str(tmp_path / "run"))
+    build_run(store, 1, 4)
+    _write(store, pa.table({"step": [1, 2], "loss": [0.5, 0.4]}), "metrics", "train", "metrics.parquet")
+    with store.fs.open(store.path("metrics", "train", "_tmp-0-more.parquet"), "wb") as f:
+        f.write(b"half")
+    assert Catalog(store, STAGES).query("SELECT count(*) AS n FROM metrics").column("n")[0].as_py() == 2
