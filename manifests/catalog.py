@@ -245,14 +245,17 @@ class Catalog:
             cols = available if wanted is None else [c for c in available if c in set(wanted)]
             if not cols:
                 cols = ["sample_id"]
-            join, exprs = own_or_parent_sql("ids", _q(sid), f"s{i}", cols)
+            has_own = f"(ids.stages >> {i}) & 1 = 1" if len(self.stage_ids) < 127 else None
+            join, exprs = own_or_parent_sql("ids", _q(sid), f"s{i}", cols, has_own=has_own)
             joins.append(join)
             packed = ", ".join(f"{_q(c)} := {exprs[c]}" for c in cols)
             select.append(f"CASE WHEN {exprs['sample_id']} IS NOT NULL THEN struct_pack({packed}) END AS {_q(sid)}")
         ids = (
             "WITH ids AS (SELECT sample_id, last(key ORDER BY stage_index) AS key, "
             "last(identity_id ORDER BY stage_index) AS identity_id, "
-            "max(parent_id) AS parent_id, max(stage_index) AS last_stage_index "
+            "max(parent_id) AS parent_id, max(stage_index) AS last_stage_index, "
+            # Which stages hold a row of the sample's own: its row there, else its parent's.
+            "bit_or(CAST(1 AS HUGEINT) << stage_index) AS stages "
             "FROM decisions GROUP BY sample_id)"
         )
         return f"CREATE VIEW samples AS {ids} SELECT {', '.join(select)} FROM ids {' '.join(joins)}"

@@ -61,21 +61,34 @@ def take_own_or_parent(stage_table: pa.Table, sample_ids: pa.Array | pa.ChunkedA
 # ---------------------------------------------------------------- SQL
 
 
-def own_or_parent_sql(base: str, source: str, alias: str, columns: Sequence[str]) -> tuple[str, dict[str, str]]:
+def own_or_parent_sql(base: str, source: str, alias: str, columns: Sequence[str], *, has_own: str | None = None
+                      ) -> tuple[str, dict[str, str]]:
     """The same rule as a SQL fragment for ``FROM <base> ...``.
 
     ``base`` is the alias of a relation with one row per sample (``sample_id``, ``parent_id``),
     ``source`` the SQL of a relation (a view name or a parenthesised query) with the stage's rows.
-    Returns the two LEFT JOIN clauses and, per requested column, the expression that picks the
-    sample's own value when it has a row and the parent's otherwise. Only the requested columns
-    are projected, so DuckDB reads no others from the Parquet files behind ``source``.
+    ``has_own``: a boolean SQL expression over ``base`` saying whether the sample has a row of its
+    own in this stage, when the caller knows it (the catalog does, from one pass over the
+    decisions); then one equi-join on the right key reads the stage once. Without it, two joins
+    (own id, parent id) and the own row wins.
+    Returns the join clause(s) and, per requested column, the chosen value; ``sample_id`` is the id
+    of the row used (the parent's for a fallback), null where there was none. Only the requested
+    columns are projected, so DuckDB reads no others from the Parquet files behind ``source``.
     """
-    own, par = _q(f"{alias}__own"), _q(f"{alias}__parent")
     wanted = [c for c in dict.fromkeys(columns) if c != SAMPLE_ID]
     projection = ", ".join([_q(SAMPLE_ID), *(_q(c) for c in wanted)])
+    sid, pid = f"{base}.{_q(SAMPLE_ID)}", f"{base}.{_q(PARENT_ID)}"
+    if has_own is not None:
+        row = _q(f"{alias}__row")
+        joins = (f"LEFT JOIN (SELECT {projection} FROM {source}) {row} "
+                 f"ON {row}.{_q(SAMPLE_ID)} = (CASE WHEN {has_own} THEN {sid} ELSE {pid} END)")
+        exprs = {c: f"{row}.{_q(c)}" for c in wanted}
+        exprs[SAMPLE_ID] = f"{row}.{_q(SAMPLE_ID)}"
+        return joins, exprs
+    own, par = _q(f"{alias}__own"), _q(f"{alias}__parent")
     joins = (
-        f"LEFT JOIN (SELECT {projection} FROM {source}) {own} ON {own}.{_q(SAMPLE_ID)} = {base}.{_q(SAMPLE_ID)} "
-        f"LEFT JOIN (SELECT {projection} FROM {source}) {par} ON {par}.{_q(SAMPLE_ID)} = {base}.{_q(PARENT_ID)}"
+        f"LEFT JOIN (SELECT {projection} FROM {source}) {own} ON {own}.{_q(SAMPLE_ID)} = {sid} "
+        f"LEFT JOIN (SELECT {projection} FROM {source}) {par} ON {par}.{_q(SAMPLE_ID)} = {pid}"
     )
     hit = f"{own}.{_q(SAMPLE_ID)} IS NOT NULL"
     exprs = {c: f"CASE WHEN {hit} THEN {own}.{_q(c)} ELSE {par}.{_q(c)} END" for c in wanted}

@@ -217,3 +217,21 @@ def test_metrics_view_reads_committed_metric_files_only(tmp_path: Path) -> None:
     with store.fs.open(store.path("metrics", "train", "_tmp-0-more.parquet"), "wb") as f:
         f.write(b"half")
     assert Catalog(store, STAGES).query("SELECT count(*) AS n FROM metrics").column("n")[0].as_py() == 2
+
+
+def test_the_one_join_and_two_join_sql_forms_agree(local_run: RunStorage) -> None:
+    from manifests.join import own_or_parent_sql
+
+    cat = Catalog(local_run, STAGES)
+    base = ("(SELECT sample_id, max(parent_id) AS parent_id, bit_or(CAST(1 AS HUGEINT) << stage_index) AS stages "
+            "FROM decisions GROUP BY sample_id)")
+    answers = []
+    with cat.connect() as con:
+        for has_own in ("(b.stages >> 0) & 1 = 1", None):
+            join, exprs = own_or_parent_sql("b", "src", "x", ["variant", "shard"], has_own=has_own)
+            sql = (f"SELECT b.sample_id, {exprs['sample_id']} AS used, {exprs['variant']} AS v, {exprs['shard']} AS s "
+                   f"FROM {base} b {join} ORDER BY b.sample_id")
+            answers.append(con.sql(sql).fetchall())
+    assert answers[0] == answers[1]
+    kids = [r for r in answers[0] if r[1] is not None and r[1] != r[0]]
+    assert len(kids) == SHARDS * PER_SHARD // 4, "every crop child falls back to its parent's src row"
