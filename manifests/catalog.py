@@ -81,6 +81,9 @@ def committed_fragments(store: RunStorage, stage_id: str) -> dict[str, str]:
         except FileNotFoundError:
             return {}
         return dict(sorted(out.items()))
+    # Object-store listings are cached per filesystem instance (and fsspec shares instances): a
+    # fragment committed by another process must not be missed.
+    store.fs.invalidate_cache(folder)
     try:
         entries = store.fs.ls(folder, detail=True)
     except FileNotFoundError:
