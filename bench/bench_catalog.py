@@ -135,15 +135,18 @@ def new_modules() -> types.SimpleNamespace:
 def phase_connect(run: str, which: str) -> dict[str, Any]:
     m = old_modules() if which == "old" else new_modules()
     store = RunStorage(run)
+    sql = "SELECT count(*) AS n FROM emb WHERE keep"
     t0 = time.perf_counter()
-    with m.catalog.Catalog(store, STAGES).connect(read_only=True) as con:
+    # What `facefoundry query` does before its query runs (main's catalog cannot be told the query).
+    kw = {"sql": sql} if which == "new" else {}
+    with m.catalog.Catalog(store, STAGES).connect(read_only=True, **kw) as con:
         connect_s = time.perf_counter() - t0
         con.execute("SELECT 1").fetchall()
     t0 = time.perf_counter()
     st = m.status.run_status(store)
     status_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    n = m.catalog.Catalog(store, STAGES).query("SELECT count(*) AS n FROM emb WHERE keep").column("n")[0].as_py()
+    n = m.catalog.Catalog(store, STAGES).query(sql).column("n")[0].as_py()
     query_s = time.perf_counter() - t0
     return {"connect_s": connect_s, "status_s": status_s, "query_s": query_s, "rows": n,
             "shards": [s["shards_committed"] for s in st["stages"]], "peak_rss_mb": _rss_mb()}
@@ -253,6 +256,9 @@ def main() -> None:
     out["connect"] = {"fragments": a.fragments, "build_s": time.perf_counter() - t0,
                       "before": child(["--phase", "connect", "--run", frags, "--which", "old"]),
                       "after": child(["--phase", "connect", "--run", frags, "--which", "new"])}
+    # ... and once the runner has compacted the two stages (what a finished stage looks like)
+    out["connect"]["compaction"] = child(["--phase", "compact", "--run", frags])
+    out["connect"]["after_compacted"] = child(["--phase", "connect", "--run", frags, "--which", "new"])
     # 2. lineage at --samples samples
     big = str(root / "samples")
     shards = max(a.samples // a.shard_size, 1)

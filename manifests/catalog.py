@@ -61,13 +61,14 @@ def _lit(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def committed_fragments(store: RunStorage, stage_id: str) -> dict[str, str]:
+def committed_fragments(store: RunStorage, stage_id: str, *, tokens: bool = True) -> dict[str, str]:
     """Name -> version token (size and modification time or ETag) of each committed manifest
     fragment of a stage, from one listing.
 
     THE one place that decides which fragments are committed: status, the catalog, compaction and
     lineage all ask here, so commit verification (size and checksum) is swapped in at one spot.
-    The token tells a compacted copy whether the fragment it copied is still the one on disk.
+    The token tells a compacted copy whether the fragment it copied is still the one on disk;
+    ``tokens=False`` spares a local disk one stat per fragment when no copy needs checking.
     """
     folder = store.path(MANIFESTS_DIR, stage_id)
     out: dict[str, str] = {}
@@ -76,8 +77,8 @@ def committed_fragments(store: RunStorage, stage_id: str) -> dict[str, str]:
             with os.scandir(folder) as it:
                 for d in it:
                     if d.name.endswith(MANIFEST_SUFFIX) and not d.name.startswith((".", "_")) and d.is_file():
-                        st = d.stat()
-                        out[d.name] = f"{st.st_size}:{st.st_mtime_ns}"
+                        st = d.stat() if tokens else None
+                        out[d.name] = f"{st.st_size}:{st.st_mtime_ns}" if st else ""
         except FileNotFoundError:
             return {}
         return dict(sorted(out.items()))
@@ -167,12 +168,14 @@ class Catalog:
     def source(self, stage_id: str) -> StageSource:
         if stage_id in self._sources:
             return self._sources[stage_id]
-        from manifests.compaction import valid_compaction
+        from manifests.compaction import read_pointer
 
-        frags = committed_fragments(self.store, stage_id)
+        pointer = read_pointer(self.store, stage_id)
+        frags = committed_fragments(self.store, stage_id, tokens=pointer is not None)
         src = StageSource(stage_id, frags)
+        if pointer is not None and pointer.get("fragments") != frags:
+            pointer = None  # stale: a fragment was added, removed or rewritten since
         if frags:
-            pointer = valid_compaction(self.store, stage_id, frags)
             if pointer is not None:
                 src.compacted = pointer
                 src.columns = list(pointer["columns"])
@@ -190,12 +193,16 @@ class Catalog:
 
     # ------------------------------------------------------------ views
 
-    def _stage_view(self, sid: str) -> str:
+    def _relation(self, sid: str) -> str:
+        """The stage's rows as a SELECT (typed and empty when nothing is committed)."""
         src = self.source(sid)
         if src.read_sql is None:
             cols = ", ".join(f"CAST(NULL AS {duck_type(f.type) or 'VARCHAR'}) AS {_q(f.name)}" for f in COMMON_FIELDS)
-            return f"CREATE VIEW {_q(sid)} AS SELECT {cols} WHERE false"
-        return f"CREATE VIEW {_q(sid)} AS {_select_star(src.casts)} FROM {src.read_sql}"
+            return f"SELECT {cols} WHERE false"
+        return f"{_select_star(src.casts)} FROM {src.read_sql}"
+
+    def _stage_view(self, sid: str) -> str:
+        return f"CREATE VIEW {_q(sid)} AS {self._relation(sid)}"
 
     def _table_view(self, name: str, parts: tuple[str, ...], extra: str = "") -> str | None:
         """A view over a folder of committed Parquet files written by the run (not per stage)."""
@@ -209,26 +216,32 @@ class Catalog:
     def _open(self, path: str) -> Any:
         return path if self.store.is_local else self.store.fs.open(path, "rb")
 
-    def view_sql(self, samples_fields: dict[str, list[str] | None] | None = None) -> list[str]:
+    def view_sql(self, samples_fields: dict[str, list[str] | None] | None = None,
+                 needed: set[str] | None = None) -> list[str]:
         """The views. ``samples_fields`` shapes the fallback ``samples`` view: per stage, the fields
         its struct holds (None: all of them); stages left out get no struct. None: every stage,
-        every field (what a caller gets that does not say what it reads)."""
-        stmts = [self._stage_view(sid) for sid in self.stage_ids]
-        common = [f.name for f in COMMON_FIELDS]
-        parts = [
-            f"SELECT {i} AS stage_index, {', '.join(_q(c) for c in common)} FROM {_q(sid)}"
-            for i, sid in enumerate(self.stage_ids)
-        ]
-        stmts.append("CREATE VIEW decisions AS " + " UNION ALL ".join(parts))
-        table = self._table_view("samples", SAMPLES_TABLE_DIR)
-        stmts.append(table or self._samples_sql(samples_fields))
+        every field (what a caller gets that does not say what it reads). ``needed``: the relations
+        a query names (None: all). DuckDB binds a view when it is created, which globs its folder,
+        so a view nobody reads is not created; no view is built on another stage view."""
+        def want(name: str) -> bool:
+            return needed is None or name.lower() in needed
+
+        stmts = [self._stage_view(sid) for sid in self.stage_ids if want(sid)]
+        table = self._table_view("samples", SAMPLES_TABLE_DIR) if want("samples") else None
+        if want("decisions") or (want("samples") and table is None):
+            common = ", ".join(_q(f.name) for f in COMMON_FIELDS)
+            parts = [f"SELECT {i} AS stage_index, {common} FROM ({self._relation(sid)})"
+                     for i, sid in enumerate(self.stage_ids)]
+            stmts.append("CREATE VIEW decisions AS " + " UNION ALL ".join(parts))
+        if want("samples"):
+            stmts.append(table or self._samples_sql(samples_fields))
         ident = self.store.path(*IDENTITIES_FILE)
-        if self.store.fs.exists(ident):
+        if want("identities") and self.store.fs.exists(ident):
             schema = pq.read_schema(self._open(ident))
             stmts.append(f"CREATE VIEW identities AS {_select_star(array_casts(schema))} "
                          f"FROM read_parquet({_lit(self.url(ident))})")
         metrics = self.store.path(METRICS_DIR)
-        if self.store.fs.exists(metrics) and self.store.fs.glob(metrics + "/**/" + COMMITTED_GLOB):
+        if want("metrics") and self.store.fs.exists(metrics) and self.store.fs.glob(metrics + "/**/" + COMMITTED_GLOB):
             glob = self.url(metrics + "/**/" + COMMITTED_GLOB)
             stmts.append(f"CREATE VIEW metrics AS SELECT * FROM read_parquet({_lit(glob)}, union_by_name=true, "
                          "filename=true)")
@@ -249,7 +262,7 @@ class Catalog:
             if not cols:
                 cols = ["sample_id"]
             has_own = f"(ids.stages >> {i}) & 1 = 1" if len(self.stage_ids) < 127 else None
-            join, exprs = own_or_parent_sql("ids", _q(sid), f"s{i}", cols, has_own=has_own)
+            join, exprs = own_or_parent_sql("ids", f"({self._relation(sid)})", f"s{i}", cols, has_own=has_own)
             joins.append(join)
             packed = ", ".join(f"{_q(c)} := {exprs[c]}" for c in cols)
             select.append(f"CASE WHEN {exprs['sample_id']} IS NOT NULL THEN struct_pack({packed}) END AS {_q(sid)}")
@@ -290,8 +303,8 @@ class Catalog:
             con = duckdb.connect(db)
             try:
                 self._register(con)
-                fields = samples_fields(sql, self.stage_ids) if sql is not None else None
-                for stmt in self.view_sql(fields):
+                fields, needed = analyse(sql, self.stage_ids) if sql is not None else (None, None)
+                for stmt in self.view_sql(fields, needed):
                     con.execute(stmt)
             finally:
                 con.close()
@@ -358,30 +371,43 @@ def _parse(sql: str) -> dict[str, Any] | None:
     return None if not tree or tree.get("error") else tree
 
 
-def _walk(node: Any, refs: list[list[str]], stars: list[bool]) -> None:
+def _walk(node: Any, refs: list[list[str]], stars: list[bool], tables: set[str]) -> None:
     if isinstance(node, dict):
         cls = node.get("class")
         if cls == "COLUMN_REF":
             refs.append([str(n).lower() for n in node.get("column_names", [])])
         elif cls == "STAR":
             stars.append(True)
+        if node.get("type") == "BASE_TABLE" and node.get("table_name"):
+            tables.add(str(node["table_name"]).lower())
         for v in node.values():
-            _walk(v, refs, stars)
+            _walk(v, refs, stars, tables)
     elif isinstance(node, list):
         for v in node:
-            _walk(v, refs, stars)
+            _walk(v, refs, stars, tables)
 
 
-def samples_fields(sql: str, stage_ids: list[str]) -> dict[str, list[str] | None] | None:
+def analyse(sql: str, stage_ids: list[str]) -> tuple[dict[str, list[str] | None] | None, set[str] | None]:
+    """What a query reads: its ``samples_fields`` and the relations it names (None: unknown, all)."""
+    tree = _parse(sql)
+    if tree is None:
+        return None, None
+    tables: set[str] = set()
+    _walk(tree, [], [], tables)
+    return samples_fields(sql, stage_ids, tree), tables
+
+
+def samples_fields(sql: str, stage_ids: list[str], tree: dict[str, Any] | None = None
+                   ) -> dict[str, list[str] | None] | None:
     """Which fields of which stage structs a query reads from ``samples``: ``stage.field`` (or
     ``alias.stage.field``) names a field; a stage named bare (``quality``, ``quality['yaw']``)
     needs its whole struct; ``*`` needs everything (None). Over-inclusion only costs reading."""
-    tree = _parse(sql)
+    tree = tree if tree is not None else _parse(sql)
     if tree is None:
         return None
     refs: list[list[str]] = []
     stars: list[bool] = []
-    _walk(tree, refs, stars)
+    _walk(tree, refs, stars, set())
     if stars:
         return None
     lower = {s.lower(): s for s in stage_ids}
