@@ -356,6 +356,16 @@ def check_read_only_sql(sql: str) -> None:
     kind = statements[0].type
     if kind not in _ALLOWED:
         raise QueryError(f"only SELECT queries are allowed here (got {kind.name})")
+    if kind == duckdb.StatementType.EXPLAIN and _explain_analyze(sql):
+        # EXPLAIN ANALYZE runs the statement it explains: "EXPLAIN ANALYZE COPY ... TO" writes a file.
+        raise QueryError("only SELECT queries are allowed here (EXPLAIN ANALYZE runs what it explains; use EXPLAIN)")
+
+
+def _explain_analyze(sql: str) -> bool:
+    skip = {duckdb.token_type.comment, duckdb.token_type.string_const}
+    starts = [pos for pos, kind in duckdb.tokenize(sql) if kind not in skip]
+    words = [sql[a:b].strip().strip('"').upper() for a, b in zip(starts, [*starts[1:], len(sql)], strict=True)]
+    return any(w.startswith(("ANALYZE", "ANALYSE")) for w in words)
 
 
 def _parse(sql: str) -> dict[str, Any] | None:

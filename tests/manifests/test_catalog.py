@@ -129,6 +129,9 @@ FORBIDDEN = [
     "SELECT 1; SELECT 2",
     "SET enable_external_access=true",
     "PRAGMA enable_profiling",
+    "EXPLAIN ANALYZE COPY (SELECT 1) TO '{root}/evil.csv'",
+    "EXPLAIN (ANALYZE) COPY (SELECT 1) TO '{root}/evil.csv'",
+    "/* x */ explain analyse COPY (SELECT 1) TO '{root}/evil.csv'",
 ]
 
 
@@ -144,11 +147,16 @@ def _assert_sandboxed(store: RunStorage, tmp_path: Path) -> None:
         with pytest.raises(QueryError):
             cat.query(text.format(root=tmp_path))
     assert not list(tmp_path.iterdir())
+    assert cat.query("EXPLAIN SELECT count(*) FROM emb").num_rows >= 1
 
 
 def test_user_sql_is_sandboxed_on_a_local_run(local_run: RunStorage, tmp_path: Path) -> None:
     (tmp_path / "outside.csv").write_text("a\n1\n")
     _assert_sandboxed(local_run, tmp_path / "probe")
+    # Inside the run directory, where DuckDB's file sandbox would let a write through.
+    with pytest.raises(QueryError):
+        Catalog(local_run, STAGES).query(f"EXPLAIN ANALYZE COPY (SELECT 1) TO '{local_run.root}/evil.csv'")
+    assert not local_run.exists("evil.csv")
 
 
 def test_user_sql_is_sandboxed_on_a_memory_run(tmp_path: Path) -> None:
