@@ -14,13 +14,18 @@ MIN_SIDE = 16
 
 
 class ImageError(ValueError):
-    """A sample's bytes cannot be used as an image; the message is the reason stored in its row."""
+    """A sample's bytes cannot be used as an image. ``rule`` is the stable name its error row gets
+    (``empty_file``, ``image_too_large``, ...); the message is the row's detail."""
+
+    def __init__(self, message: str, rule: str = "unreadable_image") -> None:
+        super().__init__(message)
+        self.rule = rule
 
 
 def decode_rgb(data: bytes | None, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE) -> np.ndarray:
     """Decode to an RGB uint8 array, or raise ImageError with a short reason."""
     if not data:
-        raise ImageError("empty file")
+        raise ImageError("empty file", "empty_file")
     try:
         with warnings.catch_warnings():
             # Our own pixel limit below decides; PIL's bomb warning would only be noise.
@@ -29,17 +34,17 @@ def decode_rgb(data: bytes | None, max_pixels: int = MAX_PIXELS, min_side: int =
         with img:
             w, h = img.size
             if w * h > max_pixels:
-                raise ImageError(f"image too large: {w}x{h} > {max_pixels} pixels")
+                raise ImageError(f"{w}x{h} > {max_pixels} pixels", "image_too_large")
             if min(w, h) < min_side:
-                raise ImageError(f"image too small: {w}x{h} < {min_side} px")
+                raise ImageError(f"{w}x{h} < {min_side} px", "image_too_small")
             img.load()
             return np.asarray(img.convert("RGB"))
     except ImageError:
         raise
     except UnidentifiedImageError as exc:
-        raise ImageError("not an image") from exc
+        raise ImageError("not an image", "not_an_image") from exc
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageError(f"corrupt image: {exc}") from exc
+        raise ImageError(f"corrupt image: {exc}", "corrupt_image") from exc
 
 
 def encode_png(rgb: np.ndarray, compress_level: int = 1) -> bytes:

@@ -101,16 +101,18 @@ class Runner:
         from manifests.schema import CARRIED
         from pipeline.config import ConfigError
 
-        available: set[str] = set(CARRIED)
+        available: dict[str, str] = {c: "every stage" for c in CARRIED}
         for s in self.stages:
             inst = self.instances[s.stage_id]
-            missing = [c for c in getattr(inst, "needs", ()) if c not in available]
-            if s.cls.kind == StageKind.GLOBAL and missing:
+            wanted = list(dict.fromkeys([*inst.input_columns(), *getattr(inst, "needs", ())]))
+            missing = [c for c in wanted if c not in available]
+            if missing:
+                written = ", ".join(f"{c} ({w})" for c, w in sorted(available.items()) if w != "every stage")
                 raise ConfigError(
-                    f"invalid config:\n  stages[{s.index}] ({s.stage_id}): needs column(s) {missing} that no earlier "
-                    f"stage writes (earlier columns: {sorted(available) or 'none'})"
+                    f"invalid config:\n  stages[{s.index}] ({s.stage_id}): reads column(s) {', '.join(missing)} "
+                    f"that no earlier stage writes; earlier stages write: {written or 'nothing'}"
                 )
-            available.update(f.name for f in inst.output_fields())
+            available.update({f.name: s.stage_id for f in inst.output_fields()})
         exp = self.cfg.export
         refs = [(f"export.thresholds.{t}", t) for t in exp.thresholds]
         refs += [(f"export.metadata_columns[{i}]", t) for i, t in enumerate(exp.metadata_columns)]

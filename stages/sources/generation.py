@@ -23,7 +23,7 @@ from facekit.identities.gaussian import identity_id, perturb, perturbation_sigma
 from manifests.layout import IDENTITIES_FILE
 from manifests.schema import identity_schema
 from manifests.storage import RunStorage
-from stages.base import Batch, SourceStage, sample_seed, stable_hash
+from stages.base import Batch, P, SourceStage, sample_seed, stable_hash
 
 GENERATOR_FIELDS: tuple[pa.Field, ...] = (
     pa.field("variant", pa.int32()),
@@ -32,7 +32,7 @@ GENERATOR_FIELDS: tuple[pa.Field, ...] = (
 )
 
 
-class GeneratorSource(SourceStage):
+class GeneratorSource(SourceStage[P]):
     needs_identities: ClassVar[bool] = True
 
     def output_fields(self) -> tuple[pa.Field, ...]:
