@@ -79,7 +79,7 @@ def draw_degradation(params: DegradeParams, rng: np.random.Generator) -> Degrada
 def degrade_rgb(clean: np.ndarray, draw: DegradationDraw) -> np.ndarray:
     """Apply one drawn degradation to an RGB uint8 image; returns RGB uint8 of the same size."""
     h, w = clean.shape[:2]
-    img = clean.astype(np.float32)
+    img: np.ndarray = clean.astype(np.float32)
     if draw.blur_sigma > 0:
         radius = min(20, max(1, int(np.ceil(3 * draw.blur_sigma))))  # GFPGAN: 41-tap kernel at most
         img = cv2.GaussianBlur(
