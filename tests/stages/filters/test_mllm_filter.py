@@ -188,7 +188,7 @@ def test_a_server_that_keeps_failing_raises_transient_error_after_its_retries_an
     serve: Serve, tmp_path: Path
 ) -> None:
     server = serve(lambda n, p: (500, b"internal error"))
-    with pytest.raises(TransientError, match="gave up after 3 attempts.*HTTP 500: internal error"):
+    with pytest.raises(TransientError, match=r"gave up after 3 attempts.*HTTP 500: internal error"):
         make_stage(tmp_path, server.url, max_retries=2).process(make_batch([200, 30]))
     assert len(server.requests) == 2 * 3
     assert not list(tmp_path.glob("cache/mllm/*.json"))  # no failure is cached as an answer
