@@ -93,16 +93,21 @@ def index_tar(data: bytes) -> dict[str, dict[str, MemberLocation]]:
     return index
 
 
-COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
+COMPRESSED_MAGIC = {b"\x1f\x8b": "gz", b"BZh": "bz2", b"\xfd7zXZ\x00": "xz"}
 BLOCK = tarfile.BLOCKSIZE
 
 
-def is_compressed(fileobj: BinaryIO) -> bool:
-    """A gzip/bzip2/xz/zstd tar can only be streamed from its start; a plain tar can be read by byte range."""
+def compression(fileobj: BinaryIO) -> str | None:
+    """The tar's compression by its magic bytes (``gz``, ``bz2``, ``xz``), None for a plain tar."""
     pos = fileobj.tell()
     head = fileobj.read(6)
     fileobj.seek(pos)
-    return any(head.startswith(m) for m in COMPRESSED_MAGIC)
+    return next((kind for magic, kind in COMPRESSED_MAGIC.items() if head.startswith(magic)), None)
+
+
+def is_compressed(fileobj: BinaryIO) -> bool:
+    """A compressed tar can only be read from its start; a plain tar can be read by byte range."""
+    return compression(fileobj) is not None
 
 
 @dataclass
@@ -151,12 +156,15 @@ def iter_tar_members(
     error members (never followed, never read); unsafe names, a truncated or corrupt tail become
     error members, never crashes. A plain tar is read in seek mode (``stop``: the byte offset where
     this range ends; headers only when ``with_data`` is false, member data is skipped by seeking);
-    a compressed one is streamed. Member objects are not accumulated, so memory does not grow with
-    the tar. Errors for which ``is_transient`` says yes propagate (the caller retries).
+    a compressed one is decompressed forward from its start. Member objects are not accumulated, so
+    memory does not grow with the tar. Errors for which ``is_transient`` says yes propagate (the caller retries).
     """
-    compressed = is_compressed(fileobj)
+    kind = compression(fileobj)
+    compressed = kind is not None
     try:
-        tar = tarfile.open(fileobj=fileobj, mode="r|*" if compressed else "r:")  # noqa: SIM115 (closed by the with below)
+        # Compressed: tarfile over the stdlib's buffered decompressing reader (its forward seeks skip a
+        # member in constant memory; tarfile's own stream mode re-slices its buffer and is quadratic).
+        tar = tarfile.open(fileobj=fileobj, mode=f"r:{kind or ''}")  # noqa: SIM115 (closed below)
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
         if isinstance(exc, OSError) and is_transient(exc):
             raise

@@ -58,10 +58,6 @@ _TRANSPORT_NAMES = frozenset(
         "ClientPayloadError",
     }
 )
-# Definite answers about the object: never retried even if the chain also holds a timeout.
-_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
-
-
 def _one_is_transient(exc: BaseException) -> bool:
     if isinstance(exc, ConnectionError | TimeoutError):
         return True
@@ -87,15 +83,14 @@ def _one_is_transient(exc: BaseException) -> bool:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """True when ``exc`` (or anything it was raised from) is a connection, timeout, 5xx or throttling
-    failure; False for a definite answer about the object (missing, forbidden) and everything else."""
+    """True when ``exc`` or anything it was raised from is a connection, timeout, 5xx or throttling
+    failure. The whole chain counts: fsspec's HTTP backend reports a 503 or a refused connection as
+    ``FileNotFoundError`` raised from the real cause, while a real 404 has no transient cause."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, _PERMANENT):
-            return False
         if _one_is_transient(current):
             return True
-        current = current.__cause__ or current.__context__
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
     return False

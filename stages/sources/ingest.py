@@ -131,7 +131,10 @@ class _Row:
 
 
 def _transient(exc: BaseException, what: str) -> TransientError:
-    return TransientError(f"transient storage error reading {what}: {type(exc).__name__}: {exc}")
+    root = exc
+    while root.__cause__ is not None:
+        root = root.__cause__
+    return TransientError(f"transient storage error reading {what}: {type(root).__name__}: {root}")
 
 
 class IngestStage(SourceStage):
@@ -365,6 +368,9 @@ class IngestStage(SourceStage):
         group: list[TarMember] = []
         for m in members:
             if not m.key:  # no usable name, or a tar-level problem: a row of its own
+                if not m.name and group:  # the tar ends or breaks here: what came before is complete
+                    yield self._tar_row(source_uri, group, seen)
+                    group = []
                 detail = f"{m.name}: {m.detail}" if m.name and m.name not in (m.detail or "") else m.detail
                 key = "bad-" + stable_hash([source_uri, m.name, m.offset, m.error], 12)
                 yield _Row(stable_hash([source_uri, key], 24), key, source_uri, m.name,
