@@ -7,8 +7,11 @@ recorded in the manifest, so an export can read one image by byte range without 
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
 import json
+import lzma
 import posixpath
 import re
 import tarfile
@@ -16,8 +19,6 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
-
-import webdataset as wds
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$")
 
@@ -63,6 +64,8 @@ def write_tar(samples: list[dict[str, Any]]) -> tuple[bytes, dict[str, dict[str,
 
     Returns the bytes and, per key and extension, where that member's data lies in the tar.
     """
+    import webdataset as wds  # here, not at the top: it imports torch, which readers of tars never need
+
     buf = io.BytesIO()
     writer = wds.TarWriter(buf, user="facefoundry", group="facefoundry", mtime=0.0, encoder=False)
     for sample in samples:
@@ -164,8 +167,12 @@ def iter_tar_members(
     try:
         # Compressed: tarfile over the stdlib's buffered decompressing reader (its forward seeks skip a
         # member in constant memory; tarfile's own stream mode re-slices its buffer and is quadratic).
-        tar = tarfile.open(fileobj=fileobj, mode=f"r:{kind or ''}")  # noqa: SIM115 (closed below)
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+        raw: BinaryIO = _DECOMPRESSORS[kind](fileobj) if kind else fileobj
+        # No single read may exceed the member limit: tarfile reads a pax or GNU long-name header
+        # whole, at whatever size the header claims (a small .tar.gz can claim a gigabyte).
+        capped = _CappedReader(raw, (max_bytes or _HEADER_CAP) + _HEADER_CAP)
+        tar = tarfile.open(fileobj=capped, mode="r:")  # noqa: SIM115 (closed below)
+    except (tarfile.TarError, OSError, EOFError, zlib.error, _ReadTooLarge) as exc:
         if isinstance(exc, OSError) and is_transient(exc):
             raise
         yield TarMember("", "", None, "unreadable_tar", "", f"{type(exc).__name__}: {exc}")
@@ -175,7 +182,7 @@ def iter_tar_members(
         while True:
             try:
                 info = tar.next()
-            except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+            except (tarfile.TarError, OSError, EOFError, zlib.error, _ReadTooLarge) as exc:
                 if isinstance(exc, OSError) and is_transient(exc):
                     raise
                 rule = "truncated_tar" if "unexpected end" in str(exc) or isinstance(exc, EOFError) else "corrupt_tar"
@@ -233,6 +240,42 @@ def iter_tar_members(
         if len(block) < BLOCK or block.strip(b"\0"):
             detail = f"no end-of-archive block at byte {end}" + (f" (after {last.name!r})" if last.name else "")
             yield TarMember("", "", None, "truncated_tar", "", detail, end)
+
+
+_HEADER_CAP = 1 << 20
+_DECOMPRESSORS: dict[str, Callable[[BinaryIO], Any]] = {
+    "gz": lambda f: gzip.GzipFile(fileobj=f, mode="rb"),
+    "bz2": lambda f: bz2.BZ2File(f, mode="rb"),
+    "xz": lambda f: lzma.LZMAFile(f, mode="rb"),  # noqa: SIM115 (tarfile closes it)
+}
+
+
+class _ReadTooLarge(ValueError):
+    pass
+
+
+class _CappedReader(io.RawIOBase):
+    """A file whose single reads are refused above ``cap`` bytes (seek and tell pass through)."""
+
+    def __init__(self, raw: BinaryIO, cap: int) -> None:
+        self.raw, self.cap = raw, cap
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0 or size > self.cap:
+            raise _ReadTooLarge(f"a tar header asks for {size} bytes at once (limit {self.cap})")
+        return self.raw.read(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
 
 
 def _after(last: TarMember, exc: BaseException) -> str:

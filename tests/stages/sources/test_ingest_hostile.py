@@ -386,3 +386,24 @@ def test_transient_classification_follows_the_exception_chain() -> None:
     assert not is_transient(client_error("NoSuchKey", 404)) and not is_transient(client_error("AccessDenied", 403))
     assert is_transient(ConnectionRefusedError()) and is_transient(TimeoutError())
     assert not is_transient(OSError("a disk error")) and not is_transient(FileNotFoundError("x"))
+
+
+def test_a_pax_header_claiming_a_huge_size_is_a_corrupt_tar_row_and_never_read_whole(tmp_path: Path) -> None:
+    path = tmp_path / "pax.tar.gz"
+    size = 256 << 20
+    with gzip.open(path, "wb", compresslevel=1) as gz:
+        ok = png(9)
+        good = tarfile.TarInfo("good.png")
+        good.size = len(ok)
+        gz.write(good.tobuf(format=tarfile.GNU_FORMAT) + ok + bytes(-len(ok) % 512))
+        pax = tarfile.TarInfo("././@PaxHeader")
+        pax.type, pax.size = tarfile.XHDTYPE, size
+        gz.write(pax.tobuf(format=tarfile.USTAR_FORMAT))
+        for _ in range(size // (16 << 20)):
+            gz.write(bytes(16 << 20))
+        gz.write(bytes(1024))
+    st = make_stage(tmp_path / "run", tars=[str(path)], max_file_mb=1)
+    rows, grew = rss_growth(lambda: rows_of(st))
+    assert grew < RSS_BOUND, grew
+    assert [(r["source_path"], r["reason"]) for r in rows] == [("good.png", None), ("", "corrupt_tar")]
+    assert "asks for" in rows[1]["detail"]
