@@ -1,13 +1,15 @@
 """Folder ingest planning: the plan size and the driver's peak RSS, before (every path in plan.json) and
 after (a streamed, sorted Parquet listing in the run directory; the plan holds row ranges).
 
-    python bench/bench_ingest_listing.py [--files 200000] [--shard-size 256] [--dir /tmp/...]
+    python bench/bench_ingest_listing.py [--files 200000] [--shard-size 256] [--synthetic N ...]
 
-Builds a local tree of empty files (``--files`` of them, 1000 per folder), then plans it in a fresh
-process per variant (so each peak RSS is its own) and prints one JSON line with both variants side by
-side and the figures extrapolated to 1M paths (plan and listing bytes scale linearly; the
-"after" peak is bounded by one folder and DuckDB's 256 MB sort limit). "before" is the former
-algorithm, kept here as the baseline: ``fs.find`` into a sorted Python list, cut into shards of paths.
+Builds a local tree of empty files (``--files`` of them, 1000 per folder), plans it in a fresh
+process per variant (so each peak RSS is its own), sorts ``--synthetic`` counts of generated paths
+through the listing alone (no tree: shows that the listing's memory does not grow with N), and
+prints one JSON line with all of them side by side and the figures extrapolated to 1M paths. The
+"after" peak is bounded by one folder and DuckDB's 64 MB sort limit, beyond which it spills to disk.
+"before" is the former algorithm, kept here as the baseline: ``fs.find`` into a sorted Python list,
+cut into shards of paths.
 """
 
 from __future__ import annotations
@@ -48,6 +50,15 @@ def child(variant: str, root: str, run_dir: str, shard_size: int) -> dict[str, o
 
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # after the imports: same for both
     t0 = time.monotonic()
+    if variant.startswith("synthetic-"):  # the listing machinery alone on N generated paths, unsorted
+        from manifests.listing import write_listing
+
+        n = int(variant.split("-", 1)[1])
+        paths = (f"person{i // 1000:06d}/img_{i % 1000:05d}.jpg" for i in range(n - 1, -1, -1))
+        count = write_listing(RunStorage(run_dir), ("listing.parquet",), paths, lambda rel: True)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return {"paths": count, "listing_bytes": (Path(run_dir) / "listing.parquet").stat().st_size,
+                "rss_growth_mb": round((peak - base) / 2**20, 1), "seconds": round(time.monotonic() - t0, 2)}
     if variant == "before":
         fs, r = fsspec.core.url_to_fs(root)
         exts = {"jpg", "jpeg", "png", "webp", "bmp"}
@@ -82,6 +93,8 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=200_000)
     ap.add_argument("--shard-size", type=int, default=256)
     ap.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "ff-bench-listing"))
+    ap.add_argument("--synthetic", type=int, nargs="*", default=[200_000, 1_000_000, 3_000_000],
+                    help="also sort this many generated paths through the listing alone (no tree)")
     ap.add_argument("--child", nargs=3, metavar=("VARIANT", "ROOT", "RUN_DIR"))
     args = ap.parse_args()
     if args.child:
@@ -98,6 +111,11 @@ def main() -> None:
             res = subprocess.run([sys.executable, __file__, "--shard-size", str(args.shard_size), "--child",
                                   variant, str(tree), run_dir], env=env, capture_output=True, text=True, check=True)
         out[variant] = json.loads(res.stdout.strip().splitlines()[-1])
+    for n in args.synthetic:
+        with tempfile.TemporaryDirectory(prefix="ff-bench-run-") as run_dir:
+            res = subprocess.run([sys.executable, __file__, "--child", f"synthetic-{n}", "-", run_dir], env=env,
+                                 capture_output=True, text=True, check=True)
+        out[f"listing_only_{n}"] = json.loads(res.stdout.strip().splitlines()[-1])
     scale = 1_000_000 / args.files
     before, after = out["before"], out["after"]
     assert isinstance(before, dict) and isinstance(after, dict)

@@ -71,7 +71,7 @@ def write_listing(
                     writer.write_table(pa.table({PATH: batch}, schema=_SCHEMA))
                     batch = []
             writer.write_table(pa.table({PATH: batch}, schema=_SCHEMA))
-        con = duckdb.connect(config={"memory_limit": "256MB", "threads": 1, "temp_directory": tmp})
+        con = duckdb.connect(config={"memory_limit": "64MB", "threads": 1, "temp_directory": tmp})
         try:
             con.execute(
                 f"COPY (SELECT {PATH} FROM read_parquet(?) ORDER BY {PATH}) TO '{ordered}' "

@@ -190,7 +190,7 @@ def iter_tar_members(
                 return
             if info is None:
                 break
-            tar.members.clear()  # tarfile keeps every TarInfo it has seen; we do not need them
+            tar.members.clear()  # type: ignore[attr-defined]  # tarfile keeps every TarInfo
             if stop is not None and info.offset >= stop:
                 return
             if info.isdir():
