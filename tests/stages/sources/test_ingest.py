@@ -265,3 +265,18 @@ def test_params_need_exactly_one_source() -> None:
         IngestParams()
     with pytest.raises(ValidationError, match="exactly one"):
         IngestParams(root="/x", tars=["/y.tar"])
+
+
+def test_an_fsspec_folder_listing_skips_hidden_folders_and_is_streamed_into_the_run(run_dir: Path) -> None:
+    fs = fsspec.filesystem("memory")
+    fs.pipe({"/ff-list/a/x.png": encode_png(rgb(13)), "/ff-list/.hidden/y.png": encode_png(rgb(14)),
+             "/ff-list/a/.b/z.png": encode_png(rgb(15)), "/ff-list/b/c/w.png": encode_png(rgb(16))})
+    try:
+        st = stage(root="memory://ff-list")
+        plan = st.plan(1)
+        rows = rows_of(st, 1)
+    finally:
+        fs.rm("/ff-list", recursive=True)
+    assert [r["source_path"] for r in rows] == ["a/x.png", "b/c/w.png"]
+    assert [(s["start"], s["stop"]) for s in plan] == [(0, 1), (1, 2)]
+    assert (run_dir / plan[0]["listing"]).is_file()
