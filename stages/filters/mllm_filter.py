@@ -31,6 +31,7 @@ from facekit.backends.mllm_client import (
 )
 from facekit.backends.vlm_local import LocalVLMSpec
 from facekit.imaging import ImageError, decode_rgb
+from manifests.transient import is_transient
 from stages.base import (
     IMAGE,
     IMAGE_EXT,
@@ -205,6 +206,10 @@ class MLLMFilterStage(FilterStage):
             answers = self.asker.ask(requests)
         except ServerUnavailable as exc:
             raise TransientError(f"mllm server unavailable: {exc}") from exc
+        except OSError as exc:  # the answer cache lives in the run directory: a storage 5xx is no answer
+            if is_transient(exc):
+                raise TransientError(f"mllm answer cache: {type(exc).__name__}: {exc}") from exc
+            raise
         for i, result in zip(where, answers, strict=True):
             results[i] = result
         return self._rows(batch[SAMPLE_ID], results)  # type: ignore[arg-type]
