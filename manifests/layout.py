@@ -9,6 +9,7 @@ run.yaml                                  frozen config, its hash, per-stage fin
 plan.json                                 the source's shard plan
 .lock                                     one writer per run directory
 identities/identities.parquet
+sources/<stage>/listing-<hash>.parquet    a folder source's file listing, frozen on first run
 shards/<stage>/<shard>.tar                pixel-writing stages only
 manifests/<stage>/<shard>.parquet         one row per sample per stage: the lineage (the commit)
 export/...                                training shards, export manifest, dataset card
@@ -27,6 +28,7 @@ LOCK_FILE = ".lock"
 
 IDENTITIES_DIR = "identities"
 IDENTITIES_FILE = (IDENTITIES_DIR, "identities.parquet")
+SOURCES_DIR = "sources"
 SHARDS_DIR = "shards"
 MANIFESTS_DIR = "manifests"
 EXPORT_DIR = "export"
@@ -42,8 +44,8 @@ MANIFEST_SUFFIX = ".parquet"
 SHARD_SUFFIX = ".tar"
 
 # What ``--new`` removes: everything a run wrote (the lock and history stay).
-RUN_OUTPUTS = (MANIFESTS_DIR, SHARDS_DIR, EXPORT_DIR, IDENTITIES_DIR, REPORT_DIR, CACHE_DIR, METRICS_DIR,
-               RUN_FILE, PLAN_FILE)
+RUN_OUTPUTS = (MANIFESTS_DIR, SHARDS_DIR, EXPORT_DIR, IDENTITIES_DIR, SOURCES_DIR, REPORT_DIR, CACHE_DIR,
+               METRICS_DIR, RUN_FILE, PLAN_FILE)
 
 
 def manifest_path(stage_id: str, shard: str) -> tuple[str, ...]:
@@ -60,3 +62,8 @@ def stage_summary_path(stage_id: str) -> tuple[str, ...]:
 
 def history_path(stamp: str) -> tuple[str, ...]:
     return (HISTORY_DIR, f"{stamp}.json")
+
+
+def listing_path(stage_id: str, digest: str) -> tuple[str, ...]:
+    """Named after what shaped the listing (root, extensions), so a changed source never reuses it."""
+    return (SOURCES_DIR, stage_id, f"listing-{digest}.parquet")

@@ -80,7 +80,7 @@ class ClipFilterStage(FilterStage[ClipFilterParams]):
             try:
                 images.append(decode_rgb(data))
             except ImageError as exc:
-                rows.fail(i, exc.rule, exc)
+                rows.fail(i, exc.rule, exc.detail)
                 images.append(None)
         good = [i for i in range(len(rows)) if images[i] is not None]
         emb = self.model.embed_images([images[i] for i in good])  # type: ignore[misc]

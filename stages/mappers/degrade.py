@@ -123,7 +123,7 @@ class DegradeStage(Stage[DegradeParams]):
             try:
                 clean = decode_rgb(data)
             except ImageError as exc:
-                rows.fail(i, exc.rule, exc)
+                rows.fail(i, exc.rule, exc.detail)
                 continue
             rng = np.random.default_rng(sample_seed(self.context.seed, sample_id, "degrade"))
             draw = draw_degradation(self.params, rng)

@@ -100,7 +100,7 @@ class DetectStage(Stage[DetectParams]):
             try:
                 faces = self.find_faces(batch[IMAGE][i])
             except ImageError as exc:
-                rows.fail(rows.append(sid, key=keys[i], parent_id=parents[i]), exc.rule, exc)
+                rows.fail(rows.append(sid, key=keys[i], parent_id=parents[i]), exc.rule, exc.detail)
                 continue
             if not faces:
                 rows.fail(rows.append(sid, key=keys[i], parent_id=parents[i]), "no_face")

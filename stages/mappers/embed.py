@@ -90,7 +90,7 @@ class EmbedStage(Stage[EmbedParams]):
             try:
                 rgb = decode_rgb(images[i])
             except ImageError as exc:
-                rows.fail(i, exc.rule, exc)
+                rows.fail(i, exc.rule, exc.detail)
                 continue
             if rgb.shape[0] != rgb.shape[1]:
                 rows.fail(i, "not_an_aligned_crop", f"{rgb.shape[1]}x{rgb.shape[0]}; run align first")

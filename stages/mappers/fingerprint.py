@@ -83,7 +83,7 @@ class FingerprintStage(Stage[EmptyParams]):
             try:
                 rgb = decode_rgb(data)
             except ImageError as exc:
-                rows.fail(i, exc.rule, exc)
+                rows.fail(i, exc.rule, exc.detail)
                 continue
             h, w = rgb.shape[:2]
             rows.set(i, **{PIXEL_SHA256: pixel_sha256(rgb), PHASH: phash_hex(rgb), WIDTH: w, HEIGHT: h,
