@@ -205,7 +205,7 @@ class FilterStage(Stage[P]):
             except RowError as exc:
                 rows.fail(i, exc.rule, exc.detail)
             except ValueError as exc:  # ImageError and bad landmark arrays: this row's data is unusable
-                rows.fail(i, getattr(exc, "rule", "unusable_input"), exc)
+                rows.fail(i, getattr(exc, "rule", "unusable_input"), getattr(exc, "detail", exc))
 
     def decide(self, scores: dict[str, Any]) -> Reason | None:
         raise NotImplementedError

@@ -47,7 +47,7 @@ class AlignStage(Stage[AlignParams]):
             except RowError as exc:
                 rows.fail(i, exc.rule, exc.detail)
             except ValueError as exc:  # ImageError, malformed landmarks
-                rows.fail(i, getattr(exc, "rule", "bad_landmarks"), exc)
+                rows.fail(i, getattr(exc, "rule", "bad_landmarks"), getattr(exc, "detail", exc))
         return rows.batch()
 
     def align_one(self, data: bytes | None, landmarks5: list[float] | None) -> dict[str, Any]:

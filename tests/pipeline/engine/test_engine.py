@@ -52,7 +52,7 @@ def test_every_sample_has_one_row_per_stage_and_the_filter_decides(finished_run:
     assert len(pattern) == 24 and len({r["sample_id"] for r in pattern}) == 24
     assert {r["sample_id"] for r in meanf} == {r["sample_id"] for r in pattern}
     dropped = [r for r in meanf if not r["keep"]]
-    assert all(r["mean"] < 60 and r["reason"].startswith("mean ") for r in dropped)
+    assert all(r["mean"] < 60 and r["reason"] == "mean_below_min" and "< 60" in r["detail"] for r in dropped)
     assert all(r["mean"] >= 60 for r in meanf if r["keep"])
     assert all(r["params_hash"] and r["fingerprint"] and r["worker"] for r in meanf)
 
@@ -123,7 +123,8 @@ def test_a_sample_whose_processing_raises_gets_an_error_row_and_the_run_goes_on(
     assert res.complete
     rows = {r["sample_id"]: r for r in _manifest_rows(tmp_path / "run", "meanf")}
     assert len(rows) == 24
-    assert rows[victim]["status"] == "error" and "planted failure" in rows[victim]["reason"]
+    assert rows[victim]["status"] == "error" and rows[victim]["reason"] == "stage_error"
+    assert "planted failure" in rows[victim]["detail"]
     assert sum(r["status"] == "error" for r in rows.values()) == 1
 
 
@@ -150,7 +151,7 @@ def test_executor_commits_manifest_last(tmp_path: Path, engine_config: dict) -> 
     cfg, stages = load_config(raw=engine_config)
     runner = Runner(cfg, stages, str(tmp_path / "run"), show_progress=False)
     runner.prepare(force=False, new=False)
-    runner.ensure_identities()
+    runner.prepare_source()
     plan = runner.shard_plan()
     ex = ShardExecutor(runner.spec(stages[0]))
     out = {}
