@@ -257,7 +257,8 @@ def _print_rows(columns: list[str], rows: list[dict[str, Any]], limit: int, vert
     out.print(f"{len(rows)} rows{more}", highlight=False)
     if vertical is None:
         err.print(f"{len(columns)} columns are wider than the terminal: shown one block per row; "
-                  "-f csv or -f json (with --out FILE) gives every row and column in full.", highlight=False)
+                  "-f csv or -f json (with --out FILE) gives every row and column in full.", highlight=False,
+                  soft_wrap=True)
 
 
 @app.command()
