@@ -138,7 +138,18 @@ def status(
     if as_json:
         sys.stdout.write(json.dumps(st, default=_jsonable, indent=1) + "\n")
         return
-    out.print(status_table(st))
+    table = status_table(st)
+    if out.measure(table, options=out.options.update_width(10_000)).maximum <= out.width:
+        out.print(table)
+    else:  # a long stage id: one line per stage rather than squeezed, unreadable columns
+        out.print(table.title, highlight=False)
+        for s in st["stages"]:
+            out.print(f"[bold]{s['stage']}[/bold]", highlight=False)
+            out.print(f"  shards {s['shards_committed']}/{s['shards_total']}  rows {s['samples']}  kept {s['kept']}  "
+                      f"dropped {s['dropped']}  errors {s['errors']}  workers {s['workers']}", highlight=False)
+            out.print(f"  capacity {_rate(s['capacity_per_worker'])} /s/worker  wall rate {_rate(s['wall_rate'])} /s",
+                      highlight=False)
+        out.print(table.caption, highlight=False)
     if st["export"]:
         sp = st["export"]["splits"]
         out.print(f"export: train {sp['train']['samples']} samples / {sp['train']['identities']} identities, "

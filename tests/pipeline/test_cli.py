@@ -137,5 +137,15 @@ def test_status_names_every_stage_in_full_and_labels_capacity_and_wall_rate(engi
     assert meanf["workers"] == len(set(rows.column("worker").to_pylist()))
     assert meanf["wall_rate"] is not None and meanf["wall_s"] >= busy_s / meanf["workers"] * 0.999
     assert meanf["wall_rate"] == pytest.approx(rows.num_rows / meanf["wall_s"])
-    line = next(ln for ln in out.splitlines() if ln.startswith(LONG_ID))
-    assert f"{meanf['capacity_per_worker']:.1f}" in line or f"{meanf['capacity_per_worker']:,.0f}" in line
+    cap = meanf["capacity_per_worker"]
+    assert (f"capacity {cap:.1f} /s/worker" in out) or (f"capacity {cap:,.0f} /s/worker" in out), out
+
+
+def test_status_is_a_table_when_the_stage_names_fit(small_quickstart_run: Path) -> None:
+    code, out, _ = _cli("status", str(small_quickstart_run))
+    assert code == 0
+    header = next(ln for ln in out.splitlines() if ln.startswith("stage "))
+    assert header.split()[:7] == ["stage", "shards", "rows", "kept", "dropped", "errors", "workers"]
+    assert "…" not in out
+    for stage in ("image_stats", "consistency", "separation", "fingerprint"):
+        assert re.search(rf"^{stage} +\d+/\d+ ", out, re.M), stage
