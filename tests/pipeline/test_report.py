@@ -172,8 +172,11 @@ def _chromium() -> str:
     if apt is None or os.geteuid() != 0:
         pytest.skip("no chromium on PATH and no apt-get as root to install it (`make test` installs it: "
                     "apt-get install -y chromium)")
-    subprocess.run([apt, "install", "-y", "--no-install-recommends", "chromium"], check=True, timeout=900,
-                   capture_output=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = [apt, "install", "-y", "--no-install-recommends", "chromium"]
+    if subprocess.run(install, timeout=900, capture_output=True, env=env).returncode != 0:  # empty package lists
+        subprocess.run([apt, "update"], check=True, timeout=900, capture_output=True, env=env)
+        subprocess.run(install, check=True, timeout=900, capture_output=True, env=env)
     path = shutil.which("chromium")
     assert path, "apt-get installed chromium but it is not on PATH"
     return path
