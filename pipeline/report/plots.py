@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from typing import Any
 
 from matplotlib import rc_context
 from matplotlib.figure import Figure
@@ -18,7 +19,7 @@ from pipeline.report.queries import Histogram
 KEPT = "#3b7dd8"
 DROPPED = "#e0703a"
 LINE = "#b0182a"
-RC = {"svg.fonttype": "none", "svg.hashsalt": "facefoundry-report", "font.size": 8,
+RC: Any = {"svg.fonttype": "none", "svg.hashsalt": "facefoundry-report", "font.size": 8,
       "axes.spines.top": False, "axes.spines.right": False}
 
 
