@@ -9,7 +9,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import duckdb
 import numpy as np
@@ -21,6 +21,8 @@ from manifests.catalog import Catalog
 from manifests.storage import RunStorage
 from pipeline.report import build_report, queries, write_report
 from pipeline.status import stage_order
+from stages.base import FilterStage, Params, StageKind
+from tests.fixtures.engine_stages import MeanParams
 
 
 class _Tags(html.parser.HTMLParser):
@@ -231,3 +233,29 @@ def test_a_run_without_an_export_still_gets_a_page(small_quickstart_run: Path, t
     shutil.copytree(small_quickstart_run, part, ignore=shutil.ignore_patterns("export"))
     page = build_report(RunStorage(str(part)))
     assert "incomplete" in page and "Not written." in page and "<svg" in page
+
+
+class ThresholdedFilter(FilterStage):
+    """A filter that declares its threshold through the stage contract's ``thresholds()`` hook."""
+
+    name: ClassVar[str] = "thresholded_mean"
+    params_model: ClassVar[type[Params]] = MeanParams
+    columns: ClassVar[tuple[pa.Field, ...]] = (pa.field("mean", pa.float32()),)
+
+    def thresholds(self) -> dict[str, dict[str, float]]:
+        return {"mean": {"min": self.params.min_mean}}  # type: ignore[attr-defined]
+
+
+def test_threshold_lines_come_from_the_filter_hook_and_the_export_config() -> None:
+    from pipeline.report.thresholds import stage_kinds_and_thresholds
+    from tests.conftest import ENGINE_CONFIG
+
+    raw = {**ENGINE_CONFIG, "stages": [
+        ENGINE_CONFIG["stages"][0],
+        {"stage": f"{__name__}:ThresholdedFilter", "id": "own", "params": {"min_mean": 42.5}},
+        {"stage": "tests.fixtures.engine_stages:MeanFilter", "id": "plain"},
+    ], "export": {"thresholds": {"plain.mean": {"max": 200.0}, "own.mean": {"max_abs": 3.0}}}}
+    kinds, lines = stage_kinds_and_thresholds(raw, "/nowhere")
+    assert kinds["own"] == StageKind.FILTER and kinds["pattern"] == StageKind.SOURCE
+    assert lines[("own", "mean")] == [(42.5, "min 42.5"), (-3.0, "export |x| ≤ 3"), (3.0, "")]
+    assert lines[("plain", "mean")] == [(200.0, "export max 200")]
