@@ -61,7 +61,8 @@ def _shard(store: RunStorage, shard: str, n_images: int, with_landmarks: bool) -
          "image_ext": "png"} for i, (p, f) in enumerate(zip(images, faces, strict=True))])
     last = len(faces) - 1
     _frag(store, CONSISTENCY, shard, [
-        {"sample_id": f, "identity_id": f"id{i % 2}", "parent_id": images[i], "centroid_cosine": 0.9 if i != last else 0.1,
+        {"sample_id": f, "identity_id": f"id{i % 2}", "parent_id": images[i],
+         "centroid_cosine": 0.9 if i != last else 0.1,
          "keep": i != last, "reason": None if i != last else "far_from_centroid",
          "detail": None if i != last else "0.10 < 0.40"} for i, f in enumerate(faces)])
     _frag(store, LABELS, shard, [
@@ -154,9 +155,7 @@ def test_every_reader_opens_every_row_and_every_column_with_its_plainest_call(ru
     for name, frame in frames.items():
         if name == "ray":
             got_rows, got_cols = frame.count(), set(frame.schema().names)
-        elif name == "datasets":
-            got_rows, got_cols = frame.num_rows, set(frame.column_names)
-        elif name in ("pyarrow", "duckdb"):
+        elif name in ("datasets", "pyarrow", "duckdb"):
             got_rows, got_cols = frame.num_rows, set(frame.column_names)
         else:
             got_rows, got_cols = len(frame), set(frame.columns)
