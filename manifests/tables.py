@@ -199,11 +199,11 @@ def build_shard_tables(store: RunStorage, stages: list[StageColumns], shard: str
                 keep[j], dropped_by[j], drop_reason[j], drop_detail[j] = False, s.stage_id, reason[r], detail[r]
         if s.writes_pixels:
             offs = t.column("tar_offset").to_pylist()
-            cols = {c: t.column(c).to_pylist() for c in PIXEL_COLUMNS}
+            pix = {c: t.column(c).to_pylist() for c in PIXEL_COLUMNS}
             for j, r in enumerate(rows):
                 if r is not None and offs[r] is not None:
                     for c in PIXEL_COLUMNS:
-                        img[c][j] = cols[c][r]
+                        img[c][j] = pix[c][r]
         for c in DECISION_COLUMNS:
             name = column_name(s.stage_id, c)
             src = t.column(c) if c in t.column_names else pa.nulls(t.num_rows, schema.field(name).type)

@@ -48,7 +48,8 @@ def check_where(where: str) -> str:
         raise ValueError("must be ONE predicate (a WHERE condition), not statements")
     con = duckdb.connect()
     try:
-        doc = json.loads(con.execute("SELECT json_serialize_sql(?)", [sql]).fetchone()[0])
+        row = con.execute("SELECT json_serialize_sql(?)", [sql]).fetchone()
+        doc = json.loads(row[0]) if row else {"error": True}
     finally:
         con.close()
     if doc.get("error") or len(doc.get("statements", [])) != 1:

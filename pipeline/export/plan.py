@@ -153,8 +153,8 @@ class PartitionPlan:
     reasons: dict[tuple[int, str, str, str], dict[str, Any]] = field(default_factory=dict)
 
 
-def plan_partition(store: Any, samples_files: list[str], decisions_files: list[str], spec: SelectionSpec,
-                   out_parts: tuple[str, ...]) -> PartitionPlan:
+def plan_partition(store: Any, samples_files: list[tuple[str, ...]], decisions_files: list[tuple[str, ...]],
+                   spec: SelectionSpec, out_parts: tuple[str, ...]) -> PartitionPlan:
     """Select one partition's samples, write its plan fragment, return its small summaries."""
     ds = pads.dataset([store.path(*p) for p in samples_files], filesystem=store.fs, format="parquet")
     con = sandbox()
@@ -182,7 +182,7 @@ def plan_partition(store: Any, samples_files: list[str], decisions_files: list[s
     return res
 
 
-def drop_reasons(store: Any, decisions_files: list[str]) -> dict[tuple[int, str, str, str], dict[str, Any]]:
+def drop_reasons(store: Any, decisions_files: list[tuple[str, ...]]) -> dict[tuple[int, str, str, str], dict[str, Any]]:
     """Failed and dropped rows of a partition grouped by (stage, status, rule), with a few examples."""
     out: dict[tuple[int, str, str, str], dict[str, Any]] = {}
     if not decisions_files:
@@ -264,7 +264,7 @@ def plan_identities(counts: list[pa.Table], cfg: ExportConfig) -> IdentityPlan:
 
 def writer_ranges(per_split: dict[str, dict[str, int]], rows_per_task: int) -> list[tuple[str, int, int, int]]:
     """(split, first shard, end shard, shard count) per writer task, about rows_per_task samples each."""
-    out = []
+    out: list[tuple[str, int, int, int]] = []
     for split, info in per_split.items():
         e = info["shards"]
         if not e:

@@ -47,7 +47,8 @@ def fetch_images(store: Any, rows: list[dict[str, Any]]) -> list[bytes]:
     order = sorted(range(len(rows)), key=lambda i: (rows[i]["src_shard"], int(rows[i]["src_offset"])))
     out: list[bytes] = [b""] * len(rows)
     if store.is_local:
-        current, f = None, None
+        current: str | None = None
+        f: Any = None
         try:
             for i in order:
                 if rows[i]["src_shard"] != current:

@@ -155,7 +155,7 @@ def export_task(url: str, storage_options: dict[str, Any], stages: list[dict[str
             [(*DECISIONS_TABLE, n) for n in names if n in decisions], spec,
             (EXPORT_DIR, version, "_plan", f"part-{i // group:06d}.parquet"))))
     plans: list[PartitionPlan] = _gather(plan_calls, opts, "plan")
-    plan_files = [c[1][5] for c in plan_calls]
+    plan_files: list[tuple[str, ...]] = [tuple(c[1][5]) for c in plan_calls]
 
     ids = plan_identities([p.identities for p in plans], cfg)
     ident_ref = ray.put(ids.table)
@@ -197,7 +197,7 @@ def export_task(url: str, storage_options: dict[str, Any], stages: list[dict[str
     exts: Counter[str] = Counter()
     for p in plans:
         exts.update(p.exts)
-    image_exts = [cfg.image_format] if cfg.image_format else sorted(exts) or ["png"]
+    image_exts: list[str] = [cfg.image_format] if cfg.image_format else sorted(exts) or ["png"]
     labelled = ids.table.sort_by("label")
     class_names = labelled.column("identity_id").to_pylist()
     meta_types: dict[str, str] = {}
