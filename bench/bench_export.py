@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -47,6 +46,40 @@ LABELS = StageColumns("labels", (pa.field("pose_bin", pa.string()),), False)
 STAGES = [GEN, QUALITY, LABELS]
 
 
+def _processes() -> list[tuple[int, str, int]]:
+    """(pid, command line, RSS bytes) of this process and its descendants (the local Ray it started:
+    other people's Ray clusters on a shared machine are not ours), from /proc (no psutil needed)."""
+    parent: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    mine = {os.getpid()}
+    changed = True
+    while changed:
+        changed = False
+        for pid, ppid in parent.items():
+            if ppid in mine and pid not in mine:
+                mine.add(pid)
+                changed = True
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) not in mine:
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            with open(f"/proc/{entry}/statm") as f:
+                rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            continue
+        out.append((int(entry), cmd, rss))
+    return out
+
+
 class PeakRSS:
     """The largest RSS of this process and of every Ray worker process, sampled in a thread."""
 
@@ -59,16 +92,11 @@ class PeakRSS:
     def _loop(self) -> None:
         me = os.getpid()
         while not self._stop.is_set():
-            for p in psutil.process_iter(["pid", "name", "cmdline", "memory_info"]):
-                try:
-                    cmd = " ".join(p.info["cmdline"] or [])
-                    if p.info["pid"] != me and not (cmd.startswith("ray::") or "default_worker.py" in cmd):
-                        continue
-                    rss = p.info["memory_info"].rss
-                except (psutil.Error, TypeError, AttributeError):
+            for pid, cmd, rss in _processes():
+                if pid != me and not (cmd.startswith("ray::") or "default_worker.py" in cmd):
                     continue
                 if rss > self.peak:
-                    self.peak, self.peak_name = rss, ("driver" if p.info["pid"] == me else cmd[:40])
+                    self.peak, self.peak_name = rss, ("driver" if pid == me else cmd[:40])
             time.sleep(0.05)
 
     def __enter__(self) -> PeakRSS:
@@ -172,7 +200,7 @@ OLD_SCRIPT = r"""
 import json, resource, sys, time, importlib.util
 sys.path.insert(0, sys.argv[2])
 spec = importlib.util.spec_from_file_location("old_export", sys.argv[3])
-old = importlib.util.module_from_spec(spec); spec.loader.exec_module(old)
+old = importlib.util.module_from_spec(spec); sys.modules["old_export"] = old; spec.loader.exec_module(old)
 from manifests.storage import RunStorage
 t0 = time.perf_counter()
 table, stats = old.plan_export(RunStorage(sys.argv[1]), ["gen", "quality", "labels"], "gen",

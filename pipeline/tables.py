@@ -10,6 +10,7 @@ the stamp it was built from).
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import ray
@@ -19,16 +20,17 @@ from manifests.storage import RunStorage
 from manifests.tables import StageColumns, resolve_stage_columns, samples_schema, stamp, write_shard_tables
 from pipeline.export.retry import RETRYABLE, remote_options
 
-TASK_MEMORY = 512 * 1024 * 1024  # one shard's fragments, projected: far below this
+TASK_MEMORY = 512 * 1024 * 1024  # one shard's fragments at a time: far below this
+MAX_SHARDS_PER_TASK = 64
 
 
-def _write_one(url: str, storage_options: dict[str, Any], stages: list[StageColumns], shard: str,
-               schema_bytes: bytes, stamp_value: str) -> dict[str, int]:
+def _write_some(url: str, storage_options: dict[str, Any], stages: list[StageColumns], shards: list[str],
+                schema_bytes: bytes, stamp_value: str) -> int:
     import pyarrow as pa
 
     store = RunStorage(url, storage_options)
     schema = pa.ipc.read_schema(pa.py_buffer(schema_bytes))
-    return write_shard_tables(store, stages, shard, schema, stamp_value)
+    return sum(write_shard_tables(store, stages, sh, schema, stamp_value)["written"] for sh in shards)
 
 
 def tables_up_to_date(store: RunStorage, stamp_value: str, shards: list[str]) -> bool:
@@ -49,24 +51,28 @@ def write_run_tables(store: RunStorage, stages: list[StageColumns], fingerprints
     value = stamp(resolved, fingerprints, schema)
     if tables_up_to_date(store, value, shards):
         return dict(json.loads(store.read_bytes(*TABLES_DONE)), written=0)
-    task = ray.remote(_write_one).options(**remote_options(cpus_per_task, TASK_MEMORY))
+    task = ray.remote(_write_some).options(**remote_options(cpus_per_task, TASK_MEMORY))
     schema_bytes = schema.serialize().to_pybytes()
-    pending = {task.remote(store.url, store.storage_options, resolved, sh, schema_bytes, value): sh for sh in shards}
+    # A few shards per task: enough tasks to fill the cluster several times over, few enough that
+    # starting workers does not dominate (each file is still committed on its own).
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    per_task = max(1, min(MAX_SHARDS_PER_TASK, math.ceil(len(shards) / (8 * cpus))))
+    groups = [shards[i : i + per_task] for i in range(0, len(shards), per_task)]
+    pending = {task.remote(store.url, store.storage_options, resolved, g, schema_bytes, value): g for g in groups}
     written = 0
     attempts: dict[str, int] = {}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         ref = done[0]
-        shard = pending.pop(ref)
+        group = pending.pop(ref)
         try:
-            res = ray.get(ref)
+            written += ray.get(ref)
         except RETRYABLE as exc:  # Ray already retried system failures; a few more for the rest
-            attempts[shard] = attempts.get(shard, 0) + 1
-            if attempts[shard] >= 3:
-                raise RuntimeError(f"tables: shard {shard} failed {attempts[shard]} times: {exc}") from exc
-            pending[task.remote(store.url, store.storage_options, resolved, shard, schema_bytes, value)] = shard
-            continue
-        written += res["written"]
+            attempts[group[0]] = attempts.get(group[0], 0) + 1
+            if attempts[group[0]] >= 3:
+                raise RuntimeError(f"tables: shards {group[0]}..{group[-1]} failed {attempts[group[0]]} times: "
+                                   f"{exc}") from exc
+            pending[task.remote(store.url, store.storage_options, resolved, group, schema_bytes, value)] = group
     keep = {f"{s}{MANIFEST_SUFFIX}" for s in shards}
     for table in (SAMPLES_TABLE, DECISIONS_TABLE):  # files of shards no longer in the plan
         for name in store.list_files(*table, suffix=MANIFEST_SUFFIX):

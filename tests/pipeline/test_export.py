@@ -171,5 +171,5 @@ def test_a_failed_export_leaves_the_previous_export_intact_and_readable(run: Pat
     done = json.loads(committed)
     for split in ("train", "val"):
         assert len(_samples(out, done["splits"][split]["shards"])) == done["splits"][split]["samples"]
-    history = sorted((out / "history").glob("*.json"))
-    assert "export" in history[-1].read_text()
+    history = json.loads(sorted((out / "history").glob("*.json"))[-1].read_text())
+    assert [f["stage"] for f in history["failures"]] == ["export"] and not history["complete"]
