@@ -148,7 +148,7 @@ def dataset_card(*, cfg: ExportConfig, version: str, splits: dict[str, Any], sta
         "This dataset contains images of faces. Synthetic faces can still resemble real people; ingested corpora "
         "contain real people who have rights over their likeness (consent, data-protection law such as the GDPR's "
         "rules on biometric data). Check the license and the provenance of the sources before use or release, "
-        "honour removal requests, and measure demographic balance (the table above covers only the run's "
-        "attribute labels) before drawing conclusions from a model trained on it.",
+        "honour removal requests, and measure demographic balance (the Balance section, when present, covers "
+        "only the run's attribute labels) before drawing conclusions from a model trained on it.",
     ]
     return "\n".join(lines) + "\n"
