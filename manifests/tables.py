@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from manifests.layout import DECISIONS_TABLE, SAMPLES_TABLE, manifest_path, table_file
+from manifests.layout import DECISIONS_TABLE, MANIFEST_SUFFIX, SAMPLES_TABLE, manifest_path, table_file
 from manifests.storage import RunStorage
 
 SEP = "__"
@@ -297,3 +297,10 @@ def resolve_stage_columns(store: RunStorage, stages: list[StageColumns], shards:
         out.append(StageColumns(s.stage_id, tuple(fixed_size(f, dims.get(f.name)) for f in s.fields),
                                 s.writes_pixels))
     return out
+
+
+def table_glob(store: RunStorage, table: tuple[str, ...]) -> str:
+    """The glob a reader (DuckDB ``read_parquet``, polars) opens one run table with: every file of
+    the table shares one schema, so no ``union_by_name`` is needed."""
+    path = store.path(*table) + "/*" + MANIFEST_SUFFIX
+    return path if store.is_local else store.fs.unstrip_protocol(path)
