@@ -49,7 +49,7 @@ def check_where(where: str) -> str:
     con = duckdb.connect()
     try:
         row = con.execute("SELECT json_serialize_sql(?)", [sql]).fetchone()
-        doc = json.loads(row[0]) if row else {"error": True}
+        doc: dict[str, Any] = json.loads(row[0]) if row else {"error": True}
     finally:
         con.close()
     if doc.get("error") or len(doc.get("statements", [])) != 1:
