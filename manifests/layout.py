@@ -12,7 +12,12 @@ identities/identities.parquet
 sources/<stage>/listing-<hash>.parquet    a folder source's file listing, frozen on first run
 shards/<stage>/<shard>.tar                pixel-writing stages only
 manifests/<stage>/<shard>.parquet         one row per sample per stage: the lineage (the commit)
-export/...                                training shards, export manifest, dataset card
+tables/samples/<shard>.parquet            one row per sample, every stage's columns, ONE schema
+tables/decisions/<shard>.parquet          one row per sample per stage: status, keep, rule, detail
+tables/tables.json                        the tables' commit: stamp, shards, rows
+export/export.json                        the export's commit (written last), names its version folder
+export/README.md, export/manifest.parquet the dataset card (HF front matter) and the export manifest
+export/v-<fingerprint>/<split>/shard-*.tar training shards of one export version
 report/index.html, report/<stage>.summary.json
 history/<time>.json                       what each invocation did
 metrics/<job>/...                         training and evaluation metrics
@@ -34,6 +39,13 @@ MANIFESTS_DIR = "manifests"
 EXPORT_DIR = "export"
 EXPORT_DONE = "export.json"
 EXPORT_MANIFEST = "manifest.parquet"
+EXPORT_CARD = "README.md"  # the Hugging Face dataset card: `datasets.load_dataset(export_dir)` reads it
+EXPORT_CARD_LEGACY = "dataset_card.md"
+EXPORT_VERSION_PREFIX = "v-"
+TABLES_DIR = "tables"
+SAMPLES_TABLE = (TABLES_DIR, "samples")
+DECISIONS_TABLE = (TABLES_DIR, "decisions")
+TABLES_DONE = (TABLES_DIR, "tables.json")
 REPORT_DIR = "report"
 REPORT_FILE = (REPORT_DIR, "index.html")
 HISTORY_DIR = "history"
@@ -44,7 +56,7 @@ MANIFEST_SUFFIX = ".parquet"
 SHARD_SUFFIX = ".tar"
 
 # What ``--new`` removes: everything a run wrote (the lock and history stay).
-RUN_OUTPUTS = (MANIFESTS_DIR, SHARDS_DIR, EXPORT_DIR, IDENTITIES_DIR, SOURCES_DIR, REPORT_DIR, CACHE_DIR,
+RUN_OUTPUTS = (MANIFESTS_DIR, SHARDS_DIR, TABLES_DIR, EXPORT_DIR, IDENTITIES_DIR, SOURCES_DIR, REPORT_DIR, CACHE_DIR,
                METRICS_DIR, RUN_FILE, PLAN_FILE)
 
 
@@ -67,3 +79,13 @@ def history_path(stamp: str) -> tuple[str, ...]:
 def listing_path(stage_id: str, digest: str) -> tuple[str, ...]:
     """Named after what shaped the listing (root, extensions), so a changed source never reuses it."""
     return (SOURCES_DIR, stage_id, f"listing-{digest}.parquet")
+
+
+def table_file(table: tuple[str, ...], shard: str) -> tuple[str, ...]:
+    """One file of a run table (``SAMPLES_TABLE`` or ``DECISIONS_TABLE``) per source shard."""
+    return (*table, f"{shard}{MANIFEST_SUFFIX}")
+
+
+def export_version_dir(fingerprint: str) -> str:
+    """The folder (relative to ``export/``) one export version writes beside the committed one."""
+    return f"{EXPORT_VERSION_PREFIX}{fingerprint[:16]}"

@@ -109,9 +109,10 @@ def _print_next_steps(output: str, complete: bool, export: dict[str, Any] | None
     err.print(f"\nrun {output}: {state}")
     if export:
         s = export["splits"]
-        err.print(f"  training shards  {output}/export/train ({s['train']['samples']} samples, "
-                  f"{s['train']['identities']} identities), {output}/export/val ({s['val']['samples']} samples)")
-        err.print(f"  dataset card     {output}/export/dataset_card.md")
+        v = export.get("version", "")
+        err.print(f"  training shards  {output}/export/{v}/train ({s['train']['samples']} samples, "
+                  f"{s['train']['identities']} identities), {output}/export/{v}/val ({s['val']['samples']} samples)")
+        err.print(f"  dataset card     {output}/export/README.md")
     err.print(f"  manifests        {output}/manifests/<stage>/*.parquet")
     err.print(f"  report           {output}/report/index.html")
     err.print("next:")

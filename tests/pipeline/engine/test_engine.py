@@ -61,15 +61,16 @@ def test_exported_shards_read_back_with_webdataset_and_ray_data(finished_run: Pa
     import ray.data
 
     done = json.loads((finished_run / "export" / "export.json").read_text())
-    train = sorted(glob.glob(str(finished_run / "export" / "train" / "*.tar")))
-    assert len(train) == len(done["splits"]["train"]["shards"])
+    # export.json (the commit) names the shards of the committed version, relative to the run.
+    train = [str(finished_run / p) for p in done["splits"]["train"]["shards"]]
+    assert train and train == sorted(glob.glob(str(finished_run / "export" / done["version"] / "train" / "*.tar")))
     samples = list(wds.WebDataset(train, shardshuffle=False).decode("rgb8"))
     assert len(samples) == done["splits"]["train"]["samples"]
     labels = {int(s["cls"]) for s in samples}
     assert labels == set(range(done["splits"]["train"]["identities"]))
     assert all(s["png"].shape == (32, 32, 3) for s in samples)
     val_ids = {s["json"]["identity_id"] for s in wds.WebDataset(
-        sorted(glob.glob(str(finished_run / "export/val/*.tar"))), shardshuffle=False).decode("rgb8")}
+        [str(finished_run / p) for p in done["splits"]["val"]["shards"]], shardshuffle=False).decode("rgb8")}
     train_ids = {s["json"]["identity_id"] for s in samples}
     assert val_ids and not (val_ids & train_ids), "an identity is in two splits"
     ds = ray.data.read_webdataset(train)
