@@ -227,8 +227,8 @@ def head_pose(landmarks: np.ndarray, focal_factor: float = 6.0) -> HeadPose:
     model_extent = float(np.ptp(model[:, :2], axis=0).max())
     image_extent = max(float(np.ptp(image_pts, axis=0).max()), 1.0)
     z0 = camera[0, 0] * model_extent / image_extent
-    rvec = np.zeros((3, 1))
-    tvec = np.array([[0.0], [0.0], [z0]])
+    rvec: np.ndarray = np.zeros((3, 1))
+    tvec: np.ndarray = np.array([[0.0], [0.0], [z0]])
     ok, rvec, tvec = cv2.solvePnP(model, image_pts, camera, None, rvec, tvec, useExtrinsicGuess=True,
                                   flags=cv2.SOLVEPNP_ITERATIVE)
     if not ok:

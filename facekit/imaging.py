@@ -14,13 +14,28 @@ MIN_SIDE = 16
 
 
 class ImageError(ValueError):
-    """A sample's bytes cannot be used as an image; the message is the reason stored in its row."""
+    """A sample's bytes cannot be used as an image.
+
+    ``rule`` is the stable rule name a stage records as its reason (``empty_file``, ``not_an_image``,
+    ``corrupt_image``, ``image_too_small``, ``image_too_large``) and ``detail`` the specifics; the
+    message (``str``) reads as both together.
+    """
+
+    def __init__(self, message: str, rule: str = "unreadable_image", detail: str | None = None) -> None:
+        super().__init__(message)
+        self.rule = rule
+        self.detail = detail if detail is not None else message
 
 
 def decode_rgb(data: bytes | None, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE) -> np.ndarray:
-    """Decode to an RGB uint8 array, or raise ImageError with a short reason."""
+    """Decode to an RGB uint8 array, or raise ImageError with a rule and a short detail.
+
+    Only the header is parsed before the pixel limit is checked, so a decompression bomb (a few KB
+    that would decode to gigabytes) costs nothing; PIL's own bomb guard (twice its global limit) is
+    reported the same way.
+    """
     if not data:
-        raise ImageError("empty file")
+        raise ImageError("empty file", "empty_file", "0 bytes")
     try:
         with warnings.catch_warnings():
             # Our own pixel limit below decides; PIL's bomb warning would only be noise.
@@ -29,17 +44,21 @@ def decode_rgb(data: bytes | None, max_pixels: int = MAX_PIXELS, min_side: int =
         with img:
             w, h = img.size
             if w * h > max_pixels:
-                raise ImageError(f"image too large: {w}x{h} > {max_pixels} pixels")
+                detail = f"{w}x{h} > {max_pixels} pixels"
+                raise ImageError(f"image too large: {detail}", "image_too_large", detail)
             if min(w, h) < min_side:
-                raise ImageError(f"image too small: {w}x{h} < {min_side} px")
+                detail = f"{w}x{h} < {min_side} px"
+                raise ImageError(f"image too small: {detail}", "image_too_small", detail)
             img.load()
             return np.asarray(img.convert("RGB"))
     except ImageError:
         raise
     except UnidentifiedImageError as exc:
-        raise ImageError("not an image") from exc
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageError(f"corrupt image: {exc}") from exc
+        raise ImageError("not an image", "not_an_image", f"{len(data)} bytes in no image format") from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image too large: {exc}", "image_too_large", str(exc)) from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"corrupt image: {exc}", "corrupt_image", str(exc)) from exc
 
 
 def encode_png(rgb: np.ndarray, compress_level: int = 1) -> bytes:

@@ -44,7 +44,8 @@ from manifests.layout import (
     MANIFEST_SUFFIX,
     MANIFESTS_DIR,
     METRICS_DIR,
-    SAMPLES_TABLE_DIR,
+    SAMPLES_TABLE,
+    TABLES_DONE,
 )
 from manifests.schema import COMMON_FIELDS
 from manifests.storage import RunStorage
@@ -213,6 +214,37 @@ class Catalog:
         glob = self.url(self.store.path(*parts, COMMITTED_GLOB))
         return f"CREATE VIEW {_q(name)} AS {_select_star(array_casts(schema))} FROM read_parquet({_lit(glob)}{extra})"
 
+    def _samples_table_sql(self, fields: dict[str, list[str] | None] | None) -> str | None:
+        """``samples`` over the run's committed samples table (manifests/tables.py: flat
+        ``<stage>__<column>`` columns), with each stage also as a STRUCT of the fields the query
+        names, so ``quality.yaw`` reads one column of one table, no join. None when the table is
+        not committed or lacks a field the query names (the join view then answers)."""
+        if not self.store.exists(*TABLES_DONE):
+            return None
+        names = self.store.list_files(*SAMPLES_TABLE, suffix=MANIFEST_SUFFIX)
+        if not names:
+            return None
+        schema = pq.read_schema(self._open(self.store.path(*SAMPLES_TABLE, names[0])))
+        structs = []
+        for sid in self.stage_ids:
+            if fields is not None and sid not in fields:
+                continue
+            prefix = f"{sid}__"
+            available = [c[len(prefix):] for c in schema.names if c.startswith(prefix)]
+            wanted = fields.get(sid) if fields is not None else None
+            if wanted is not None and any(w not in available for w in wanted):
+                return None
+            chosen = available if wanted is None else [c for c in available if c in set(wanted)]
+            chosen = chosen or available[:1]
+            if not chosen or sid in schema.names:
+                continue
+            packed = ", ".join(f"{_q(c)} := {_q(prefix + c)}" for c in chosen)
+            present = f"{_q(prefix + 'status')} IS NOT NULL" if "status" in available else "true"
+            structs.append(f"CASE WHEN {present} THEN struct_pack({packed}) END AS {_q(sid)}")
+        glob = self.url(self.store.path(*SAMPLES_TABLE, COMMITTED_GLOB))
+        select = ", ".join([_select_star(array_casts(schema)), *structs]).replace("SELECT ", "", 1)
+        return f"CREATE VIEW samples AS SELECT {select} FROM read_parquet({_lit(glob)})"
+
     def _open(self, path: str) -> Any:
         return path if self.store.is_local else self.store.fs.open(path, "rb")
 
@@ -227,7 +259,7 @@ class Catalog:
             return needed is None or name.lower() in needed
 
         stmts = [self._stage_view(sid) for sid in self.stage_ids if want(sid)]
-        table = self._table_view("samples", SAMPLES_TABLE_DIR) if want("samples") else None
+        table = self._samples_table_sql(samples_fields) if want("samples") else None
         if want("decisions") or (want("samples") and table is None):
             common = ", ".join(_q(f.name) for f in COMMON_FIELDS)
             parts = [f"SELECT {i} AS stage_index, {common} FROM ({self._relation(sid)})"

@@ -9,12 +9,17 @@ run.yaml                                  frozen config, its hash, per-stage fin
 plan.json                                 the source's shard plan
 .lock                                     one writer per run directory
 identities/identities.parquet
+sources/<stage>/listing-<hash>.parquet    a folder source's file listing, frozen on first run
 shards/<stage>/<shard>.tar                pixel-writing stages only
 manifests/<stage>/<shard>.parquet         one row per sample per stage: the lineage (the commit)
 manifests/<stage>/_compacted/current.json the stage's sorted copy (which fragments it covers) ...
 manifests/<stage>/_compacted/<gen>/*.parquet   ... and its files, sorted by sample_id
-tables/samples/*.parquet                  one row per sample (written at the run's commit)
-export/...                                training shards, export manifest, dataset card
+tables/samples/<shard>.parquet            one row per sample, every stage's columns, ONE schema
+tables/decisions/<shard>.parquet          one row per sample per stage: status, keep, rule, detail
+tables/tables.json                        the tables' commit: stamp, shards, rows
+export/export.json                        the export's commit (written last), names its version folder
+export/README.md, export/manifest.parquet the dataset card (HF front matter) and the export manifest
+export/v-<fingerprint>/<split>/shard-*.tar training shards of one export version
 report/index.html, report/<stage>.summary.json
 history/<time>.json                       what each invocation did
 metrics/<job>/...                         training and evaluation metrics
@@ -30,18 +35,25 @@ LOCK_FILE = ".lock"
 
 IDENTITIES_DIR = "identities"
 IDENTITIES_FILE = (IDENTITIES_DIR, "identities.parquet")
+SOURCES_DIR = "sources"
 SHARDS_DIR = "shards"
 MANIFESTS_DIR = "manifests"
 EXPORT_DIR = "export"
 EXPORT_DONE = "export.json"
 EXPORT_MANIFEST = "manifest.parquet"
+EXPORT_CARD = "README.md"  # the Hugging Face dataset card: `datasets.load_dataset(export_dir)` reads it
+EXPORT_CARD_LEGACY = "dataset_card.md"
+EXPORT_VERSION_PREFIX = "v-"
+TABLES_DIR = "tables"
+SAMPLES_TABLE = (TABLES_DIR, "samples")
+DECISIONS_TABLE = (TABLES_DIR, "decisions")
+TABLES_DONE = (TABLES_DIR, "tables.json")
 REPORT_DIR = "report"
 REPORT_FILE = (REPORT_DIR, "index.html")
 HISTORY_DIR = "history"
 METRICS_DIR = "metrics"
 CACHE_DIR = "cache"
-TABLES_DIR = "tables"
-SAMPLES_TABLE_DIR = (TABLES_DIR, "samples")
+
 COMPACTED_DIR = "_compacted"  # "_": never a committed fragment, never matched by the fragment glob
 COMPACTED_POINTER = "current.json"
 
@@ -49,8 +61,8 @@ MANIFEST_SUFFIX = ".parquet"
 SHARD_SUFFIX = ".tar"
 
 # What ``--new`` removes: everything a run wrote (the lock and history stay).
-RUN_OUTPUTS = (MANIFESTS_DIR, SHARDS_DIR, EXPORT_DIR, IDENTITIES_DIR, REPORT_DIR, CACHE_DIR, METRICS_DIR,
-               RUN_FILE, PLAN_FILE)
+RUN_OUTPUTS = (MANIFESTS_DIR, SHARDS_DIR, TABLES_DIR, EXPORT_DIR, IDENTITIES_DIR, SOURCES_DIR, REPORT_DIR, CACHE_DIR,
+               METRICS_DIR, RUN_FILE, PLAN_FILE)
 
 
 def manifest_path(stage_id: str, shard: str) -> tuple[str, ...]:
@@ -71,3 +83,18 @@ def stage_summary_path(stage_id: str) -> tuple[str, ...]:
 
 def history_path(stamp: str) -> tuple[str, ...]:
     return (HISTORY_DIR, f"{stamp}.json")
+
+
+def listing_path(stage_id: str, digest: str) -> tuple[str, ...]:
+    """Named after what shaped the listing (root, extensions), so a changed source never reuses it."""
+    return (SOURCES_DIR, stage_id, f"listing-{digest}.parquet")
+
+
+def table_file(table: tuple[str, ...], shard: str) -> tuple[str, ...]:
+    """One file of a run table (``SAMPLES_TABLE`` or ``DECISIONS_TABLE``) per source shard."""
+    return (*table, f"{shard}{MANIFEST_SUFFIX}")
+
+
+def export_version_dir(fingerprint: str) -> str:
+    """The folder (relative to ``export/``) one export version writes beside the committed one."""
+    return f"{EXPORT_VERSION_PREFIX}{fingerprint[:16]}"

@@ -7,22 +7,28 @@ recorded in the manifest, so an export can read one image by byte range without 
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
 import json
+import lzma
 import posixpath
 import re
 import tarfile
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
-
-import webdataset as wds
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$")
 
 
 class UnsafeMemberError(ValueError):
-    pass
+    """A member name that could escape a folder (or is no sample member at all); ``rule`` names which."""
+
+    def __init__(self, message: str, rule: str = "unsafe_member_name") -> None:
+        super().__init__(message)
+        self.rule = rule
 
 
 def check_member_name(name: str) -> tuple[str, str]:
@@ -34,7 +40,7 @@ def check_member_name(name: str) -> tuple[str, str]:
         raise UnsafeMemberError(f"unsafe member name {name!r}")
     base = parts[-1]
     if "." not in base:
-        raise UnsafeMemberError(f"member name without extension {name!r}")
+        raise UnsafeMemberError(f"member name without extension {name!r}", "member_without_extension")
     stem, ext = base.split(".", 1)
     key = posixpath.join(*parts[:-1], stem) if len(parts) > 1 else stem
     return key, ext
@@ -58,6 +64,8 @@ def write_tar(samples: list[dict[str, Any]]) -> tuple[bytes, dict[str, dict[str,
 
     Returns the bytes and, per key and extension, where that member's data lies in the tar.
     """
+    import webdataset as wds  # here, not at the top: it imports torch, which readers of tars never need
+
     buf = io.BytesIO()
     writer = wds.TarWriter(buf, user="facefoundry", group="facefoundry", mtime=0.0, encoder=False)
     for sample in samples:
@@ -88,39 +96,191 @@ def index_tar(data: bytes) -> dict[str, dict[str, MemberLocation]]:
     return index
 
 
+COMPRESSED_MAGIC = {b"\x1f\x8b": "gz", b"BZh": "bz2", b"\xfd7zXZ\x00": "xz"}
+BLOCK = tarfile.BLOCKSIZE
+
+
+def compression(fileobj: BinaryIO) -> str | None:
+    """The tar's compression by its magic bytes (``gz``, ``bz2``, ``xz``), None for a plain tar."""
+    pos = fileobj.tell()
+    head = fileobj.read(6)
+    fileobj.seek(pos)
+    return next((kind for magic, kind in COMPRESSED_MAGIC.items() if head.startswith(magic)), None)
+
+
+def is_compressed(fileobj: BinaryIO) -> bool:
+    """A compressed tar can only be read from its start; a plain tar can be read by byte range."""
+    return compression(fileobj) is not None
+
+
 @dataclass
 class TarMember:
+    """One tar member, or one problem found while reading the tar.
+
+    ``error`` is a stable rule name (``unsafe_member_name``, ``not_a_regular_file``, ``file_too_large``,
+    ``truncated_tar``, ``corrupt_tar``, ``unreadable_tar``) and ``detail`` says what exactly; ``key``
+    and ``ext`` are set whenever the name itself is safe, so a bad member still belongs to its sample.
+    ``offset`` is where the member's header starts: stable, unique within the tar, and where a byte
+    range read resumes.
+    """
+
     key: str
     ext: str
     data: bytes | None
     error: str | None = None
     name: str = ""
+    detail: str | None = None
+    offset: int = 0
+    size: int = 0
 
 
-def iter_tar_members(fileobj: BinaryIO) -> Iterator[TarMember]:
-    """Stream members of a tar; unsafe names and a truncated tail become error members, not crashes."""
+def _kind(info: tarfile.TarInfo) -> str:
+    if info.issym():
+        return f"symlink to {info.linkname!r}"
+    if info.islnk():
+        return f"hard link to {info.linkname!r}"
+    if info.ischr() or info.isblk():
+        return "device"
+    if info.isfifo():
+        return "fifo"
+    return f"member type {info.type!r}"
+
+
+def iter_tar_members(
+    fileobj: BinaryIO,
+    max_bytes: int | None = None,
+    stop: int | None = None,
+    with_data: bool = True,
+    is_transient: Callable[[BaseException], bool] = lambda exc: False,
+) -> Iterator[TarMember]:
+    """Stream the members of a tar from the file's current position, with bounded reads.
+
+    No member is read before its size is checked against ``max_bytes``; links, devices and fifos are
+    error members (never followed, never read); unsafe names, a truncated or corrupt tail become
+    error members, never crashes. A plain tar is read in seek mode (``stop``: the byte offset where
+    this range ends; headers only when ``with_data`` is false, member data is skipped by seeking);
+    a compressed one is decompressed forward from its start. Member objects are not accumulated, so
+    memory does not grow with the tar. Errors for which ``is_transient`` says yes propagate (the caller retries).
+    """
+    kind = compression(fileobj)
+    compressed = kind is not None
     try:
-        with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                try:
-                    key, ext = check_member_name(info.name)
-                except UnsafeMemberError as exc:
-                    yield TarMember(key="", ext="", data=None, error=str(exc), name=info.name)
-                    continue
+        # Compressed: tarfile over the stdlib's buffered decompressing reader (its forward seeks skip a
+        # member in constant memory; tarfile's own stream mode re-slices its buffer and is quadratic).
+        raw: BinaryIO = _DECOMPRESSORS[kind](fileobj) if kind else fileobj
+        # No single read may exceed the member limit: tarfile reads a pax or GNU long-name header
+        # whole, at whatever size the header claims (a small .tar.gz can claim a gigabyte).
+        capped = _CappedReader(raw, (max_bytes or _HEADER_CAP) + _HEADER_CAP)
+        tar = tarfile.open(fileobj=capped, mode="r:")  # noqa: SIM115 (closed below)
+    except (tarfile.TarError, OSError, EOFError, zlib.error, _ReadTooLarge) as exc:
+        if isinstance(exc, OSError) and is_transient(exc):
+            raise
+        yield TarMember("", "", None, "unreadable_tar", "", f"{type(exc).__name__}: {exc}")
+        return
+    last = TarMember("", "", None)
+    with tar:
+        while True:
+            try:
+                info = tar.next()
+            except (tarfile.TarError, OSError, EOFError, zlib.error, _ReadTooLarge) as exc:
+                if isinstance(exc, OSError) and is_transient(exc):
+                    raise
+                rule = "truncated_tar" if "unexpected end" in str(exc) or isinstance(exc, EOFError) else "corrupt_tar"
+                yield TarMember("", "", None, rule, "", _after(last, exc), tar.offset)
+                return
+            if info is None:
+                break
+            tar.members.clear()  # type: ignore[attr-defined]  # tarfile keeps every TarInfo
+            if stop is not None and info.offset >= stop:
+                return
+            if info.isdir():
+                continue
+            try:
+                key, ext = check_member_name(info.name)
+            except UnsafeMemberError as exc:
+                yield TarMember("", "", None, exc.rule, info.name, str(exc), info.offset, info.size)
+                last = TarMember("", "", None, name=info.name, offset=info.offset)
+                continue
+            last = TarMember(key, ext, None, name=info.name, offset=info.offset, size=info.size)
+            if not info.isreg():
+                yield TarMember(key, ext, None, "not_a_regular_file", info.name, _kind(info), info.offset)
+                continue
+            if max_bytes is not None and info.size > max_bytes:
+                detail = f"{info.size} bytes > {max_bytes}"
+                yield TarMember(key, ext, None, "file_too_large", info.name, detail, info.offset, info.size)
+                continue
+            if not with_data:
+                yield TarMember(key, ext, None, None, info.name, None, info.offset, info.size)
+                continue
+            try:
                 f = tar.extractfile(info)
-                try:
-                    data = f.read() if f is not None else b""
-                except (tarfile.TarError, OSError, EOFError) as exc:
-                    yield TarMember(key, ext, None, f"truncated tar member: {exc}", info.name)
-                    return
-                if len(data) != info.size:
-                    yield TarMember(key, ext, None, "truncated tar member", info.name)
-                    return
-                yield TarMember(key, ext, data, None, info.name)
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        yield TarMember(key="", ext="", data=None, error=f"unreadable tar: {exc}", name="")
+                data = f.read(info.size) if f is not None else b""
+            except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+                if isinstance(exc, OSError) and is_transient(exc):
+                    raise
+                detail = f"tar ends inside member {info.name!r} ({type(exc).__name__}: {exc})"
+                yield TarMember(key, ext, None, "truncated_tar", info.name, detail, info.offset, info.size)
+                return
+            if len(data) != info.size:
+                detail = f"tar ends inside member {info.name!r} ({len(data)} of {info.size} bytes)"
+                yield TarMember(key, ext, None, "truncated_tar", info.name, detail, info.offset, info.size)
+                return
+            yield TarMember(key, ext, data, None, info.name, None, info.offset, info.size)
+        if compressed or stop is not None:
+            return  # a compressed stream checks its own end; a range ends before the archive does
+        # tarfile stops quietly at a cut header; a complete tar has a zero block where it stopped.
+        end = tar.offset
+        try:
+            fileobj.seek(end)
+            block = fileobj.read(BLOCK)
+        except OSError as exc:
+            if is_transient(exc):
+                raise
+            block = b""
+        if len(block) < BLOCK or block.strip(b"\0"):
+            detail = f"no end-of-archive block at byte {end}" + (f" (after {last.name!r})" if last.name else "")
+            yield TarMember("", "", None, "truncated_tar", "", detail, end)
+
+
+_HEADER_CAP = 1 << 20
+_DECOMPRESSORS: dict[str, Callable[[BinaryIO], Any]] = {
+    "gz": lambda f: gzip.GzipFile(fileobj=f, mode="rb"),
+    "bz2": lambda f: bz2.BZ2File(f, mode="rb"),
+    "xz": lambda f: lzma.LZMAFile(f, mode="rb"),  # noqa: SIM115 (tarfile closes it)
+}
+
+
+class _ReadTooLarge(ValueError):
+    pass
+
+
+class _CappedReader(io.RawIOBase):
+    """A file whose single reads are refused above ``cap`` bytes (seek and tell pass through)."""
+
+    def __init__(self, raw: BinaryIO, cap: int) -> None:
+        self.raw, self.cap = raw, cap
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0 or size > self.cap:
+            raise _ReadTooLarge(f"a tar header asks for {size} bytes at once (limit {self.cap})")
+        return self.raw.read(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+
+def _after(last: TarMember, exc: BaseException) -> str:
+    where = f" after {last.name!r}" if last.name else ""
+    return f"tar ends or breaks{where}: {type(exc).__name__}: {exc}"
 
 
 def read_tar_bytes(data: bytes) -> dict[str, dict[str, bytes]]:
@@ -128,7 +288,7 @@ def read_tar_bytes(data: bytes) -> dict[str, dict[str, bytes]]:
     out: dict[str, dict[str, bytes]] = {}
     for m in iter_tar_members(io.BytesIO(data)):
         if m.error is not None:
-            raise ValueError(m.error)
+            raise ValueError(f"{m.error}: {m.detail}")
         assert m.data is not None
         out.setdefault(m.key, {})[m.ext] = m.data
     return out

@@ -6,7 +6,7 @@ gender); identifiers and decision columns are not attributes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -60,12 +60,25 @@ def balance_report(table: pa.Table, attributes: Sequence[str] | None = None,
     """Markdown for the dataset card: one row per attribute bin, one count column per split, plus the
     bin's share of all samples. Empty string when there is nothing to report."""
     counts = balance_counts(table, attributes, split_column)
-    if counts.num_rows == 0:
-        return ""
-    splits = sorted(set(counts.column("split").to_pylist()), key=lambda s: (s != "train", s != "val", s))
+    cells = {(r["attribute"], r["bin"], r["split"]): r["count"] for r in counts.to_pylist()}
+    return balance_report_from_counts(cells)
+
+
+def balance_report_from_counts(counts: Mapping[tuple[str, str, str], int], max_bins: int | None = None) -> str:
+    """The same markdown from (attribute, bin, split) -> count, e.g. summed over the export's writer
+    tasks (each counts its own rows; no process sees all exported samples). Attributes with more
+    than ``max_bins`` bins are not attributes (ids, free text) and are left out."""
+    bins: dict[str, set[str]] = {}
+    for attr, bin_, _ in counts:
+        bins.setdefault(attr, set()).add(bin_)
+    keep = {a for a, b in bins.items() if max_bins is None or len(b) <= max_bins}
     cells: dict[tuple[str, str], dict[str, int]] = {}
-    for row in counts.to_pylist():
-        cells.setdefault((row["attribute"], row["bin"]), {})[row["split"]] = row["count"]
+    for (attr, bin_, split), n in counts.items():
+        if attr in keep:
+            cells.setdefault((attr, bin_), {})[split] = cells.get((attr, bin_), {}).get(split, 0) + n
+    if not cells:
+        return ""
+    splits = sorted({s for per in cells.values() for s in per}, key=lambda s: (s != "train", s != "val", s))
     totals: dict[str, int] = {}
     for (attr, _), per in cells.items():
         totals[attr] = totals.get(attr, 0) + sum(per.values())

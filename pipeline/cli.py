@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import datetime
+import decimal
 import io
 import json
 import os
@@ -12,10 +14,16 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
+# Every user error (a bad config, a missing run, bad SQL, an unknown sample) exits 2, as click's own
+# usage errors do; 1 means the run itself did not complete.
+USER_ERROR = 2
+CONTEXT = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings=CONTEXT,
                   help="Generate and curate face datasets on Ray, with per-sample lineage.")
 out = Console()
 err = Console(stderr=True)
@@ -28,9 +36,32 @@ class Fmt(StrEnum):
     parquet = "parquet"
 
 
-def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
+def _fail(message: str, code: int = USER_ERROR) -> None:
+    err.print(f"[red]error:[/red] {message}", highlight=False, markup=True)
     raise typer.Exit(code)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("facefoundry")
+    except PackageNotFoundError:
+        return "unknown (not installed; running from a source tree)"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(f"facefoundry {_version()}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="print the version and exit")] = False,
+) -> None:
+    """Generate and curate face datasets on Ray, with per-sample lineage."""
 
 
 @app.command()
@@ -78,9 +109,10 @@ def _print_next_steps(output: str, complete: bool, export: dict[str, Any] | None
     err.print(f"\nrun {output}: {state}")
     if export:
         s = export["splits"]
-        err.print(f"  training shards  {output}/export/train ({s['train']['samples']} samples, "
-                  f"{s['train']['identities']} identities), {output}/export/val ({s['val']['samples']} samples)")
-        err.print(f"  dataset card     {output}/export/dataset_card.md")
+        v = export.get("version", "")
+        err.print(f"  training shards  {output}/export/{v}/train ({s['train']['samples']} samples, "
+                  f"{s['train']['identities']} identities), {output}/export/{v}/val ({s['val']['samples']} samples)")
+        err.print(f"  dataset card     {output}/export/README.md")
     err.print(f"  manifests        {output}/manifests/<stage>/*.parquet")
     err.print(f"  report           {output}/report/index.html")
     err.print("next:")
@@ -105,22 +137,49 @@ def status(
         _fail(str(exc))
         return
     if as_json:
-        out.print_json(json.dumps(st, default=str))
+        sys.stdout.write(json.dumps(st, default=_jsonable, indent=1) + "\n")
         return
-    t = Table(title=f"{run_dir}: {'complete' if st['complete'] else 'incomplete'}")
-    for col in ("stage", "shards", "samples", "kept", "dropped", "errors", "samples/s", "workers"):
-        t.add_column(col, justify="left" if col == "stage" else "right")
-    for s in st["stages"]:
-        rate = f"{s['samples_per_s']:,.1f}" if s["samples_per_s"] else "-"
-        t.add_row(s["stage"], f"{s['shards_committed']}/{s['shards_total']}", str(s["samples"]), str(s["kept"]),
-                  str(s["dropped"]), str(s["errors"]), rate, str(s["workers"]))
-    out.print(t)
+    table = status_table(st)
+    if out.measure(table, options=out.options.update_width(10_000)).maximum <= out.width:
+        out.print(table)
+    else:  # a long stage id: one line per stage rather than squeezed, unreadable columns
+        out.print(table.title, highlight=False)
+        for s in st["stages"]:
+            out.print(f"[bold]{s['stage']}[/bold]", highlight=False)
+            out.print(f"  shards {s['shards_committed']}/{s['shards_total']}  rows {s['samples']}  kept {s['kept']}  "
+                      f"dropped {s['dropped']}  errors {s['errors']}  workers {s['workers']}", highlight=False)
+            out.print(f"  capacity {_rate(s['capacity_per_worker'])} /s/worker  wall rate {_rate(s['wall_rate'])} /s",
+                      highlight=False)
+        out.print(table.caption, highlight=False)
     if st["export"]:
         sp = st["export"]["splits"]
         out.print(f"export: train {sp['train']['samples']} samples / {sp['train']['identities']} identities, "
                   f"val {sp['val']['samples']} / {sp['val']['identities']}")
     else:
         out.print("export: not written")
+
+
+def status_table(st: dict[str, Any]) -> Table:
+    """Stage names are never cut; capacity and wall rate are separate columns (see pipeline/status.py)."""
+    t = Table(title=f"{st['run']}: {'complete' if st['complete'] else 'incomplete'}", box=box.SIMPLE_HEAD,
+              padding=(0, 1), pad_edge=False, collapse_padding=True, show_edge=False,
+              caption="capacity: rows per busy second of one worker; wall rate: rows per second of the stage's "
+                      "wall span (--json has the spans). Wall rate far below capacity x workers: the stage waited.")
+    width = max([len("stage"), *(len(s["stage"]) for s in st["stages"])])
+    t.add_column("stage", no_wrap=True, min_width=width)
+    for col in ("shards", "rows", "kept", "dropped", "errors", "workers", "capacity\n/s/worker", "wall rate\n/s"):
+        t.add_column(col, justify="right", overflow="fold")
+    for s in st["stages"]:
+        t.add_row(s["stage"], f"{s['shards_committed']}/{s['shards_total']}", str(s["samples"]), str(s["kept"]),
+                  str(s["dropped"]), str(s["errors"]), str(s["workers"]), _rate(s["capacity_per_worker"]),
+                  _rate(s["wall_rate"]))
+    return t
+
+
+def _rate(v: float | None) -> str:
+    if not v:
+        return "-"
+    return f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
 
 
 @app.command()
@@ -130,6 +189,9 @@ def query(
     fmt: Annotated[Fmt, typer.Option("--format", "-f")] = Fmt.table,
     output: Annotated[Path | None, typer.Option("--out", help="file to write (needed for parquet)")] = None,
     limit: Annotated[int, typer.Option(help="rows shown in table format")] = 50,
+    vertical: Annotated[bool | None, typer.Option("--vertical/--no-vertical", "-x",
+                                                  help="one block per row (default: when the table is wider than "
+                                                       "the terminal)")] = None,
 ) -> None:
     """SQL on a read-only DuckDB connection over the committed manifests."""
     import duckdb
@@ -154,21 +216,16 @@ def query(
         return
     rows = table.to_pylist()
     if fmt == Fmt.json:
-        text = json.dumps(rows, default=str, indent=1)
+        text = json.dumps(rows, default=_jsonable, indent=1)
     elif fmt == Fmt.csv:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(table.column_names)
         for r in rows:
-            w.writerow([r[c] for c in table.column_names])
+            w.writerow([_csv_cell(r[c]) for c in table.column_names])
         text = buf.getvalue()
     else:
-        t = Table(caption=f"{table.num_rows} rows" + (f" (first {limit} shown)" if table.num_rows > limit else ""))
-        for c in table.column_names:
-            t.add_column(c)
-        for r in rows[:limit]:
-            t.add_row(*[_short(r[c]) for c in table.column_names])
-        out.print(t)
+        _print_rows(table.column_names, rows, limit, vertical)
         return
     if output:
         output.write_text(text)
@@ -176,9 +233,44 @@ def query(
         sys.stdout.write(text + ("" if text.endswith("\n") else "\n"))
 
 
-def _short(v: Any) -> str:
-    text = str(v)
-    return text if len(text) <= 60 else text[:57] + "..."
+CELL_CAP = 60
+
+
+def _short(v: Any, cap: int = CELL_CAP) -> str:
+    text = _jsonable(v) if isinstance(v, bytes | datetime.date | datetime.time) else str(v)
+    return text if len(text) <= cap else text[: cap - 3] + "..."
+
+
+def _csv_cell(v: Any) -> Any:
+    return _jsonable(v) if isinstance(v, bytes | datetime.date | datetime.time) else v
+
+
+def _print_rows(columns: list[str], rows: list[dict[str, Any]], limit: int, vertical: bool | None) -> None:
+    """A table when it fits the terminal, else one block per row (psql's \\x): a wide result stays readable."""
+    shown = rows[:limit]
+    cells = [[_short(r[c]) for c in columns] for r in shown]
+    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
+    fits = sum(widths) + 3 * len(columns) + 1 <= out.width
+    more = f" (first {limit} shown)" if len(rows) > limit else ""
+    if vertical is False or (vertical is None and fits):
+        t = Table(caption=f"{len(rows)} rows{more}")
+        for c in columns:
+            t.add_column(c, overflow="fold")
+        for row in cells:
+            t.add_row(*row)
+        out.print(t)
+        return
+    name_width = max(len(c) for c in columns)
+    value_cap = max(20, out.width - name_width - 3)
+    for n, r in enumerate(shown, 1):
+        out.print(f"[bold]-[ row {n} ]-[/bold]")
+        for c in columns:
+            out.print(f"{c.ljust(name_width)} | {_short(r[c], value_cap)}", highlight=False, markup=False)
+    out.print(f"{len(rows)} rows{more}", highlight=False)
+    if vertical is None:
+        err.print(f"{len(columns)} columns are wider than the terminal: shown one block per row; "
+                  "-f csv or -f json (with --out FILE) gives every row and column in full.", highlight=False,
+                  soft_wrap=True)
 
 
 @app.command()
@@ -199,10 +291,10 @@ def lineage(
         _fail(str(exc))
         return
     if not rows:
-        _fail(f"no sample {sample_id!r} in {run_dir}", code=1)
+        _fail(f"no sample {sample_id!r} in {run_dir}")
         return
     if as_json:
-        out.print_json(json.dumps(rows, default=_jsonable))
+        sys.stdout.write(json.dumps(rows, default=_jsonable, indent=1) + "\n")
         return
     for r in rows:
         head = f"[bold]{r.get('stage')}[/bold]"
@@ -235,7 +327,16 @@ def _fmt(v: Any) -> str:
 
 
 def _jsonable(v: Any) -> Any:
-    return v.hex() if isinstance(v, bytes) else str(v)
+    """JSON for what json cannot write: ISO-8601 times, hex bytes, numbers for decimals."""
+    if isinstance(v, datetime.date | datetime.time):
+        return v.isoformat()
+    if isinstance(v, bytes):
+        return v.hex()
+    if isinstance(v, decimal.Decimal):
+        return float(v)
+    if isinstance(v, datetime.timedelta):
+        return v.total_seconds()
+    return str(v)
 
 
 @app.command()
@@ -274,8 +375,9 @@ def doctor(
         raise typer.Exit(1)
 
 
-train_app = typer.Typer(no_args_is_help=True, help="Train on exported shards (Ray Train, DDP).")
-eval_app = typer.Typer(no_args_is_help=True, help="Evaluate trained models.")
+train_app = typer.Typer(no_args_is_help=True, context_settings=CONTEXT,
+                        help="Train on exported shards (Ray Train, DDP).")
+eval_app = typer.Typer(no_args_is_help=True, context_settings=CONTEXT, help="Evaluate trained models.")
 app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar, get_args
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
@@ -88,8 +88,13 @@ class StageContext:
     identities: dict[str, Any] | None = None
 
 
-class Stage:
-    """Base class. Subclasses set the ClassVars and implement ``process`` (or ``run_global``)."""
+P = TypeVar("P", bound=Params)
+
+
+class Stage(Generic[P]):
+    """Base class. A stage names its params type once, as the generic argument
+    (``class DetectStage(Stage[DetectParams])``): that is its ``params_model`` and the type of
+    ``self.params``. Subclasses set the ClassVars and implement ``process`` (or ``run_global``)."""
 
     name: ClassVar[str]
     version: ClassVar[str] = "1"
@@ -104,12 +109,25 @@ class Stage:
     # the image). The runner refuses, before any work, a config where no earlier stage writes one.
     reads: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, params: Params, context: StageContext) -> None:
-        self.params = params
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "params_model" in cls.__dict__:
+            return  # declared explicitly (plugins written before the generic form)
+        for base in getattr(cls, "__orig_bases__", ()):
+            for arg in get_args(base):
+                if isinstance(arg, type) and issubclass(arg, Params):
+                    cls.params_model = arg
+                    return
+
+    def __init__(self, params: P, context: StageContext) -> None:
+        self.params: P = params
         self.context = context
 
     def setup(self) -> None:
         """Load models. Called once per worker before the first batch."""
+
+    def teardown(self) -> None:
+        """Release what ``setup`` took (server sessions, GPU memory) when the worker retires."""
 
     def model_info(self) -> ModelInfo:
         return ModelInfo()
@@ -127,8 +145,16 @@ class Stage:
         """The stage's own manifest columns. Override when they depend on params (embedding size)."""
         return tuple(self.columns)
 
+    def input_columns(self) -> tuple[str, ...]:
+        """Upstream columns this configured stage reads. Override when they depend on params."""
+        return tuple(self.reads)
 
-class SourceStage(Stage):
+    def rows(self, batch: Batch) -> Rows:
+        """An output builder for ``batch``: one ok, kept row per input sample, own columns empty."""
+        return Rows(batch[SAMPLE_ID], [f.name for f in self.output_fields()])
+
+
+class SourceStage(Stage[P]):
     """Creates samples. ``plan`` cuts the work into shards described by small JSON-able dicts;
     ``read`` turns one shard description into batches. The plan is frozen in the run on first use,
     so a resumed run cuts exactly the same shards."""
@@ -147,17 +173,41 @@ class SourceStage(Stage):
         raise NotImplementedError
 
 
-class FilterStage(Stage):
-    """Scores samples, then decides. ``score`` returns the score columns; ``decide`` turns one
-    row of scores into (keep, reason). Scores are always stored, so an export can re-decide with
-    other thresholds without running the stage again."""
+class RowError(Exception):
+    """Raised by ``FilterStage.score_row`` (or any per-row helper) when one row cannot be scored:
+    that row becomes an error row with this rule and detail, the rest of the batch goes on."""
+
+    def __init__(self, rule: str, detail: object = None) -> None:
+        super().__init__(f"{rule}: {detail}" if detail is not None else rule)
+        self.rule = rule
+        self.detail = detail
+
+
+class FilterStage(Stage[P]):
+    """Scores samples, then decides. Scores are always stored, so an export can re-decide with
+    other thresholds without running the stage again.
+
+    Implement either ``score_row(batch, i) -> {column: value}`` (raise ``RowError`` or ImageError to
+    fail that one row) or, where batching pays, ``score(batch, rows)`` that fills ``rows`` and calls
+    ``rows.fail`` for rows it cannot score. ``decide(scores)`` turns one row of scores into None
+    (keep) or the ``Reason`` it is dropped for; ``Checks`` builds that reason from thresholds.
+    """
 
     kind: ClassVar[StageKind] = StageKind.FILTER
 
-    def score(self, batch: Batch) -> Batch:
-        raise NotImplementedError
+    def score_row(self, batch: Batch, i: int) -> dict[str, Any]:
+        raise NotImplementedError(f"filter {self.name!r} implements neither score() nor score_row()")
 
-    def decide(self, scores: dict[str, Any]) -> tuple[bool, str | None]:
+    def score(self, batch: Batch, rows: Rows) -> None:
+        for i in range(len(rows)):
+            try:
+                rows.set(i, **self.score_row(batch, i))
+            except RowError as exc:
+                rows.fail(i, exc.rule, exc.detail)
+            except ValueError as exc:  # ImageError and bad landmark arrays: this row's data is unusable
+                rows.fail(i, getattr(exc, "rule", "unusable_input"), getattr(exc, "detail", exc))
+
+    def decide(self, scores: dict[str, Any]) -> Reason | None:
         raise NotImplementedError
 
     def thresholds(self) -> dict[str, dict[str, float]]:
@@ -166,18 +216,45 @@ class FilterStage(Stage):
         return {}
 
     def process(self, batch: Batch) -> Batch:
-        scores = self.score(batch)
-        n = len(batch[SAMPLE_ID])
-        out: Batch = {SAMPLE_ID: list(batch[SAMPLE_ID]), **scores}
-        keeps, reasons = [], []
-        for i in range(n):
-            keep, reason = self.decide({k: v[i] for k, v in scores.items()})
-            keeps.append(keep)
-            reasons.append(None if keep else reason)
-        out[STATUS] = [STATUS_OK] * n
-        out[KEEP] = keeps
-        out[REASON] = reasons
-        return out
+        rows = self.rows(batch)
+        self.score(batch, rows)
+        names = [f.name for f in self.output_fields()]
+        for i in range(len(rows)):
+            if rows.failed(i):
+                continue
+            reason = self.decide({c: rows.data[c][i] for c in names})
+            if reason is not None:
+                rows.drop(i, reason.rule, reason.detail)
+        return rows.batch()
+
+
+class Checks:
+    """Threshold checks of one row. Every failed check is listed in the detail (``"yaw 34.2 > 30;
+    sharpness 12.0 < 25"``); the first one names the rule (``yaw_above_max``), so a card groups drops
+    by rule while the row keeps all its numbers. A None value or a None limit is no check."""
+
+    def __init__(self) -> None:
+        self.failed: list[tuple[str, str]] = []
+
+    def min(self, name: str, value: float | None, limit: float | None, fmt: str = ".2f") -> Checks:
+        if value is not None and limit is not None and value < limit:
+            self.failed.append((f"{name}_below_min", f"{name} {value:{fmt}} < {limit:g}"))
+        return self
+
+    def max(self, name: str, value: float | None, limit: float | None, fmt: str = ".2f") -> Checks:
+        if value is not None and limit is not None and value > limit:
+            self.failed.append((f"{name}_above_max", f"{name} {value:{fmt}} > {limit:g}"))
+        return self
+
+    def max_abs(self, name: str, value: float | None, limit: float | None, fmt: str = ".1f") -> Checks:
+        if value is not None and limit is not None and abs(value) > limit:
+            self.failed.append((f"{name}_above_max", f"|{name}| {abs(value):{fmt}} > {limit:g}"))
+        return self
+
+    def reason(self) -> Reason | None:
+        if not self.failed:
+            return None
+        return Reason(self.failed[0][0], "; ".join(detail for _, detail in self.failed))
 
 
 class GlobalStage(Stage):
@@ -227,6 +304,19 @@ class Rows:
 
     def __len__(self) -> int:
         return self.n
+
+    def append(self, sample_id: str, **values: Any) -> int:
+        """Add a row (a stage that derives samples, one per face, builds its rows this way from an
+        empty builder); returns its index, ready for ``set``/``fail``/``drop``."""
+        for col in self.data:
+            self.data[col].append(None)
+        i = self.n
+        self.n += 1
+        self.data[SAMPLE_ID][i] = sample_id
+        self.data[STATUS][i] = STATUS_OK
+        self.data[KEEP][i] = True
+        self.set(i, **values)
+        return i
 
     def set(self, i: int, **values: Any) -> None:
         for col, value in values.items():

@@ -48,7 +48,8 @@ def _numeric_dtype(spec: Any, align: bool = False, copy: bool = False) -> np.dty
 def _ndarray_reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
     if subtype is not np.ndarray:
         raise pickle.UnpicklingError("only plain numpy arrays are allowed in a pair file")
-    return _multiarray._reconstruct(np.ndarray, shape, dtype)
+    out: np.ndarray = _multiarray._reconstruct(np.ndarray, shape, dtype)
+    return out
 
 
 def _scalar(dtype: Any, data: bytes = b"") -> Any:

@@ -67,6 +67,7 @@ class Result:
     error: str | None = None
     cached: bool = False
     attempts: int = 0
+    rule: str | None = None  # the stable rule name of ``error``: unparseable_answer, mllm_request_failed
 
     @property
     def ok(self) -> bool:
@@ -74,7 +75,17 @@ class Result:
 
 
 class RequestError(Exception):
-    """A request that failed for good (after retries, or a non-retryable status)."""
+    """A request the server refused for this sample (a non-retryable status such as 400 or 413)."""
+
+
+class ServerUnavailable(RuntimeError):
+    """The server gave no answer that says anything about the sample: down, connection refused, timed
+    out, 5xx, 429 after the client's own bounded retries, or a 401/403/404 (key or endpoint wrong).
+    Callers must not record it as the sample's result; the pipeline retries the shard later."""
+
+
+# Statuses that say the server (or our access to it) is wrong, not the request: retried by the shard.
+SERVER_SIDE_STATUS = frozenset({401, 403, 404})
 
 
 def request_key(model: str, system: str | None, req: Request) -> str:
@@ -109,7 +120,8 @@ def finish(raw: str | None, schema: dict[str, Any], attempts: int) -> Result:
         return Result(answer=parse_answer(raw, schema), raw=raw, attempts=attempts)
     except (ValueError, jsonschema.ValidationError) as exc:
         reason = exc.message if isinstance(exc, jsonschema.ValidationError) else str(exc)
-        return Result(raw=(raw or "")[:RAW_LIMIT], error=f"unparseable answer ({reason})", attempts=attempts)
+        return Result(raw=(raw or "")[:RAW_LIMIT], error=f"unparseable answer ({reason})", attempts=attempts,
+                      rule="unparseable_answer")
 
 
 class ResponseCache:
@@ -196,7 +208,8 @@ class MLLMClient:
         return base * (0.5 + random.random() / 2)  # jitter spreads retries of a concurrent batch
 
     async def _post(self, client: Any, req: Request) -> tuple[str | None, int]:
-        """Content of the first choice and the attempts it took; raises RequestError when it gives up."""
+        """Content of the first choice and the attempts it took. Raises RequestError when the server
+        refuses this request, ServerUnavailable when it cannot answer at all (after the retries)."""
         import httpx
 
         url = self.spec.base_url.rstrip("/") + "/chat/completions"
@@ -219,12 +232,14 @@ class MLLMClient:
                         raise RequestError(f"malformed response body ({type(exc).__name__}): "
                                            f"{resp.text[:500]!r}") from exc
                 last = f"HTTP {resp.status_code}: {resp.text[:300]}"
+                if resp.status_code in SERVER_SIDE_STATUS:
+                    raise ServerUnavailable(f"{url}: {last}")
                 if resp.status_code not in RETRY_STATUS:
                     raise RequestError(last)
                 retry_after = resp.headers.get("retry-after")
             if attempt < self.spec.max_retries:
                 await asyncio.sleep(self._delay(attempt, retry_after))
-        raise RequestError(f"gave up after {self.spec.max_retries + 1} attempts; last: {last}")
+        raise ServerUnavailable(f"{url}: gave up after {self.spec.max_retries + 1} attempts; last: {last}")
 
     async def _ask(self, client: Any, gate: asyncio.Semaphore, req: Request) -> Result:
         model = f"{self.spec.model}@{self.spec.revision}" if self.spec.revision else self.spec.model
@@ -239,7 +254,7 @@ class MLLMClient:
             try:
                 raw, attempts = await self._post(client, req)
             except RequestError as exc:
-                return Result(error=f"mllm request failed: {exc}")
+                return Result(error=f"mllm request failed: {exc}", rule="mllm_request_failed")
         if self.cache is not None:
             record = {"model": self.spec.model, "prompt": req.prompt, "raw": raw}
             await asyncio.to_thread(self.cache.put, key, record)
@@ -251,7 +266,13 @@ class MLLMClient:
         limits = httpx.Limits(max_connections=self.spec.max_concurrency)
         gate = asyncio.Semaphore(self.spec.max_concurrency)
         async with httpx.AsyncClient(timeout=self.spec.timeout_s, limits=limits) as client:
-            return list(await asyncio.gather(*(self._ask(client, gate, r) for r in requests)))
+            # Every request runs to its end (answers are cached) before one that found the server
+            # unavailable fails the batch: the retried shard then asks only what is still open.
+            results = await asyncio.gather(*(self._ask(client, gate, r) for r in requests), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return [r for r in results if isinstance(r, Result)]
 
     def ask(self, requests: Sequence[Request]) -> list[Result]:
         return run_sync(lambda: self.ask_async(requests))

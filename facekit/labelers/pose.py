@@ -47,6 +47,9 @@ class PoseBinLabeler:
     def fields(self) -> tuple[pa.Field, ...]:
         return (pa.field("pose_bin", pa.string()),)
 
+    def reads(self) -> tuple[str, ...]:
+        return (self.params.yaw_column, self.params.pitch_column)
+
     def setup(self) -> None:
         pass
 

@@ -41,19 +41,19 @@ class Canvas:
         self.rot = rot
         self.rx, self.ry, self.rz = depth  # head ellipsoid semi-axes (face units)
 
-    def surface_z(self, xy: np.ndarray, lift: float = 0.0) -> np.ndarray:
+    def surface_z(self, xy: np.ndarray, lift: float | np.ndarray = 0.0) -> np.ndarray:
         """Depth of the head surface under frontal points (N,2) plus a constant lift."""
         q = 1.0 - (xy[:, 0] / self.rx) ** 2 - (xy[:, 1] / self.ry) ** 2
         return self.rz * np.sqrt(np.clip(q, 0.04, 1.0)) + lift
 
-    def on_surface(self, xy: np.ndarray, lift: float = 0.0) -> np.ndarray:
+    def on_surface(self, xy: np.ndarray, lift: float | np.ndarray = 0.0) -> np.ndarray:
         return np.column_stack([xy, self.surface_z(xy, lift)])
 
     def project(self, xyz: np.ndarray) -> np.ndarray:
         """Face-frame points (N,3) to pixel coordinates (N,2), orthographic."""
         return (xyz @ self.rot.T)[:, :2] * self.px + self.centre
 
-    def surf(self, xy: np.ndarray, lift: float = 0.0) -> np.ndarray:
+    def surf(self, xy: np.ndarray, lift: float | np.ndarray = 0.0) -> np.ndarray:
         """Frontal points lying on the head surface, projected to pixels."""
         return self.project(self.on_surface(xy, lift))
 
@@ -91,7 +91,7 @@ class Canvas:
         # fraction of the cost (blurs were most of the render time).
         f = max(1, int(blur / 1.5))
         h, w = (y1 - y0 + f - 1) // f, (x1 - x0 + f - 1) // f
-        m = np.zeros((h, w), np.uint8)
+        m: np.ndarray = np.zeros((h, w), np.uint8)
         shifted = [np.round((p - (x0, y0)) * (_ONE / f)).astype(np.int32) for p in polys]
         if width > 0:
             cv2.polylines(m, shifted, False, 255, max(1, round(width / f)), cv2.LINE_AA, shift=SHIFT)

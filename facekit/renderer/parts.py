@@ -189,9 +189,9 @@ def draw_front_hair(cv: Canvas, ip: IdentityParams, nu: Nuisance, pal: Palette) 
     if nu.hair_lock > 0:  # a lock falling from the hairline toward one eye, tapering to a tip
         side = 1.0 if ip.hair_part >= 0 else -1.0
         t = np.linspace(0.0, 1.0, 10)
-        top = float(np.min(hairline[:, 1]))
+        y_top = float(np.min(hairline[:, 1]))
         cx = side * w * (0.2 + 0.25 * t**1.5)
-        cy = top - 0.01 + t * (e - 0.015 + 0.02 * nu.hair_lock - top)
+        cy = y_top - 0.01 + t * (e - 0.015 + 0.02 * nu.hair_lock - y_top)
         half = 0.012 * (1 - t) + 0.001
         lock = np.vstack([np.column_stack([cx - half, cy]), np.column_stack([cx + half, cy])[::-1]])
         cv.blend(cv.surf(lock, 0.01), scale(col, 0.9), 0.95, blur=cv.pw(0.6))

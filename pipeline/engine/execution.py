@@ -157,9 +157,11 @@ def load_shard_input(store: RunStorage, upstream: tuple[UpstreamInfo, ...], shar
 # ---------------------------------------------------------------- processing
 
 
-def _error_rows(batch: Batch, reason: str) -> Batch:
+def _error_rows(batch: Batch, detail: str) -> Batch:
+    """Rows for samples whose ``process`` call raised: rule ``stage_error``, the exception as detail."""
     n = len(batch[SAMPLE_ID])
-    return {SAMPLE_ID: list(batch[SAMPLE_ID]), STATUS: [STATUS_ERROR] * n, KEEP: [False] * n, REASON: [reason] * n}
+    return {SAMPLE_ID: list(batch[SAMPLE_ID]), STATUS: [STATUS_ERROR] * n, KEEP: [False] * n,
+            REASON: ["stage_error"] * n, "detail": [detail] * n}
 
 
 def _slice(batch: Batch, start: int, stop: int) -> Batch:
@@ -218,7 +220,8 @@ def complete_rows(batch: Batch, out: Batch) -> Batch:
     if missing:
         lost = {c: [batch[c][i] for i in missing] for c in CARRIED}
         lost.update({STATUS: [STATUS_ERROR] * len(missing), KEEP: [False] * len(missing),
-                     REASON: ["stage returned no row for this sample"] * len(missing)})
+                     REASON: ["no_row_returned"] * len(missing),
+                     "detail": ["the stage returned no row for this sample"] * len(missing)})
         out = _concat([out, lost])
     return out
 
@@ -288,7 +291,8 @@ def write_pixels(store: RunStorage, spec: StageSpec, shard: str, out: Batch) -> 
         try:
             key = check_key(out["key"][i])
         except (UnsafeMemberError, TypeError) as exc:
-            out[STATUS][i], out[KEEP][i], out[REASON][i] = STATUS_ERROR, False, str(exc)
+            out[STATUS][i], out[KEEP][i], out[REASON][i] = STATUS_ERROR, False, "unsafe_key"
+            out.setdefault("detail", [None] * n)[i] = str(exc)
             continue
         meta = {"sample_id": out[SAMPLE_ID][i], "identity_id": out["identity_id"][i],
                 "parent_id": out[PARENT_ID][i], "stage": spec.stage_id}

@@ -21,7 +21,7 @@ from typing import Any, BinaryIO
 
 import yaml
 
-from manifests.layout import LOCK_FILE, PLAN_FILE, RUN_FILE
+from manifests.layout import LOCK_FILE, PLAN_FILE, RUN_FILE, RUN_OUTPUTS
 from manifests.storage import RunStorage
 from pipeline.config import PipelineConfig, ResolvedStage, config_hash
 from stages.base import stable_hash
@@ -111,7 +111,7 @@ def wipe_stages(store: RunStorage, stage_ids: list[str]) -> None:
 
 
 def wipe_run(store: RunStorage) -> None:
-    for part in ("manifests", "shards", "export", "identities", "report", "cache", "metrics", RUN_FILE, PLAN_FILE):
+    for part in RUN_OUTPUTS:
         store.remove(part, recursive=True)
 
 

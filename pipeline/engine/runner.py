@@ -19,7 +19,7 @@ from typing import Any
 import ray
 from rich.console import Console
 
-from manifests.layout import EXPORT_DIR, EXPORT_DONE, IDENTITIES_FILE, PLAN_FILE, history_path
+from manifests.layout import IDENTITIES_FILE, PLAN_FILE, history_path
 from manifests.storage import RunStorage
 from pipeline.config import PipelineConfig, ResolvedStage, config_hash
 from pipeline.engine import cluster
@@ -38,7 +38,6 @@ from pipeline.engine.rundir import (
     write_plan,
     write_run_file,
 )
-from pipeline.export import ExportConfig
 from stages.base import SourceStage, Stage, StageContext, StageKind
 
 MAX_SHARD_ATTEMPTS = 3
@@ -101,16 +100,18 @@ class Runner:
         from manifests.schema import CARRIED
         from pipeline.config import ConfigError
 
-        available: set[str] = set(CARRIED)
+        available: dict[str, str] = {c: "every stage" for c in CARRIED}
         for s in self.stages:
             inst = self.instances[s.stage_id]
-            missing = [c for c in getattr(inst, "needs", ()) if c not in available]
-            if s.cls.kind == StageKind.GLOBAL and missing:
+            wanted = list(dict.fromkeys([*inst.input_columns(), *getattr(inst, "needs", ())]))
+            missing = [c for c in wanted if c not in available]
+            if missing:
+                written = ", ".join(f"{c} ({w})" for c, w in sorted(available.items()) if w != "every stage")
                 raise ConfigError(
-                    f"invalid config:\n  stages[{s.index}] ({s.stage_id}): needs column(s) {missing} that no earlier "
-                    f"stage writes (earlier columns: {sorted(available) or 'none'})"
+                    f"invalid config:\n  stages[{s.index}] ({s.stage_id}): reads column(s) {', '.join(missing)} "
+                    f"that no earlier stage writes; earlier stages write: {written or 'nothing'}"
                 )
-            available.update(f.name for f in inst.output_fields())
+            available.update({f.name: s.stage_id for f in inst.output_fields()})
         exp = self.cfg.export
         refs = [(f"export.thresholds.{t}", t) for t in exp.thresholds]
         refs += [(f"export.metadata_columns[{i}]", t) for i, t in enumerate(exp.metadata_columns)]
@@ -124,6 +125,15 @@ class Runner:
             if column not in cols:
                 raise ConfigError(f"invalid config:\n  {where}: stage {stage!r} has no column {column!r} "
                                   f"(columns: {', '.join(sorted(cols))})")
+        from manifests.tables import StageColumns, samples_schema
+        from pipeline.export.plan import where_error
+
+        schema = samples_schema([StageColumns(s.stage_id, self.instances[s.stage_id].output_fields(),
+                                              s.cls.writes_pixels) for s in self.stages])
+        problem = where_error(exp, self.order, schema)
+        if problem:
+            raise ConfigError(f"invalid config:\n  export.where: {problem} (columns are those of tables/samples: "
+                              f"stage__column, e.g. {schema.names[-1]})")
 
     # ------------------------------------------------------------ specs and plans
 
@@ -229,11 +239,16 @@ class Runner:
                         compactions += self._compact(phase, shards, committed)
                     self._await_compactions(compactions)
                     complete = not failures and all(len(committed[s]) == len(shards) for s in self.order)
+                    if complete:
+                        prog.export_note = "tables: writing"
+                        prog.update()
+                        complete = self._write_tables(shards, failures)
                     if complete and self.cfg.export.enabled:
                         prog.export_note = "export: running"
                         prog.update()
-                        result.export, result.export_ran = self._run_export()
-                        prog.export_note = "export: " + ("written" if result.export_ran else "up to date")
+                        result.export, result.export_ran = self._run_export(failures)
+                        prog.export_note = "export: " + ("failed" if result.export is None else
+                                                         "written" if result.export_ran else "up to date")
                         prog.update()
                 for s in self.stages:
                     p = prog.stages[s.stage_id]
@@ -405,44 +420,38 @@ class Runner:
                 note = str(exc).splitlines()[-1]
                 self.console.print(f"[yellow]stage {sid}: manifests not compacted:[/yellow] {note}")
 
-    def _run_export(self) -> tuple[dict[str, Any], bool]:
+    def _write_tables(self, shards: list[str], failures: dict[tuple[str, str], str]) -> bool:
+        """The run's one-row-per-sample tables: part of the run's commit, before the export."""
+        from manifests.tables import StageColumns
+        from pipeline.tables import write_run_tables
+
+        cols = [StageColumns(s.stage_id, self.instances[s.stage_id].output_fields(), s.cls.writes_pixels)
+                for s in self.stages]
+        try:
+            write_run_tables(self.store, cols, self.fingerprints, shards)
+        except (ray.exceptions.RayError, RuntimeError, OSError, TypeError) as exc:
+            failures[("tables", "*")] = str(exc)[:4000]
+            self.console.print(f"[red]run tables not written:[/red] {str(exc).splitlines()[-1] if str(exc) else exc}")
+            return False
+        return True
+
+    def _run_export(self, failures: dict[tuple[str, str], str]) -> tuple[dict[str, Any] | None, bool]:
+        from pipeline.export.task import ExportFailed, run_export
+
         fp = export_fingerprint(self.cfg, self.fingerprints)
-        if self.store.exists(EXPORT_DIR, EXPORT_DONE):
-            done = json.loads(self.store.read_bytes(EXPORT_DIR, EXPORT_DONE))
-            if done.get("fingerprint") == fp:
-                return done, False
-        pixel_stage = next(s.stage_id for s in reversed(self.stages) if s.cls.writes_pixels)
-        task = ray.remote(export_task).options(num_cpus=0.25)
-        done = ray.get(task.remote(self.store.url, self.store.storage_options, self.order, pixel_stage,
-                                   self.cfg.export, fp, config_hash(self.cfg)))
-        return done, True
+        stages = [{"id": s.stage_id, "name": s.cls.name} for s in self.stages]
+        try:
+            return run_export(self.store, stages, self.cfg.export, fp, config_hash(self.cfg),
+                              rows_per_file=self.cfg.run.shard_size)
+        except (ExportFailed, ray.exceptions.RayError) as exc:
+            failures[("export", "*")] = str(exc)[:4000]
+            self.console.print(f"[red]export failed (the previous export is intact):[/red] "
+                               f"{str(exc).splitlines()[-1] if str(exc) else exc}")
+            return None, False
 
     def _write_history(self, result: RunResult) -> None:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
         self.store.write_atomic(json.dumps(asdict(result), indent=2, default=str).encode(), *history_path(stamp))
-
-
-def export_task(url: str, storage_options: dict[str, Any], order: list[str], pixel_stage: str,
-                cfg: ExportConfig, fingerprint: str, cfg_hash: str) -> dict[str, Any]:
-    """Plan the export with DuckDB, write training shards in parallel Ray tasks, then commit."""
-    from pipeline.export import plan_export, write_export_shard, write_manifest_and_card
-
-    store = RunStorage(url, storage_options)
-    store.remove(EXPORT_DIR, recursive=True)
-    table, stats = plan_export(store, order, pixel_stage, cfg)
-    rows = table.to_pylist() if "export_shard" in table.column_names else []
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault(r["export_shard"], []).append(r)
-    writer = ray.remote(write_export_shard).options(num_cpus=0.25)
-    meta_names = [m.replace(".", "_") for m in cfg.metadata_columns]
-    members = list(cfg.extra_members)
-    ray.get([writer.remote(store, path, grp, cfg.image_format, meta_names, members)
-             for path, grp in sorted(groups.items())])
-    from pipeline.export import balance_section
-
-    balance = balance_section(store, order, table)
-    return write_manifest_and_card(store, table, stats, fingerprint, cfg, cfg_hash, balance)
 
 
 def run_pipeline(cfg: PipelineConfig, stages: list[ResolvedStage], output: str, *, force: bool = False,

@@ -16,19 +16,8 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from facekit.backends.clip import ClipModel, ClipSpec, check_files
-from facekit.imaging import decode_images
-from stages.base import (
-    IMAGE,
-    KEEP,
-    REASON,
-    STATUS,
-    STATUS_ERROR,
-    Batch,
-    FilterStage,
-    ModelInfo,
-    Params,
-    Resources,
-)
+from facekit.imaging import ImageError, decode_rgb
+from stages.base import IMAGE, Batch, Checks, FilterStage, ModelInfo, Params, Reason, Resources, Rows
 
 NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
 
@@ -59,23 +48,11 @@ class ClipFilterParams(Params):
         return self
 
 
-def error_rows(out: Batch, errors: list[str | None], columns: list[str]) -> Batch:
-    """Turn rows with an error into status=error rows with the reason and empty score columns."""
-    for i, err in enumerate(errors):
-        if err is not None:
-            out[STATUS][i], out[KEEP][i], out[REASON][i] = STATUS_ERROR, False, err
-            for c in columns:
-                out[c][i] = None
-    return out
-
-
-class ClipFilterStage(FilterStage):
+class ClipFilterStage(FilterStage[ClipFilterParams]):
     name: ClassVar[str] = "clip_filter"
-    version: ClassVar[str] = "1"
-    params_model: ClassVar[type[Params]] = ClipFilterParams
+    version: ClassVar[str] = "2"
     resources: ClassVar[Resources] = Resources(cpus=1.0, memory_gb=2.0)
     batch_size: ClassVar[int] = 64
-    params: ClipFilterParams
 
     @classmethod
     def doctor(cls, params: ClipFilterParams) -> list[str]:
@@ -97,34 +74,32 @@ class ClipFilterStage(FilterStage):
     def model_info(self) -> ModelInfo:
         return self.model.model_info()
 
-    def score(self, batch: Batch) -> Batch:
-        images, errors = decode_images(batch[IMAGE])
-        n = len(images)
-        out: Batch = {f.name: [None] * n for f in self.output_fields()}
-        good = [i for i in range(n) if images[i] is not None]
+    def score(self, batch: Batch, rows: Rows) -> None:
+        images = []
+        for i, data in enumerate(batch[IMAGE]):
+            try:
+                images.append(decode_rgb(data))
+            except ImageError as exc:
+                rows.fail(i, exc.rule, exc.detail)
+                images.append(None)
+        good = [i for i in range(len(rows)) if images[i] is not None]
         emb = self.model.embed_images([images[i] for i in good])  # type: ignore[misc]
         for k, pair in enumerate(self.params.pairs):
             probs = self.model.probabilities(emb, self.text[2 * k : 2 * k + 2])[:, 0]
             for j, i in enumerate(good):
-                out[f"clip_{pair.name}"][i] = float(probs[j])
+                rows.set(i, **{f"clip_{pair.name}": float(probs[j])})
         if self.params.store_embedding:
             for j, i in enumerate(good):
-                out["clip_embedding"][i] = emb[j].tolist()
-                out["clip_space"][i] = self.model.space
-        out["_errors"] = errors
-        return out
+                rows.set(i, clip_embedding=emb[j], clip_space=self.model.space)
 
-    def decide(self, scores: dict[str, Any]) -> tuple[bool, str | None]:
-        if scores["_errors"] is not None:
-            return False, scores["_errors"]
-        failed = [f"clip {p.name} {scores[f'clip_{p.name}']:.2f} < {p.min_prob}"
-                  for p in self.params.pairs if scores[f"clip_{p.name}"] < p.min_prob]
-        return not failed, "; ".join(failed) or None
+    def decide(self, scores: dict[str, Any]) -> Reason | None:
+        checks = Checks()
+        for p in self.params.pairs:
+            checks.min(f"clip_{p.name}", scores[f"clip_{p.name}"], p.min_prob)
+        return checks.reason()
 
-    def process(self, batch: Batch) -> Batch:
-        out = super().process(batch)
-        errors = out.pop("_errors")
-        return error_rows(out, errors, [f.name for f in self.output_fields()])
+    def thresholds(self) -> dict[str, dict[str, float]]:
+        return {f"clip_{p.name}": {"min": p.min_prob} for p in self.params.pairs}
 
 
-__all__ = ["DEFAULT_PAIRS", "ClipFilterParams", "ClipFilterStage", "PromptPair", "decode_images"]
+__all__ = ["DEFAULT_PAIRS", "ClipFilterParams", "ClipFilterStage", "PromptPair"]

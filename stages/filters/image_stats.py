@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from facekit.imaging import ImageError, decode_rgb
-from stages.base import IMAGE, Batch, FilterStage, Params, Resources
+from facekit.imaging import decode_rgb
+from stages.base import IMAGE, Batch, Checks, FilterStage, Params, Reason, Resources
 
 
 class ImageStatsParams(Params):
@@ -28,10 +28,9 @@ def image_stats(rgb: np.ndarray) -> tuple[float, float, float]:
     return sharpness, float(g.mean()), float(g.std())
 
 
-class ImageStatsStage(FilterStage):
+class ImageStatsStage(FilterStage[ImageStatsParams]):
     name: ClassVar[str] = "image_stats"
-    version: ClassVar[str] = "1"
-    params_model: ClassVar[type[Params]] = ImageStatsParams
+    version: ClassVar[str] = "2"
     resources: ClassVar[Resources] = Resources(cpus=0.5)
     batch_size: ClassVar[int] = 64
     columns: ClassVar[tuple[pa.Field, ...]] = (
@@ -39,29 +38,19 @@ class ImageStatsStage(FilterStage):
         pa.field("exposure", pa.float32()),
         pa.field("contrast", pa.float32()),
     )
-    params: ImageStatsParams
 
-    def score(self, batch: Batch) -> Batch:
-        out: Batch = {"sharpness": [], "exposure": [], "contrast": []}
-        for data in batch[IMAGE]:
-            s, e, c = image_stats(decode_rgb(data))
-            out["sharpness"].append(s)
-            out["exposure"].append(e)
-            out["contrast"].append(c)
-        return out
+    def score_row(self, batch: Batch, i: int) -> dict[str, Any]:
+        s, e, c = image_stats(decode_rgb(batch[IMAGE][i]))
+        return {"sharpness": s, "exposure": e, "contrast": c}
 
-    def decide(self, scores: dict[str, Any]) -> tuple[bool, str | None]:
+    def decide(self, scores: dict[str, Any]) -> Reason | None:
         p = self.params
-        failed = []
-        if scores["sharpness"] < p.min_sharpness:
-            failed.append(f"sharpness {scores['sharpness']:.1f} < {p.min_sharpness}")
-        if scores["exposure"] < p.min_exposure:
-            failed.append(f"underexposed {scores['exposure']:.2f} < {p.min_exposure}")
-        if scores["exposure"] > p.max_exposure:
-            failed.append(f"overexposed {scores['exposure']:.2f} > {p.max_exposure}")
-        if scores["contrast"] < p.min_contrast:
-            failed.append(f"contrast {scores['contrast']:.3f} < {p.min_contrast}")
-        return (not failed, "; ".join(failed) or None)
+        return (Checks().min("sharpness", scores["sharpness"], p.min_sharpness, ".1f")
+                .min("exposure", scores["exposure"], p.min_exposure)
+                .max("exposure", scores["exposure"], p.max_exposure)
+                .min("contrast", scores["contrast"], p.min_contrast, ".3f").reason())
 
-
-__all__ = ["ImageError", "ImageStatsParams", "ImageStatsStage"]
+    def thresholds(self) -> dict[str, dict[str, float]]:
+        p = self.params
+        return {"sharpness": {"min": p.min_sharpness}, "exposure": {"min": p.min_exposure, "max": p.max_exposure},
+                "contrast": {"min": p.min_contrast}}

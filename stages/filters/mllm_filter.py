@@ -3,9 +3,13 @@
 All questions about one image go in one request whose JSON schema has one property per question,
 so the image is encoded (and paid for in tokens) once. A question without a pass rule is a label:
 its answer is stored and never drops a sample. Nothing is lost: an image that does not decode, a
-request that fails after its retries and an answer that does not parse each give an error row
-whose reason says which, and holds the raw answer text where there was one (the runner keeps only
-the reason of error rows).
+request the server refuses for this sample and an answer that does not parse each give an error
+row whose reason is a rule (the decoder's, ``mllm_request_failed``, ``unparseable_answer``) and whose
+detail says what, with the raw answer text where there was one. A server that cannot answer at all
+(down, connection refused, timeouts, 5xx, 429 after the client's own retries) says nothing about the
+samples: the stage raises TransientError, nothing is recorded, and the engine retries the shard
+(answers already received are cached, so the retry asks only what is still open). A failed pass
+rule drops the sample with the rule ``mllm_<question>_failed``.
 """
 
 from __future__ import annotations
@@ -16,23 +20,29 @@ from typing import Any, ClassVar, Literal
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from facekit.backends.mllm_client import MLLMClient, MLLMServerSpec, Request, ResponseCache, Result, check_server
+from facekit.backends.mllm_client import (
+    MLLMClient,
+    MLLMServerSpec,
+    Request,
+    ResponseCache,
+    Result,
+    ServerUnavailable,
+    check_server,
+)
 from facekit.backends.vlm_local import LocalVLMSpec
 from facekit.imaging import ImageError, decode_rgb
+from manifests.transient import is_transient
 from stages.base import (
     IMAGE,
     IMAGE_EXT,
-    KEEP,
-    REASON,
     SAMPLE_ID,
-    STATUS,
-    STATUS_ERROR,
-    STATUS_OK,
     Batch,
     FilterStage,
     ModelInfo,
     Params,
     Resources,
+    Rows,
+    TransientError,
 )
 
 DEFAULT_INSTRUCTIONS = (
@@ -188,34 +198,37 @@ class MLLMFilterStage(FilterStage):
             try:
                 data, ext = prepare_image(batch[IMAGE][i], exts[i] or "png", self.params.max_side)
             except ImageError as exc:
-                results[i] = Result(error=str(exc))
+                results[i] = Result(error=exc.detail, rule=exc.rule)
                 continue
             requests.append(Request(self.prompt, data, ext, self.schema))
             where.append(i)
-        for i, result in zip(where, self.asker.ask(requests), strict=True):
+        try:
+            answers = self.asker.ask(requests)
+        except ServerUnavailable as exc:
+            raise TransientError(f"mllm server unavailable: {exc}") from exc
+        except OSError as exc:  # the answer cache lives in the run directory: a storage 5xx is no answer
+            if is_transient(exc):
+                raise TransientError(f"mllm answer cache: {type(exc).__name__}: {exc}") from exc
+            raise
+        for i, result in zip(where, answers, strict=True):
             results[i] = result
         return self._rows(batch[SAMPLE_ID], results)  # type: ignore[arg-type]
 
     def _rows(self, sample_ids: list[str], results: list[Result]) -> Batch:
-        out: Batch = {SAMPLE_ID: list(sample_ids), STATUS: [], KEEP: [], REASON: []}
-        for f in self.output_fields():
-            out[f.name] = []
-        for r in results:
+        rows = Rows(sample_ids, [f.name for f in self.output_fields()])
+        for i, r in enumerate(results):
             answer = r.answer or {}
             for q in self.params.questions:
-                out[f"mllm_{q.name}"].append(answer.get(q.name))
-            out["mllm_raw"].append(r.raw)
+                rows.set(i, **{f"mllm_{q.name}": answer.get(q.name)})
+            rows.set(i, mllm_raw=r.raw)
             if not r.ok:
-                reason = r.error if r.raw is None else f"{r.error}; raw answer: {r.raw!r}"
-                out[STATUS].append(STATUS_ERROR)
-                out[KEEP].append(False)
-                out[REASON].append(reason)
+                detail = r.error if r.raw is None else f"{r.error}; raw answer: {r.raw!r}"
+                rows.fail(i, r.rule or "mllm_error", detail)
                 continue
-            failed = [v for q in self.params.questions if (v := q.verdict(answer[q.name]))]
-            out[STATUS].append(STATUS_OK)
-            out[KEEP].append(not failed)
-            out[REASON].append("; ".join(failed) or None)
-        return out
+            failed = [(q, v) for q in self.params.questions if (v := q.verdict(answer[q.name]))]
+            if failed:
+                rows.drop(i, f"mllm_{failed[0][0].name}_failed", "; ".join(v for _, v in failed))
+        return rows.batch()
 
 
 __all__ = ["MLLMFilterParams", "MLLMFilterStage", "Question", "build_prompt", "build_schema"]

@@ -1,5 +1,6 @@
 """quality: per-face scores (sharpness, exposure, contrast, size, detector score, head pose) and one
-decision whose reason names every failed check, e.g. "yaw 34.2 > 30; sharpness 12.0 < 25".
+decision: the rule is the first failed check (`yaw_above_max`), the detail names every failed one
+("|yaw| 34.2 > 30; sharpness 12.0 < 25").
 
 Image statistics are measured on the face, not the photo: on the central region of the ArcFace
 112 crop (eyes to chin, cheek to cheek), so a blurry background or a black alignment border does not
@@ -21,20 +22,8 @@ import pyarrow as pa
 from pydantic import Field
 
 from facekit.geometry import ARCFACE_SIZE, align_to_template, head_pose, landmarks_array, warp
-from facekit.imaging import ImageError, decode_rgb
-from stages.base import (
-    IMAGE,
-    KEEP,
-    REASON,
-    SAMPLE_ID,
-    STATUS,
-    STATUS_ERROR,
-    STATUS_OK,
-    Batch,
-    FilterStage,
-    Params,
-    Resources,
-)
+from facekit.imaging import decode_rgb
+from stages.base import IMAGE, Batch, Checks, FilterStage, Params, Reason, Resources, RowError
 
 # Rows, columns of the 112 crop that hold the face: from the brows (y 36, template eyes at 52) to
 # below the mouth (y 104, mouth at 92), between the cheeks (x 24-88, eyes at 38 and 74).
@@ -67,20 +56,9 @@ def face_stats(crop112: np.ndarray) -> tuple[float, float, float]:
     return sharpness, float(g.mean()), float(g.std())
 
 
-def _limit(failed: list[str], name: str, value: float | None, low: float | None, high: float | None,
-           fmt: str = ".2f") -> None:
-    if value is None:
-        return
-    if low is not None and value < low:
-        failed.append(f"{name} {value:{fmt}} < {low:g}")
-    if high is not None and value > high:
-        failed.append(f"{name} {value:{fmt}} > {high:g}")
-
-
-class QualityStage(FilterStage):
+class QualityStage(FilterStage[QualityParams]):
     name: ClassVar[str] = "quality"
-    version: ClassVar[str] = "1"
-    params_model: ClassVar[type[Params]] = QualityParams
+    version: ClassVar[str] = "2"
     resources: ClassVar[Resources] = Resources(cpus=0.25)
     batch_size: ClassVar[int] = 64
     columns: ClassVar[tuple[pa.Field, ...]] = (
@@ -94,10 +72,10 @@ class QualityStage(FilterStage):
         pa.field("roll", pa.float32()),  # > 0: clockwise in the image
         pa.field("pose_error", pa.float32()),  # RMS reprojection error / inter-ocular distance
     )
-    params: QualityParams
+    reads: ClassVar[tuple[str, ...]] = ("landmarks5",)
 
-    def score_one(self, batch: Batch, i: int) -> dict[str, Any]:
-        """Scores of row ``i``; raises ImageError when its pixels are unusable."""
+    def score_row(self, batch: Batch, i: int) -> dict[str, Any]:
+        """Scores of row ``i``; raises ImageError / RowError when its pixels or landmarks are unusable."""
         def col(name: str) -> Any:
             values = batch.get(name)
             return values[i] if values is not None else None
@@ -111,7 +89,7 @@ class QualityStage(FilterStage):
         elif lm5 is not None:
             crop = warp(rgb, align_to_template(lm5).matrix, ARCFACE_SIZE)
         else:
-            raise ImageError("no landmarks5 and no aligned crop (quality needs detect upstream)")
+            raise RowError("no_landmarks", "no landmarks5 and no aligned crop (quality needs detect upstream)")
         sharpness, exposure, contrast = face_stats(crop)
         scores: dict[str, Any] = dict.fromkeys(SCORES)
         scores.update(sharpness=sharpness, exposure=exposure, contrast=contrast, det_score=col("det_score"))
@@ -126,41 +104,26 @@ class QualityStage(FilterStage):
                           pose_error=pose.reprojection_error / iod if iod > 0 else None)
         return scores
 
-    def score(self, batch: Batch) -> Batch:
-        rows = [self.score_one(batch, i) for i in range(len(batch[SAMPLE_ID]))]
-        return {name: [r[name] for r in rows] for name in SCORES}
-
-    def decide(self, scores: dict[str, Any]) -> tuple[bool, str | None]:
+    def decide(self, scores: dict[str, Any]) -> Reason | None:
         p = self.params
-        failed: list[str] = []
-        for angle, limit in (("yaw", p.max_yaw), ("pitch", p.max_pitch), ("roll", p.max_roll)):
-            _limit(failed, angle, scores[angle], None if limit is None else -limit, limit, ".1f")
-        _limit(failed, "face size", scores["face_size"], p.min_face_size, None, ".0f")
-        _limit(failed, "detector score", scores["det_score"], p.min_det_score, None)
-        _limit(failed, "sharpness", scores["sharpness"], p.min_sharpness, None, ".1f")
-        _limit(failed, "exposure", scores["exposure"], p.min_exposure, p.max_exposure)
-        _limit(failed, "contrast", scores["contrast"], p.min_contrast, None, ".3f")
-        _limit(failed, "pose error", scores["pose_error"], None, p.max_pose_error)
-        return (not failed, "; ".join(failed) or None)
+        return (Checks().max_abs("yaw", scores["yaw"], p.max_yaw).max_abs("pitch", scores["pitch"], p.max_pitch)
+                .max_abs("roll", scores["roll"], p.max_roll)
+                .min("face_size", scores["face_size"], p.min_face_size, ".0f")
+                .min("det_score", scores["det_score"], p.min_det_score)
+                .min("sharpness", scores["sharpness"], p.min_sharpness, ".1f")
+                .min("exposure", scores["exposure"], p.min_exposure).max("exposure", scores["exposure"], p.max_exposure)
+                .min("contrast", scores["contrast"], p.min_contrast, ".3f")
+                .max("pose_error", scores["pose_error"], p.max_pose_error).reason())
 
-    def process(self, batch: Batch) -> Batch:
-        """FilterStage's flow, except that a row whose pixels cannot be read becomes an error row."""
-        out: Batch = {c: [] for c in (SAMPLE_ID, STATUS, KEEP, REASON, *SCORES)}
-        for i, sid in enumerate(batch[SAMPLE_ID]):
-            out[SAMPLE_ID].append(sid)
-            try:
-                scores = self.score_one(batch, i)
-            except (ImageError, ValueError) as exc:
-                out[STATUS].append(STATUS_ERROR)
-                out[KEEP].append(False)
-                out[REASON].append(str(exc))
-                for name in SCORES:
-                    out[name].append(None)
-                continue
-            keep, reason = self.decide(scores)
-            out[STATUS].append(STATUS_OK)
-            out[KEEP].append(keep)
-            out[REASON].append(reason)
-            for name in SCORES:
-                out[name].append(scores[name])
-        return out
+    def thresholds(self) -> dict[str, dict[str, float]]:
+        p = self.params
+        limits: dict[str, dict[str, float | None]] = {
+            "yaw": {"min": None if p.max_yaw is None else -p.max_yaw, "max": p.max_yaw},
+            "pitch": {"min": None if p.max_pitch is None else -p.max_pitch, "max": p.max_pitch},
+            "roll": {"min": None if p.max_roll is None else -p.max_roll, "max": p.max_roll},
+            "face_size": {"min": p.min_face_size}, "det_score": {"min": p.min_det_score},
+            "sharpness": {"min": p.min_sharpness}, "exposure": {"min": p.min_exposure, "max": p.max_exposure},
+            "contrast": {"min": p.min_contrast}, "pose_error": {"max": p.max_pose_error},
+        }
+        return {c: {k: v for k, v in lim.items() if v is not None} for c, lim in limits.items()
+                if any(v is not None for v in lim.values())}

@@ -22,14 +22,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from facekit.labelers.base import Labeler, labeler_class
 from stages.base import (
-    SAMPLE_ID,
     Batch,
     ModelInfo,
     Params,
     Resources,
     Stage,
     StageContext,
-    rows_ok,
 )
 
 
@@ -65,21 +63,23 @@ class LabelParams(Params):
         return self
 
 
-class LabelStage(Stage):
+class LabelStage(Stage[LabelParams]):
     name: ClassVar[str] = "labels"
     version: ClassVar[str] = "1"
-    params_model: ClassVar[type[Params]] = LabelParams
     resources: ClassVar[Resources] = Resources(cpus=0.25)
     batch_size: ClassVar[int] = 256
     columns: ClassVar[tuple[pa.Field, ...]] = (pa.field("pose_bin", pa.string()),)  # the default labelers'
-    params: LabelParams
 
-    def __init__(self, params: Params, context: StageContext) -> None:
+    def __init__(self, params: LabelParams, context: StageContext) -> None:
         super().__init__(params, context)
         self.labelers: list[Labeler] = [cfg.build() for cfg in self.params.labelers]
 
     def output_fields(self) -> tuple[pa.Field, ...]:
         return tuple(f for lab in self.labelers for f in lab.fields())
+
+    def input_columns(self) -> tuple[str, ...]:
+        """What the labelers read from earlier stages (a labeler may declare ``reads()``)."""
+        return tuple(dict.fromkeys(c for lab in self.labelers for c in getattr(lab, "reads", tuple)()))
 
     def setup(self) -> None:
         for lab in self.labelers:
@@ -90,10 +90,11 @@ class LabelStage(Stage):
         return ModelInfo(name="+".join(i.name for i in infos), revision="+".join(i.revision for i in infos))
 
     def process(self, batch: Batch) -> Batch:
-        out = rows_ok(batch[SAMPLE_ID])
+        rows = self.rows(batch)
         for lab in self.labelers:
-            out.update(lab.labels(batch))
-        return out
+            for col, values in lab.labels(batch).items():
+                rows.column(col, values)
+        return rows.batch()
 
 
 # ------------------------------------------------------------------------------------ balance

@@ -28,22 +28,7 @@ import pyarrow as pa
 from pydantic import model_validator
 
 from facekit.imaging import ImageError, decode_rgb, encode_jpeg, encode_png
-from stages.base import (
-    IMAGE,
-    IMAGE_EXT,
-    KEEP,
-    REASON,
-    SAMPLE_ID,
-    STATUS,
-    STATUS_ERROR,
-    STATUS_OK,
-    Batch,
-    Params,
-    Resources,
-    Stage,
-    StageKind,
-    sample_seed,
-)
+from stages.base import IMAGE, IMAGE_EXT, SAMPLE_ID, Batch, Params, Resources, Rows, Stage, StageKind, sample_seed
 
 DEGRADED = "degraded"
 
@@ -94,7 +79,7 @@ def draw_degradation(params: DegradeParams, rng: np.random.Generator) -> Degrada
 def degrade_rgb(clean: np.ndarray, draw: DegradationDraw) -> np.ndarray:
     """Apply one drawn degradation to an RGB uint8 image; returns RGB uint8 of the same size."""
     h, w = clean.shape[:2]
-    img = clean.astype(np.float32)
+    img: np.ndarray = clean.astype(np.float32)
     if draw.blur_sigma > 0:
         radius = min(20, max(1, int(np.ceil(3 * draw.blur_sigma))))  # GFPGAN: 41-tap kernel at most
         img = cv2.GaussianBlur(
@@ -114,11 +99,10 @@ def psnr_uint8(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10.0 * np.log10(255.0**2 / mse)
 
 
-class DegradeStage(Stage):
+class DegradeStage(Stage[DegradeParams]):
     name: ClassVar[str] = "degrade"
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"
     kind: ClassVar[StageKind] = StageKind.MAPPER
-    params_model: ClassVar[type[Params]] = DegradeParams
     resources: ClassVar[Resources] = Resources(cpus=0.5)
     batch_size: ClassVar[int] = 64
     writes_pixels: ClassVar[bool] = True
@@ -132,35 +116,19 @@ class DegradeStage(Stage):
         pa.field("degrade_psnr", pa.float32()),  # degraded vs clean: how hard this pair is
     )
 
-    params: DegradeParams
-
     def process(self, batch: Batch) -> Batch:
-        ids = batch[SAMPLE_ID]
-        exts = batch.get(IMAGE_EXT) or [None] * len(ids)
-        out: Batch = {SAMPLE_ID: list(ids), IMAGE: [], IMAGE_EXT: []}
-        for f in self.columns:
-            out[f.name] = []
-        out[STATUS], out[KEEP], out[REASON] = [], [], []
-        for sample_id, data, ext in zip(ids, batch[IMAGE], exts, strict=True):
+        rows = Rows(batch[SAMPLE_ID], [IMAGE, IMAGE_EXT, *(f.name for f in self.columns)])
+        exts = batch.get(IMAGE_EXT) or [None] * len(rows)
+        for i, (sample_id, data) in enumerate(zip(batch[SAMPLE_ID], batch[IMAGE], strict=True)):
             try:
                 clean = decode_rgb(data)
             except ImageError as exc:
-                for name in (IMAGE, IMAGE_EXT, *(f.name for f in self.columns)):
-                    out[name].append(None)
-                out[STATUS].append(STATUS_ERROR)
-                out[KEEP].append(False)
-                out[REASON].append(f"degrade: {exc}")
+                rows.fail(i, exc.rule, exc.detail)
                 continue
             rng = np.random.default_rng(sample_seed(self.context.seed, sample_id, "degrade"))
             draw = draw_degradation(self.params, rng)
             degraded = degrade_rgb(clean, draw)
-            out[IMAGE].append(data)
-            out[IMAGE_EXT].append(ext or "png")
-            out[DEGRADED].append(encode_png(degraded))
-            for name, value in asdict(draw).items():
-                out[f"degrade_{name}"].append(value)
-            out["degrade_psnr"].append(min(psnr_uint8(degraded, clean), 100.0))
-            out[STATUS].append(STATUS_OK)
-            out[KEEP].append(True)
-            out[REASON].append(None)
-        return out
+            rows.set(i, **{IMAGE: data, IMAGE_EXT: exts[i] or "png", DEGRADED: encode_png(degraded),
+                           "degrade_psnr": min(psnr_uint8(degraded, clean), 100.0)})
+            rows.set(i, **{f"degrade_{name}": value for name, value in asdict(draw).items()})
+        return rows.batch()

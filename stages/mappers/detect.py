@@ -15,7 +15,7 @@ Landmarks are stored in the coordinates of the input image; align reads them fro
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -25,18 +25,14 @@ from facekit.backends.base import BackendParams, DetectedFace, FaceDetector, bui
 from facekit.imaging import ImageError, decode_rgb
 from stages.base import (
     IMAGE,
-    KEEP,
     KEY,
     PARENT_ID,
-    REASON,
     SAMPLE_ID,
-    STATUS,
-    STATUS_ERROR,
-    STATUS_OK,
     Batch,
     ModelInfo,
     Params,
     Resources,
+    Rows,
     Stage,
     StageKind,
     stable_hash,
@@ -60,11 +56,10 @@ def _floats(values: np.ndarray | tuple[float, ...] | None) -> list[float] | None
     return None if values is None else [float(v) for v in np.asarray(values, dtype=np.float64).ravel()]
 
 
-class DetectStage(Stage):
+class DetectStage(Stage[DetectParams]):
     name: ClassVar[str] = "detect"
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"
     kind: ClassVar[StageKind] = StageKind.MAPPER
-    params_model: ClassVar[type[Params]] = DetectParams
     resources: ClassVar[Resources] = Resources(cpus=0.5, memory_gb=0.5)
     batch_size: ClassVar[int] = 16
     columns: ClassVar[tuple[pa.Field, ...]] = (
@@ -75,13 +70,13 @@ class DetectStage(Stage):
         pa.field("num_faces", pa.int32()),  # faces found in the image (after min_face_size)
         pa.field("face_index", pa.int32()),  # 0 = largest
     )
-    params: DetectParams
 
     @classmethod
     def doctor(cls, params: Params) -> list[str]:
         from facekit.backends.base import check_backend_files
 
-        return check_backend_files(params.backend, dict(params.options), "detector")  # type: ignore[attr-defined]
+        assert isinstance(params, DetectParams)
+        return check_backend_files(params.backend, dict(params.options), "detector")
 
     def setup(self) -> None:
         self.detector: FaceDetector = build_backend(self.params.backend, "detector", self.params.options)
@@ -97,8 +92,7 @@ class DetectStage(Stage):
         return face_order(faces)
 
     def process(self, batch: Batch) -> Batch:
-        out: Batch = {c: [] for c in (SAMPLE_ID, KEY, PARENT_ID, STATUS, KEEP, REASON)}
-        out.update({f.name: [] for f in self.columns})
+        rows = Rows([], [KEY, PARENT_ID, *(f.name for f in self.columns)])
         per_face = self.params.policy == "sample_per_face"
         n = len(batch[SAMPLE_ID])
         keys, parents = batch.get(KEY) or [None] * n, batch.get(PARENT_ID) or [None] * n
@@ -106,31 +100,24 @@ class DetectStage(Stage):
             try:
                 faces = self.find_faces(batch[IMAGE][i])
             except ImageError as exc:
-                self._row(out, sid, keys[i], parents[i], None, 0, 0, STATUS_ERROR, str(exc))
+                rows.fail(rows.append(sid, key=keys[i], parent_id=parents[i]), exc.rule, exc.detail)
                 continue
             if not faces:
-                self._row(out, sid, keys[i], parents[i], None, 0, 0, STATUS_ERROR, "no face")
+                rows.fail(rows.append(sid, key=keys[i], parent_id=parents[i]), "no_face")
             elif per_face:
                 for index, face in enumerate(faces):
                     child = stable_hash([sid, "face", index])
-                    self._row(out, child, f"{keys[i] or sid}_face{index}", sid, face, len(faces), index)
+                    rows.append(child, key=f"{keys[i] or sid}_face{index}", parent_id=sid,
+                                **_face_columns(face, len(faces), index))
             else:
-                reason = f"multiple faces ({len(faces)})" if len(faces) > 1 else None
-                self._row(out, sid, keys[i], parents[i], faces[0], len(faces), 0, reason=reason)
-        return out
+                j = rows.append(sid, key=keys[i], parent_id=parents[i], **_face_columns(faces[0], len(faces), 0))
+                if len(faces) > 1:
+                    rows.drop(j, "multiple_faces", f"{len(faces)} faces")
+        return rows.batch()
 
-    @staticmethod
-    def _row(out: Batch, sid: str, key: str | None, parent: str | None, face: DetectedFace | None, n: int,
-             index: int, status: str = STATUS_OK, reason: str | None = None) -> None:
-        out[SAMPLE_ID].append(sid)
-        out[KEY].append(key)
-        out[PARENT_ID].append(parent)
-        out[STATUS].append(status)
-        out[KEEP].append(status == STATUS_OK and reason is None)
-        out[REASON].append(reason)
-        out["face_box"].append(_floats(face.box) if face else None)
-        out["det_score"].append(float(face.score) if face else None)
-        out["landmarks5"].append(_floats(face.landmarks5) if face else None)
-        out["landmarks68"].append(_floats(face.landmarks68) if face else None)
-        out["num_faces"].append(n if face else None)
-        out["face_index"].append(index if face else None)
+
+def _face_columns(face: DetectedFace, n: int, index: int) -> dict[str, Any]:
+    return {
+        "face_box": _floats(face.box), "det_score": float(face.score), "landmarks5": _floats(face.landmarks5),
+        "landmarks68": _floats(face.landmarks68), "num_faces": n, "face_index": index,
+    }

@@ -16,20 +16,7 @@ from pydantic import Field, model_validator
 
 from facekit.backends.base import BackendParams, FaceEmbedder, build_backend
 from facekit.imaging import ImageError, decode_rgb
-from stages.base import (
-    IMAGE,
-    KEEP,
-    REASON,
-    SAMPLE_ID,
-    STATUS,
-    STATUS_ERROR,
-    STATUS_OK,
-    Batch,
-    ModelInfo,
-    Params,
-    Resources,
-    Stage,
-)
+from stages.base import IMAGE, Batch, ModelInfo, Params, Resources, Stage
 
 # Width of each backend's vectors when ``dim`` is not given (insightface: the released 512-d packs).
 DEFAULT_DIMS: dict[str, int] = {"dlib": 128, "insightface": 512}
@@ -59,24 +46,26 @@ def embedding_fields(dim: int) -> tuple[pa.Field, ...]:
     )
 
 
-class EmbedStage(Stage):
+class EmbedStage(Stage[EmbedParams]):
     name: ClassVar[str] = "embed"
-    version: ClassVar[str] = "1"
-    params_model: ClassVar[type[Params]] = EmbedParams
+    version: ClassVar[str] = "2"
     resources: ClassVar[Resources] = Resources(cpus=0.5, memory_gb=1.0)
     batch_size: ClassVar[int] = 32
     # The default backend's columns; output_fields() is authoritative (it reads dim from the params).
     columns: ClassVar[tuple[pa.Field, ...]] = embedding_fields(DEFAULT_DIMS["dlib"])
-    params: EmbedParams
 
     def output_fields(self) -> tuple[pa.Field, ...]:
         return embedding_fields(self.params.width)
+
+    def input_columns(self) -> tuple[str, ...]:
+        return () if self.params.image_column == IMAGE else (self.params.image_column,)
 
     @classmethod
     def doctor(cls, params: Params) -> list[str]:
         from facekit.backends.base import check_backend_files
 
-        return check_backend_files(params.backend, dict(params.options), "embedder")  # type: ignore[attr-defined]
+        assert isinstance(params, EmbedParams)
+        return check_backend_files(params.backend, dict(params.options), "embedder")
 
     def setup(self) -> None:
         self.embedder: FaceEmbedder = build_backend(self.params.backend, "embedder", self.params.options)
@@ -90,27 +79,26 @@ class EmbedStage(Stage):
         return embedder.model_info() if embedder is not None else ModelInfo()
 
     def process(self, batch: Batch) -> Batch:
-        n = len(batch[SAMPLE_ID])
+        rows = self.rows(batch)
         column = self.params.image_column
-        images = batch.get(column) or [None] * n
-        out: Batch = {SAMPLE_ID: list(batch[SAMPLE_ID]), STATUS: [STATUS_OK] * n, KEEP: [True] * n,
-                      REASON: [None] * n, "embedding": [None] * n, "embedding_space": [None] * n,
-                      "embedding_metric": [None] * n}
-        crops, rows = [], []
-        for i in range(n):
+        images = batch.get(column) or [None] * len(rows)
+        crops, good = [], []
+        for i in range(len(rows)):
+            if images[i] is None:
+                rows.fail(i, "no_aligned_crop", f"no {column}")
+                continue
             try:
                 rgb = decode_rgb(images[i])
-                if rgb.shape[0] != rgb.shape[1]:
-                    raise ImageError(f"not an aligned crop ({rgb.shape[1]}x{rgb.shape[0]}); run align first")
             except ImageError as exc:
-                reason = f"no {column}" if images[i] is None else str(exc)
-                out[STATUS][i], out[KEEP][i], out[REASON][i] = STATUS_ERROR, False, reason
+                rows.fail(i, exc.rule, exc.detail)
+                continue
+            if rgb.shape[0] != rgb.shape[1]:
+                rows.fail(i, "not_an_aligned_crop", f"{rgb.shape[1]}x{rgb.shape[0]}; run align first")
                 continue
             crops.append(rgb)
-            rows.append(i)
+            good.append(i)
         vectors = self.embedder.embed(crops) if crops else np.zeros((0, self.params.width), np.float32)
-        for i, vec in zip(rows, vectors, strict=True):
-            out["embedding"][i] = [float(v) for v in vec]
-            out["embedding_space"][i] = self.embedder.space
-            out["embedding_metric"][i] = self.embedder.metric
-        return out
+        vectors = np.asarray(vectors, dtype=np.float32)
+        for i, vec in zip(good, vectors, strict=True):
+            rows.set(i, embedding=vec, embedding_space=self.embedder.space, embedding_metric=self.embedder.metric)
+        return rows.batch()

@@ -19,21 +19,7 @@ import pyarrow as pa
 from PIL import Image
 
 from facekit.imaging import ImageError, decode_rgb
-from stages.base import (
-    IMAGE,
-    KEEP,
-    REASON,
-    SAMPLE_ID,
-    STATUS,
-    STATUS_ERROR,
-    STATUS_OK,
-    Batch,
-    EmptyParams,
-    Params,
-    Resources,
-    Stage,
-    StageKind,
-)
+from stages.base import IMAGE, Batch, EmptyParams, Resources, Stage, StageKind
 
 CONTENT_SHA256 = "content_sha256"
 PIXEL_SHA256 = "pixel_sha256"
@@ -73,13 +59,12 @@ def phash_to_int(value: str) -> int:
     return int(value, 16)
 
 
-class FingerprintStage(Stage):
+class FingerprintStage(Stage[EmptyParams]):
     """Adds content, pixel and perceptual hashes; an undecodable image becomes an error row."""
 
     name: ClassVar[str] = "fingerprint"
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"
     kind: ClassVar[StageKind] = StageKind.MAPPER
-    params_model: ClassVar[type[Params]] = EmptyParams
     resources: ClassVar[Resources] = Resources(cpus=0.5)
     batch_size: ClassVar[int] = 64
     columns: ClassVar[tuple[pa.Field, ...]] = (
@@ -92,20 +77,15 @@ class FingerprintStage(Stage):
     )
 
     def process(self, batch: Batch) -> Batch:
-        out: Batch = {SAMPLE_ID: list(batch[SAMPLE_ID])}
-        for f in self.columns:
-            out[f.name] = []
-        out[STATUS], out[KEEP], out[REASON] = [], [], []
-        for data in batch[IMAGE]:
-            content = hashlib.sha256(data).hexdigest() if data else None
+        rows = self.rows(batch)
+        for i, data in enumerate(batch[IMAGE]):
+            rows.set(i, **{CONTENT_SHA256: hashlib.sha256(data).hexdigest() if data else None})
             try:
                 rgb = decode_rgb(data)
             except ImageError as exc:
-                row: tuple = (content, None, None, None, None, None, STATUS_ERROR, False, str(exc))
-            else:
-                h, w = rgb.shape[:2]
-                fmt = sniff_format(data)
-                row = (content, pixel_sha256(rgb), phash_hex(rgb), w, h, fmt, STATUS_OK, True, None)
-            for name, value in zip((*(f.name for f in self.columns), STATUS, KEEP, REASON), row, strict=True):
-                out[name].append(value)
-        return out
+                rows.fail(i, exc.rule, exc.detail)
+                continue
+            h, w = rgb.shape[:2]
+            rows.set(i, **{PIXEL_SHA256: pixel_sha256(rgb), PHASH: phash_hex(rgb), WIDTH: w, HEIGHT: h,
+                           IMAGE_FORMAT: sniff_format(data)})
+        return rows.batch()

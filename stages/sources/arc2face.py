@@ -21,17 +21,13 @@ from stages.base import (
     IDENTITY_ID,
     IMAGE,
     IMAGE_EXT,
-    KEEP,
     KEY,
-    REASON,
     SAMPLE_ID,
-    STATUS,
-    STATUS_ERROR,
-    STATUS_OK,
     Batch,
     ModelInfo,
     Params,
     Resources,
+    Rows,
     StageContext,
     sample_seed,
     stable_hash,
@@ -56,10 +52,9 @@ class Arc2FaceParams(Arc2FaceSpec):
     )
 
 
-class Arc2FaceStage(GeneratorSource):
+class Arc2FaceStage(GeneratorSource[Arc2FaceParams]):
     name: ClassVar[str] = "arc2face"
     version: ClassVar[str] = "1"
-    params_model: ClassVar[type[Params]] = Arc2FaceParams
     resources: ClassVar[Resources] = Resources(cpus=1.0, gpus=1.0)
     batch_size: ClassVar[int] = 8
     columns: ClassVar[tuple[pa.Field, ...]] = (
@@ -69,9 +64,8 @@ class Arc2FaceStage(GeneratorSource):
         pa.field("size", pa.int32()),
         pa.field("conditioned_on", pa.string()),
     )
-    params: Arc2FaceParams
 
-    def __init__(self, params: Params, context: StageContext) -> None:
+    def __init__(self, params: Arc2FaceParams, context: StageContext) -> None:
         super().__init__(params, context)
         self.model: Arc2Face | None = None
 
@@ -125,21 +119,13 @@ class Arc2FaceStage(GeneratorSource):
         n = len(rows)
         seeds = [sample_seed(self.context.seed, r[SAMPLE_ID], "arc2face") for r in rows]
         vector_key = "perturbed_vector" if p.condition_on == "perturbed" else "identity_vector"
-        out: Batch = {
-            SAMPLE_ID: [r[SAMPLE_ID] for r in rows],
-            KEY: [r.get(KEY, r[SAMPLE_ID]) for r in rows],
-            IDENTITY_ID: [r.get(IDENTITY_ID) for r in rows],
-            IMAGE: [None] * n,
-            IMAGE_EXT: [None] * n,
-            STATUS: [STATUS_ERROR] * n,
-            KEEP: [False] * n,
-            REASON: [None] * n,
-            "seed": seeds,
-            "steps": [p.steps] * n,
-            "guidance": [p.guidance] * n,
-            "size": [p.size] * n,
-            "conditioned_on": [p.condition_on] * n,
-        }
+        out = Rows([r[SAMPLE_ID] for r in rows], [KEY, IDENTITY_ID, IMAGE, IMAGE_EXT])
+        out.column(KEY, [r.get(KEY, r[SAMPLE_ID]) for r in rows])
+        out.column(IDENTITY_ID, [r.get(IDENTITY_ID) for r in rows])
+        out.column("seed", seeds)
+        for col, value in (("steps", p.steps), ("guidance", p.guidance), ("size", p.size),
+                           ("conditioned_on", p.condition_on)):
+            out.column(col, [value] * n)
         # Check every row first, so one bad row becomes an error row instead of failing its batch.
         good: list[int] = []
         vectors: list[np.ndarray] = []
@@ -155,8 +141,11 @@ class Arc2FaceStage(GeneratorSource):
                     raise ValueError("identity vector is not finite or is zero")
                 if self.model.has_controlnet:
                     poses.append(self._pose(row))
+            except ImageError as exc:
+                out.fail(i, "no_pose_image", exc)
+                continue
             except (ValueError, KeyError, TypeError) as exc:
-                out[REASON][i] = f"arc2face: {exc}"
+                out.fail(i, "bad_identity_vector", exc)
                 continue
             good.append(i)
             vectors.append(vec)
@@ -169,7 +158,5 @@ class Arc2FaceStage(GeneratorSource):
                 pose_images=poses if self.model.has_controlnet else None,
             )
             for i, rgb in zip(good, images, strict=True):
-                out[IMAGE][i] = encode_png(rgb)
-                out[IMAGE_EXT][i] = "png"
-                out[STATUS][i], out[KEEP][i] = STATUS_OK, True
-        return out
+                out.set(i, image=encode_png(rgb), image_ext="png")
+        return out.batch()

@@ -23,7 +23,7 @@ from facekit.identities.gaussian import identity_id, perturb, perturbation_sigma
 from manifests.layout import IDENTITIES_FILE
 from manifests.schema import identity_schema
 from manifests.storage import RunStorage
-from stages.base import Batch, SourceStage, sample_seed, stable_hash
+from stages.base import Batch, P, SourceStage, sample_seed, stable_hash
 
 GENERATOR_FIELDS: tuple[pa.Field, ...] = (
     pa.field("variant", pa.int32()),
@@ -32,7 +32,16 @@ GENERATOR_FIELDS: tuple[pa.Field, ...] = (
 )
 
 
-class GeneratorSource(SourceStage):
+def vector_matrix(column: pa.ChunkedArray) -> np.ndarray:
+    """An Arrow list column of equal-length vectors as an (n, d) float32 matrix, without Python floats."""
+    arr = column.combine_chunks()
+    if len(arr) == 0:
+        return np.zeros((0, 0), np.float32)
+    flat = arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return flat.reshape(len(arr), -1)
+
+
+class GeneratorSource(SourceStage[P]):
     needs_identities: ClassVar[bool] = True
 
     def output_fields(self) -> tuple[pa.Field, ...]:
@@ -100,7 +109,7 @@ class GeneratorSource(SourceStage):
         table = self._load_identity_rows(first, last)
         by_index = {int(i): n for n, i in enumerate(table.column("index").to_pylist())}
         ident_ids = table.column("identity_id").to_pylist()
-        vectors = np.asarray(table.column("vector").to_pylist(), dtype=np.float32)
+        vectors = vector_matrix(table.column("vector"))
         sigmas = tuple(ids["perturbation"]["sigmas"])
         fractions = tuple(ids["perturbation"]["fractions"])
         rows: list[dict[str, Any]] = []

@@ -1,53 +1,71 @@
 """Ingest: a folder of images (local or any fsspec URL) or existing WebDataset tars, as samples.
 
-Folder mode lists ``root`` recursively (sorted, hidden files and folders skipped, image extensions
-only) and cuts the sorted list into shards of relative paths, so a resumed run plans the same shards.
-With ``labels_from_dirs`` the first folder under ``root`` is the sample's identity
-(``root/<identity>/.../<file>``). Keys are the relative path made safe for a WebDataset key (letters,
-digits, ``_`` and ``-``; folders joined by ``__``) plus 12 hex digits of the path's hash, so two paths
-never share a key (``a/b.jpg`` vs ``a__b.jpg``, ``x.jpg`` vs ``x.png``); the original path is kept in
-``source_path``.
+Folder mode walks ``root`` once (hidden files and folders skipped, image extensions only, links never
+followed) into a sorted Parquet listing in the run directory (manifests/listing.py, written by
+``prepare``, frozen on first run); the plan is row ranges of that listing, so it stays a few bytes
+per shard however large the folder, and a resumed run cuts the same shards. With ``labels_from_dirs``
+the first folder under ``root`` is the sample's identity (``root/<identity>/.../<file>``). Keys are
+the relative path made safe for a WebDataset key (letters, digits, ``_`` and ``-``; folders joined by
+``__``) plus 12 hex digits of the path's hash, so two paths never share a key; the original path is
+kept in ``source_path``.
 
-Tar mode reads WebDataset tars (globs allowed). Members that share a key are one sample, as in
-WebDataset; keys are preserved when they are valid keys, a member named with ``../`` or an absolute
-path becomes an error row "unsafe member name" and its bytes go nowhere. By default one tar is one
-shard (tars are usually shard-sized already, and planning then reads nothing); ``tar_split`` counts
-samples at plan time and cuts each tar into member ranges of ``shard_size``.
+Tar mode reads WebDataset tars (globs allowed). Members that share a key and are adjacent are one
+sample, as in WebDataset; keys are preserved when they are valid keys. By default one tar is one
+shard (planning reads nothing); ``tar_split`` indexes the headers of each plain tar once at plan
+time (no member data is read) and cuts it into byte ranges of ``shard_size`` samples, each read by
+seeking to its offset. A compressed tar cannot be read by range and stays one shard.
 
-Bytes are passed on as they are, never re-encoded. Every file is decode-checked with
-facekit.imaging.decode_rgb: an unreadable, empty, truncated, too small or too large file is still a
-row, with status "error" and the reason. ``sample_id`` hashes the source URI and the key.
+Nothing the input holds can crash the run, vanish, double or grow a process without bound. Every
+read is bounded by ``max_file_mb`` (sizes are checked before reading, in folders and in tars) and
+images by a pixel limit before decoding (facekit.imaging.decode_rgb). Each bad input is a row with
+status "error", a rule in ``reason`` and the specifics in ``detail``: ``not_a_regular_file`` (a
+symlink, device or fifo in a folder; a symlink, hard-link, device or fifo tar member: never followed
+nor read), ``file_too_large``, ``unsafe_member_name`` (``../`` or absolute member names),
+``duplicate_key`` (a key that already appeared earlier in the tar: its row gets its own sample id),
+``truncated_tar`` / ``corrupt_tar`` / ``unreadable_tar``, ``no_image_in_sample``, ``unreadable_file``,
+and decode's ``empty_file``, ``not_an_image``, ``corrupt_image``, ``image_too_small``,
+``image_too_large``. A storage failure that says nothing about the file (connection, timeout, 5xx,
+throttling: manifests/transient.py) raises TransientError so the engine retries the shard instead.
+
+Bytes are passed on as they are, never re-encoded. ``sample_id`` hashes the source URI and the key.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import posixpath
 import re
+import stat
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import fsspec
 import pyarrow as pa
+from fsspec.implementations.local import LocalFileSystem
 from pydantic import Field, model_validator
 
 from facekit.imaging import ImageError, decode_rgb
+from manifests.layout import listing_path
+from manifests.listing import listing_size, read_listing, walk_rel_paths, write_listing
+from manifests.shards import TarMember, is_compressed, iter_tar_members
+from manifests.storage import RunStorage
+from manifests.transient import is_transient
 from stages.base import (
     IDENTITY_ID,
     IMAGE,
     IMAGE_EXT,
-    KEEP,
     KEY,
     PARENT_ID,
-    REASON,
-    SAMPLE_ID,
-    STATUS,
-    STATUS_ERROR,
-    STATUS_OK,
     Batch,
     Params,
+    Reason,
     Resources,
+    Rows,
     SourceStage,
+    TransientError,
     stable_hash,
 )
 from stages.mappers.fingerprint import sniff_format
@@ -56,6 +74,7 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9_\-]+")
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$")
 KEY_STEM_MAX = 80
+_OWN = ("source_uri", "source_path", "file_bytes", "width", "height")
 
 
 class IngestParams(Params):
@@ -88,15 +107,41 @@ def sniff_ext(data: bytes, fallback: str) -> str:
     return "jpg" if ext == "jpeg" else ext
 
 
-def _visible(rel_path: str) -> bool:
-    return not any(part.startswith(".") for part in rel_path.split("/"))
+class _Bad(Exception):
+    """This input's own problem: becomes its error row."""
+
+    def __init__(self, rule: str, detail: object = None) -> None:
+        super().__init__(rule)
+        self.reason = Reason(rule, None if detail is None else str(detail))
+
+
+@dataclass
+class _Row:
+    """One output row before it is put into the batch."""
+
+    sample_id: str
+    key: str
+    source_uri: str
+    source_path: str
+    identity: str | None = None
+    ext: str = ""
+    data: bytes | None = None
+    reason: Reason | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _transient(exc: BaseException, what: str) -> TransientError:
+    root = exc
+    while root.__cause__ is not None:
+        root = root.__cause__
+    return TransientError(f"transient storage error reading {what}: {type(root).__name__}: {root}")
 
 
 class IngestStage(SourceStage):
     """Reads existing images into the run, byte for byte, with a row for every file, readable or not."""
 
     name: ClassVar[str] = "ingest"
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"
     params_model: ClassVar[type[Params]] = IngestParams
     resources: ClassVar[Resources] = Resources(cpus=0.5)
     batch_size: ClassVar[int] = 64
@@ -110,44 +155,101 @@ class IngestStage(SourceStage):
 
     params: IngestParams
 
+    @property
+    def limit(self) -> int:
+        return int(self.params.max_file_mb * 1024 * 1024)
+
+    def _exts(self) -> set[str]:
+        return {e.lower().lstrip(".") for e in self.params.extensions}
+
+    def _fs(self, url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+        return fsspec.core.url_to_fs(url, **self.params.storage_options)
+
     # ------------------------------------------------------------------ planning
+
+    def _listing_parts(self) -> tuple[str, ...]:
+        digest = stable_hash([self.name, self.version, self.params.root, sorted(self._exts())], 16)
+        return listing_path(self.context.stage_id, digest)
+
+    def prepare(self, store: Any) -> None:
+        """Folder mode: walk the folder once into the run's listing; a resumed run reuses it as is."""
+        self._store = store
+        if self.params.root is None or store.exists(*self._listing_parts()):
+            return
+        fs, root = self._fs(self.params.root)
+        exts = self._exts()
+
+        def keep(rel: str) -> bool:
+            base = posixpath.basename(rel)
+            return "." in base and base.rsplit(".", 1)[1].lower() in exts
+
+        try:
+            write_listing(store, self._listing_parts(), walk_rel_paths(fs, root), keep)
+        except OSError as exc:
+            if is_transient(exc):
+                raise _transient(exc, f"the listing of {self.params.root}") from exc
+            raise
+
+    def _run_store(self) -> RunStorage:
+        store = getattr(self, "_store", None)
+        if store is None:
+            store = RunStorage(self.context.run_dir, self.context.storage_options)
+        return store
 
     def plan(self, shard_size: int) -> list[dict[str, Any]]:
         if shard_size < 1:
             raise ValueError("shard_size must be >= 1")
         if self.params.root is not None:
-            paths = self._list_folder()
+            store = self._run_store()
+            if not store.exists(*self._listing_parts()):
+                self.prepare(store)
+            n = listing_size(store, self._listing_parts())
+            rel = "/".join(self._listing_parts())
             return [
-                {"root": self.params.root, "paths": paths[a : a + shard_size]}
-                for a in range(0, len(paths), shard_size)
+                {"root": self.params.root, "listing": rel, "start": a, "stop": min(a + shard_size, n)}
+                for a in range(0, n, shard_size)
             ]
         shards: list[dict[str, Any]] = []
         for tar in self._list_tars():
-            if not self.params.tar_split:
-                shards.append({"tar": tar, "start": 0, "stop": None})
-                continue
-            count = sum(1 for _ in self._tar_samples(tar, with_data=False))
-            starts = list(range(0, max(count, 1), shard_size))
-            for n, a in enumerate(starts):  # the last range is open so a bad tail still gets its row
-                shards.append(
-                    {"tar": tar, "start": a, "stop": None if n == len(starts) - 1 else a + shard_size}
-                )
+            shards += self._plan_tar(tar, shard_size) if self.params.tar_split else [_tar_spec(tar, 0, None)]
         return shards
 
-    def _fs(self, url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-        return fsspec.core.url_to_fs(url, **self.params.storage_options)
-
-    def _list_folder(self) -> list[str]:
-        assert self.params.root is not None
-        fs, root = self._fs(self.params.root)
-        root = root.rstrip("/")
-        exts = {e.lower().lstrip(".") for e in self.params.extensions}
-        rel_paths = []
-        for path in fs.find(root):
-            rel = posixpath.relpath(path, root) if path.startswith(root) else path
-            if _visible(rel) and "." in posixpath.basename(rel) and rel.rsplit(".", 1)[1].lower() in exts:
-                rel_paths.append(rel)
-        return sorted(rel_paths)
+    def _plan_tar(self, tar: str, shard_size: int) -> list[dict[str, Any]]:
+        """Byte ranges of whole samples, from the headers alone; keys already seen in an earlier range
+        travel with the range so its reader marks them as duplicates."""
+        try:
+            fs, path = self._fs(tar)
+            with fs.open(path, "rb") as f:
+                if is_compressed(f):
+                    return [_tar_spec(tar, 0, None)]
+                cuts: list[tuple[int, list[str]]] = [(0, [])]
+                earlier: set[str] = set()
+                in_range: set[str] = set()
+                rows, current = 0, None
+                for m in iter_tar_members(f, with_data=False, is_transient=is_transient):
+                    if not m.key:  # a bad member is its own row and never starts a range
+                        rows += 1
+                        continue
+                    if m.key == current:
+                        continue
+                    current = m.key
+                    if rows >= shard_size:
+                        earlier |= in_range
+                        in_range = set()
+                        cuts.append((m.offset, []))
+                        rows = 0
+                    if m.key in earlier and m.key not in in_range:
+                        cuts[-1][1].append(m.key)
+                    in_range.add(m.key)
+                    rows += 1
+        except OSError as exc:
+            if is_transient(exc):
+                raise _transient(exc, tar) from exc
+            return [_tar_spec(tar, 0, None)]  # the reader gives the tar its error row
+        return [
+            _tar_spec(tar, start, cuts[i + 1][0] if i + 1 < len(cuts) else None, seen)
+            for i, (start, seen) in enumerate(cuts)
+        ]
 
     def _list_tars(self) -> list[str]:
         found: set[str] = set()
@@ -160,158 +262,204 @@ class IngestStage(SourceStage):
     # ------------------------------------------------------------------ reading
 
     def read(self, shard: dict[str, Any]) -> Iterator[Batch]:
-        rows = self._read_folder(shard) if "paths" in shard else self._read_tar(shard)
-        batch: list[dict[str, Any]] = []
+        rows = self._read_folder(shard) if "root" in shard else self._read_tar(shard)
+        batch: list[_Row] = []
         for row in rows:
             batch.append(row)
             if len(batch) == self.batch_size:
-                yield _to_batch(batch)
+                yield self._to_batch(batch)
                 batch = []
         if batch:
-            yield _to_batch(batch)
+            yield self._to_batch(batch)
 
-    def _read_folder(self, shard: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def _to_batch(self, rows: list[_Row]) -> Batch:
+        out = Rows([r.sample_id for r in rows], (KEY, IDENTITY_ID, PARENT_ID, IMAGE, IMAGE_EXT, *_OWN))
+        for i, r in enumerate(rows):
+            out.set(i, **{KEY: r.key, IDENTITY_ID: r.identity, "source_uri": r.source_uri,
+                          "source_path": r.source_path, IMAGE_EXT: r.ext.lower() or None})
+            if r.data is not None:
+                out.set(i, file_bytes=len(r.data))
+            if r.reason is None and r.data is not None:
+                try:
+                    rgb = decode_rgb(r.data)
+                except ImageError as exc:
+                    r.reason = Reason(exc.rule, exc.detail)
+                else:
+                    out.set(i, **{IMAGE: r.data, IMAGE_EXT: sniff_ext(r.data, r.ext),
+                                  "width": int(rgb.shape[1]), "height": int(rgb.shape[0])})
+            if r.reason is not None:
+                out.fail(i, r.reason.rule, r.reason.detail)
+        return out.batch()
+
+    # ------------------------------------------------------------------ folders
+
+    def _read_folder(self, shard: dict[str, Any]) -> Iterator[_Row]:
         fs, root = self._fs(shard["root"])
         root = root.rstrip("/")
         source_uri = fs.unstrip_protocol(root)
-        limit = int(self.params.max_file_mb * 1024 * 1024)
-        for rel in shard["paths"]:
+        try:
+            paths = read_listing(self._run_store(), shard["listing"], int(shard["start"]), int(shard["stop"]))
+        except OSError as exc:
+            if is_transient(exc):
+                raise _transient(exc, shard["listing"]) from exc
+            raise
+        for rel in paths:
             key = folder_key(rel)
-            identity = rel.split("/", 1)[0] if self.params.labels_from_dirs and "/" in rel else None
-            ext = rel.rsplit(".", 1)[1]
+            row = _Row(stable_hash([source_uri, key], 24), key, source_uri, rel, ext=rel.rsplit(".", 1)[1])
+            if self.params.labels_from_dirs and "/" in rel:
+                row.identity = rel.split("/", 1)[0]
             try:
-                size = fs.size(f"{root}/{rel}")
-                if size is not None and size > limit:
-                    raise ImageError(f"file too large: {size} bytes > {limit}")
-                data = fs.cat_file(f"{root}/{rel}")
-            except ImageError as exc:
-                yield _error_row(source_uri, key, rel, identity, ext, str(exc))
-                continue
-            except Exception as exc:  # any storage error is this file's problem, not the run's
-                yield _error_row(
-                    source_uri, key, rel, identity, ext, f"unreadable file: {type(exc).__name__}: {exc}"
-                )
-                continue
-            yield _image_row(source_uri, key, rel, identity, ext, data)
+                row.data = self._read_file(fs, f"{root}/{rel}")
+            except _Bad as bad:
+                row.reason = bad.reason
+            yield row
 
-    def _read_tar(self, shard: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def _read_file(self, fs: fsspec.AbstractFileSystem, path: str) -> bytes:
+        """At most ``max_file_mb`` of one regular file; links and special files are never opened."""
+        limit = self.limit
+        try:
+            if isinstance(fs, LocalFileSystem):
+                return _read_local(fs._strip_protocol(path), limit)
+            info = fs.info(path)
+            if info.get("islink") or info.get("type") != "file":
+                raise _Bad("not_a_regular_file", f"{info.get('type')}")
+            size = info.get("size")
+            if size is not None and size > limit:
+                raise _Bad("file_too_large", f"{size} bytes > {limit}")
+            with fs.open(path, "rb") as f:
+                data = f.read(limit + 1)
+        except _Bad:
+            raise
+        except Exception as exc:
+            if is_transient(exc):
+                raise _transient(exc, path) from exc
+            raise _Bad("unreadable_file", f"{type(exc).__name__}: {exc}") from exc
+        return _checked(data, limit)
+
+    # ------------------------------------------------------------------ tars
+
+    def _read_tar(self, shard: dict[str, Any]) -> Iterator[_Row]:
         tar = shard["tar"]
-        start, stop = int(shard["start"]), shard["stop"]
-        for index, sample in enumerate(self._tar_samples(tar, with_data=True)):
-            if index < start:
-                continue
-            if stop is not None and index >= int(stop):
-                return
-            yield sample
-
-    def _tar_samples(self, tar: str, with_data: bool) -> Iterator[dict[str, Any]]:
-        """One row per WebDataset sample of a tar, error rows included, in tar order."""
-        from manifests.shards import iter_tar_members
-
+        offset, stop = int(shard.get("offset", 0)), shard.get("stop")
         try:
             fs, path = self._fs(tar)
             source_uri = fs.unstrip_protocol(path)
             handle = fs.open(path, "rb")
         except Exception as exc:
-            yield _error_row(tar, "tar-" + stable_hash(tar, 12), "", None, "", f"unreadable tar: {exc}")
+            if is_transient(exc):
+                raise _transient(exc, tar) from exc
+            yield _Row(stable_hash([tar, "unreadable_tar"], 24), "tar-" + stable_hash(tar, 12), tar, "",
+                       reason=Reason("unreadable_tar", f"{type(exc).__name__}: {exc}"))
             return
         with handle:
-            yield from self._group_members(source_uri, iter_tar_members(handle), with_data)
-
-    def _group_members(
-        self, source_uri: str, members: Iterable[Any], with_data: bool
-    ) -> Iterator[dict[str, Any]]:
-        current: str | None = None
-        files: dict[str, tuple[str, bytes]] = {}
-        for m in members:
-            if m.error is not None or m.key != current:
-                if current is not None:
-                    yield self._tar_row(source_uri, current, files, with_data)
-                current, files = None, {}
-            if m.error is not None:
-                name = m.name or source_uri
-                key = "bad-" + stable_hash([source_uri, name], 12)
-                reason = "unsafe member name" if "unsafe member name" in m.error else m.error
-                yield _error_row(source_uri, key, m.name, None, "", reason)
-                continue
-            current = m.key
-            files[m.ext.lower()] = (m.name, m.data or b"")
-        if current is not None:
-            yield self._tar_row(source_uri, current, files, with_data)
-
-    def _tar_row(
-        self, source_uri: str, key: str, files: dict[str, tuple[str, bytes]], with_data: bool
-    ) -> dict[str, Any]:
-        identity = None
-        if "json" in files:
+            if offset:
+                handle.seek(offset)
+            members = iter_tar_members(handle, self.limit, None if stop is None else int(stop),
+                                       is_transient=is_transient)
             try:
-                meta = json.loads(files["json"][1])
-                identity = meta.get(IDENTITY_ID) if isinstance(meta, dict) else None
-            except (ValueError, UnicodeDecodeError):
-                identity = None
-        if identity is None and self.params.labels_from_dirs and "/" in key:
-            identity = key.split("/", 1)[0]
+                yield from self._group_members(source_uri, members, set(shard.get("seen", ())))
+            except OSError as exc:
+                if is_transient(exc):
+                    raise _transient(exc, tar) from exc
+                raise
+
+    def _group_members(self, source_uri: str, members: Iterable[TarMember], seen: set[str]) -> Iterator[_Row]:
+        """Adjacent members with one key are one sample; a key that comes back later is a duplicate."""
+        group: list[TarMember] = []
+        for m in members:
+            if not m.key:  # no usable name, or a tar-level problem: a row of its own
+                if not m.name and group:  # the tar ends or breaks here: what came before is complete
+                    yield self._tar_row(source_uri, group, seen)
+                    group = []
+                detail = f"{m.name}: {m.detail}" if m.name and m.name not in (m.detail or "") else m.detail
+                key = "bad-" + stable_hash([source_uri, m.name, m.offset, m.error], 12)
+                yield _Row(stable_hash([source_uri, key], 24), key, source_uri, m.name,
+                           reason=Reason(m.error or "corrupt_tar", detail))
+                continue
+            if group and m.key != group[0].key:
+                yield self._tar_row(source_uri, group, seen)
+                group = []
+            group.append(m)
+        if group:
+            yield self._tar_row(source_uri, group, seen)
+
+    def _tar_row(self, source_uri: str, group: list[TarMember], seen: set[str]) -> _Row:
+        key, first = group[0].key, group[0]
         safe_key = key if _KEY_RE.match(key) else folder_key(key)
-        exts = {e.lower().lstrip(".") for e in self.params.extensions}
+        if key in seen:
+            dup_key = f"{safe_key}-dup-{first.offset}"
+            return _Row(stable_hash([source_uri, key, "duplicate", first.offset], 24), dup_key, source_uri,
+                        first.name, reason=Reason("duplicate_key", f"key {key!r} already appeared earlier in "
+                                                  f"the tar (again at byte {first.offset})"))
+        seen.add(key)
+        files = {m.ext.lower(): m for m in group}
+        row = _Row(stable_hash([source_uri, safe_key], 24), safe_key, source_uri, key)
+        meta = files.get("json")
+        if meta is not None and meta.data is not None:
+            try:
+                value = json.loads(meta.data)
+                row.identity = value.get(IDENTITY_ID) if isinstance(value, dict) else None
+                if row.identity is not None:
+                    row.identity = str(row.identity)
+            except (ValueError, UnicodeDecodeError):
+                row.identity = None
+        if row.identity is None and self.params.labels_from_dirs and "/" in key:
+            row.identity = key.split("/", 1)[0]
+        exts = self._exts()
         image_ext = next((e for e in sorted(files) if e.rsplit(".", 1)[-1] in exts), None)
-        if image_ext is None:
-            names = ", ".join(sorted(files))
-            return _error_row(
-                source_uri, safe_key, key, identity, "", f"no image in sample (members: {names})"
-            )
-        name, data = files[image_ext]
-        if not with_data:
-            return {SAMPLE_ID: None}
-        return _image_row(source_uri, safe_key, name, identity, image_ext.rsplit(".", 1)[-1], data)
-
-
-def _base_row(source_uri: str, key: str, source_path: str, identity: str | None, ext: str) -> dict[str, Any]:
-    return {
-        SAMPLE_ID: stable_hash([source_uri, key], 24),
-        KEY: key,
-        IDENTITY_ID: identity,
-        PARENT_ID: None,
-        IMAGE: None,
-        IMAGE_EXT: ext.lower() or None,
-        "source_uri": source_uri,
-        "source_path": source_path,
-        "file_bytes": None,
-        "width": None,
-        "height": None,
-    }
-
-
-def _error_row(
-    source_uri: str, key: str, source_path: str, identity: str | None, ext: str, reason: str
-) -> dict[str, Any]:
-    row = _base_row(source_uri, key, source_path, identity, ext)
-    row.update({STATUS: STATUS_ERROR, KEEP: False, REASON: reason})
-    return row
-
-
-def _image_row(
-    source_uri: str, key: str, source_path: str, identity: str | None, ext: str, data: bytes
-) -> dict[str, Any]:
-    row = _base_row(source_uri, key, source_path, identity, ext)
-    row["file_bytes"] = len(data)
-    try:
-        rgb = decode_rgb(data)
-    except ImageError as exc:
-        row.update({STATUS: STATUS_ERROR, KEEP: False, REASON: str(exc)})
+        failed = next((m for m in group if m.error is not None), None)
+        if image_ext is not None:
+            row.source_path, row.ext = files[image_ext].name, image_ext.rsplit(".", 1)[-1]
+        if failed is not None:
+            row.reason = Reason(failed.error or "corrupt_tar", f"{failed.name}: {failed.detail}")
+        elif image_ext is None:
+            row.reason = Reason("no_image_in_sample", f"members: {', '.join(sorted(files))}")
+        else:
+            row.data = files[image_ext].data or b""
         return row
-    row.update(
-        {
-            IMAGE: data,
-            IMAGE_EXT: sniff_ext(data, ext),
-            "width": int(rgb.shape[1]),
-            "height": int(rgb.shape[0]),
-            STATUS: STATUS_OK,
-            KEEP: True,
-            REASON: None,
-        }
-    )
-    return row
 
 
-def _to_batch(rows: list[dict[str, Any]]) -> Batch:
-    return {col: [r[col] for r in rows] for col in rows[0]}
+def _tar_spec(tar: str, offset: int, stop: int | None, seen: list[str] | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = {"tar": tar, "offset": offset, "stop": stop}
+    if seen:
+        spec["seen"] = sorted(seen)
+    return spec
+
+
+def _checked(data: bytes, limit: int) -> bytes:
+    if len(data) > limit:
+        raise _Bad("file_too_large", f"more than {limit} bytes")
+    if not data:
+        raise _Bad("empty_file", "0 bytes")
+    return data
+
+
+def _read_local(path: str, limit: int) -> bytes:
+    """Refuse links and special files by what they are (lstat; O_NOFOLLOW at open, so a file swapped for
+    a link in between is refused too), then read at most ``limit`` + 1 bytes."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise _Bad("not_a_regular_file", f"symlink to {os.readlink(path)!r}")
+    if not stat.S_ISREG(st.st_mode):
+        raise _Bad("not_a_regular_file", _mode_name(st.st_mode))
+    if st.st_size > limit:
+        raise _Bad("file_too_large", f"{st.st_size} bytes > {limit}")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _Bad("not_a_regular_file", "symlink") from exc
+        raise
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise _Bad("not_a_regular_file", _mode_name(st.st_mode))
+        return _checked(f.read(limit + 1), limit)
+
+
+def _mode_name(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISFIFO, "fifo"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return "special file"

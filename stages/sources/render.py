@@ -20,17 +20,13 @@ from stages.base import (
     IDENTITY_ID,
     IMAGE,
     IMAGE_EXT,
-    KEEP,
     KEY,
-    REASON,
     SAMPLE_ID,
-    STATUS,
-    STATUS_ERROR,
-    STATUS_OK,
     Batch,
     ModelInfo,
     Params,
     Resources,
+    Rows,
     sample_seed,
 )
 from stages.sources.generation import GeneratorSource
@@ -69,16 +65,14 @@ class RenderParams(Params):
     image_format: Literal["png"] = Field("png", description="lossless only: later stages measure pixels")
 
 
-class RenderStage(GeneratorSource):
+class RenderStage(GeneratorSource[RenderParams]):
     name: ClassVar[str] = "render"
     version: ClassVar[str] = "1"
-    params_model: ClassVar[type[Params]] = RenderParams
     resources: ClassVar[Resources] = Resources(cpus=1.0)  # single-threaded numpy + OpenCV
     batch_size: ClassVar[int] = 32
     columns: ClassVar[tuple[pa.Field, ...]] = tuple(
         pa.field(GT_PREFIX + k, t) for k, t in GROUND_TRUTH_TYPES.items()
     )
-    params: RenderParams
 
     def setup(self) -> None:
         import cv2
@@ -92,31 +86,17 @@ class RenderStage(GeneratorSource):
     def render_batch(self, rows: list[dict[str, Any]]) -> Batch:
         """Render rows of (sample_id, key, identity_id, identity_vector, perturbed_vector,
         perturbation_sigma); a row that cannot be rendered becomes an error row, never an exception."""
-        out: Batch = {c: [] for c in (SAMPLE_ID, KEY, IDENTITY_ID, IMAGE, IMAGE_EXT, STATUS, KEEP, REASON)}
-        for f in self.columns:
-            out[f.name] = []
-        for row in rows:
-            out[SAMPLE_ID].append(row[SAMPLE_ID])
-            out[KEY].append(row.get(KEY, row[SAMPLE_ID]))
-            out[IDENTITY_ID].append(row.get(IDENTITY_ID))
+        out = Rows([r[SAMPLE_ID] for r in rows], [KEY, IDENTITY_ID, IMAGE, IMAGE_EXT, *(f.name for f in self.columns)])
+        for i, row in enumerate(rows):
+            out.set(i, key=row.get(KEY, row[SAMPLE_ID]), identity_id=row.get(IDENTITY_ID))
             try:
                 img, truth = self._render(row)
             except (ValueError, TypeError, KeyError) as exc:
-                reason = f"render failed: {type(exc).__name__}: {exc}"
-                for col, value in ((IMAGE, None), (IMAGE_EXT, None), (STATUS, STATUS_ERROR), (KEEP, False),
-                                   (REASON, reason)):
-                    out[col].append(value)
-                for f in self.columns:
-                    out[f.name].append(None)
+                out.fail(i, "render_failed", f"{type(exc).__name__}: {exc}")
                 continue
-            out[IMAGE].append(encode_png(img))
-            out[IMAGE_EXT].append(self.params.image_format)
-            out[STATUS].append(STATUS_OK)
-            out[KEEP].append(True)
-            out[REASON].append(None)
-            for k in GROUND_TRUTH_TYPES:
-                out[GT_PREFIX + k].append(truth[k])
-        return out
+            out.set(i, image=encode_png(img), image_ext=self.params.image_format,
+                    **{GT_PREFIX + k: truth[k] for k in GROUND_TRUTH_TYPES})
+        return out.batch()
 
     def _render(self, row: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
         vec = np.asarray(row["identity_vector"], np.float64)

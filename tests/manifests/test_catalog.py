@@ -210,12 +210,20 @@ def test_the_runs_samples_table_is_the_samples_view_when_it_exists(tmp_path: Pat
     build_run(store, 1, 4)
     assert Catalog(store, STAGES).query("SELECT count(*) AS n FROM samples").column("n")[0].as_py() == 5
     vec = pa.FixedSizeListArray.from_arrays(pa.array([0.5] * 6, pa.float32()), 3)
-    _write(store, pa.table({"sample_id": ["a", "b"], "vec": vec}), "tables", "samples", "part-00000.parquet")
-    _plant_temporary(store, "src")
-    with store.fs.open(store.path("tables", "samples", "_tmp-0-part-00001.parquet"), "wb") as f:
+    table = pa.table({"sample_id": ["a", "b"], "emb__vec": vec, "emb__score": pa.array([0.25, None], pa.float32()),
+                      "emb__status": ["ok", None]})
+    _write(store, table, "tables", "samples", "000000.parquet")
+    with store.fs.open(store.path("tables", "samples", "_tmp-0-000001.parquet"), "wb") as f:
         f.write(b"half")
-    got = Catalog(store, STAGES).query("SELECT count(*) AS n, any_value(typeof(vec)) AS t FROM samples").to_pylist()
+    # Written but not committed (no tables.json): the manifests answer.
+    assert Catalog(store, STAGES).query("SELECT count(*) AS n FROM samples").column("n")[0].as_py() == 5
+    store.write_atomic(b"{}", "tables", "tables.json")
+    cat = Catalog(store, STAGES)
+    got = cat.query("SELECT count(*) AS n, any_value(typeof(emb__vec)) AS t FROM samples").to_pylist()
     assert got == [{"n": 2, "t": "FLOAT[3]"}]
+    assert cat.query("SELECT emb.score AS s FROM samples ORDER BY sample_id").column("s").to_pylist() == [0.25, None]
+    # A field only the manifests have: the join view answers.
+    assert cat.query("SELECT count(src.variant) AS n FROM samples").column("n")[0].as_py() == 5
 
 
 def test_metrics_view_reads_committed_metric_files_only(tmp_path: Path) -> None:

@@ -68,4 +68,4 @@ def test_a_tar_with_an_escaping_member_yields_an_error_member_and_keeps_the_rest
     buf.seek(0)
     members = list(iter_tar_members(buf))
     assert [(m.key, m.error is None) for m in members] == [("good", True), ("", False), ("also/fine", True)]
-    assert "unsafe member name" in (members[1].error or "")
+    assert members[1].error == "unsafe_member_name" and "../escape.png" in (members[1].detail or "")

@@ -173,13 +173,8 @@ def test_bad_images_get_error_rows_with_reasons_and_the_rest_of_the_batch_is_fin
     assert_schema(detect, out)
     assert out[SAMPLE_ID] == [f"s{i}" for i in range(6)]
     assert out[STATUS] == ["error"] * 5 + ["ok"]
-    reasons = out[REASON]
-    assert reasons[0] == "empty file"
-    assert reasons[1] == "not an image"
-    assert reasons[2].startswith("corrupt image")
-    assert reasons[3].startswith("image too small: 1x1")
-    assert reasons[4] == "no face"
-    assert reasons[5] is None and out[KEEP][5] and out["num_faces"][5] == 1
+    assert out[REASON] == ["empty_file", "not_an_image", "corrupt_image", "image_too_small", "no_face", None]
+    assert out["detail"][3].startswith("1x1") and out[KEEP][5] and out["num_faces"][5] == 1
     assert all(out[c][i] is None for c in ("face_box", "landmarks5") for i in range(5))
 
 
@@ -187,7 +182,7 @@ def test_one_face_per_image_keeps_the_largest_of_several_faces_but_decides_again
         photo_jpg: bytes, detect: Stage, detect_per_face: Stage) -> None:
     out = detect.process(batch_of([photo_jpg]))
     assert out[SAMPLE_ID] == ["s0"] and out[STATUS] == ["ok"]
-    assert out[KEEP] == [False] and out[REASON] == [f"multiple faces ({T1_FACES})"]
+    assert out[KEEP] == [False] and out[REASON] == ["multiple_faces"] and out["detail"] == [f"{T1_FACES} faces"]
     largest = detect_per_face.process(batch_of([photo_jpg]))
     assert out["face_box"][0] == largest["face_box"][0] and out["face_index"] == [0]
 
@@ -196,7 +191,7 @@ def test_min_face_size_ignores_faces_below_it(photo_jpg: bytes) -> None:
     params = DetectParams(policy="sample_per_face", min_face_size=200, options={"upsample": 0})
     stage = _stage(DetectStage, params)
     out = stage.process(batch_of([photo_jpg]))
-    assert out[STATUS] == ["error"] and out[REASON] == ["no face"]
+    assert out[STATUS] == ["error"] and out[REASON] == ["no_face"]
 
 
 def test_detect_params_check_backend_options_when_the_config_loads() -> None:
@@ -253,7 +248,7 @@ def test_align_without_landmarks_or_pixels_gives_error_rows(portrait: bytes, ali
     out = align.process(batch)
     assert_schema(align, out)
     assert out[STATUS] == ["error", "error"]
-    assert "landmarks5" in out[REASON][0] and out[REASON][1] == "not an image"
+    assert out[REASON] == ["no_landmarks", "not_an_image"] and "landmarks5" in out["detail"][0]
 
 
 # ------------------------------------------------------------------------------------------- embed
@@ -285,7 +280,7 @@ def test_embedding_the_same_face_twice_is_equal_and_names_space_and_metric(portr
     table = assert_schema(embed, out)
     assert table.column("embedding_space").to_pylist() == ["dlib-resnet-128"] * 2
     assert table.column("embedding_metric").to_pylist() == ["euclidean"] * 2
-    assert out["embedding"][0] == out["embedding"][1] and len(out["embedding"][0]) == 128
+    assert np.array_equal(out["embedding"][0], out["embedding"][1]) and len(out["embedding"][0]) == 128
     assert embed.model_info().name.endswith("shape_predictor_68_face_landmarks.dat")
 
 
@@ -301,7 +296,7 @@ def test_embed_gives_error_rows_for_uncropped_or_missing_images(portrait: bytes,
     out = embed.process(batch_of([portrait, None]))
     assert_schema(embed, out)
     assert out[STATUS] == ["error", "error"]
-    assert "not an aligned crop" in out[REASON][0] and out[REASON][1] == "no image"
+    assert out[REASON] == ["not_an_aligned_crop", "no_aligned_crop"] and out["detail"][1] == "no image"
 
 
 def test_group_photo_faces_flow_through_detect_align_embed_as_distinct_people(
@@ -332,10 +327,10 @@ def test_quality_reason_names_every_failed_check(portrait_aligned: Batch) -> Non
     strict = _stage(QualityStage, QualityParams(max_yaw=0.5, min_face_size=500, min_det_score=10.0))
     out = strict.process(portrait_aligned)
     assert out[STATUS] == ["ok"] and out[KEEP] == [False]
-    reason = out[REASON][0]
-    assert "yaw" in reason and "face size" in reason and "< 500" in reason and "detector score" in reason
-    yaw = out["yaw"][0]
-    assert f"yaw {yaw:.1f} {'>' if yaw > 0 else '<'} {'' if yaw > 0 else '-'}0.5" in reason
+    assert out[REASON][0] == "yaw_above_max"  # the first failed check names the rule
+    detail = out["detail"][0]
+    assert "face_size" in detail and "< 500" in detail and "det_score" in detail
+    assert f"|yaw| {abs(out['yaw'][0]):.1f} > 0.5" in detail
 
 
 def test_quality_flags_a_blurred_face_on_sharpness_only(portrait: bytes, detect: Stage, align: Stage,
@@ -345,7 +340,7 @@ def test_quality_flags_a_blurred_face_on_sharpness_only(portrait: bytes, detect:
     batch = advance(batch, detect.process(batch), detect)
     batch = advance(batch, align.process(batch), align)
     out = quality.process(batch)
-    assert out[KEEP] == [False] and out[REASON][0].startswith("sharpness ") and "< 25" in out[REASON][0]
+    assert out[KEEP] == [False] and out[REASON] == ["sharpness_below_min"] and "< 25" in out["detail"][0]
     lenient = _stage(QualityStage, QualityParams(min_sharpness=None))
     assert lenient.process(batch)[KEEP] == [True]
 
@@ -365,7 +360,7 @@ def test_quality_gives_an_error_row_for_unreadable_pixels(portrait_aligned: Batc
     b[IMAGE] = [b"\x89PNG broken"]
     out = quality.process(b)
     assert_schema(quality, out)
-    assert out[STATUS] == ["error"] and out[REASON] == ["not an image"]
+    assert out[STATUS] == ["error"] and out[REASON] == ["not_an_image"]
 
 
 def test_quality_yaw_follows_the_renderers_ground_truth_yaw(detect: Stage, quality: Stage) -> None:

@@ -280,7 +280,8 @@ def test_stage_renders_rows_as_png_with_seed_steps_and_guidance_and_a_bad_row_be
     batch[1]["perturbed_vector"] = np.zeros(512, np.float32)
     out = stage.render_batch(batch)
     assert out["status"] == [STATUS_OK, STATUS_ERROR, STATUS_OK]
-    assert out["keep"] == [True, False, True] and "not finite or is zero" in out["reason"][1]
+    assert out["keep"] == [True, False, True] and out["reason"][1] == "bad_identity_vector"
+    assert "not finite or is zero" in out["detail"][1]
     assert out["image"][1] is None
     assert decode_rgb(out["image"][0]).shape == (32, 32, 3) and out["image_ext"][0] == "png"
     assert out["seed"] == [sample_seed(0, f"s{i}", "arc2face") for i in range(3)]
@@ -309,7 +310,7 @@ def test_stage_with_controlnet_turns_a_row_without_pose_image_into_an_error_row(
     batch[0][POSE_COLUMN] = encode_png(np.full((32, 32, 3), 90, np.uint8))
     out = stage.render_batch(batch)
     assert out["status"] == [STATUS_OK, STATUS_ERROR]
-    assert "pose" in out["reason"][1] and "EMOCA" in out["reason"][1]
+    assert out["reason"][1] == "no_pose_image" and "EMOCA" in out["detail"][1]
 
 
 def write_identities(run_dir: Path) -> None:

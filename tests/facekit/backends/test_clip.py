@@ -156,7 +156,8 @@ def test_clip_filter_stores_pair_scores_and_embeddings_and_decides_per_pair(
     assert out["keep"] == [False] * 4
     for i in range(3):
         assert 0.0 < out["clip_sharp"][i] < 1.0 and 0.0 < out["clip_photo"][i] < 1.0
-        assert out["reason"][i] == f"clip photo {out['clip_photo'][i]:.2f} < 1.0"
+        assert out["reason"][i] == "clip_photo_below_min"
+        assert out["detail"][i] == f"clip_photo {out['clip_photo'][i]:.2f} < 1"
         assert len(out["clip_embedding"][i]) == 32 and out["clip_space"][i] == "clip-local-32"
     assert out["clip_sharp"][3] is None and out["reason"][3]
     table = manifest(stage, batch)

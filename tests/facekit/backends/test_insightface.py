@@ -214,7 +214,7 @@ def test_the_detect_stage_runs_on_the_insightface_backend_without_changes(pack: 
     assert faces and all(out["status"][i] == "ok" and len(out["landmarks68"][i]) == 136 for i in faces)
     assert out["face_index"][faces[0]] == 0 and out["num_faces"][faces[0]] == len(faces)
     flat = out["sample_id"].index("flat")
-    assert out["status"][flat] == "error" and out["reason"][flat] == "no face"
+    assert out["status"][flat] == "error" and out["reason"][flat] == "no_face"
     assert stage.model_info().name == "insightface:det_10g.onnx+1k3d68.onnx"
 
 

@@ -52,7 +52,7 @@ def test_every_sample_has_one_row_per_stage_and_the_filter_decides(finished_run:
     assert len(pattern) == 24 and len({r["sample_id"] for r in pattern}) == 24
     assert {r["sample_id"] for r in meanf} == {r["sample_id"] for r in pattern}
     dropped = [r for r in meanf if not r["keep"]]
-    assert all(r["mean"] < 60 and r["reason"].startswith("mean ") for r in dropped)
+    assert all(r["mean"] < 60 and r["reason"] == "mean_below_min" and "< 60" in r["detail"] for r in dropped)
     assert all(r["mean"] >= 60 for r in meanf if r["keep"])
     assert all(r["params_hash"] and r["fingerprint"] and r["worker"] for r in meanf)
 
@@ -61,15 +61,16 @@ def test_exported_shards_read_back_with_webdataset_and_ray_data(finished_run: Pa
     import ray.data
 
     done = json.loads((finished_run / "export" / "export.json").read_text())
-    train = sorted(glob.glob(str(finished_run / "export" / "train" / "*.tar")))
-    assert len(train) == len(done["splits"]["train"]["shards"])
+    # export.json (the commit) names the shards of the committed version, relative to the run.
+    train = [str(finished_run / p) for p in done["splits"]["train"]["shards"]]
+    assert train and train == sorted(glob.glob(str(finished_run / "export" / done["version"] / "train" / "*.tar")))
     samples = list(wds.WebDataset(train, shardshuffle=False).decode("rgb8"))
     assert len(samples) == done["splits"]["train"]["samples"]
     labels = {int(s["cls"]) for s in samples}
     assert labels == set(range(done["splits"]["train"]["identities"]))
     assert all(s["png"].shape == (32, 32, 3) for s in samples)
     val_ids = {s["json"]["identity_id"] for s in wds.WebDataset(
-        sorted(glob.glob(str(finished_run / "export/val/*.tar"))), shardshuffle=False).decode("rgb8")}
+        [str(finished_run / p) for p in done["splits"]["val"]["shards"]], shardshuffle=False).decode("rgb8")}
     train_ids = {s["json"]["identity_id"] for s in samples}
     assert val_ids and not (val_ids & train_ids), "an identity is in two splits"
     ds = ray.data.read_webdataset(train)
@@ -123,7 +124,8 @@ def test_a_sample_whose_processing_raises_gets_an_error_row_and_the_run_goes_on(
     assert res.complete
     rows = {r["sample_id"]: r for r in _manifest_rows(tmp_path / "run", "meanf")}
     assert len(rows) == 24
-    assert rows[victim]["status"] == "error" and "planted failure" in rows[victim]["reason"]
+    assert rows[victim]["status"] == "error" and rows[victim]["reason"] == "stage_error"
+    assert "planted failure" in rows[victim]["detail"]
     assert sum(r["status"] == "error" for r in rows.values()) == 1
 
 
@@ -150,7 +152,7 @@ def test_executor_commits_manifest_last(tmp_path: Path, engine_config: dict) -> 
     cfg, stages = load_config(raw=engine_config)
     runner = Runner(cfg, stages, str(tmp_path / "run"), show_progress=False)
     runner.prepare(force=False, new=False)
-    runner.ensure_identities()
+    runner.prepare_source()
     plan = runner.shard_plan()
     ex = ShardExecutor(runner.spec(stages[0]))
     out = {}

@@ -475,7 +475,7 @@ def test_fingerprint_gives_same_pixel_hash_to_a_lossless_reencode_and_an_error_r
     assert out["content_sha256"][0] != out["content_sha256"][1]
     assert out["pixel_sha256"][0] == out["pixel_sha256"][1] != out["pixel_sha256"][2]
     assert len(out["phash"][0]) == 16 and out["image_format"][:3] == ["png", "png", "jpeg"]
-    assert out["status"] == ["ok", "ok", "ok", "error"] and out["reason"][3] == "not an image"
+    assert out["status"] == ["ok", "ok", "ok", "error"] and out["reason"][3] == "not_an_image"
     assert out["keep"][3] is False and out["phash"][3] is None
 
 

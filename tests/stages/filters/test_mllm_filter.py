@@ -26,7 +26,7 @@ from facekit.backends.mllm_client import MLLMServerSpec, check_server, parse_ans
 from facekit.backends.vlm_local import check_files as vlm_check_files
 from facekit.imaging import encode_png
 from pipeline.engine.execution import StageSpec, build_manifest, process_isolated
-from stages.base import STATUS_ERROR, STATUS_OK, Batch, Stage, StageContext
+from stages.base import STATUS_ERROR, STATUS_OK, Batch, Stage, StageContext, TransientError
 from stages.filters.mllm_filter import MLLMFilterParams, MLLMFilterStage, Question
 
 QUESTIONS = [
@@ -58,7 +58,7 @@ def honest(payload: dict[str, Any]) -> Reply:
 class FakeServer:
     """Records every request; ``behaviour(n, payload)`` picks the reply to the n-th request (0-based)."""
 
-    def __init__(self, behaviour: Behaviour) -> None:
+    def __init__(self, behaviour: Behaviour, port: int = 0) -> None:
         self.behaviour = behaviour
         self.requests: list[dict[str, Any]] = []
         self.lock = threading.Lock()
@@ -96,7 +96,8 @@ class FakeServer:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        ThreadingHTTPServer.allow_reuse_address = True
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
@@ -111,15 +112,15 @@ class FakeServer:
         self.httpd.server_close()
 
 
-Serve = Callable[[Behaviour], FakeServer]
+Serve = Callable[..., FakeServer]
 
 
 @pytest.fixture
 def serve() -> Iterator[Serve]:
     servers: list[FakeServer] = []
 
-    def start(behaviour: Behaviour) -> FakeServer:
-        servers.append(FakeServer(behaviour))
+    def start(behaviour: Behaviour, port: int = 0) -> FakeServer:
+        servers.append(FakeServer(behaviour, port))
         return servers[-1]
 
     yield start
@@ -161,8 +162,8 @@ def test_answers_are_stored_and_pass_rules_decide_with_a_reason(serve: Serve, tm
     assert out["sample_id"] == batch["sample_id"]
     assert out["status"] == [STATUS_OK, STATUS_OK, STATUS_OK, STATUS_ERROR]
     assert out["keep"] == [True, False, True, False]
-    assert out["reason"][1] == "mllm real_face=false (want true)"
-    assert "not an image" in out["reason"][3]
+    assert out["reason"][1] == "mllm_real_face_failed" and out["detail"][1] == "mllm real_face=false (want true)"
+    assert out["reason"][3] == "not_an_image"
     assert out["mllm_real_face"][:3] == [True, False, True] and out["mllm_quality"][:3] == [4, 2, 4]
     assert len(server.requests) == 3  # the broken image was never sent
     req = server.requests[0]
@@ -183,30 +184,64 @@ def test_a_500_is_retried_with_backoff_until_the_server_answers(serve: Serve, tm
     assert len(server.requests) == 3 + 2
 
 
-def test_a_server_that_always_fails_gives_one_error_row_per_sample_with_the_reason(
+def test_a_server_that_keeps_failing_raises_transient_error_after_its_retries_and_records_nothing(
     serve: Serve, tmp_path: Path
 ) -> None:
     server = serve(lambda n, p: (500, b"internal error"))
-    out = make_stage(tmp_path, server.url, max_retries=2).process(make_batch([200, 30]))
-    assert out["sample_id"] == ["s0", "s1"]
-    assert out["status"] == [STATUS_ERROR] * 2 and out["keep"] == [False] * 2
-    for reason in out["reason"]:
-        assert "gave up after 3 attempts" in reason and "HTTP 500" in reason and "internal error" in reason
+    with pytest.raises(TransientError, match=r"gave up after 3 attempts.*HTTP 500: internal error"):
+        make_stage(tmp_path, server.url, max_retries=2).process(make_batch([200, 30]))
     assert len(server.requests) == 2 * 3
+    assert not list(tmp_path.glob("cache/mllm/*.json"))  # no failure is cached as an answer
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_a_throttling_or_unavailable_server_raises_transient_error_and_the_retried_shard_completes(
+    serve: Serve, tmp_path: Path, status: int
+) -> None:
+    up = threading.Event()
+    server = serve(lambda n, p: honest(p) if up.is_set() else (status, b"come back later"))
+    stage = make_stage(tmp_path, server.url, max_retries=1)
+    batch = make_batch([200, 30, 220])
+    with pytest.raises(TransientError, match=f"HTTP {status}"):
+        stage.process(batch)
+    up.set()
+    table = manifest(stage, batch)  # the engine's retry of the shard, committed as the runner does
+    assert table.column("status").to_pylist() == [STATUS_OK] * 3
+    assert table.column("keep").to_pylist() == [True, False, True]
+
+
+def test_a_server_that_is_down_raises_transient_error_then_the_shard_completes_when_it_is_back(
+    serve: Serve, tmp_path: Path
+) -> None:
+    first = serve(lambda n, p: honest(p))
+    port = first.httpd.server_address[1]
+    first.close()  # connection refused from now on
+    stage = make_stage(tmp_path, first.url, max_retries=1)
+    batch = make_batch([200, 30])
+    with pytest.raises(TransientError, match="connection error"):
+        stage.process(batch)
+    assert not list(tmp_path.glob("cache/mllm/*.json"))
+    back = serve(lambda n, p: honest(p), port)
+    table = manifest(stage, batch)
+    assert table.column("status").to_pylist() == [STATUS_OK] * 2 and len(back.requests) == 2
+    assert table.column("reason").to_pylist() == [None, "mllm_real_face_failed"]
 
 
 def test_a_client_error_is_not_retried(serve: Serve, tmp_path: Path) -> None:
     server = serve(lambda n, p: (400, b'{"error": "model does not support images"}'))
     out = make_stage(tmp_path, server.url, max_retries=3).process(make_batch([200]))
-    assert out["status"] == [STATUS_ERROR] and "HTTP 400" in out["reason"][0]
+    assert out["status"] == [STATUS_ERROR] and out["reason"] == ["mllm_request_failed"]
+    assert "HTTP 400" in out["detail"][0]
     assert len(server.requests) == 1
 
 
-def test_a_server_that_times_out_gives_error_rows_and_the_run_goes_on(serve: Serve, tmp_path: Path) -> None:
+def test_a_server_that_times_out_raises_transient_error_and_keeps_the_answers_it_gave(
+    serve: Serve, tmp_path: Path
+) -> None:
     server = serve(lambda n, p: None if brightness(p) < 100 else honest(p))
-    out = make_stage(tmp_path, server.url, timeout_s=0.3, max_retries=1).process(make_batch([200, 30, 220]))
-    assert out["status"] == [STATUS_OK, STATUS_ERROR, STATUS_OK]
-    assert "timed out after 0.3 s" in out["reason"][1] and "gave up after 2 attempts" in out["reason"][1]
+    with pytest.raises(TransientError, match=r"gave up after 2 attempts; last: timed out after 0.3 s"):
+        make_stage(tmp_path, server.url, timeout_s=0.3, max_retries=1).process(make_batch([200, 30, 220]))
+    assert len(list(tmp_path.glob("cache/mllm/*.json"))) == 2  # the retried shard asks only the third
 
 
 def test_a_malformed_json_answer_is_an_error_row_holding_the_raw_text(serve: Serve, tmp_path: Path) -> None:
@@ -223,9 +258,10 @@ def test_a_malformed_json_answer_is_an_error_row_holding_the_raw_text(serve: Ser
     server = serve(behaviour)
     out = make_stage(tmp_path, server.url).process(make_batch([30, 100, 180, 240]))
     assert out["status"] == [STATUS_ERROR, STATUS_ERROR, STATUS_ERROR, STATUS_OK]
-    assert "unparseable answer" in out["reason"][0] and "Sure! The face looks real to me." in out["reason"][0]
-    assert "unparseable answer" in out["reason"][1] and "'yes' is not of type 'boolean'" in out["reason"][1]
-    assert "malformed response body" in out["reason"][2]
+    assert out["reason"][:3] == ["unparseable_answer", "unparseable_answer", "mllm_request_failed"]
+    assert "Sure! The face looks real to me." in out["detail"][0]
+    assert "'yes' is not of type 'boolean'" in out["detail"][1]
+    assert "malformed response body" in out["detail"][2]
     assert out["mllm_quality"][3] == 5
 
 
@@ -240,8 +276,8 @@ def test_a_resumed_run_does_not_ask_answered_questions_again(serve: Serve, tmp_p
 
     levels = [200, 30, 100, 220, 35]
     first_server = serve(flaky)
-    first = make_stage(tmp_path, first_server.url, max_retries=0).process(make_batch(levels))
-    assert first["status"] == [STATUS_OK, STATUS_ERROR, STATUS_ERROR, STATUS_OK, STATUS_ERROR]
+    with pytest.raises(TransientError, match="HTTP 503"):
+        make_stage(tmp_path, first_server.url, max_retries=0).process(make_batch(levels))
     assert len(list((tmp_path / "cache" / "mllm").glob("*.json"))) == 3  # answers, not failures
 
     second_server = serve(lambda n, p: honest(p))
@@ -249,9 +285,8 @@ def test_a_resumed_run_does_not_ask_answered_questions_again(serve: Serve, tmp_p
     assert len(second_server.requests) == 2  # only the two failed requests are asked again
     assert sorted(brightness(r) for r in second_server.requests) == [30.0, 35.0]
     assert second["status"] == [STATUS_OK, STATUS_OK, STATUS_ERROR, STATUS_OK, STATUS_OK]
-    assert second["reason"][2] == first["reason"][2]  # the cached unparseable answer, not re-asked
-    for i in (0, 3):
-        assert second["mllm_quality"][i] == first["mllm_quality"][i]
+    assert second["reason"][2] == "unparseable_answer" and "no idea" in second["detail"][2]  # cached, not re-asked
+    assert second["mllm_quality"][0] == second["mllm_quality"][3] == 4
 
     third_server = serve(lambda n, p: honest(p))
     make_stage(tmp_path, third_server.url).process(make_batch(levels))
@@ -352,8 +387,8 @@ def test_local_vlm_loads_a_saved_checkpoint_and_never_loses_a_sample(tmp_path: P
     out = stage.process(batch)
     assert out["sample_id"] == batch["sample_id"]
     # Random weights answer noise: every row is an error that keeps the raw text, none is lost.
-    assert out["status"] == [STATUS_ERROR] * 4 and "empty file" in out["reason"][3]
-    assert all("unparseable answer" in r and "raw answer:" in r for r in out["reason"][:3])
+    assert out["status"] == [STATUS_ERROR] * 4 and out["reason"][3] == "empty_file"
+    assert out["reason"][:3] == ["unparseable_answer"] * 3 and all("raw answer:" in d for d in out["detail"][:3])
     again = stage.process(batch)  # greedy decoding + cache: identical, and answered from the cache
-    assert again["reason"] == out["reason"]
+    assert again["reason"] == out["reason"] and again["detail"] == out["detail"]
     assert len(list((run / "cache" / "mllm").glob("*.json"))) == 3

@@ -10,24 +10,37 @@ from typing import Any
 
 import fsspec
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from pydantic import ValidationError
 
 from facekit.imaging import encode_jpeg, encode_png
 from manifests.shards import check_key
+from manifests.storage import RunStorage
 from stages.base import StageContext
 from stages.sources.ingest import IngestParams, IngestStage, folder_key
-
-CTX = StageContext(run_dir="/tmp/unused", stage_id="ingest", seed=0)
 
 
 def rgb(seed: int, size: int = 64) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
 
 
+@pytest.fixture(autouse=True)
+def run_dir(tmp_path: Path) -> Path:
+    """Where a folder source writes its listing (the runner's run directory)."""
+    global CTX
+    CTX = StageContext(run_dir=str(tmp_path / "run"), stage_id="ingest", seed=0)
+    return tmp_path / "run"
+
+
+CTX = StageContext(run_dir="/nonexistent", stage_id="ingest", seed=0)
+
+
 def stage(**params: Any) -> IngestStage:
-    return IngestStage(IngestParams(**params), CTX)
+    st = IngestStage(IngestParams(**params), CTX)
+    st.prepare(RunStorage(CTX.run_dir))
+    return st
 
 
 def rows_of(st: IngestStage, shard_size: int = 4) -> list[dict[str, Any]]:
@@ -98,16 +111,16 @@ def test_folder_ingest_gives_one_error_row_with_a_reason_per_bad_file(messy_fold
         ]
     )  # hidden files and non-image extensions are not samples
     bad = {
-        "bob/zero.jpg": "empty file",
-        "bob/notes.jpg": "not an image",
-        "alice/truncated.jpg": "corrupt image",
-        "alice/tiny.png": "image too small",
-        "bob/huge.png": "image too large",
+        "bob/zero.jpg": "empty_file",
+        "bob/notes.jpg": "not_an_image",
+        "alice/truncated.jpg": "corrupt_image",
+        "alice/tiny.png": "image_too_small",
+        "bob/huge.png": "image_too_large",
     }
     for path, row in by_path.items():
         if path in bad:
             assert row["status"] == "error" and row["keep"] is False, path
-            assert row["reason"].startswith(bad[path]), (path, row["reason"])
+            assert row["reason"] == bad[path] and row["detail"], (path, row["reason"], row["detail"])
             assert row["image"] is None
         else:
             assert row["status"] == "ok" and row["keep"] is True and row["reason"] is None, path
@@ -135,12 +148,21 @@ def test_keys_are_valid_unique_and_ids_deterministic(messy_folder: Path) -> None
     assert folder_key("../../etc/passwd.jpg").startswith("etc__passwd-")
 
 
-def test_plan_is_sorted_and_cut_into_shards(messy_folder: Path) -> None:
-    plan = stage(root=str(messy_folder)).plan(3)
-    paths = [p for shard in plan for p in shard["paths"]]
-    assert paths == sorted(paths) and len(paths) == 10
-    assert [len(s["paths"]) for s in plan] == [3, 3, 3, 1]
-    assert stage(root=str(messy_folder)).plan(3) == plan
+def test_plan_is_row_ranges_of_a_sorted_listing_frozen_in_the_run(messy_folder: Path, run_dir: Path) -> None:
+    st = stage(root=str(messy_folder))
+    plan = st.plan(3)
+    assert [(s["start"], s["stop"]) for s in plan] == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert all(set(s) == {"root", "listing", "start", "stop"} for s in plan)  # no paths in the plan
+    listing = pq.read_table(run_dir / plan[0]["listing"]).column("path").to_pylist()
+    assert listing == sorted(listing) and len(listing) == 10
+    paths = [r["source_path"] for r in rows_of(st, 3)]
+    assert paths == listing
+    (messy_folder / "alice" / "aaa-new.png").write_bytes(encode_png(rgb(30)))  # after the first run
+    again = stage(root=str(messy_folder))
+    assert again.plan(3) == plan  # a resumed run cuts the same shards
+    assert [r["source_path"] for r in rows_of(again, 3)] == paths
+    other = stage(root=str(messy_folder), extensions=["png"])  # another source: its own listing
+    assert other.plan(100)[0]["listing"] != plan[0]["listing"]
 
 
 def test_a_file_that_vanishes_after_planning_is_an_error_row(messy_folder: Path) -> None:
@@ -153,7 +175,8 @@ def test_a_file_that_vanishes_after_planning_is_an_error_row(messy_folder: Path)
         for r in (dict(zip(b, v, strict=True)) for v in zip(*b.values(), strict=True))
     ]
     row = next(r for r in rows if r["source_path"] == "alice/a1.png")
-    assert row["status"] == "error" and row["reason"].startswith("unreadable file: FileNotFoundError")
+    assert row["status"] == "error" and row["reason"] == "unreadable_file"
+    assert row["detail"].startswith("FileNotFoundError")
     assert len(rows) == 10
 
 
@@ -211,14 +234,15 @@ def test_tar_ingest_keeps_keys_and_turns_unsafe_or_truncated_members_into_error_
     assert ok["000001"]["identity_id"] == "carol" and ok["000001"]["image"] == encode_png(rgb(20))
     assert ok["train/000002"]["image_ext"] == "jpg"
     reasons = sorted(r["reason"] for r in errors)
-    assert reasons.count("unsafe member name") == 2
-    assert {r["source_path"] for r in errors if r["reason"] == "unsafe member name"} == {
+    assert reasons.count("unsafe_member_name") == 2
+    assert {r["source_path"] for r in errors if r["reason"] == "unsafe_member_name"} == {
         "../evil.png",
         "/abs/root.png",
     }
-    assert any(r.startswith("no image in sample") for r in reasons)  # 000003: only a json
-    assert any(r == "not an image" for r in reasons)  # 000004.png holds garbage
-    assert any("truncated" in r for r in reasons)  # shard-001 ends inside b.png
+    assert "no_image_in_sample" in reasons  # 000003: only a json
+    assert "not_an_image" in reasons  # 000004.png holds garbage
+    truncated = [r for r in errors if r["reason"] == "truncated_tar"]  # shard-001 ends inside b.png
+    assert len(truncated) == 1 and "b.png" in truncated[0]["detail"]
     assert len(errors) == 5
     for r in rows:
         assert check_key(r["key"]) == r["key"]
@@ -230,7 +254,7 @@ def test_tar_split_cuts_member_ranges_that_cover_each_sample_once(tars: list[Pat
     whole = rows_of(stage(tars=[str(t) for t in tars]), shard_size=100)
     st = stage(tars=[str(t) for t in tars], tar_split=True)
     plan = st.plan(2)
-    assert all(set(s) == {"tar", "start", "stop"} for s in plan)
+    assert all({"tar", "offset", "stop"} <= set(s) for s in plan)
     assert len(plan) > len(tars)
     split = rows_of(st, shard_size=2)
     assert [r["sample_id"] for r in split] == [r["sample_id"] for r in whole]
@@ -241,3 +265,18 @@ def test_params_need_exactly_one_source() -> None:
         IngestParams()
     with pytest.raises(ValidationError, match="exactly one"):
         IngestParams(root="/x", tars=["/y.tar"])
+
+
+def test_an_fsspec_folder_listing_skips_hidden_folders_and_is_streamed_into_the_run(run_dir: Path) -> None:
+    fs = fsspec.filesystem("memory")
+    fs.pipe({"/ff-list/a/x.png": encode_png(rgb(13)), "/ff-list/.hidden/y.png": encode_png(rgb(14)),
+             "/ff-list/a/.b/z.png": encode_png(rgb(15)), "/ff-list/b/c/w.png": encode_png(rgb(16))})
+    try:
+        st = stage(root="memory://ff-list")
+        plan = st.plan(1)
+        rows = rows_of(st, 1)
+    finally:
+        fs.rm("/ff-list", recursive=True)
+    assert [r["source_path"] for r in rows] == ["a/x.png", "b/c/w.png"]
+    assert [(s["start"], s["stop"]) for s in plan] == [(0, 1), (1, 2)]
+    assert (run_dir / plan[0]["listing"]).is_file()

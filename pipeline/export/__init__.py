@@ -1,0 +1,16 @@
+"""The export sink (not a stage): the run's ``tables/samples`` -> WebDataset training shards, the
+export manifest and a Hugging Face dataset card.
+
+What is exported is a *view*: every stage's status must be ok, and each stage's own keep decision
+applies unless the export names thresholds for that stage, which then replace it. Changing a
+threshold re-runs only the export, never a model stage. Splits are by identity.
+
+- ``config``: the export config and the one-predicate check of ``export.where``;
+- ``plan``: the selection per partition, the per-identity table, splits, labels, shard assignment;
+- ``shards``: writer tasks (grouped byte ranges of the source tars -> training tars);
+- ``card``: the dataset card; ``task``: orchestration and the commit (write beside, then switch).
+"""
+
+from pipeline.export.config import ExportConfig, Threshold, check_where
+
+__all__ = ["ExportConfig", "Threshold", "check_where"]

@@ -1,0 +1,287 @@
+"""Export planning, per partition: which samples, which split, which label, which training shard.
+
+Why per partition: at 50M samples no process may hold the exported rows. Each plan task runs the
+selection (a sandboxed DuckDB query with projection) over a few files of ``tables/samples``,
+writes the selected rows (small columns plus the image's byte range) to a plan fragment sorted by
+a hash of the sample id, and returns only per-identity counts and drop counts by rule. The driver
+turns the per-identity table (small: one row per identity) into splits and labels; writer tasks
+then read their hash range of the plan fragments.
+
+Splits are by identity (no identity in two splits): the round(f * n) identities with the smallest
+hash are validation. Labels share ONE space across splits: training identities get 0..T-1 (sorted
+by id, so a classifier head has T classes), validation identities T..T+V-1; every sample's json
+also carries its identity_id. A sample's training shard is floor(u * E), u its hash in [0, 1) and E
+the split's shard count, so shards mix identities and hold about ``shard_size`` samples each.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from manifests.tables import column_name
+from pipeline.export.config import WHERE_TABLE, ExportConfig, Threshold
+
+MAX_EXAMPLES = 3
+
+
+def _q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _ref(target: str) -> str:
+    stage, _, column = target.partition(".")
+    return column_name(stage, column)
+
+
+def threshold_predicates(thresholds: dict[str, Threshold], stage_ids: list[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for target, th in thresholds.items():
+        stage, _, column = target.partition(".")
+        if stage not in stage_ids or not column:
+            raise ValueError(f"export.thresholds: {target!r} must be 'stage.column' with a stage of this run "
+                             f"({', '.join(stage_ids)})")
+        ref = _q(column_name(stage, column))
+        preds = out.setdefault(stage, [])
+        if th.min is not None:
+            preds.append(f"{ref} >= {th.min!r}")
+        if th.max is not None:
+            preds.append(f"{ref} <= {th.max!r}")
+        if th.max_abs is not None:
+            preds.append(f"abs({ref}) <= {th.max_abs!r}")
+    return out
+
+
+def selection_predicate(cfg: ExportConfig, stage_ids: list[str]) -> str:
+    """Every stage ok; each stage's own keep unless thresholds replace it or it is ignored; ``where``."""
+    overridden = threshold_predicates(cfg.thresholds, stage_ids)
+    conds = [f"{_q(column_name(s, 'status'))} = 'ok'" for s in stage_ids]
+    for s in stage_ids:
+        if s in overridden:
+            conds.extend(overridden[s])
+        elif s not in cfg.ignore_decisions:
+            conds.append(f"{_q(column_name(s, 'keep'))}")
+    if cfg.where:
+        conds.append(f"({cfg.where})")
+    return " AND ".join(conds)
+
+
+@dataclass(frozen=True)
+class SelectionSpec:
+    """The plan query: small, picklable, shipped to every plan task."""
+
+    sql: str
+    meta_names: tuple[str, ...] = ()  # json field name per metadata column
+    member_exts: tuple[str, ...] = ()
+    balance_columns: tuple[str, ...] = ()  # samples-table columns counted for the card's balance tables
+
+
+def selection_spec(cfg: ExportConfig, stage_ids: list[str], balance_columns: list[str] | None = None) -> SelectionSpec:
+    extra = ""
+    for i, target in enumerate(cfg.metadata_columns):
+        extra += f", {_q(_ref(target))} AS meta_{i}"
+    for i, target in enumerate(cfg.extra_members.values()):
+        extra += f", {_q(_ref(target))} AS member_{i}"
+    for i, col in enumerate(balance_columns or []):
+        extra += f", CAST({_q(col)} AS VARCHAR) AS bal_{i}"
+    sql = (
+        "SELECT sample_id, key, identity_id, image_shard AS src_shard, image_offset AS src_offset, "
+        f"image_size AS src_size, image_ext AS src_ext{extra} FROM {WHERE_TABLE} WHERE "
+        + selection_predicate(cfg, stage_ids)
+    )
+    return SelectionSpec(sql, tuple(m.replace(".", "_") for m in cfg.metadata_columns),
+                         tuple(cfg.extra_members), tuple(balance_columns or []))
+
+
+def sandbox() -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB that can read only the Arrow data registered on it: no files, no network,
+    and the setting cannot be turned back on by the query."""
+    con = duckdb.connect(":memory:")
+    con.execute("SET enable_external_access=false")
+    con.execute("SET lock_configuration=true")
+    return con
+
+
+def check_selection(spec: SelectionSpec, schema: pa.Schema) -> None:
+    """Bind the plan query against the samples schema with no rows: an unknown column in
+    ``export.where`` fails here, before any work."""
+    con = sandbox()
+    try:
+        con.register(WHERE_TABLE, schema.empty_table())
+        con.execute(f"SELECT * FROM ({spec.sql}) LIMIT 0")
+    finally:
+        con.close()
+
+
+def unit(text: str) -> float:
+    return int(hashlib.sha256(text.encode()).hexdigest()[:12], 16) / float(1 << 48)
+
+
+_NUM_RE = re.compile(r"-?\d+(\.\d+)?(e-?\d+)?")
+_RULE_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def rule_of(reason: str | None) -> str:
+    """The rule a reason belongs to: the reason itself when it is a rule name (``no_face``); for
+    older free-text reasons, the text before the first ':' with numbers masked, so one rule never
+    becomes one line per distinct number."""
+    if not reason:
+        return "(no reason)"
+    if _RULE_RE.match(reason):
+        return reason
+    head = reason.split(":", 1)[0].strip()
+    return _NUM_RE.sub("N", head)[:80] or "(no reason)"
+
+
+@dataclass
+class PartitionPlan:
+    rows: int = 0
+    candidates: int = 0
+    no_identity: int = 0
+    identities: pa.Table | None = None
+    exts: Counter[str] = field(default_factory=Counter)
+    reasons: dict[tuple[int, str, str, str], dict[str, Any]] = field(default_factory=dict)
+
+
+def plan_partition(store: Any, samples_files: list[tuple[str, ...]], decisions_files: list[tuple[str, ...]],
+                   spec: SelectionSpec, out_parts: tuple[str, ...]) -> PartitionPlan:
+    """Select one partition's samples, write its plan fragment, return its small summaries."""
+    ds = pads.dataset([store.path(*p) for p in samples_files], filesystem=store.fs, format="parquet")
+    con = sandbox()
+    try:
+        con.register(WHERE_TABLE, ds)
+        sel = con.sql(spec.sql).to_arrow_table()
+        total = int(con.sql(f"SELECT count(*) FROM {WHERE_TABLE}").fetchall()[0][0])
+    finally:
+        con.close()
+    u = pa.array([unit("order:" + s) for s in sel.column("sample_id").to_pylist()], pa.float64())
+    sel = sel.append_column("unit", u).sort_by([("unit", "ascending"), ("sample_id", "ascending")])
+    res = PartitionPlan(rows=total, candidates=sel.num_rows)
+    res.exts.update(e or "png" for e in sel.column("src_ext").to_pylist())
+    ids = sel.column("identity_id")
+    res.no_identity = int(pc.sum(pc.is_null(ids)).as_py() or 0) + int(pc.sum(pc.equal(ids, "")).as_py() or 0)
+    labelled = sel.filter(pc.and_(pc.is_valid(ids), pc.not_equal(pc.fill_null(ids, ""), "")))
+    res.identities = labelled.group_by("identity_id").aggregate([("sample_id", "count")]).rename_columns(
+        ["identity_id", "n"])
+    import io
+
+    buf = io.BytesIO()
+    pq.write_table(labelled, buf, row_group_size=4096, compression="zstd")
+    store.write_atomic(buf.getvalue(), *out_parts)
+    res.reasons = drop_reasons(store, decisions_files)
+    return res
+
+
+def drop_reasons(store: Any, decisions_files: list[tuple[str, ...]]) -> dict[tuple[int, str, str, str], dict[str, Any]]:
+    """Failed and dropped rows of a partition grouped by (stage, status, rule), with a few examples."""
+    out: dict[tuple[int, str, str, str], dict[str, Any]] = {}
+    if not decisions_files:
+        return out
+    ds = pads.dataset([store.path(*p) for p in decisions_files], filesystem=store.fs, format="parquet")
+    t = ds.to_table(columns=["sample_id", "stage", "stage_index", "status", "reason", "detail"],
+                    filter=(pads.field("status") != "ok") | ~pads.field("keep"))
+    for sid, stage, idx, status, reason, detail in zip(*(t.column(c).to_pylist() for c in t.column_names),
+                                                       strict=True):
+        k = (int(idx), stage, status, rule_of(reason))
+        entry = out.setdefault(k, {"count": 0, "examples": []})
+        entry["count"] += 1
+        entry["examples"].append((sid, detail if detail is not None else (reason or "")))
+        if len(entry["examples"]) > MAX_EXAMPLES:
+            entry["examples"] = sorted(entry["examples"])[:MAX_EXAMPLES]
+    return out
+
+
+def merge_reasons(parts: list[dict[tuple[int, str, str, str], dict[str, Any]]]) -> list[dict[str, Any]]:
+    merged: dict[tuple[int, str, str, str], dict[str, Any]] = {}
+    for part in parts:
+        for k, v in part.items():
+            m = merged.setdefault(k, {"count": 0, "examples": []})
+            m["count"] += v["count"]
+            m["examples"] = sorted(m["examples"] + list(v["examples"]))[:MAX_EXAMPLES]
+    rows = [{"stage_index": k[0], "stage": k[1], "status": k[2], "rule": k[3], "count": v["count"],
+             "examples": [{"sample_id": s, "detail": d} for s, d in v["examples"]]} for k, v in merged.items()]
+    return sorted(rows, key=lambda r: (r["stage_index"], -r["count"], r["status"], r["rule"]))
+
+
+def assign_splits(identities: list[str], val_fraction: float) -> dict[str, str]:
+    """Exact, deterministic: the round(f * n) identities with the smallest hash are validation."""
+    ranked = sorted(identities, key=lambda i: (unit("split:" + i), i))
+    n_val = round(val_fraction * len(ranked)) if len(ranked) > 1 else 0
+    if val_fraction > 0 and n_val == 0 and len(ranked) > 1:
+        n_val = 1
+    return {ident: ("val" if r < n_val else "train") for r, ident in enumerate(ranked)}
+
+
+@dataclass
+class IdentityPlan:
+    """The small per-identity table and what follows from it."""
+
+    table: pa.Table  # identity_id, n, split, label
+    small_identities: int
+    small_samples: int
+    per_split: dict[str, dict[str, int]]  # split -> samples, identities, shards
+
+
+def shard_count(n: int, cfg: ExportConfig) -> int:
+    if n <= 0:
+        return 0
+    return max(1, min(n, max(math.ceil(n / cfg.shard_size), cfg.min_shards_per_split)))
+
+
+def plan_identities(counts: list[pa.Table], cfg: ExportConfig) -> IdentityPlan:
+    tables = [t for t in counts if t is not None and t.num_rows]
+    if tables:
+        all_counts = pa.concat_tables(tables).group_by("identity_id").aggregate([("n", "sum")]).rename_columns(
+            ["identity_id", "n"]).sort_by("identity_id")
+    else:
+        all_counts = pa.table({"identity_id": pa.array([], pa.string()), "n": pa.array([], pa.int64())})
+    big = pc.greater_equal(all_counts.column("n"), cfg.min_images_per_identity)
+    small = all_counts.filter(pc.invert(big))
+    kept = all_counts.filter(big)
+    ids = kept.column("identity_id").to_pylist()
+    splits = assign_splits(ids, cfg.val_fraction)
+    train = sorted(i for i in ids if splits[i] == "train")
+    val = sorted(i for i in ids if splits[i] == "val")
+    label = {ident: n for n, ident in enumerate(train + val)}
+    table = kept.append_column("split", pa.array([splits[i] for i in ids], pa.string())).append_column(
+        "label", pa.array([label[i] for i in ids], pa.int64()))
+    per_split: dict[str, dict[str, int]] = {}
+    for name, members in (("train", train), ("val", val)):
+        n = int(pc.sum(table.filter(pc.equal(table.column("split"), name)).column("n")).as_py() or 0)
+        per_split[name] = {"samples": n, "identities": len(members), "shards": shard_count(n, cfg)}
+    return IdentityPlan(table, small.num_rows, int(pc.sum(small.column("n")).as_py() or 0), per_split)
+
+
+def writer_ranges(per_split: dict[str, dict[str, int]], rows_per_task: int) -> list[tuple[str, int, int, int]]:
+    """(split, first shard, end shard, shard count) per writer task, about rows_per_task samples each."""
+    out: list[tuple[str, int, int, int]] = []
+    for split, info in per_split.items():
+        e = info["shards"]
+        if not e:
+            continue
+        per_shard = max(1, info["samples"] // e)
+        step = max(1, rows_per_task // per_shard)
+        out.extend((split, lo, min(lo + step, e), e) for lo in range(0, e, step))
+    return out
+
+
+def where_error(cfg: ExportConfig, stage_ids: list[str], schema: pa.Schema) -> str | None:
+    """Why ``export.where`` cannot run on this run's samples table (an unknown column, a type
+    error), or None; checked before any work."""
+    if not cfg.where:
+        return None
+    try:
+        check_selection(selection_spec(cfg, stage_ids), schema)
+    except duckdb.Error as exc:
+        return str(exc).strip().splitlines()[0]
+    return None

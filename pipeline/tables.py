@@ -1,0 +1,84 @@
+"""Write the run's tables (``tables/samples``, ``tables/decisions``) as part of the run's commit.
+
+One Ray task per source shard joins that shard's fragments of every stage and writes one file of
+each table with the common schema (see ``manifests.tables``); the driver holds shard names and
+counts only. ``tables/tables.json`` is written last: a run whose tables commit matches the stage
+fingerprints skips this step entirely, and a killed one resumes file by file (each file carries
+the stamp it was built from).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import ray
+
+from manifests.layout import DECISIONS_TABLE, MANIFEST_SUFFIX, SAMPLES_TABLE, TABLES_DONE
+from manifests.storage import RunStorage
+from manifests.tables import StageColumns, resolve_stage_columns, samples_schema, stamp, write_shard_tables
+from pipeline.export.retry import RETRYABLE, remote_options
+
+TASK_MEMORY = 512 * 1024 * 1024  # one shard's fragments at a time: far below this
+MAX_SHARDS_PER_TASK = 64
+
+
+def _write_some(url: str, storage_options: dict[str, Any], stages: list[StageColumns], shards: list[str],
+                schema_bytes: bytes, stamp_value: str) -> int:
+    import pyarrow as pa
+
+    store = RunStorage(url, storage_options)
+    schema = pa.ipc.read_schema(pa.py_buffer(schema_bytes))
+    return sum(write_shard_tables(store, stages, sh, schema, stamp_value)["written"] for sh in shards)
+
+
+def tables_up_to_date(store: RunStorage, stamp_value: str, shards: list[str]) -> bool:
+    if not store.exists(*TABLES_DONE):
+        return False
+    try:
+        done = json.loads(store.read_bytes(*TABLES_DONE))
+    except ValueError:
+        return False
+    return bool(done.get("stamp") == stamp_value and done.get("shards") == len(shards))
+
+
+def write_run_tables(store: RunStorage, stages: list[StageColumns], fingerprints: dict[str, str],
+                     shards: list[str], cpus_per_task: float = 0.25) -> dict[str, Any]:
+    """Build (or resume) the run's tables; returns the tables commit document."""
+    resolved = resolve_stage_columns(store, stages, shards)
+    schema = samples_schema(resolved)
+    value = stamp(resolved, fingerprints, schema)
+    if tables_up_to_date(store, value, shards):
+        return dict(json.loads(store.read_bytes(*TABLES_DONE)), written=0)
+    task = ray.remote(_write_some).options(**remote_options(cpus_per_task, TASK_MEMORY))
+    schema_bytes = schema.serialize().to_pybytes()
+    # A few shards per task: enough tasks to fill the cluster several times over, few enough that
+    # starting workers does not dominate (each file is still committed on its own).
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    per_task = max(1, min(MAX_SHARDS_PER_TASK, math.ceil(len(shards) / (8 * cpus))))
+    groups = [shards[i : i + per_task] for i in range(0, len(shards), per_task)]
+    pending = {task.remote(store.url, store.storage_options, resolved, g, schema_bytes, value): g for g in groups}
+    written = 0
+    attempts: dict[str, int] = {}
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        ref = done[0]
+        group = pending.pop(ref)
+        try:
+            written += ray.get(ref)
+        except RETRYABLE as exc:  # Ray already retried system failures; a few more for the rest
+            attempts[group[0]] = attempts.get(group[0], 0) + 1
+            if attempts[group[0]] >= 3:
+                raise RuntimeError(f"tables: shards {group[0]}..{group[-1]} failed {attempts[group[0]]} times: "
+                                   f"{exc}") from exc
+            pending[task.remote(store.url, store.storage_options, resolved, group, schema_bytes, value)] = group
+    keep = {f"{s}{MANIFEST_SUFFIX}" for s in shards}
+    for table in (SAMPLES_TABLE, DECISIONS_TABLE):  # files of shards no longer in the plan
+        for name in store.list_files(*table, suffix=MANIFEST_SUFFIX):
+            if name not in keep:
+                store.remove(*table, name)
+    doc = {"stamp": value, "shards": len(shards), "stages": [s.stage_id for s in resolved],
+           "columns": schema.names, "fingerprints": {s.stage_id: fingerprints.get(s.stage_id) for s in resolved}}
+    store.write_atomic(json.dumps(doc, indent=2, sort_keys=True).encode(), *TABLES_DONE)
+    return dict(doc, written=written)

@@ -1,0 +1,37 @@
+"""A small quickstart run with something in every report section: detect errors (extreme yaw), drops
+by filters, consistency and separation drops (strict thresholds) and export thresholds. Shared by the
+report, CLI-manners and README-command tests; built once per session on the test Ray."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures import EXAMPLES
+
+SMALL_QUICKSTART = [
+    "identities.count=12", "identities.images_per_identity=5", "run.shard_size=30",
+    "export.val_fraction=0.2", "export.min_images_per_identity=2",
+    "stages.render.params.max_yaw=40",
+    "stages.consistency.params.threshold=0.25", "stages.consistency.params.keep_nearest=false",
+    "stages.consistency.params.fit_far=null",
+    "stages.separation.params.threshold=0.3", "stages.separation.params.fit_quantile=null",
+]
+EXPORT_THRESHOLDS = {"quality.yaw": {"max_abs": 25.0}, "detect.det_score": {"min": 0.5}}
+
+
+@pytest.fixture(scope="session")
+def small_quickstart_run(tmp_path_factory: pytest.TempPathFactory, ray_session: object) -> Path:
+    import yaml
+
+    from pipeline.config import load_config
+    from pipeline.engine.runner import Runner
+
+    raw = yaml.safe_load((EXAMPLES / "quickstart.yaml").read_text())
+    raw["export"]["thresholds"] = EXPORT_THRESHOLDS
+    cfg, stages = load_config(raw=raw, overrides=SMALL_QUICKSTART)
+    out = tmp_path_factory.mktemp("small-qs") / "run"
+    result = Runner(cfg, stages, str(out), show_progress=False).run()
+    assert result.complete, result
+    return out

@@ -1,0 +1,175 @@
+"""The export end to end on a real local Ray: the dataset card and `datasets`, one label space,
+shards per split, drops by rule, `export.where` as one sandboxed predicate, and the commit that
+leaves the previous export readable until the new one is in place (and intact when it fails)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import webdataset as wds
+import yaml
+
+from pipeline.config import ConfigError, load_config
+from pipeline.engine.runner import Runner, RunResult
+from tests.conftest import ENGINE_CONFIG
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+CONFIG = copy.deepcopy(ENGINE_CONFIG)
+CONFIG["export"] = {**CONFIG["export"], "license": "cc-by-4.0", "description": "Test faces.",
+                    "min_shards_per_split": 3}
+
+
+def _run(raw: dict[str, Any], out: Path, overrides: list[str] | None = None) -> RunResult:
+    cfg, stages = load_config(raw=raw, overrides=overrides)
+    return Runner(cfg, stages, str(out), show_progress=False).run()
+
+
+def _samples(run: Path, shards: list[str]) -> list[dict[str, Any]]:
+    return list(wds.WebDataset([str(run / s) for s in shards], shardshuffle=False).decode())
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "run"
+    res = _run(CONFIG, out)
+    assert res.complete, res
+    return out
+
+
+def _done(run: Path) -> dict[str, Any]:
+    return json.loads((run / "export" / "export.json").read_text())
+
+
+def _front_matter(run: Path) -> dict[str, Any]:
+    text = (run / "export" / "README.md").read_text()
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+def test_labels_share_one_space_across_splits_and_name_identities(run: Path) -> None:
+    done = _done(run)
+    train = _samples(run, done["splits"]["train"]["shards"])
+    val = _samples(run, done["splits"]["val"]["shards"])
+    n_train = done["splits"]["train"]["identities"]
+    assert {int(s["cls"]) for s in train} == set(range(n_train))
+    assert {int(s["cls"]) for s in val} == set(range(n_train, n_train + done["splits"]["val"]["identities"]))
+    names = _front_matter(run)["dataset_info"]["features"]
+    cls = next(f for f in names if f["name"] == "cls")["dtype"]["class_label"]["names"]
+    for s in train + val:
+        assert cls[str(int(s["cls"]))] == s["json"]["identity_id"] == s["json"]["identity_id"]
+        assert s["json"]["label"] == int(s["cls"])
+
+
+def test_dataset_card_loads_with_hf_datasets_offline_and_picks_up_both_splits(run: Path, tmp_path: Path) -> None:
+    import datasets
+
+    ds = datasets.load_dataset(str(run / "export"), cache_dir=str(tmp_path / "hf"))
+    done = _done(run)
+    assert set(ds) == {"train", "validation"}
+    assert ds["train"].num_rows == done["splits"]["train"]["samples"]
+    assert ds["validation"].num_rows == done["splits"]["val"]["samples"]
+    feature = ds["train"].features["cls"]
+    assert isinstance(feature, datasets.ClassLabel)
+    row = ds["validation"][0]
+    assert feature.int2str(row["cls"]) == row["json"]["identity_id"]
+    assert row["png"].size == (32, 32)
+    fm = _front_matter(run)
+    assert fm["license"] == "cc-by-4.0" and fm["size_categories"] == ["n<1K"]
+    card = (run / "export" / "README.md").read_text()
+    assert "Test faces." in card and "## Intended use" in card and "## Face data" in card
+    for field in ("sample_id", "identity_id", "label", "split", "source_key"):
+        assert f"| `{field}` |" in card
+
+
+def test_each_split_has_at_least_the_configured_shards_and_the_card_warns_when_it_cannot(run: Path) -> None:
+    done = _done(run)
+    for split in ("train", "val"):
+        s = done["splits"][split]
+        assert len(s["shards"]) >= min(3, s["samples"])
+    few = {k for k, s in done["splits"].items() if len(s["shards"]) < 3}
+    assert ("Warning:" in (run / "export" / "README.md").read_text()) == bool(few)
+
+
+def test_drop_table_has_one_line_per_rule_with_count_and_examples(run: Path) -> None:
+    import pyarrow.parquet as pq
+
+    card = (run / "export" / "README.md").read_text()
+    table = card.split("## Drops and errors by rule")[1].split("\n## ")[0]
+    lines = [ln for ln in table.splitlines() if ln.startswith("| meanf |")]
+    # The test filter writes free-text reasons ("mean 41.2 < 60"): one rule for all of them.
+    dropped = [r for r in pq.read_table(run / "tables" / "decisions").to_pylist()
+               if r["stage"] == "meanf" and not r["keep"]]
+    assert dropped and len({r["reason"] for r in dropped}) > 1
+    assert len(lines) == 1
+    cells = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert cells[2] == "mean N < N" and int(cells[3]) == len(dropped)
+    assert cells[4].count("`") == 2 * min(3, len(dropped))
+
+
+@pytest.mark.parametrize("where", [
+    "true); COPY (SELECT 1) TO '/tmp/ff-pwned'; SELECT 1 WHERE (true",
+    "true) UNION (SELECT * FROM samples WHERE (true",
+    "(SELECT count(*) FROM read_csv('/etc/passwd')) > 0",
+])
+def test_export_where_that_is_not_one_predicate_is_a_config_error(where: str) -> None:
+    raw = copy.deepcopy(CONFIG)
+    raw["export"]["where"] = where
+    with pytest.raises(ConfigError, match=r"export\.where"):
+        load_config(raw=raw)
+    assert not Path("/tmp/ff-pwned").exists()
+
+
+def test_export_where_with_an_unknown_column_fails_before_any_work(tmp_path: Path) -> None:
+    raw = copy.deepcopy(CONFIG)
+    raw["export"]["where"] = "meanf__no_such_column > 1"
+    cfg, stages = load_config(raw=raw)
+    with pytest.raises(ConfigError, match=r"export\.where.*no_such_column"):
+        Runner(cfg, stages, str(tmp_path / "run"), show_progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_export_where_selects_on_the_samples_table_columns(run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    res = _run(CONFIG, out, overrides=["export.where=pattern__variant < 2"])
+    assert res.complete and res.export_ran
+    done = _done(out)
+    rows = _samples(out, done["splits"]["train"]["shards"] + done["splits"]["val"]["shards"])
+    assert rows and len(rows) < sum(s["samples"] for s in _done(run)["splits"].values())
+
+
+def test_a_new_export_switches_at_its_commit_and_removes_the_old_version(run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    before = _done(out)
+    res = _run(CONFIG, out, overrides=['export.thresholds={"meanf.mean": {"min": 10}}'])
+    assert res.complete and res.export_ran
+    after = _done(out)
+    assert after["version"] != before["version"]
+    assert not (out / "export" / before["version"]).exists()
+    assert sorted(p.name for p in (out / "export").iterdir() if p.name.startswith("v-")) == [after["version"]]
+    assert len(_samples(out, after["splits"]["train"]["shards"])) == after["splits"]["train"]["samples"]
+
+
+def test_a_failed_export_leaves_the_previous_export_intact_and_readable(run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    committed = (out / "export" / "export.json").read_bytes()
+    card = (out / "export" / "README.md").read_bytes()
+    # The new export needs pixels of a source tar that is gone: its writer tasks fail.
+    (out / "shards" / "pattern" / "000001.tar").unlink()
+    res = _run(CONFIG, out, overrides=['export.thresholds={"meanf.mean": {"min": 10}}'])
+    assert not res.complete and any(f["stage"] == "export" for f in res.failures)
+    assert (out / "export" / "export.json").read_bytes() == committed
+    assert (out / "export" / "README.md").read_bytes() == card
+    done = json.loads(committed)
+    for split in ("train", "val"):
+        assert len(_samples(out, done["splits"][split]["shards"])) == done["splits"][split]["samples"]
+    history = json.loads(sorted((out / "history").glob("*.json"))[-1].read_text())
+    assert [f["stage"] for f in history["failures"]] == ["export"] and not history["complete"]

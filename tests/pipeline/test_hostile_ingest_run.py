@@ -1,0 +1,161 @@
+"""A hostile corpus through real pipeline runs (Ray, tars, Parquet, the export): a folder and a set of
+tars holding links to /dev/zero, fifos, link and device members, 1 GiB members, a decompression bomb,
+repeated keys, unsafe names, zero-byte, text-as-JPEG and truncated files. Every item ends as a row
+with its rule, no manifest has a duplicate sample_id, and nothing is doubled in the export."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import tarfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from facekit.imaging import encode_jpeg, encode_png
+from manifests.layout import EXPORT_DIR, EXPORT_MANIFEST
+from pipeline.config import load_config
+from pipeline.engine.runner import Runner
+
+pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.faults]  # minutes on a shared machine
+GIB = 1 << 30
+STAGES = ("ingest", "fingerprint", "image_stats")
+
+
+def image(seed: int) -> np.ndarray:
+    """A smooth, bright-enough image that the image_stats defaults keep."""
+    rng = np.random.default_rng(seed)
+    base = np.linspace(60, 200, 96, dtype=np.float32)[None, :, None] + rng.normal(0, 20, (96, 96, 3))
+    return np.clip(base, 0, 255).astype(np.uint8)
+
+
+def member(tar: tarfile.TarFile, name: str, data: bytes = b"", **attrs: Any) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data) if attrs.get("type", tarfile.REGTYPE) == tarfile.REGTYPE else 0
+    for k, v in attrs.items():
+        setattr(info, k, v)
+    tar.addfile(info, io.BytesIO(data) if info.size else None)
+
+
+def build_folder(root: Path) -> dict[str, str | None]:
+    """Files and the reason each must end with (None: a good sample)."""
+    expected: dict[str, str | None] = {}
+    for person in ("p1", "p2"):
+        (root / person).mkdir(parents=True)
+        for j in range(3):
+            (root / person / f"{j}.png").write_bytes(encode_png(image(hash((person, j)) % 1000)))
+            expected[f"{person}/{j}.png"] = None
+    bad = root / "p1"
+    (bad / "zero.jpg").write_bytes(b"")
+    (bad / "text.jpg").write_text("plain text, not a JPEG")
+    (bad / "cut.jpg").write_bytes(encode_jpeg(image(7))[:300])
+    Image.new("1", (12000, 12000)).save(bad / "bomb.png")
+    (bad / "devzero.png").symlink_to("/dev/zero")
+    os.mkfifo(bad / "fifo.jpg")
+    with open(bad / "huge.png", "wb") as f:
+        f.truncate(GIB)  # sparse
+    expected.update({"p1/zero.jpg": "empty_file", "p1/text.jpg": "not_an_image", "p1/cut.jpg": "corrupt_image",
+                     "p1/bomb.png": "image_too_large", "p1/devzero.png": "not_a_regular_file",
+                     "p1/fifo.jpg": "not_a_regular_file", "p1/huge.png": "file_too_large"})
+    return expected
+
+
+def build_tars(folder: Path) -> list[tuple[str, str, str | None]]:
+    """(tar file, source_path, reason) for every item in the tars."""
+    folder.mkdir(parents=True)
+    png = [encode_png(image(100 + i)) for i in range(8)]
+    with tarfile.open(folder / "a.tar", "w", format=tarfile.GNU_FORMAT) as tar:
+        member(tar, "p3/0.png", png[0])
+        member(tar, "p3/1.png", png[1])
+        member(tar, "p3/0.png", png[2])  # the key again, not adjacent
+        member(tar, "p3/link.png", type=tarfile.SYMTYPE, linkname="/dev/zero")
+        member(tar, "p3/hard.png", type=tarfile.LNKTYPE, linkname="p3/1.png")
+        member(tar, "p3/dev.png", type=tarfile.CHRTYPE, devmajor=1, devminor=5)
+        member(tar, "../escape.png", png[3])
+        member(tar, "p3/empty.png", b"")
+        member(tar, "p3/2.png", png[4])
+    with open(folder / "b.tar", "wb") as f:  # a 1 GiB member (sparse), then a good one
+        big = tarfile.TarInfo("p4/big.png")
+        big.size = GIB
+        f.write(big.tobuf(format=tarfile.GNU_FORMAT))
+        f.seek(GIB, os.SEEK_CUR)
+        for name, data in (("p4/0.png", png[5]), ("p4/1.png", png[6])):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            f.write(info.tobuf(format=tarfile.GNU_FORMAT) + data + bytes(-len(data) % 512))
+        f.write(bytes(1024))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        member(tar, "p5/0.png", png[7])
+        member(tar, "p5/1.png", encode_png(image(120)))
+    whole = buf.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(whole)) as tar:
+        cut_at = tar.getmember("p5/1.png").offset_data + 100
+    (folder / "c.tar").write_bytes(whole[:cut_at])  # truncated inside p5/1.png
+    with gzip.open(folder / "d.tar.gz", "wb", compresslevel=1) as gz:  # 64 MiB of zeros in a small .gz
+        huge = tarfile.TarInfo("p5/zeros.png")
+        huge.size = 64 << 20
+        gz.write(huge.tobuf(format=tarfile.GNU_FORMAT) + bytes(64 << 20))
+        gz.write(bytes(1024))
+    return [("a.tar", "p3/0.png", None), ("a.tar", "p3/1.png", None), ("a.tar", "p3/0.png", "duplicate_key"),
+            ("a.tar", "p3/link.png", "not_a_regular_file"), ("a.tar", "p3/hard.png", "not_a_regular_file"),
+            ("a.tar", "p3/dev.png", "not_a_regular_file"), ("a.tar", "../escape.png", "unsafe_member_name"),
+            ("a.tar", "p3/empty.png", "empty_file"), ("a.tar", "p3/2.png", None),
+            ("b.tar", "p4/big.png", "file_too_large"), ("b.tar", "p4/0.png", None), ("b.tar", "p4/1.png", None),
+            ("c.tar", "p5/0.png", None), ("c.tar", "p5/1.png", "truncated_tar"),
+            ("d.tar.gz", "p5/zeros.png", "file_too_large")]
+
+
+def run(tmp_path: Path, ingest: dict[str, Any]) -> Path:
+    raw = {
+        "name": "hostile",
+        "run": {"seed": 0, "shard_size": 4},
+        "stages": [{"stage": "ingest", "params": {"labels_from_dirs": True, "max_file_mb": 1, **ingest}},
+                   {"stage": "fingerprint"}, {"stage": "image_stats"}],
+        "export": {"min_images_per_identity": 1, "val_fraction": 0.0},
+    }
+    cfg, stages = load_config(raw=raw)
+    out = tmp_path / "run"
+    res = Runner(cfg, stages, str(out), show_progress=False).run()
+    assert res.complete, res.failures
+    return out
+
+
+def check_nothing_doubled(out: Path) -> list[dict[str, Any]]:
+    manifests: dict[str, list[dict[str, Any]]] = {}
+    for stage in STAGES:
+        rows = pq.read_table(out / "manifests" / stage).to_pylist()
+        counts = Counter(r["sample_id"] for r in rows)
+        assert max(counts.values()) == 1, (stage, counts.most_common(3))
+        manifests[stage] = rows
+    ids = {s: {r["sample_id"] for r in rows} for s, rows in manifests.items()}
+    live = {r["sample_id"] for r in manifests["ingest"] if r["status"] == "ok"}
+    for stage in STAGES[1:]:  # every live sample goes on, and nothing new appears
+        assert live <= ids[stage] <= ids["ingest"], stage
+    kept = set(ids["ingest"])
+    for rows in manifests.values():
+        kept -= {r["sample_id"] for r in rows if not r["keep"]}
+    exported = pq.read_table(out / EXPORT_DIR / EXPORT_MANIFEST).column("sample_id").to_pylist()
+    assert len(exported) == len(set(exported)) == len(kept) and set(exported) == kept
+    return manifests["ingest"]
+
+
+def test_a_hostile_folder_gives_every_item_its_row_and_nothing_doubles(tmp_path: Path) -> None:
+    expected = build_folder(tmp_path / "corpus")
+    rows = check_nothing_doubled(run(tmp_path, {"root": str(tmp_path / "corpus")}))
+    assert {r["source_path"]: r["reason"] for r in rows} == expected
+    assert all(r["detail"] for r in rows if r["reason"])
+
+
+def test_hostile_tars_split_by_range_give_every_item_its_row_and_nothing_doubles(tmp_path: Path) -> None:
+    expected = build_tars(tmp_path / "tars")
+    rows = check_nothing_doubled(run(tmp_path, {"tars": [str(tmp_path / "tars" / "*.tar*")], "tar_split": True}))
+    got = sorted((r["source_uri"].rsplit("/", 1)[-1], r["source_path"], r["reason"] or "") for r in rows)
+    assert got == sorted((t, p, r or "") for t, p, r in expected)
+    assert all(r["detail"] for r in rows if r["reason"])
