@@ -63,6 +63,7 @@ class SpaceThresholds:
     near_duplicate: float  # dedup: sample vs sample, "the same picture"
     grouping: float  # grouping: linkage threshold between two samples
     source: str
+    verification: float | None = None  # leakage: one image vs one image, "the same person" (pair verification)
 
 
 DLIB_SOURCE = (
@@ -85,9 +86,16 @@ ARCFACE_SOURCE = (
     "(near_duplicate); grouping links pairs above 0.5. Heuristic, not measured here: fit from data."
 )
 
+SFACE_SOURCE = (
+    "OpenCV Zoo SFace (cosine of L2-normalised 128-d vectors): OpenCV's FaceRecognizerSF calls a pair the same "
+    "person at cosine >= 0.363 (its published LFW operating point): verification = 0.363. SFACE_MEASURED holds "
+    "what tests/facekit/backends/test_opencv_zoo.py and bench/bench_face_models.py measure here."
+)
+
 DEFAULTS: dict[str, SpaceThresholds] = {
-    "dlib-resnet-128": SpaceThresholds(Metric.EUCLIDEAN, 0.5, 0.35, 0.06, 0.5, DLIB_SOURCE),
-    "arcface": SpaceThresholds(Metric.COSINE, 0.35, 0.5, 0.95, 0.5, ARCFACE_SOURCE),
+    "dlib-resnet-128": SpaceThresholds(Metric.EUCLIDEAN, 0.5, 0.35, 0.06, 0.5, DLIB_SOURCE, verification=0.6),
+    "arcface": SpaceThresholds(Metric.COSINE, 0.35, 0.5, 0.95, 0.5, ARCFACE_SOURCE, verification=0.35),
+    "sface-128": SpaceThresholds(Metric.COSINE, 0.45, 0.55, 0.95, 0.45, SFACE_SOURCE, verification=0.363),
 }
 
 

@@ -32,7 +32,7 @@ from stages.base import (
 )
 
 # Width of each backend's vectors when ``dim`` is not given (insightface: the released 512-d packs).
-DEFAULT_DIMS: dict[str, int] = {"dlib": 128, "insightface": 512}
+DEFAULT_DIMS: dict[str, int] = {"dlib": 128, "sface": 128, "insightface": 512}
 
 
 class EmbedParams(BackendParams):
