@@ -62,6 +62,9 @@ class OpenCVZooSpec(Params):
     nms_threshold: float = Field(0.3, ge=0.0, le=1.0, description="YuNet NMS IoU")
     top_k: int = Field(5000, ge=1, description="YuNet candidates kept before NMS")
     upscale: bool = Field(True, description="scale images smaller than 640 px up (finds smaller faces)")
+    refine_below: int = Field(128, ge=0, le=YUNET_INPUT,
+                              description="faces smaller than this (px, in the 640 input) get their landmarks "
+                                          "re-found on a crop around them at a larger scale; 0: off")
     threads: int = Field(1, ge=1, le=64, description="onnxruntime intra-op threads per worker")
     verify_hash: bool = Field(True, description="refuse weight files whose sha256 is not the published one")
 
@@ -274,6 +277,15 @@ def decode_yunet(outputs: dict[str, np.ndarray], size: int, score_threshold: flo
     return b[order], s[order], m[order]
 
 
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    """IoU of two (x, y, w, h) boxes."""
+    ix = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = a[2] * a[3] + b[2] * b[3] - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
 class YuNetDetector:
     """YuNet boxes, scores (0-1) and 5 landmarks in the input image's pixels. Faces are returned
     largest first, then left to right, so face indices are stable across runs."""
@@ -285,27 +297,55 @@ class YuNetDetector:
         self._input = self._session.get_inputs()[0].name
         self._names = [o.name for o in self._session.get_outputs()]
 
+    def _run(self, rgb: np.ndarray, score_threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        """NMS-kept boxes (x, y, w, h), scores and landmarks in ``rgb``'s pixels, and the input scale."""
+        blob, scale = letterbox(rgb, YUNET_INPUT, self.spec.upscale)
+        outputs = dict(zip(self._names, self._session.run(self._names, {self._input: blob}), strict=True))
+        boxes, scores, marks = decode_yunet(outputs, YUNET_INPUT, score_threshold, self.spec.top_k)
+        if len(boxes) == 0:
+            return boxes, scores, marks, scale
+        keep = np.asarray(cv2.dnn.NMSBoxes(boxes.tolist(), scores.tolist(), score_threshold,
+                                           self.spec.nms_threshold), dtype=np.int64).reshape(-1)
+        return boxes[keep] / scale, scores[keep], marks[keep] / scale, scale
+
+    def _refine(self, rgb: np.ndarray, box: np.ndarray) -> np.ndarray | None:
+        """Landmarks of one small face re-found on a square crop three box sides wide, scaled up to the
+        model's input: on t1.jpg (faces ~55 px at 640) this halves the gap to dlib's 68-point positions."""
+        h, w = rgb.shape[:2]
+        x, y, bw, bh = box
+        side = 3.0 * max(bw, bh)
+        cx, cy = x + bw / 2, y + bh / 2
+        x0, y0 = int(max(0, round(cx - side / 2))), int(max(0, round(cy - side / 2)))
+        x1, y1 = int(min(w, round(cx + side / 2))), int(min(h, round(cy + side / 2)))
+        if x1 - x0 < 8 or y1 - y0 < 8:
+            return None
+        boxes, _, marks, _ = self._run(np.ascontiguousarray(rgb[y0:y1, x0:x1]), self.spec.score_threshold * 0.5)
+        if len(boxes) == 0:
+            return None
+        shifted = boxes + np.array([x0, y0, 0, 0])
+        ious = [_iou(b, box) for b in shifted]
+        best = int(np.argmax(ious))
+        return marks[best] + np.array([x0, y0]) if ious[best] > 0.5 else None
+
     def detect(self, rgb: np.ndarray) -> list[DetectedFace]:
         rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
         if rgb.ndim != 3 or rgb.shape[2] != 3:
             raise ValueError(f"expected an RGB image, got shape {rgb.shape}")
         h, w = rgb.shape[:2]
-        blob, scale = letterbox(rgb, YUNET_INPUT, self.spec.upscale)
-        outputs = dict(zip(self._names, self._session.run(self._names, {self._input: blob}), strict=True))
-        boxes, scores, marks = decode_yunet(outputs, YUNET_INPUT, self.spec.score_threshold, self.spec.top_k)
-        if len(boxes) == 0:
-            return []
-        keep = cv2.dnn.NMSBoxes(boxes.tolist(), scores.tolist(), self.spec.score_threshold,
-                                self.spec.nms_threshold)
+        boxes, scores, marks, scale = self._run(rgb, self.spec.score_threshold)
         faces = []
-        for i in np.asarray(keep, dtype=np.int64).reshape(-1):
-            x, y, bw, bh = boxes[i] / scale
+        for box, score, lm in zip(boxes, scores, marks, strict=True):
+            x, y, bw, bh = box
             x0, y0 = max(0.0, float(x)), max(0.0, float(y))
             x1, y1 = min(float(w), float(x + bw)), min(float(h), float(y + bh))
             if x1 <= x0 or y1 <= y0:
                 continue
-            faces.append(DetectedFace(box=(x0, y0, x1, y1), score=float(scores[i]),
-                                      landmarks5=(marks[i] / scale).astype(np.float64)))
+            refined = None
+            if max(bw, bh) * scale < self.spec.refine_below:
+                refined = self._refine(rgb, box)
+            faces.append(DetectedFace(box=(x0, y0, x1, y1), score=float(score),
+                                      landmarks5=np.asarray(refined if refined is not None else lm, np.float64),
+                                      extra={"refined": refined is not None}))
         faces.sort(key=lambda f: (-(f.box[2] - f.box[0]) * (f.box[3] - f.box[1]), f.box[0], f.box[1]))
         return faces
 
