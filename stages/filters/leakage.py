@@ -187,7 +187,6 @@ class LeakageStage(FilterStage):
                    "embedder": f"{cls.__module__}:{cls.__name__}"}
         store.write_atomic(json.dumps(pointer, indent=2, sort_keys=True).encode(), *pointer_path)
         self._pointer = pointer
-        self._write_summary(store, {})
 
     def pointer(self) -> dict[str, Any] | None:
         if self._pointer is None:
