@@ -183,10 +183,10 @@ def fold_dequantize(model: Any) -> Any:
     for node in graph.node:
         if node.op_type == "DequantizeLinear" and all(i in inits for i in node.input if i):
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            arrays = [numpy_helper.to_array(inits[i]) if i else None for i in node.input]
-            zero_point = arrays[2] if len(arrays) > 2 else None
-            value = dequantize(arrays[0], arrays[1], zero_point, int(attrs.get("axis", 1)),
-                               int(attrs.get("block_size", 0)))
+            q, scale = (numpy_helper.to_array(inits[i]) for i in node.input[:2])
+            zp_name = node.input[2] if len(node.input) > 2 else ""
+            zero_point = numpy_helper.to_array(inits[zp_name]) if zp_name else None
+            value = dequantize(q, scale, zero_point, int(attrs.get("axis", 1)), int(attrs.get("block_size", 0)))
             new_inits.append(numpy_helper.from_array(value.astype(np.float32), node.output[0]))
             continue
         kept_nodes.append(node)
@@ -377,12 +377,12 @@ class SFaceEmbedder:
     def blob(crops: list[np.ndarray]) -> np.ndarray:
         out = np.empty((len(crops), 3, ARCFACE_SIZE, ARCFACE_SIZE), dtype=np.float32)
         for k, crop in enumerate(crops):
-            c = np.ascontiguousarray(crop, dtype=np.uint8)
+            c: np.ndarray = np.ascontiguousarray(crop, dtype=np.uint8)
             if c.ndim != 3 or c.shape[0] != c.shape[1] or c.shape[2] != 3:
                 raise ValueError(f"aligned crops are square RGB, got shape {c.shape}")
             if c.shape[0] != ARCFACE_SIZE:
                 interp = cv2.INTER_AREA if c.shape[0] > ARCFACE_SIZE else cv2.INTER_LINEAR
-                c = cv2.resize(c, (ARCFACE_SIZE, ARCFACE_SIZE), interpolation=interp)
+                c = np.asarray(cv2.resize(c, (ARCFACE_SIZE, ARCFACE_SIZE), interpolation=interp))
             out[k] = c.transpose(2, 0, 1)
         return out
 

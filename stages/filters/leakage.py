@@ -302,4 +302,5 @@ def _run_once(args: tuple[Any, ...]) -> dict[str, Any]:
     if not ray.is_initialized():
         return _build_and_cache(*args)
     task = ray.remote(num_cpus=1, max_retries=2)(_build_and_cache)
-    return dict(ray.get(task.remote(*args)))
+    facts: dict[str, Any] = ray.get(task.remote(*args))
+    return facts
