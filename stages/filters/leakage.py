@@ -171,6 +171,14 @@ class LeakageStage(FilterStage):
         key = stable_hash([sha, kind, backends, self.version], 24)
         pointer_path = gallery_pointer_path(self.context.stage_id)
         old = json.loads(store.read_bytes(*pointer_path)) if store.exists(*pointer_path) else {}
+        scored = store.list_files(MANIFESTS_DIR, self.context.stage_id, suffix=".parquet")
+        if old and old.get("gallery_sha256") != sha and scored:
+            # The stage's fingerprint covers its params, not the gallery's bytes: refuse to mix shards
+            # scored against two galleries. Pinning the hash changes the params, so the runner re-runs us.
+            raise ValueError(
+                f"leakage: gallery {p.gallery} changed since {len(scored)} shard(s) of stage "
+                f"{self.context.stage_id!r} were scored (sha256 {old.get('gallery_sha256')} -> {sha}); set "
+                f"stages.{self.context.stage_id}.params.gallery_sha256={sha} and run with --force, or use --new")
         if old.get("key") == key and store.exists(*gallery_cache_path(key, GALLERY_INDEX)):
             facts = old["gallery"]
         else:
@@ -187,6 +195,24 @@ class LeakageStage(FilterStage):
                    "embedder": f"{cls.__module__}:{cls.__name__}"}
         store.write_atomic(json.dumps(pointer, indent=2, sort_keys=True).encode(), *pointer_path)
         self._pointer = pointer
+
+    @classmethod
+    def doctor(cls, params: Params) -> list[str]:
+        """The gallery must exist (nothing is read or embedded here)."""
+        from facekit.gallery import guess_kind, tar_files
+
+        p = params  # type: ignore[assignment]
+        assert isinstance(p, LeakageParams)
+        try:
+            import fsspec
+
+            fs, target = fsspec.core.url_to_fs(p.gallery, **p.storage_options)
+            kind = guess_kind(p.gallery) if p.gallery_kind == "auto" else p.gallery_kind
+            globbed = kind == "photos" and any(ch in target for ch in "*?[")
+            found = bool(tar_files(p.gallery, p.storage_options)) if globbed else fs.exists(target)
+        except Exception as exc:  # an unreachable store is a finding, never a crash
+            return [f"leakage: cannot reach gallery {p.gallery} ({type(exc).__name__}: {exc})"]
+        return [] if found else [f"leakage: gallery {p.gallery} does not exist (params.gallery)"]
 
     def pointer(self) -> dict[str, Any] | None:
         if self._pointer is None:

@@ -207,3 +207,21 @@ def test_a_parquet_gallery_must_be_in_the_runs_embedding_space(tmp_path: Path) -
 def test_a_leakage_config_without_a_gallery_fails_before_any_work() -> None:
     with pytest.raises(ValueError, match="gallery"):
         LeakageParams.model_validate({})
+
+
+def test_a_changed_gallery_is_refused_once_shards_were_scored_against_the_old_one(leak_run: dict) -> None:
+    """Runs last in this module: it adds a file to the shared gallery (and takes it out again)."""
+    out: Path = leak_run["out"]
+    stage = next(s for s in leak_run["stages"] if s.stage_id == "leakage")
+    assert LeakageStage.doctor(stage.params) == []
+    assert LeakageStage.doctor(LeakageParams(gallery=str(out / "nowhere"))) != []
+    extra = leak_run["gallery"] / "newcomer" / "a.png"
+    extra.parent.mkdir()
+    extra.write_bytes(_png(np.full((64, 64, 3), 128, np.uint8)))
+    try:
+        again = LeakageStage(stage.params, StageContext(run_dir=str(out), stage_id="leakage", seed=0))
+        with pytest.raises(ValueError, match="gallery_sha256="):
+            again.prepare(RunStorage(str(out)))
+    finally:
+        extra.unlink()
+        extra.parent.rmdir()
