@@ -200,3 +200,25 @@ def test_sface_puts_renders_of_one_identity_closer_than_of_two(detector: YuNetDe
     same = labels[:, None] == labels[None, :]
     off = ~np.eye(len(x), dtype=bool)
     assert sims[same & off].min() > sims[~same].max(), (sims[same & off].min(), sims[~same].max())
+
+
+def test_folding_the_weights_leaves_sface_unchanged(embedder: SFaceEmbedder) -> None:
+    """The int8 graph run as shipped (only its unread graph inputs dropped) and the folded fp32 one agree."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(model_path(SFACE, OpenCVZooSpec())))
+    read = {i for n in model.graph.node for i in n.input}
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name in read and i.name not in inits]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    int8 = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    crops = list(np.random.default_rng(0).integers(0, 256, (3, 112, 112, 3), dtype=np.uint8))
+    blob = SFaceEmbedder.blob(crops)
+    ref = np.concatenate([int8.run(None, {inputs[0].name: blob[i : i + 1]})[0] for i in range(len(crops))])
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    np.testing.assert_allclose((ref * embedder.embed(crops)).sum(axis=1), 1.0, atol=1e-4)
