@@ -63,6 +63,7 @@ class SpaceThresholds:
     near_duplicate: float  # dedup: sample vs sample, "the same picture"
     grouping: float  # grouping: linkage threshold between two samples
     source: str
+    verification: float | None = None  # leakage: one image vs one image, "the same person" (pair verification)
 
 
 DLIB_SOURCE = (
@@ -85,9 +86,22 @@ ARCFACE_SOURCE = (
     "(near_duplicate); grouping links pairs above 0.5. Heuristic, not measured here: fit from data."
 )
 
+SFACE_SOURCE = (
+    "OpenCV Zoo SFace (cosine of L2-normalised 128-d vectors): OpenCV's FaceRecognizerSF calls a pair the same "
+    "person at cosine >= 0.363 (its published LFW operating point): verification = 0.363 (leakage). grouping = "
+    "0.6 (cosine distance 0.4, average linkage): on photos of distinct persons with look-alikes, purity 0.991 / "
+    "inverse purity 0.93 (issue 10). Procedural renders (measured, 24 identities x 6, YuNet crops): pairs of one "
+    "identity mean 0.86 (q99 0.96, max 0.966), of two 0.46, threshold at FAR 1e-3 0.77; average linkage at 0.7: "
+    "purity 1.0 / inverse 0.986 (dlib at its FAR-1e-3 fit 0.34: 1.0 / 0.938); so on renders fit (consistency "
+    "fit_far) and group at ~0.7. near_duplicate = 0.97: JPEG-40/70 re-encodes and 0.5x/0.75x downscales of one "
+    "render at 0.93-0.99 (median 0.974), distinct renders of one identity up to 0.966; pHash catches the rest. "
+    "same_identity 0.45 (sample vs centroid) and collision 0.55 (centroid vs centroid) are heuristic: fit them."
+)
+
 DEFAULTS: dict[str, SpaceThresholds] = {
-    "dlib-resnet-128": SpaceThresholds(Metric.EUCLIDEAN, 0.5, 0.35, 0.06, 0.5, DLIB_SOURCE),
-    "arcface": SpaceThresholds(Metric.COSINE, 0.35, 0.5, 0.95, 0.5, ARCFACE_SOURCE),
+    "dlib-resnet-128": SpaceThresholds(Metric.EUCLIDEAN, 0.5, 0.35, 0.06, 0.5, DLIB_SOURCE, verification=0.6),
+    "arcface": SpaceThresholds(Metric.COSINE, 0.35, 0.5, 0.95, 0.5, ARCFACE_SOURCE, verification=0.35),
+    "sface-128": SpaceThresholds(Metric.COSINE, 0.45, 0.55, 0.97, 0.6, SFACE_SOURCE, verification=0.363),
 }
 
 

@@ -24,6 +24,8 @@ report/index.html, report/<stage>.summary.json
 history/<time>.json                       what each invocation did
 metrics/<job>/...                         training and evaluation metrics
 cache/...                                 stage caches (MLLM answers)
+cache/gallery/<key>/{gallery.parquet,index.faiss}   a reference gallery embedded + indexed once (leakage)
+cache/gallery/<stage>.json                the gallery key, space and threshold a stage's run uses
 ```
 """
 
@@ -79,6 +81,21 @@ def compacted_dir(stage_id: str) -> tuple[str, ...]:
 
 def stage_summary_path(stage_id: str) -> tuple[str, ...]:
     return (REPORT_DIR, f"{stage_id}.summary.json")
+
+
+GALLERY_CACHE = "gallery"
+GALLERY_TABLE = "gallery.parquet"
+GALLERY_INDEX = "index.faiss"
+
+
+def gallery_cache_path(key: str, name: str) -> tuple[str, ...]:
+    """A file of a reference gallery's cache; ``key`` hashes the gallery and how it was embedded."""
+    return (CACHE_DIR, GALLERY_CACHE, key, name)
+
+
+def gallery_pointer_path(stage_id: str) -> tuple[str, ...]:
+    """Which cached gallery a stage scores against in this run (written once per run, before the shards)."""
+    return (CACHE_DIR, GALLERY_CACHE, f"{stage_id}.json")
 
 
 def history_path(stamp: str) -> tuple[str, ...]:

@@ -371,6 +371,10 @@ def doctor(
                 out.print(f"    {p}", highlight=False)
         else:
             out.print(f"[green]✓[/green] {s['stage']} ({s['class']}; {res})")
+        for f in s.get("files", []):
+            mark = "[green]✓[/green]" if f.get("ok") else "[red]✗[/red]"
+            out.print(f"    {mark} {f['file']} {f.get('path') or 'missing'} sha256 {f.get('sha256') or '-'}",
+                      highlight=False)
     if not rep.ok:
         raise typer.Exit(1)
 

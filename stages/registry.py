@@ -26,6 +26,7 @@ BUILTIN_STAGES: dict[str, str] = {
     "degrade": "stages.mappers.degrade:DegradeStage",
     "clip_filter": "stages.filters.clip_filter:ClipFilterStage",
     "mllm_filter": "stages.filters.mllm_filter:MLLMFilterStage",
+    "leakage": "stages.filters.leakage:LeakageStage",
     # global stages
     "consistency": "stages.corpus.consistency:ConsistencyStage",
     "separation": "stages.corpus.separation:SeparationStage",

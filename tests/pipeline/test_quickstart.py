@@ -66,7 +66,7 @@ def test_quickstart_query_and_lineage_commands(quickstart_run: Path) -> None:
     assert [r["stage"] for r in trace][:3] == ["render", "image_stats", "fingerprint"]
     assert trace[-1]["stage"] == "export"
     detect = next(r for r in trace if r["stage"] == "detect")
-    assert detect["model_name"].startswith("dlib") and detect["model_revision"]
+    assert detect["model_name"].startswith("opencv_zoo:face_detection_yunet") and detect["model_revision"]
     csv = _cli("query", str(quickstart_run), "SELECT count(*) AS n FROM identities", "-f", "csv")
     assert csv.stdout.strip().splitlines() == ["n", "10"]
     bad = _cli("query", str(quickstart_run), "DROP VIEW samples")
