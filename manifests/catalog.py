@@ -1,30 +1,57 @@
 """The DuckDB catalog: views over committed manifest fragments only.
 
 Views:
-- one per stage, named by its stage id: that stage's rows, all columns;
+- one per stage, named by its stage id: that stage's rows, all columns. It reads the stage's
+  compacted copy (sorted by sample_id, see manifests/compaction.py) when that copy covers exactly
+  the committed fragments, and otherwise a glob over the fragments. A glob, not a list of paths:
+  connecting costs one directory listing per stage, not a parse of one path per fragment; the
+  pattern cannot match a temporary name (``_tmp-...``), so what a reader sees is committed.
+  Fixed-size vectors read as DuckDB arrays (``FLOAT[512]``), not variable lists;
 - ``decisions``: one row per sample per stage with the common lineage and decision columns;
-- ``samples``: one row per sample; per stage one STRUCT column named by the stage id holding that
-  stage's row (a derived sample sees its parent's rows for stages that ran before it was derived),
-  so `SELECT sample_id, quality.yaw FROM samples WHERE quality.keep` reads naturally;
+- ``samples``: one row per sample. When the run wrote its samples table (``tables/samples/``) it
+  is that table. Otherwise a view with, per stage, one STRUCT column named by the stage id (a
+  derived sample sees its parent's row for stages that ran before it was derived), so
+  ``SELECT sample_id, quality.yaw FROM samples WHERE quality.keep`` reads naturally. DuckDB does not
+  prune the fields of a struct it builds, so ``query`` builds each struct from the fields the
+  query names (DuckDB's own parser says which) and leaves out the stages it never names: a count
+  reads the sample ids, not every column of every stage;
 - ``identities``: the run's identity table, when it has one;
 - ``metrics``: training metrics written beside the manifests, when there are any.
 
-User SQL runs on a read-only database with external access limited to the run directory.
+User SQL (``query``) and the export's SQL run in one sandbox on every store, local or fsspec: a
+single SELECT, on a read-only database, with DuckDB's external access limited to the run
+directory and the configuration locked.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import posixpath
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 
+from manifests.layout import (
+    IDENTITIES_FILE,
+    MANIFEST_SUFFIX,
+    MANIFESTS_DIR,
+    METRICS_DIR,
+    SAMPLES_TABLE,
+    TABLES_DONE,
+)
 from manifests.schema import COMMON_FIELDS
 from manifests.storage import RunStorage
+
+# Matches every committed Parquet file of a folder and no temporary (``_tmp-``) or hidden one.
+COMMITTED_GLOB = "[!_.]*" + MANIFEST_SUFFIX
 
 
 def _q(name: str) -> str:
@@ -35,87 +62,291 @@ def _lit(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def committed_fragments(store: RunStorage, stage_id: str, *, tokens: bool = True) -> dict[str, str]:
+    """Name -> version token (size and modification time or ETag) of each committed manifest
+    fragment of a stage, from one listing.
+
+    THE one place that decides which fragments are committed: status, the catalog, compaction and
+    lineage all ask here, so commit verification (size and checksum) is swapped in at one spot.
+    The token tells a compacted copy whether the fragment it copied is still the one on disk;
+    ``tokens=False`` spares a local disk one stat per fragment when no copy needs checking.
+    """
+    folder = store.path(MANIFESTS_DIR, stage_id)
+    out: dict[str, str] = {}
+    if store.is_local:  # os.scandir: fsspec's local ls costs a Python info() per entry (20,000 of them)
+        try:
+            with os.scandir(folder) as it:
+                for d in it:
+                    if d.name.endswith(MANIFEST_SUFFIX) and not d.name.startswith((".", "_")) and d.is_file():
+                        st = d.stat() if tokens else None
+                        out[d.name] = f"{st.st_size}:{st.st_mtime_ns}" if st else ""
+        except FileNotFoundError:
+            return {}
+        return dict(sorted(out.items()))
+    # Object-store listings are cached per filesystem instance (and fsspec shares instances): a
+    # fragment committed by another process must not be missed.
+    store.fs.invalidate_cache(folder)
+    try:
+        entries = store.fs.ls(folder, detail=True)
+    except FileNotFoundError:
+        return {}
+    for e in entries:
+        name = posixpath.basename(str(e["name"]).rstrip("/"))
+        if e.get("type") != "file" or not name.endswith(MANIFEST_SUFFIX) or name.startswith((".", "_")):
+            continue
+        stamp = e.get("ETag") or e.get("etag") or e.get("mtime") or e.get("LastModified") or e.get("created") or ""
+        out[name] = f"{e.get('size')}:{stamp}"
+    return dict(sorted(out.items()))
+
+
+def duck_type(t: pa.DataType) -> str | None:
+    """DuckDB's name of an Arrow type, for the types the catalog casts (fixed-size vectors)."""
+    if pa.types.is_fixed_size_list(t):
+        inner = duck_type(t.value_type)
+        return f"{inner}[{t.list_size}]" if inner else None
+    if pa.types.is_float32(t):
+        return "FLOAT"
+    if pa.types.is_float64(t):
+        return "DOUBLE"
+    if pa.types.is_float16(t):
+        return "FLOAT"
+    if pa.types.is_integer(t):
+        return {8: "TINYINT", 16: "SMALLINT", 32: "INTEGER", 64: "BIGINT"}[t.bit_width]
+    if pa.types.is_boolean(t):
+        return "BOOLEAN"
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "VARCHAR"
+    if pa.types.is_timestamp(t):
+        return "TIMESTAMPTZ" if t.tz else "TIMESTAMP"
+    return None
+
+
+def array_casts(schema: pa.Schema) -> dict[str, str]:
+    """Columns that Parquet stores as lists but are fixed-size arrays in Arrow (vectors)."""
+    out = {}
+    for f in schema:
+        if pa.types.is_fixed_size_list(f.type):
+            t = duck_type(f.type)
+            if t:
+                out[f.name] = t
+    return out
+
+
+def _select_star(casts: dict[str, str]) -> str:
+    if not casts:
+        return "SELECT *"
+    return "SELECT * REPLACE (" + ", ".join(f"CAST({_q(c)} AS {t}) AS {_q(c)}" for c, t in casts.items()) + ")"
+
+
+@dataclass
+class StageSource:
+    """Where a stage's committed rows are read from."""
+
+    stage_id: str
+    fragments: dict[str, str]
+    columns: list[str] = field(default_factory=list)
+    casts: dict[str, str] = field(default_factory=dict)
+    compacted: dict[str, Any] | None = None  # the valid compaction pointer, when there is one
+    read_sql: str | None = None  # a table expression; None: no committed rows
+
+
 class Catalog:
-    def __init__(self, store: RunStorage, stage_ids: list[str]) -> None:
+    def __init__(self, store: RunStorage, stage_ids: list[str], *, memory_limit: str = "2GB") -> None:
         self.store = store
         self.stage_ids = stage_ids
+        self.memory_limit = memory_limit
+        self._sources: dict[str, StageSource] = {}
 
-    def _url(self, path: str) -> str:
+    # ------------------------------------------------------------ sources
+
+    def url(self, path: str) -> str:
         return path if self.store.is_local else self.store.fs.unstrip_protocol(path)
 
     def fragments(self, stage_id: str) -> list[str]:
-        names = self.store.list_files("manifests", stage_id, suffix=".parquet")
-        return [self._url(self.store.path("manifests", stage_id, n)) for n in names]
+        """URLs of the committed fragments of a stage (for callers that read them one by one)."""
+        return [self.url(self.store.path(MANIFESTS_DIR, stage_id, n)) for n in self.source(stage_id).fragments]
 
-    def view_sql(self) -> list[str]:
-        stmts: list[str] = []
-        common = [f.name for f in COMMON_FIELDS]
-        for sid in self.stage_ids:
-            files = self.fragments(sid)
-            if files:
-                listing = ", ".join(_lit(f) for f in files)
-                stmts.append(f"CREATE VIEW {_q(sid)} AS SELECT * FROM read_parquet([{listing}], union_by_name=true)")
+    def source(self, stage_id: str) -> StageSource:
+        if stage_id in self._sources:
+            return self._sources[stage_id]
+        from manifests.compaction import read_pointer
+
+        pointer = read_pointer(self.store, stage_id)
+        frags = committed_fragments(self.store, stage_id, tokens=pointer is not None)
+        src = StageSource(stage_id, frags)
+        if pointer is not None and pointer.get("fragments") != frags:
+            pointer = None  # stale: a fragment was added, removed or rewritten since
+        if frags:
+            if pointer is not None:
+                src.compacted = pointer
+                src.columns = list(pointer["columns"])
+                src.casts = dict(pointer["casts"])
+                glob = self.store.path(MANIFESTS_DIR, stage_id, *pointer["dir"], COMMITTED_GLOB)
             else:
-                cols = ", ".join(f"CAST(NULL AS {_duck_type(f.type)}) AS {_q(f.name)}" for f in COMMON_FIELDS)
-                stmts.append(f"CREATE VIEW {_q(sid)} AS SELECT {cols} WHERE false")
-        parts = [
-            f"SELECT {i} AS stage_index, {', '.join(_q(c) for c in common)} FROM {_q(sid)}"
-            for i, sid in enumerate(self.stage_ids)
-        ]
-        stmts.append("CREATE VIEW decisions AS " + " UNION ALL ".join(parts))
-        stmts.append(self._samples_sql())
-        ident = self.store.path("identities", "identities.parquet")
-        if self.store.fs.exists(ident):
-            stmts.append(f"CREATE VIEW identities AS SELECT * FROM read_parquet({_lit(self._url(ident))})")
-        metrics = self.store.path("metrics")
-        if self.store.fs.exists(metrics):
-            files = [self._url(p) for p in self.store.fs.glob(metrics + "/**/*.parquet")]
-            if files:
-                listing = ", ".join(_lit(f) for f in sorted(files))
-                stmts.append(f"CREATE VIEW metrics AS SELECT * FROM read_parquet([{listing}], union_by_name=true, "
-                             "filename=true)")
+                first = self.store.path(MANIFESTS_DIR, stage_id, next(iter(frags)))
+                schema = pq.read_schema(first if self.store.is_local else self.store.fs.open(first, "rb"))
+                src.columns = list(schema.names)
+                src.casts = array_casts(schema)
+                glob = self.store.path(MANIFESTS_DIR, stage_id, COMMITTED_GLOB)
+            src.read_sql = f"read_parquet({_lit(self.url(glob))})"
+        self._sources[stage_id] = src
+        return src
+
+    # ------------------------------------------------------------ views
+
+    def _relation(self, sid: str) -> str:
+        """The stage's rows as a SELECT (typed and empty when nothing is committed)."""
+        src = self.source(sid)
+        if src.read_sql is None:
+            cols = ", ".join(f"CAST(NULL AS {duck_type(f.type) or 'VARCHAR'}) AS {_q(f.name)}" for f in COMMON_FIELDS)
+            return f"SELECT {cols} WHERE false"
+        return f"{_select_star(src.casts)} FROM {src.read_sql}"
+
+    def _stage_view(self, sid: str) -> str:
+        return f"CREATE VIEW {_q(sid)} AS {self._relation(sid)}"
+
+    def _table_view(self, name: str, parts: tuple[str, ...], extra: str = "") -> str | None:
+        """A view over a folder of committed Parquet files written by the run (not per stage)."""
+        names = self.store.list_files(*parts, suffix=MANIFEST_SUFFIX)
+        if not names:
+            return None
+        schema = pq.read_schema(self._open(self.store.path(*parts, names[0])))
+        glob = self.url(self.store.path(*parts, COMMITTED_GLOB))
+        return f"CREATE VIEW {_q(name)} AS {_select_star(array_casts(schema))} FROM read_parquet({_lit(glob)}{extra})"
+
+    def _samples_table_sql(self, fields: dict[str, list[str] | None] | None) -> str | None:
+        """``samples`` over the run's committed samples table (manifests/tables.py: flat
+        ``<stage>__<column>`` columns), with each stage also as a STRUCT of the fields the query
+        names, so ``quality.yaw`` reads one column of one table, no join. None when the table is
+        not committed or lacks a field the query names (the join view then answers)."""
+        if not self.store.exists(*TABLES_DONE):
+            return None
+        names = self.store.list_files(*SAMPLES_TABLE, suffix=MANIFEST_SUFFIX)
+        if not names:
+            return None
+        schema = pq.read_schema(self._open(self.store.path(*SAMPLES_TABLE, names[0])))
+        structs = []
+        for sid in self.stage_ids:
+            if fields is not None and sid not in fields:
+                continue
+            prefix = f"{sid}__"
+            available = [c[len(prefix):] for c in schema.names if c.startswith(prefix)]
+            wanted = fields.get(sid) if fields is not None else None
+            if wanted is not None and any(w not in available for w in wanted):
+                return None
+            chosen = available if wanted is None else [c for c in available if c in set(wanted)]
+            chosen = chosen or available[:1]
+            if not chosen or sid in schema.names:
+                continue
+            packed = ", ".join(f"{_q(c)} := {_q(prefix + c)}" for c in chosen)
+            present = f"{_q(prefix + 'status')} IS NOT NULL" if "status" in available else "true"
+            structs.append(f"CASE WHEN {present} THEN struct_pack({packed}) END AS {_q(sid)}")
+        glob = self.url(self.store.path(*SAMPLES_TABLE, COMMITTED_GLOB))
+        select = ", ".join([_select_star(array_casts(schema)), *structs]).replace("SELECT ", "", 1)
+        return f"CREATE VIEW samples AS SELECT {select} FROM read_parquet({_lit(glob)})"
+
+    def _open(self, path: str) -> Any:
+        return path if self.store.is_local else self.store.fs.open(path, "rb")
+
+    def view_sql(self, samples_fields: dict[str, list[str] | None] | None = None,
+                 needed: set[str] | None = None) -> list[str]:
+        """The views. ``samples_fields`` shapes the fallback ``samples`` view: per stage, the fields
+        its struct holds (None: all of them); stages left out get no struct. None: every stage,
+        every field (what a caller gets that does not say what it reads). ``needed``: the relations
+        a query names (None: all). DuckDB binds a view when it is created, which globs its folder,
+        so a view nobody reads is not created; no view is built on another stage view."""
+        def want(name: str) -> bool:
+            return needed is None or name.lower() in needed
+
+        stmts = [self._stage_view(sid) for sid in self.stage_ids if want(sid)]
+        table = self._samples_table_sql(samples_fields) if want("samples") else None
+        if want("decisions") or (want("samples") and table is None):
+            common = ", ".join(_q(f.name) for f in COMMON_FIELDS)
+            parts = [f"SELECT {i} AS stage_index, {common} FROM ({self._relation(sid)})"
+                     for i, sid in enumerate(self.stage_ids)]
+            stmts.append("CREATE VIEW decisions AS " + " UNION ALL ".join(parts))
+        if want("samples"):
+            stmts.append(table or self._samples_sql(samples_fields))
+        ident = self.store.path(*IDENTITIES_FILE)
+        if want("identities") and self.store.fs.exists(ident):
+            schema = pq.read_schema(self._open(ident))
+            stmts.append(f"CREATE VIEW identities AS {_select_star(array_casts(schema))} "
+                         f"FROM read_parquet({_lit(self.url(ident))})")
+        metrics = self.store.path(METRICS_DIR)
+        if want("metrics") and self.store.fs.exists(metrics) and self.store.fs.glob(metrics + "/**/" + COMMITTED_GLOB):
+            glob = self.url(metrics + "/**/" + COMMITTED_GLOB)
+            stmts.append(f"CREATE VIEW metrics AS SELECT * FROM read_parquet({_lit(glob)}, union_by_name=true, "
+                         "filename=true)")
         return stmts
 
-    def _samples_sql(self) -> str:
-        sids = self.stage_ids
-        base = (
-            "WITH ids AS (SELECT sample_id, last(key ORDER BY stage_index) AS key, "
-            "last(identity_id ORDER BY stage_index) AS identity_id, "
-            "max(parent_id) AS parent_id, max(stage_index) AS last_stage_index "
-            "FROM decisions GROUP BY sample_id)"
-        )
+    def _samples_sql(self, fields: dict[str, list[str] | None] | None) -> str:
+        from manifests.join import own_or_parent_sql
+
         select = ["ids.sample_id", "ids.key", "ids.identity_id", "ids.parent_id", "ids.last_stage_index"]
         joins = []
-        for i, sid in enumerate(sids):
-            own, par = f"s{i}", f"p{i}"
-            joins.append(f"LEFT JOIN {_q(sid)} {own} ON {own}.sample_id = ids.sample_id")
-            joins.append(f"LEFT JOIN {_q(sid)} {par} ON {par}.sample_id = ids.parent_id")
-            select.append(
-                f"CASE WHEN {own}.sample_id IS NOT NULL THEN {own} "
-                f"WHEN {par}.sample_id IS NOT NULL THEN {par} ELSE NULL END AS {_q(sid)}"
-            )
-        return f"CREATE VIEW samples AS {base} SELECT {', '.join(select)} FROM ids {' '.join(joins)}"
+        for i, sid in enumerate(self.stage_ids):
+            src = self.source(sid)
+            if fields is not None and sid not in fields:
+                continue
+            available = src.columns or [f.name for f in COMMON_FIELDS]
+            wanted = fields.get(sid) if fields is not None else None
+            cols = available if wanted is None else [c for c in available if c in set(wanted)]
+            if not cols:
+                cols = ["sample_id"]
+            has_own = f"(ids.stages >> {i}) & 1 = 1" if len(self.stage_ids) < 127 else None
+            join, exprs = own_or_parent_sql("ids", f"({self._relation(sid)})", f"s{i}", cols, has_own=has_own)
+            joins.append(join)
+            packed = ", ".join(f"{_q(c)} := {exprs[c]}" for c in cols)
+            select.append(f"CASE WHEN {exprs['sample_id']} IS NOT NULL THEN struct_pack({packed}) END AS {_q(sid)}")
+        ids = (
+            "WITH ids AS (SELECT sample_id, last(key ORDER BY stage_index) AS key, "
+            "last(identity_id ORDER BY stage_index) AS identity_id, "
+            "max(parent_id) AS parent_id, max(stage_index) AS last_stage_index, "
+            # Which stages hold a row of the sample's own: its row there, else its parent's.
+            "bit_or(CAST(1 AS HUGEINT) << stage_index) AS stages "
+            "FROM decisions GROUP BY sample_id)"
+        )
+        return f"CREATE VIEW samples AS {ids} SELECT {', '.join(select)} FROM ids {' '.join(joins)}"
+
+    # ------------------------------------------------------------ connections
+
+    def _allowed(self) -> list[str]:
+        """The run directory, spelled every way a path to it can reach DuckDB."""
+        roots = {self.url(self.store.root)}
+        if self.store.is_local:
+            roots.add(os.path.realpath(self.store.root))
+        else:
+            roots.add(self.store.url.rstrip("/"))
+            roots.add(self.store.fs.unstrip_protocol(self.store.root))
+        return sorted(r.rstrip("/") + "/" for r in roots)
+
+    def _register(self, con: duckdb.DuckDBPyConnection) -> None:
+        if not self.store.is_local:
+            con.register_filesystem(self.store.fs)
 
     @contextlib.contextmanager
-    def connect(self, read_only: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A connection with the views. Read-only by default: user SQL can read, not write."""
+    def connect(self, read_only: bool = True, *, sql: str | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A sandboxed connection with the views: read-only database, file access limited to the run
+        directory on every store, configuration locked. ``sql``: the query this connection is for,
+        so the fallback ``samples`` view holds only what it reads."""
         tmp = tempfile.mkdtemp(prefix="ff-catalog-")
         db = os.path.join(tmp, "catalog.duckdb")
         try:
             con = duckdb.connect(db)
-            if not self.store.is_local:
-                con.register_filesystem(self.store.fs)
-            for stmt in self.view_sql():
-                con.execute(stmt)
-            con.close()
-            con = duckdb.connect(db, read_only=read_only)
-            if not self.store.is_local:
-                con.register_filesystem(self.store.fs)
-            if read_only and self.store.is_local:
-                con.execute(f"SET allowed_directories=[{_lit(self.store.root + os.sep)}]")
-                con.execute("SET enable_external_access=false")
-                con.execute("SET lock_configuration=true")
             try:
+                self._register(con)
+                fields, needed = analyse(sql, self.stage_ids) if sql is not None else (None, None)
+                for stmt in self.view_sql(fields, needed):
+                    con.execute(stmt)
+            finally:
+                con.close()
+            con = duckdb.connect(db, read_only=read_only)
+            try:
+                self._register(con)
+                con.execute(f"SET temp_directory={_lit(os.path.join(tmp, 'spill'))}")
+                con.execute(f"SET memory_limit={_lit(self.memory_limit)}")
+                con.execute("SET parquet_metadata_cache=true")
+                sandbox(con, self._allowed())
                 yield con
             finally:
                 con.close()
@@ -123,11 +354,21 @@ class Catalog:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def query(self, sql: str) -> pa.Table:
-        """Run one user query. Only SELECT / EXPLAIN statements, on a read-only connection whose file
-        access is limited to the run directory: a query can read the run, never change it."""
+        """Run one user query: a single SELECT in the sandbox. A query can read the run, never
+        change it, and never read anything outside it."""
         check_read_only_sql(sql)
-        with self.connect(read_only=True) as con:
+        with self.connect(read_only=True, sql=sql) as con:
             return con.sql(sql).to_arrow_table()
+
+
+def sandbox(con: duckdb.DuckDBPyConnection, allowed_directories: list[str]) -> None:
+    """Limit a connection's file access to ``allowed_directories`` and lock that in: no later SET,
+    extension load or ATTACH can lift it."""
+    con.execute("SET autoinstall_known_extensions=false")
+    con.execute("SET autoload_known_extensions=false")
+    con.execute("SET allowed_directories=[" + ", ".join(_lit(d) for d in allowed_directories) + "]")
+    con.execute("SET enable_external_access=false")
+    con.execute("SET lock_configuration=true")
 
 
 class QueryError(ValueError):
@@ -147,18 +388,122 @@ def check_read_only_sql(sql: str) -> None:
     kind = statements[0].type
     if kind not in _ALLOWED:
         raise QueryError(f"only SELECT queries are allowed here (got {kind.name})")
+    if kind == duckdb.StatementType.EXPLAIN and _explain_analyze(sql):
+        # EXPLAIN ANALYZE runs the statement it explains: "EXPLAIN ANALYZE COPY ... TO" writes a file.
+        raise QueryError("only SELECT queries are allowed here (EXPLAIN ANALYZE runs what it explains; use EXPLAIN)")
 
 
-def _duck_type(t: pa.DataType) -> str:
-    if pa.types.is_string(t):
-        return "VARCHAR"
-    if pa.types.is_boolean(t):
-        return "BOOLEAN"
-    if pa.types.is_integer(t):
-        return "BIGINT"
-    if pa.types.is_floating(t):
-        return "DOUBLE"
-    if pa.types.is_timestamp(t):
-        return "TIMESTAMPTZ"
-    return "VARCHAR"
+def _explain_analyze(sql: str) -> bool:
+    skip = {duckdb.token_type.comment, duckdb.token_type.string_const}
+    starts = [pos for pos, kind in duckdb.tokenize(sql) if kind not in skip]
+    words = [sql[a:b].strip().strip('"').upper() for a, b in zip(starts, [*starts[1:], len(sql)], strict=True)]
+    return any(w.startswith(("ANALYZE", "ANALYSE")) for w in words)
 
+
+def _parse(sql: str) -> dict[str, Any] | None:
+    """DuckDB's own parse tree of a SELECT, or None if it cannot serialise it."""
+    con = duckdb.connect()
+    try:
+        text = con.execute("SELECT json_serialize_sql($1)", [sql]).fetchone()
+    except duckdb.Error:
+        return None
+    finally:
+        con.close()
+    tree = json.loads(text[0]) if text else None
+    return None if not tree or tree.get("error") else tree
+
+
+def _walk(node: Any, refs: list[list[str]], stars: list[bool], tables: set[str]) -> None:
+    if isinstance(node, dict):
+        cls = node.get("class")
+        if cls == "COLUMN_REF":
+            refs.append([str(n).lower() for n in node.get("column_names", [])])
+        elif cls == "STAR":
+            stars.append(True)
+        if node.get("type") == "BASE_TABLE" and node.get("table_name"):
+            tables.add(str(node["table_name"]).lower())
+        for v in node.values():
+            _walk(v, refs, stars, tables)
+    elif isinstance(node, list):
+        for v in node:
+            _walk(v, refs, stars, tables)
+
+
+def analyse(sql: str, stage_ids: list[str]) -> tuple[dict[str, list[str] | None] | None, set[str] | None]:
+    """What a query reads: its ``samples_fields`` and the relations it names (None: unknown, all)."""
+    tree = _parse(sql)
+    if tree is None:
+        return None, None
+    tables: set[str] = set()
+    _walk(tree, [], [], tables)
+    return samples_fields(sql, stage_ids, tree), tables
+
+
+def samples_fields(sql: str, stage_ids: list[str], tree: dict[str, Any] | None = None
+                   ) -> dict[str, list[str] | None] | None:
+    """Which fields of which stage structs a query reads from ``samples``: ``stage.field`` (or
+    ``alias.stage.field``) names a field; a stage named bare (``quality``, ``quality['yaw']``)
+    needs its whole struct; ``*`` needs everything (None). Over-inclusion only costs reading."""
+    tree = tree if tree is not None else _parse(sql)
+    if tree is None:
+        return None
+    refs: list[list[str]] = []
+    stars: list[bool] = []
+    _walk(tree, refs, stars, set())
+    if stars:
+        return None
+    lower = {s.lower(): s for s in stage_ids}
+    out: dict[str, list[str] | None] = {}
+    for names in refs:
+        for i in (0, 1):
+            if i < len(names) and names[i] in lower:
+                sid = lower[names[i]]
+                if i + 1 < len(names):
+                    have = out.get(sid, [])
+                    if have is not None:
+                        out[sid] = [*have, names[i + 1]]
+                else:
+                    out[sid] = None
+                break
+    return out
+
+
+def validate_predicate(text: str) -> str:
+    """An ``export.where`` text as exactly one SQL predicate expression, canonicalised by DuckDB's
+    parser (comments dropped, parenthesised) so it can be placed after ``WHERE ... AND``.
+
+    Refused with a ValueError: several statements, anything that is not a bare boolean expression
+    (``ORDER BY``, ``UNION``, ``LIMIT``, a trailing ``; COPY ...``), and subqueries (a predicate
+    over a sample's columns needs none; file access is sandboxed anyway)."""
+    if not text or not text.strip():
+        raise ValueError("export.where: expected one SQL predicate such as \"quality.yaw < 30\", got an empty text")
+    probe = "SELECT * FROM __ff_rows WHERE " + text
+    try:
+        statements = duckdb.extract_statements(probe)
+    except duckdb.Error as exc:
+        raise ValueError(f"export.where: not a SQL predicate ({str(exc).splitlines()[0]}): {text!r}") from None
+    if len(statements) != 1:
+        raise ValueError(f"export.where: expected one predicate, got {len(statements)} statements: {text!r}")
+    tree = _parse(probe)
+    if tree is None or len(tree.get("statements", [])) != 1:
+        raise ValueError(f"export.where: not a single SQL predicate: {text!r}")
+    node = tree["statements"][0]["node"]
+    extra = [k for k in ("modifiers", "group_expressions", "group_sets") if node.get(k)]
+    extra += [k for k in ("having", "qualify", "sample") if node.get(k)]
+    if (node.get("type") != "SELECT_NODE" or extra or node.get("cte_map", {}).get("map")
+            or node.get("from_table", {}).get("table_name") != "__ff_rows" or node.get("where_clause") is None):
+        what = ", ".join(extra) or "a clause or statement around the expression"
+        raise ValueError(f"export.where: expected one predicate expression, got {what}: {text!r}")
+    if '"SUBQUERY"' in json.dumps(node["where_clause"]):
+        raise ValueError(f"export.where: subqueries are not allowed in a predicate: {text!r}")
+    con = duckdb.connect()
+    try:
+        canonical = con.execute("SELECT json_deserialize_sql($1)", [json.dumps(tree)]).fetchone()
+    finally:
+        con.close()
+    assert canonical is not None
+    prefix = "SELECT * FROM __ff_rows WHERE "
+    body = str(canonical[0])
+    if not body.startswith(prefix):
+        raise ValueError(f"export.where: not a single SQL predicate: {text!r}")
+    return "(" + body[len(prefix):] + ")"

@@ -12,6 +12,8 @@ identities/identities.parquet
 sources/<stage>/listing-<hash>.parquet    a folder source's file listing, frozen on first run
 shards/<stage>/<shard>.tar                pixel-writing stages only
 manifests/<stage>/<shard>.parquet         one row per sample per stage: the lineage (the commit)
+manifests/<stage>/_compacted/current.json the stage's sorted copy (which fragments it covers) ...
+manifests/<stage>/_compacted/<gen>/*.parquet   ... and its files, sorted by sample_id
 tables/samples/<shard>.parquet            one row per sample, every stage's columns, ONE schema
 tables/decisions/<shard>.parquet          one row per sample per stage: status, keep, rule, detail
 tables/tables.json                        the tables' commit: stamp, shards, rows
@@ -54,6 +56,9 @@ HISTORY_DIR = "history"
 METRICS_DIR = "metrics"
 CACHE_DIR = "cache"
 
+COMPACTED_DIR = "_compacted"  # "_": never a committed fragment, never matched by the fragment glob
+COMPACTED_POINTER = "current.json"
+
 MANIFEST_SUFFIX = ".parquet"
 SHARD_SUFFIX = ".tar"
 
@@ -68,6 +73,10 @@ def manifest_path(stage_id: str, shard: str) -> tuple[str, ...]:
 
 def shard_path(stage_id: str, shard: str) -> tuple[str, ...]:
     return (SHARDS_DIR, stage_id, f"{shard}{SHARD_SUFFIX}")
+
+
+def compacted_dir(stage_id: str) -> tuple[str, ...]:
+    return (MANIFESTS_DIR, stage_id, COMPACTED_DIR)
 
 
 def stage_summary_path(stage_id: str) -> tuple[str, ...]:

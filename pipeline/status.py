@@ -18,7 +18,7 @@ import duckdb
 from manifests.catalog import Catalog
 from manifests.layout import EXPORT_DIR, EXPORT_DONE
 from manifests.storage import RunStorage
-from pipeline.engine.rundir import committed_shards, read_plan, read_run_file
+from pipeline.engine.rundir import read_plan, read_run_file
 
 
 class NotARunError(FileNotFoundError):
@@ -68,11 +68,13 @@ def run_status(store: RunStorage) -> dict[str, Any]:
     order = stage_order(store)
     plan = read_plan(store)
     total = len(plan["shards"]) if plan else 0
-    with Catalog(store, order).connect(read_only=True) as con:
+    catalog = Catalog(store, order)
+    # The catalog lists each stage's committed fragments once; the shard counts come from that listing.
+    with catalog.connect(read_only=True, sql=STAGE_STATS_SQL) as con:
         stats = stage_stats(con)
     empty = {"samples": 0, "kept": 0, "dropped": 0, "errors": 0, "busy_s": 0.0, "workers": 0, "wall_s": 0.0,
              "capacity_per_worker": None, "wall_rate": None}
-    stages = [{"stage": sid, "shards_committed": len(committed_shards(store, sid)), "shards_total": total,
+    stages = [{"stage": sid, "shards_committed": len(catalog.source(sid).fragments), "shards_total": total,
                **stats.get(sid, empty)} for sid in order]
     export = None
     if store.exists(EXPORT_DIR, EXPORT_DONE):

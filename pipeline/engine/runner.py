@@ -232,13 +232,16 @@ class Runner:
                 )
                 failures: dict[tuple[str, str], str] = {}
                 with prog:
+                    compactions: list[Any] = []
                     for phase in self.phases():
                         if phase[0].cls.kind == StageKind.GLOBAL:
                             self._run_global(phase[0], shards, committed, failures, prog)
                         else:
                             self._run_streaming(phase, shards, specs, committed, failures, prog)
+                        compactions += self._compact(phase, shards, committed)
                     for s in self.stages[1:]:  # run-level summaries from the committed manifests
                         self.instances[s.stage_id].finish(self.store)
+                    self._await_compactions(compactions)
                     complete = not failures and all(len(committed[s]) == len(shards) for s in self.order)
                     if complete:
                         prog.export_note = "tables: writing"
@@ -402,6 +405,24 @@ class Runner:
         prog.stages[sid].done = 0
         for r in results:
             prog.update(r)
+
+    def _compact(self, phase: list[ResolvedStage], shards: list[str], committed: dict[str, set[str]]) -> list[Any]:
+        """Start the sorted copy of every stage of the phase whose shards are all committed (it runs
+        beside the next phase; a stage already compacted returns at once)."""
+        from manifests.compaction import compact_stage
+
+        task = ray.remote(compact_stage).options(num_cpus=0.25)
+        return [(s.stage_id, task.remote(self.store.url, s.stage_id, storage_options=self.store.storage_options))
+                for s in phase if shards and len(committed[s.stage_id]) == len(shards)]
+
+    def _await_compactions(self, pending: list[Any]) -> None:
+        # The compacted copy is derived data: the catalog reads the fragments without it.
+        for sid, ref in pending:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                note = str(exc).splitlines()[-1]
+                self.console.print(f"[yellow]stage {sid}: manifests not compacted:[/yellow] {note}")
 
     def _write_tables(self, shards: list[str], failures: dict[tuple[str, str], str]) -> bool:
         """The run's one-row-per-sample tables: part of the run's commit, before the export."""

@@ -197,3 +197,15 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_the_lo
     out = tmp_path / "run"
     with run_lock(RunStorage(str(out))), pytest.raises(RunLockedError, match="in use by"):
         _run(engine_config, out)
+
+
+def test_a_finished_run_has_every_stage_compacted_and_the_catalog_reads_the_copy(finished_run: Path) -> None:
+    from manifests.compaction import valid_compaction
+
+    store = RunStorage(str(finished_run))
+    for sid in ("pattern", "meanf"):
+        pointer = valid_compaction(store, sid)
+        assert pointer is not None and pointer["rows"] == 24 and len(pointer["fragments"]) == 3
+    cat = Catalog(store, ["pattern", "meanf"])
+    assert cat.source("meanf").compacted is not None
+    assert cat.query("SELECT count(*) AS n FROM meanf").column("n")[0].as_py() == 24
