@@ -23,6 +23,7 @@ from collections.abc import Iterator
 import duckdb
 import pyarrow as pa
 
+from manifests.commit import committed_fragments
 from manifests.schema import COMMON_FIELDS
 from manifests.storage import RunStorage
 
@@ -44,8 +45,8 @@ class Catalog:
         return path if self.store.is_local else self.store.fs.unstrip_protocol(path)
 
     def fragments(self, stage_id: str) -> list[str]:
-        names = self.store.list_files("manifests", stage_id, suffix=".parquet")
-        return [self._url(self.store.path("manifests", stage_id, n)) for n in names]
+        """Verified fragments only: a truncated or foreign file never breaks a query (manifests/commit.py)."""
+        return [self._url(f.path) for f in committed_fragments(self.store, stage_id)]
 
     def view_sql(self) -> list[str]:
         stmts: list[str] = []
