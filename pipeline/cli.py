@@ -115,6 +115,9 @@ def status(
         t.add_row(s["stage"], f"{s['shards_committed']}/{s['shards_total']}", str(s["samples"]), str(s["kept"]),
                   str(s["dropped"]), str(s["errors"]), rate, str(s["workers"]))
     out.print(t)
+    for s in st["stages"]:
+        for msg in s.get("not_committed", []):
+            out.print(f"[yellow]not committed:[/yellow] {msg}")
     if st["export"]:
         sp = st["export"]["splits"]
         out.print(f"export: train {sp['train']['samples']} samples / {sp['train']['identities']} identities, "

@@ -7,8 +7,9 @@ import json
 from typing import Any
 
 from manifests.catalog import Catalog
+from manifests.commit import scan_fragments
 from manifests.storage import RunStorage
-from pipeline.engine.rundir import committed_shards, read_plan, read_run_file
+from pipeline.engine.rundir import read_plan, read_run_file
 
 
 class NotARunError(FileNotFoundError):
@@ -42,9 +43,11 @@ def run_status(store: RunStorage) -> dict[str, Any]:
         r = by_stage.get(sid)
         rows = int(r[1]) if r else 0
         span, busy = (float(r[5] or 0), float(r[6] or 0)) if r else (0.0, 0.0)
+        scan = scan_fragments(store, sid)  # verified fragments only; the footers are cached from the catalog
         stages.append({
             "stage": sid,
-            "shards_committed": len(committed_shards(store, sid)),
+            "shards_committed": len(scan.shards),
+            "not_committed": [b.message() for b in scan.bad],
             "shards_total": total,
             "samples": rows,
             "kept": int(r[2]) if r else 0,

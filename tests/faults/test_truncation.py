@@ -64,6 +64,8 @@ def test_a_truncated_manifest_and_a_truncated_tar_are_reported_and_recomputed(tm
     status = run_status(store)  # never broken by a bad fragment
     committed = {s["stage"]: s["shards_committed"] for s in status["stages"]}
     assert committed == {"pattern": 2, "meanf": 2} and not status["complete"]
+    reported = [m for s in status["stages"] for m in s["not_committed"]]
+    assert len(reported) == 2 and any("truncated manifest" in m for m in reported)
     n = Catalog(store, ["pattern", "meanf"]).query("SELECT count(*) AS n FROM meanf").column("n")[0].as_py()
     assert n == 16
 
