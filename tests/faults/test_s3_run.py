@@ -75,7 +75,7 @@ def test_an_s3_run_killed_and_resumed_is_byte_identical_to_a_local_run(tmp_path:
         resumed = _cli(_run_args(config, url), s3)
         text, _ = resumed.communicate(timeout=600)
         log = text.decode(errors="replace")
-        assert resumed.returncode == 0, log[-3000:]
+        assert resumed.returncode == 0, log[-6000:]
         assert "took over the lock" in log and "is gone" in log, log[-3000:]  # dead pid here: at once
         store.fs.invalidate_cache()
         assert not store.exists(LOCK_FILE), "the finished run did not release its lock"
