@@ -14,11 +14,15 @@ import threading
 import time
 from dataclasses import asdict
 
-import ray
-from ray.cluster_utils import Cluster
+# Every path Ray writes (including the "current cluster" address file) under our own folder.
+TMP = tempfile.mkdtemp(prefix="ffcluster-", dir="/tmp")
+os.environ["RAY_TMPDIR"] = TMP
 
-from pipeline.config import load_config
-from pipeline.engine.runner import Runner
+import ray  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.engine.runner import Runner  # noqa: E402
 
 
 def main() -> int:
@@ -28,8 +32,7 @@ def main() -> int:
     ap.add_argument("--watch", default="busy")
     ap.add_argument("--kill-after", type=int, default=2)
     args = ap.parse_args()
-    tmp = tempfile.mkdtemp(prefix="ffcluster-", dir="/tmp")
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "temp_dir": tmp,
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "temp_dir": TMP,
                                                             "include_dashboard": False})
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
