@@ -17,6 +17,7 @@ from dataclasses import asdict
 # Every path Ray writes (including the "current cluster" address file) under our own folder.
 TMP = tempfile.mkdtemp(prefix="ffcluster-", dir="/tmp")
 os.environ["RAY_TMPDIR"] = TMP
+os.makedirs(os.path.join(TMP, "ray"), exist_ok=True)
 
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
