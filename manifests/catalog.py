@@ -39,6 +39,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from manifests.commit import scan_fragments
 from manifests.layout import (
     IDENTITIES_FILE,
     MANIFEST_SUFFIX,
@@ -148,6 +149,7 @@ class StageSource:
     casts: dict[str, str] = field(default_factory=dict)
     compacted: dict[str, Any] | None = None  # the valid compaction pointer, when there is one
     read_sql: str | None = None  # a table expression; None: no committed rows
+    bad: list[str] = field(default_factory=list)  # fragments that failed verification: never read
 
 
 class Catalog:
@@ -181,14 +183,30 @@ class Catalog:
                 src.compacted = pointer
                 src.columns = list(pointer["columns"])
                 src.casts = dict(pointer["casts"])
+            else:
+                # Not compacted (a run in progress): check each fragment's commit record, so a truncated
+                # or foreign file is reported and never read. A compacted copy was verified when made.
+                scan = scan_fragments(self.store, stage_id)
+                good = {posixpath.basename(f.path) for f in scan.fragments}
+                src.bad = [b.message() for b in scan.bad]
+                if src.bad:
+                    frags = {n: tok for n, tok in frags.items() if n in good}
+                    src.fragments = frags
+        if frags:
+            if pointer is not None:
                 glob = self.store.path(MANIFESTS_DIR, stage_id, *pointer["dir"], COMMITTED_GLOB)
+                src.read_sql = f"read_parquet({_lit(self.url(glob))})"
             else:
                 first = self.store.path(MANIFESTS_DIR, stage_id, next(iter(frags)))
                 schema = pq.read_schema(first if self.store.is_local else self.store.fs.open(first, "rb"))
                 src.columns = list(schema.names)
                 src.casts = array_casts(schema)
-                glob = self.store.path(MANIFESTS_DIR, stage_id, COMMITTED_GLOB)
-            src.read_sql = f"read_parquet({_lit(self.url(glob))})"
+                if src.bad:  # name the good files: the glob would reach the bad ones
+                    listing = ", ".join(_lit(self.url(self.store.path(MANIFESTS_DIR, stage_id, n))) for n in frags)
+                    src.read_sql = f"read_parquet([{listing}])"
+                else:
+                    glob = self.store.path(MANIFESTS_DIR, stage_id, COMMITTED_GLOB)
+                    src.read_sql = f"read_parquet({_lit(self.url(glob))})"
         self._sources[stage_id] = src
         return src
 

@@ -1,13 +1,20 @@
-"""Run-directory storage through fsspec, and the commit protocol.
+"""Run-directory storage through fsspec, and how a file gets into place whole.
 
-Every file a stage produces is first written under a temporary name and then moved to its final
-name. On a local disk the move is an atomic rename. On object stores a move is copy + delete and
-not atomic, which is why the *manifest fragment is written last*: a shard tar without a committed
-manifest fragment does not exist for any reader, and resume recomputes it.
+On a local disk a file is written under a temporary name beside its target, flushed to disk
+(fsync) and renamed over it: a reader sees the old file or the new one, never half of one, and a
+crash after the rename cannot leave a file whose name is there but whose bytes are not. On an
+object store a single PUT is already atomic (the object appears whole or not at all), so the bytes
+go straight to the final key: a temporary key + copy + delete would cost three requests and open a
+window where a copy is half done. Other filesystems (sftp, hdfs, ...) keep temporary name + move.
+
+Either way the *manifest fragment is written last* and is the commit (manifests/commit.py says
+how it is verified): a shard tar without a committed manifest fragment does not exist for any
+reader, and resume recomputes it.
 """
 
 from __future__ import annotations
 
+import os
 import posixpath
 import uuid
 from typing import Any
@@ -16,6 +23,9 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 TMP_PREFIX = "_tmp-"
+
+# Filesystems where one PUT of the whole object is atomic.
+ATOMIC_PUT_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "memory"})
 
 
 class RunStorage:
@@ -31,6 +41,11 @@ class RunStorage:
     @property
     def is_local(self) -> bool:
         return isinstance(self.fs, LocalFileSystem)
+
+    @property
+    def atomic_put(self) -> bool:
+        protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else tuple(self.fs.protocol)
+        return any(p in ATOMIC_PUT_PROTOCOLS for p in protocols)
 
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
@@ -57,12 +72,31 @@ class RunStorage:
         names = [posixpath.basename(e.rstrip("/")) for e in entries]
         return sorted(n for n in names if n.endswith(suffix) and not n.startswith((".", "_")))
 
+    def list_sizes(self, *parts: str, suffix: str = "") -> dict[str, int]:
+        """name -> size of the committed-looking files of a folder, from one listing."""
+        try:
+            entries = self.fs.ls(self.path(*parts), detail=True)
+        except FileNotFoundError:
+            return {}
+        out = {}
+        for e in entries:
+            name = posixpath.basename(str(e["name"]).rstrip("/"))
+            if e.get("type") != "directory" and name.endswith(suffix) and not name.startswith((".", "_")):
+                out[name] = int(e.get("size") or 0)
+        return out
+
     def write_atomic(self, data: bytes, *parts: str) -> str:
-        """Write to a temporary name beside the target, then move it into place."""
+        """Put ``data`` at its final name so that no reader ever sees a partial file (see the module doc)."""
         final = self.path(*parts)
         folder = posixpath.dirname(final)
+        if self.atomic_put:
+            self.fs.pipe_file(final, data)
+            return final
         self.fs.makedirs(folder, exist_ok=True)
         tmp = posixpath.join(folder, f"{TMP_PREFIX}{uuid.uuid4().hex}-{posixpath.basename(final)}")
+        if self.is_local:
+            _write_local_durable(tmp, final, data)
+            return final
         with self.fs.open(tmp, "wb") as f:
             f.write(data)
         self.fs.mv(tmp, final)
@@ -83,3 +117,24 @@ class RunStorage:
         for entry in entries:
             if posixpath.basename(entry.rstrip("/")).startswith(TMP_PREFIX):
                 self.fs.rm(entry)
+
+
+def _write_local_durable(tmp: str, final: str, data: bytes) -> None:
+    """Write, fsync, rename, fsync the folder: after a power cut the name never points at missing bytes."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.replace(tmp, final)
+    dfd = os.open(posixpath.dirname(final) or ".", os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

@@ -151,6 +151,9 @@ def status(
             out.print(f"  capacity {_rate(s['capacity_per_worker'])} /s/worker  wall rate {_rate(s['wall_rate'])} /s",
                       highlight=False)
         out.print(table.caption, highlight=False)
+    for s in st["stages"]:
+        for msg in s.get("not_committed", []):
+            out.print(f"[yellow]not committed:[/yellow] {msg}")
     if st["export"]:
         sp = st["export"]["splits"]
         out.print(f"export: train {sp['train']['samples']} samples / {sp['train']['identities']} identities, "

@@ -75,7 +75,7 @@ def run_status(store: RunStorage) -> dict[str, Any]:
     empty = {"samples": 0, "kept": 0, "dropped": 0, "errors": 0, "busy_s": 0.0, "workers": 0, "wall_s": 0.0,
              "capacity_per_worker": None, "wall_rate": None}
     stages = [{"stage": sid, "shards_committed": len(catalog.source(sid).fragments), "shards_total": total,
-               **stats.get(sid, empty)} for sid in order]
+               "not_committed": catalog.source(sid).bad, **stats.get(sid, empty)} for sid in order]
     export = None
     if store.exists(EXPORT_DIR, EXPORT_DONE):
         export = json.loads(store.read_bytes(EXPORT_DIR, EXPORT_DONE))

@@ -4,7 +4,6 @@ Ray actor, a Ray task or a test."""
 
 from __future__ import annotations
 
-import io
 import os
 import socket
 import time
@@ -15,11 +14,22 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from manifests import layout
+from manifests.commit import (
+    CorruptFragmentError,
+    TarRecord,
+    check_tar,
+    encode_manifest,
+    read_manifest_verified,
+    tar_record,
+    uncommit,
+    verify_fragment,
+)
 from manifests.schema import CARRIED, COMMON_NAMES, manifest_schema
 from manifests.shards import UnsafeMemberError, check_key, write_tar
 from manifests.storage import RunStorage
+from pipeline.engine.faults import UpstreamNotCommittedError, is_transient
 from stages.base import (
     IMAGE,
     IMAGE_EXT,
@@ -77,16 +87,17 @@ class ShardResult:
     reasons: Counter[str] = field(default_factory=Counter)
 
 
-def manifest_path(stage_id: str, shard: str) -> tuple[str, str, str]:
-    return ("manifests", stage_id, f"{shard}.parquet")
-
-
-def shard_tar_path(stage_id: str, shard: str) -> tuple[str, str, str]:
-    return ("shards", stage_id, f"{shard}.tar")
+manifest_path = layout.manifest_path
+shard_tar_path = layout.shard_path
 
 
 def is_committed(store: RunStorage, stage_id: str, shard: str) -> bool:
-    return store.exists(*manifest_path(stage_id, shard))
+    """Committed means verified (size, footer, the tar's size), not merely present: manifests/commit.py."""
+    try:
+        verify_fragment(store, stage_id, shard)
+    except (FileNotFoundError, CorruptFragmentError):
+        return False
+    return True
 
 
 def worker_name() -> str:
@@ -97,8 +108,20 @@ def worker_name() -> str:
 
 
 def read_manifest(store: RunStorage, stage_id: str, shard: str) -> pa.Table:
-    with store.fs.open(store.path(*manifest_path(stage_id, shard)), "rb") as f:
-        return pq.read_table(f)
+    return _read_upstream(store, stage_id, shard)[0]
+
+
+def _read_upstream(store: RunStorage, stage_id: str, shard: str) -> tuple[pa.Table, TarRecord | None]:
+    """A fully verified upstream fragment. A missing or corrupt one is an uncommitted upstream shard:
+    the corrupt file is removed (so no resume counts it) and the shard is handed back for recompute."""
+    try:
+        table, record = read_manifest_verified(store, stage_id, shard)
+    except FileNotFoundError:
+        raise UpstreamNotCommittedError(stage_id, shard, "manifest fragment missing") from None
+    except CorruptFragmentError as exc:
+        uncommit(store, exc.path)
+        raise UpstreamNotCommittedError(stage_id, shard, str(exc)) from None
+    return table, record.tar
 
 
 def load_shard_input(store: RunStorage, upstream: tuple[UpstreamInfo, ...], shard: str,
@@ -109,7 +132,8 @@ def load_shard_input(store: RunStorage, upstream: tuple[UpstreamInfo, ...], shar
     stage prunes). Each upstream stage's own columns are joined by sample id, or by parent id for
     samples derived after that stage ran. Images come from the latest pixel-writing stage.
     """
-    tables = {u.stage_id: read_manifest(store, u.stage_id, shard) for u in upstream}
+    read = {u.stage_id: _read_upstream(store, u.stage_id, shard) for u in upstream}
+    tables = {sid: t for sid, (t, _) in read.items()}
     last = upstream[-1]
     t = tables[last.stage_id]
     status = t.column(STATUS).to_pylist()
@@ -143,7 +167,7 @@ def load_shard_input(store: RunStorage, upstream: tuple[UpstreamInfo, ...], shar
                                            strict=True)
             if off is not None
         }
-        data = store.read_bytes(rel) if where else b""
+        data = _read_tar(store, pix.stage_id, shard, rel, read[pix.stage_id][1]) if where else b""
         images, exts = [], []
         for s, p in zip(sids, parents, strict=True):
             loc = where.get(s) or (where.get(p) if p else None)
@@ -152,6 +176,25 @@ def load_shard_input(store: RunStorage, upstream: tuple[UpstreamInfo, ...], shar
         batch[IMAGE] = images
         batch[IMAGE_EXT] = exts
     return batch, input_shard
+
+
+def _read_tar(store: RunStorage, stage_id: str, shard: str, rel: str, record: TarRecord | None) -> bytes:
+    """The shard tar, checked against the size and checksum its stage committed: a truncated tar must
+    never yield empty images. A mismatch uncommits the stage's fragment so that the shard is recomputed."""
+    manifest = store.path(*manifest_path(stage_id, shard))
+    if record is None:
+        uncommit(store, manifest)
+        raise UpstreamNotCommittedError(stage_id, shard, f"{manifest} records no shard tar")
+    try:
+        data = store.read_bytes(rel)
+        check_tar(data, record)
+    except FileNotFoundError:
+        uncommit(store, manifest)
+        raise UpstreamNotCommittedError(stage_id, shard, f"shard tar {rel} missing") from None
+    except CorruptFragmentError as exc:
+        uncommit(store, manifest)
+        raise UpstreamNotCommittedError(stage_id, shard, str(exc)) from None
+    return data
 
 
 # ---------------------------------------------------------------- processing
@@ -186,10 +229,16 @@ def _describe(exc: BaseException) -> str:
 
 
 def process_isolated(stage: Stage, batch: Batch) -> Batch:
-    """Run ``process``; if a batch fails, retry sample by sample so one bad sample costs one row."""
+    """Run ``process``; if a batch fails, retry sample by sample so one bad sample costs one row.
+
+    A transient failure (``TransientError``, a storage 5xx or timeout: ``faults.is_transient``) says
+    nothing about the samples: it propagates out of ``run_shard`` and the scheduler retries the shard,
+    instead of being committed as error rows that resume would never revisit."""
     try:
         out = stage.process(batch)
     except Exception as exc:
+        if is_transient(exc):
+            raise
         n = len(batch[SAMPLE_ID])
         if n == 1:
             return _error_rows(batch, _describe(exc))
@@ -279,8 +328,10 @@ def build_manifest(spec: StageSpec, stage: Stage, shard: str, out: Batch, input_
         raise TypeError(f"stage {spec.stage_id!r} returned columns that do not match its schema: {exc}") from exc
 
 
-def write_pixels(store: RunStorage, spec: StageSpec, shard: str, out: Batch) -> tuple[str | None, dict[str, Any]]:
-    """Write the shard tar for rows that carry pixels; a bad key turns that row into an error."""
+def write_pixels(store: RunStorage, spec: StageSpec, shard: str,
+                 out: Batch) -> tuple[str | None, dict[str, Any], TarRecord]:
+    """Write the shard tar for rows that carry pixels; a bad key turns that row into an error. Returns
+    the tar's path, member locations and its size + checksum, which the manifest commits."""
     n = len(out[SAMPLE_ID])
     images = out.get(IMAGE, [None] * n)
     exts = out.get(IMAGE_EXT, [None] * n)
@@ -300,13 +351,14 @@ def write_pixels(store: RunStorage, spec: StageSpec, shard: str, out: Batch) -> 
     data, index = write_tar(samples)
     rel = "/".join(shard_tar_path(spec.stage_id, shard))
     store.write_atomic(data, rel)
-    return rel, index
+    return rel, index, tar_record(rel, data)
 
 
-def commit_manifest(store: RunStorage, spec: StageSpec, shard: str, table: pa.Table) -> None:
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    store.write_atomic(buf.getvalue(), *manifest_path(spec.stage_id, shard))
+def commit_manifest(store: RunStorage, spec: StageSpec, shard: str, table: pa.Table,
+                    tar: TarRecord | None = None) -> None:
+    """The commit: the fragment, written last, carrying the checksum of its own data pages and of the
+    shard tar written before it (manifests/commit.py)."""
+    store.write_atomic(encode_manifest(table, tar), *manifest_path(spec.stage_id, shard))
 
 
 def summarise(spec: StageSpec, shard: str, rows_in: int, out: Batch, seconds: float, worker: str) -> ShardResult:
@@ -358,11 +410,11 @@ class ShardExecutor:
                 durations.extend([per] * len(part[SAMPLE_ID]))
                 parts.append(part)
             out = _concat(parts) if parts else complete_rows(batch, {SAMPLE_ID: []})
-        output_shard, locations = (None, {})
+        output_shard, locations, tar = (None, {}, None)
         if stage.writes_pixels:
-            output_shard, locations = write_pixels(self.store, spec, shard, out)
+            output_shard, locations, tar = write_pixels(self.store, spec, shard, out)
         table = build_manifest(spec, stage, shard, out, input_shard, output_shard, locations, self.worker, durations)
-        commit_manifest(self.store, spec, shard, table)
+        commit_manifest(self.store, spec, shard, table, tar)
         return summarise(spec, shard, rows_in, out, time.perf_counter() - t0, self.worker)
 
 

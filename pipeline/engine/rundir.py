@@ -9,31 +9,22 @@ an export threshold re-runs only the export.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
-import os
-import socket
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any
 
 import yaml
 
-from manifests.layout import LOCK_FILE, PLAN_FILE, RUN_FILE, RUN_OUTPUTS
+from manifests.commit import BadFragment, scan_fragments
+from manifests.layout import PLAN_FILE, RUN_FILE, RUN_OUTPUTS
 from manifests.storage import RunStorage
 from pipeline.config import PipelineConfig, ResolvedStage, config_hash
+from pipeline.engine.runlock import RunLockedError as RunLockedError  # the lock lives in runlock.py
+from pipeline.engine.runlock import run_lock as run_lock
 from stages.base import stable_hash
-
-REMOTE_LOCK_TTL_S = 6 * 3600
 
 
 class RunConflictError(RuntimeError):
-    pass
-
-
-class RunLockedError(RuntimeError):
     pass
 
 
@@ -73,8 +64,21 @@ def write_run_file(store: RunStorage, cfg: PipelineConfig, fingerprints: dict[st
 
 
 def committed_shards(store: RunStorage, stage_id: str) -> set[str]:
-    """One listing per stage: the resume scan stays cheap at 10,000s of shards."""
-    return {n[: -len(".parquet")] for n in store.list_files("manifests", stage_id, suffix=".parquet")}
+    """Shards whose fragment is verified (manifests/commit.py): one listing per folder plus one footer
+    read per fragment, so the resume scan stays cheap at 10,000s of shards. A truncated fragment or
+    tar is not committed and gets recomputed."""
+    return scan_fragments(store, stage_id).shards
+
+
+def scan_committed(store: RunStorage, stage_ids: list[str]) -> tuple[dict[str, set[str]], list[BadFragment]]:
+    """The resume scan: committed shards per stage, and the fragments that failed verification."""
+    committed: dict[str, set[str]] = {}
+    bad: list[BadFragment] = []
+    for sid in stage_ids:
+        scan = scan_fragments(store, sid)
+        committed[sid] = scan.shards
+        bad.extend(scan.bad)
+    return committed, bad
 
 
 def check_compatible(store: RunStorage, new: dict[str, str], order: list[str]) -> tuple[list[str], str | None]:
@@ -123,40 +127,3 @@ def read_plan(store: RunStorage) -> dict[str, Any] | None:
 
 def write_plan(store: RunStorage, plan: dict[str, Any]) -> None:
     store.write_atomic(json.dumps(plan, sort_keys=True).encode(), PLAN_FILE)
-
-
-@contextlib.contextmanager
-def run_lock(store: RunStorage, force: bool = False) -> Iterator[None]:
-    """One writer per run directory. Locally an flock, released by the kernel even on kill -9;
-    on object stores a lock object with owner and time (stale after REMOTE_LOCK_TTL_S)."""
-    store.fs.makedirs(store.root, exist_ok=True)
-    if store.is_local:
-        path = store.path(LOCK_FILE)
-        handle: BinaryIO = open(path, "a+b")  # noqa: SIM115 - held for the whole run
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            owner = handle.read().decode(errors="replace").strip() or "another process"
-            handle.close()
-            raise RunLockedError(f"{store.url} is in use by {owner}; wait for it or choose another --output") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{socket.gethostname()} pid {os.getpid()}".encode())
-        handle.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-            handle.close()
-        return
-    if store.exists(LOCK_FILE) and not force:
-        info = json.loads(store.read_bytes(LOCK_FILE))
-        if time.time() - float(info.get("time", 0)) < REMOTE_LOCK_TTL_S:
-            raise RunLockedError(f"{store.url} is in use by {info.get('owner')}; --force takes the lock over")
-    store.write_atomic(json.dumps({"owner": f"{socket.gethostname()} pid {os.getpid()}", "time": time.time()}).encode(),
-                       LOCK_FILE)
-    try:
-        yield
-    finally:
-        store.remove(LOCK_FILE)

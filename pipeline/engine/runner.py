@@ -28,10 +28,10 @@ from pipeline.engine.progress import Progress, StageProgress
 from pipeline.engine.rundir import (
     RunConflictError,
     check_compatible,
-    committed_shards,
     export_fingerprint,
     read_plan,
     run_lock,
+    scan_committed,
     stage_fingerprints,
     wipe_run,
     wipe_stages,
@@ -224,7 +224,9 @@ class Runner:
                 plan = self.shard_plan()
                 shards = [p["name"] for p in plan]
                 specs = {p["name"]: p["spec"] for p in plan}
-                committed = {sid: committed_shards(self.store, sid) for sid in self.order}
+                committed, bad = scan_committed(self.store, self.order)
+                for b in bad:  # verified commit: these are recomputed like shards never written
+                    self.console.print(f"[yellow]not committed:[/yellow] {b.message()}")
                 prog = Progress(
                     [StageProgress(s.stage_id, s.cls.kind.value, len(shards), done=len(committed[s.stage_id]),
                                    skipped=len(committed[s.stage_id])) for s in self.stages],

@@ -7,10 +7,10 @@ import tarfile
 import uuid
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from manifests.catalog import Catalog
+from manifests.commit import encode_manifest
 from manifests.schema import COMMON_FIELDS
 from manifests.shards import UnsafeMemberError, check_member_name, iter_tar_members, write_tar
 from manifests.storage import RunStorage
@@ -21,9 +21,7 @@ def _fragment(ids: list[str], keep: list[bool]) -> bytes:
     rows.update(sample_id=ids, stage=["s"] * len(ids), stage_name=["s"] * len(ids), stage_version=["1"] * len(ids),
                 shard=["000000"] * len(ids), status=["ok"] * len(ids), keep=keep, params_hash=["p"] * len(ids),
                 fingerprint=["f"] * len(ids))
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pydict(rows, schema=pa.schema(list(COMMON_FIELDS))), buf)
-    return buf.getvalue()
+    return encode_manifest(pa.Table.from_pydict(rows, schema=pa.schema(list(COMMON_FIELDS))))
 
 
 def test_a_non_local_run_directory_commits_lists_and_queries_through_fsspec() -> None:

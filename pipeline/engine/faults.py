@@ -1,0 +1,129 @@
+"""Which failures mean "try the work again" and which mean "something is wrong with this sample".
+
+One classification for the whole engine, so that the per-shard scheduler, the global stages and the
+export agree on it:
+
+- ``is_transient(exc)``: the failure says nothing about the data: a stage raised
+  ``stages.base.TransientError`` (a model server down), the object store answered 5xx / throttled /
+  timed out, a connection dropped. Inside ``process`` such an exception is never turned into
+  per-sample error rows; it propagates out of ``run_shard`` and the scheduler retries the shard.
+- ``RETRY_RAY_ERRORS``: Ray's own failures that lose the work but not the reason to do it: a
+  worker or node that died, an out-of-memory kill, a lost object, a dead actor.
+- ``is_retryable(exc)``: either of the above, also when Ray wraps it (``RayTaskError`` keeps the
+  original as ``.cause`` and, for picklable exceptions, is an instance of the original class).
+- ``upstream_lost(exc)``: the shard could not run because a fragment it reads was missing or
+  proven corrupt (and has been uncommitted): recompute that upstream shard, then this one.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from ray import exceptions as rex
+
+from stages.base import TransientError
+
+
+class UpstreamNotCommittedError(TransientError):
+    """A fragment this shard reads is absent or failed verification; it has been uncommitted.
+
+    Transient for this shard (it is right once the upstream shard is recomputed); the scheduler can
+    read ``stage_id`` / ``shard`` to requeue the upstream shard first."""
+
+    def __init__(self, stage_id: str, shard: str, reason: str) -> None:
+        super().__init__(f"upstream shard {shard} of {stage_id!r} is not committed: {reason}")
+        self.stage_id = stage_id
+        self.shard = shard
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[object, ...]:  # picklable through Ray with its fields
+        return (type(self), (self.stage_id, self.shard, self.reason))
+
+
+RETRY_RAY_ERRORS: tuple[type[BaseException], ...] = tuple(
+    cls for cls in (
+        getattr(rex, name, None) for name in (
+            "WorkerCrashedError", "NodeDiedError", "OutOfMemoryError", "ObjectLostError", "OwnerDiedError",
+            "ObjectFetchTimedOutError", "ObjectReconstructionFailedError", "RayActorError", "ActorDiedError",
+            "ActorUnavailableError", "LocalRayletDiedError",
+        )
+    ) if isinstance(cls, type)
+)
+
+# errno values that an object store client (s3fs, gcsfs, adlfs) or a network filesystem uses for
+# "try again"; EIO and ENOSPC on a local disk are not among them.
+_TRANSIENT_ERRNO = frozenset({
+    errno.EBUSY,  # s3fs: SlowDown, ServiceUnavailable, 503, OperationAborted
+    errno.EREMOTEIO,  # s3fs: InternalError, 500
+    errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.EPIPE, errno.EAGAIN,
+    errno.ENETUNREACH, errno.EHOSTUNREACH,
+})
+_TRANSIENT_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "RequestThrottled", "TooManyRequestsException",
+    "RequestTimeout", "RequestTimeoutException", "InternalError", "ServiceUnavailable", "InternalServerError",
+    "500", "502", "503", "504", "429",
+})
+
+
+def _transient_names() -> tuple[type[BaseException], ...]:
+    """Connection-level exceptions of the HTTP stacks fsspec clients use, when installed."""
+    found: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    try:
+        from botocore import exceptions as be
+
+        found += [be.EndpointConnectionError, be.ConnectionClosedError, be.ReadTimeoutError,
+                  be.ConnectTimeoutError, be.ResponseStreamingError]
+    except ImportError:
+        pass
+    try:
+        import aiohttp
+
+        found += [aiohttp.ClientConnectionError, aiohttp.ServerTimeoutError, aiohttp.ClientPayloadError]
+    except ImportError:
+        pass
+    return tuple(found)
+
+
+_TRANSIENT_TYPES = _transient_names()
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The exception, what Ray wrapped, and its causes (bounded: chains can loop)."""
+    out: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and len(out) < 16 and all(cur is not e for e in out):
+        out.append(cur)
+        wrapped = getattr(cur, "cause", None) if isinstance(cur, rex.RayTaskError) else None
+        cur = wrapped if isinstance(wrapped, BaseException) else (cur.__cause__ or cur.__context__)
+    return out
+
+
+def _one_transient(exc: BaseException) -> bool:
+    if isinstance(exc, (TransientError, *_TRANSIENT_TYPES)):
+        return True
+    code = getattr(exc, "response", None)
+    if isinstance(code, dict):
+        err = code.get("Error", {}).get("Code")
+        status = code.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if err in _TRANSIENT_CODES or str(status) in _TRANSIENT_CODES:
+            return True
+    return isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError | PermissionError) and \
+        exc.errno in _TRANSIENT_ERRNO
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A failure that says nothing about the sample: retry the work, never record it as a bad sample."""
+    return any(_one_transient(e) for e in _chain(exc))
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Retry the shard / task: Ray lost the work (dead worker, node, actor, OOM kill) or it failed transiently."""
+    return isinstance(exc, RETRY_RAY_ERRORS) or is_transient(exc)
+
+
+def upstream_lost(exc: BaseException) -> tuple[str, str] | None:
+    """(stage_id, shard) of the upstream fragment that must be recomputed first, if that is why it failed."""
+    for e in _chain(exc):
+        if isinstance(e, UpstreamNotCommittedError):
+            return e.stage_id, e.shard
+    return None
