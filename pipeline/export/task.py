@@ -176,6 +176,9 @@ def export_task(url: str, storage_options: dict[str, Any], stages: list[dict[str
             with store.fs.open(store.path(EXPORT_DIR, version, "_manifest", name), "rb") as pf:
                 w.write_table(pq.read_table(pf).cast(manifest_schema))
     store.remove(EXPORT_DIR, version, "_manifest", recursive=True)
+    # The plan's schema names the metadata columns' types for the card: read it before the plan goes.
+    meta_types: dict[str, str] = {name: str(_meta_type(store, plan_files, f"meta_{i}"))
+                                  for i, name in enumerate(spec.meta_names)}
     store.remove(EXPORT_DIR, version, "_plan", recursive=True)
 
     splits: dict[str, Any] = {}
@@ -200,9 +203,6 @@ def export_task(url: str, storage_options: dict[str, Any], stages: list[dict[str
     image_exts: list[str] = [cfg.image_format] if cfg.image_format else sorted(exts) or ["png"]
     labelled = ids.table.sort_by("label")
     class_names = labelled.column("identity_id").to_pylist()
-    meta_types: dict[str, str] = {}
-    for i, name in enumerate(spec.meta_names):
-        meta_types[name] = str(_meta_type(store, plan_files, f"meta_{i}"))
     card = dataset_card(cfg=cfg, version=version, splits=splits, stats=stats, class_names=class_names,
                         image_exts=image_exts, meta_types=meta_types, config_hash=cfg_hash,
                         fingerprint=fingerprint, balance=_balance_markdown(balance), stages=stages)
