@@ -16,6 +16,7 @@ report/index.html, report/<stage>.summary.json
 history/<time>.json                       what each invocation did
 metrics/<job>/...                         training and evaluation metrics
 cache/...                                 stage caches (MLLM answers)
+work/<stage>/<step>/p<part>/<shard>.parquet   a global stage's shuffle partitions (removed when it ends)
 ```
 """
 
@@ -37,13 +38,14 @@ REPORT_FILE = (REPORT_DIR, "index.html")
 HISTORY_DIR = "history"
 METRICS_DIR = "metrics"
 CACHE_DIR = "cache"
+WORK_DIR = "work"
 
 MANIFEST_SUFFIX = ".parquet"
 SHARD_SUFFIX = ".tar"
 
 # What ``--new`` removes: everything a run wrote (the lock and history stay).
 RUN_OUTPUTS = (MANIFESTS_DIR, SHARDS_DIR, EXPORT_DIR, IDENTITIES_DIR, REPORT_DIR, CACHE_DIR, METRICS_DIR,
-               RUN_FILE, PLAN_FILE)
+               WORK_DIR, RUN_FILE, PLAN_FILE)
 
 
 def manifest_path(stage_id: str, shard: str) -> tuple[str, ...]:
@@ -60,3 +62,13 @@ def stage_summary_path(stage_id: str) -> tuple[str, ...]:
 
 def history_path(stamp: str) -> tuple[str, ...]:
     return (HISTORY_DIR, f"{stamp}.json")
+
+
+def global_work_dir(stage_id: str, step: str | None = None) -> tuple[str, ...]:
+    """Scratch space of one global stage (or one shuffle step of it): partitioned Parquet, not a commit."""
+    return (WORK_DIR, stage_id) if step is None else (WORK_DIR, stage_id, step)
+
+
+def global_work_path(stage_id: str, step: str, part: int, shard: str) -> tuple[str, ...]:
+    """One shard's piece of one shuffle partition."""
+    return (WORK_DIR, stage_id, step, f"p{part:05d}", f"{shard}{MANIFEST_SUFFIX}")
