@@ -55,7 +55,8 @@ from stages.base import (
 )
 
 MAX_TASK_ATTEMPTS = 3
-ROWS_PER_PARTITION = 250_000  # default shuffle partition size: a partition must fit one task
+ROWS_PER_PARTITION = 100_000  # default shuffle partition size (records): a partition must fit one task
+TASKS_PER_CPU = 4
 
 # Every way a Ray task can fail without a Python answer. RayError is their common base; the named ones
 # are listed so a reader sees what is covered.
@@ -127,27 +128,32 @@ def read_shard_columns(store: RunStorage, upstream: Sequence[UpstreamInfo], shar
 # ---------------------------------------------------------------- Ray tasks
 
 
-def _shard_task(url: str, options: dict[str, Any], upstream: tuple[UpstreamInfo, ...], shard: str,
-                columns: tuple[str, ...], index: int, fn: Callable[..., Any], *args: Any) -> Any:
+def _shard_task(url: str, options: dict[str, Any], upstream: tuple[UpstreamInfo, ...],
+                items: list[tuple[str, int]], columns: tuple[str, ...], fn: Callable[..., Any],
+                *args: Any) -> list[Any]:
+    """``fn`` on each of a few consecutive shards, one shard's table in memory at a time."""
     store = RunStorage(url, options)
-    return fn(read_shard_columns(store, upstream, shard, columns), index, *args)
+    return [fn(read_shard_columns(store, upstream, shard, columns), index, *args) for shard, index in items]
 
 
-def _shuffle_task(url: str, options: dict[str, Any], upstream: tuple[UpstreamInfo, ...], shard: str,
-                  columns: tuple[str, ...], index: int, stage_id: str, name: str, fn: Callable[..., Any],
-                  *args: Any) -> int:
-    """Map one shard to partition pieces and write each as Parquet under the run's work folder."""
+def _shuffle_task(url: str, options: dict[str, Any], upstream: tuple[UpstreamInfo, ...],
+                  items: list[tuple[str, int]], columns: tuple[str, ...], stage_id: str, name: str,
+                  fn: Callable[..., Any], *args: Any) -> list[int]:
+    """Map each shard to partition pieces and write each as Parquet under the run's work folder."""
     store = RunStorage(url, options)
-    pieces: dict[int, pa.Table] = fn(read_shard_columns(store, upstream, shard, columns), index, *args)
-    rows = 0
-    for part, table in sorted(pieces.items()):
-        if table.num_rows == 0:
-            continue
-        buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
-        store.write_atomic(buf.getvalue(), *global_work_path(stage_id, name, part, shard))
-        rows += table.num_rows
-    return rows
+    counts = []
+    for shard, index in items:
+        pieces: dict[int, pa.Table] = fn(read_shard_columns(store, upstream, shard, columns), index, *args)
+        rows = 0
+        for part, table in sorted(pieces.items()):
+            if table.num_rows == 0:
+                continue
+            buf = io.BytesIO()
+            pq.write_table(table, buf, compression="lz4")
+            store.write_atomic(buf.getvalue(), *global_work_path(stage_id, name, part, shard))
+            rows += table.num_rows
+        counts.append(rows)
+    return counts
 
 
 def _partition_task(url: str, options: dict[str, Any], stage_id: str, name: str, part: int,
@@ -167,13 +173,15 @@ def _call_task(fn: Callable[..., Any], *args: Any) -> Any:
     return fn(*args)
 
 
-def _commit_task(url: str, options: dict[str, Any], spec: StageSpec, stage: GlobalStage, shard: str,
-                 index: int, fn: Callable[..., Batch], *args: Any) -> ShardResult:
-    t0 = time.perf_counter()
+def _commit_task(url: str, options: dict[str, Any], spec: StageSpec, stage: GlobalStage,
+                 items: list[tuple[str, int]], fn: Callable[..., Batch], *args: Any) -> list[ShardResult]:
     store = RunStorage(url, options)
-    table = read_shard_columns(store, spec.upstream, shard, stage.needs)
-    out = fn(table, index, *args)
-    return commit_rows(store, spec, stage, shard, table, out, t0)
+    results = []
+    for shard, index in items:
+        t0 = time.perf_counter()
+        table = read_shard_columns(store, spec.upstream, shard, stage.needs)
+        results.append(commit_rows(store, spec, stage, shard, table, fn(table, index, *args), t0))
+    return results
 
 
 def commit_rows(store: RunStorage, spec: StageSpec, stage: GlobalStage, shard: str, table: pa.Table,
@@ -253,18 +261,26 @@ class RayCorpus:
     def put(self, value: Any) -> Any:
         return ray.put(value)
 
+    def _chunks(self, keep: set[str] | None = None) -> list[list[tuple[str, int]]]:
+        """Consecutive shards per task: about TASKS_PER_CPU tasks per CPU, so per-task overhead does not
+        grow with the shard count while every core stays busy and a retry redoes little."""
+        items = [(sh, i) for i, sh in enumerate(self.shards) if keep is None or sh in keep]
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        per = max(1, math.ceil(len(items) / (TASKS_PER_CPU * cpus)))
+        return [items[i : i + per] for i in range(0, len(items), per)]
+
     def map(self, fn: Callable[..., Any], columns: Sequence[str], *args: Any) -> list[Any]:
         st = self.store
-        calls = [(st.url, st.storage_options, self.spec.upstream, sh, tuple(columns), i, fn, *args)
-                 for i, sh in enumerate(self.shards)]
-        return self._run("map", _shard_task, calls)
+        calls = [(st.url, st.storage_options, self.spec.upstream, chunk, tuple(columns), fn, *args)
+                 for chunk in self._chunks()]
+        return [r for part in self._run("map", _shard_task, calls) for r in part]
 
     def shuffle(self, name: str, fn: Callable[..., dict[int, pa.Table]], columns: Sequence[str], *args: Any) -> int:
         st = self.store
         st.remove(*global_work_dir(self.spec.stage_id, name), recursive=True)
-        calls = [(st.url, st.storage_options, self.spec.upstream, sh, tuple(columns), i, self.spec.stage_id, name,
-                  fn, *args) for i, sh in enumerate(self.shards)]
-        return int(sum(self._run(f"shuffle {name}", _shuffle_task, calls)))
+        calls = [(st.url, st.storage_options, self.spec.upstream, chunk, tuple(columns), self.spec.stage_id, name,
+                  fn, *args) for chunk in self._chunks()]
+        return int(sum(sum(part) for part in self._run(f"shuffle {name}", _shuffle_task, calls)))
 
     def reduce(self, name: str, fn: Callable[..., Any], *args: Any) -> list[Any]:
         st = self.store
@@ -276,9 +292,9 @@ class RayCorpus:
 
     def commit(self, fn: Callable[..., Batch], *args: Any) -> list[ShardResult]:
         st = self.store
-        calls = [(st.url, st.storage_options, self.spec, self.stage, sh, i, fn, *args)
-                 for i, sh in enumerate(self.shards) if sh in self.todo]
-        self.results = self._run("commit", _commit_task, calls)
+        calls = [(st.url, st.storage_options, self.spec, self.stage, chunk, fn, *args)
+                 for chunk in self._chunks(self.todo)]
+        self.results = [r for part in self._run("commit", _commit_task, calls) for r in part]
         return self.results
 
 

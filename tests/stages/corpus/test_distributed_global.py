@@ -179,7 +179,7 @@ def _run_script(run: str) -> subprocess.Popen[bytes]:
 
 @pytest.mark.faults
 def test_kill_9_during_a_distributed_global_stage_then_resume_is_byte_identical(tmp_path: Path) -> None:
-    corpus = SyntheticCorpus(samples=6000, dim=32, per_identity=20, shard_size=100, seed=2, dup_rate=0.02,
+    corpus = SyntheticCorpus(samples=4000, dim=32, per_identity=20, shard_size=100, seed=2, dup_rate=0.02,
                              swap_rate=0.02)
     whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
     write_run(corpus, whole)
