@@ -278,7 +278,10 @@ class Rows:
 
     def set(self, i: int, **values: Any) -> None:
         for col, value in values.items():
-            self.data.setdefault(col, [None] * self.n)[i] = value
+            column = self.data.get(col)
+            if column is None:  # never build a default list per call: that is O(n) per row
+                column = self.data[col] = [None] * self.n
+            column[i] = value
 
     def column(self, name: str, values: Sequence[Any]) -> None:
         if len(values) != self.n:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -54,6 +55,7 @@ from stages.base import (
     GlobalStage,
 )
 
+log = logging.getLogger(__name__)
 MAX_TASK_ATTEMPTS = 3
 ROWS_PER_PARTITION = 100_000  # default shuffle partition size (records): a partition must fit one task
 TASKS_PER_CPU = 4
@@ -233,6 +235,7 @@ class RayCorpus:
 
     def _run(self, what: str, fn: Callable[..., Any], calls: list[tuple[Any, ...]]) -> list[Any]:
         """Submit every call, collect in call order, resubmit a failed one up to MAX_TASK_ATTEMPTS."""
+        t0 = time.perf_counter()
         remote = ray.remote(fn).options(**self.options)
         refs = [remote.remote(*c) for c in calls]
         attempts = [1] * len(calls)
@@ -253,7 +256,11 @@ class RayCorpus:
                             f"global stage {self.spec.stage_id!r}: {what} task {i} failed {attempts[i]} times "
                             f"({type(exc).__name__}): {last[0][:500]}") from exc
                     attempts[i] += 1
+                    log.info("global stage %s: %s task %d failed (%s), attempt %d", self.spec.stage_id, what, i,
+                             type(exc).__name__, attempts[i])
                     pending[remote.remote(*calls[i])] = i
+        log.debug("global stage %s: %s, %d tasks, %.2f s", self.spec.stage_id, what, len(calls),
+                  time.perf_counter() - t0)
         return out
 
     # -- the Corpus operations

@@ -274,14 +274,23 @@ class ConsistencyStage(GlobalStage):
             total[np.searchsorted(names, c["names"])] += c["counts"]
         n_rows = int(total.sum())
         base = corpus.put({"names": names, "total": total, "metric": metric, "n_rows": n_rows, "k": k})
+        sums_all = np.zeros((k, _dim(census)), dtype=np.float64)
+        for c in census:
+            sums_all[np.searchsorted(names, c["names"])] += c["sums"]
         states: list[dict[str, Any]] = []
         threshold, source, fitted, impostor = 0.0, "", None, np.empty(0, dtype=np.float32)
+        sums, counts = sums_all, total
         for t in range(p.passes):
-            sums = np.zeros((k, _dim(census)), dtype=np.float64)
-            counts = np.zeros(k, dtype=np.int64)
-            for codes, part, cnt in corpus.map(self._inlier_sums, EMBEDDING_COLUMNS, base, corpus.put(states)):
-                sums[codes] += part
-                counts[codes] += cnt
+            if states:  # the previous pass's same-identity rows, per identity: its inliers or all rows
+                same_sums = np.zeros_like(sums_all)
+                same_counts = np.zeros(k, dtype=np.int64)
+                for codes, part, cnt in corpus.map(self._same_sums, EMBEDDING_COLUMNS, base, corpus.put(states)):
+                    same_sums[codes] += part
+                    same_counts[codes] += cnt
+                enough = same_counts >= 2
+                states[-1]["enough"] = enough
+                sums = np.where(enough[:, None], same_sums, sums_all)
+                counts = np.where(enough, same_counts, total)
             cents = centroids_from_sums(sums, counts, metric)
             state = {"sums": sums, "counts": counts, "threshold": None, "enough": None}
             scored = corpus.map(self._score_sample, EMBEDDING_COLUMNS, base, corpus.put([*states, state]), cents, t)
@@ -289,11 +298,6 @@ class ConsistencyStage(GlobalStage):
             impostor = np.concatenate([i for _, i in scored])
             threshold, source, fitted = self._threshold(space, metric, genuine, impostor)
             state["threshold"] = threshold
-            if t + 1 < p.passes:
-                same = np.zeros(k, dtype=np.int64)
-                for codes, cnt in corpus.map(self._same_counts, EMBEDDING_COLUMNS, base, corpus.put([*states, state])):
-                    same[codes] += cnt
-                state["enough"] = same >= 2
             states.append(state)
         index = serialize_index(build_index(cents, metric, exact_max=p.exact_max, seed=self.context.seed)) if k > 1 \
             else None
@@ -329,13 +333,15 @@ class ConsistencyStage(GlobalStage):
                 inlier = same | ~st["enough"][codes]
         return inlier, own, same
 
-    def _inlier_sums(self, table: pa.Table, index: int, base: dict[str, Any],
-                     states: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _same_sums(self, table: pa.Table, index: int, base: dict[str, Any],
+                   states: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Sums and counts of the rows the last pass found the same identity, per identity."""
         xj, _, codes = _shard_vectors(table, base)
-        inlier, _, _ = self._replay(xj, codes, base, states)
-        uc, inv = np.unique(codes[inlier], return_inverse=True)
-        part = np.zeros((uc.size, xj.shape[1] if xj.ndim == 2 else 0), dtype=np.float64)
-        np.add.at(part, inv, xj[inlier])
+        _, _, same = self._replay(xj, codes, base, states)
+        assert same is not None
+        uc, inv = np.unique(codes[same], return_inverse=True)
+        part = np.zeros((uc.size, xj.shape[1]), dtype=np.float64)
+        np.add.at(part, inv, xj[same])
         return uc, part, np.bincount(inv, minlength=uc.size)
 
     def _score_sample(self, table: pa.Table, index: int, base: dict[str, Any], states: list[dict[str, Any]],
@@ -359,14 +365,6 @@ class ConsistencyStage(GlobalStage):
                                                       replace=False)
             genuine = genuine[np.sort(pick)]
         return genuine, imp
-
-    def _same_counts(self, table: pa.Table, index: int, base: dict[str, Any],
-                     states: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
-        xj, _, codes = _shard_vectors(table, base)
-        _, _, same = self._replay(xj, codes, base, states)
-        assert same is not None
-        uc, inv = np.unique(codes[same], return_inverse=True)
-        return uc, np.bincount(inv, minlength=uc.size)
 
     def _decide(self, table: pa.Table, base: dict[str, Any], final: dict[str, Any]) -> dict[str, Any]:
         p, metric = self.params, base["metric"]
@@ -460,9 +458,14 @@ def _census(table: pa.Table, index: int) -> dict[str, Any]:
     usable = valid & ~np.asarray(table.column(IDENTITY_ID).is_null().to_numpy(zero_copy_only=False), dtype=bool)
     spaces, metrics = table_spaces(table, valid)
     labels = np.asarray(table.column(IDENTITY_ID).filter(pa.array(usable)).to_pylist(), dtype=object).astype(str)
-    names, counts = np.unique(labels, return_counts=True)
-    return {"names": names, "counts": counts, "spaces": spaces, "metrics": metrics, "n": table.num_rows,
-            "dim": x.shape[1]}
+    names, inv, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    sums = np.zeros((names.size, x.shape[1]), dtype=np.float64)
+    if names.size:
+        metric = Metric(next(iter(metrics)))
+        xu = normalise_rows(x[usable]) if metric.higher_is_same else x[usable]
+        np.add.at(sums, inv, xu.astype(np.float32))
+    return {"names": names, "counts": counts, "sums": sums, "spaces": spaces, "metrics": metrics,
+            "n": table.num_rows, "dim": x.shape[1]}
 
 
 def _shard_vectors(table: pa.Table, base: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
