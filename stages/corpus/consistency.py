@@ -292,7 +292,7 @@ class ConsistencyStage(GlobalStage):
                 sums = np.where(enough[:, None], same_sums, sums_all)
                 counts = np.where(enough, same_counts, total)
             cents = centroids_from_sums(sums, counts, metric)
-            state = {"sums": sums, "counts": counts, "threshold": None, "enough": None}
+            state: dict[str, Any] = {"sums": sums, "counts": counts, "threshold": None, "enough": None}
             scored = corpus.map(self._score_sample, EMBEDDING_COLUMNS, base, corpus.put([*states, state]), cents, t)
             genuine = np.concatenate([g for g, _ in scored])
             impostor = np.concatenate([i for _, i in scored])
