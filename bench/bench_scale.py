@@ -329,7 +329,8 @@ def main() -> None:
 
     res = Resources(cpus=1.0, memory_gb=args.memory_gb)
     plan = [
-        ("consistency", ConsistencyStage, ConsistencyParams()),
+        # Nearest other identity: IVF over the centroid table above 2000 identities (exact below).
+        ("consistency", ConsistencyStage, ConsistencyParams(exact_max=2000)),
         ("separation", SeparationStage, SeparationParams()),
         ("dedup", DedupStage, DedupParams()),
         ("grouping", GroupingStage, GroupingParams(method="connected_components", threshold=args.grouping_threshold,

@@ -209,6 +209,10 @@ class Corpus(Protocol):
 
     def commit(self, fn: Callable[..., Batch], *args: Any) -> Any: ...
 
+    def dropped_before(self) -> int:
+        """Rows dropped in the shards an earlier attempt already committed (for a resumed summary)."""
+        ...
+
 
 class GlobalStage(Stage):
     """Sees every live sample of the run. ``needs`` names the upstream columns it reads (never the

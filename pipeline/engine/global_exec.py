@@ -305,6 +305,16 @@ class RayCorpus:
         return self.results
 
 
+    def dropped_before(self) -> int:
+        total = 0
+        for sh in self.shards:
+            if sh not in self.todo:
+                with self.store.fs.open(self.store.path(*manifest_path(self.spec.stage_id, sh)), "rb") as f:
+                    keep = pq.read_table(f, columns=[KEEP, STATUS])
+                total += int(pc.sum(pc.and_(pc.invert(keep[KEEP]), pc.equal(keep[STATUS], STATUS_OK))).as_py() or 0)
+        return total
+
+
 # ---------------------------------------------------------------- the stage as a whole
 
 

@@ -303,10 +303,10 @@ class ConsistencyStage(GlobalStage):
             else None
         stranger = float(np.median(impostor)) if impostor.size else None
         final = corpus.put({"states": states, "index": index, "source": source, "stranger": stranger})
-        judged = dropped = 0
-        for j, d in corpus.map(self._stats, EMBEDDING_COLUMNS, base, final):
-            judged, dropped = judged + j, dropped + d
-        corpus.commit(self._commit, base, final)
+        # Every labelled row of an identity with min_samples images has a leave-one-out score.
+        judged = int(total[total >= p.min_samples].sum())
+        results = corpus.commit(self._commit, base, final)
+        dropped = sum(r.dropped for r in results) + corpus.dropped_before()
         self._summary = {
             "mode": p.mode, "embedding_space": space, "metric": metric.value, "threshold": threshold,
             "threshold_source": source, "stranger_score": stranger, "fit": fitted.as_dict() if fitted else None,
@@ -396,10 +396,6 @@ class ConsistencyStage(GlobalStage):
             drop = far
         return {"rows": rows, "own": own, "best": best, "other": other_score, "nearer": nearer, "drop": drop,
                 "has": has, "threshold": threshold, "names": names}
-
-    def _stats(self, table: pa.Table, index: int, base: dict[str, Any], final: dict[str, Any]) -> tuple[int, int]:
-        d = self._decide(table, base, final)
-        return int(d["has"].sum()), int(d["drop"].sum())
 
     def _commit(self, table: pa.Table, index: int, base: dict[str, Any], final: dict[str, Any]) -> Batch:
         d = self._decide(table, base, final)
