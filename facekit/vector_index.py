@@ -354,3 +354,90 @@ def labelled_embeddings(table: pa.Table, labels: list[Any]) -> LabelledEmbedding
     rows = np.flatnonzero(usable)
     names, codes = np.unique(np.array([labels[i] for i in rows], dtype=object).astype(str), return_inverse=True)
     return LabelledEmbeddings(x, rows, names, codes, space, metric)
+
+
+# ---------------------------------------------------------------- per-partition helpers (distributed stages)
+
+
+def table_spaces(table: pa.Table, valid: np.ndarray) -> tuple[set[str], set[str]]:
+    """The embedding spaces and metrics of the rows that have vectors (checked across shards by the
+    caller: thresholds only compare within one space)."""
+    if not valid.any():
+        return set(), set()
+    sp = table.column("embedding_space").filter(pa.array(valid)).unique().to_pylist()
+    me = table.column("embedding_metric").filter(pa.array(valid)).unique().to_pylist()
+    return {str(s) for s in sp}, {str(m) for m in me}
+
+
+def one_space(spaces: set[str], metrics: set[str]) -> tuple[str, Metric]:
+    """The run's one space and metric; mixing spaces is an error (same message as ``space_of``)."""
+    if len(spaces) != 1 or len(metrics) != 1:
+        raise ValueError(
+            f"expected one embedding space and metric, got spaces {sorted(spaces)} "
+            f"and metrics {sorted(metrics)}: thresholds are only comparable within one space"
+        )
+    return next(iter(spaces)), Metric(next(iter(metrics)))
+
+
+def serialize_index(index: faiss.Index) -> np.ndarray:
+    """An index as bytes, to build it once and send it to every task."""
+    return faiss.serialize_index(index)
+
+
+def deserialize_index(data: np.ndarray) -> faiss.Index:
+    return faiss.deserialize_index(np.asarray(data))
+
+
+def train_cells(sample: np.ndarray, nlist: int, seed: int = 0) -> np.ndarray:
+    """k-means cells (SemDeDup's clustering step) from a sample; ``nlist`` centroids, deterministic."""
+    sample = np.ascontiguousarray(sample, dtype=np.float32)
+    nlist = max(1, min(nlist, len(sample)))
+    if nlist == 1:
+        return sample.mean(axis=0, keepdims=True).astype(np.float32)
+    with _single_threaded_kernels():
+        km = faiss.Kmeans(sample.shape[1], nlist, niter=10, seed=seed, max_points_per_centroid=64,
+                          min_points_per_centroid=1)
+        km.train(sample)
+    return np.ascontiguousarray(km.centroids, dtype=np.float32)
+
+
+def assign_cells(x: np.ndarray, cells: np.ndarray, spill: int) -> np.ndarray:
+    """The ``spill`` nearest cells of each vector (L2 to the centroids), nearest first."""
+    if len(cells) == 1 or len(x) == 0:
+        return np.zeros((len(x), 1), dtype=np.int64)
+    index = faiss.IndexFlatL2(cells.shape[1])
+    index.add(np.ascontiguousarray(cells, dtype=np.float32))
+    with _single_threaded_kernels():
+        _, ids = index.search(np.ascontiguousarray(x, dtype=np.float32), min(spill, len(cells)))
+    return ids.astype(np.int64)
+
+
+def cell_pairs(x: np.ndarray, ids: np.ndarray, metric: Metric, threshold: float,
+               block: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every pair (ids[a] < ids[b]) of one cell whose exact score passes ``threshold`` (inclusive):
+    blocked all-pairs products, so a cell of any size stays within ``block`` x n scores at a time."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n = len(x)
+    found_a, found_b, found_s = [], [], []
+    sq = np.einsum("ij,ij->i", x, x) if not metric.higher_is_same else None
+    for s in range(0, n, block):
+        q = x[s : s + block]
+        dots = q @ x[s:].T  # only the upper triangle: partners at or after the block start
+        if metric.higher_is_same:
+            score = dots
+        else:
+            assert sq is not None
+            score = np.sqrt(np.maximum(sq[s : s + block, None] + sq[None, s:] - 2.0 * dots, 0.0))
+        qa, qb = np.nonzero(metric.same(score, threshold))
+        qb = qb + s
+        keep = (qa + s) < qb
+        qa, qb = qa[keep] + s, qb[keep]
+        found_a.append(qa)
+        found_b.append(qb)
+        found_s.append(score[qa - s, qb - s].astype(np.float32))
+    if not found_a:
+        e = np.empty(0, dtype=np.int64)
+        return e, e, np.empty(0, dtype=np.float32)
+    a, b = np.concatenate(found_a), np.concatenate(found_b)
+    ia, ib = ids[a], ids[b]
+    return np.minimum(ia, ib), np.maximum(ia, ib), np.concatenate(found_s)

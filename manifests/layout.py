@@ -26,6 +26,7 @@ metrics/<job>/...                         training and evaluation metrics
 cache/...                                 stage caches (MLLM answers)
 cache/gallery/<key>/{gallery.parquet,index.faiss}   a reference gallery embedded + indexed once (leakage)
 cache/gallery/<stage>.json                the gallery key, space and threshold a stage's run uses
+work/<stage>/<step>/p<part>/<shard>.parquet   a global stage's shuffle partitions (removed when it ends)
 ```
 """
 
@@ -55,6 +56,7 @@ REPORT_FILE = (REPORT_DIR, "index.html")
 HISTORY_DIR = "history"
 METRICS_DIR = "metrics"
 CACHE_DIR = "cache"
+WORK_DIR = "work"
 
 COMPACTED_DIR = "_compacted"  # "_": never a committed fragment, never matched by the fragment glob
 COMPACTED_POINTER = "current.json"
@@ -64,7 +66,7 @@ SHARD_SUFFIX = ".tar"
 
 # What ``--new`` removes: everything a run wrote (the lock and history stay).
 RUN_OUTPUTS = (MANIFESTS_DIR, SHARDS_DIR, TABLES_DIR, EXPORT_DIR, IDENTITIES_DIR, SOURCES_DIR, REPORT_DIR, CACHE_DIR,
-               METRICS_DIR, RUN_FILE, PLAN_FILE)
+               METRICS_DIR, WORK_DIR, RUN_FILE, PLAN_FILE)
 
 
 def manifest_path(stage_id: str, shard: str) -> tuple[str, ...]:
@@ -115,3 +117,13 @@ def table_file(table: tuple[str, ...], shard: str) -> tuple[str, ...]:
 def export_version_dir(fingerprint: str) -> str:
     """The folder (relative to ``export/``) one export version writes beside the committed one."""
     return f"{EXPORT_VERSION_PREFIX}{fingerprint[:16]}"
+
+
+def global_work_dir(stage_id: str, step: str | None = None) -> tuple[str, ...]:
+    """Scratch space of one global stage (or one shuffle step of it): partitioned Parquet, not a commit."""
+    return (WORK_DIR, stage_id) if step is None else (WORK_DIR, stage_id, step)
+
+
+def global_work_path(stage_id: str, step: str, part: int, shard: str) -> tuple[str, ...]:
+    """One shard's piece of one shuffle partition."""
+    return (WORK_DIR, stage_id, step, f"p{part:05d}", f"{shard}{MANIFEST_SUFFIX}")

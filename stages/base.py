@@ -13,10 +13,11 @@ stage's own columns into an Arrow table with the stage's declared schema for its
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, TypeVar, get_args
+from typing import Any, ClassVar, Generic, Protocol, TypeVar, get_args
 
+import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -266,16 +267,67 @@ class Checks:
         return Reason(self.failed[0][0], "; ".join(detail for _, detail in self.failed))
 
 
+class Corpus(Protocol):
+    """The distributed operations a global stage composes; pipeline.engine.global_exec runs them on Ray.
+
+    Every ``fn`` runs in a task: ``map`` / ``shuffle`` / ``commit`` call ``fn(table, shard_index, *args)``
+    on one shard's live samples (carried columns + the ``columns`` asked for, as Arrow); ``reduce`` calls
+    ``fn(table_or_None, partition, *args)`` on one shuffle partition. Results come back in shard /
+    partition order, so a stage that folds them in that order is deterministic. Large shared inputs go
+    through ``put`` (each task gets the value, the driver keeps a handle).
+    """
+
+    shards: list[str]
+    partitions: int
+
+    def plan_partitions(self, rows: int) -> int: ...
+
+    def put(self, value: Any) -> Any: ...
+
+    def map(self, fn: Callable[..., Any], columns: Sequence[str], *args: Any) -> list[Any]: ...
+
+    def shuffle(self, name: str, fn: Callable[..., dict[int, pa.Table]], columns: Sequence[str],
+                *args: Any) -> int: ...
+
+    def reduce(self, name: str, fn: Callable[..., Any], *args: Any) -> list[Any]: ...
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any: ...
+
+    def commit(self, fn: Callable[..., Batch], *args: Any) -> Any: ...
+
+    def dropped_before(self) -> int:
+        """Rows dropped in the shards an earlier attempt already committed (for a resumed summary)."""
+        ...
+
+
 class GlobalStage(Stage):
-    """Sees every live sample of the run at once. ``needs`` names the upstream columns it reads
-    (never the pixels); ``run_global`` returns one row per sample with the stage's columns and
-    decision. The runner cuts the result back into per-shard manifest fragments."""
+    """Sees every live sample of the run. ``needs`` names the upstream columns it reads (never the
+    pixels).
+
+    Two forms: ``run_corpus(corpus)`` composes distributed operations (no process holds the samples) and
+    ends with ``corpus.commit``, one manifest fragment per shard; ``run_global(table)`` gets every live
+    sample in one Arrow table and returns one row per sample -- the single-process form, kept for
+    methods that need everything at once (average linkage, medians) and for small runs. ``distributed()``
+    says which form these params use.
+    """
 
     kind: ClassVar[StageKind] = StageKind.GLOBAL
     needs: ClassVar[tuple[str, ...]] = ()
 
     def run_global(self, table: pa.Table) -> Batch:
         raise NotImplementedError
+
+    def distributed(self) -> bool:
+        return False
+
+    def run_corpus(self, corpus: Corpus) -> None:
+        raise NotImplementedError(f"stage {self.name!r} has no distributed form")
+
+
+def ordinals(shard_index: int, n: int) -> np.ndarray:
+    """Run-wide row numbers of one shard's rows: (shard index << 32) | row. Sorting by them gives the
+    order of the single-process table (shards in plan order, rows in shard order)."""
+    return (np.int64(shard_index) << np.int64(32)) | np.arange(n, dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -329,7 +381,10 @@ class Rows:
 
     def set(self, i: int, **values: Any) -> None:
         for col, value in values.items():
-            self.data.setdefault(col, [None] * self.n)[i] = value
+            column = self.data.get(col)
+            if column is None:  # never build a default list per call: that is O(n) per row
+                column = self.data[col] = [None] * self.n
+            column[i] = value
 
     def column(self, name: str, values: Sequence[Any]) -> None:
         if len(values) != self.n:

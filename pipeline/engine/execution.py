@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import socket
 import time
-import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -41,7 +40,6 @@ from stages.base import (
     STATUS_ERROR,
     STATUS_OK,
     Batch,
-    GlobalStage,
     Params,
     SourceStage,
     Stage,
@@ -416,50 +414,3 @@ class ShardExecutor:
         table = build_manifest(spec, stage, shard, out, input_shard, output_shard, locations, self.worker, durations)
         commit_manifest(self.store, spec, shard, table, tar)
         return summarise(spec, shard, rows_in, out, time.perf_counter() - t0, self.worker)
-
-
-def run_global_stage(spec: StageSpec, shards: list[str]) -> list[ShardResult]:
-    """Load every live sample's needed columns (never pixels), run the stage once, and commit one
-    manifest fragment per shard so that later per-shard stages line up with the source's shards."""
-    t0 = time.perf_counter()
-    store = RunStorage(spec.context.run_dir, spec.context.storage_options)
-    stage = spec.build()
-    assert isinstance(stage, GlobalStage)
-    stage.setup()
-    worker = worker_name()
-    needs = set(getattr(stage, "needs", ()))
-    parts, shard_of = [], []
-    for shard in shards:
-        b, _ = load_shard_input(store, spec.upstream, shard, with_images=False, columns=needs)
-        parts.append(b)
-        shard_of.extend([shard] * len(b[SAMPLE_ID]))
-    batch = _concat(parts) if parts else {c: [] for c in CARRIED}
-    for c in needs:
-        batch.setdefault(c, [None] * len(batch[SAMPLE_ID]))
-    table = pa.Table.from_pydict(batch)
-    try:
-        out = complete_rows(batch, stage.run_global(table))
-    except Exception as exc:
-        detail = traceback.format_exc()
-        raise RuntimeError(f"global stage {spec.stage_id!r} failed: {_describe(exc)}\n{detail}") from exc
-    where = dict(zip(batch[SAMPLE_ID], shard_of, strict=True))
-    results = []
-    per = (time.perf_counter() - t0) * 1000 / max(len(out[SAMPLE_ID]), 1)
-    for shard in shards:
-        idx = [i for i, sid in enumerate(out[SAMPLE_ID]) if where.get(sid) == shard]
-        part = {k: [v[i] for i in idx] for k, v in out.items()}
-        table_out = build_manifest(spec, stage, shard, part, None, None, {}, worker, [per] * len(idx))
-        commit_manifest(store, spec, shard, table_out)
-        results.append(summarise(spec, shard, len(idx), part, 0.0, worker))
-    if results:
-        results[-1].seconds = time.perf_counter() - t0
-    summary = getattr(stage, "summary", None)
-    if callable(summary):
-        store.write_atomic(_json_bytes(summary()), "report", f"{spec.stage_id}.summary.json")
-    return results
-
-
-def _json_bytes(obj: Any) -> bytes:
-    import json
-
-    return json.dumps(obj, indent=2, sort_keys=True, default=str).encode()

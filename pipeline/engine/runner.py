@@ -3,7 +3,7 @@
 A run is a list of phases. Consecutive per-shard stages form one streaming phase: each stage has a
 pool of long-lived Ray actors (set up once: models load once per actor), and shard i of stage k is
 submitted as soon as shard i of stage k-1 is committed, with a bounded number of shards in flight
-per actor. A global stage is a phase of its own, a barrier run as one Ray task over the manifests.
+per actor. A global stage is a phase of its own, a barrier run as distributed Ray tasks (global_exec).
 The export is the last phase. The driver only ever holds shard names and small per-shard summaries.
 """
 
@@ -23,7 +23,8 @@ from manifests.layout import IDENTITIES_FILE, PLAN_FILE, history_path
 from manifests.storage import RunStorage
 from pipeline.config import PipelineConfig, ResolvedStage, config_hash
 from pipeline.engine import cluster
-from pipeline.engine.execution import ShardExecutor, ShardResult, StageSpec, UpstreamInfo, run_global_stage
+from pipeline.engine.execution import ShardExecutor, ShardResult, StageSpec, UpstreamInfo
+from pipeline.engine.global_exec import RAY_FAILURES, GlobalStageError, run_global_distributed
 from pipeline.engine.progress import Progress, StageProgress
 from pipeline.engine.rundir import (
     RunConflictError,
@@ -393,18 +394,15 @@ class Runner:
         if len(committed[up]) != len(shards):
             failures[(sid, "*")] = f"blocked: {len(shards) - len(committed[up])} shard(s) of {up!r} are not committed"
             return
-        cpus, _ = cluster.cluster_totals()  # GPU fit was checked before any work
-        task = ray.remote(run_global_stage).options(num_cpus=min(max(s.resources.cpus, 0.1), cpus),
-                                                    num_gpus=s.resources.gpus)
-        try:
-            results = ray.get(task.remote(self.spec(s), shards))
-        except ray.exceptions.RayTaskError as exc:
+        try:  # distributed tasks, retried on any Ray failure; the driver only coordinates
+            results = run_global_distributed(self.spec(s), shards, [sh for sh in shards if sh not in committed[sid]])
+        except (GlobalStageError, *RAY_FAILURES, ValueError, TypeError) as exc:
             failures[(sid, "*")] = str(exc)[:4000]
-            prog.stages[sid].failed = len(shards)
-            self.console.print(f"[red]global stage {sid} failed:[/red] {str(exc).splitlines()[-1]}")
+            prog.stages[sid].failed = len(shards) - len(committed[sid])
+            self.console.print(f"[red]global stage {sid} failed:[/red] {(str(exc).splitlines() or [''])[-1]}")
             return
+        prog.stages[sid].done = len(committed[sid])
         committed[sid] = set(shards)
-        prog.stages[sid].done = 0
         for r in results:
             prog.update(r)
 

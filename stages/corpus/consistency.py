@@ -35,8 +35,21 @@ import pyarrow as pa
 from pydantic import Field
 
 from facekit.thresholds import FittedThreshold, Metric, defaults_for, fit_at_far
-from facekit.vector_index import EXACT_MAX, knn, labelled_embeddings, normalise_rows
-from stages.base import IDENTITY_ID, SAMPLE_ID, Batch, GlobalStage, Params, Resources, rows_ok
+from facekit.vector_index import (
+    EXACT_MAX,
+    build_index,
+    deserialize_index,
+    embedding_matrix,
+    knn,
+    labelled_embeddings,
+    normalise_rows,
+    one_space,
+    serialize_index,
+    table_spaces,
+)
+from stages.base import IDENTITY_ID, SAMPLE_ID, Batch, Corpus, GlobalStage, Params, Resources, Rows, rows_ok
+
+EMBEDDING_COLUMNS = ("embedding", "embedding_space", "embedding_metric")
 
 LOO_MEDIAN_MAX = 64  # above this many images one image barely moves a median; use the plain median
 
@@ -71,13 +84,7 @@ def own_centroid_scores(
     if method == "leave_one_out":
         sums = np.zeros((k, x.shape[1]), dtype=np.float64)
         np.add.at(sums, codes[inlier], x[inlier])
-        m = np.bincount(codes[inlier], minlength=k)[codes] - inlier  # inliers other than the row
-        ok = m > 0
-        ref = (sums[codes[ok]] - x[ok] * inlier[ok, None]) / m[ok, None]
-        if metric.higher_is_same:
-            ref = normalise_rows(ref)
-        scores[ok] = metric.score(x[ok], ref.astype(np.float32))
-        return scores
+        return loo_scores(x, codes, sums, np.bincount(codes[inlier], minlength=k), metric, inlier)
     order = np.argsort(codes, kind="stable")
     starts = np.searchsorted(codes[order], np.arange(k + 1))
     for c in range(k):
@@ -97,6 +104,20 @@ def own_centroid_scores(
         if metric.higher_is_same:
             ref[ok] = normalise_rows(ref[ok])
         scores[rows[ok]] = metric.score(x[rows[ok]], ref[ok].astype(np.float32))
+    return scores
+
+
+def loo_scores(x: np.ndarray, codes: np.ndarray, sums: np.ndarray, counts: np.ndarray, metric: Metric,
+               inlier: np.ndarray) -> np.ndarray:
+    """Leave-one-out score of each row from its identity's inlier sums and counts (any subset of rows:
+    the sums may come from the whole run)."""
+    scores = np.full(len(x), np.nan, dtype=np.float32)
+    m = counts[codes] - inlier  # inliers other than the row
+    ok = m > 0
+    ref = (sums[codes[ok]] - x[ok] * inlier[ok, None]) / m[ok, None]
+    if metric.higher_is_same:
+        ref = normalise_rows(ref)
+    scores[ok] = metric.score(x[ok], ref.astype(np.float32))
     return scores
 
 
@@ -153,6 +174,7 @@ class ConsistencyStage(GlobalStage):
         p = self.params
         n = table.num_rows
         out = rows_ok(table.column(SAMPLE_ID).to_pylist())
+        out["detail"] = [None] * n
         for f in self.columns:
             out[f.name] = [None] * n
         labels = table.column(IDENTITY_ID).to_pylist()
@@ -208,9 +230,8 @@ class ConsistencyStage(GlobalStage):
             out["score_metric"][i] = metric.value
             if drop[r]:
                 out["keep"][i] = False
-                out["reason"][i] = self._reason(
-                    own[r], threshold, other_id[r], other_score[r], nearer_other[r]
-                )
+                out["reason"][i] = INCONSISTENT
+                out["detail"][i] = self._detail(own[r], threshold, other_id[r], other_score[r], nearer_other[r])
         self._summary = {
             "mode": p.mode,
             "embedding_space": space,
@@ -226,6 +247,169 @@ class ConsistencyStage(GlobalStage):
             "dropped": int(drop.sum()),
         }
         return out
+
+    # ------------------------------------------------------------ distributed form
+
+    def distributed(self) -> bool:
+        """Leave-one-out centroids are sums and counts (map + reduce); medians need every image of an
+        identity in one place, so ``centroid: median`` runs the single-process form."""
+        return self.params.centroid == "leave_one_out"
+
+    def run_corpus(self, corpus: Corpus) -> None:
+        """Per-identity sums and counts by map + reduce, one round per pass; scoring, the threshold's
+        bounded sample of genuine / impostor comparisons and the decisions per shard, in parallel."""
+        p = self.params
+        census = corpus.map(_census, EMBEDDING_COLUMNS)
+        spaces = set().union(*(c["spaces"] for c in census)) if census else set()
+        metrics = set().union(*(c["metrics"] for c in census)) if census else set()
+        names = np.unique(np.concatenate([c["names"] for c in census])) if census else np.empty(0, str)
+        if names.size == 0:
+            self._summary = {"judged": 0}
+            corpus.commit(_commit_unjudged, list(self.columns))
+            return
+        space, metric = one_space(spaces, metrics)
+        k = names.size
+        total = np.zeros(k, dtype=np.int64)
+        for c in census:
+            total[np.searchsorted(names, c["names"])] += c["counts"]
+        n_rows = int(total.sum())
+        base = corpus.put({"names": names, "total": total, "metric": metric, "n_rows": n_rows, "k": k})
+        sums_all = np.zeros((k, _dim(census)), dtype=np.float64)
+        for c in census:
+            sums_all[np.searchsorted(names, c["names"])] += c["sums"]
+        states: list[dict[str, Any]] = []
+        threshold, source, fitted, impostor = 0.0, "", None, np.empty(0, dtype=np.float32)
+        sums, counts = sums_all, total
+        for t in range(p.passes):
+            if states:  # the previous pass's same-identity rows, per identity: its inliers or all rows
+                same_sums = np.zeros_like(sums_all)
+                same_counts = np.zeros(k, dtype=np.int64)
+                for codes, part, cnt in corpus.map(self._same_sums, EMBEDDING_COLUMNS, base, corpus.put(states)):
+                    same_sums[codes] += part
+                    same_counts[codes] += cnt
+                enough = same_counts >= 2
+                states[-1]["enough"] = enough
+                sums = np.where(enough[:, None], same_sums, sums_all)
+                counts = np.where(enough, same_counts, total)
+            cents = centroids_from_sums(sums, counts, metric)
+            state: dict[str, Any] = {"sums": sums, "counts": counts, "threshold": None, "enough": None}
+            scored = corpus.map(self._score_sample, EMBEDDING_COLUMNS, base, corpus.put([*states, state]), cents, t)
+            genuine = np.concatenate([g for g, _ in scored])
+            impostor = np.concatenate([i for _, i in scored])
+            threshold, source, fitted = self._threshold(space, metric, genuine, impostor)
+            state["threshold"] = threshold
+            states.append(state)
+        index = serialize_index(build_index(cents, metric, exact_max=p.exact_max, seed=self.context.seed)) if k > 1 \
+            else None
+        stranger = float(np.median(impostor)) if impostor.size else None
+        final = corpus.put({"states": states, "index": index, "source": source, "stranger": stranger})
+        # Every labelled row of an identity with min_samples images has a leave-one-out score.
+        judged = int(total[total >= p.min_samples].sum())
+        results = corpus.commit(self._commit, base, final)
+        dropped = sum(r.dropped for r in results) + corpus.dropped_before()
+        self._summary = {
+            "mode": p.mode, "embedding_space": space, "metric": metric.value, "threshold": threshold,
+            "threshold_source": source, "stranger_score": stranger, "fit": fitted.as_dict() if fitted else None,
+            "identities": k, "passes": p.passes, "judged": judged,
+            "unjudged": int(sum(c["n"] for c in census) - judged), "dropped": dropped,
+        }
+
+    def _replay(self, xj: np.ndarray, codes: np.ndarray, base: dict[str, Any],
+                states: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """This shard's inliers before the last state, and the last state's scores and same-identity mask
+        (None when it has no threshold yet): every pass is recomputed from the per-identity tables."""
+        p, metric = self.params, base["metric"]
+        inlier = np.ones(len(xj), dtype=bool)
+        own = same = None
+        for st in states:
+            own = loo_scores(xj, codes, st["sums"], st["counts"], metric, inlier)
+            own[base["total"][codes] < p.min_samples] = np.nan
+            if st["threshold"] is None:
+                return inlier, own, None
+            has = ~np.isnan(own)
+            same = np.ones(len(xj), dtype=bool)
+            same[has] = metric.same(own[has], st["threshold"])
+            if st["enough"] is not None:
+                inlier = same | ~st["enough"][codes]
+        return inlier, own, same
+
+    def _same_sums(self, table: pa.Table, index: int, base: dict[str, Any],
+                   states: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Sums and counts of the rows the last pass found the same identity, per identity."""
+        xj, _, codes = _shard_vectors(table, base)
+        _, _, same = self._replay(xj, codes, base, states)
+        assert same is not None
+        uc, inv = np.unique(codes[same], return_inverse=True)
+        part = np.zeros((uc.size, xj.shape[1]), dtype=np.float64)
+        np.add.at(part, inv, xj[same])
+        return uc, part, np.bincount(inv, minlength=uc.size)
+
+    def _score_sample(self, table: pa.Table, index: int, base: dict[str, Any], states: list[dict[str, Any]],
+                      cents: np.ndarray, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """Genuine scores and impostor comparisons of this shard; every one while the run has at most
+        ``fit_max_impostors`` of each, else this shard's share of a seeded sample."""
+        p = self.params
+        xj, _, codes = _shard_vectors(table, base)
+        _, own, _ = self._replay(xj, codes, base, states)
+        assert own is not None
+        n_all, k, n = base["n_rows"], base["k"], len(xj)
+        limit = p.fit_max_impostors
+        seed = int(np.random.SeedSequence([self.context.seed, index, t]).generate_state(1)[0])
+        if n_all * (k - 1) <= limit:
+            imp = impostor_scores(xj, codes, cents, base["metric"], n * (k - 1), seed)
+        else:
+            imp = impostor_scores(xj, codes, cents, base["metric"], max(1, round(limit * n / n_all)), seed)
+        genuine = own[~np.isnan(own)]
+        if n_all > limit and genuine.size:
+            pick = np.random.default_rng(seed).choice(genuine.size, min(genuine.size, max(1, round(limit * n / n_all))),
+                                                      replace=False)
+            genuine = genuine[np.sort(pick)]
+        return genuine, imp
+
+    def _decide(self, table: pa.Table, base: dict[str, Any], final: dict[str, Any]) -> dict[str, Any]:
+        p, metric = self.params, base["metric"]
+        xj, rows, codes = _shard_vectors(table, base)
+        states = final["states"]
+        _, own, same = self._replay(xj, codes, base, states)
+        assert own is not None and same is not None
+        threshold, stranger = states[-1]["threshold"], final["stranger"]
+        names = base["names"]
+        other_score = np.full(rows.size, np.nan, dtype=np.float32)
+        best = np.full(rows.size, -1, dtype=np.int64)
+        if final["index"] is not None and rows.size:
+            scores, ids = deserialize_index(final["index"]).search(np.ascontiguousarray(xj), 2)
+            scores = scores if metric.higher_is_same else np.sqrt(np.maximum(scores, 0.0)).astype(np.float32)
+            pick = np.where(ids[:, 0] == codes, 1, 0)
+            best = ids[np.arange(rows.size), pick]
+            other_score = scores[np.arange(rows.size), pick]
+        has = ~np.isnan(own)
+        far = has & ~same
+        nearer = metric.closer(np.nan_to_num(other_score, nan=metric.worst()), own)
+        as_far = np.zeros(rows.size, dtype=bool)
+        if stranger is not None:
+            as_far[has] = ~metric.same(own[has], stranger)
+        if p.mode == "label_noise":
+            drop = far & nearer
+        elif p.keep_nearest and stranger is not None:
+            drop = far & (nearer | as_far)
+        else:
+            drop = far
+        return {"rows": rows, "own": own, "best": best, "other": other_score, "nearer": nearer, "drop": drop,
+                "has": has, "threshold": threshold, "names": names}
+
+    def _commit(self, table: pa.Table, index: int, base: dict[str, Any], final: dict[str, Any]) -> Batch:
+        d = self._decide(table, base, final)
+        out = Rows(table.column(SAMPLE_ID).to_pylist(), [f.name for f in self.columns])
+        names, metric = d["names"], base["metric"]
+        for r, i in enumerate(d["rows"].tolist()):
+            own, other, b = float(d["own"][r]), float(d["other"][r]), int(d["best"][r])
+            other_id = str(names[b]) if b >= 0 else None
+            out.set(i, centroid_score=None if np.isnan(own) else own, nearest_other_identity=other_id,
+                    nearest_other_score=None if np.isnan(other) else other, threshold=d["threshold"],
+                    threshold_source=final["source"], stranger_score=final["stranger"], score_metric=metric.value)
+            if d["drop"][r]:
+                out.drop(i, INCONSISTENT, self._detail(own, d["threshold"], other_id, other, bool(d["nearer"][r])))
+        return out.batch()
 
     @staticmethod
     def _next_inliers(same: np.ndarray, codes: np.ndarray, k: int) -> np.ndarray:
@@ -245,8 +429,54 @@ class ConsistencyStage(GlobalStage):
         return defaults_for(space).same_identity, f"default:{space}", None
 
     @staticmethod
-    def _reason(own: float, threshold: float, other_id: str | None, other: float, nearer: bool) -> str:
-        text = f"far from identity centroid ({own:.3f}, threshold {threshold:.3f})"
+    def _detail(own: float, threshold: float, other_id: str | None, other: float, nearer: bool) -> str:
+        text = f"centroid score {own:.3f}, threshold {threshold:.3f}"
         if nearer and other_id is not None:
-            return f"{text}, nearer {other_id} ({other:.3f})"
+            return f"{text}; nearer {other_id} ({other:.3f})"
         return text
+
+
+INCONSISTENT = "inconsistent_identity"  # the rule: beyond the threshold (and nearer another / a stranger)
+
+
+def centroids_from_sums(sums: np.ndarray, counts: np.ndarray, metric: Metric) -> np.ndarray:
+    means = sums / np.maximum(counts, 1)[:, None]
+    return (normalise_rows(means) if metric.higher_is_same else means).astype(np.float32)
+
+
+def _dim(census: list[dict[str, Any]]) -> int:
+    return max((c["dim"] for c in census), default=0)
+
+
+def _census(table: pa.Table, index: int) -> dict[str, Any]:
+    """One shard's labelled identities (sorted names, counts), spaces and metrics."""
+    x, valid = embedding_matrix(table)
+    usable = valid & ~np.asarray(table.column(IDENTITY_ID).is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    spaces, metrics = table_spaces(table, valid)
+    labels = np.asarray(table.column(IDENTITY_ID).filter(pa.array(usable)).to_pylist(), dtype=object).astype(str)
+    names, inv, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    sums = np.zeros((names.size, x.shape[1]), dtype=np.float64)
+    if names.size:
+        metric = Metric(next(iter(metrics)))
+        xu = normalise_rows(x[usable]) if metric.higher_is_same else x[usable]
+        np.add.at(sums, inv, xu.astype(np.float32))
+    return {"names": names, "counts": counts, "sums": sums, "spaces": spaces, "metrics": metrics,
+            "n": table.num_rows, "dim": x.shape[1]}
+
+
+def _shard_vectors(table: pa.Table, base: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(vectors of the labelled rows with an embedding, normalised in cosine spaces; their row numbers;
+    their identity codes in the run's sorted identity table)."""
+    x, valid = embedding_matrix(table)
+    usable = valid & ~np.asarray(table.column(IDENTITY_ID).is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    rows = np.flatnonzero(usable)
+    if base["metric"].higher_is_same and rows.size:
+        x = normalise_rows(x)
+    labels = np.asarray(table.column(IDENTITY_ID).take(pa.array(rows)).to_pylist(), dtype=object).astype(str)
+    codes = np.searchsorted(base["names"], labels).astype(np.int64)
+    xj = x[rows] if rows.size else np.zeros((0, x.shape[1]), dtype=np.float32)
+    return np.ascontiguousarray(xj, dtype=np.float32), rows, codes
+
+
+def _commit_unjudged(table: pa.Table, index: int, columns: list[str]) -> Batch:
+    return Rows(table.column(SAMPLE_ID).to_pylist(), columns).batch()

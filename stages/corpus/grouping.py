@@ -30,18 +30,34 @@ from scipy.sparse.csgraph import connected_components
 from sklearn.cluster import AgglomerativeClustering
 
 from facekit.thresholds import Metric, defaults_for
-from facekit.vector_index import EXACT_MAX, embedding_matrix, normalise_rows, range_pairs, space_of
+from facekit.vector_index import (
+    EXACT_MAX,
+    cell_pairs,
+    default_nlist,
+    embedding_matrix,
+    normalise_rows,
+    one_space,
+    range_pairs,
+    space_of,
+    train_cells,
+)
 from stages.base import (
     IDENTITY_ID,
     SAMPLE_ID,
     Batch,
+    Corpus,
     GlobalStage,
     Params,
     Resources,
+    Rows,
     StageContext,
+    ordinals,
     rows_ok,
     stable_hash,
 )
+from stages.corpus.dedup import _cell_records, _dedup_census, _unit_vectors, _vector_sample
+
+NO_EMBEDDING = "no_embedding"  # the rule: a sample without a vector cannot be grouped
 
 EMBEDDING_COLUMNS = ("embedding", "embedding_space", "embedding_metric")
 
@@ -55,6 +71,9 @@ class GroupingParams(Params):
     exact_max: int = Field(EXACT_MAX, ge=0)
     nprobe: int = Field(16, ge=1)
     id_prefix: str = "g"
+    spill: int = Field(2, ge=1, le=8)  # distributed edge search: cells each vector joins (see dedup)
+    cells: int | None = Field(None, ge=1)
+    partitions: int | None = Field(None, ge=1)
 
 
 def group_id(prefix: str, member_ids: list[str]) -> str:
@@ -105,9 +124,10 @@ class GroupingStage(GlobalStage):
         out[IDENTITY_ID] = [None] * n  # a common manifest column, returned to relabel samples
         x, valid = embedding_matrix(table)
         rows = np.flatnonzero(valid)
+        out["detail"] = [None] * n
         for i in np.flatnonzero(~valid):
             out["keep"][i] = False
-            out["reason"][i] = "no embedding to group"
+            out["reason"][i] = NO_EMBEDDING
         if rows.size == 0:
             self._summary = {"groups": 0}
             return out
@@ -155,6 +175,149 @@ class GroupingStage(GlobalStage):
             }
         return out
 
+    # ------------------------------------------------------------ distributed form
+
+    def distributed(self) -> bool:
+        return True
+
+    def run_corpus(self, corpus: Corpus) -> None:
+        """Threshold edges from the same cell search as dedup, each partition's edges reduced to a
+        spanning forest, components from those; with ``agglomerative``, average linkage runs per
+        component (an average-linkage cluster never spans two components of the threshold graph, so this
+        is the same clustering) wherever the component fits one task (``agglomerative_max``)."""
+        p = self.params
+        census = corpus.map(_dedup_census, list(self.needs))
+        n_valid = sum(c["valid"] for c in census)
+        if n_valid == 0:
+            self._summary = {"groups": 0}
+            corpus.commit(self._commit, None)
+            return
+        space, metric = one_space(set().union(*(c["spaces"] for c in census)),
+                                  set().union(*(c["metrics"] for c in census)))
+        threshold = defaults_for(space).grouping if p.threshold is None else float(p.threshold)
+        nlist = p.cells or (1 if n_valid <= p.exact_max else default_nlist(n_valid))
+        if nlist > 1:
+            per_shard = max(1, -(-min(n_valid, max(nlist * 32, 20_000)) // max(1, len(census))))
+            sample = np.concatenate(corpus.map(_vector_sample, list(EMBEDDING_COLUMNS), per_shard, self.context.seed))
+            cells = corpus.call(train_cells, sample, nlist, self.context.seed)
+            del sample
+        else:
+            cells = np.zeros((1, 1), dtype=np.float32)
+        spill = 1 if nlist == 1 else p.spill
+        corpus.partitions = p.partitions or corpus.plan_partitions(n_valid * spill)
+        corpus.shuffle("cells", _cell_records, list(EMBEDDING_COLUMNS), corpus.put(cells), spill, corpus.partitions)
+        forest = corpus.reduce("cells", _forest, metric, threshold)
+        a = np.concatenate([f[0] for f in forest])
+        b = np.concatenate([f[1] for f in forest])
+        nodes = np.unique(np.concatenate([a, b]))
+        m = nodes.size
+        ia, ib = np.searchsorted(nodes, a), np.searchsorted(nodes, b)
+        comp = connected_components(coo_matrix((np.ones(ia.size), (ia, ib)), shape=(m, m)), directed=False)[1] \
+            if m else np.empty(0, dtype=np.int64)
+        method = "connected_components"
+        if p.method == "agglomerative" and m:
+            method = "agglomerative" if n_valid <= p.agglomerative_max else "agglomerative_per_component"
+            comps = corpus.put({"nodes": nodes, "comp": comp})
+            corpus.shuffle("components", _component_records, list(EMBEDDING_COLUMNS), comps, corpus.partitions)
+            sub = np.zeros(m, dtype=np.int64)
+            for got_nodes, labels in corpus.reduce("components", self._linkage, metric, threshold):
+                sub[np.searchsorted(nodes, got_nodes)] = labels
+            _, comp = np.unique(np.stack([comp, sub], axis=1), axis=0, return_inverse=True)
+            comp = comp.ravel()
+        groups = corpus.put({"nodes": nodes, "comp": comp})
+        mins: dict[int, str] = {}
+        for part in corpus.map(_component_min_ids, [], groups):
+            for c, sid in part.items():
+                if c not in mins or sid < mins[c]:
+                    mins[c] = sid
+        k = int(comp.max()) + 1 if m else 0
+        gid = [group_id(p.id_prefix, [mins[c]]) for c in range(k)]
+        size = np.bincount(comp, minlength=k)
+        final = corpus.put({"nodes": nodes, "comp": comp, "gid": gid, "size": size, "threshold": threshold})
+        stats = corpus.map(self._stats, list(self.needs), final)
+        singletons = sum(s["singletons"] for s in stats)
+        groups_n = k + singletons
+        self._summary = {
+            "method": method, "embedding_space": space, "threshold": threshold, "groups": groups_n,
+            "singletons": singletons, "largest_group": int(size.max()) if k else 1,
+        }
+        if p.gt_column:
+            pairs: Counter = Counter()
+            for s in stats:
+                pairs.update(s["pairs"])
+            if pairs:
+                by_group: dict[Any, Counter] = {}
+                by_label: dict[Any, Counter] = {}
+                for (g, lab), c in pairs.items():
+                    by_group.setdefault(g, Counter())[lab] += c
+                    by_label.setdefault(lab, Counter())[g] += c
+                total = sum(pairs.values())
+                self._summary |= {
+                    "purity": sum(c.most_common(1)[0][1] for c in by_group.values()) / total,
+                    "inverse_purity": sum(c.most_common(1)[0][1] for c in by_label.values()) / total,
+                    "gt_identities": len(by_label),
+                }
+        corpus.commit(self._commit, final)
+
+    def _linkage(self, table: pa.Table | None, part: int, metric: Metric,
+                 threshold: float) -> tuple[np.ndarray, np.ndarray]:
+        """Average linkage inside each component of one partition that fits ``agglomerative_max``."""
+        e = np.empty(0, dtype=np.int64)
+        if table is None:
+            return e, e
+        comp = table.column("comp").to_numpy()
+        ords = table.column("ordinal").to_numpy()
+        d = table.schema.field("vector").type.list_size
+        x = table.column("vector").combine_chunks().flatten().to_numpy().reshape(-1, d)
+        order = np.lexsort((ords, comp))
+        comp, ords, x = comp[order], ords[order], x[order]
+        labels = np.zeros(ords.size, dtype=np.int64)
+        bounds = np.flatnonzero(np.r_[True, comp[1:] != comp[:-1], True])
+        for s, t in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+            if t - s >= 2 and t - s <= self.params.agglomerative_max:
+                labels[s:t] = self._agglomerative(x[s:t], metric, threshold)
+        return ords, labels
+
+    def _ids(self, table: pa.Table, index: int, final: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rows, _ = _unit_vectors(table)
+        ords = ordinals(index, table.num_rows)[rows]
+        pos = np.searchsorted(final["nodes"], ords)
+        linked = (pos < final["nodes"].size) & (final["nodes"][np.minimum(pos, final["nodes"].size - 1)] == ords) \
+            if final["nodes"].size else np.zeros(rows.size, dtype=bool)
+        comp = np.where(linked, final["comp"][np.minimum(pos, max(final["nodes"].size - 1, 0))]
+                        if final["nodes"].size else -1, -1)
+        return rows, linked, comp
+
+    def _stats(self, table: pa.Table, index: int, final: dict[str, Any]) -> dict[str, Any]:
+        rows, linked, comp = self._ids(table, index, final)
+        sids = table.column(SAMPLE_ID).to_pylist()
+        pairs: Counter = Counter()
+        gt = self.params.gt_column
+        if gt and gt in table.column_names:
+            labels = table.column(gt).to_pylist()
+            for r, ok, c in zip(rows.tolist(), linked.tolist(), comp.tolist(), strict=True):
+                pairs[(final["gid"][c] if ok else group_id(self.params.id_prefix, [sids[r]]), labels[r])] += 1
+        return {"singletons": int((~linked).sum()), "pairs": pairs}
+
+    def _commit(self, table: pa.Table, index: int, final: dict[str, Any] | None) -> Batch:
+        p = self.params
+        sids = table.column(SAMPLE_ID).to_pylist()
+        out = Rows(sids, [f.name for f in self.columns])
+        out.column(IDENTITY_ID, [None] * len(sids))
+        _, valid = embedding_matrix(table)
+        for i in np.flatnonzero(~valid).tolist():
+            out.drop(i, NO_EMBEDDING)
+        if final is None:
+            return out.batch()
+        rows, linked, comp = self._ids(table, index, final)
+        for r, ok, c in zip(rows.tolist(), linked.tolist(), comp.tolist(), strict=True):
+            if ok:
+                out.set(r, identity_id=final["gid"][c], group_size=int(final["size"][c]),
+                        threshold=final["threshold"])
+            else:
+                out.set(r, identity_id=group_id(p.id_prefix, [sids[r]]), group_size=1, threshold=final["threshold"])
+        return out.batch()
+
     def _agglomerative(self, x: np.ndarray, metric: Metric, threshold: float) -> np.ndarray:
         """Average-linkage clusters cut at the threshold (as a distance: 1 - cosine for cosine spaces)."""
         cut = 1.0 - threshold if metric.higher_is_same else threshold
@@ -165,3 +328,71 @@ class GroupingStage(GlobalStage):
             linkage=self.params.linkage,
         )
         return model.fit_predict(x.astype(np.float64)).astype(np.int64)
+
+
+def _forest(table: pa.Table | None, part: int, metric: Metric, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Threshold pairs inside every cell of one partition, reduced to a spanning forest (each local
+    component as edges from its smallest node): the same components from at most one edge per node."""
+    e = np.empty(0, dtype=np.int64)
+    if table is None or table.num_rows < 2:
+        return e, e
+    cell = table.column("cell").to_numpy()
+    ords = table.column("ordinal").to_numpy()
+    d = table.schema.field("vector").type.list_size
+    x = table.column("vector").combine_chunks().flatten().to_numpy().reshape(-1, d)
+    order = np.lexsort((ords, cell))
+    cell, ords, x = cell[order], ords[order], x[order]
+    bounds = np.flatnonzero(np.r_[True, cell[1:] != cell[:-1], True])
+    found_a, found_b = [], []
+    for s, t in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+        if t - s >= 2:
+            a, b, _ = cell_pairs(x[s:t], ords[s:t], metric, threshold)
+            found_a.append(a)
+            found_b.append(b)
+    if not found_a:
+        return e, e
+    a, b = np.concatenate(found_a), np.concatenate(found_b)
+    nodes = np.unique(np.concatenate([a, b]))
+    m = nodes.size
+    comp = connected_components(coo_matrix((np.ones(a.size), (np.searchsorted(nodes, a), np.searchsorted(nodes, b))),
+                                           shape=(m, m)), directed=False)[1]
+    root = np.full(comp.max() + 1, m, dtype=np.int64)
+    np.minimum.at(root, comp, np.arange(m))
+    src = nodes[root[comp]]
+    keep = src != nodes
+    return src[keep], nodes[keep]
+
+
+def _component_records(table: pa.Table, index: int, comps: dict[str, Any], parts: int) -> dict[int, pa.Table]:
+    """Each linked vector with its component, partitioned by component."""
+    rows, x = _unit_vectors(table)
+    nodes = comps["nodes"]
+    ords = ordinals(index, table.num_rows)[rows]
+    pos = np.minimum(np.searchsorted(nodes, ords), max(nodes.size - 1, 0))
+    linked = nodes[pos] == ords if nodes.size else np.zeros(rows.size, dtype=bool)
+    if not linked.any():
+        return {}
+    comp = comps["comp"][pos[linked]]
+    d = x.shape[1]
+    vec = pa.FixedSizeListArray.from_arrays(pa.array(x[linked].ravel(), pa.float32()), d)
+    part = comp % parts
+    full = pa.table({"comp": comp, "ordinal": ords[linked], "vector": vec})
+    order = np.argsort(part, kind="stable")
+    bounds = np.searchsorted(part[order], np.arange(parts + 1))
+    return {q: full.take(pa.array(order[bounds[q]:bounds[q + 1]])) for q in range(parts) if bounds[q + 1] > bounds[q]}
+
+
+def _component_min_ids(table: pa.Table, index: int, groups: dict[str, Any]) -> dict[int, str]:
+    """The smallest sample id of each group among this shard's samples (group ids hash it)."""
+    nodes = groups["nodes"]
+    if nodes.size == 0 or table.num_rows == 0:
+        return {}
+    ords = ordinals(index, table.num_rows)
+    pos = np.minimum(np.searchsorted(nodes, ords), nodes.size - 1)
+    linked = np.flatnonzero(nodes[pos] == ords)
+    sids = table.column(SAMPLE_ID).take(pa.array(linked)).to_pylist()
+    out: dict[int, str] = {}
+    for c, sid in zip(groups["comp"][pos[linked]].tolist(), sids, strict=True):
+        if c not in out or sid < out[c]:
+            out[c] = sid
+    return out

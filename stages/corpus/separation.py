@@ -27,9 +27,11 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from facekit.thresholds import Metric, defaults_for
-from facekit.vector_index import EXACT_MAX, knn, labelled_embeddings, normalise_rows, range_pairs
-from stages.base import IDENTITY_ID, SAMPLE_ID, Batch, GlobalStage, Params, Resources, rows_ok
-from stages.corpus.consistency import centroids
+from facekit.vector_index import EXACT_MAX, knn, labelled_embeddings, normalise_rows, one_space, range_pairs
+from stages.base import IDENTITY_ID, SAMPLE_ID, Batch, Corpus, GlobalStage, Params, Resources, Rows, rows_ok
+from stages.corpus.consistency import EMBEDDING_COLUMNS, _census, _dim, _shard_vectors, centroids, centroids_from_sums
+
+COLLISION = "identity_collision"  # the rule: this identity's centroid is within the threshold of a kept one
 
 
 class SeparationParams(Params):
@@ -89,6 +91,7 @@ class SeparationStage(GlobalStage):
         n = table.num_rows
         labels = table.column(IDENTITY_ID).to_pylist()
         out = rows_ok(table.column(SAMPLE_ID).to_pylist())
+        out["detail"] = [None] * n
         for f in self.columns:
             out[f.name] = [None] * n
         out[IDENTITY_ID] = list(labels)
@@ -133,7 +136,8 @@ class SeparationStage(GlobalStage):
             out["collision_score"][i] = float(partner_score[c])
             if p.policy == "drop_later":
                 out["keep"][i] = False
-                out["reason"][i] = f"identity collision with {other}"
+                out["reason"][i] = COLLISION
+                out["detail"][i] = f"with {other} ({partner_score[c]:.3f}, threshold {threshold:.3f})"
             else:
                 out[IDENTITY_ID][i] = other
         self._summary = {
@@ -146,6 +150,99 @@ class SeparationStage(GlobalStage):
             "dropped_identities" if p.policy == "drop_later" else "merged_identities": int(hit.sum()),
         }
         return out
+
+    # ------------------------------------------------------------ distributed form
+
+    def distributed(self) -> bool:
+        return True
+
+    def run_corpus(self, corpus: Corpus) -> None:
+        """Identity centroids by map + reduce; the collision search runs on that table of identities
+        (k rows, not samples); decisions are joined back per shard by identity."""
+        p = self.params
+        census = corpus.map(_census, EMBEDDING_COLUMNS)
+        names = np.unique(np.concatenate([c["names"] for c in census])) if census else np.empty(0, str)
+        if names.size == 0:
+            self._summary = {"identities": 0}
+            corpus.commit(_commit_plain, [f.name for f in self.columns])
+            return
+        space, metric = one_space(set().union(*(c["spaces"] for c in census)),
+                                  set().union(*(c["metrics"] for c in census)))
+        k, d = names.size, _dim(census)
+        base = corpus.put({"names": names, "metric": metric})
+        offsets: list[np.ndarray] = []  # per shard: images of each of its identities in earlier shards
+        seen = np.zeros(k, dtype=np.int64)
+        for c in census:
+            codes = np.searchsorted(names, c["names"])
+            offsets.append(seen[codes].copy())
+            seen[codes] += c["counts"]
+        sums = np.zeros((2, k, d), dtype=np.float64)  # even / odd images of each identity, in run order
+        counts = np.zeros((2, k), dtype=np.int64)
+        for codes, part, cnt in corpus.map(_half_sums, EMBEDDING_COLUMNS, base, corpus.put(offsets)):
+            sums[:, codes] += part
+            counts[:, codes] += cnt
+        cents = centroids_from_sums(sums.sum(axis=0), counts.sum(axis=0), metric)
+        threshold, source = self._threshold_from_halves(space, metric, sums, counts)
+        pairs = range_pairs(cents, metric, threshold, exact_max=p.exact_max, seed=self.context.seed)
+        if p.policy == "drop_later":
+            partner = self._drop_later(k, pairs.i, pairs.j, pairs.score, metric)
+        else:
+            partner = self._merge(k, pairs.i, pairs.j)
+        partner_score = np.full(k, np.nan, dtype=np.float32)
+        hit = partner >= 0
+        partner_score[hit] = metric.score(cents[hit], cents[partner[hit]])
+        near_id = np.full(k, -1, dtype=np.int64)
+        near_score = np.full(k, np.nan, dtype=np.float32)
+        if k > 1:
+            scores, ids = knn(cents, cents, 2, metric, exact_max=p.exact_max, seed=self.context.seed)
+            pick = np.where(ids[:, 0] == np.arange(k), 1, 0)
+            near_id = ids[np.arange(k), pick]
+            near_score = scores[np.arange(k), pick]
+        table = corpus.put({"partner": partner, "partner_score": partner_score, "near_id": near_id,
+                            "near_score": near_score, "threshold": threshold, "source": source})
+        corpus.commit(self._commit, base, table)
+        self._summary = {
+            "policy": p.policy, "embedding_space": space, "threshold": threshold, "threshold_source": source,
+            "identities": k, "colliding_pairs": len(pairs),
+            "dropped_identities" if p.policy == "drop_later" else "merged_identities": int(hit.sum()),
+        }
+
+    def _threshold_from_halves(self, space: str, metric: Metric, sums: np.ndarray,
+                               counts: np.ndarray) -> tuple[float, str]:
+        p = self.params
+        if p.threshold is not None:
+            return float(p.threshold), "param"
+        if p.fit_quantile is not None:
+            ok = counts.sum(axis=0) >= 4  # split_half_scores' min_size
+            halves = np.stack([sums[0][ok] / counts[0][ok, None], sums[1][ok] / counts[1][ok, None]])
+            if metric.higher_is_same:
+                halves = np.stack([normalise_rows(halves[0]), normalise_rows(halves[1])])
+            scores = metric.score(halves[0].astype(np.float32), halves[1].astype(np.float32)).astype(np.float64)
+            if scores.size:
+                q = p.fit_quantile if not metric.higher_is_same else 1.0 - p.fit_quantile
+                return float(np.quantile(scores, q)), f"fit_quantile={p.fit_quantile:g} of {scores.size} split halves"
+        return defaults_for(space).collision, f"default:{space}"
+
+    def _commit(self, table: pa.Table, index: int, base: dict[str, Any], t: dict[str, Any]) -> Batch:
+        p = self.params
+        _, rows, codes = _shard_vectors(table, base)
+        names, metric = base["names"], base["metric"]
+        out = Rows(table.column(SAMPLE_ID).to_pylist(), [f.name for f in self.columns])
+        for r, i in enumerate(rows.tolist()):
+            c = int(codes[r])
+            near, ns = int(t["near_id"][c]), float(t["near_score"][c])
+            out.set(i, nearest_identity_id=str(names[near]) if near >= 0 else None,
+                    nearest_identity_score=None if np.isnan(ns) else ns, threshold=t["threshold"],
+                    threshold_source=t["source"], score_metric=metric.value)
+            if t["partner"][c] < 0:
+                continue
+            other, score = str(names[t["partner"][c]]), float(t["partner_score"][c])
+            out.set(i, collision_with=other, collision_score=score)
+            if p.policy == "drop_later":
+                out.drop(i, COLLISION, f"with {other} ({score:.3f}, threshold {t['threshold']:.3f})")
+            else:
+                out.set(i, identity_id=other)
+        return out.batch()
 
     @staticmethod
     def _drop_later(k: int, i: np.ndarray, j: np.ndarray, score: np.ndarray, metric: Metric) -> np.ndarray:
@@ -187,3 +284,27 @@ class SeparationStage(GlobalStage):
                     np.quantile(halves, q)
                 ), f"fit_quantile={p.fit_quantile:g} of {halves.size} split halves"
         return defaults_for(space).collision, f"default:{space}"
+
+
+def _half_sums(table: pa.Table, index: int, base: dict[str, Any],
+               offsets: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sums and counts of each identity's even and odd images (by its image number in run order)."""
+    xj, _, codes = _shard_vectors(table, base)
+    uc, inv = np.unique(codes, return_inverse=True)
+    mine = _census(table, index)["names"]
+    start = np.zeros(uc.size, dtype=np.int64)
+    start[np.searchsorted(uc, np.searchsorted(base["names"], mine))] = offsets[index]
+    order = np.argsort(inv, kind="stable")
+    first = np.searchsorted(inv[order], np.arange(uc.size))
+    rank = np.empty(inv.size, dtype=np.int64)
+    rank[order] = np.arange(inv.size) - first[inv[order]]
+    parity = (start[inv] + rank) % 2
+    part = np.zeros((2, uc.size, xj.shape[1]), dtype=np.float64)
+    np.add.at(part, (parity, inv), xj)
+    cnt = np.zeros((2, uc.size), dtype=np.int64)
+    np.add.at(cnt, (parity, inv), 1)
+    return uc, part, cnt
+
+
+def _commit_plain(table: pa.Table, index: int, columns: list[str]) -> Batch:
+    return Rows(table.column(SAMPLE_ID).to_pylist(), columns).batch()

@@ -173,7 +173,8 @@ def test_consistency_drops_planted_other_identity_images_and_keeps_clean_ones(fa
     fit = stage.summary()["fit"]
     assert fit["far"] <= 0.01 and fit["n_impostor"] > 1000
     reasons = [r for r, k in zip(out["reason"], keep, strict=True) if not k]
-    assert all(r.startswith("far from identity centroid") for r in reasons)
+    assert set(reasons) == {"inconsistent_identity"}
+    assert all(d.startswith("centroid score ") for d, k in zip(out["detail"], keep, strict=True) if not k)
 
 
 def test_images_of_strangers_are_dropped_and_keep_nearest_trades_a_few_for_clean_images(
@@ -206,7 +207,7 @@ def test_label_noise_mode_names_the_identity_a_swapped_image_belongs_to(faces: l
     assert len(caught) >= 0.95 * len(swaps)
     named = sum(out["nearest_other_identity"][i] == rows[i].truth for i in caught)
     assert named >= 0.9 * len(caught)
-    assert all(f"nearer {out['nearest_other_identity'][i]}" in out["reason"][i] for i in caught)
+    assert all(f"nearer {out['nearest_other_identity'][i]}" in out["detail"][i] for i in caught)
     clean = [i for i, f in enumerate(rows) if f.kind == "clean"]
     assert np.mean([out["keep"][i] for i in clean]) >= 0.95
 
@@ -223,7 +224,8 @@ def test_separation_drops_the_later_identity_of_each_planted_collision(faces: li
     assert dropped == {"zz000", "zz001", "zz002"}
     for i, f in enumerate(rows):
         if f.kind == "clone":
-            assert out["reason"][i] == f"identity collision with {f.truth}"
+            assert out["reason"][i] == "identity_collision"
+            assert out["detail"][i].startswith(f"with {f.truth} (")
             assert out["collision_with"][i] == f.truth
             assert out["collision_score"][i] < out["threshold"][i]
         else:
@@ -302,7 +304,7 @@ def test_dedup_keep_rule_prefers_quality_then_size_then_lossless_then_sample_id(
     quality = DedupStage(DedupParams(embeddings=False, prefer="sharpness"), CTX).run_global(table)
     assert quality["kept_sample_id"][:2] == ["a", "a"]
     assert quality["keep"] == [True, False, False, True, True, False]
-    assert quality["reason"][1] == "duplicate (exact) of a"
+    assert quality["reason"][1] == "duplicate_of" and quality["detail"][1] == "exact: a"
     assert "sharpness" in DedupStage(DedupParams(prefer="sharpness"), CTX).needs
 
 
@@ -458,7 +460,8 @@ def test_separation_greedy_order_keeps_an_identity_whose_only_partner_was_droppe
 
     dropped = {labels[i] for i, k in enumerate(out["keep"]) if not k}
     assert dropped == {"b"}
-    assert {out["reason"][i] for i in range(len(labels)) if labels[i] == "b"} == {"identity collision with a"}
+    assert {out["reason"][i] for i in range(len(labels)) if labels[i] == "b"} == {"identity_collision"}
+    assert {out["detail"][i].split(" (")[0] for i in range(len(labels)) if labels[i] == "b"} == {"with a"}
     merged = SeparationStage(SeparationParams(threshold=0.4, policy="merge"), CTX).run_global(
         _vec_table(x, labels)
     )

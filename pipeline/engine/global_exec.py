@@ -1,0 +1,379 @@
+"""Global stages as distributed work: projected per-shard reads, parallel Ray tasks, shuffles over
+partitioned Parquet, and the same per-shard commits as every other stage.
+
+A global stage (stages/corpus) composes the operations of ``stages.base.Corpus``; this module runs them
+on Ray. The driver only coordinates: every read of samples happens in a task, one shard (or one shuffle
+partition) at a time, and only the columns the stage declares (``needs``) are read, as Arrow. What comes
+back to the driver is per-identity or per-edge (centroid tables, a few duplicate links), never per sample.
+
+Failures: every task declares the stage's memory (``resources.memory_gb`` -> Ray ``memory=``) and is
+retried on any Ray failure (an OOM kill by Ray's memory monitor, a dead worker or node, a lost object,
+an exception); after ``MAX_TASK_ATTEMPTS`` the stage fails with ``GlobalStageError``, which the runner
+records in the run's history like any failed shard.
+
+Resume: decisions are a pure function of the committed upstream manifests, so a re-run recomputes the
+small global tables and commits only the shards that are not committed yet: a killed global stage
+resumes byte-identically (except the worker/time columns).
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
+from manifests.layout import global_work_dir, global_work_path, stage_summary_path
+from manifests.schema import CARRIED, COMMON_NAMES
+from manifests.storage import RunStorage
+from pipeline.engine.execution import (
+    ShardResult,
+    StageSpec,
+    UpstreamInfo,
+    build_manifest,
+    commit_manifest,
+    manifest_path,
+    summarise,
+    worker_name,
+)
+from stages.base import (
+    IDENTITY_ID,
+    KEEP,
+    PARENT_ID,
+    SAMPLE_ID,
+    STATUS,
+    STATUS_OK,
+    Batch,
+    GlobalStage,
+)
+
+log = logging.getLogger(__name__)
+MAX_TASK_ATTEMPTS = 3
+ROWS_PER_PARTITION = 100_000  # default shuffle partition size (records): a partition must fit one task
+TASKS_PER_CPU = 4
+
+# Every way a Ray task can fail without a Python answer. RayError is their common base; the named ones
+# are listed so a reader sees what is covered.
+RAY_FAILURES: tuple[type[BaseException], ...] = (
+    ray.exceptions.RayTaskError,
+    ray.exceptions.WorkerCrashedError,
+    ray.exceptions.OutOfMemoryError,
+    ray.exceptions.NodeDiedError,
+    ray.exceptions.ObjectLostError,
+    ray.exceptions.RayActorError,
+    ray.exceptions.TaskUnschedulableError,
+    ray.exceptions.RayError,
+)
+
+
+class GlobalStageError(RuntimeError):
+    """A global stage gave up after retries; the message names the step and the last failure."""
+
+
+# ---------------------------------------------------------------- projected, vectorised input
+
+
+def _read_projected(store: RunStorage, stage_id: str, shard: str, columns: Iterable[str]) -> pa.Table:
+    with store.fs.open(store.path(*manifest_path(stage_id, shard)), "rb") as f:
+        pf = pq.ParquetFile(f)
+        names = set(pf.schema_arrow.names)
+        return pf.read(columns=[c for c in dict.fromkeys(columns) if c in names])
+
+
+def _own_columns(store: RunStorage, stage_id: str, shard: str) -> list[str]:
+    with store.fs.open(store.path(*manifest_path(stage_id, shard)), "rb") as f:
+        return [c for c in pq.ParquetFile(f).schema_arrow.names if c not in COMMON_NAMES]
+
+
+def read_shard_columns(store: RunStorage, upstream: Sequence[UpstreamInfo], shard: str,
+                       columns: Iterable[str]) -> pa.Table:
+    """The live samples of one shard with the carried columns and ``columns``, as one Arrow table.
+
+    Same rule as ``execution.load_shard_input`` (live = status ok, and kept when the immediate upstream
+    prunes; each upstream stage's own columns joined by sample id, else by parent id; a later stage's
+    column wins), but each manifest is read with only the columns asked for and the join is Arrow's.
+    A column no upstream stage wrote comes back as nulls.
+    """
+    want = list(dict.fromkeys(columns))
+    last = upstream[-1]
+    base = _read_projected(store, last.stage_id, shard, [*CARRIED, STATUS, KEEP])
+    live = pc.equal(base[STATUS], STATUS_OK)
+    if last.prune:
+        live = pc.and_(live, base[KEEP])
+    base = base.filter(pc.fill_null(live, False))
+    out: dict[str, pa.ChunkedArray | pa.Array] = {c: base[c] for c in CARRIED}
+    sids, parents = base[SAMPLE_ID], base[PARENT_ID]
+    for u in upstream:
+        own = [c for c in _own_columns(store, u.stage_id, shard) if c in want]
+        if not own:
+            continue
+        tab = _read_projected(store, u.stage_id, shard, [SAMPLE_ID, *own])
+        keys = tab[SAMPLE_ID].combine_chunks()
+        rows = pc.coalesce(pc.index_in(sids, value_set=keys), pc.index_in(parents, value_set=keys))
+        for c in own:
+            out[c] = tab[c].take(rows)
+    n = base.num_rows
+    for c in want:
+        if c not in out:
+            out[c] = pa.nulls(n)
+    return pa.table({c: out[c] for c in [*CARRIED, *[w for w in want if w not in CARRIED]]})
+
+
+# ---------------------------------------------------------------- Ray tasks
+
+
+def _shard_task(url: str, options: dict[str, Any], upstream: tuple[UpstreamInfo, ...],
+                items: list[tuple[str, int]], columns: tuple[str, ...], fn: Callable[..., Any],
+                *args: Any) -> list[Any]:
+    """``fn`` on each of a few consecutive shards, one shard's table in memory at a time."""
+    store = RunStorage(url, options)
+    return [fn(read_shard_columns(store, upstream, shard, columns), index, *args) for shard, index in items]
+
+
+def _shuffle_task(url: str, options: dict[str, Any], upstream: tuple[UpstreamInfo, ...],
+                  items: list[tuple[str, int]], columns: tuple[str, ...], stage_id: str, name: str,
+                  fn: Callable[..., Any], *args: Any) -> list[int]:
+    """Map each shard to partition pieces and write each as Parquet under the run's work folder."""
+    store = RunStorage(url, options)
+    counts = []
+    for shard, index in items:
+        pieces: dict[int, pa.Table] = fn(read_shard_columns(store, upstream, shard, columns), index, *args)
+        rows = 0
+        for part, table in sorted(pieces.items()):
+            if table.num_rows == 0:
+                continue
+            buf = io.BytesIO()
+            pq.write_table(table, buf, compression="lz4")
+            store.write_atomic(buf.getvalue(), *global_work_path(stage_id, name, part, shard))
+            rows += table.num_rows
+        counts.append(rows)
+    return counts
+
+
+def _partition_task(url: str, options: dict[str, Any], stage_id: str, name: str, part: int,
+                    fn: Callable[..., Any], *args: Any) -> Any:
+    """Read every shard's piece of one partition (in shard order) and reduce it."""
+    store = RunStorage(url, options)
+    folder = (*global_work_dir(stage_id, name), f"p{part:05d}")
+    tables = []
+    for fname in store.list_files(*folder, suffix=".parquet"):
+        with store.fs.open(store.path(*folder, fname), "rb") as f:
+            tables.append(pq.read_table(f))
+    table = pa.concat_tables(tables) if tables else None
+    return fn(table, part, *args)
+
+
+def _call_task(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
+
+
+def _commit_task(url: str, options: dict[str, Any], spec: StageSpec, stage: GlobalStage,
+                 items: list[tuple[str, int]], fn: Callable[..., Batch], *args: Any) -> list[ShardResult]:
+    store = RunStorage(url, options)
+    results = []
+    for shard, index in items:
+        t0 = time.perf_counter()
+        table = read_shard_columns(store, spec.upstream, shard, stage.needs)
+        results.append(commit_rows(store, spec, stage, shard, table, fn(table, index, *args), t0))
+    return results
+
+
+def commit_rows(store: RunStorage, spec: StageSpec, stage: GlobalStage, shard: str, table: pa.Table,
+                out: Batch, t0: float) -> ShardResult:
+    """Commit one shard's rows: carried columns from the input (a stage may relabel identity_id), one
+    row per live sample, in input order."""
+    n = table.num_rows
+    sids = table[SAMPLE_ID].to_pylist()
+    if out.get(SAMPLE_ID) != sids:
+        raise RuntimeError(f"global stage {spec.stage_id!r} returned rows that do not match shard {shard}'s samples")
+    out = dict(out)
+    out["key"] = table["key"].to_pylist()
+    out[PARENT_ID] = table[PARENT_ID].to_pylist()
+    labels = table[IDENTITY_ID].to_pylist()
+    mine = out.get(IDENTITY_ID)
+    out[IDENTITY_ID] = labels if mine is None else [m if m is not None else o for m, o in zip(mine, labels,
+                                                                                             strict=True)]
+    worker = worker_name()
+    per = (time.perf_counter() - t0) * 1000 / max(n, 1)
+    manifest = build_manifest(spec, stage, shard, out, None, None, {}, worker, [per] * n)
+    commit_manifest(store, spec, shard, manifest)
+    return summarise(spec, shard, n, out, time.perf_counter() - t0, worker)
+
+
+class RayCorpus:
+    """``stages.base.Corpus`` on Ray: one task per shard or partition, each declaring the stage's memory."""
+
+    def __init__(self, spec: StageSpec, stage: GlobalStage, shards: Sequence[str], todo: Sequence[str],
+                 partitions: int | None = None) -> None:
+        self.spec = spec
+        self.stage = stage
+        self.shards = list(shards)
+        self.todo = set(todo)
+        self.store = RunStorage(spec.context.run_dir, spec.context.storage_options)
+        res = stage.resources
+        self.options: dict[str, Any] = {"num_cpus": max(res.cpus, 0.1), "max_retries": 2}
+        if res.gpus:
+            self.options["num_gpus"] = res.gpus
+        if res.memory_gb:
+            self.options["memory"] = int(res.memory_gb * 2**30)
+        self.partitions = 1
+        self._fixed = partitions
+        self.results: list[ShardResult] = []
+
+    def plan_partitions(self, rows: int) -> int:
+        """Shuffle partitions for ``rows`` records (fixed when the caller asked for a number)."""
+        self.partitions = self._fixed or max(1, math.ceil(rows / ROWS_PER_PARTITION))
+        return self.partitions
+
+    def _run(self, what: str, fn: Callable[..., Any], calls: list[tuple[Any, ...]]) -> list[Any]:
+        """Submit every call, collect in call order, resubmit a failed one up to MAX_TASK_ATTEMPTS."""
+        t0 = time.perf_counter()
+        remote = ray.remote(fn).options(**self.options)
+        refs = [remote.remote(*c) for c in calls]
+        attempts = [1] * len(calls)
+        out: list[Any] = [None] * len(calls)
+        pending = {r: i for i, r in enumerate(refs)}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                i = pending.pop(ref)
+                try:
+                    out[i] = ray.get(ref)
+                except RAY_FAILURES as exc:
+                    if attempts[i] >= MAX_TASK_ATTEMPTS:
+                        for other in pending:
+                            ray.cancel(other, force=True)
+                        last = str(exc).strip().splitlines()[-1:] or [type(exc).__name__]
+                        raise GlobalStageError(
+                            f"global stage {self.spec.stage_id!r}: {what} task {i} failed {attempts[i]} times "
+                            f"({type(exc).__name__}): {last[0][:500]}") from exc
+                    attempts[i] += 1
+                    log.info("global stage %s: %s task %d failed (%s), attempt %d", self.spec.stage_id, what, i,
+                             type(exc).__name__, attempts[i])
+                    pending[remote.remote(*calls[i])] = i
+        log.debug("global stage %s: %s, %d tasks, %.2f s", self.spec.stage_id, what, len(calls),
+                  time.perf_counter() - t0)
+        return out
+
+    # -- the Corpus operations
+
+    def put(self, value: Any) -> Any:
+        return ray.put(value)
+
+    def _chunks(self, keep: set[str] | None = None) -> list[list[tuple[str, int]]]:
+        """Consecutive shards per task: about TASKS_PER_CPU tasks per CPU, so per-task overhead does not
+        grow with the shard count while every core stays busy and a retry redoes little."""
+        items = [(sh, i) for i, sh in enumerate(self.shards) if keep is None or sh in keep]
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        per = max(1, math.ceil(len(items) / (TASKS_PER_CPU * cpus)))
+        return [items[i : i + per] for i in range(0, len(items), per)]
+
+    def map(self, fn: Callable[..., Any], columns: Sequence[str], *args: Any) -> list[Any]:
+        st = self.store
+        calls = [(st.url, st.storage_options, self.spec.upstream, chunk, tuple(columns), fn, *args)
+                 for chunk in self._chunks()]
+        return [r for part in self._run("map", _shard_task, calls) for r in part]
+
+    def shuffle(self, name: str, fn: Callable[..., dict[int, pa.Table]], columns: Sequence[str], *args: Any) -> int:
+        st = self.store
+        st.remove(*global_work_dir(self.spec.stage_id, name), recursive=True)
+        calls = [(st.url, st.storage_options, self.spec.upstream, chunk, tuple(columns), self.spec.stage_id, name,
+                  fn, *args) for chunk in self._chunks()]
+        return int(sum(sum(part) for part in self._run(f"shuffle {name}", _shuffle_task, calls)))
+
+    def reduce(self, name: str, fn: Callable[..., Any], *args: Any) -> list[Any]:
+        st = self.store
+        calls = [(st.url, st.storage_options, self.spec.stage_id, name, p, fn, *args) for p in range(self.partitions)]
+        return self._run(f"reduce {name}", _partition_task, calls)
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self._run("call", _call_task, [(fn, *args)])[0]
+
+    def commit(self, fn: Callable[..., Batch], *args: Any) -> list[ShardResult]:
+        st = self.store
+        calls = [(st.url, st.storage_options, self.spec, self.stage, chunk, fn, *args)
+                 for chunk in self._chunks(self.todo)]
+        self.results = [r for part in self._run("commit", _commit_task, calls) for r in part]
+        return self.results
+
+
+    def dropped_before(self) -> int:
+        total = 0
+        for sh in self.shards:
+            if sh not in self.todo:
+                with self.store.fs.open(self.store.path(*manifest_path(self.spec.stage_id, sh)), "rb") as f:
+                    keep = pq.read_table(f, columns=[KEEP, STATUS])
+                total += int(pc.sum(pc.and_(pc.invert(keep[KEEP]), pc.equal(keep[STATUS], STATUS_OK))).as_py() or 0)
+        return total
+
+
+# ---------------------------------------------------------------- the stage as a whole
+
+
+def _whole_table_task(url: str, options: dict[str, Any], spec: StageSpec, stage: GlobalStage,
+                      shards: list[str], todo: list[str]) -> tuple[list[ShardResult], Any]:
+    """Stages (or params) without a distributed form: one task reads the projected columns of every
+    shard as Arrow, runs ``run_global`` once and commits per shard (vectorised split, no rescans)."""
+    t0 = time.perf_counter()
+    store = RunStorage(url, options)
+    stage.setup()
+    tables = [read_shard_columns(store, spec.upstream, sh, stage.needs) for sh in shards]
+    sizes = [t.num_rows for t in tables]
+    if tables:
+        schema = pa.unify_schemas([t.schema for t in tables], promote_options="permissive")
+        table = pa.concat_tables([t.cast(schema) for t in tables])
+    else:
+        table = pa.table({c: pa.array([], pa.string()) for c in CARRIED})
+    del tables
+    out = stage.run_global(table)
+    n = table.num_rows
+    for col in (STATUS, KEEP):
+        out.setdefault(col, [STATUS_OK if col == STATUS else True] * n)
+    bounds = [0, *itertools.accumulate(sizes)]
+    results = []
+    for sh, a, b in zip(shards, bounds[:-1], bounds[1:], strict=True):
+        if sh not in todo:
+            continue
+        part = {k: v[a:b] for k, v in out.items() if isinstance(v, list) and len(v) == n}
+        results.append(commit_rows(store, spec, stage, sh, table.slice(a, b - a), part, t0))
+    summary = stage.summary() if callable(getattr(stage, "summary", None)) else None  # type: ignore[attr-defined]
+    return results, summary
+
+
+def run_global_distributed(spec: StageSpec, shards: list[str], todo: Iterable[str],
+                           partitions: int | None = None) -> list[ShardResult]:
+    """Run one global stage over ``shards`` and commit ``todo`` (the shards not committed yet).
+
+    Called from the driver with Ray initialised. Raises ``GlobalStageError`` when a step keeps failing.
+    """
+    todo_list = [s for s in shards if s in set(todo)]
+    store = RunStorage(spec.context.run_dir, spec.context.storage_options)
+    stage = spec.build()
+    assert isinstance(stage, GlobalStage)
+    if stage.distributed():
+        stage.setup()
+        corpus = RayCorpus(spec, stage, shards, todo_list, partitions)
+        try:
+            stage.run_corpus(corpus)
+        finally:
+            store.remove(*global_work_dir(spec.stage_id), recursive=True)
+        results, summary = corpus.results, stage.summary() if hasattr(stage, "summary") else None
+    else:
+        fallback = RayCorpus(spec, stage, shards, todo_list)
+        results, summary = fallback._run("whole-table", _whole_table_task,
+                                         [(store.url, store.storage_options, spec, stage, shards, todo_list)])[0]
+    if summary is not None:
+        import json
+
+        store.write_atomic(json.dumps(summary, indent=2, sort_keys=True, default=str).encode(),
+                           *stage_summary_path(spec.stage_id))
+    return results
+

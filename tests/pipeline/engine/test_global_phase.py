@@ -1,0 +1,60 @@
+"""A global stage as a phase of a real run: distributed, committed per shard, and a failure that ends in
+the run's history (never a bare traceback)."""
+
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import load_config
+from pipeline.engine.runner import Runner, RunResult
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def _config(dedup: str, engine_config: dict[str, Any]) -> dict[str, Any]:
+    cfg = dict(engine_config)
+    cfg["stages"] = [
+        *engine_config["stages"][:1],
+        {"stage": "fingerprint", "id": "fingerprint"},
+        {"stage": dedup, "id": "dedup", "params": {"embeddings": False, "phash_confirm": False}},
+    ]
+    cfg["export"] = {**engine_config["export"], "enabled": False}
+    return cfg
+
+
+def _run(raw: dict[str, Any], out: Path) -> RunResult:
+    cfg, stages = load_config(raw=raw)
+    return Runner(cfg, stages, str(out), show_progress=False).run()
+
+
+def test_a_global_stage_runs_distributed_and_commits_one_fragment_per_shard(
+    tmp_path: Path, engine_config: dict[str, Any]
+) -> None:
+    res = _run(_config("dedup", engine_config), tmp_path / "run")
+
+    assert res.complete, res.failures
+    source = sorted(Path(p).name for p in glob.glob(str(tmp_path / "run/manifests/pattern/*.parquet")))
+    fragments = sorted(Path(p).name for p in glob.glob(str(tmp_path / "run/manifests/dedup/*.parquet")))
+    assert fragments == source and len(source) > 1
+    rows = [r for f in fragments for r in pq.read_table(tmp_path / "run/manifests/dedup" / f).to_pylist()]
+    assert len(rows) == 24 and all(r["stage"] == "dedup" for r in rows)
+    assert not glob.glob(str(tmp_path / "run/work/*"))
+    assert json.loads((tmp_path / "run/report/dedup.summary.json").read_text())["links"]["embedding"] == 0
+
+
+def test_a_global_stage_that_keeps_failing_is_recorded_in_the_history(
+    tmp_path: Path, engine_config: dict[str, Any]
+) -> None:
+    res = _run(_config("tests.fixtures.corpus_stages:AlwaysFailingDedup", engine_config), tmp_path / "run")
+
+    assert not res.complete
+    assert res.failures and res.failures[0]["stage"] == "dedup" and "disk on fire" in res.failures[0]["error"]
+    history = [json.loads(Path(p).read_text()) for p in glob.glob(str(tmp_path / "run/history/*.json"))]
+    assert any(f["stage"] == "dedup" and "disk on fire" in f["error"] for h in history for f in h["failures"])
+    assert not glob.glob(str(tmp_path / "run/manifests/dedup/*.parquet"))

@@ -1,0 +1,211 @@
+"""The global stages as distributed work (pipeline.engine.global_exec) on a synthetic run directory.
+
+The reference is what the single-process stages decided on the same corpus before they were
+distributed (tests/fixtures/corpus_reference.json.gz, written by make_corpus_reference.py from commit
+2207ba8). Reasons became rule names since; everything else must match.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+from manifests.schema import VOLATILE
+from manifests.storage import RunStorage
+from pipeline.engine.execution import UpstreamInfo, load_shard_input
+from pipeline.engine.global_exec import GlobalStageError, read_shard_columns, run_global_distributed
+from stages.corpus.dedup import DedupParams, DedupStage
+from stages.corpus.grouping import GroupingParams, GroupingStage
+from tests.fixtures import REPO
+from tests.fixtures.corpus_stages import AlwaysFailingDedup, WorkerKillingDedup
+from tests.fixtures.make_corpus_reference import CASES, CORPUS, REFERENCE
+from tests.fixtures.synthetic_corpus import UPSTREAM, SyntheticCorpus, global_spec, write_run
+
+OLD_RULES = {  # reason text of the single-process stages -> the rule name that replaced it
+    "far from identity centroid": "inconsistent_identity",
+    "identity collision with": "identity_collision",
+    "duplicate (": "duplicate_of",
+}
+
+
+def _rows(run: str, stage: str) -> list[dict[str, Any]]:
+    return [r for f in sorted(glob.glob(f"{run}/manifests/{stage}/*.parquet")) for r in pq.read_table(f).to_pylist()]
+
+
+def _rule(old: str | None) -> str | None:
+    if old is None:
+        return None
+    return next(rule for prefix, rule in OLD_RULES.items() if old.startswith(prefix))
+
+
+def _close(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= 1e-4
+    return a == b
+
+
+@pytest.fixture(scope="module")
+def corpus_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[str]]:
+    run = str(tmp_path_factory.mktemp("corpus-run"))
+    return run, write_run(CORPUS, run)
+
+
+def test_projected_read_matches_the_row_by_row_input_assembly(corpus_run: tuple[str, list[str]]) -> None:
+    run, shards = corpus_run
+    store = RunStorage(run)
+    up = (UpstreamInfo(UPSTREAM, False, False),)
+    cols = ["embedding", "phash", "truth_kind"]
+    table = read_shard_columns(store, up, shards[3], cols)
+    batch, _ = load_shard_input(store, up, shards[3], with_images=False, columns=set(cols))
+    assert table.column_names == ["sample_id", "key", "identity_id", "parent_id", *cols]
+    for c in table.column_names:
+        assert table.column(c).to_pylist() == [list(v) if isinstance(v, tuple) else v for v in batch[c]], c
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_distributed_stage_decides_what_the_single_process_stage_decided(
+    ray_session: Any, corpus_run: tuple[str, list[str]], case: str
+) -> None:
+    run, shards = corpus_run
+    cls, params, kw = CASES[case]
+    reference = json.loads(gzip.decompress(REFERENCE.read_bytes()))[case]
+    results = run_global_distributed(global_spec(cls, params(**kw), run, stage_id=case), shards, shards)
+
+    assert len(results) == len(shards)
+    rows = _rows(run, case)
+    ref = reference["rows"]
+    assert [r["sample_id"] for r in rows] == ref["sample_id"]
+    assert [r["keep"] for r in rows] == ref["keep"]
+    assert [r["reason"] for r in rows] == [_rule(x) for x in ref["reason"]]
+    for col in ref:
+        if col in ("sample_id", "keep", "reason", "status", "detail"):
+            continue
+        mismatched = [i for i, r in enumerate(rows) if not _close(r[col], ref[col][i])]
+        assert not mismatched, (col, mismatched[:5])
+    summary = json.loads(Path(run, "report", f"{case}.summary.json").read_text())
+    for key in ("dropped", "groups", "identities", "threshold", "judged", "colliding_pairs"):
+        if key in reference["summary"]:
+            assert _close(summary[key], reference["summary"][key]), key
+
+
+def _decisions(run: str, stage: str) -> list[tuple[Any, ...]]:
+    cols = ("sample_id", "keep", "reason", "detail", "identity_id", "dup_group_id", "kept_sample_id", "group_size")
+    return [tuple(r.get(c) for c in cols) for r in _rows(run, stage)]
+
+
+@pytest.mark.parametrize(("cls", "params"), [
+    (DedupStage, DedupParams(cells=6)),
+    (GroupingStage, GroupingParams(method="connected_components", threshold=0.6, cells=6)),
+    (GroupingStage, GroupingParams(threshold=0.4, cells=6)),
+])
+def test_decisions_do_not_depend_on_the_number_of_partitions(
+    ray_session: Any, tmp_path: Path, corpus_run: tuple[str, list[str]], cls: type, params: Any
+) -> None:
+    """k-means cells (6 of them, so the cell search is really partitioned) shuffled into 1, 4 and 16
+    partitions give the same decisions -- and the planted duplicates are all found."""
+    _, shards = corpus_run
+    got = []
+    for parts in (1, 4, 16):
+        run = str(tmp_path / f"p{parts}")
+        shutil.copytree(corpus_run[0], run)
+        p = params.model_copy(update={"partitions": parts})
+        run_global_distributed(global_spec(cls, p, run), shards, shards)
+        got.append(_decisions(run, cls.name))
+    assert got[0] == got[1] == got[2]
+    if cls is DedupStage:
+        reference = json.loads(gzip.decompress(REFERENCE.read_bytes()))["dedup-default"]["rows"]
+        assert [d[1] for d in got[0]] == reference["keep"]
+
+
+def test_a_worker_killed_mid_stage_is_retried_and_the_stage_completes(
+    ray_session: Any, tmp_path: Path, corpus_run: tuple[str, list[str]]
+) -> None:
+    run = str(tmp_path / "run")
+    shutil.copytree(corpus_run[0], run)
+    _, shards = corpus_run
+    run_global_distributed(global_spec(WorkerKillingDedup, DedupParams(), run), shards, shards)
+
+    assert Path(run, "killed-once").exists()  # the worker really died once
+    reference = json.loads(gzip.decompress(REFERENCE.read_bytes()))["dedup-default"]["rows"]
+    assert [r["keep"] for r in _rows(run, "dedup")] == reference["keep"]
+
+
+def test_a_stage_that_keeps_failing_gives_up_with_its_reason(
+    ray_session: Any, tmp_path: Path, corpus_run: tuple[str, list[str]]
+) -> None:
+    run = str(tmp_path / "run")
+    shutil.copytree(corpus_run[0], run)
+    with pytest.raises(GlobalStageError, match=r"commit task .* failed 3 times.*disk on fire"):
+        run_global_distributed(global_spec(AlwaysFailingDedup, DedupParams(), run), corpus_run[1], corpus_run[1])
+    assert not glob.glob(f"{run}/manifests/dedup/*.parquet")
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys, tempfile, ray
+    from pipeline.engine.global_exec import run_global_distributed
+    from stages.corpus.consistency import ConsistencyParams, ConsistencyStage
+    from tests.fixtures.synthetic_corpus import global_spec
+    from manifests.storage import RunStorage
+    from pipeline.engine.rundir import committed_shards
+    run = sys.argv[1]
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ffray-", dir="/tmp"),
+             configure_logging=False, log_to_driver=False)
+    store = RunStorage(run)
+    shards = sorted(committed_shards(store, "features"))
+    done = committed_shards(store, "consistency")
+    run_global_distributed(global_spec(ConsistencyStage, ConsistencyParams(fit_far=0.01), run), shards,
+                           [s for s in shards if s not in done])
+""")
+
+
+def _run_script(run: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    return subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, run], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@pytest.mark.faults
+def test_kill_9_during_a_distributed_global_stage_then_resume_is_byte_identical(tmp_path: Path) -> None:
+    corpus = SyntheticCorpus(samples=4000, dim=32, per_identity=20, shard_size=100, seed=2, dup_rate=0.02,
+                             swap_rate=0.02)
+    whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
+    write_run(corpus, whole)
+    shutil.copytree(whole, killed)
+    proc = _run_script(whole)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out.decode(errors="replace")[-3000:]
+
+    proc = _run_script(killed)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(glob.glob(f"{killed}/manifests/consistency/*.parquet")) < 5:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = sorted(glob.glob(f"{killed}/manifests/consistency/*.parquet"))
+    assert 5 <= len(first) < corpus.shards, "the kill must land while shards are being committed"
+    stamps = {f: os.stat(f).st_mtime_ns for f in first}
+    proc = _run_script(killed)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out.decode(errors="replace")[-3000:]
+
+    assert {f: os.stat(f).st_mtime_ns for f in first} == stamps  # committed shards were not redone
+    a, b = sorted(glob.glob(f"{whole}/manifests/consistency/*")), sorted(glob.glob(f"{killed}/manifests/consistency/*"))
+    assert [Path(f).name for f in a] == [Path(f).name for f in b]
+    for fa, fb in zip(a, b, strict=True):
+        ta, tb = pq.read_table(fa), pq.read_table(fb)
+        keep = [c for c in ta.column_names if c not in VOLATILE]
+        assert ta.select(keep).equals(tb.select(keep)), Path(fa).name
+    assert not glob.glob(f"{killed}/work/*")  # the shuffle scratch space is gone
