@@ -102,13 +102,14 @@ def test_drop_table_has_one_line_per_rule_with_count_and_examples(run: Path) -> 
     card = (run / "export" / "README.md").read_text()
     table = card.split("## Drops and errors by rule")[1].split("\n## ")[0]
     lines = [ln for ln in table.splitlines() if ln.startswith("| meanf |")]
-    # The test filter writes free-text reasons ("mean 41.2 < 60"): one rule for all of them.
+    # Every drop of the test filter has one rule and its own numbers in the detail: one line for all.
     dropped = [r for r in pq.read_table(run / "tables" / "decisions").to_pylist()
                if r["stage"] == "meanf" and not r["keep"]]
-    assert dropped and len({r["reason"] for r in dropped}) > 1
+    assert dropped and {r["reason"] for r in dropped} == {"mean_below_min"}
+    assert len({r["detail"] for r in dropped}) > 1
     assert len(lines) == 1
     cells = [c.strip() for c in lines[0].strip("|").split("|")]
-    assert cells[2] == "mean N < N" and int(cells[3]) == len(dropped)
+    assert cells[2] == "mean_below_min" and int(cells[3]) == len(dropped)
     assert cells[4].count("`") == 2 * min(3, len(dropped))
 
 
