@@ -41,6 +41,7 @@ faults: install-all
 
 lint: install-all
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 bench: install-all
 	$(PY) bench/run_all.py

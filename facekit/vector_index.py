@@ -120,6 +120,7 @@ def build_index(
     """A flat (exact) index up to ``exact_max`` vectors, an ``IndexIVFFlat`` above it."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, d = x.shape
+    index: Any
     if n <= exact_max:
         index = faiss.IndexFlatIP(d) if metric.higher_is_same else faiss.IndexFlatL2(d)
     else:
@@ -177,6 +178,7 @@ def range_pairs(
 
 def _exact_pairs(x: np.ndarray, metric: Metric, threshold: float) -> Pairs:
     d = x.shape[1]
+    index: Any
     if metric.higher_is_same:
         index = faiss.IndexFlatIP(d)
         radius = float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))  # FAISS keeps ip > radius
@@ -185,7 +187,7 @@ def _exact_pairs(x: np.ndarray, metric: Metric, threshold: float) -> Pairs:
         radius = float(np.nextafter(np.float32(threshold) ** 2, np.float32(np.inf)))  # keeps d2 < radius
     index.add(x)
     lims, raw, ids = index.range_search(x, radius)
-    rows = np.repeat(np.arange(len(x), dtype=np.int64), np.diff(lims.astype(np.int64)))
+    rows = np.repeat(np.arange(len(x), dtype=np.int64), np.diff(np.asarray(lims, dtype=np.int64)))
     return _finish(rows, ids.astype(np.int64), _to_score(raw, metric), metric, threshold, exact=True)
 
 

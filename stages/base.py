@@ -312,7 +312,7 @@ class GlobalStage(Stage):
     """
 
     kind: ClassVar[StageKind] = StageKind.GLOBAL
-    needs: ClassVar[tuple[str, ...]] = ()
+    needs: tuple[str, ...] = ()  # a class default; params may widen it per instance
 
     def run_global(self, table: pa.Table) -> Batch:
         raise NotImplementedError

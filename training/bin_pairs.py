@@ -17,7 +17,7 @@ import io
 import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import fsspec
 import numpy as np
@@ -48,8 +48,7 @@ def _numeric_dtype(spec: Any, align: bool = False, copy: bool = False) -> np.dty
 def _ndarray_reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
     if subtype is not np.ndarray:
         raise pickle.UnpicklingError("only plain numpy arrays are allowed in a pair file")
-    out: np.ndarray = _multiarray._reconstruct(np.ndarray, shape, dtype)
-    return out
+    return cast(np.ndarray, _multiarray._reconstruct(np.ndarray, shape, dtype))
 
 
 def _scalar(dtype: Any, data: bytes = b"") -> Any:

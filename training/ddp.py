@@ -43,7 +43,9 @@ def distributed() -> bool:
 
 
 def unwrap(module: nn.Module) -> nn.Module:
-    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+    inner = module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+    assert isinstance(inner, nn.Module)
+    return inner
 
 
 def mean_across_ranks(value: float, device: torch.device) -> float:

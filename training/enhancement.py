@@ -140,7 +140,7 @@ def enhancement_train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None
     }
     step, last_ckpt = start_step, (resume.path if resume is not None else None)
     model.train()
-    batches = iter(loader) if step < total else iter(())
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]] = iter(loader) if step < total else iter(())
     for degraded, clean, _keys in batches:
         degraded = degraded.to(worker.device, non_blocking=True)
         clean = clean.to(worker.device, non_blocking=True)

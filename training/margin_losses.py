@@ -96,7 +96,7 @@ class MarginSoftmaxHead(nn.Module):
         return index, remapped
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        weight = self.weight
+        weight: torch.Tensor = self.weight
         if self.sample_rate < 1.0:
             index, labels = self.sampled_classes(labels)
             weight = weight[index]

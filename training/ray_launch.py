@@ -47,10 +47,10 @@ def run_train_loop(
             name="ray",
             storage_path=job_dir,
             failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
-            worker_runtime_env=project_runtime_env() or None,
+            worker_runtime_env=project_runtime_env() or None,  # type: ignore[call-arg]  # Ray Train v2 API
         ),
     )
-    return trainer.fit().return_value
+    return trainer.fit().return_value  # type: ignore[attr-defined]  # Ray Train v2's Result
 
 
 def absolute_url(path: str) -> str:

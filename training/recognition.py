@@ -10,11 +10,13 @@ does; exact replay of the sample stream is not attempted).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import ray.train
 import ray.train.torch
 import torch
+from torch import nn
 
 from training.augmentations import recognition_train_transform
 from training.checkpoints import restore_optimizer, save_checkpoint
@@ -113,7 +115,7 @@ def recognition_train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None
     ddp_report: list[dict[str, Any]] | None = None
     step, last_ckpt = start_step, (resume.path if resume is not None else None)
     model.train()
-    batches = iter(loader) if step < total else iter(())
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]] = iter(loader) if step < total else iter(())
     for images, labels, keys in batches:
         images = images.to(worker.device, non_blocking=True)
         labels = labels.to(worker.device, non_blocking=True)
@@ -146,7 +148,9 @@ def recognition_train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None
 
     if not worker.is_chief:
         return None
-    eval_result = _evaluate(unwrap(model).backbone, export, cfg, worker, step, jdir, log)
+    backbone = unwrap(model).backbone
+    assert isinstance(backbone, nn.Module)
+    eval_result = _evaluate(backbone, export, cfg, worker, step, jdir, log)
     return TrainResult(
         job=cfg.job,
         kind=KIND,

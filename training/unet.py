@@ -40,9 +40,11 @@ class UNet(nn.Module):
         for m in self.modules():  # He init for LeakyReLU: torch's default shrinks activations layer by layer
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, a=0.2, nonlinearity="leaky_relu")
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
         nn.init.zeros_(self.out.weight)  # start as the identity map
-        nn.init.zeros_(self.out.bias)
+        if self.out.bias is not None:
+            nn.init.zeros_(self.out.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] % 2**self.levels or x.shape[-2] % 2**self.levels:

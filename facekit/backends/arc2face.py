@@ -281,7 +281,7 @@ class Arc2Face:
             controlnet = ControlNetModel.from_pretrained(
                 control_dir, torch_dtype=dtype, use_safetensors=True, **lean
             )
-            pipe = StableDiffusionControlNetPipeline(controlnet=controlnet, **common)
+            pipe: Any = StableDiffusionControlNetPipeline(controlnet=controlnet, **common)
         else:
             pipe = StableDiffusionPipeline(**common)
         pipe = pipe.to(device)

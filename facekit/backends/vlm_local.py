@@ -94,10 +94,11 @@ class LocalVLM:
         self.processor = AutoProcessor.from_pretrained(source, revision=self.spec.revision,
                                                        local_files_only=offline)
         self.processor.tokenizer.padding_side = "left"  # decoder-only generation pads on the left
-        self.model = AutoModelForImageTextToText.from_pretrained(
+        model: Any = AutoModelForImageTextToText.from_pretrained(
             source, revision=self.spec.revision, local_files_only=offline, use_safetensors=True,
             dtype=self.spec.dtype if self.spec.dtype == "auto" else getattr(torch, self.spec.dtype),
-        ).to(self.device).eval()
+        )
+        self.model = model.to(self.device).eval()
         self.revision = model_revision(Path(source)) if Path(source).is_dir() else (self.spec.revision or "")
         self.cache_model = f"local:{self.spec.model}@{self.revision}"
 

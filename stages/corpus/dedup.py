@@ -114,7 +114,7 @@ def hamming_pairs(codes: np.ndarray, max_distance: int, exact_max: int) -> tuple
         index.nflip = max_distance // 4
     index.add(codes)
     lims, _, ids = index.range_search(codes, max_distance + 1)  # binary range search keeps d < radius
-    rows = np.repeat(np.arange(len(codes), dtype=np.int64), np.diff(lims.astype(np.int64)))
+    rows = np.repeat(np.arange(len(codes), dtype=np.int64), np.diff(np.asarray(lims, dtype=np.int64)))
     ids = ids.astype(np.int64)
     keep = rows < ids
     return rows[keep], ids[keep]

@@ -151,8 +151,8 @@ class GroupingStage(GlobalStage):
             members.setdefault(c, []).append(int(rows[r]))
         for group in members.values():
             gid = group_id(p.id_prefix, [ids[i] for i in group])
-            for i in group:
-                out[IDENTITY_ID][i] = gid
+            for member in group:
+                out[IDENTITY_ID][member] = gid
                 out["group_size"][i] = len(group)
                 out["threshold"][i] = threshold
         sizes = [len(g) for g in members.values()]

@@ -55,8 +55,9 @@ class ClipFilterStage(FilterStage[ClipFilterParams]):
     batch_size: ClassVar[int] = 64
 
     @classmethod
-    def doctor(cls, params: ClipFilterParams) -> list[str]:
+    def doctor(cls, params: Params) -> list[str]:
         """What would stop ``setup`` (missing weights and where they were looked for); loads nothing."""
+        assert isinstance(params, ClipFilterParams)
         return check_files(params.clip)
 
     def output_fields(self) -> tuple[pa.Field, ...]:
@@ -75,7 +76,7 @@ class ClipFilterStage(FilterStage[ClipFilterParams]):
         return self.model.model_info()
 
     def score(self, batch: Batch, rows: Rows) -> None:
-        images = []
+        images: list[np.ndarray | None] = []
         for i, data in enumerate(batch[IMAGE]):
             try:
                 images.append(decode_rgb(data))
@@ -83,7 +84,7 @@ class ClipFilterStage(FilterStage[ClipFilterParams]):
                 rows.fail(i, exc.rule, exc.detail)
                 images.append(None)
         good = [i for i in range(len(rows)) if images[i] is not None]
-        emb = self.model.embed_images([images[i] for i in good])  # type: ignore[misc]
+        emb = self.model.embed_images([img for img in images if img is not None])
         for k, pair in enumerate(self.params.pairs):
             probs = self.model.probabilities(emb, self.text[2 * k : 2 * k + 2])[:, 0]
             for j, i in enumerate(good):

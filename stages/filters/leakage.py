@@ -201,7 +201,7 @@ class LeakageStage(FilterStage):
         """The gallery must exist (nothing is read or embedded here)."""
         from facekit.gallery import guess_kind, tar_files
 
-        p = params  # type: ignore[assignment]
+        p = params
         assert isinstance(p, LeakageParams)
         try:
             import fsspec

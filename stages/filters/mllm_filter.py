@@ -78,7 +78,7 @@ class Question(Params):
             raise ValueError(f"question {self.name!r}: pass_values must be a subset of its choices")
         return self
 
-    def schema(self) -> dict[str, Any]:
+    def answer_schema(self) -> dict[str, Any]:
         if self.type == "boolean":
             return {"type": "boolean"}
         if self.type == "integer":
@@ -127,7 +127,7 @@ def build_prompt(instructions: str, questions: tuple[Question, ...]) -> str:
 
 
 def build_schema(questions: tuple[Question, ...]) -> dict[str, Any]:
-    return {"type": "object", "properties": {q.name: q.schema() for q in questions},
+    return {"type": "object", "properties": {q.name: q.answer_schema() for q in questions},
             "required": [q.name for q in questions], "additionalProperties": False}
 
 
@@ -140,7 +140,7 @@ def prepare_image(data: bytes, ext: str, max_side: int | None) -> tuple[bytes, s
     if max_side is None or max(h, w) <= max_side:
         return data, ext
     scale = max_side / max(h, w)
-    img = Image.fromarray(rgb).resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.LANCZOS)
+    img = Image.fromarray(rgb).resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=1)
     return buf.getvalue(), "png"
@@ -155,8 +155,9 @@ class MLLMFilterStage(FilterStage):
     params: MLLMFilterParams
 
     @classmethod
-    def doctor(cls, params: MLLMFilterParams) -> list[str]:
+    def doctor(cls, params: Params) -> list[str]:
         """Server: reachable and serving the model; local: weights found. Loads nothing."""
+        assert isinstance(params, MLLMFilterParams)
         if params.backend == "server":
             assert params.server is not None
             return check_server(params.server)

@@ -45,7 +45,6 @@ def test_user_sql_reads_the_s3_run(s3_run: tuple[str, S3Endpoint], monkeypatch: 
     assert code == 0 and '"sample_id": "a"' in out, out
 
 
-@pytest.mark.xfail(strict=True, reason="catalog sandbox (h8b)")
 def test_user_sql_on_an_s3_run_cannot_read_local_files(s3_run: tuple[str, S3Endpoint],
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     url, s3 = s3_run
