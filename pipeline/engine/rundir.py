@@ -21,7 +21,7 @@ from typing import Any, BinaryIO
 
 import yaml
 
-from manifests.layout import LOCK_FILE, PLAN_FILE, RUN_FILE
+from manifests.layout import LEGACY_PLAN_FILE, LOCK_FILE, PLAN_FILE, RUN_FILE
 from manifests.storage import RunStorage
 from pipeline.config import PipelineConfig, ResolvedStage, config_hash
 from stages.base import stable_hash
@@ -111,18 +111,47 @@ def wipe_stages(store: RunStorage, stage_ids: list[str]) -> None:
 
 
 def wipe_run(store: RunStorage) -> None:
-    for part in ("manifests", "shards", "export", "identities", "report", "cache", "metrics", RUN_FILE, PLAN_FILE):
+    for part in ("manifests", "shards", "export", "identities", "report", "cache", "metrics", RUN_FILE, PLAN_FILE,
+                 LEGACY_PLAN_FILE):
         store.remove(part, recursive=True)
 
 
 def read_plan(store: RunStorage) -> dict[str, Any] | None:
-    if not store.exists(PLAN_FILE):
-        return None
-    return json.loads(store.read_bytes(PLAN_FILE))
+    """The frozen shard plan: ``{"fingerprint", "source", "shards": [{"name", "spec"}]}``.
+
+    Stored as Parquet (one row per shard, the spec as a JSON string: zstd keeps a folder ingest's
+    millions of paths small); a plan.json of an older run is still read."""
+    if store.exists(PLAN_FILE):
+        import io
+
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(io.BytesIO(store.read_bytes(PLAN_FILE)))
+        meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+        names = table.column("name").to_pylist()
+        specs = table.column("spec").to_pylist()
+        return {"fingerprint": meta.get("fingerprint"), "source": meta.get("source"),
+                "shards": [{"name": n, "spec": json.loads(sp)} for n, sp in zip(names, specs, strict=True)]}
+    if store.exists(LEGACY_PLAN_FILE):
+        return json.loads(store.read_bytes(LEGACY_PLAN_FILE))
+    return None
 
 
 def write_plan(store: RunStorage, plan: dict[str, Any]) -> None:
-    store.write_atomic(json.dumps(plan, sort_keys=True).encode(), PLAN_FILE)
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shards = plan["shards"]
+    table = pa.table({"name": pa.array([s["name"] for s in shards], pa.string()),
+                      "spec": pa.array([json.dumps(s["spec"], sort_keys=True) for s in shards], pa.string())})
+    table = table.replace_schema_metadata({"fingerprint": str(plan.get("fingerprint", "")),
+                                           "source": str(plan.get("source", ""))})
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    store.write_atomic(buf.getvalue(), PLAN_FILE)
+    store.remove(LEGACY_PLAN_FILE)
 
 
 @contextlib.contextmanager
