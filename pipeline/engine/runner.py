@@ -22,7 +22,7 @@ from manifests.layout import EXPORT_DIR, EXPORT_DONE, IDENTITIES_FILE, LEGACY_PL
 from manifests.storage import RunStorage
 from pipeline.config import PipelineConfig, ResolvedStage, config_hash
 from pipeline.engine import cluster
-from pipeline.engine.execution import StageSpec, UpstreamInfo, run_global_stage
+from pipeline.engine.execution import StageSpec, UpstreamInfo, is_committed, run_global_stage
 from pipeline.engine.fused import StageSetupError
 from pipeline.engine.progress import Progress, StageProgress
 from pipeline.engine.rundir import (
@@ -245,6 +245,7 @@ class Runner:
         Ray executor and the executor's events back to the scheduler (pipeline/engine/scheduler.py)."""
         from pipeline.engine.executor import Outcome, RayExecutor
         from pipeline.engine.scheduler import (
+            Kind,
             Limits,
             Request,
             Scheduler,
@@ -295,19 +296,23 @@ class Runner:
                 now = time.monotonic()
                 timeout = 0.5 if due is None else max(0.0, min(0.5, due - now))
                 for ev in ex.wait(timeout):
+                    req = sched.requests[ev.req]
+                    found = [] if ev.outcome == Outcome.DONE or req.kind != Kind.RUN else [
+                        sid for sid in sched.chains[req.chain].stages if is_committed(self.store, sid, req.shard)]
                     if ev.outcome == Outcome.DONE:
                         for res in ev.results:
                             prog.update(res)
                         sched.done(ev.req, committed=[r.stage_id for r in ev.results], samples=ev.samples)
                     elif ev.outcome == Outcome.DIED:
                         try:
-                            sched.died(ev.req, ev.error)
+                            sched.died(ev.req, ev.error, committed=found)
                         except SetupFailed as exc:
                             raise StageSetupError(str(exc)) from None
                     elif ev.outcome == Outcome.SETUP:
                         raise StageSetupError(ev.error)
                     else:
-                        sched.failed(ev.req, ev.error, transient=ev.outcome == Outcome.TRANSIENT, now=time.monotonic())
+                        sched.failed(ev.req, ev.error, transient=ev.outcome == Outcome.TRANSIENT, now=time.monotonic(),
+                                     committed=found)
                 actions = sched.decide(time.monotonic())
                 prog.update()
         finally:

@@ -270,9 +270,14 @@ class Scheduler:
             b.outstanding -= 1
             self._bisect_step(c, r.shard)
 
-    def failed(self, req: int, error: str, *, transient: bool = False, now: float = 0.0) -> None:
-        """The request raised (the actor is alive). Transient: back off and retry, up to a bound."""
+    def failed(self, req: int, error: str, *, transient: bool = False, now: float = 0.0,
+               committed: Iterable[str] = ()) -> None:
+        """The request raised (the actor is alive). Transient: back off and retry, up to a bound.
+        ``committed``: the stages of the chain found committed for the shard (a chain commits stage by
+        stage, so the ones before the failure are done)."""
         r = self._close(req)
+        for sid in committed:
+            self.committed_stage(sid, r.shard)
         c = self.chains[r.chain]
         key = (r.chain, r.shard)
         if r.kind != Kind.RUN:
@@ -295,9 +300,11 @@ class Scheduler:
         else:
             self._give_up(c, r.shard, error)
 
-    def died(self, req: int, error: str = "") -> None:
-        """The actor that held the request died (or its node went away)."""
+    def died(self, req: int, error: str = "", committed: Iterable[str] = ()) -> None:
+        """The actor that held the request died (or its node went away); ``committed`` as in ``failed``."""
         r = self.requests[req]
+        for sid in committed:
+            self.committed_stage(sid, r.shard)
         actor = self.actors[r.actor]
         blamed = not actor.dead and bool(actor.inflight) and actor.inflight[0] == req
         if not actor.dead:
