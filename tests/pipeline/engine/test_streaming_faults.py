@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import load_config
-from pipeline.engine.runner import Runner
+from pipeline.engine.runner import Runner, StageSetupError
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -63,3 +63,11 @@ def test_a_stage_that_fails_transiently_twice_is_retried_and_completes_without_e
     rows = _rows(out, "flaky")
     assert len(rows) == 16
     assert all(r["status"] == "ok" and r["tries"] == 2 for r in rows)
+
+
+def test_a_stage_whose_setup_fails_stops_the_run_with_the_setup_error(tmp_path: Path) -> None:
+    raw = _config({"stage": "tests.fixtures.engine_stages:CrashMapper", "id": "crash",
+                   "params": {"fail_setup": True}})
+    cfg, stages = load_config(raw=raw)
+    with pytest.raises(StageSetupError, match=r"crash.*failed to set up(.|\n)*crash.bin not found"):
+        Runner(cfg, stages, str(tmp_path / "run"), show_progress=False).run()
