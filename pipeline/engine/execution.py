@@ -466,7 +466,8 @@ class ShardExecutor:
                 parts.append(held)
                 durations.extend([0.0] * len(held[SAMPLE_ID]))
             out = _concat(parts) if parts else complete_rows(batch, {SAMPLE_ID: []})
-        output_shard, locations = (None, {})
+        output_shard: str | None = None
+        locations: dict[str, Any] = {}
         if stage.writes_pixels and commit:
             output_shard, locations = write_pixels(self.store, spec, shard, out)
         table = build_manifest(spec, stage, shard, out, input_shard, output_shard, locations, self.worker, durations)

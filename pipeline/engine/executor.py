@@ -118,7 +118,7 @@ class RayExecutor:
         opts: dict[str, Any] = {"num_cpus": p.num_cpus, "num_gpus": p.num_gpus, "max_concurrency": 1}
         if p.memory:
             opts["memory"] = p.memory
-        self.actors[actor] = StageActor.options(**opts).remote(self.specs[chain])
+        self.actors[actor] = StageActor.options(**opts).remote(self.specs[chain])  # type: ignore[attr-defined]
 
     def stop_actor(self, actor: int) -> None:
         handle = self.actors.pop(actor, None)
