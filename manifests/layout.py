@@ -6,7 +6,7 @@ README is the layout in the code. Paths are tuples of parts, joined by ``RunStor
 
 ```
 run.yaml                                  frozen config, its hash, per-stage fingerprints
-plan.json                                 the source's shard plan
+plan.parquet                              the source's shard plan (one row per shard; plan.json in older runs)
 .lock                                     one writer per run directory
 identities/identities.parquet
 sources/<stage>/listing-<hash>.parquet    a folder source's file listing, frozen on first run
@@ -33,7 +33,8 @@ work/<stage>/<step>/p<part>/<shard>.parquet   a global stage's shuffle partition
 from __future__ import annotations
 
 RUN_FILE = "run.yaml"
-PLAN_FILE = "plan.json"
+PLAN_FILE = "plan.parquet"
+LEGACY_PLAN_FILE = "plan.json"  # read (never written) for runs made before the plan became Parquet
 LOCK_FILE = ".lock"
 
 IDENTITIES_DIR = "identities"
@@ -66,7 +67,7 @@ SHARD_SUFFIX = ".tar"
 
 # What ``--new`` removes: everything a run wrote (the lock and history stay).
 RUN_OUTPUTS = (MANIFESTS_DIR, SHARDS_DIR, TABLES_DIR, EXPORT_DIR, IDENTITIES_DIR, SOURCES_DIR, REPORT_DIR, CACHE_DIR,
-               METRICS_DIR, WORK_DIR, RUN_FILE, PLAN_FILE)
+               METRICS_DIR, WORK_DIR, RUN_FILE, PLAN_FILE, LEGACY_PLAN_FILE)
 
 
 def manifest_path(stage_id: str, shard: str) -> tuple[str, ...]:

@@ -30,6 +30,9 @@ class RunSettings(Strict):
     seed: int = 0
     shard_size: int = Field(64, ge=1, description="samples per shard: the unit of work, commit and resume")
     max_in_flight_per_worker: int = Field(2, ge=1, description="shards queued per actor to keep it busy")
+    max_shard_deaths: int = Field(3, ge=1, description="worker deaths one shard may cause before its samples are "
+                                  "bisected and the ones that kill the worker quarantined")
+    fuse: bool = Field(True, description="run consecutive per-shard stages that fit one actor in one actor")
 
 
 class PerturbationConfig(Strict):

@@ -30,6 +30,7 @@ from manifests.shards import UnsafeMemberError, check_key, write_tar
 from manifests.storage import RunStorage
 from pipeline.engine.faults import UpstreamNotCommittedError, is_transient
 from stages.base import (
+    DETAIL,
     IMAGE,
     IMAGE_EXT,
     KEEP,
@@ -44,7 +45,10 @@ from stages.base import (
     SourceStage,
     Stage,
     StageContext,
+    TransientError,
 )
+
+WORKER_CRASH = "worker_crash"  # the reason of a sample quarantined because processing it kills the worker
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,7 @@ class UpstreamInfo:
     stage_id: str
     writes_pixels: bool
     prune: bool
+    columns: tuple[str, ...] = ()  # the stage's own manifest columns; empty: not known, look in the file
 
 
 @dataclass(frozen=True)
@@ -105,13 +110,16 @@ def worker_name() -> str:
 # ---------------------------------------------------------------- input assembly
 
 
-def read_manifest(store: RunStorage, stage_id: str, shard: str) -> pa.Table:
-    return _read_upstream(store, stage_id, shard)[0]
+def read_manifest(store: RunStorage, stage_id: str, shard: str, columns: set[str] | None = None) -> pa.Table:
+    """One verified manifest fragment; with ``columns``, only those of them it has."""
+    return _read_upstream(store, stage_id, shard, columns)[0]
 
 
-def _read_upstream(store: RunStorage, stage_id: str, shard: str) -> tuple[pa.Table, TarRecord | None]:
-    """A fully verified upstream fragment. A missing or corrupt one is an uncommitted upstream shard:
-    the corrupt file is removed (so no resume counts it) and the shard is handed back for recompute."""
+def _read_upstream(store: RunStorage, stage_id: str, shard: str,
+                   columns: set[str] | None = None) -> tuple[pa.Table, TarRecord | None]:
+    """A fully verified upstream fragment (projected to ``columns`` after the check: the checksum covers
+    the whole file). A missing or corrupt one is an uncommitted upstream shard: the corrupt file is
+    removed (so no resume counts it) and the shard is handed back for recompute."""
     try:
         table, record = read_manifest_verified(store, stage_id, shard)
     except FileNotFoundError:
@@ -119,20 +127,67 @@ def _read_upstream(store: RunStorage, stage_id: str, shard: str) -> tuple[pa.Tab
     except CorruptFragmentError as exc:
         uncommit(store, exc.path)
         raise UpstreamNotCommittedError(stage_id, shard, str(exc)) from None
+    if columns is not None:
+        table = table.select([c for c in table.column_names if c in columns])
     return table, record.tar
 
 
+@dataclass
+class ShardCache:
+    """What a fused chain keeps in memory for one shard: the manifests its stages just built and the
+    images of its pixel-writing stage, so the next stage of the chain reads neither from storage."""
+
+    tables: dict[str, pa.Table] = field(default_factory=dict)
+    images: dict[str, dict[str, tuple[bytes, str]]] = field(default_factory=dict)
+
+
+_PIXEL_COLUMNS = frozenset({SAMPLE_ID, "tar_offset", "tar_size", IMAGE_EXT})
+_LIVE_COLUMNS = frozenset({*CARRIED, STATUS, KEEP})
+
+
+def _wanted(u: UpstreamInfo, is_last: bool, is_pix: bool, columns: set[str] | None) -> set[str] | None:
+    """The columns to read of upstream ``u``: None for all of them, an empty set to skip the file."""
+    if columns is None:
+        return None
+    want: set[str] = set()
+    if is_last:
+        want |= _LIVE_COLUMNS
+    if is_pix:
+        want |= _PIXEL_COLUMNS
+    own = columns if not u.columns else columns & set(u.columns)
+    if own:
+        want |= own | {SAMPLE_ID}
+    return want
+
+
 def load_shard_input(store: RunStorage, upstream: tuple[UpstreamInfo, ...], shard: str,
-                     with_images: bool = True, columns: set[str] | None = None) -> tuple[Batch, str | None]:
+                     with_images: bool = True, columns: set[str] | None = None,
+                     cache: ShardCache | None = None) -> tuple[Batch, str | None]:
     """Rebuild the batch a stage sees for one shard from committed upstream outputs.
 
     Live samples are those the immediate upstream stage passed on (status ok, and kept when that
     stage prunes). Each upstream stage's own columns are joined by sample id, or by parent id for
     samples derived after that stage ran. Images come from the latest pixel-writing stage.
+    With ``columns`` only those upstream columns are read (plus what liveness, the join and the
+    images need), and upstream fragments that hold none of them are not opened at all. With
+    ``cache``, what a fused chain already holds in memory for this shard is used instead of storage.
     """
-    read = {u.stage_id: _read_upstream(store, u.stage_id, shard) for u in upstream}
-    tables = {sid: t for sid, (t, _) in read.items()}
+    cache = cache if cache is not None else ShardCache()
+    records: dict[str, TarRecord | None] = {}
     last = upstream[-1]
+    pix = next((u for u in reversed(upstream) if u.writes_pixels), None) if with_images else None
+    if with_images and pix is None:
+        raise RuntimeError("no upstream stage writes pixels")
+    tables: dict[str, pa.Table] = {}
+    for u in upstream:
+        if u.stage_id in cache.tables:
+            tables[u.stage_id] = cache.tables[u.stage_id]
+            continue
+        is_pix = pix is not None and u.stage_id == pix.stage_id and u.stage_id not in cache.images
+        want = _wanted(u, u is last, is_pix, columns)
+        if want is not None and not want:
+            continue
+        tables[u.stage_id], records[u.stage_id] = _read_upstream(store, u.stage_id, shard, want)
     t = tables[last.stage_id]
     status = t.column(STATUS).to_pylist()
     keep = t.column(KEEP).to_pylist()
@@ -140,6 +195,8 @@ def load_shard_input(store: RunStorage, upstream: tuple[UpstreamInfo, ...], shar
     batch: Batch = {c: [t.column(c)[i].as_py() for i in live] for c in CARRIED}
     sids, parents = batch[SAMPLE_ID], batch[PARENT_ID]
     for u in upstream:
+        if u.stage_id not in tables:
+            continue
         tab = tables[u.stage_id]
         own = [c for c in tab.column_names if c not in COMMON_NAMES and (columns is None or c in columns)]
         if not own:
@@ -150,27 +207,28 @@ def load_shard_input(store: RunStorage, upstream: tuple[UpstreamInfo, ...], shar
             values = tab.column(c).to_pylist()
             batch[c] = [values[r] if r is not None else None for r in rows]
     input_shard = None
-    if with_images:
-        pix = next((u for u in reversed(upstream) if u.writes_pixels), None)
-        if pix is None:
-            raise RuntimeError("no upstream stage writes pixels")
-        tab = tables[pix.stage_id]
+    if pix is not None:
         rel = "/".join(shard_tar_path(pix.stage_id, shard))
         input_shard = rel
-        # The manifest knows where each image lies in the tar: slice the bytes, no tar parsing.
-        where = {
-            sid: (off, size, ext)
-            for sid, off, size, ext in zip(tab.column(SAMPLE_ID).to_pylist(), tab.column("tar_offset").to_pylist(),
-                                           tab.column("tar_size").to_pylist(), tab.column(IMAGE_EXT).to_pylist(),
-                                           strict=True)
-            if off is not None
-        }
-        data = _read_tar(store, pix.stage_id, shard, rel, read[pix.stage_id][1]) if where else b""
+        if pix.stage_id not in cache.images:
+            tab = tables[pix.stage_id]
+            # The manifest knows where each image lies in the tar: slice the bytes, no tar parsing.
+            where = {
+                sid: (off, size, ext)
+                for sid, off, size, ext in zip(tab.column(SAMPLE_ID).to_pylist(),
+                                               tab.column("tar_offset").to_pylist(),
+                                               tab.column("tar_size").to_pylist(), tab.column(IMAGE_EXT).to_pylist(),
+                                               strict=True)
+                if off is not None
+            }
+            data = _read_tar(store, pix.stage_id, shard, rel, records.get(pix.stage_id)) if where else b""
+            cache.images[pix.stage_id] = {sid: (data[off : off + size], ext) for sid, (off, size, ext) in where.items()}
+        found = cache.images[pix.stage_id]
         images, exts = [], []
         for s, p in zip(sids, parents, strict=True):
-            loc = where.get(s) or (where.get(p) if p else None)
-            images.append(data[loc[0] : loc[0] + loc[1]] if loc else None)
-            exts.append(loc[2] if loc else None)
+            hit = found.get(s) or (found.get(p) if p else None)
+            images.append(hit[0] if hit else None)
+            exts.append(hit[1] if hit else None)
         batch[IMAGE] = images
         batch[IMAGE_EXT] = exts
     return batch, input_shard
@@ -193,6 +251,44 @@ def _read_tar(store: RunStorage, stage_id: str, shard: str, rel: str, record: Ta
         uncommit(store, manifest)
         raise UpstreamNotCommittedError(stage_id, shard, str(exc)) from None
     return data
+
+
+def remember(cache: ShardCache, stage: Stage, stage_id: str, table: pa.Table, out: Batch, wrote_tar: bool) -> None:
+    """Keep a stage's output for the next stage of a fused chain: exactly what that stage would read
+    back from storage (the manifest as built; the images the tar holds)."""
+    cache.tables[stage_id] = table
+    if not stage.writes_pixels:
+        return
+    n = len(out[SAMPLE_ID])
+    images = out.get(IMAGE, [None] * n)
+    if wrote_tar:
+        offsets = table.column("tar_offset").to_pylist()
+        exts = table.column(IMAGE_EXT).to_pylist()
+        cache.images[stage_id] = {out[SAMPLE_ID][i]: (images[i], exts[i]) for i in range(n) if offsets[i] is not None}
+    else:
+        exts = out.get(IMAGE_EXT, [None] * n)
+        cache.images[stage_id] = {out[SAMPLE_ID][i]: (images[i], exts[i]) for i in range(n)
+                                  if out[STATUS][i] == STATUS_OK and images[i] is not None and exts[i]}
+
+
+def split_quarantined(batch: Batch, poison: set[str], detail: str) -> tuple[Batch, Batch | None]:
+    """Take the quarantined samples out of a batch; they get a ``worker_crash`` error row instead."""
+    sids = batch[SAMPLE_ID]
+    bad = [i for i, s in enumerate(sids) if s in poison]
+    if not bad:
+        return batch, None
+    good = [i for i, s in enumerate(sids) if s not in poison]
+    rest = {k: [v[i] for i in good] for k, v in batch.items()}
+    sub = {k: [v[i] for i in bad] for k, v in batch.items()}
+    k = len(bad)
+    rows = {SAMPLE_ID: list(sub[SAMPLE_ID]), STATUS: [STATUS_ERROR] * k, KEEP: [False] * k,
+            REASON: [WORKER_CRASH] * k, DETAIL: [detail[:1000]] * k}
+    return rest, complete_rows(sub, rows)
+
+
+def subset(batch: Batch, sample_ids: set[str]) -> Batch:
+    idx = [i for i, s in enumerate(batch[SAMPLE_ID]) if s in sample_ids]
+    return {k: [v[i] for i in idx] for k, v in batch.items()}
 
 
 # ---------------------------------------------------------------- processing
@@ -234,6 +330,8 @@ def process_isolated(stage: Stage, batch: Batch) -> Batch:
     instead of being committed as error rows that resume would never revisit."""
     try:
         out = stage.process(batch)
+    except TransientError:
+        raise  # says nothing about these samples: the engine retries the shard
     except Exception as exc:
         if is_transient(exc):
             raise
@@ -384,7 +482,12 @@ class ShardExecutor:
         self.stage.setup()
         self.worker = worker_name()
 
-    def run_shard(self, shard: str, source_spec: dict[str, Any] | None = None) -> ShardResult:
+    def run_shard(self, shard: str, source_spec: dict[str, Any] | None = None, *, cache: ShardCache | None = None,
+                  quarantine: tuple[str, ...] = (), quarantine_detail: str = "", only: tuple[str, ...] | None = None,
+                  commit: bool = True) -> ShardResult:
+        """Compute and commit one shard. In a fused chain ``cache`` carries the previous stages' outputs;
+        ``quarantine`` names samples that kill the worker (they get an error row and are not processed);
+        ``only`` with ``commit=False`` is a probe: run these samples, write nothing."""
         t0 = time.perf_counter()
         spec, stage = self.spec, self.stage
         durations: list[float] = []
@@ -397,20 +500,35 @@ class ShardExecutor:
             per = (time.perf_counter() - t0) * 1000 / max(rows_in, 1)
             durations = [per] * rows_in
         else:
-            batch, input_shard = load_shard_input(self.store, spec.upstream, shard)
+            reads = getattr(stage, "reads", ())
+            batch, input_shard = load_shard_input(self.store, spec.upstream, shard,
+                                                  columns=set(reads) if reads else None, cache=cache)
+            if only is not None:
+                batch = subset(batch, set(only))
             rows_in = len(batch[SAMPLE_ID])
+            held: Batch | None = None
+            if quarantine:
+                batch, held = split_quarantined(batch, set(quarantine), quarantine_detail)
             parts = []
-            for start in range(0, rows_in, spec.batch_size):
+            for start in range(0, len(batch[SAMPLE_ID]), spec.batch_size):
                 chunk = _slice(batch, start, start + spec.batch_size)
                 t1 = time.perf_counter()
                 part = process_isolated(stage, chunk)
                 per = (time.perf_counter() - t1) * 1000 / max(len(part[SAMPLE_ID]), 1)
                 durations.extend([per] * len(part[SAMPLE_ID]))
                 parts.append(part)
+            if held is not None:
+                parts.append(held)
+                durations.extend([0.0] * len(held[SAMPLE_ID]))
             out = _concat(parts) if parts else complete_rows(batch, {SAMPLE_ID: []})
-        output_shard, locations, tar = (None, {}, None)
-        if stage.writes_pixels:
+        output_shard: str | None = None
+        locations: dict[str, Any] = {}
+        tar: TarRecord | None = None
+        if stage.writes_pixels and commit:
             output_shard, locations, tar = write_pixels(self.store, spec, shard, out)
         table = build_manifest(spec, stage, shard, out, input_shard, output_shard, locations, self.worker, durations)
-        commit_manifest(self.store, spec, shard, table, tar)
+        if commit:
+            commit_manifest(self.store, spec, shard, table, tar)
+        if cache is not None:
+            remember(cache, stage, spec.stage_id, table, out, wrote_tar=commit)
         return summarise(spec, shard, rows_in, out, time.perf_counter() - t0, self.worker)

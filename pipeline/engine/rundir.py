@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from manifests.commit import BadFragment, scan_fragments
-from manifests.layout import PLAN_FILE, RUN_FILE, RUN_OUTPUTS
+from manifests.layout import LEGACY_PLAN_FILE, PLAN_FILE, RUN_FILE, RUN_OUTPUTS
 from manifests.storage import RunStorage
 from pipeline.config import PipelineConfig, ResolvedStage, config_hash
 from pipeline.engine.runlock import RunLockedError as RunLockedError  # the lock lives in runlock.py
@@ -120,10 +120,38 @@ def wipe_run(store: RunStorage) -> None:
 
 
 def read_plan(store: RunStorage) -> dict[str, Any] | None:
-    if not store.exists(PLAN_FILE):
-        return None
-    return json.loads(store.read_bytes(PLAN_FILE))
+    """The frozen shard plan: ``{"fingerprint", "source", "shards": [{"name", "spec"}]}``.
+
+    Stored as Parquet (one row per shard, the spec as a JSON string: zstd keeps a folder ingest's
+    millions of paths small); a plan.json of an older run is still read."""
+    if store.exists(PLAN_FILE):
+        import io
+
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(io.BytesIO(store.read_bytes(PLAN_FILE)))
+        meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+        names = table.column("name").to_pylist()
+        specs = table.column("spec").to_pylist()
+        return {"fingerprint": meta.get("fingerprint"), "source": meta.get("source"),
+                "shards": [{"name": n, "spec": json.loads(sp)} for n, sp in zip(names, specs, strict=True)]}
+    if store.exists(LEGACY_PLAN_FILE):
+        return json.loads(store.read_bytes(LEGACY_PLAN_FILE))
+    return None
 
 
 def write_plan(store: RunStorage, plan: dict[str, Any]) -> None:
-    store.write_atomic(json.dumps(plan, sort_keys=True).encode(), PLAN_FILE)
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shards = plan["shards"]
+    table = pa.table({"name": pa.array([s["name"] for s in shards], pa.string()),
+                      "spec": pa.array([json.dumps(s["spec"], sort_keys=True) for s in shards], pa.string())})
+    table = table.replace_schema_metadata({"fingerprint": str(plan.get("fingerprint", "")),
+                                           "source": str(plan.get("source", ""))})
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    store.write_atomic(buf.getvalue(), PLAN_FILE)
+    store.remove(LEGACY_PLAN_FILE)

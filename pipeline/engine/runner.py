@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -19,11 +18,12 @@ from typing import Any
 import ray
 from rich.console import Console
 
-from manifests.layout import IDENTITIES_FILE, PLAN_FILE, history_path
+from manifests.layout import IDENTITIES_FILE, LEGACY_PLAN_FILE, PLAN_FILE, history_path
 from manifests.storage import RunStorage
 from pipeline.config import PipelineConfig, ResolvedStage, config_hash
 from pipeline.engine import cluster
-from pipeline.engine.execution import ShardExecutor, ShardResult, StageSpec, UpstreamInfo
+from pipeline.engine.execution import StageSpec, UpstreamInfo, is_committed
+from pipeline.engine.fused import StageSetupError
 from pipeline.engine.global_exec import RAY_FAILURES, GlobalStageError, run_global_distributed
 from pipeline.engine.progress import Progress, StageProgress
 from pipeline.engine.rundir import (
@@ -44,10 +44,6 @@ from stages.base import SourceStage, Stage, StageContext, StageKind
 MAX_SHARD_ATTEMPTS = 3
 
 
-class StageSetupError(RuntimeError):
-    pass
-
-
 @dataclass
 class RunResult:
     run_dir: str
@@ -57,17 +53,6 @@ class RunResult:
     complete: bool = False
     failures: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
-
-
-@ray.remote
-class StageActor:
-    """Holds one set-up stage; Ray keeps it alive for the whole phase."""
-
-    def __init__(self, spec: StageSpec) -> None:
-        self.executor = ShardExecutor(spec)
-
-    def run_shard(self, shard: str, source_spec: dict[str, Any] | None) -> ShardResult:
-        return self.executor.run_shard(shard, source_spec)
 
 
 def _shard_name(i: int) -> str:
@@ -140,7 +125,9 @@ class Runner:
 
     def spec(self, s: ResolvedStage) -> StageSpec:
         upstream = tuple(
-            UpstreamInfo(u.stage_id, u.cls.writes_pixels, u.prune) for u in self.stages[: self.order.index(s.stage_id)]
+            UpstreamInfo(u.stage_id, u.cls.writes_pixels, u.prune,
+                         tuple(f.name for f in self.instances[u.stage_id].output_fields()))
+            for u in self.stages[: self.order.index(s.stage_id)]
         )
         return StageSpec(stage_id=s.stage_id, cls=s.cls, params=s.params, batch_size=s.batch_size,
                          fingerprint=self.fingerprints[s.stage_id], params_hash=s.params_hash,
@@ -186,6 +173,7 @@ class Runner:
                 wipe_stages(self.store, to_wipe)
                 if self.order[0] in to_wipe:
                     self.store.remove(PLAN_FILE)
+                    self.store.remove(LEGACY_PLAN_FILE)
                     self.store.remove(*IDENTITIES_FILE)
         write_run_file(self.store, self.cfg, self.fingerprints)
         for sid in self.order:
@@ -278,112 +266,82 @@ class Runner:
 
     def _run_streaming(self, phase: list[ResolvedStage], shards: list[str], specs: dict[str, Any],
                        committed: dict[str, set[str]], failures: dict[tuple[str, str], str], prog: Progress) -> None:
-        """Stream shards through the phase's stages. Pools grow towards the stage with a backlog and
-        shrink to nothing once a stage has no work left, so the cores follow the bottleneck."""
-        todo = {s.stage_id: [sh for sh in shards if sh not in committed[s.stage_id]] for s in phase}
-        active = [s for s in phase if todo[s.stage_id]]
-        if not active:
+        """Stream shards through the phase's stages: a thin loop feeding the scheduler's decisions to the
+        Ray executor and the executor's events back to the scheduler (pipeline/engine/scheduler.py)."""
+        from pipeline.engine.executor import Outcome, RayExecutor
+        from pipeline.engine.scheduler import (
+            Kind,
+            Limits,
+            Request,
+            Scheduler,
+            SetupFailed,
+            ShardFailed,
+            StageInfo,
+            StartActor,
+            StopActor,
+            chain_resources,
+            fuse_chains,
+        )
+
+        if all(len(committed[s.stage_id]) == len(shards) for s in phase):
             return
+        infos = [StageInfo(s.stage_id, s.resources, s.workers, s.cls.kind == StageKind.SOURCE) for s in phase]
+        chains = fuse_chains(infos, enabled=self.cfg.run.fuse)
         cpus, gpus = cluster.cluster_totals()
-        plans, budget = cluster.plan_actors([(s.stage_id, s.resources, s.workers) for s in active], cpus, gpus)
-        by_id = {s.stage_id: s for s in active}
-        pools: dict[str, list[Any]] = {sid: [] for sid in by_id}
-        load: dict[str, list[int]] = {sid: [] for sid in by_id}
-
-        def add_actor(sid: str) -> None:
-            ap = plans[sid]
-            opts: dict[str, Any] = {"num_cpus": ap.num_cpus, "num_gpus": ap.num_gpus, "max_concurrency": 1}
-            if ap.memory:
-                opts["memory"] = ap.memory
-            pools[sid].append(StageActor.options(**opts).remote(self.spec(by_id[sid])))
-            load[sid].append(0)
-
-        def n_actors() -> int:
-            return sum(len(p) for p in pools.values())
-
-        for sid in by_id:
-            for _ in range(plans[sid].initial):
-                add_actor(sid)
-        prev = {sid: (self.order[self.order.index(sid) - 1] if self.order.index(sid) else None) for sid in by_id}
-        queues = {sid: deque(todo[sid]) for sid in by_id}
-        pending: dict[Any, tuple[str, str, Any]] = {}
-        attempts: Counter[tuple[str, str]] = Counter()
-        actor_deaths: Counter[str] = Counter()
-        cap = self.cfg.run.max_in_flight_per_worker
-
-        def ready(sid: str, shard: str) -> bool:
-            up = prev[sid]
-            return up is None or shard in committed[up]
-
-        def submit() -> None:
-            for s in reversed(active):  # downstream first: finish shards before starting new ones
-                sid = s.stage_id
-                q = queues[sid]
-                while q:
-                    shard = next((sh for sh in q if ready(sid, sh)), None)
-                    if shard is None:
-                        break
-                    if not pools[sid] or min(load[sid]) >= cap:
-                        grow = len(pools[sid]) < plans[sid].maximum and (n_actors() < budget or not pools[sid])
-                        if not grow:
-                            break
-                        add_actor(sid)
-                    q.remove(shard)
-                    ai = load[sid].index(min(load[sid]))
-                    src = specs[shard] if s.cls.kind == StageKind.SOURCE else None
-                    ref = pools[sid][ai].run_shard.remote(shard, src)
-                    pending[ref] = (sid, shard, pools[sid][ai])
-                    load[sid][ai] += 1
-
-        def retire_idle() -> None:
-            busy = {sid for sid, _, _ in pending.values()}
-            for sid in by_id:
-                if not queues[sid] and sid not in busy and pools[sid]:
-                    for actor in pools[sid]:
-                        ray.kill(actor)
-                    pools[sid], load[sid] = [], []
-
+        plans_by, budget = cluster.plan_actors(
+            [(str(i), chain_resources(c), c[0].workers) for i, c in enumerate(chains)], cpus, gpus)
+        plans = [plans_by[str(i)] for i in range(len(chains))]
+        by_id = {s.stage_id: s for s in phase}
+        first = self.order.index(phase[0].stage_id)
+        run = self.cfg.run
+        sched = Scheduler([[s.stage_id for s in c] for c in chains], plans, budget, shards, committed,
+                          upstream=self.order[first - 1] if first else None, source=infos[0].source,
+                          limits=Limits(max_in_flight=run.max_in_flight_per_worker, max_attempts=MAX_SHARD_ATTEMPTS,
+                                        max_shard_deaths=run.max_shard_deaths))
+        ex = RayExecutor([[self.spec(by_id[s.stage_id]) for s in c] for c in chains], plans, specs,
+                         source_chain=0 if infos[0].source else None)
+        actions = sched.start()
         try:
-            submit()
-            while pending:
-                done, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
-                for ref in done:
-                    sid, shard, actor = pending.pop(ref)
-                    ai = next((i for i, a in enumerate(pools[sid]) if a is actor), None)
-                    if ai is not None:
-                        load[sid][ai] -= 1
-                    try:
-                        res: ShardResult = ray.get(ref)
-                    except ray.exceptions.RayActorError as exc:
-                        actor_deaths[sid] += 1
-                        if actor_deaths[sid] > plans[sid].maximum + 2:
-                            raise StageSetupError(f"stage {sid!r}: its workers keep dying: {exc}") from None
-                        if ai is not None:
-                            pools[sid].pop(ai)
-                            load[sid].pop(ai)
-                        queues[sid].appendleft(shard)
-                        continue
-                    except ray.exceptions.RayTaskError as exc:
-                        attempts[(sid, shard)] += 1
-                        if attempts[(sid, shard)] < MAX_SHARD_ATTEMPTS:
-                            queues[sid].appendleft(shard)
-                        else:
-                            failures[(sid, shard)] = str(exc.cause if hasattr(exc, "cause") else exc)[:2000]
-                            prog.stages[sid].failed += 1
-                            last = (failures[(sid, shard)].splitlines() or [""])[-1]
-                            self.console.print(
-                                f"[red]shard {shard} of {sid} failed {MAX_SHARD_ATTEMPTS} times:[/red] {last}")
-                        continue
-                    committed[sid].add(shard)
-                    prog.update(res)
-                retire_idle()
-                submit()
+            while True:
+                for act in actions:
+                    if isinstance(act, StartActor):
+                        ex.start_actor(act.chain, act.actor)
+                    elif isinstance(act, StopActor):
+                        ex.stop_actor(act.actor)
+                    elif isinstance(act, Request):
+                        ex.send(act)
+                    elif isinstance(act, ShardFailed):
+                        failures[(act.stage_id, act.shard)] = act.error[:2000]
+                        prog.stages[act.stage_id].failed += 1
+                        last = (act.error.splitlines() or [""])[-1]
+                        self.console.print(f"[red]shard {act.shard} of {act.stage_id} failed:[/red] {last}")
+                if not sched.busy():
+                    break
+                due = sched.next_due()
+                now = time.monotonic()
+                timeout = 0.5 if due is None else max(0.0, min(0.5, due - now))
+                for ev in ex.wait(timeout):
+                    req = sched.requests[ev.req]
+                    found = [] if ev.outcome == Outcome.DONE or req.kind != Kind.RUN else [
+                        sid for sid in sched.chains[req.chain].stages if is_committed(self.store, sid, req.shard)]
+                    if ev.outcome == Outcome.DONE:
+                        for res in ev.results:
+                            prog.update(res)
+                        sched.done(ev.req, committed=[r.stage_id for r in ev.results], samples=ev.samples)
+                    elif ev.outcome == Outcome.DIED:
+                        try:
+                            sched.died(ev.req, ev.error, committed=found)
+                        except SetupFailed as exc:
+                            raise StageSetupError(str(exc)) from None
+                    elif ev.outcome == Outcome.SETUP:
+                        raise StageSetupError(ev.error)
+                    else:
+                        sched.failed(ev.req, ev.error, transient=ev.outcome == Outcome.TRANSIENT, now=time.monotonic(),
+                                     committed=found)
+                actions = sched.decide(time.monotonic())
                 prog.update()
         finally:
-            # Killing the actors ends their in-flight shards; nothing of those was committed.
-            for pool in pools.values():
-                for actor in pool:
-                    ray.kill(actor)
+            ex.close()
 
     def _run_global(self, s: ResolvedStage, shards: list[str], committed: dict[str, set[str]],
                     failures: dict[tuple[str, str], str], prog: Progress) -> None:

@@ -80,7 +80,7 @@ def test_resume_after_sigkill_is_byte_identical_to_an_uninterrupted_run(tmp_path
     assert not (resumed / "export" / "export.json").exists()
 
     _finish(_cli(config, resumed))
-    for pattern in ("shards/*/*.tar", "export/*/*/*.tar", "identities/*.parquet", "plan.json"):
+    for pattern in ("shards/*/*.tar", "export/*/*/*.tar", "identities/*.parquet", "plan.*"):
         a, b = _files(ref, pattern), _files(resumed, pattern)
         assert a.keys() == b.keys() and a, pattern
         assert a == b, f"{pattern} differs after resume"

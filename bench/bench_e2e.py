@@ -1,0 +1,322 @@
+"""End to end against what a user would write instead: the same rendered images, the same dlib models.
+
+Three ways to detect (dlib HOG + 68 landmarks), align (5 points onto the ArcFace 112 template) and
+embed (dlib ResNet 128-d) a set of rendered face images stored as WebDataset tars:
+
+- bare: a ``multiprocessing.Pool(cpus)`` loop over the tars, one Parquet file of vectors per tar;
+- raydata: ``ray.data.read_webdataset`` -> ``map_batches`` with an actor class -> ``write_parquet``;
+- facefoundry: ``ingest`` (tar mode) -> ``detect`` -> ``align`` -> ``embed`` through the CLI.
+
+Each way runs in its own fresh Python process (imports and start-up included), the ways alternate
+``--repeat`` times and the best wall time of each is reported (the machine is shared: best-of is the
+least noisy figure). "steady" is the output rate between the first and the last output (after
+start-up and the first shard), as a ratio to the bare loop's. Prints one JSON line at the end.
+
+    python bench/bench_e2e.py --images 512 --repeat 2 [--ways bare,raydata,facefoundry] [--bytes]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+# ---------------------------------------------------------------- the images
+
+
+def render_images(n: int, cache: Path) -> list[str]:
+    """The quickstart's renderer, ``n`` images (8 per identity) in tars of 64: made once, then reused."""
+    tars = sorted(glob.glob(str(cache / "run" / "shards" / "render" / "*.tar")))
+    if len(tars) == (n + 63) // 64:
+        return tars
+    from pipeline.config import load_config
+    from pipeline.engine.runner import Runner
+
+    raw = {"name": "bench-e2e-images", "run": {"seed": 0, "shard_size": 64},
+           "identities": {"count": n // 8, "images_per_identity": 8, "dim": 512, "max_cosine": 0.35},
+           "stages": [{"stage": "render", "params": {"size": 256, "max_yaw": 20}}],
+           "export": {"enabled": False}}
+    cfg, stages = load_config(raw=raw)
+    res = Runner(cfg, stages, str(cache / "run"), show_progress=False).run(new=True, num_cpus=os.cpu_count() or 2)
+    assert res.complete, res
+    return sorted(glob.glob(str(cache / "run" / "shards" / "render" / "*.tar")))
+
+
+# ---------------------------------------------------------------- the work, as a user writes it
+
+
+class FaceWork:
+    """Detect, align and embed one decoded image with facekit's dlib backends."""
+
+    def __init__(self) -> None:
+        from facekit.backends.dlib import DlibDetector, DlibEmbedder
+
+        self.det = DlibDetector({"upsample": 1})
+        self.emb = DlibEmbedder({})
+
+    def __call__(self, png: bytes) -> list[float] | None:
+        from facekit.geometry import align_to_template, warp
+        from facekit.imaging import decode_rgb
+
+        rgb = decode_rgb(png)
+        faces = self.det.detect(rgb)
+        if not faces:
+            return None
+        fit = align_to_template(faces[0].landmarks5)
+        crop = warp(rgb, fit.for_size(112), 112)
+        return [float(v) for v in self.emb.embed([crop])[0]]
+
+
+def _bare_worker(args: tuple[list[str], str]) -> list[tuple[float, int]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import webdataset as wds
+
+    tars, out = args
+    work = FaceWork()
+    done = []
+    for tar in tars:
+        keys, vecs = [], []
+        for s in wds.WebDataset([tar], shardshuffle=False, empty_check=False):
+            keys.append(s["__key__"])
+            vecs.append(work(s["png"]))
+        pq.write_table(pa.table({"key": keys, "embedding": vecs}), f"{out}/{Path(tar).stem}.parquet")
+        done.append((time.time(), len(keys)))
+    return done
+
+
+def way_bare(tars: list[str], out: str, cpus: int) -> dict[str, Any]:
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(cpus) as pool:
+        parts = pool.map(_bare_worker, [(tars[i::cpus], out) for i in range(cpus)])
+    marks = sorted(m for p in parts for m in p)
+    return {"samples": sum(k for _, k in marks), "marks": marks}
+
+
+class _RayFace:
+    def __init__(self) -> None:
+        self.work = FaceWork()
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        vecs = [self.work(b) for b in batch["png"]]
+        return {"key": list(batch["__key__"]), "embedding": vecs, "t": [time.time()] * len(vecs)}
+
+
+def way_raydata(tars: list[str], out: str, cpus: int) -> dict[str, Any]:
+    import ray
+    import ray.data
+
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             _temp_dir=tempfile.mkdtemp(prefix="ffray-", dir="/tmp"))
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ds = ray.data.read_webdataset(tars, decoder=None)
+    ds = ds.map_batches(_RayFace, concurrency=cpus, batch_size=16, num_cpus=1, batch_format="numpy")
+    ds.write_parquet(out)
+    ray.shutdown()
+    import pyarrow.parquet as pq
+
+    t = sorted(pq.read_table(out, columns=["t"]).column("t").to_pylist())
+    marks: dict[float, int] = {}
+    for v in t:
+        marks[v] = marks.get(v, 0) + 1
+    return {"samples": len(t), "marks": sorted(marks.items())}
+
+
+def way_facefoundry(tars: list[str], out: str, cpus: int) -> dict[str, Any]:
+    import yaml
+
+    cfg = {"name": "bench-e2e", "run": {"seed": 0, "shard_size": 64},
+           "stages": [{"stage": "ingest", "params": {"tars": tars}},
+                      {"stage": "detect", "params": {"backend": "dlib", "options": {"upsample": 1},
+                                                     "policy": "one_face_per_image"}},
+                      {"stage": "align"}, {"stage": "embed"}],
+           "export": {"enabled": False}}
+    path = Path(out) / "bench.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(path), "--output", f"{out}/run",
+                           "--no-progress", "--num-cpus", str(cpus)], cwd=REPO, env=env, capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stdout[-3000:] + proc.stderr[-3000:])
+    import pyarrow.parquet as pq
+
+    marks = []
+    for f in sorted(glob.glob(f"{out}/run/manifests/embed/*.parquet")):
+        t = pq.read_table(f, columns=["processed_at"]).column("processed_at")
+        marks.append((t[0].as_py().timestamp(), len(t)))
+    return {"samples": sum(k for _, k in marks), "marks": sorted(marks)}
+
+
+WAYS = {"bare": way_bare, "raydata": way_raydata, "facefoundry": way_facefoundry}
+
+
+def _steady_rate(marks: list[tuple[float, int]]) -> float:
+    """Samples per second from the first output to the last (start-up and the first output excluded)."""
+    if len(marks) < 2 or marks[-1][0] <= marks[0][0]:
+        return 0.0
+    return sum(k for _, k in marks[1:]) / (marks[-1][0] - marks[0][0])
+
+
+def run_one(way: str, tars: list[str], cpus: int) -> dict[str, Any]:
+    """One way in a fresh process, so imports and start-up count as they do for a user."""
+    out = tempfile.mkdtemp(prefix=f"ffe2e-{way}-")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, __file__, "--child", way, "--out", out, "--cpus", str(cpus),
+                           "--tars-json", json.dumps(tars)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{way} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    subprocess.run(["rm", "-rf", out], check=False)
+    return {"wall": wall, "samples": res["samples"], "steady": _steady_rate([tuple(m) for m in res["marks"]])}
+
+
+# ---------------------------------------------------------------- bytes read per shard per stage
+
+
+def bytes_per_stage(tars: list[str], cpus: int) -> dict[str, Any]:
+    """Bytes a stage reads from the run directory for one shard: separate actors (today: every upstream
+    manifest in full plus the pixel tar) vs a fused chain (measured by running the chain in this
+    process on one shard of a finished run, counting every read through RunStorage)."""
+    import shutil
+
+    import ray
+
+    from manifests.storage import RunStorage
+    from pipeline.config import load_config
+    from pipeline.engine import execution
+    from pipeline.engine.fused import ChainExecutor
+    from pipeline.engine.runner import Runner
+
+    counted: dict[str, int] = {"bytes": 0}
+    real_cat, real_open = RunStorage.read_bytes, execution.read_manifest
+
+    def read_bytes(self: RunStorage, *parts: str) -> bytes:
+        data = real_cat(self, *parts)
+        counted["bytes"] += len(data)
+        return data
+
+    def read_manifest(store: RunStorage, stage_id: str, shard: str, columns: set[str] | None = None) -> Any:
+        with store.fs.open(store.path(*execution.manifest_path(stage_id, shard)), "rb") as f:
+            import io
+
+            import pyarrow.parquet as pq
+
+            raw = f.read()
+        counted["bytes"] += len(raw) if columns is None else 0
+        pf = pq.ParquetFile(io.BytesIO(raw))
+        if columns is None:
+            return pf.read()
+        names = [c for c in pf.schema_arrow.names if c in columns]
+        # Bytes of the column chunks a projected read fetches (what a range-reading store transfers).
+        md = pf.metadata
+        counted["bytes"] += sum(md.row_group(g).column(i).total_compressed_size for g in range(md.num_row_groups)
+                                for i in range(md.num_columns) if md.row_group(g).column(i).path_in_schema in names)
+        return pf.read(columns=names)
+
+    raw = {"name": "bench-bytes", "run": {"seed": 0, "shard_size": 64},
+           "stages": [{"stage": "ingest", "params": {"tars": tars[:2]}},
+                      {"stage": "detect", "params": {"backend": "dlib", "options": {"upsample": 1}}},
+                      {"stage": "align"}, {"stage": "embed"}],
+           "export": {"enabled": False}}
+    tmp = Path(tempfile.mkdtemp(prefix="ffe2e-bytes-"))
+    cfg, stages = load_config(raw=raw)
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             _temp_dir=tempfile.mkdtemp(prefix="ffray-", dir="/tmp"))
+    runner = Runner(cfg, stages, str(tmp / "run"), show_progress=False)
+    assert runner.run().complete
+    ray.shutdown()
+    shard = "000000"
+    RunStorage.read_bytes = read_bytes  # type: ignore[method-assign]
+    execution.read_manifest = read_manifest  # type: ignore[assignment]
+    try:
+        before: dict[str, int] = {}
+        for s in stages[1:]:
+            counted["bytes"] = 0
+            execution.load_shard_input(runner.store, runner.spec(s).upstream, shard)
+            before[s.stage_id] = counted["bytes"]
+        declared: dict[str, int] = {}
+        uses = {"detect": set(), "align": {"landmarks5"}, "embed": set()}
+        for s in stages[1:]:
+            counted["bytes"] = 0
+            execution.load_shard_input(runner.store, runner.spec(s).upstream, shard, columns=uses[s.stage_id])
+            declared[s.stage_id] = counted["bytes"]
+        shutil.copytree(tmp / "run", tmp / "fused")
+        for s in stages[1:]:
+            (tmp / "fused" / "manifests" / s.stage_id / f"{shard}.parquet").unlink()
+        chain = ChainExecutor([runner.spec(s) for s in stages[1:]])
+        fused: dict[str, int] = {}
+        for ex in chain.execs:
+            ex.store = RunStorage(str(tmp / "fused"))
+        from pipeline.engine.execution import ShardCache
+
+        cache = ShardCache()
+        for ex in chain.execs:
+            counted["bytes"] = 0
+            ex.run_shard(shard, None, cache=cache)
+            fused[ex.spec.stage_id] = counted["bytes"]
+    finally:
+        RunStorage.read_bytes = real_cat  # type: ignore[method-assign]
+        execution.read_manifest = real_open  # type: ignore[assignment]
+    return {"shard_samples": 64, "separate_actors": before, "separate_with_declared_reads": declared,
+            "fused_chain": fused}
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=512)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--ways", default="bare,raydata,facefoundry")
+    ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "ffe2e-images"))
+    ap.add_argument("--bytes", action="store_true", help="also measure bytes read per shard per stage")
+    ap.add_argument("--child")
+    ap.add_argument("--out")
+    ap.add_argument("--tars-json")
+    a = ap.parse_args()
+    if a.child:
+        res = WAYS[a.child](json.loads(a.tars_json), a.out, a.cpus)
+        print(json.dumps(res))
+        return
+    tars = render_images(a.images, Path(a.cache) / str(a.images))
+    ways = a.ways.split(",")
+    runs: dict[str, list[dict[str, Any]]] = {w: [] for w in ways}
+    for rep in range(a.repeat):
+        for w in ways if rep % 2 == 0 else list(reversed(ways)):  # alternate the order
+            r = run_one(w, tars, a.cpus)
+            runs[w].append(r)
+            print(f"[e2e] {w:12s} run {rep + 1}: {r['wall']:7.1f} s  steady {r['steady']:6.2f} img/s", flush=True)
+    best = {w: min(rs, key=lambda r: r["wall"]) for w, rs in runs.items() if rs}
+    steady = {w: max(r["steady"] for r in rs) for w, rs in runs.items() if rs}
+    summary: dict[str, Any] = {"images": a.images, "cpus": a.cpus, "repeat": a.repeat,
+                               "wall_s": {w: round(b["wall"], 2) for w, b in best.items()},
+                               "steady_img_s": {w: round(v, 3) for w, v in steady.items()}}
+    if "bare" in best:
+        summary["end_to_end_vs_bare"] = {w: round(best["bare"]["wall"] / b["wall"], 3) for w, b in best.items()}
+        summary["steady_vs_bare"] = {w: round(v / steady["bare"], 3) if steady["bare"] else None
+                                     for w, v in steady.items()}
+    if a.bytes:
+        summary["bytes_read_per_shard"] = bytes_per_stage(tars, a.cpus)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Carrying out the scheduler's actions on Ray: the one place the streaming phase touches Ray.
+
+``Executor`` is the interface the runner's loop drives (start and stop actors, send requests, wait
+for what finished); ``RayExecutor`` is the implementation on Ray actors. Every failure Ray can
+report for an actor call is turned into one of four outcomes the scheduler understands: done,
+failed (the stage raised), transient (retry later) or died (the actor or its node is gone).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import ray
+
+from pipeline.engine.cluster import ActorPlan
+from pipeline.engine.execution import ShardResult, StageSpec
+from pipeline.engine.fused import ChainExecutor, StageSetupError
+from pipeline.engine.scheduler import Kind, Request
+from stages.base import TransientError
+
+
+class Outcome(enum.StrEnum):
+    DONE = "done"
+    FAILED = "failed"
+    TRANSIENT = "transient"
+    DIED = "died"
+    SETUP = "setup"  # the stage cannot set up: stop the run
+
+
+@dataclass
+class Event:
+    req: int
+    outcome: Outcome
+    results: list[ShardResult] = field(default_factory=list)
+    samples: list[str] = field(default_factory=list)
+    error: str = ""
+
+
+class Executor(Protocol):
+    def start_actor(self, chain: int, actor: int) -> None: ...
+    def stop_actor(self, actor: int) -> None: ...
+    def send(self, request: Request) -> None: ...
+    def wait(self, timeout: float) -> list[Event]: ...
+    def close(self) -> None: ...
+
+
+# ---------------------------------------------------------------- failure classification
+# A minimal local classification; pipeline/engine/faults.py (storage/commit work) holds the shared one.
+
+_DEATHS: tuple[type[BaseException], ...] = tuple(
+    t for t in (getattr(ray.exceptions, n, None) for n in (
+        "RayActorError", "ActorDiedError", "ActorUnavailableError", "WorkerCrashedError", "NodeDiedError",
+        "ObjectLostError", "OwnerDiedError", "ObjectReconstructionFailedError", "OutOfMemoryError",
+        "LocalRayletDiedError", "RaySystemError", "TaskUnschedulableError", "ActorUnschedulableError",
+        "ObjectFetchTimedOutError", "ReferenceCountingAssertionError")) if isinstance(t, type))
+
+
+def _cause(exc: BaseException) -> BaseException:
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else exc
+
+
+def classify(exc: BaseException) -> Outcome:
+    """What a failed actor call means for its shard."""
+    if isinstance(exc, ray.exceptions.RayTaskError):
+        cause = _cause(exc)
+        if isinstance(cause, TransientError) or isinstance(exc, TransientError):
+            return Outcome.TRANSIENT
+        if isinstance(cause, StageSetupError) or isinstance(exc, StageSetupError):
+            return Outcome.SETUP
+        return Outcome.FAILED
+    if isinstance(exc, _DEATHS):
+        return Outcome.DIED
+    if isinstance(exc, TransientError):
+        return Outcome.TRANSIENT
+    return Outcome.FAILED
+
+
+def describe(exc: BaseException) -> str:
+    return str(_cause(exc))[:2000]
+
+
+# ---------------------------------------------------------------- Ray
+
+
+@ray.remote
+class StageActor:
+    """Holds one set-up chain of stages; Ray keeps it alive while the chain has work."""
+
+    def __init__(self, specs: list[StageSpec]) -> None:
+        self.chain = ChainExecutor(specs)
+
+    def run(self, shard: str, source_spec: dict[str, Any] | None, start: int, quarantine: tuple[str, ...],
+            detail: str) -> list[ShardResult]:
+        return self.chain.run(shard, source_spec, start, quarantine, detail)
+
+    def samples(self, shard: str, start: int) -> list[str]:
+        return self.chain.samples(shard, start)
+
+    def probe(self, shard: str, start: int, sample_ids: tuple[str, ...]) -> bool:
+        return self.chain.probe(shard, start, sample_ids)
+
+
+class RayExecutor:
+    def __init__(self, specs: list[list[StageSpec]], plans: list[ActorPlan], source_specs: dict[str, Any],
+                 source_chain: int | None) -> None:
+        self.specs = specs
+        self.plans = plans
+        self.source_specs = source_specs
+        self.source_chain = source_chain
+        self.actors: dict[int, Any] = {}
+        self.pending: dict[Any, Request] = {}  # insertion order is submission order
+
+    def start_actor(self, chain: int, actor: int) -> None:
+        p = self.plans[chain]
+        opts: dict[str, Any] = {"num_cpus": p.num_cpus, "num_gpus": p.num_gpus, "max_concurrency": 1}
+        if p.memory:
+            opts["memory"] = p.memory
+        self.actors[actor] = StageActor.options(**opts).remote(self.specs[chain])  # type: ignore[attr-defined]
+
+    def stop_actor(self, actor: int) -> None:
+        handle = self.actors.pop(actor, None)
+        if handle is not None:
+            ray.kill(handle)
+
+    def send(self, r: Request) -> None:
+        actor = self.actors[r.actor]
+        if r.kind == Kind.RUN:
+            src = self.source_specs.get(r.shard) if r.chain == self.source_chain and r.start == 0 else None
+            ref = actor.run.remote(r.shard, src, r.start, r.samples, r.detail)
+        elif r.kind == Kind.SAMPLES:
+            ref = actor.samples.remote(r.shard, r.start)
+        else:
+            ref = actor.probe.remote(r.shard, r.start, r.samples)
+        self.pending[ref] = r
+
+    def wait(self, timeout: float) -> list[Event]:
+        if not self.pending:
+            return []
+        first, _ = ray.wait(list(self.pending), num_returns=1, timeout=timeout, fetch_local=False)
+        if not first:
+            return []
+        done, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0, fetch_local=False)
+        ready = set(done) | set(first)
+        events = []
+        for ref in [r for r in self.pending if r in ready]:  # in submission order: deaths are blamed right
+            r = self.pending.pop(ref)
+            try:
+                value = ray.get(ref)
+            except Exception as exc:  # every Ray failure becomes an outcome; none ends the loop unseen
+                outcome = classify(exc)
+                if outcome == Outcome.DIED:
+                    self.actors.pop(r.actor, None)
+                events.append(Event(r.req, outcome, error=describe(exc)))
+                continue
+            if r.kind == Kind.RUN:
+                events.append(Event(r.req, Outcome.DONE, results=value))
+            elif r.kind == Kind.SAMPLES:
+                events.append(Event(r.req, Outcome.DONE, samples=value))
+            else:
+                events.append(Event(r.req, Outcome.DONE))
+        return events
+
+    def close(self) -> None:
+        # Killing the actors ends their in-flight shards; nothing of those was committed.
+        for aid in list(self.actors):
+            self.stop_actor(aid)
+        self.pending.clear()
