@@ -169,7 +169,7 @@ class ResolvedStage(BaseModel):
 
     index: int
     stage_id: str
-    cls: type[Stage]
+    cls: type[Stage]  # type: ignore[type-arg]  # pydantic cannot subscript type[] with a generic
     params: Params
     resources: Resources
     batch_size: int

@@ -121,7 +121,7 @@ def recognition_train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None
         labels = labels.to(worker.device, non_blocking=True)
         lr = lr_at(step, total, cfg.optimizer)
         set_lr(optimizer, lr)
-        unwrap(model).head.step = step
+        unwrap(model).head.step = step  # type: ignore[union-attr]  # head is the margin module
         with torch.autocast(device_type=worker.device.type, dtype=torch.float16, enabled=amp):
             loss = model(images, labels)
         optimizer.zero_grad(set_to_none=True)

@@ -11,6 +11,7 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass
+from typing import Any
 
 import ray
 
@@ -30,7 +31,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
+    env: dict[str, Any] = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
                         "PYTHONWARNINGS": "ignore::DeprecationWarning"}}
     if address:
         import facekit

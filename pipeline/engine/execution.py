@@ -64,7 +64,7 @@ class StageSpec:
     """Everything a worker needs to run one stage; small and picklable."""
 
     stage_id: str
-    cls: type[Stage]
+    cls: type[Stage[Any]]
     params: Params
     batch_size: int
     fingerprint: str
@@ -72,7 +72,7 @@ class StageSpec:
     upstream: tuple[UpstreamInfo, ...]
     context: StageContext
 
-    def build(self) -> Stage:
+    def build(self) -> Stage[Any]:
         return self.cls(self.params, self.context)
 
 
@@ -253,7 +253,7 @@ def _read_tar(store: RunStorage, stage_id: str, shard: str, rel: str, record: Ta
     return data
 
 
-def remember(cache: ShardCache, stage: Stage, stage_id: str, table: pa.Table, out: Batch, wrote_tar: bool) -> None:
+def remember(cache: ShardCache, stage: Stage[Any], stage_id: str, table: pa.Table, out: Batch, wrote_tar: bool) -> None:
     """Keep a stage's output for the next stage of a fused chain: exactly what that stage would read
     back from storage (the manifest as built; the images the tar holds)."""
     cache.tables[stage_id] = table
@@ -322,7 +322,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:500] if text else type(exc).__name__
 
 
-def process_isolated(stage: Stage, batch: Batch) -> Batch:
+def process_isolated(stage: Stage[Any], batch: Batch) -> Batch:
     """Run ``process``; if a batch fails, retry sample by sample so one bad sample costs one row.
 
     A transient failure (``TransientError``, a storage 5xx or timeout: ``faults.is_transient``) says
@@ -374,7 +374,7 @@ def complete_rows(batch: Batch, out: Batch) -> Batch:
 # ---------------------------------------------------------------- commit
 
 
-def build_manifest(spec: StageSpec, stage: Stage, shard: str, out: Batch, input_shard: str | None,
+def build_manifest(spec: StageSpec, stage: Stage[Any], shard: str, out: Batch, input_shard: str | None,
                    output_shard: str | None, locations: dict[str, Any], worker: str,
                    durations: list[float]) -> pa.Table:
     fields = stage.output_fields()

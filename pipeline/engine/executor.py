@@ -8,6 +8,7 @@ failed (the stage raised), transient (retry later) or died (the actor or its nod
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -102,6 +103,9 @@ class StageActor:
     def probe(self, shard: str, start: int, sample_ids: tuple[str, ...]) -> bool:
         return self.chain.probe(shard, start, sample_ids)
 
+    def teardown(self) -> None:
+        self.chain.teardown()
+
 
 class RayExecutor:
     def __init__(self, specs: list[list[StageSpec]], plans: list[ActorPlan], source_specs: dict[str, Any],
@@ -123,6 +127,9 @@ class RayExecutor:
     def stop_actor(self, actor: int) -> None:
         handle = self.actors.pop(actor, None)
         if handle is not None:
+            # Let the stages release servers and GPU memory; a dead or stuck actor is killed anyway.
+            with contextlib.suppress(Exception):
+                ray.get(handle.teardown.remote(), timeout=30)
             ray.kill(handle)
 
     def send(self, r: Request) -> None:

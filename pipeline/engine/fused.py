@@ -8,6 +8,7 @@ the fragment just built and the images just written from memory, not from the ru
 
 from __future__ import annotations
 
+import contextlib
 import traceback
 from typing import Any
 
@@ -29,6 +30,12 @@ class ChainExecutor:
             self.execs = [ShardExecutor(s) for s in specs]
         except Exception:  # a setup error is reported on every call, so the driver can stop the run
             self.error = traceback.format_exc()[-4000:]
+
+    def teardown(self) -> None:
+        """Each stage releases what its setup took; one that fails to must not keep the others."""
+        for ex in self.execs:
+            with contextlib.suppress(Exception):  # the actor is retired either way
+                ex.stage.teardown()
 
     def _check(self) -> None:
         if self.error is not None:

@@ -42,6 +42,8 @@ from pipeline.engine.rundir import (
 from stages.base import SourceStage, Stage, StageContext, StageKind
 
 MAX_SHARD_ATTEMPTS = 3
+# What a failed global phase may raise: its own error, a bad input it could not use, or any Ray failure.
+GLOBAL_FAILURES: tuple[type[BaseException], ...] = (GlobalStageError, ValueError, TypeError, *RAY_FAILURES)
 
 
 @dataclass
@@ -77,7 +79,7 @@ class Runner:
             for s in stages
         }
         # Instances in the driver are never set up: they only answer schema questions.
-        self.instances: dict[str, Stage] = {s.stage_id: s.cls(s.params, self.contexts[s.stage_id]) for s in stages}
+        self.instances: dict[str, Stage[Any]] = {s.stage_id: s.cls(s.params, self.contexts[s.stage_id]) for s in stages}
         self._check_columns()
 
     # ------------------------------------------------------------ validation before work
@@ -147,7 +149,7 @@ class Runner:
         if plan is None or plan.get("fingerprint") != fp:
             inst = self.instances[source.stage_id]
             assert hasattr(inst, "plan")
-            specs = inst.plan(self.cfg.run.shard_size)  # type: ignore[attr-defined]
+            specs = inst.plan(self.cfg.run.shard_size)
             plan = {"fingerprint": fp, "source": source.stage_id,
                     "shards": [{"name": _shard_name(i), "spec": sp} for i, sp in enumerate(specs)]}
             write_plan(self.store, plan)
@@ -354,7 +356,7 @@ class Runner:
             return
         try:  # distributed tasks, retried on any Ray failure; the driver only coordinates
             results = run_global_distributed(self.spec(s), shards, [sh for sh in shards if sh not in committed[sid]])
-        except (GlobalStageError, *RAY_FAILURES, ValueError, TypeError) as exc:
+        except GLOBAL_FAILURES as exc:
             failures[(sid, "*")] = str(exc)[:4000]
             prog.stages[sid].failed = len(shards) - len(committed[sid])
             self.console.print(f"[red]global stage {sid} failed:[/red] {(str(exc).splitlines() or [''])[-1]}")
@@ -370,7 +372,8 @@ class Runner:
         from manifests.compaction import compact_stage
 
         task = ray.remote(compact_stage).options(num_cpus=0.25)
-        return [(s.stage_id, task.remote(self.store.url, s.stage_id, storage_options=self.store.storage_options))
+        return [(s.stage_id, task.remote(self.store.url, s.stage_id,  # type: ignore[call-arg]  # Ray's stub
+                                         storage_options=self.store.storage_options))
                 for s in phase if shards and len(committed[s.stage_id]) == len(shards)]
 
     def _await_compactions(self, pending: list[Any]) -> None:

@@ -148,7 +148,8 @@ def identity_sheets(con: duckdb.DuckDBPyConnection, names: dict[str, str]) -> li
     return sheets
 
 
-def pixel_locations(con: duckdb.DuckDBPyConnection, wanted: list[tuple[str, int]]) -> dict[tuple[str, int], dict]:
+def pixel_locations(con: duckdb.DuckDBPyConnection,
+                    wanted: list[tuple[str, int]]) -> dict[tuple[str, int], dict[str, Any]]:
     """For each (sample, stage index): the last pixels written for it (or its parent) up to that stage:
     the image the stage looked at. Only the wanted handful of rows is joined."""
     if not wanted:

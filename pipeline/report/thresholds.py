@@ -9,7 +9,7 @@ from stages.base import FilterStage, StageContext, StageKind
 
 
 def stage_kinds_and_thresholds(config: dict[str, Any], run_url: str) -> tuple[dict[str, StageKind],
-                                                                             dict[tuple[str, str], list]]:
+                                                                             dict[tuple[str, str], list[Any]]]:
     """Per stage id its kind, and per (stage, column) the threshold lines as (x, label).
 
     The frozen config is re-resolved to ask each filter; a stage class that no longer imports or

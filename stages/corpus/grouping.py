@@ -153,8 +153,8 @@ class GroupingStage(GlobalStage):
             gid = group_id(p.id_prefix, [ids[i] for i in group])
             for member in group:
                 out[IDENTITY_ID][member] = gid
-                out["group_size"][i] = len(group)
-                out["threshold"][i] = threshold
+                out["group_size"][member] = len(group)
+                out["threshold"][member] = threshold
         sizes = [len(g) for g in members.values()]
         self._summary = {
             "method": method,

@@ -52,7 +52,7 @@ def test_sigkill_at_random_moments_then_resume_is_byte_identical_with_no_duplica
     assert killed >= 1, "no kill landed before the run finished"
 
     _finish(_cli(config, out))
-    for pattern in ("shards/*/*.tar", "export/*/*.tar", "identities/*.parquet", "plan.json"):
+    for pattern in ("shards/*/*.tar", "export/*/*/*.tar", "identities/*.parquet", "plan.*"):
         a, b = _files(ref, pattern), _files(out, pattern)
         assert a.keys() == b.keys() and a, pattern
         assert a == b, f"{pattern} differs after {killed} kills (seed {seed})"

@@ -79,7 +79,7 @@ def test_an_s3_run_killed_and_resumed_is_byte_identical_to_a_local_run(tmp_path:
         assert "took over the lock" in log and "is gone" in log, log[-3000:]  # dead pid here: at once
         store.fs.invalidate_cache()
         assert not store.exists(LOCK_FILE), "the finished run did not release its lock"
-        for pattern in ("shards/*/*.tar", "export/*/*.tar", "identities/*.parquet", "plan.json"):
+        for pattern in ("shards/*/*.tar", "export/*/*/*.tar", "identities/*.parquet", "plan.*"):
             a, b = _files(ref, pattern), _remote_files(store, pattern)
             assert a.keys() == b.keys() and a, pattern
             assert a == b, f"{pattern} differs between the local run and the resumed s3 run"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import io
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from manifests.commit import encode_manifest
 from manifests.layout import DECISIONS_TABLE, SAMPLES_TABLE, manifest_path, table_file
 from manifests.schema import manifest_schema
 from manifests.storage import RunStorage
@@ -41,9 +41,8 @@ def _frag(store: RunStorage, stage: StageColumns, shard: str, rows: list[dict[st
                     "status": "ok", "keep": True, "params_hash": "p", "fingerprint": "f"})
         row.update(r)
         full.append(row)
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(full, schema=schema), buf)
-    store.write_atomic(buf.getvalue(), *manifest_path(stage.stage_id, shard))
+    table = pa.Table.from_pylist(full, schema=schema)
+    store.write_atomic(encode_manifest(table), *manifest_path(stage.stage_id, shard))
 
 
 def _shard(store: RunStorage, shard: str, n_images: int, with_landmarks: bool) -> None:
