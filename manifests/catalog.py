@@ -46,6 +46,8 @@ from manifests.layout import (
     MANIFESTS_DIR,
     METRICS_DIR,
     SAMPLES_TABLE,
+    SHARD_SUFFIX,
+    SHARDS_DIR,
     TABLES_DONE,
 )
 from manifests.schema import COMMON_FIELDS
@@ -178,6 +180,10 @@ class Catalog:
         src = StageSource(stage_id, frags)
         if pointer is not None and pointer.get("fragments") != frags:
             pointer = None  # stale: a fragment was added, removed or rewritten since
+        if pointer is not None and pointer.get("tars"):
+            listed = self.store.list_sizes(SHARDS_DIR, stage_id, suffix=SHARD_SUFFIX)
+            if any(listed.get(name) != size for name, size in pointer["tars"].items()):
+                pointer = None  # a shard tar was truncated or removed since: check each fragment
         if frags:
             if pointer is not None:
                 src.compacted = pointer

@@ -37,6 +37,7 @@ import duckdb
 import pyarrow.parquet as pq
 
 from manifests.catalog import COMMITTED_GLOB, _lit, _q, array_casts, committed_fragments, sandbox
+from manifests.commit import scan_fragments
 from manifests.layout import COMPACTED_DIR, COMPACTED_POINTER, MANIFEST_SUFFIX, MANIFESTS_DIR, compacted_dir
 from manifests.storage import TMP_PREFIX, RunStorage
 
@@ -96,6 +97,10 @@ def compact_stage(store: RunStorage | str, stage_id: str, *, storage_options: di
     current = read_pointer(store, stage_id)
     if current is not None and current.get("fragments") == frags:
         return current
+    # The shard tars the fragments committed, by size: a reader of the copy lists the tar folder once and
+    # falls back to the fragment check when one was truncated or removed since (the copy cannot tell).
+    tars = {posixpath.basename(f.record.tar.path): f.record.tar.size
+            for f in scan_fragments(store, stage_id).fragments if f.record.tar is not None}
     gen = hashlib.sha256(json.dumps(sorted(frags.items())).encode()).hexdigest()[:16]
     rel_dir = [COMPACTED_DIR, gen]
     url = (lambda p: p) if store.is_local else store.fs.unstrip_protocol
@@ -146,6 +151,7 @@ def compact_stage(store: RunStorage | str, stage_id: str, *, storage_options: di
             "generation": gen,
             "dir": rel_dir,
             "fragments": frags,
+            "tars": tars,
             "rows": sum(f["rows"] for f in files),
             "files": files,
             "columns": schema.names,

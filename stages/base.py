@@ -109,6 +109,9 @@ class Stage(Generic[P]):
     # Columns this stage reads that earlier stages write (besides sample_id/key/identity_id/parent_id and
     # the image). The runner refuses, before any work, a config where no earlier stage writes one.
     reads: ClassVar[tuple[str, ...]] = ()
+    # Columns it uses when an earlier stage wrote them (a crop's align matrix, 68 points): not required by
+    # the config check, but kept by the projected read. A stage that declares neither reads every column.
+    optional_reads: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -158,6 +161,11 @@ class Stage(Generic[P]):
     def input_columns(self) -> tuple[str, ...]:
         """Upstream columns this configured stage reads. Override when they depend on params."""
         return tuple(self.reads)
+
+    def projected_columns(self) -> set[str] | None:
+        """The upstream columns to load for this stage, or None for all of them."""
+        wanted = {*self.input_columns(), *self.optional_reads}
+        return wanted or None
 
     def rows(self, batch: Batch) -> Rows:
         """An output builder for ``batch``: one ok, kept row per input sample, own columns empty."""

@@ -500,9 +500,8 @@ class ShardExecutor:
             per = (time.perf_counter() - t0) * 1000 / max(rows_in, 1)
             durations = [per] * rows_in
         else:
-            reads = getattr(stage, "reads", ())
             batch, input_shard = load_shard_input(self.store, spec.upstream, shard,
-                                                  columns=set(reads) if reads else None, cache=cache)
+                                                  columns=stage.projected_columns(), cache=cache)
             if only is not None:
                 batch = subset(batch, set(only))
             rows_in = len(batch[SAMPLE_ID])

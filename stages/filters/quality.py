@@ -73,6 +73,9 @@ class QualityStage(FilterStage[QualityParams]):
         pa.field("pose_error", pa.float32()),  # RMS reprojection error / inter-ocular distance
     )
     reads: ClassVar[tuple[str, ...]] = ("landmarks5",)
+    # An aligned crop (align_matrix set) is scored as it is; without one the crop is made here from the
+    # 5 points. 68 points give a better head pose; box and detector score are reported when present.
+    optional_reads: ClassVar[tuple[str, ...]] = ("align_matrix", "landmarks68", "det_score", "face_box")
 
     def score_row(self, batch: Batch, i: int) -> dict[str, Any]:
         """Scores of row ``i``; raises ImageError / RowError when its pixels or landmarks are unusable."""

@@ -1,5 +1,5 @@
-"""A small quickstart run with something in every report section: detect errors (extreme yaw), drops
-by filters, consistency and separation drops (strict thresholds) and export thresholds. Shared by the
+"""A small quickstart run with something in every report section: detect errors (YuNet's score bar
+raised above the faces of the more turned renders), drops by filters, consistency and separation drops (strict thresholds) and export thresholds. Shared by the
 report, CLI-manners and README-command tests; built once per session on the test Ray."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from tests.fixtures import EXAMPLES
 SMALL_QUICKSTART = [
     "identities.count=12", "identities.images_per_identity=5", "run.shard_size=30",
     "export.val_fraction=0.2", "export.min_images_per_identity=2",
-    "stages.render.params.max_yaw=40",
-    "stages.consistency.params.threshold=0.25", "stages.consistency.params.keep_nearest=false",
+    "stages.render.params.max_yaw=40", "stages.detect.params.options.score_threshold=0.9",
+    "stages.consistency.params.threshold=0.85", "stages.consistency.params.keep_nearest=false",
     "stages.consistency.params.fit_far=null",
-    "stages.separation.params.threshold=0.3", "stages.separation.params.fit_quantile=null",
+    "stages.separation.params.threshold=0.74", "stages.separation.params.fit_quantile=null",
 ]
 EXPORT_THRESHOLDS = {"quality.yaw": {"max_abs": 25.0}, "detect.det_score": {"min": 0.5}}
 

@@ -100,7 +100,7 @@ def test_folder_curation_keeps_a_reason_for_every_bad_item_and_groups_identities
         by_parent.setdefault(r["parent_id"] or r["sample_id"], []).append(r)
     path_of = {r["sample_id"]: p for p, r in ingest.items()}
     noface = [r for sid, rows in by_parent.items() if path_of.get(sid, "").endswith("noface.png") for r in rows]
-    assert len(noface) == 1 and noface[0]["status"] == "error" and noface[0]["reason"] == "no face"
+    assert len(noface) == 1 and noface[0]["status"] == "error" and noface[0]["reason"] == "no_face"
     group = [r for sid, rows in by_parent.items() if path_of.get(sid, "").endswith("t1.jpg") for r in rows]
     assert len(group) == 6 and all(r["parent_id"] and r["status"] == "ok" for r in group)
     dedup = {r["sample_id"]: r for r in pq.read_table(out / "manifests" / "dedup").to_pylist()}

@@ -71,7 +71,7 @@ def test_drops_are_grouped_by_rule_with_counts_matching_the_manifests(small_quic
                                "WHERE status <> 'ok' OR NOT keep GROUP BY ALL").fetchall()
     assert {(g["stage"], g["rule"], g["count"]) for g in groups} == {(s, r, int(n)) for s, r, n in expected}
     stages = {g["stage"] for g in groups}
-    assert {"detect", "consistency"} <= stages, stages  # detect errors (no face at 40 deg yaw) and identity drops
+    assert {"detect", "consistency"} <= stages, stages  # detect errors (faces under the raised score bar) and identity drops
     detect = next(g for g in groups if g["stage"] == "detect" and g["status"] == "error")
     assert f"{detect['rule']} <span class=\"muted\">({detect['count']} error)" in report
     assert all(len(g["examples"]) == min(g["count"], queries.EXAMPLES_PER_RULE) for g in groups)
@@ -258,4 +258,4 @@ def test_threshold_lines_come_from_the_filter_hook_and_the_export_config() -> No
     kinds, lines = stage_kinds_and_thresholds(raw, "/nowhere")
     assert kinds["own"] == StageKind.FILTER and kinds["pattern"] == StageKind.SOURCE
     assert lines[("own", "mean")] == [(42.5, "min 42.5"), (-3.0, "export |x| ≤ 3"), (3.0, "")]
-    assert lines[("plain", "mean")] == [(200.0, "export max 200")]
+    assert lines[("plain", "mean")] == [(0.0, "min 0"), (200.0, "export max 200")]

@@ -72,7 +72,7 @@ def test_a_corrupt_image_gets_an_error_row_and_the_batch_goes_on() -> None:
     batch[IMAGE].append(b"\x89PNG not really")
     out = _stage().process(batch)
     assert out["status"] == ["ok", "ok", "error"]
-    assert out["keep"][2] is False and "degrade:" in out["reason"][2]
+    assert out["keep"][2] is False and out["reason"][2] == "not_an_image" and out["detail"][2]
     assert out["degraded"][2] is None and out["degraded"][0] is not None
 
 

@@ -49,7 +49,7 @@ def _stage() -> _FlakyMapper:
 def test_a_bad_sample_costs_one_error_row() -> None:
     out = process_isolated(_stage(), _batch(["a", "bad", "c"]))
     assert out["status"] == ["ok", "error", "ok"]
-    assert "cannot decode image" in out["reason"][1]
+    assert out["reason"][1] == "stage_error" and "cannot decode image" in out["detail"][1]
 
 
 def test_a_transient_failure_propagates_instead_of_becoming_error_rows() -> None:
