@@ -114,7 +114,7 @@ def hamming_pairs(codes: np.ndarray, max_distance: int, exact_max: int) -> tuple
         index.nflip = max_distance // 4
     index.add(codes)
     lims, _, ids = index.range_search(codes, max_distance + 1)  # binary range search keeps d < radius
-    rows = np.repeat(np.arange(len(codes), dtype=np.int64), np.diff(np.asarray(lims, dtype=np.int64)))
+    rows = np.repeat(np.arange(len(codes), dtype=np.int64), np.diff(np.asarray(lims, dtype=np.int64)).astype(np.int64))
     ids = ids.astype(np.int64)
     keep = rows < ids
     return rows[keep], ids[keep]
@@ -171,7 +171,7 @@ class DedupStage(GlobalStage):
     params_model: ClassVar[type[Params]] = DedupParams
     resources: ClassVar[Resources] = Resources(cpus=1.0)
     # What every configuration reads; an instance adds embeddings and the ``prefer`` column (see __init__).
-    needs: ClassVar[tuple[str, ...]] = (CONTENT_SHA256, PIXEL_SHA256, PHASH)
+    needs: tuple[str, ...] = (CONTENT_SHA256, PIXEL_SHA256, PHASH)
     columns: ClassVar[tuple[pa.Field, ...]] = (
         pa.field("dup_group_id", pa.string()),
         pa.field("dup_group_size", pa.int32()),

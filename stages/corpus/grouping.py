@@ -96,7 +96,7 @@ class GroupingStage(GlobalStage):
     version: ClassVar[str] = "1"
     params_model: ClassVar[type[Params]] = GroupingParams
     resources: ClassVar[Resources] = Resources(cpus=1.0)
-    needs: ClassVar[tuple[str, ...]] = EMBEDDING_COLUMNS
+    needs: tuple[str, ...] = EMBEDDING_COLUMNS
     columns: ClassVar[tuple[pa.Field, ...]] = (
         pa.field("group_size", pa.int32()),
         pa.field("threshold", pa.float32()),

@@ -67,7 +67,7 @@ class SeparationStage(GlobalStage):
     version: ClassVar[str] = "1"
     params_model: ClassVar[type[Params]] = SeparationParams
     resources: ClassVar[Resources] = Resources(cpus=1.0)
-    needs: ClassVar[tuple[str, ...]] = ("embedding", "embedding_space", "embedding_metric")
+    needs: tuple[str, ...] = ("embedding", "embedding_space", "embedding_metric")
     # identity_id is a common manifest column: run_global returns it (relabelled under merge) but does
     # not declare it.
     columns: ClassVar[tuple[pa.Field, ...]] = (

@@ -1,5 +1,6 @@
 """A small quickstart run with something in every report section: detect errors (YuNet's score bar
-raised above the faces of the more turned renders), drops by filters, consistency and separation drops (strict thresholds) and export thresholds. Shared by the
+raised above the faces of the more turned renders), drops by filters, consistency and separation
+drops (strict thresholds) and export thresholds. Shared by the
 report, CLI-manners and README-command tests; built once per session on the test Ray."""
 
 from __future__ import annotations

@@ -71,7 +71,8 @@ def test_drops_are_grouped_by_rule_with_counts_matching_the_manifests(small_quic
                                "WHERE status <> 'ok' OR NOT keep GROUP BY ALL").fetchall()
     assert {(g["stage"], g["rule"], g["count"]) for g in groups} == {(s, r, int(n)) for s, r, n in expected}
     stages = {g["stage"] for g in groups}
-    assert {"detect", "consistency"} <= stages, stages  # detect errors (faces under the raised score bar) and identity drops
+    # detect errors (faces under the raised score bar) and identity drops
+    assert {"detect", "consistency"} <= stages, stages
     detect = next(g for g in groups if g["stage"] == "detect" and g["status"] == "error")
     assert f"{detect['rule']} <span class=\"muted\">({detect['count']} error)" in report
     assert all(len(g["examples"]) == min(g["count"], queries.EXAMPLES_PER_RULE) for g in groups)
