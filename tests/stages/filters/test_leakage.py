@@ -225,3 +225,11 @@ def test_a_changed_gallery_is_refused_once_shards_were_scored_against_the_old_on
     finally:
         extra.unlink()
         extra.parent.rmdir()
+
+
+def test_report_draws_the_similarity_distribution_with_the_threshold_line(leak_run: dict) -> None:
+    from pipeline.report import build_report
+
+    html = build_report(RunStorage(str(leak_run["out"])))
+    scored, flagged = len(leak_run["rows"]), len(leak_run["expected"])
+    assert f"{scored} scored, {flagged} dropped · max {THRESHOLD:g}" in html
