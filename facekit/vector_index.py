@@ -176,6 +176,12 @@ def range_pairs(
     )
 
 
+def range_rows(lims: np.ndarray) -> np.ndarray:
+    """The query row of each result of a FAISS range search (``lims`` holds the per-query offsets)."""
+    counts = np.diff(np.asarray(lims, dtype=np.int64)).astype(np.int64)
+    return np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+
+
 def _exact_pairs(x: np.ndarray, metric: Metric, threshold: float) -> Pairs:
     d = x.shape[1]
     index: Any
@@ -187,7 +193,7 @@ def _exact_pairs(x: np.ndarray, metric: Metric, threshold: float) -> Pairs:
         radius = float(np.nextafter(np.float32(threshold) ** 2, np.float32(np.inf)))  # keeps d2 < radius
     index.add(x)
     lims, raw, ids = index.range_search(x, radius)
-    rows = np.repeat(np.arange(len(x), dtype=np.int64), np.diff(np.asarray(lims, dtype=np.int64)).astype(np.int64))
+    rows = range_rows(lims)
     return _finish(rows, ids.astype(np.int64), _to_score(raw, metric), metric, threshold, exact=True)
 
 

@@ -20,7 +20,8 @@ class Labeler(Protocol):
     """Adds label columns. ``labels`` returns exactly the columns named by ``fields``, one value per row
     (None where it cannot say). A labeler class also has a ``params_model`` ClassVar and is built as
     ``cls(params)``, cheaply (the driver builds stages to read their columns); models load in
-    ``setup``, once per worker. ``model_info()`` (name, revision) is optional, for lineage."""
+    ``setup``, once per worker. ``model_info()`` (name, revision) is optional, for lineage; so is
+    ``reads()``, the upstream columns it uses besides the image (without it the stage loads them all)."""
 
     name: str
 

@@ -95,6 +95,9 @@ class ClipLabeler:
         self.model = ClipModel(self.params.clip)
         self.text = {a.name: self.model.embed_texts(list(a.prompts.values())) for a in self.params.attributes}
 
+    def reads(self) -> tuple[str, ...]:
+        return (self.params.image_column,) if self.params.image_column != IMAGE else ()
+
     def fields(self) -> tuple[pa.Field, ...]:
         """``<prefix><attr>`` label, ``..._prob`` its probability, ``..._probs`` every label's."""
         out: list[pa.Field] = []

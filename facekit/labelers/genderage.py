@@ -71,6 +71,10 @@ class GenderAgeLabeler:
                                threads=p.threads, with_pose=False)
         self.model = load_model(spec, "genderage")
 
+    def reads(self) -> tuple[str, ...]:
+        p = self.params
+        return tuple(c for c in (p.image_column if p.image_column != IMAGE else None, p.box_column) if c)
+
     def fields(self) -> tuple[pa.Field, ...]:
         p = self.prefix
         return (pa.field(f"{p}gender", pa.string()), pa.field(f"{p}gender_prob", pa.float32()),

@@ -38,6 +38,7 @@ from facekit.vector_index import (
     normalise_rows,
     one_space,
     range_pairs,
+    range_rows,
     space_of,
     table_spaces,
     train_cells,
@@ -114,7 +115,7 @@ def hamming_pairs(codes: np.ndarray, max_distance: int, exact_max: int) -> tuple
         index.nflip = max_distance // 4
     index.add(codes)
     lims, _, ids = index.range_search(codes, max_distance + 1)  # binary range search keeps d < radius
-    rows = np.repeat(np.arange(len(codes), dtype=np.int64), np.diff(np.asarray(lims, dtype=np.int64)).astype(np.int64))
+    rows = range_rows(lims)
     ids = ids.astype(np.int64)
     keep = rows < ids
     return rows[keep], ids[keep]

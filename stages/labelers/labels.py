@@ -81,6 +81,12 @@ class LabelStage(Stage[LabelParams]):
         """What the labelers read from earlier stages (a labeler may declare ``reads()``)."""
         return tuple(dict.fromkeys(c for lab in self.labelers for c in getattr(lab, "reads", tuple)()))
 
+    def projected_columns(self) -> set[str] | None:
+        """Every column when a labeler does not say what it reads (a plugin): it may use any of them."""
+        if any(not hasattr(lab, "reads") for lab in self.labelers):
+            return None
+        return super().projected_columns()
+
     def setup(self) -> None:
         for lab in self.labelers:
             lab.setup()
