@@ -78,6 +78,14 @@ def shard_path(stage_id: str, shard: str) -> tuple[str, ...]:
     return (SHARDS_DIR, stage_id, f"{shard}{SHARD_SUFFIX}")
 
 
+def tar_owner(rel: str) -> tuple[str, str] | None:
+    """(stage_id, shard) of a shard tar path as ``shard_path`` builds it; None for any other path."""
+    parts = rel.split("/", 2)
+    if len(parts) != 3 or parts[0] != SHARDS_DIR or not parts[2].endswith(SHARD_SUFFIX):
+        return None
+    return parts[1], parts[2][: -len(SHARD_SUFFIX)]
+
+
 def compacted_dir(stage_id: str) -> tuple[str, ...]:
     return (MANIFESTS_DIR, stage_id, COMPACTED_DIR)
 

@@ -31,6 +31,7 @@ COMMON_FIELDS: tuple[pa.Field, ...] = (
     pa.field("image_ext", pa.string()),
     pa.field("tar_offset", pa.int64()),
     pa.field("tar_size", pa.int64()),
+    pa.field("tar_crc32", pa.int64()),  # CRC-32 of the member's bytes: a byte-range reader checks its slice
     pa.field("worker", pa.string()),
     pa.field("processed_at", pa.timestamp("ms", tz="UTC")),
     pa.field("duration_ms", pa.float64()),
@@ -50,6 +51,30 @@ IDENTITY_FIELDS_BASE: tuple[pa.Field, ...] = (
     pa.field("candidates_tried", pa.int64()),
     pa.field("reference_sha256", pa.string()),
 )
+
+
+# A pixel member: an image a stage writes besides its main one (align's larger crop, degrade's degraded
+# copy). Its bytes go into the stage's shard tar as ``<key>.<column>.<ext>``; the manifest column holds
+# where they lie, so no manifest carries pixels and a reader fetches one member by byte range.
+MEMBER_TYPE = pa.struct([
+    pa.field("tar", pa.string()),  # the shard tar, relative to the run directory
+    pa.field("offset", pa.int64()),
+    pa.field("size", pa.int64()),
+    pa.field("crc32", pa.int64()),
+])
+MEMBER_KEY = b"facefoundry.member"
+
+
+def member_field(name: str, ext: str = "png") -> pa.Field:
+    """A stage column whose values are encoded image bytes written as tar members (see MEMBER_TYPE).
+    The stage puts bytes in the column; the engine writes them and commits their location."""
+    return pa.field(name, MEMBER_TYPE, metadata={MEMBER_KEY: ext.encode()})
+
+
+def member_ext(f: pa.Field) -> str | None:
+    """The tar extension of a pixel-member column, None for any other column."""
+    meta = f.metadata or {}
+    return meta[MEMBER_KEY].decode() if MEMBER_KEY in meta else None
 
 
 def identity_schema(dim: int) -> pa.Schema:

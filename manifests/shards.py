@@ -57,6 +57,7 @@ def check_key(key: str) -> str:
 class MemberLocation:
     offset: int
     size: int
+    crc32: int  # of the member's bytes: whoever reads the slice alone (the export) can check it
 
 
 def write_tar(samples: list[dict[str, Any]]) -> tuple[bytes, dict[str, dict[str, MemberLocation]]]:
@@ -92,7 +93,9 @@ def index_tar(data: bytes) -> dict[str, dict[str, MemberLocation]]:
             if not info.isfile():
                 continue
             key, ext = check_member_name(info.name)
-            index.setdefault(key, {})[ext] = MemberLocation(info.offset_data, info.size)
+            start = info.offset_data
+            crc = zlib.crc32(data[start : start + info.size])
+            index.setdefault(key, {})[ext] = MemberLocation(start, info.size, crc)
     return index
 
 

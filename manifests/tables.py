@@ -43,7 +43,7 @@ SEP = "__"
 STAMP_KEY = b"facefoundry.tables.stamp"
 # Columns of every manifest a stage row contributes besides its own columns.
 DECISION_COLUMNS = ("status", "keep", "reason", "detail")
-PIXEL_COLUMNS = ("output_shard", "tar_offset", "tar_size", "image_ext")
+PIXEL_COLUMNS = ("output_shard", "tar_offset", "tar_size", "tar_crc32", "image_ext")
 
 BASE_FIELDS: tuple[pa.Field, ...] = (
     pa.field("sample_id", pa.string(), nullable=False),
@@ -59,6 +59,7 @@ BASE_FIELDS: tuple[pa.Field, ...] = (
     pa.field("image_shard", pa.string()),
     pa.field("image_offset", pa.int64()),
     pa.field("image_size", pa.int64()),
+    pa.field("image_crc32", pa.int64()),  # CRC-32 of those bytes: a byte-range reader checks its slice
     pa.field("image_ext", pa.string()),
 )
 
@@ -199,7 +200,8 @@ def build_shard_tables(store: RunStorage, stages: list[StageColumns], shard: str
                 keep[j], dropped_by[j], drop_reason[j], drop_detail[j] = False, s.stage_id, reason[r], detail[r]
         if s.writes_pixels:
             offs = t.column("tar_offset").to_pylist()
-            pix = {c: t.column(c).to_pylist() for c in PIXEL_COLUMNS}
+            # (fragments written before checksums per member have no tar_crc32: their slices go unchecked)
+            pix = {c: t.column(c).to_pylist() if c in t.column_names else [None] * t.num_rows for c in PIXEL_COLUMNS}
             for j, r in enumerate(rows):
                 if r is not None and offs[r] is not None:
                     for c in PIXEL_COLUMNS:
@@ -232,6 +234,7 @@ def build_shard_tables(store: RunStorage, stages: list[StageColumns], shard: str
         "image_shard": pa.array(img["output_shard"], pa.string()),
         "image_offset": pa.array(img["tar_offset"], pa.int64()),
         "image_size": pa.array(img["tar_size"], pa.int64()),
+        "image_crc32": pa.array(img["tar_crc32"], pa.int64()),
         "image_ext": pa.array(img["image_ext"], pa.string()),
     }
     base.update(out)

@@ -30,6 +30,9 @@ from facekit.common import Params as Params
 from facekit.common import sample_seed as sample_seed
 from facekit.common import stable_hash as stable_hash
 
+# A column of encoded image bytes the engine writes into the stage's shard tar (manifests/schema.py).
+from manifests.schema import member_field as member_field
+
 # Columns every batch carries between stages (besides image bytes).
 KEY = "key"
 IDENTITY_ID = "identity_id"

@@ -14,6 +14,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from facekit.imaging import PixelBudget, remembering
 from manifests import layout
 from manifests.commit import (
     CorruptFragmentError,
@@ -25,7 +26,7 @@ from manifests.commit import (
     uncommit,
     verify_fragment,
 )
-from manifests.schema import CARRIED, COMMON_NAMES, manifest_schema
+from manifests.schema import CARRIED, COMMON_NAMES, manifest_schema, member_ext
 from manifests.shards import UnsafeMemberError, check_key, write_tar
 from manifests.storage import RunStorage
 from pipeline.engine.faults import UpstreamNotCommittedError, is_transient
@@ -48,6 +49,8 @@ from stages.base import (
     TransientError,
 )
 
+# Decoded pixels one shard's images may keep while a fused chain runs (the rest are decoded again).
+DECODED_BUDGET = int(float(os.environ.get("FACEFOUNDRY_DECODED_BUDGET_MB", "256")) * (1 << 20))
 WORKER_CRASH = "worker_crash"  # the reason of a sample quarantined because processing it kills the worker
 
 
@@ -57,6 +60,7 @@ class UpstreamInfo:
     writes_pixels: bool
     prune: bool
     columns: tuple[str, ...] = ()  # the stage's own manifest columns; empty: not known, look in the file
+    members: tuple[str, ...] = ()  # those of them that are pixel members (bytes in the stage's shard tar)
 
 
 @dataclass(frozen=True)
@@ -139,6 +143,15 @@ class ShardCache:
 
     tables: dict[str, pa.Table] = field(default_factory=dict)
     images: dict[str, dict[str, tuple[bytes, str]]] = field(default_factory=dict)
+    # Decoded pixels the chain's images may keep between its stages (facekit.imaging.EncodedImage).
+    pixels: PixelBudget = field(default_factory=lambda: PixelBudget(DECODED_BUDGET))
+    # stage id -> pixel-member column -> sample id -> bytes
+    members: dict[str, dict[str, dict[str, bytes]]] = field(default_factory=dict)
+
+
+def member_columns(stage: Stage[Any]) -> dict[str, str]:
+    """A stage's pixel-member columns and their tar extensions."""
+    return {f.name: ext for f in stage.output_fields() if (ext := member_ext(f)) is not None}
 
 
 _PIXEL_COLUMNS = frozenset({SAMPLE_ID, "tar_offset", "tar_size", IMAGE_EXT})
@@ -194,6 +207,7 @@ def load_shard_input(store: RunStorage, upstream: tuple[UpstreamInfo, ...], shar
     live = [i for i in range(t.num_rows) if status[i] == STATUS_OK and (keep[i] or not last.prune)]
     batch: Batch = {c: [t.column(c)[i].as_py() for i in live] for c in CARRIED}
     sids, parents = batch[SAMPLE_ID], batch[PARENT_ID]
+    tars: dict[str, bytes] = {}
     for u in upstream:
         if u.stage_id not in tables:
             continue
@@ -201,11 +215,31 @@ def load_shard_input(store: RunStorage, upstream: tuple[UpstreamInfo, ...], shar
         own = [c for c in tab.column_names if c not in COMMON_NAMES and (columns is None or c in columns)]
         if not own:
             continue
-        index = {sid: i for i, sid in enumerate(tab.column(SAMPLE_ID).to_pylist())}
+        tab_ids = tab.column(SAMPLE_ID).to_pylist()
+        index = {sid: i for i, sid in enumerate(tab_ids)}
         rows = [index.get(s, index.get(p) if p else None) for s, p in zip(sids, parents, strict=True)]
         for c in own:
+            if c in u.members:
+                continue
             values = tab.column(c).to_pylist()
             batch[c] = [values[r] if r is not None else None for r in rows]
+        wanted = [c for c in own if c in u.members]
+        if not wanted:
+            continue
+        held = cache.members.get(u.stage_id)
+        if held is not None:
+            for c in wanted:
+                batch[c] = [held.get(c, {}).get(tab_ids[r]) if r is not None else None for r in rows]
+            continue
+        # A pixel member is a byte range of the stage's shard tar, read once and checked whole.
+        rel = "/".join(shard_tar_path(u.stage_id, shard))
+        for c in wanted:
+            where = tab.column(c).to_pylist()
+            if u.stage_id not in tars and any(w for w in where):
+                tars[u.stage_id] = _read_tar(store, u.stage_id, shard, rel, records.get(u.stage_id))
+            data = tars.get(u.stage_id, b"")
+            batch[c] = [data[w["offset"] : w["offset"] + w["size"]] if (r is not None and (w := where[r])) else None
+                        for r in rows]
     input_shard = None
     if pix is not None:
         rel = "/".join(shard_tar_path(pix.stage_id, shard))
@@ -221,8 +255,12 @@ def load_shard_input(store: RunStorage, upstream: tuple[UpstreamInfo, ...], shar
                                                strict=True)
                 if off is not None
             }
-            data = _read_tar(store, pix.stage_id, shard, rel, records.get(pix.stage_id)) if where else b""
-            cache.images[pix.stage_id] = {sid: (data[off : off + size], ext) for sid, (off, size, ext) in where.items()}
+            data = b""
+            if where:
+                data = tars.get(pix.stage_id) or _read_tar(store, pix.stage_id, shard, rel, records.get(pix.stage_id))
+            view = memoryview(data)
+            cache.images[pix.stage_id] = {sid: (remembering(view[off : off + size], cache.pixels), ext)
+                                          for sid, (off, size, ext) in where.items()}
         found = cache.images[pix.stage_id]
         images, exts = [], []
         for s, p in zip(sids, parents, strict=True):
@@ -253,10 +291,19 @@ def _read_tar(store: RunStorage, stage_id: str, shard: str, rel: str, record: Ta
     return data
 
 
-def remember(cache: ShardCache, stage: Stage[Any], stage_id: str, table: pa.Table, out: Batch, wrote_tar: bool) -> None:
+def remember(cache: ShardCache, stage: Stage[Any], stage_id: str, table: pa.Table, out: Batch, wrote_tar: bool,
+             members: dict[str, list[bytes | None]] | None = None) -> None:
     """Keep a stage's output for the next stage of a fused chain: exactly what that stage would read
-    back from storage (the manifest as built; the images the tar holds)."""
+    back from storage (the manifest as built; the images and pixel members the tar holds)."""
     cache.tables[stage_id] = table
+    if stage.writes_pixels:
+        # The chain's pixel source moves on: images of earlier stages are never read again.
+        for old in list(cache.images):
+            del cache.images[old]
+    if members:
+        sids = out[SAMPLE_ID]
+        cache.members[stage_id] = {c: {sids[i]: v for i, v in enumerate(vals) if v is not None}
+                                   for c, vals in members.items()}
     if not stage.writes_pixels:
         return
     n = len(out[SAMPLE_ID])
@@ -264,10 +311,11 @@ def remember(cache: ShardCache, stage: Stage[Any], stage_id: str, table: pa.Tabl
     if wrote_tar:
         offsets = table.column("tar_offset").to_pylist()
         exts = table.column(IMAGE_EXT).to_pylist()
-        cache.images[stage_id] = {out[SAMPLE_ID][i]: (images[i], exts[i]) for i in range(n) if offsets[i] is not None}
+        cache.images[stage_id] = {out[SAMPLE_ID][i]: (remembering(images[i], cache.pixels), exts[i])
+                                  for i in range(n) if offsets[i] is not None}
     else:
         exts = out.get(IMAGE_EXT, [None] * n)
-        cache.images[stage_id] = {out[SAMPLE_ID][i]: (images[i], exts[i]) for i in range(n)
+        cache.images[stage_id] = {out[SAMPLE_ID][i]: (remembering(images[i], cache.pixels), exts[i]) for i in range(n)
                                   if out[STATUS][i] == STATUS_OK and images[i] is not None and exts[i]}
 
 
@@ -384,11 +432,14 @@ def build_manifest(spec: StageSpec, stage: Stage[Any], shard: str, out: Batch, i
     now = datetime.now(UTC)
     keys = out.get("key", [None] * n)
     exts = out.get(IMAGE_EXT, [None] * n) if output_shard else [None] * n
-    offsets, sizes = [], []
+    images = out.get(IMAGE, [None] * n)
+    offsets, sizes, crcs = [], [], []
     for i in range(n):
-        loc = locations.get(keys[i] or "", {}).get(exts[i] or "") if output_shard else None
+        has_image = output_shard and images[i] is not None and out[STATUS][i] == STATUS_OK
+        loc = locations.get(keys[i] or "", {}).get(exts[i] or "png") if has_image else None
         offsets.append(loc.offset if loc else None)
         sizes.append(loc.size if loc else None)
+        crcs.append(loc.crc32 if loc else None)
     data: dict[str, list[Any]] = {
         "sample_id": out[SAMPLE_ID],
         "key": keys,
@@ -411,6 +462,7 @@ def build_manifest(spec: StageSpec, stage: Stage[Any], shard: str, out: Batch, i
         "image_ext": [e if o is not None else None for e, o in zip(exts, offsets, strict=True)],
         "tar_offset": offsets,
         "tar_size": sizes,
+        "tar_crc32": crcs,
         "worker": [worker] * n,
         "processed_at": [now] * n,
         "duration_ms": durations if len(durations) == n else [None] * n,
@@ -424,28 +476,62 @@ def build_manifest(spec: StageSpec, stage: Stage[Any], shard: str, out: Batch, i
         raise TypeError(f"stage {spec.stage_id!r} returned columns that do not match its schema: {exc}") from exc
 
 
-def write_pixels(store: RunStorage, spec: StageSpec, shard: str,
-                 out: Batch) -> tuple[str | None, dict[str, Any], TarRecord]:
-    """Write the shard tar for rows that carry pixels; a bad key turns that row into an error. Returns
-    the tar's path, member locations and its size + checksum, which the manifest commits."""
+def take_members(out: Batch, members: dict[str, str]) -> dict[str, list[bytes | None]]:
+    """Pull a stage's pixel-member bytes out of its output rows: the tar gets the bytes, the manifest
+    their location (filled in by ``write_pixels``), never the pixels."""
+    n = len(out[SAMPLE_ID])
+    taken: dict[str, list[bytes | None]] = {}
+    for c in members:
+        values = out.get(c, [None] * n)
+        kept: list[bytes | None] = []
+        for i, v in enumerate(values):
+            if v is not None and not isinstance(v, bytes | bytearray | memoryview):
+                raise TypeError(f"pixel member column {c!r} holds {type(v).__name__}, not encoded image bytes")
+            kept.append(bytes(v) if v is not None and out[STATUS][i] == STATUS_OK else None)
+        taken[c] = kept
+        out[c] = [None] * n
+    return taken
+
+
+def write_pixels(store: RunStorage, spec: StageSpec, shard: str, out: Batch,
+                 members: dict[str, list[bytes | None]] | None = None,
+                 member_exts: dict[str, str] | None = None) -> tuple[str | None, dict[str, Any], TarRecord]:
+    """Write the shard tar for rows that carry pixels (the image, and any pixel members as
+    ``<key>.<column>.<ext>``); a bad key turns that row into an error. Returns the tar's path, member
+    locations and its size + checksum, which the manifest commits; member columns of ``out`` get
+    their location."""
     n = len(out[SAMPLE_ID])
     images = out.get(IMAGE, [None] * n)
     exts = out.get(IMAGE_EXT, [None] * n)
+    members = members or {}
+    member_exts = member_exts or {}
     samples = []
     for i in range(n):
-        if out[STATUS][i] != STATUS_OK or images[i] is None:
+        extra = {f"{c}.{member_exts[c]}": vals[i] for c, vals in members.items() if vals[i] is not None}
+        if out[STATUS][i] != STATUS_OK or (images[i] is None and not extra):
             continue
         try:
             key = check_key(out["key"][i])
         except (UnsafeMemberError, TypeError) as exc:
             out[STATUS][i], out[KEEP][i], out[REASON][i] = STATUS_ERROR, False, "unsafe_key"
             out.setdefault("detail", [None] * n)[i] = str(exc)
+            for vals in members.values():
+                vals[i] = None
             continue
         meta = {"sample_id": out[SAMPLE_ID][i], "identity_id": out["identity_id"][i],
                 "parent_id": out[PARENT_ID][i], "stage": spec.stage_id}
-        samples.append({"__key__": key, exts[i] or "png": images[i], "json": meta})
+        record: dict[str, Any] = {"__key__": key, "json": meta, **extra}
+        if images[i] is not None:
+            record[exts[i] or "png"] = images[i]
+        samples.append(record)
     data, index = write_tar(samples)
     rel = "/".join(shard_tar_path(spec.stage_id, shard))
+    for c, vals in members.items():
+        column = out[c]
+        for i, v in enumerate(vals):
+            if v is not None:
+                loc = index[out["key"][i]][f"{c}.{member_exts[c]}"]
+                column[i] = {"tar": rel, "offset": loc.offset, "size": loc.size, "crc32": loc.crc32}
     store.write_atomic(data, rel)
     return rel, index, tar_record(rel, data)
 
@@ -523,11 +609,13 @@ class ShardExecutor:
         output_shard: str | None = None
         locations: dict[str, Any] = {}
         tar: TarRecord | None = None
-        if stage.writes_pixels and commit:
-            output_shard, locations, tar = write_pixels(self.store, spec, shard, out)
+        member_exts = member_columns(stage)
+        members = take_members(out, member_exts) if member_exts else {}
+        if (stage.writes_pixels or members) and commit:
+            output_shard, locations, tar = write_pixels(self.store, spec, shard, out, members, member_exts)
         table = build_manifest(spec, stage, shard, out, input_shard, output_shard, locations, self.worker, durations)
         if commit:
             commit_manifest(self.store, spec, shard, table, tar)
         if cache is not None:
-            remember(cache, stage, spec.stage_id, table, out, wrote_tar=commit)
+            remember(cache, stage, spec.stage_id, table, out, wrote_tar=commit, members=members)
         return summarise(spec, shard, rows_in, out, time.perf_counter() - t0, self.worker)

@@ -20,8 +20,13 @@ A live lock is otherwise never taken over; there is no fixed TTL, so a run may t
 On object stores every file is written with one atomic PUT (manifests/storage.py): there are no
 temporary files another run could delete.
 
-Filesystems without conditional writes (memory://, and any fsspec backend other than S3 here) get
-the same protocol with check-then-put: good enough for tests and single-user setups, and said so.
+Other fsspec stores (GCS, Azure, memory://...) create the lock with fsspec's exclusive write
+(``pipe_file(mode="create")``: GCS ``ifGenerationMatch=0``, Azure ``overwrite=False``), so two racing
+creators still get one lock, and take a stale lock over by deleting it and creating it again
+exclusively, so two resumers cannot both win. Their heartbeat is read-compare-write: it notices a
+takeover on its next beat, but a takeover that lands between its read and its write is overwritten
+(the taker then notices on its own next beat and stops). A store whose fsspec backend has no
+exclusive write falls back to check-then-put, with a warning.
 """
 
 from __future__ import annotations
@@ -135,9 +140,18 @@ class _Conditional:
 
     def create(self, data: bytes) -> str:
         """Write if absent; FileExistsError if present. Returns a version tag."""
-        if self.store.fs.exists(self.path):
-            raise FileExistsError(self.path)
-        self.store.fs.pipe_file(self.path, data)
+        fs = self.store.fs
+        try:
+            fs.pipe_file(self.path, data, mode="create")
+        except FileExistsError:
+            raise
+        except (NotImplementedError, TypeError, ValueError) as exc:  # a backend without exclusive writes
+            log.warning("%s has no exclusive write (%s): the run lock falls back to check-then-put",
+                        type(fs).__name__, exc)
+            if fs.exists(self.path):
+                raise FileExistsError(self.path) from None
+            fs.pipe_file(self.path, data)
+        fs.invalidate_cache(self.path)
         return hashlib.sha256(data).hexdigest()
 
     def read(self) -> tuple[bytes, str]:
@@ -155,10 +169,20 @@ class _Conditional:
         self.store.fs.pipe_file(self.path, data)
         return hashlib.sha256(data).hexdigest()
 
+    def take_over(self, data: bytes, tag: str) -> str:
+        """Replace a stale lock so that of two takers exactly one wins: delete it if it is still
+        ``tag``, then create it exclusively (the loser's create finds the winner's)."""
+        self.delete(tag)
+        try:
+            return self.create(data)
+        except FileExistsError:
+            raise LockLostError(self.path) from None
+
     def delete(self, tag: str) -> None:
         with contextlib.suppress(FileNotFoundError, LockLostError):
             if self.read()[1] == tag:
                 self.store.fs.rm(self.path)
+                self.store.fs.invalidate_cache(self.path)
 
 
 def _precondition_failed(exc: BaseException) -> bool:
@@ -203,6 +227,9 @@ class _S3Conditional(_Conditional):
             if _precondition_failed(exc):
                 raise LockLostError(self.path) from None
             raise
+
+    def take_over(self, data: bytes, tag: str) -> str:
+        return self.replace(data, tag)  # If-Match on the ETag read: one of two takers wins
 
     def delete(self, tag: str) -> None:
         try:
@@ -260,7 +287,7 @@ class RemoteLock:
                                      f"wait for it, or --force takes the lock over")
             self.record.heartbeat = time.time()
             try:
-                self.tag = self.obj.replace(self.record.encode(), tag)
+                self.tag = self.obj.take_over(self.record.encode(), tag)
             except LockLostError:
                 continue
             log.warning("took over the lock of %s from %s: %s", self.store.url,

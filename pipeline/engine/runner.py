@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import pyarrow as pa
 import ray
 from rich.console import Console
 
@@ -22,7 +23,7 @@ from manifests.layout import IDENTITIES_FILE, LEGACY_PLAN_FILE, PLAN_FILE, histo
 from manifests.storage import RunStorage
 from pipeline.config import PipelineConfig, ResolvedStage, config_hash
 from pipeline.engine import cluster
-from pipeline.engine.execution import StageSpec, UpstreamInfo, is_committed
+from pipeline.engine.execution import StageSpec, UpstreamInfo, is_committed, member_columns
 from pipeline.engine.fused import StageSetupError
 from pipeline.engine.global_exec import RAY_FAILURES, GlobalStageError, run_global_distributed
 from pipeline.engine.progress import Progress, StageProgress
@@ -109,10 +110,16 @@ class Runner:
             if stage not in self.instances:
                 raise ConfigError(f"invalid config:\n  {where}: no stage {stage!r} in this run "
                                   f"(stages: {', '.join(self.order)})")
-            cols = {f.name for f in self.instances[stage].output_fields()}
-            if column not in cols:
+            fields = {f.name: f for f in self.instances[stage].output_fields()}
+            if column not in fields:
                 raise ConfigError(f"invalid config:\n  {where}: stage {stage!r} has no column {column!r} "
-                                  f"(columns: {', '.join(sorted(cols))})")
+                                  f"(columns: {', '.join(sorted(fields))})")
+            kind = fields[column].type
+            if where.startswith("export.extra_members.") and not (
+                    column in member_columns(self.instances[stage]) or pa.types.is_binary(kind)
+                    or pa.types.is_large_binary(kind)):
+                raise ConfigError(f"invalid config:\n  {where}: {target} is {kind}, not image bytes (a pixel "
+                                  f"member or a binary column)")
         from manifests.tables import StageColumns, samples_schema
         from pipeline.export.plan import where_error
 
@@ -128,7 +135,8 @@ class Runner:
     def spec(self, s: ResolvedStage) -> StageSpec:
         upstream = tuple(
             UpstreamInfo(u.stage_id, u.cls.writes_pixels, u.prune,
-                         tuple(f.name for f in self.instances[u.stage_id].output_fields()))
+                         tuple(f.name for f in self.instances[u.stage_id].output_fields()),
+                         tuple(member_columns(self.instances[u.stage_id])))
             for u in self.stages[: self.order.index(s.stage_id)]
         )
         return StageSpec(stage_id=s.stage_id, cls=s.cls, params=s.params, batch_size=s.batch_size,

@@ -96,7 +96,7 @@ def selection_spec(cfg: ExportConfig, stage_ids: list[str], balance_columns: lis
         extra += f", CAST({_q(col)} AS VARCHAR) AS bal_{i}"
     sql = (
         "SELECT sample_id, key, identity_id, image_shard AS src_shard, image_offset AS src_offset, "
-        f"image_size AS src_size, image_ext AS src_ext{extra} FROM {WHERE_TABLE} WHERE "
+        f"image_size AS src_size, image_crc32 AS src_crc32, image_ext AS src_ext{extra} FROM {WHERE_TABLE} WHERE "
         + selection_predicate(cfg, stage_ids)
     )
     return SelectionSpec(sql, tuple(m.replace(".", "_") for m in cfg.metadata_columns),

@@ -3,14 +3,21 @@
 A writer reads only its range of the plan fragments (row-group statistics on the hash skip the
 rest), joins the per-identity table for split and label, and for each training shard fetches the
 images as byte ranges grouped by source tar (one ``cat_ranges`` call per shard: no tar is parsed
-or read whole), then writes the tar with the deterministic writer. It returns shard names and
-counts; its rows of the export manifest go to a part file.
+or read whole), checks each slice against the CRC-32 its stage committed for it, then writes the
+tar with the deterministic writer. It returns shard names and counts; its rows of the export
+manifest go to a part file.
+
+A slice that does not match its checksum (a source tar damaged after its commit) is never copied
+into an export: its stage's fragment is uncommitted, so that the next ``facefoundry run``
+recomputes that shard, and the export fails naming the tar.
 """
 
 from __future__ import annotations
 
 import io
+import zlib
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -19,7 +26,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from facekit.imaging import decode_rgb, encode_jpeg, encode_png
-from manifests.layout import EXPORT_DIR
+from manifests.commit import uncommit
+from manifests.layout import EXPORT_DIR, manifest_path, tar_owner
 from manifests.shards import UnsafeMemberError, check_key, write_tar
 from pipeline.export.plan import SelectionSpec
 
@@ -35,44 +43,104 @@ def read_range_rows(store: Any, plan_files: list[tuple[str, ...]], identities: p
     idx = pc.min_element_wise(pc.floor(pc.multiply(t.column("unit"), float(n_shards))).cast(pa.int64()),
                               n_shards - 1)
     t = t.append_column("shard_index", idx)
+    for name in [c for c in t.column_names if c.startswith("member_") and pa.types.is_struct(t.schema.field(c).type)]:
+        # a pixel member's location as plain columns (Arrow's join carries no struct): member_0.tar, ...
+        column, kind = t.column(name), t.schema.field(name).type
+        t = t.remove_column(t.column_names.index(name))
+        for j, part in enumerate(column.flatten()):
+            t = t.append_column(f"{name}.{kind.field(j).name}", part)
     t = t.filter(pc.and_(pc.greater_equal(t.column("shard_index"), lo), pc.less(t.column("shard_index"), hi)))
     ids = identities.filter(pc.equal(identities.column("split"), split)).select(["identity_id", "split", "label"])
     t = t.join(ids, "identity_id", join_type="inner")
     return t.sort_by([("shard_index", "ascending"), ("unit", "ascending"), ("sample_id", "ascending")])
 
 
-def fetch_images(store: Any, rows: list[dict[str, Any]]) -> list[bytes]:
-    """Every row's image bytes, read as byte ranges grouped by source tar (sorted by offset; one open
-    per tar on a local disk, one concurrent ``cat_ranges`` on object stores), verified by length."""
-    order = sorted(range(len(rows)), key=lambda i: (rows[i]["src_shard"], int(rows[i]["src_offset"])))
-    out: list[bytes] = [b""] * len(rows)
+class CorruptSourceError(RuntimeError):
+    """A source slice does not match the checksum committed for it: not transient, never retried."""
+
+
+@dataclass(frozen=True)
+class ByteRange:
+    """Where one member's bytes lie: a shard tar (relative to the run), offset, size, CRC-32 (None
+    for fragments written before per-member checksums)."""
+
+    tar: str
+    offset: int
+    size: int
+    crc32: int | None = None
+
+
+def image_range(row: dict[str, Any]) -> ByteRange:
+    crc = row.get("src_crc32")
+    return ByteRange(row["src_shard"], int(row["src_offset"]), int(row["src_size"]), None if crc is None else int(crc))
+
+
+def member_range(value: dict[str, Any]) -> ByteRange:
+    crc = value.get("crc32")
+    return ByteRange(value["tar"], int(value["offset"]), int(value["size"]), None if crc is None else int(crc))
+
+
+def fetch_ranges(store: Any, ranges: list[ByteRange]) -> list[bytes]:
+    """Every range's bytes, read grouped by source tar (sorted by offset; one open per tar on a local
+    disk, one concurrent ``cat_ranges`` on object stores), verified by length and checksum."""
+    order = sorted(range(len(ranges)), key=lambda i: (ranges[i].tar, ranges[i].offset))
+    out: list[bytes] = [b""] * len(ranges)
     if store.is_local:
         current: str | None = None
         f: Any = None
         try:
             for i in order:
-                if rows[i]["src_shard"] != current:
+                if ranges[i].tar != current:
                     if f is not None:
                         f.close()
-                    current = rows[i]["src_shard"]
+                    current = ranges[i].tar
                     f = open(store.path(current), "rb")  # noqa: SIM115 - closed when the tar changes
-                f.seek(int(rows[i]["src_offset"]))
-                out[i] = f.read(int(rows[i]["src_size"]))
+                f.seek(ranges[i].offset)
+                out[i] = f.read(ranges[i].size)
         finally:
             if f is not None:
                 f.close()
     elif order:
-        paths = [store.path(rows[i]["src_shard"]) for i in order]
-        starts = [int(rows[i]["src_offset"]) for i in order]
-        ends = [s + int(rows[i]["src_size"]) for s, i in zip(starts, order, strict=True)]
+        paths = [store.path(ranges[i].tar) for i in order]
+        starts = [ranges[i].offset for i in order]
+        ends = [ranges[i].offset + ranges[i].size for i in order]
         for i, chunk in zip(order, store.fs.cat_ranges(paths, starts, ends, on_error="raise"), strict=True):
             if isinstance(chunk, BaseException):
                 raise chunk
             out[i] = chunk
     for i in order:
-        if len(out[i]) != int(rows[i]["src_size"]):
-            raise OSError(f"short read of {rows[i]['src_shard']} at {rows[i]['src_offset']}: "
-                          f"{len(out[i])} of {rows[i]['src_size']} bytes")
+        r = ranges[i]
+        if len(out[i]) != r.size:
+            raise OSError(f"short read of {r.tar} at {r.offset}: {len(out[i])} of {r.size} bytes")
+        if r.crc32 is not None and zlib.crc32(out[i]) != r.crc32:
+            owner = tar_owner(r.tar)
+            if owner is not None:
+                uncommit(store, store.path(*manifest_path(*owner)))
+            raise CorruptSourceError(
+                f"{r.tar} at offset {r.offset}: {r.size} bytes that do not match the CRC-32 committed for them "
+                f"(the tar was damaged after its commit); nothing was exported from it"
+                + (f". Stage {owner[0]!r}, shard {owner[1]!r} is uncommitted: run again to recompute it"
+                   if owner else ""))
+    return out
+
+
+def fetch_images(store: Any, rows: list[dict[str, Any]]) -> list[bytes]:
+    """Every row's image bytes (see ``fetch_ranges``)."""
+    return fetch_ranges(store, [image_range(r) for r in rows])
+
+
+def _fetch_members(store: Any, rows: list[dict[str, Any]], count: int) -> list[dict[str, bytes]]:
+    """Per extra member, sample id -> bytes: a pixel member (a location) is fetched by byte range and
+    checked like the image; a plain binary column is taken as it is."""
+    out: list[dict[str, bytes]] = []
+    for i in range(count):
+        col = f"member_{i}"
+        plain = {r["sample_id"]: r[col] for r in rows if isinstance(r.get(col), bytes)}
+        located = [r for r in rows if r.get(f"{col}.tar")]
+        fetched = fetch_ranges(store, [member_range({k: r[f"{col}.{k}"] for k in ("tar", "offset", "size", "crc32")})
+                                       for r in located])
+        plain.update({r["sample_id"]: data for r, data in zip(located, fetched, strict=True)})
+        out.append(plain)
     return out
 
 
@@ -104,6 +172,7 @@ def write_range(store: Any, version: str, plan_files: list[tuple[str, ...]], ide
         part = table.slice(a, b - a)
         rows = part.to_pylist()
         images = fetch_images(store, rows)
+        members = _fetch_members(store, rows, len(spec.member_exts))
         dup = Counter(r["key"] for r in rows if r["key"])
         rel = f"{EXPORT_DIR}/{version}/{split}/shard-{k:0{width}d}.tar"
         samples, keys = [], []
@@ -120,8 +189,9 @@ def write_range(store: Any, version: str, plan_files: list[tuple[str, ...]], ide
             keys.append(key)
             record: dict[str, Any] = {"__key__": key, ext: data, "cls": str(int(r["label"])), "json": meta}
             for i, member in enumerate(spec.member_exts):
-                if r.get(f"member_{i}") is not None:
-                    record[member] = r[f"member_{i}"]
+                value = members[i].get(r["sample_id"])
+                if value is not None:
+                    record[member] = value
             samples.append(record)
             for name, col in zip(spec.balance_columns, bal_cols, strict=True):
                 v = r.get(col)

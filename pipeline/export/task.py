@@ -45,7 +45,7 @@ from pipeline.export.plan import (
     writer_ranges,
 )
 from pipeline.export.retry import DRIVER_ATTEMPTS, RETRYABLE, remote_options
-from pipeline.export.shards import write_range
+from pipeline.export.shards import CorruptSourceError, write_range
 
 LEGACY_DIRS = ("train", "val")  # shard folders of exports written before versioned folders
 
@@ -76,7 +76,7 @@ def _gather(calls: list[tuple[Any, tuple[Any, ...]]], opts: dict[str, Any], what
         try:
             results[i] = ray.get(ref)
         except RETRYABLE as exc:
-            if isinstance(getattr(exc, "cause", None), ExportFailed):
+            if isinstance(getattr(exc, "cause", None), ExportFailed | CorruptSourceError):
                 attempt = DRIVER_ATTEMPTS  # already retried inside: do not run the whole export again
             if attempt >= DRIVER_ATTEMPTS:
                 for other in pending:

@@ -2,7 +2,8 @@
 
 The crop is what face-recognition training and the embedders consume. An optional larger crop with
 the same framing (the 112 transform scaled, e.g. 256) is kept for enhancement / super-resolution
-data. Crops are PNG, so their bytes depend only on the pixels.
+data, as a pixel member of the stage's shard tar (``<key>.crop_extra.png``: the manifest holds where
+it lies, not its pixels). Crops are PNG, so their bytes depend only on the pixels.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pydantic import Field
 
 from facekit.geometry import ARCFACE_SIZE, align_to_template, landmarks_array, warp
 from facekit.imaging import decode_rgb, encode_png
-from stages.base import IMAGE, IMAGE_EXT, SAMPLE_ID, Batch, Params, Resources, RowError, Rows, Stage
+from stages.base import IMAGE, IMAGE_EXT, SAMPLE_ID, Batch, Params, Resources, RowError, Rows, Stage, member_field
 
 EXTRA_CROP = "crop_extra"
 
@@ -27,7 +28,7 @@ class AlignParams(Params):
 
 class AlignStage(Stage[AlignParams]):
     name: ClassVar[str] = "align"
-    version: ClassVar[str] = "2"
+    version: ClassVar[str] = "3"
     resources: ClassVar[Resources] = Resources(cpus=0.25)
     batch_size: ClassVar[int] = 64
     writes_pixels: ClassVar[bool] = True
@@ -35,7 +36,7 @@ class AlignStage(Stage[AlignParams]):
     columns: ClassVar[tuple[pa.Field, ...]] = (
         pa.field("align_matrix", pa.list_(pa.float32(), 6)),  # 2x3 row-major: input image -> 112 template
         pa.field("align_residual", pa.float32()),  # RMS px (at 112) of the 5 points after the fit
-        pa.field(EXTRA_CROP, pa.binary()),  # PNG of the extra crop, null unless extra_crop_size
+        member_field(EXTRA_CROP, "png"),  # the extra crop, null unless extra_crop_size
     )
 
     def process(self, batch: Batch) -> Batch:

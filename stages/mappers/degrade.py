@@ -8,8 +8,9 @@ so a pair can be regenerated exactly and a training set can be sliced by degrada
 
 Output. The clean crop is the training target and what later stages (embedding, filters) must keep
 seeing, so the stage passes ``image`` through byte for byte (never re-encoded) as its pixel output,
-and puts the degraded pixels, as lossless PNG at the clean image's size, in the binary column
-``degraded`` beside the drawn values. ``writes_pixels`` is set because the stage makes new pixel
+and writes the degraded pixels, as lossless PNG at the clean image's size, as a pixel member of its
+shard tar (``<key>.degraded.png``; the manifest column ``degraded`` holds where it lies, never the
+pixels) beside the drawn values. ``writes_pixels`` is set because the stage makes new pixel
 data. For training, the export writes ``degraded`` beside the clean image as ``<key>.degraded.png``
 under the same key, which is what ``training.enhancement`` reads.
 
@@ -28,7 +29,19 @@ import pyarrow as pa
 from pydantic import model_validator
 
 from facekit.imaging import ImageError, decode_rgb, encode_jpeg, encode_png
-from stages.base import IMAGE, IMAGE_EXT, SAMPLE_ID, Batch, Params, Resources, Rows, Stage, StageKind, sample_seed
+from stages.base import (
+    IMAGE,
+    IMAGE_EXT,
+    SAMPLE_ID,
+    Batch,
+    Params,
+    Resources,
+    Rows,
+    Stage,
+    StageKind,
+    member_field,
+    sample_seed,
+)
 
 DEGRADED = "degraded"
 
@@ -101,13 +114,13 @@ def psnr_uint8(a: np.ndarray, b: np.ndarray) -> float:
 
 class DegradeStage(Stage[DegradeParams]):
     name: ClassVar[str] = "degrade"
-    version: ClassVar[str] = "2"
+    version: ClassVar[str] = "3"
     kind: ClassVar[StageKind] = StageKind.MAPPER
     resources: ClassVar[Resources] = Resources(cpus=0.5)
     batch_size: ClassVar[int] = 64
     writes_pixels: ClassVar[bool] = True
     columns: ClassVar[tuple[pa.Field, ...]] = (
-        pa.field(DEGRADED, pa.binary()),
+        member_field(DEGRADED, "png"),
         pa.field("degrade_blur_sigma", pa.float32()),
         pa.field("degrade_downsample", pa.float32()),
         pa.field("degrade_noise_sigma", pa.float32()),

@@ -47,7 +47,7 @@ import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import Field, model_validator
 
-from facekit.imaging import ImageError, decode_rgb
+from facekit.imaging import ImageError, decode_rgb, remembering
 from manifests.layout import listing_path
 from manifests.listing import listing_size, read_listing, walk_rel_paths, write_listing
 from manifests.shards import TarMember, is_compressed, iter_tar_members
@@ -280,12 +280,13 @@ class IngestStage(SourceStage):
             if r.data is not None:
                 out.set(i, file_bytes=len(r.data))
             if r.reason is None and r.data is not None:
+                image = remembering(r.data)  # decoded here once; a fused detect reuses the pixels
                 try:
-                    rgb = decode_rgb(r.data)
+                    rgb = decode_rgb(image)
                 except ImageError as exc:
                     r.reason = Reason(exc.rule, exc.detail)
                 else:
-                    out.set(i, **{IMAGE: r.data, IMAGE_EXT: sniff_ext(r.data, r.ext),
+                    out.set(i, **{IMAGE: image, IMAGE_EXT: sniff_ext(r.data, r.ext),
                                   "width": int(rgb.shape[1]), "height": int(rgb.shape[0])})
             if r.reason is not None:
                 out.fail(i, r.reason.rule, r.reason.detail)

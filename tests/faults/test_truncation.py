@@ -101,3 +101,42 @@ def test_a_tar_corrupted_in_place_is_caught_by_its_checksum_when_read_and_recomp
     # meanf: its truncated fragment, and the shard whose input tar was rewritten
     assert res.stages["pattern"]["computed"] == 1 and res.stages["meanf"]["computed"] == 2
     _assert_same(ref, out)
+
+
+@pytest.mark.faults
+def test_an_export_never_copies_bytes_damaged_after_their_commit_and_the_rerun_exports_them_right(
+        tmp_path: Path, engine_config: dict) -> None:
+    ref = tmp_path / "ref"
+    res, _ = _run_export(engine_config, ref)
+    assert res.complete, res.failures
+    out = tmp_path / "run"
+    cfg_off, stages = load_config(raw=engine_config, overrides=["export.enabled=false"])
+    assert Runner(cfg_off, stages, str(out), show_progress=False, console=Console(file=io.StringIO())).run().complete
+    # One image member of a committed tar flipped in place, same size: every stage has already read the
+    # tar, so only the export's byte-range read meets it, and only its checksum can tell.
+    row = next(r for r in pq.read_table(out / "manifests" / "pattern" / "000001.parquet").to_pylist()
+               if r["tar_offset"] is not None)
+    tar = out / "shards" / "pattern" / "000001.tar"
+    data = bytearray(tar.read_bytes())
+    data[row["tar_offset"] + row["tar_size"] // 2] ^= 0xFF
+    tar.write_bytes(bytes(data))
+
+    res, _ = _run_export(engine_config, out)
+    assert not res.complete
+    assert any(f["stage"] == "export" and "shards/pattern/000001.tar" in f["error"] and "CRC-32" in f["error"]
+               for f in res.failures), res.failures
+    assert not (out / "export" / "export.json").exists(), "an export was committed from damaged bytes"
+    assert not (out / "manifests" / "pattern" / "000001.parquet").exists(), "the damaged shard stays committed"
+
+    res, _ = _run_export(engine_config, out)
+    assert res.complete, res.failures
+    assert res.stages["pattern"]["computed"] == 1
+    _assert_same(ref, out)
+    assert _files(ref, "export/*/*/*.tar") == _files(out, "export/*/*/*.tar")
+
+
+def _run_export(raw: dict[str, Any], out: Path) -> tuple[RunResult, str]:
+    cfg, stages = load_config(raw=raw)
+    text = io.StringIO()
+    res = Runner(cfg, stages, str(out), show_progress=False, console=Console(file=text, width=400)).run()
+    return res, text.getvalue()

@@ -71,6 +71,16 @@ def test_export_threshold_on_a_missing_column_fails_before_any_work(engine_confi
     assert not out.exists()
 
 
+def test_an_extra_export_member_that_is_not_image_bytes_fails_before_any_work(engine_config: dict,
+                                                                             tmp_path: Path) -> None:
+    engine_config["export"]["extra_members"] = {"mean.txt": "meanf.mean"}
+    cfg, stages = _load(engine_config)
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"export\.extra_members\.mean\.txt: meanf\.mean is float, not image bytes"):
+        Runner(cfg, stages, str(out), show_progress=False)
+    assert not out.exists()
+
+
 def test_set_overrides_by_index_and_by_stage_id(engine_config: dict) -> None:
     cfg, stages = _load(engine_config, ["run.shard_size=4", "stages.meanf.params.min_mean=12.5",
                                         "stages.0.params.size=16", "identities.perturbation.sigmas=[0.2, 0.4, 0.6]"])
