@@ -6,8 +6,9 @@ hold uint8 numpy arrays), ``issame`` a list of N booleans (pair i is images 2i a
 
 A pickle can run any callable it names, so these files are never given to ``pickle.load``. The
 restricted unpickler resolves only the few globals such files contain — ``_codecs.encode`` (how
-protocol 2 spells bytes, checked to be a latin-1 str->bytes), numpy's array/scalar reconstructors
-and ``dtype`` (numeric dtypes only) — and refuses everything else before anything runs.
+protocol 2 spells bytes, checked to be a latin-1 str->bytes), ``bytes()`` (how it spells empty
+bytes, never ``bytes(n)``), numpy's array/scalar reconstructors and ``dtype`` (numeric dtypes
+only) — and refuses everything else before anything runs.
 """
 
 from __future__ import annotations
@@ -38,6 +39,18 @@ def _latin1_encode(text: Any, encoding: str = "utf-8", errors: str = "strict") -
     return codecs.encode(text, "latin1")
 
 
+def _bytes(*args: Any) -> bytes:
+    """``bytes(...)``: how protocol 2 spells an empty bytes object, and how a bytes subclass (an
+    encoded image that carries its pixels) reduces. ``bytes(n)`` is refused: it allocates n bytes."""
+    if not args:
+        return b""
+    if len(args) == 2 and isinstance(args[0], str):
+        return _latin1_encode(args[0], args[1])
+    if len(args) == 1 and isinstance(args[0], bytes | bytearray):
+        return bytes(args[0])
+    raise pickle.UnpicklingError("bytes(...) is allowed only empty or from a latin-1 str in a pair file")
+
+
 def _numeric_dtype(spec: Any, align: bool = False, copy: bool = False) -> np.dtype:
     dtype = np.dtype(spec, align=align, copy=copy)
     if dtype.hasobject or dtype.kind not in "biuf":
@@ -59,6 +72,8 @@ def _scalar(dtype: Any, data: bytes = b"") -> Any:
 
 _ALLOWED: dict[tuple[str, str], Any] = {
     ("_codecs", "encode"): _latin1_encode,
+    ("__builtin__", "bytes"): _bytes,
+    ("builtins", "bytes"): _bytes,
     ("numpy", "dtype"): _numeric_dtype,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy.core.multiarray", "_reconstruct"): _ndarray_reconstruct,

@@ -81,6 +81,14 @@ def test_reads_protocol_2_files_with_numpy_bools_and_array_images() -> None:
     assert pair_file.issame.tolist() == [True]
 
 
+def test_reads_protocol_2_empty_bytes_but_refuses_bytes_of_a_length() -> None:
+    data = pickle.dumps(([b"", _solid(0.3)], [False]), protocol=2)  # b"" is spelled __builtin__.bytes()
+    assert parse_pair_file(data).images == [b"", _solid(0.3)]
+    bomb = b"\x80\x02c__builtin__\nbytes\nJ\x00\x00\x00\x40\x85R]\x86."  # bytes(2**30) as images
+    with pytest.raises(PairFileError, match="bytes"):
+        parse_pair_file(bomb)
+
+
 class _Exploit:
     def __init__(self, target: Path) -> None:
         self.target = target
