@@ -122,7 +122,8 @@ def way_raydata(tars: list[str], out: str, cpus: int) -> dict[str, Any]:
              _temp_dir=tempfile.mkdtemp(prefix="ffray-", dir="/tmp"))
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
-    ds = ray.data.read_webdataset(tars, decoder=None)
+    # Reads are I/O: without num_cpus=0 they wait for a core the two actors hold, and the run hangs.
+    ds = ray.data.read_webdataset(tars, decoder=None, ray_remote_args={"num_cpus": 0})
     ds = ds.map_batches(_RayFace, concurrency=cpus, batch_size=16, num_cpus=1, batch_format="numpy")
     ds.write_parquet(out)
     ray.shutdown()

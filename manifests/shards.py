@@ -1,7 +1,7 @@
 """WebDataset shard I/O: deterministic tar writing, safe member names, byte offsets for random access.
 
-Tars are written with webdataset's TarWriter with a fixed mtime, owner and member order, so the same
-samples always give the same bytes (resume is byte-identical). Each member's data offset is
+Tars are written as webdataset's TarWriter writes them, with a fixed mtime, owner and member order, so
+the same samples always give the same bytes (resume is byte-identical). Each member's data offset is
 recorded in the manifest, so an export can read one image by byte range without scanning the tar.
 """
 
@@ -65,25 +65,31 @@ def write_tar(samples: list[dict[str, Any]]) -> tuple[bytes, dict[str, dict[str,
 
     Returns the bytes and, per key and extension, where that member's data lies in the tar.
     """
-    import webdataset as wds  # here, not at the top: it imports torch, which readers of tars never need
-
     buf = io.BytesIO()
-    writer = wds.TarWriter(buf, user="facefoundry", group="facefoundry", mtime=0.0, encoder=False)
-    for sample in samples:
-        key = check_key(sample["__key__"])
-        record: dict[str, Any] = {"__key__": key}
-        for ext, value in sample.items():
-            if ext == "__key__":
-                continue
-            if isinstance(value, dict | list):
-                value = json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
-            elif isinstance(value, str):
-                value = value.encode()
-            record[ext] = value
-        writer.write(record)
-    writer.close()
-    data = buf.getvalue()
-    return data, index_tar(data)
+    index: dict[str, dict[str, MemberLocation]] = {}
+    # Plain tarfile, member by member, so each member's data offset is read off the stream as it is
+    # written (no second parse of the tar). The members and their headers are the ones webdataset's
+    # TarWriter writes (sorted extensions, mode 0444, mtime 0.0), so shards stay byte-identical.
+    with tarfile.open(fileobj=buf, mode="w|") as tar:
+        for sample in samples:
+            key = check_key(sample["__key__"])
+            for ext in sorted(sample):
+                if ext.startswith("_"):
+                    continue
+                value = sample[ext]
+                if isinstance(value, dict | list):
+                    value = json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+                elif isinstance(value, str):
+                    value = value.encode()
+                elif not isinstance(value, bytes | bytearray | memoryview):
+                    raise ValueError(f"{key}.{ext}: expected bytes, str, dict or list, got {type(value).__name__}")
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(value), 0.0, 0o444  # type: ignore[assignment]
+                info.uname = info.gname = "facefoundry"
+                tar.addfile(info, io.BytesIO(value))
+                start = tar.offset - -(-info.size // BLOCK) * BLOCK
+                index.setdefault(key, {})[ext] = MemberLocation(start, info.size, zlib.crc32(value))
+    return buf.getvalue(), index
 
 
 def index_tar(data: bytes) -> dict[str, dict[str, MemberLocation]]:
