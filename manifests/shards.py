@@ -84,7 +84,7 @@ def write_tar(samples: list[dict[str, Any]]) -> tuple[bytes, dict[str, dict[str,
                 elif not isinstance(value, bytes | bytearray | memoryview):
                     raise ValueError(f"{key}.{ext}: expected bytes, str, dict or list, got {type(value).__name__}")
                 info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mtime, info.mode = len(value), 0.0, 0o444  # type: ignore[assignment]
+                info.size, info.mtime, info.mode = len(value), 0.0, 0o444
                 info.uname = info.gname = "facefoundry"
                 tar.addfile(info, io.BytesIO(value))
                 start = tar.offset - -(-info.size // BLOCK) * BLOCK
