@@ -44,7 +44,7 @@ def tables_up_to_date(store: RunStorage, stamp_value: str, shards: list[str]) ->
 
 
 def write_run_tables(store: RunStorage, stages: list[StageColumns], fingerprints: dict[str, str],
-                     shards: list[str], cpus_per_task: float = 0.25) -> dict[str, Any]:
+                     shards: list[str], cpus_per_task: float = 1.0) -> dict[str, Any]:
     """Build (or resume) the run's tables; returns the tables commit document."""
     resolved = resolve_stage_columns(store, stages, shards)
     schema = samples_schema(resolved)
@@ -53,10 +53,11 @@ def write_run_tables(store: RunStorage, stages: list[StageColumns], fingerprints
         return dict(json.loads(store.read_bytes(*TABLES_DONE)), written=0)
     task = ray.remote(_write_some).options(**remote_options(cpus_per_task, TASK_MEMORY))
     schema_bytes = schema.serialize().to_pybytes()
-    # A few shards per task: enough tasks to fill the cluster several times over, few enough that
-    # starting workers does not dominate (each file is still committed on its own).
+    # A few shards per task, a CPU each: two tasks per CPU fill the cluster and run on the workers Ray
+    # already keeps warm (a fraction of a CPU per task made Ray start a new worker process for each,
+    # seconds apiece on a small machine, at the very end of the run). Each file is still its own commit.
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    per_task = max(1, min(MAX_SHARDS_PER_TASK, math.ceil(len(shards) / (8 * cpus))))
+    per_task = max(1, min(MAX_SHARDS_PER_TASK, math.ceil(len(shards) / (2 * cpus))))
     groups = [shards[i : i + per_task] for i in range(0, len(shards), per_task)]
     pending = {task.remote(store.url, store.storage_options, resolved, g, schema_bytes, value): g for g in groups}
     written = 0

@@ -377,21 +377,25 @@ class Runner:
     def _compact(self, phase: list[ResolvedStage], shards: list[str], committed: dict[str, set[str]]) -> list[Any]:
         """Start the sorted copy of every stage of the phase whose shards are all committed (it runs
         beside the next phase; a stage already compacted returns at once)."""
-        from manifests.compaction import compact_stage
+        from manifests.compaction import compact_stages
 
-        task = ray.remote(compact_stage).options(num_cpus=0.25)
-        return [(s.stage_id, task.remote(self.store.url, s.stage_id,  # type: ignore[call-arg]  # Ray's stub
-                                         storage_options=self.store.storage_options))
-                for s in phase if shards and len(committed[s.stage_id]) == len(shards)]
+        ready = [s.stage_id for s in phase if shards and len(committed[s.stage_id]) == len(shards)]
+        if not ready:
+            return []
+        task = ray.remote(compact_stages).options(num_cpus=0.25)
+        return [(ready, task.remote(self.store.url, ready,  # type: ignore[call-arg]  # Ray's stub
+                                    storage_options=self.store.storage_options))]
 
     def _await_compactions(self, pending: list[Any]) -> None:
         # The compacted copy is derived data: the catalog reads the fragments without it.
-        for sid, ref in pending:
+        for ids, ref in pending:
             try:
-                ray.get(ref)
+                errors = ray.get(ref)
             except ray.exceptions.RayError as exc:
-                note = str(exc).splitlines()[-1]
-                self.console.print(f"[yellow]stage {sid}: manifests not compacted:[/yellow] {note}")
+                errors = dict.fromkeys(ids, str(exc).splitlines()[-1] if str(exc) else type(exc).__name__)
+            for sid, note in errors.items():
+                if note is not None:
+                    self.console.print(f"[yellow]stage {sid}: manifests not compacted:[/yellow] {note}")
 
     def _write_tables(self, shards: list[str], failures: dict[tuple[str, str], str]) -> bool:
         """The run's one-row-per-sample tables: part of the run's commit, before the export."""

@@ -11,7 +11,7 @@ import pytest
 
 from manifests import compaction
 from manifests.catalog import Catalog
-from manifests.compaction import compact_stage, compacted_files_for, valid_compaction
+from manifests.compaction import compact_stage, compact_stages, compacted_files_for, valid_compaction
 from manifests.layout import compacted_dir
 from manifests.lineage import trace
 from manifests.storage import RunStorage
@@ -127,3 +127,18 @@ def test_compaction_and_lineage_on_an_object_store() -> None:
         assert Catalog(store, STAGES).source("src").compacted is not None
         assert trace(store, STAGES, sid) == before
         assert [r["stage"] for r in before] == STAGES
+
+
+def test_one_call_compacts_every_stage_and_reports_a_failed_one_without_stopping(tmp_path: Path) -> None:
+    store = _run(tmp_path)
+    blocked = Path(store.path(*compacted_dir("emb")))
+    blocked.parent.mkdir(parents=True, exist_ok=True)
+    blocked.write_text("a file where the copy's folder goes")
+    errors = compact_stages(store.url, [*STAGES, "never_ran"])
+    assert errors["emb"] is not None and "NotADirectoryError" in errors["emb"]
+    assert {sid: note for sid, note in errors.items() if sid != "emb"} == dict.fromkeys(
+        [s for s in STAGES if s != "emb"] + ["never_ran"])
+    assert all(valid_compaction(store, sid) is not None for sid in STAGES if sid != "emb")
+    blocked.unlink()
+    assert compact_stages(store.url, ["emb"]) == {"emb": None}, "the next call compacts it"
+    assert valid_compaction(store, "emb") is not None
