@@ -18,6 +18,7 @@ import ray
 from manifests.layout import DECISIONS_TABLE, MANIFEST_SUFFIX, SAMPLES_TABLE, TABLES_DONE
 from manifests.storage import RunStorage
 from manifests.tables import StageColumns, resolve_stage_columns, samples_schema, stamp, write_shard_tables
+from pipeline.engine.warm import WarmWorkers
 from pipeline.export.retry import RETRYABLE, remote_options
 
 TASK_MEMORY = 512 * 1024 * 1024  # one shard's fragments at a time: far below this
@@ -44,14 +45,17 @@ def tables_up_to_date(store: RunStorage, stamp_value: str, shards: list[str]) ->
 
 
 def write_run_tables(store: RunStorage, stages: list[StageColumns], fingerprints: dict[str, str],
-                     shards: list[str], cpus_per_task: float = 1.0) -> dict[str, Any]:
-    """Build (or resume) the run's tables; returns the tables commit document."""
+                     shards: list[str], cpus_per_task: float = 1.0, workers: WarmWorkers | None = None
+                     ) -> dict[str, Any]:
+    """Build (or resume) the run's tables; returns the tables commit document. ``workers``: the run's
+    parked actors, which take the first attempt of each group (retries are fresh tasks)."""
     resolved = resolve_stage_columns(store, stages, shards)
     schema = samples_schema(resolved)
     value = stamp(resolved, fingerprints, schema)
     if tables_up_to_date(store, value, shards):
         return dict(json.loads(store.read_bytes(*TABLES_DONE)), written=0)
-    task = ray.remote(_write_some).options(**remote_options(cpus_per_task, TASK_MEMORY))
+    pool = workers or WarmWorkers()
+    opts = remote_options(cpus_per_task, TASK_MEMORY)
     schema_bytes = schema.serialize().to_pybytes()
     # A few shards per task, a CPU each: two tasks per CPU fill the cluster and run on the workers Ray
     # already keeps warm (a fraction of a CPU per task made Ray start a new worker process for each,
@@ -59,7 +63,8 @@ def write_run_tables(store: RunStorage, stages: list[StageColumns], fingerprints
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     per_task = max(1, min(MAX_SHARDS_PER_TASK, math.ceil(len(shards) / (2 * cpus))))
     groups = [shards[i : i + per_task] for i in range(0, len(shards), per_task)]
-    pending = {task.remote(store.url, store.storage_options, resolved, g, schema_bytes, value): g for g in groups}
+    pending = {pool.submit(_write_some, store.url, store.storage_options, resolved, g, schema_bytes, value,
+                           options=opts): g for g in groups}
     written = 0
     attempts: dict[str, int] = {}
     while pending:
@@ -73,7 +78,8 @@ def write_run_tables(store: RunStorage, stages: list[StageColumns], fingerprints
             if attempts[group[0]] >= 3:
                 raise RuntimeError(f"tables: shards {group[0]}..{group[-1]} failed {attempts[group[0]]} times: "
                                    f"{exc}") from exc
-            pending[task.remote(store.url, store.storage_options, resolved, group, schema_bytes, value)] = group
+            pending[pool.submit(_write_some, store.url, store.storage_options, resolved, group, schema_bytes, value,
+                                options=opts, fresh=True)] = group
     keep = {f"{s}{MANIFEST_SUFFIX}" for s in shards}
     for table in (SAMPLES_TABLE, DECISIONS_TABLE):  # files of shards no longer in the plan
         for name in store.list_files(*table, suffix=MANIFEST_SUFFIX):

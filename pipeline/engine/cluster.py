@@ -48,8 +48,12 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
             raise ClusterConnectError(f"cannot connect to the Ray cluster at {address}: {exc}") from exc
         return False
     tmp = os.environ.get("FACEFOUNDRY_RAY_TMP") or tempfile.mkdtemp(prefix="ffray-", dir="/tmp")
+    # An embedded Ray serves this one run: no dashboard reads its metrics, and the workers Ray would
+    # prestart for the first driver are not the ones the stage actors get (each actor starts its own
+    # process). Both cost seconds of CPU while the actors load their models on a small machine.
     ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, _temp_dir=tmp,
-             runtime_env=env, log_to_driver=True, configure_logging=False)
+             runtime_env=env, log_to_driver=True, configure_logging=False,
+             _system_config={"enable_metrics_collection": False, "prestart_worker_first_driver": False})
     return True
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -106,16 +107,29 @@ class StageActor:
     def teardown(self) -> None:
         self.chain.teardown()
 
+    def park(self) -> None:
+        """The stages are done: release what they hold, keep the warm process (see engine/warm.py)."""
+        self.chain.teardown()
+        self.chain = ChainExecutor([])
+
+    def call(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A closing step of the run (compaction, the run tables) on this parked process."""
+        return fn(*args, **kwargs)
+
 
 class RayExecutor:
     def __init__(self, specs: list[list[StageSpec]], plans: list[ActorPlan], source_specs: dict[str, Any],
-                 source_chain: int | None) -> None:
+                 source_chain: int | None, park_chain: int | None = None) -> None:
         self.specs = specs
         self.plans = plans
         self.source_specs = source_specs
         self.source_chain = source_chain
         self.actors: dict[int, Any] = {}
         self.pending: dict[Any, Request] = {}  # insertion order is submission order
+        # The run's last chain: its actors, once stopped, are parked for the closing steps, not killed.
+        self.park_chain = park_chain
+        self.chain_of: dict[int, int] = {}
+        self.parked: list[Any] = []
 
     def start_actor(self, chain: int, actor: int) -> None:
         p = self.plans[chain]
@@ -123,9 +137,18 @@ class RayExecutor:
         if p.memory:
             opts["memory"] = p.memory
         self.actors[actor] = StageActor.options(**opts).remote(self.specs[chain])  # type: ignore[attr-defined]
+        self.chain_of[actor] = chain
 
     def stop_actor(self, actor: int) -> None:
         handle = self.actors.pop(actor, None)
+        if handle is not None and self.park_chain is not None and self.chain_of.get(actor) == self.park_chain:
+            try:
+                ray.get(handle.park.remote(), timeout=30)
+            except Exception:  # a dead or stuck actor is no use warm: killed as usual
+                ray.kill(handle)
+            else:
+                self.parked.append(handle)
+            return
         if handle is not None:
             # Let the stages release servers and GPU memory; a dead or stuck actor is killed anyway.
             with contextlib.suppress(Exception):

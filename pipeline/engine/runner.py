@@ -10,6 +10,7 @@ The export is the last phase. The driver only ever holds shard names and small p
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -40,6 +41,7 @@ from pipeline.engine.rundir import (
     write_plan,
     write_run_file,
 )
+from pipeline.engine.warm import WarmWorkers
 from stages.base import SourceStage, Stage, StageContext, StageKind
 
 MAX_SHARD_ATTEMPTS = 3
@@ -120,6 +122,8 @@ class Runner:
                     or pa.types.is_large_binary(kind)):
                 raise ConfigError(f"invalid config:\n  {where}: {target} is {kind}, not image bytes (a pixel "
                                   f"member or a binary column)")
+        if not exp.where:  # the where check needs duckdb and pyarrow.dataset: seconds of imports saved
+            return
         from manifests.tables import StageColumns, samples_schema
         from pipeline.export.plan import where_error
 
@@ -208,6 +212,7 @@ class Runner:
         with run_lock(self.store, force=force):
             to_wipe = self.stages_to_wipe(force, new)
             owns_ray = cluster.connect(address, num_cpus)
+            warm = WarmWorkers()
             try:
                 _, gpus = cluster.cluster_totals()
                 for s in self.stages:  # before any work: a GPU stage on a cluster without GPUs
@@ -234,12 +239,14 @@ class Runner:
                 failures: dict[tuple[str, str], str] = {}
                 with prog:
                     compactions: list[Any] = []
-                    for phase in self.phases():
+                    phases = self.phases()
+                    for i, phase in enumerate(phases):
                         if phase[0].cls.kind == StageKind.GLOBAL:
                             self._run_global(phase[0], shards, committed, failures, prog)
                         else:
-                            self._run_streaming(phase, shards, specs, committed, failures, prog)
-                        compactions += self._compact(phase, shards, committed)
+                            warm = WarmWorkers(self._run_streaming(phase, shards, specs, committed, failures,
+                                                                   prog, park=i == len(phases) - 1))
+                        compactions += self._compact(phase, shards, committed, warm)
                     for s in self.stages[1:]:  # run-level summaries from the committed manifests
                         self.instances[s.stage_id].finish(self.store)
                     self._await_compactions(compactions)
@@ -247,7 +254,8 @@ class Runner:
                     if complete:
                         prog.export_note = "tables: writing"
                         prog.update()
-                        complete = self._write_tables(shards, failures)
+                        complete = self._write_tables(shards, failures, warm)
+                    warm.close()
                     if complete and self.cfg.export.enabled:
                         prog.export_note = "export: running"
                         prog.update()
@@ -261,23 +269,32 @@ class Runner:
                                                  "kept": p.kept, "dropped": p.dropped, "errors": p.errors}
                 result.failures = [{"stage": k[0], "shard": k[1], "error": v} for k, v in failures.items()]
                 result.complete = complete and (result.export is not None or not self.cfg.export.enabled)
-            finally:
+            except BaseException:  # a failed or interrupted run: no report, Ray stopped, the error raised
+                warm.close()
                 if owns_ray:
                     ray.shutdown()
+                raise
+            warm.close()
+            # The report reads the committed manifests only: it is drawn while Ray's processes stop
+            # (seconds of waiting on a small machine) rather than after them.
+            report = ReportWriter(self.store)
+            try:
+                if owns_ray:
+                    ray.shutdown()
+            finally:  # even on a Ctrl-C here: a thread left inside matplotlib aborts the interpreter's exit
+                problem = report.wait()
             result.seconds = time.monotonic() - t0
             self._write_history(result)
-            try:
-                from pipeline.report import write_report
-
-                write_report(self.store)
-            except Exception as exc:  # a report problem must never fail a finished run
-                self.console.print(f"[yellow]report not written:[/yellow] {exc}")
+            if problem:  # a report problem must never fail a finished run
+                self.console.print(f"[yellow]report not written:[/yellow] {problem}")
         return result
 
     def _run_streaming(self, phase: list[ResolvedStage], shards: list[str], specs: dict[str, Any],
-                       committed: dict[str, set[str]], failures: dict[tuple[str, str], str], prog: Progress) -> None:
+                       committed: dict[str, set[str]], failures: dict[tuple[str, str], str], prog: Progress,
+                       park: bool = False) -> list[Any]:
         """Stream shards through the phase's stages: a thin loop feeding the scheduler's decisions to the
-        Ray executor and the executor's events back to the scheduler (pipeline/engine/scheduler.py)."""
+        Ray executor and the executor's events back to the scheduler (pipeline/engine/scheduler.py).
+        With ``park`` (the run's last phase), returns the last chain's idle actors for the closing steps."""
         from pipeline.engine.executor import Outcome, RayExecutor
         from pipeline.engine.scheduler import (
             Kind,
@@ -294,7 +311,7 @@ class Runner:
         )
 
         if all(len(committed[s.stage_id]) == len(shards) for s in phase):
-            return
+            return []
         infos = [StageInfo(s.stage_id, s.resources, s.workers, s.cls.kind == StageKind.SOURCE) for s in phase]
         chains = fuse_chains(infos, enabled=self.cfg.run.fuse)
         cpus, gpus = cluster.cluster_totals()
@@ -309,7 +326,8 @@ class Runner:
                           limits=Limits(max_in_flight=run.max_in_flight_per_worker, max_attempts=MAX_SHARD_ATTEMPTS,
                                         max_shard_deaths=run.max_shard_deaths))
         ex = RayExecutor([[self.spec(by_id[s.stage_id]) for s in c] for c in chains], plans, specs,
-                         source_chain=0 if infos[0].source else None)
+                         source_chain=0 if infos[0].source else None,
+                         park_chain=len(chains) - 1 if park else None)
         actions = sched.start()
         try:
             while True:
@@ -352,6 +370,7 @@ class Runner:
                 prog.update()
         finally:
             ex.close()
+        return ex.parked
 
     def _run_global(self, s: ResolvedStage, shards: list[str], committed: dict[str, set[str]],
                     failures: dict[tuple[str, str], str], prog: Progress) -> None:
@@ -374,16 +393,17 @@ class Runner:
         for r in results:
             prog.update(r)
 
-    def _compact(self, phase: list[ResolvedStage], shards: list[str], committed: dict[str, set[str]]) -> list[Any]:
+    def _compact(self, phase: list[ResolvedStage], shards: list[str], committed: dict[str, set[str]],
+                 warm: WarmWorkers) -> list[Any]:
         """Start the sorted copy of every stage of the phase whose shards are all committed (it runs
-        beside the next phase; a stage already compacted returns at once)."""
+        beside the next phase, or on the last phase's parked actors; a stage already compacted returns
+        at once)."""
         from manifests.compaction import compact_stages
 
         ready = [s.stage_id for s in phase if shards and len(committed[s.stage_id]) == len(shards)]
         if not ready:
             return []
-        task = ray.remote(compact_stages).options(num_cpus=0.25)
-        return [(ready, task.remote(self.store.url, ready,  # type: ignore[call-arg]  # Ray's stub
+        return [(ready, warm.submit(compact_stages, self.store.url, ready, options={"num_cpus": 0.25},
                                     storage_options=self.store.storage_options))]
 
     def _await_compactions(self, pending: list[Any]) -> None:
@@ -397,7 +417,7 @@ class Runner:
                 if note is not None:
                     self.console.print(f"[yellow]stage {sid}: manifests not compacted:[/yellow] {note}")
 
-    def _write_tables(self, shards: list[str], failures: dict[tuple[str, str], str]) -> bool:
+    def _write_tables(self, shards: list[str], failures: dict[tuple[str, str], str], warm: WarmWorkers) -> bool:
         """The run's one-row-per-sample tables: part of the run's commit, before the export."""
         from manifests.tables import StageColumns
         from pipeline.tables import write_run_tables
@@ -405,7 +425,7 @@ class Runner:
         cols = [StageColumns(s.stage_id, self.instances[s.stage_id].output_fields(), s.cls.writes_pixels)
                 for s in self.stages]
         try:
-            write_run_tables(self.store, cols, self.fingerprints, shards)
+            write_run_tables(self.store, cols, self.fingerprints, shards, workers=warm)
         except (ray.exceptions.RayError, RuntimeError, OSError, TypeError) as exc:
             failures[("tables", "*")] = str(exc)[:4000]
             self.console.print(f"[red]run tables not written:[/red] {str(exc).splitlines()[-1] if str(exc) else exc}")
@@ -429,6 +449,28 @@ class Runner:
     def _write_history(self, result: RunResult) -> None:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
         self.store.write_atomic(json.dumps(asdict(result), indent=2, default=str).encode(), *history_path(stamp))
+
+
+class ReportWriter:
+    """``write_report`` on a thread of its own, started at once; ``wait`` returns its error, if any."""
+
+    def __init__(self, store: RunStorage) -> None:
+        self.store = store
+        self.error: str | None = None
+        self.thread = threading.Thread(target=self._write, name="facefoundry-report", daemon=True)
+        self.thread.start()
+
+    def _write(self) -> None:
+        try:
+            from pipeline.report import write_report
+
+            write_report(self.store)
+        except Exception as exc:  # reported by wait(): the run's result does not depend on it
+            self.error = str(exc) or type(exc).__name__
+
+    def wait(self) -> str | None:
+        self.thread.join()
+        return self.error
 
 
 def run_pipeline(cfg: PipelineConfig, stages: list[ResolvedStage], output: str, *, force: bool = False,
