@@ -27,7 +27,7 @@ def test_a_worker_node_removed_mid_run_still_completes_byte_identical(tmp_path: 
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["removed"], "the node was not removed before the run finished"
-    for pattern in ("shards/*/*.tar", "export/*/*.tar", "identities/*.parquet"):
+    for pattern in ("shards/*/*.tar", "export/*/*/*.tar", "identities/*.parquet"):
         a, b = _files(ref, pattern), _files(out, pattern)
         assert a.keys() == b.keys() and a, pattern
         assert a == b, f"{pattern} differs after losing a node"
