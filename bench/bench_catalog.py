@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import io
 import json
 import os
 import resource
@@ -31,14 +30,15 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from manifests.layout import PLAN_FILE, RUN_FILE, manifest_path  # noqa: E402
+from manifests.commit import encode_manifest  # noqa: E402
+from manifests.layout import RUN_FILE, manifest_path  # noqa: E402
 from manifests.schema import COMMON_FIELDS, manifest_schema  # noqa: E402
 from manifests.storage import RunStorage  # noqa: E402
+from pipeline.engine.rundir import read_plan, write_plan  # noqa: E402
 
 STAGES = ["src", "emb"]
 OWN = {"src": [pa.field("variant", pa.int64())],
@@ -58,19 +58,21 @@ def fragment(stage: str, shard: int, n: int) -> pa.Table:
     ids = pa.array(np.char.mod("%016x", rng.integers(0, 2**63, n, dtype=np.int64)).astype(object), pa.string())
     name = f"{shard:06d}"
 
-    def const(f: pa.Field, v: Any) -> pa.Array:
-        return pa.array([v] * n, f.type)
+    types_ = {f.name: f.type for f in COMMON_FIELDS}
+
+    def const(name: str, v: Any) -> pa.Array:
+        return pa.array([v] * n, types_[name])
 
     cols: dict[str, Any] = {}
     for f in COMMON_FIELDS:
         cols[f.name] = pa.nulls(n, f.type)
     cols.update(sample_id=ids, key=ids, identity_id=pa.array(np.char.mod("id%d", rng.integers(0, n // 50 + 1, n))
                                                               .astype(object), pa.string()),
-                stage=const(COMMON_FIELDS[4], stage), stage_name=const(COMMON_FIELDS[5], stage),
-                stage_version=const(COMMON_FIELDS[6], "1"), shard=const(COMMON_FIELDS[7], name),
-                status=const(COMMON_FIELDS[8], "ok"), keep=pa.array(rng.random(n) > 0.2),
-                params_hash=const(COMMON_FIELDS[14], "p"), fingerprint=const(COMMON_FIELDS[15], "f"),
-                worker=const(COMMON_FIELDS[21], "w"), duration_ms=pa.array(rng.random(n)),
+                stage=const("stage", stage), stage_name=const("stage_name", stage),
+                stage_version=const("stage_version", "1"), shard=const("shard", name),
+                status=const("status", "ok"), keep=pa.array(rng.random(n) > 0.2),
+                params_hash=const("params_hash", "p"), fingerprint=const("fingerprint", "f"),
+                worker=const("worker", "w"), duration_ms=pa.array(rng.random(n)),
                 processed_at=pa.array(np.full(n, 1_767_225_600_000 + shard, dtype="datetime64[ms]"))
                 .cast(pa.timestamp("ms", tz="UTC")))
     if stage == "src":
@@ -85,16 +87,17 @@ def build(url: str, shards: int, per_shard: int, storage_options: dict[str, Any]
     """Write the run (kept when --dir already holds it: a rerun measures the same files)."""
     store = RunStorage(url, storage_options)
     probe = str(fragment("emb", shards // 2, per_shard).column("sample_id")[per_shard // 3])
-    if store.exists(PLAN_FILE) and len(json.loads(store.read_bytes(PLAN_FILE))["shards"]) == shards:
+    plan = read_plan(store)
+    if plan is not None and len(plan["shards"]) == shards:
         return probe
     for stage in STAGES:
-        for shard in range(shards):
-            buf = io.BytesIO()
-            pq.write_table(fragment(stage, shard, per_shard), buf, compression="zstd")
-            store.write_atomic(buf.getvalue(), *manifest_path(stage, f"{shard:06d}"))
+        for shard in range(shards):  # committed as the engine commits (the footer's commit record)
+            blob = encode_manifest(fragment(stage, shard, per_shard))
+            store.write_atomic(blob, *manifest_path(stage, f"{shard:06d}"))
     run = {"config": {"stages": [{"stage": f"x:{s}", "id": s} for s in STAGES]}}
     store.write_atomic(json.dumps(run).encode(), RUN_FILE)
-    store.write_atomic(json.dumps({"shards": [{"name": f"{i:06d}"} for i in range(shards)]}).encode(), PLAN_FILE)
+    write_plan(store, {"fingerprint": "bench", "source": "bench", "shards": [{"name": f"{i:06d}", "spec": {}}
+                                                                           for i in range(shards)]})
     return probe
 
 

@@ -39,7 +39,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from manifests.commit import scan_fragments
+from manifests.commit import Fragment, scan_fragments
 from manifests.layout import (
     IDENTITIES_FILE,
     MANIFEST_SUFFIX,
@@ -152,6 +152,7 @@ class StageSource:
     compacted: dict[str, Any] | None = None  # the valid compaction pointer, when there is one
     read_sql: str | None = None  # a table expression; None: no committed rows
     bad: list[str] = field(default_factory=list)  # fragments that failed verification: never read
+    verified: list[Fragment] | None = None  # the footer-checked fragments, when they were checked
 
 
 class Catalog:
@@ -193,6 +194,7 @@ class Catalog:
                 # Not compacted (a run in progress): check each fragment's commit record, so a truncated
                 # or foreign file is reported and never read. A compacted copy was verified when made.
                 scan = scan_fragments(self.store, stage_id)
+                src.verified = scan.fragments
                 good = {posixpath.basename(f.path) for f in scan.fragments}
                 src.bad = [b.message() for b in scan.bad]
                 if src.bad:

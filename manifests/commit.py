@@ -39,8 +39,11 @@ import struct
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from manifests.layout import MANIFEST_SUFFIX, MANIFESTS_DIR, SHARD_SUFFIX, SHARDS_DIR, manifest_path
@@ -64,11 +67,36 @@ class TarRecord:
 
 
 @dataclass(frozen=True)
+class ShardStats:
+    """One fragment's decisions and timing, the same figures ``pipeline.status``'s SQL takes from its
+    rows: status sums these from the footers it reads anyway instead of scanning every row of the run
+    (29 s at 20,000 fragments). Written for fragments that have the manifest's common columns."""
+
+    kept: int
+    dropped: int
+    errors: int
+    busy_s: float  # sum of duration_ms / 1000
+    done_s: float | None  # latest processed_at, seconds since the epoch
+    workers: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kept": self.kept, "dropped": self.dropped, "errors": self.errors, "busy_s": self.busy_s,
+                "done_s": self.done_s, "workers": list(self.workers)}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> ShardStats:
+        done = doc.get("done_s")
+        return cls(int(doc["kept"]), int(doc["dropped"]), int(doc["errors"]), float(doc["busy_s"]),
+                   None if done is None else float(done), tuple(str(w) for w in doc.get("workers") or ()))
+
+
+@dataclass(frozen=True)
 class CommitRecord:
     data_bytes: int
     data_sha256: str
     rows: int
     tar: TarRecord | None
+    stats: ShardStats | None = None  # None: written before fragments carried them (status reads the rows)
 
 
 @dataclass(frozen=True)
@@ -119,6 +147,50 @@ def tar_record(path: str, data: bytes) -> TarRecord:
     return TarRecord(path=path, size=len(data), sha256=hashlib.sha256(data).hexdigest())
 
 
+_STATS_COLUMNS = ("status", "keep", "duration_ms", "processed_at", "worker")
+
+
+def shard_stats(table: pa.Table) -> ShardStats | None:
+    """Counts as status's SQL makes them: kept = ok and keep, dropped = ok and not keep, errors = not
+    ok (a null keep or status counts in neither, as SQL's three-valued FILTER does)."""
+    if not set(_STATS_COLUMNS) <= set(table.column_names):
+        return None
+    ok = pc.equal(table["status"], "ok")
+    keep = table["keep"]
+
+    def count(mask: pa.ChunkedArray) -> int:
+        return int(pc.sum(pc.fill_null(mask, False).cast(pa.int64())).as_py() or 0)
+
+    done = pc.max(table["processed_at"]).as_py()
+    busy = pc.sum(table["duration_ms"].cast(pa.float64())).as_py() or 0.0
+    workers = sorted(str(w) for w in pc.unique(table["worker"].drop_null()).to_pylist())
+    return ShardStats(kept=count(pc.and_(ok, keep)), dropped=count(pc.and_(ok, pc.invert(keep))),
+                      errors=count(pc.invert(ok)), busy_s=float(busy) / 1000.0,
+                      done_s=None if done is None else _epoch(done), workers=tuple(workers))
+
+
+def _epoch(t: datetime) -> float:
+    """Seconds since the epoch; a naive timestamp is UTC, as DuckDB's ``epoch()`` reads it."""
+    return (t if t.tzinfo else t.replace(tzinfo=UTC)).timestamp()
+
+
+def stage_totals(fragments: Iterable[Fragment]) -> dict[str, Any] | None:
+    """A stage's counts summed from its fragments' records: rows, kept, dropped, errors, busy seconds,
+    the distinct workers, and the span from the earliest shard's start (its commit time less its busy
+    time) to the last commit. None when a fragment's record has no counts (written before they were)."""
+    frags = list(fragments)
+    if any(f.record.stats is None for f in frags):
+        return None
+    stats = [f.record.stats for f in frags if f.record.stats is not None]
+    timed = [(s.done_s - s.busy_s, s.done_s) for s in stats if s.done_s is not None]
+    return {"samples": sum(f.record.rows for f in frags), "kept": sum(s.kept for s in stats),
+            "dropped": sum(s.dropped for s in stats), "errors": sum(s.errors for s in stats),
+            "busy_s": float(sum(s.busy_s for s in stats)),
+            "workers": sorted({w for s in stats for w in s.workers}),
+            "start_s": min(t[0] for t in timed) if timed else None,
+            "done_s": max(t[1] for t in timed) if timed else None}
+
+
 def encode_manifest(table: pa.Table, tar: TarRecord | None = None) -> bytes:
     """Parquet bytes whose footer carries the commit record of the data pages before it."""
     buf = io.BytesIO()
@@ -130,6 +202,9 @@ def encode_manifest(table: pa.Table, tar: TarRecord | None = None) -> bytes:
         record = {"v": COMMIT_VERSION, "data_bytes": len(data), "data_sha256": hashlib.sha256(data).hexdigest(),
                   "rows": table.num_rows,
                   "tar": None if tar is None else {"path": tar.path, "size": tar.size, "sha256": tar.sha256}}
+        stats = shard_stats(table)
+        if stats is not None:
+            record["stats"] = stats.to_json()
         writer.add_key_value_metadata({COMMIT_KEY.decode(): json.dumps(record, sort_keys=True)})
     finally:
         writer.close()
@@ -169,8 +244,10 @@ def _parse_footer(tail: bytes, size: int, path: str) -> tuple[CommitRecord, int]
     try:
         doc = json.loads(raw)
         tar = doc.get("tar")
+        stats = doc.get("stats")
         record = CommitRecord(int(doc["data_bytes"]), str(doc["data_sha256"]), int(doc["rows"]),
-                              TarRecord(str(tar["path"]), int(tar["size"]), str(tar["sha256"])) if tar else None)
+                              TarRecord(str(tar["path"]), int(tar["size"]), str(tar["sha256"])) if tar else None,
+                              ShardStats.from_json(stats) if isinstance(stats, dict) else None)
     except (ValueError, KeyError, TypeError) as exc:
         raise CorruptFragmentError(path, f"malformed commit record ({exc})") from None
     expected = record.data_bytes + length + 8
@@ -272,9 +349,10 @@ def scan_fragments(store: RunStorage, stage_id: str) -> Scan:
     """Every fragment of a stage, split into verified (footer level) and bad, with the reason."""
     listed = store.list_sizes(MANIFESTS_DIR, stage_id, suffix=MANIFEST_SUFFIX)
     names = sorted(listed)
+    folder = store.path(MANIFESTS_DIR, stage_id)
 
     def check(name: str) -> Fragment | BadFragment:
-        path, size = store.path(MANIFESTS_DIR, stage_id, name), listed[name]
+        path, size = f"{folder}/{name}", listed[name]
         shard = name[: -len(MANIFEST_SUFFIX)]
         try:
             return Fragment(stage_id, shard, path, size, read_record(store, path, size))

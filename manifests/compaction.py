@@ -37,7 +37,7 @@ import duckdb
 import pyarrow.parquet as pq
 
 from manifests.catalog import COMMITTED_GLOB, _lit, _q, array_casts, committed_fragments, sandbox
-from manifests.commit import scan_fragments
+from manifests.commit import scan_fragments, stage_totals
 from manifests.layout import COMPACTED_DIR, COMPACTED_POINTER, MANIFEST_SUFFIX, MANIFESTS_DIR, compacted_dir
 from manifests.storage import TMP_PREFIX, RunStorage
 
@@ -116,8 +116,9 @@ def compact_stage(store: RunStorage | str, stage_id: str, *, storage_options: di
         return current
     # The shard tars the fragments committed, by size: a reader of the copy lists the tar folder once and
     # falls back to the fragment check when one was truncated or removed since (the copy cannot tell).
-    tars = {posixpath.basename(f.record.tar.path): f.record.tar.size
-            for f in scan_fragments(store, stage_id).fragments if f.record.tar is not None}
+    verified = scan_fragments(store, stage_id).fragments
+    tars = {posixpath.basename(f.record.tar.path): f.record.tar.size for f in verified if f.record.tar is not None}
+    totals = stage_totals(verified)  # what status reports while this copy is valid
     gen = hashlib.sha256(json.dumps(sorted(frags.items())).encode()).hexdigest()[:16]
     rel_dir = [COMPACTED_DIR, gen]
     url = (lambda p: p) if store.is_local else store.fs.unstrip_protocol
@@ -174,6 +175,8 @@ def compact_stage(store: RunStorage | str, stage_id: str, *, storage_options: di
             "columns": schema.names,
             "casts": casts,
         }
+        if totals is not None:
+            pointer["stats"] = totals
         store.write_atomic(json.dumps(pointer, indent=1, sort_keys=True).encode(),
                            *compacted_dir(stage_id), COMPACTED_POINTER)
     finally:

@@ -6,19 +6,25 @@ sum of ``duration_ms``): what the stage can do. Wall rate is rows per second of 
 span (from the start of its first shard to the commit of its last): what it did. A stage whose wall
 rate is far below capacity x workers waited on its input or on the cluster; the stage with the lowest
 capacity x workers is the bottleneck. A resumed run's wall span includes the pause.
+
+The figures are sums of the per-fragment counts each commit record carries (manifests/commit.py), so
+status reads one footer per fragment -- the read that verifies the fragment anyway -- and no rows.
+Fragments written before the records carried counts are counted from their rows, with the same SQL.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import posixpath
+from typing import TYPE_CHECKING, Any
 
-import duckdb
-
-from manifests.catalog import Catalog
+from manifests.commit import scan_fragments, stage_totals
 from manifests.layout import EXPORT_DIR, EXPORT_DONE
 from manifests.storage import RunStorage
 from pipeline.engine.rundir import read_plan, read_run_file
+
+if TYPE_CHECKING:
+    import duckdb
 
 
 class NotARunError(FileNotFoundError):
@@ -54,28 +60,50 @@ def stage_stats(con: duckdb.DuckDBPyConnection) -> dict[str, dict[str, Any]]:
     """Per stage id: rows, kept, dropped, errors, busy_s, workers, wall_s, capacity_per_worker, wall_rate."""
     out: dict[str, dict[str, Any]] = {}
     for stage, n, kept, dropped, errors, busy, workers, wall in con.execute(STAGE_STATS_SQL).fetchall():
-        n, busy, wall = int(n), float(busy or 0.0), float(wall or 0.0)
-        out[stage] = {
-            "samples": n, "kept": int(kept), "dropped": int(dropped), "errors": int(errors),
-            "busy_s": busy, "workers": int(workers), "wall_s": wall,
-            "capacity_per_worker": n / busy if busy > 0 else None,
-            "wall_rate": n / wall if wall > 0 else None,
-        }
+        out[stage] = _stats(int(n), int(kept), int(dropped), int(errors), float(busy or 0.0), int(workers),
+                            float(wall or 0.0))
     return out
 
 
+def _stats(n: int, kept: int, dropped: int, errors: int, busy: float, workers: int, wall: float) -> dict[str, Any]:
+    return {"samples": n, "kept": kept, "dropped": dropped, "errors": errors, "busy_s": busy, "workers": workers,
+            "wall_s": wall, "capacity_per_worker": n / busy if busy > 0 else None,
+            "wall_rate": n / wall if wall > 0 else None}
+
+
+def _from_totals(t: dict[str, Any]) -> dict[str, Any]:
+    start, done = t.get("start_s"), t.get("done_s")
+    wall = float(done - start) if start is not None and done is not None else 0.0
+    return _stats(int(t["samples"]), int(t["kept"]), int(t["dropped"]), int(t["errors"]), float(t["busy_s"]),
+                  len(t["workers"]), wall)
+
+
 def run_status(store: RunStorage) -> dict[str, Any]:
+    from manifests.catalog import Catalog
+
     order = stage_order(store)
     plan = read_plan(store)
     total = len(plan["shards"]) if plan else 0
+    # The catalog decides what is committed (a valid compacted copy, else each fragment's footer);
+    # the counts come from the copy's pointer or the footers' records, never from the rows.
     catalog = Catalog(store, order)
-    # The catalog lists each stage's committed fragments once; the shard counts come from that listing.
-    with catalog.connect(read_only=True, sql=STAGE_STATS_SQL) as con:
-        stats = stage_stats(con)
-    empty = {"samples": 0, "kept": 0, "dropped": 0, "errors": 0, "busy_s": 0.0, "workers": 0, "wall_s": 0.0,
-             "capacity_per_worker": None, "wall_rate": None}
+    stats: dict[str, dict[str, Any] | None] = {}
+    for sid in order:
+        src = catalog.source(sid)
+        totals = (src.compacted or {}).get("stats")
+        if totals is None and src.fragments:
+            frags = src.verified if src.verified is not None else scan_fragments(store, sid).fragments
+            totals = stage_totals(f for f in frags if posixpath.basename(f.path) in src.fragments)
+            stats[sid] = None if totals is None else _from_totals(totals)
+        else:
+            stats[sid] = _from_totals(totals) if totals is not None else _stats(0, 0, 0, 0, 0.0, 0, 0.0)
+    if any(v is None for v in stats.values()):  # fragments of an older version: count their rows
+        with catalog.connect(read_only=True, sql=STAGE_STATS_SQL) as con:
+            from_rows = stage_stats(con)
+        empty = _stats(0, 0, 0, 0, 0.0, 0, 0.0)
+        stats = {sid: v if v is not None else from_rows.get(sid, empty) for sid, v in stats.items()}
     stages = [{"stage": sid, "shards_committed": len(catalog.source(sid).fragments), "shards_total": total,
-               "not_committed": catalog.source(sid).bad, **stats.get(sid, empty)} for sid in order]
+               "not_committed": catalog.source(sid).bad, **(stats[sid] or {})} for sid in order]
     export = None
     if store.exists(EXPORT_DIR, EXPORT_DONE):
         export = json.loads(store.read_bytes(EXPORT_DIR, EXPORT_DONE))

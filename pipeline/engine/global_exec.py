@@ -1,5 +1,5 @@
 """Global stages as distributed work: projected per-shard reads, parallel Ray tasks, shuffles over
-partitioned Parquet, and the same per-shard commits as every other stage.
+partitioned Arrow IPC files, and the same per-shard commits as every other stage.
 
 A global stage (stages/corpus) composes the operations of ``stages.base.Corpus``; this module runs them
 on Ray. The driver only coordinates: every read of samples happens in a task, one shard (or one shuffle
@@ -18,7 +18,6 @@ resumes byte-identically (except the worker/time columns).
 
 from __future__ import annotations
 
-import io
 import itertools
 import logging
 import math
@@ -31,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from manifests.layout import global_work_dir, global_work_path, stage_summary_path
+from manifests.layout import SHUFFLE_SUFFIX, global_work_dir, global_work_path, stage_summary_path
 from manifests.schema import CARRIED, COMMON_NAMES
 from manifests.storage import RunStorage
 from pipeline.engine.execution import (
@@ -141,7 +140,7 @@ def _shard_task(url: str, options: dict[str, Any], upstream: tuple[UpstreamInfo,
 def _shuffle_task(url: str, options: dict[str, Any], upstream: tuple[UpstreamInfo, ...],
                   items: list[tuple[str, int]], columns: tuple[str, ...], stage_id: str, name: str,
                   fn: Callable[..., Any], *args: Any) -> list[int]:
-    """Map each shard to partition pieces and write each as Parquet under the run's work folder."""
+    """Map each shard to partition pieces and write each as an Arrow IPC file under the run's work folder."""
     store = RunStorage(url, options)
     counts = []
     for shard, index in items:
@@ -150,12 +149,18 @@ def _shuffle_task(url: str, options: dict[str, Any], upstream: tuple[UpstreamInf
         for part, table in sorted(pieces.items()):
             if table.num_rows == 0:
                 continue
-            buf = io.BytesIO()
-            pq.write_table(table, buf, compression="lz4")
-            store.write_atomic(buf.getvalue(), *global_work_path(stage_id, name, part, shard))
+            store.write_atomic(_ipc_bytes(table), *global_work_path(stage_id, name, part, shard))
             rows += table.num_rows
         counts.append(rows)
     return counts
+
+
+def _ipc_bytes(table: pa.Table) -> bytes:
+    """A shuffle piece as an Arrow IPC file (see manifests.layout.SHUFFLE_SUFFIX for why not Parquet)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="lz4")) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
 
 
 def _partition_task(url: str, options: dict[str, Any], stage_id: str, name: str, part: int,
@@ -163,10 +168,8 @@ def _partition_task(url: str, options: dict[str, Any], stage_id: str, name: str,
     """Read every shard's piece of one partition (in shard order) and reduce it."""
     store = RunStorage(url, options)
     folder = (*global_work_dir(stage_id, name), f"p{part:05d}")
-    tables = []
-    for fname in store.list_files(*folder, suffix=".parquet"):
-        with store.fs.open(store.path(*folder, fname), "rb") as f:
-            tables.append(pq.read_table(f))
+    tables = [pa.ipc.open_file(pa.py_buffer(store.read_bytes(*folder, fname))).read_all()
+              for fname in store.list_files(*folder, suffix=SHUFFLE_SUFFIX)]
     table = pa.concat_tables(tables) if tables else None
     return fn(table, part, *args)
 

@@ -40,6 +40,7 @@ from facekit.vector_index import (
     build_index,
     deserialize_index,
     embedding_matrix,
+    group_sums,
     knn,
     labelled_embeddings,
     normalise_rows,
@@ -70,8 +71,7 @@ class ConsistencyParams(Params):
 
 def centroids(x: np.ndarray, codes: np.ndarray, k: int, metric: Metric, inlier: np.ndarray) -> np.ndarray:
     """Mean vector of each label's inlier rows (renormalised for cosine spaces)."""
-    sums = np.zeros((k, x.shape[1]), dtype=np.float64)
-    np.add.at(sums, codes[inlier], x[inlier])
+    sums = group_sums(codes[inlier], x[inlier], k)
     means = sums / np.maximum(np.bincount(codes[inlier], minlength=k), 1)[:, None]
     return (normalise_rows(means) if metric.higher_is_same else means).astype(np.float32)
 
@@ -82,8 +82,7 @@ def own_centroid_scores(
     """Score of each row against its identity's centroid of inliers, never including the row itself."""
     scores = np.full(len(x), np.nan, dtype=np.float32)
     if method == "leave_one_out":
-        sums = np.zeros((k, x.shape[1]), dtype=np.float64)
-        np.add.at(sums, codes[inlier], x[inlier])
+        sums = group_sums(codes[inlier], x[inlier], k)
         return loo_scores(x, codes, sums, np.bincount(codes[inlier], minlength=k), metric, inlier)
     order = np.argsort(codes, kind="stable")
     starts = np.searchsorted(codes[order], np.arange(k + 1))
@@ -340,8 +339,7 @@ class ConsistencyStage(GlobalStage):
         _, _, same = self._replay(xj, codes, base, states)
         assert same is not None
         uc, inv = np.unique(codes[same], return_inverse=True)
-        part = np.zeros((uc.size, xj.shape[1]), dtype=np.float64)
-        np.add.at(part, inv, xj[same])
+        part = group_sums(inv, xj[same], uc.size)
         return uc, part, np.bincount(inv, minlength=uc.size)
 
     def _score_sample(self, table: pa.Table, index: int, base: dict[str, Any], states: list[dict[str, Any]],
@@ -459,7 +457,7 @@ def _census(table: pa.Table, index: int) -> dict[str, Any]:
     if names.size:
         metric = Metric(next(iter(metrics)))
         xu = normalise_rows(x[usable]) if metric.higher_is_same else x[usable]
-        np.add.at(sums, inv, xu.astype(np.float32))
+        sums = group_sums(inv.ravel(), xu.astype(np.float32), names.size)
     return {"names": names, "counts": counts, "sums": sums, "spaces": spaces, "metrics": metrics,
             "n": table.num_rows, "dim": x.shape[1]}
 

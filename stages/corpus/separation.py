@@ -27,7 +27,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from facekit.thresholds import Metric, defaults_for
-from facekit.vector_index import EXACT_MAX, knn, labelled_embeddings, normalise_rows, one_space, range_pairs
+from facekit.vector_index import EXACT_MAX, group_sums, knn, labelled_embeddings, normalise_rows, one_space, range_pairs
 from stages.base import IDENTITY_ID, SAMPLE_ID, Batch, Corpus, GlobalStage, Params, Resources, Rows, rows_ok
 from stages.corpus.consistency import EMBEDDING_COLUMNS, _census, _dim, _shard_vectors, centroids, centroids_from_sums
 
@@ -291,18 +291,19 @@ def _half_sums(table: pa.Table, index: int, base: dict[str, Any],
     """Sums and counts of each identity's even and odd images (by its image number in run order)."""
     xj, _, codes = _shard_vectors(table, base)
     uc, inv = np.unique(codes, return_inverse=True)
-    mine = _census(table, index)["names"]
-    start = np.zeros(uc.size, dtype=np.int64)
-    start[np.searchsorted(uc, np.searchsorted(base["names"], mine))] = offsets[index]
+    inv = inv.ravel()
+    # The census's sorted names of this shard are exactly these codes' names, in the same order.
+    start = np.asarray(offsets[index], dtype=np.int64)
+    if start.size != uc.size:
+        raise RuntimeError(f"shard {index}: {uc.size} identities, the census counted {start.size}")
     order = np.argsort(inv, kind="stable")
     first = np.searchsorted(inv[order], np.arange(uc.size))
     rank = np.empty(inv.size, dtype=np.int64)
     rank[order] = np.arange(inv.size) - first[inv[order]]
     parity = (start[inv] + rank) % 2
-    part = np.zeros((2, uc.size, xj.shape[1]), dtype=np.float64)
-    np.add.at(part, (parity, inv), xj)
-    cnt = np.zeros((2, uc.size), dtype=np.int64)
-    np.add.at(cnt, (parity, inv), 1)
+    code = parity * uc.size + inv
+    part = group_sums(code, xj, 2 * uc.size).reshape(2, uc.size, xj.shape[1])
+    cnt = np.bincount(code, minlength=2 * uc.size).reshape(2, uc.size)
     return uc, part, cnt
 
 
