@@ -140,6 +140,11 @@ def global_work_dir(stage_id: str, step: str | None = None) -> tuple[str, ...]:
     return (WORK_DIR, stage_id) if step is None else (WORK_DIR, stage_id, step)
 
 
-def global_work_path(stage_id: str, step: str, part: int, shard: str) -> tuple[str, ...]:
-    """One shard's piece of one shuffle partition."""
-    return (WORK_DIR, stage_id, step, f"p{part:05d}", f"{shard}{SHUFFLE_SUFFIX}")
+def global_work_partition(stage_id: str, step: str, part: int) -> tuple[str, ...]:
+    """The folder of one shuffle partition: one piece per source (shard or earlier partition)."""
+    return (WORK_DIR, stage_id, step, f"p{part:05d}")
+
+
+def global_work_path(stage_id: str, step: str, part: int, source: str) -> tuple[str, ...]:
+    """One source's piece of one shuffle partition."""
+    return (*global_work_partition(stage_id, step, part), f"{source}{SHUFFLE_SUFFIX}")

@@ -283,9 +283,15 @@ class Corpus(Protocol):
 
     Every ``fn`` runs in a task: ``map`` / ``shuffle`` / ``commit`` call ``fn(table, shard_index, *args)``
     on one shard's live samples (carried columns + the ``columns`` asked for, as Arrow); ``reduce`` calls
-    ``fn(table_or_None, partition, *args)`` on one shuffle partition. Results come back in shard /
-    partition order, so a stage that folds them in that order is deterministic. Large shared inputs go
-    through ``put`` (each task gets the value, the driver keeps a handle).
+    ``fn(table_or_None, partition, *args)`` on one shuffle partition, and ``reshuffle`` does the same but
+    ``fn`` returns ``(pieces, result)``: its pieces become the partitions of another shuffle (an iterative
+    algorithm's next round), only ``result`` comes back. Results come back in shard / partition order, so a
+    stage that folds them in that order is deterministic.
+
+    Per-sample results go back to the shards by a shuffle keyed by shard index: ``side=name`` hands
+    ``map`` / ``shuffle`` / ``commit`` that shuffle's partition ``shard_index`` (or None) as the first
+    extra argument, so no task gets a table of the whole run. ``put`` is for shared inputs that do not
+    grow with the samples (centroid tables, k-means cells, the few duplicate links).
     """
 
     shards: list[str]
@@ -295,16 +301,23 @@ class Corpus(Protocol):
 
     def put(self, value: Any) -> Any: ...
 
-    def map(self, fn: Callable[..., Any], columns: Sequence[str], *args: Any) -> list[Any]: ...
+    def map(self, fn: Callable[..., Any], columns: Sequence[str], *args: Any, side: str | None = None) -> list[Any]: ...
 
     def shuffle(self, name: str, fn: Callable[..., dict[int, pa.Table]], columns: Sequence[str],
-                *args: Any) -> int: ...
+                *args: Any, side: str | None = None) -> int: ...
 
     def reduce(self, name: str, fn: Callable[..., Any], *args: Any) -> list[Any]: ...
 
+    def reshuffle(self, name: str, source: str, fn: Callable[..., tuple[dict[int, pa.Table], Any]],
+                  *args: Any) -> list[Any]: ...
+
+    def discard(self, name: str) -> None:
+        """Delete a shuffle's files once no later step reads them (an iteration's previous round)."""
+        ...
+
     def call(self, fn: Callable[..., Any], *args: Any) -> Any: ...
 
-    def commit(self, fn: Callable[..., Batch], *args: Any) -> Any: ...
+    def commit(self, fn: Callable[..., Batch], *args: Any, side: str | None = None) -> Any: ...
 
     def dropped_before(self) -> int:
         """Rows dropped in the shards an earlier attempt already committed (for a resumed summary)."""

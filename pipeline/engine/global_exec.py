@@ -30,7 +30,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from manifests.layout import SHUFFLE_SUFFIX, global_work_dir, global_work_path, stage_summary_path
+from manifests.layout import (
+    SHUFFLE_SUFFIX,
+    global_work_dir,
+    global_work_partition,
+    global_work_path,
+    stage_summary_path,
+)
 from manifests.schema import CARRIED, COMMON_NAMES
 from manifests.storage import RunStorage
 from pipeline.engine.execution import (
@@ -129,29 +135,40 @@ def read_shard_columns(store: RunStorage, upstream: Sequence[UpstreamInfo], shar
 # ---------------------------------------------------------------- Ray tasks
 
 
+def _side_args(store: RunStorage, stage_id: str, side: str | None, index: int) -> tuple[Any, ...]:
+    """The piece of shuffle ``side`` keyed by this shard's index, as the first extra argument (or none)."""
+    return () if side is None else (_read_partition(store, stage_id, side, index),)
+
+
 def _shard_task(url: str, options: dict[str, Any], upstream: tuple[UpstreamInfo, ...],
-                items: list[tuple[str, int]], columns: tuple[str, ...], fn: Callable[..., Any],
-                *args: Any) -> list[Any]:
+                items: list[tuple[str, int]], columns: tuple[str, ...], stage_id: str, side: str | None,
+                fn: Callable[..., Any], *args: Any) -> list[Any]:
     """``fn`` on each of a few consecutive shards, one shard's table in memory at a time."""
     store = RunStorage(url, options)
-    return [fn(read_shard_columns(store, upstream, shard, columns), index, *args) for shard, index in items]
+    return [fn(read_shard_columns(store, upstream, shard, columns), index,
+               *_side_args(store, stage_id, side, index), *args) for shard, index in items]
+
+
+def _write_pieces(store: RunStorage, stage_id: str, name: str, source: str, pieces: dict[int, pa.Table]) -> int:
+    rows = 0
+    for part, table in sorted(pieces.items()):
+        if table.num_rows == 0:
+            continue
+        store.write_atomic(_ipc_bytes(table), *global_work_path(stage_id, name, part, source))
+        rows += table.num_rows
+    return rows
 
 
 def _shuffle_task(url: str, options: dict[str, Any], upstream: tuple[UpstreamInfo, ...],
-                  items: list[tuple[str, int]], columns: tuple[str, ...], stage_id: str, name: str,
-                  fn: Callable[..., Any], *args: Any) -> list[int]:
+                  items: list[tuple[str, int]], columns: tuple[str, ...], stage_id: str, side: str | None,
+                  name: str, fn: Callable[..., Any], *args: Any) -> list[int]:
     """Map each shard to partition pieces and write each as an Arrow IPC file under the run's work folder."""
     store = RunStorage(url, options)
     counts = []
     for shard, index in items:
-        pieces: dict[int, pa.Table] = fn(read_shard_columns(store, upstream, shard, columns), index, *args)
-        rows = 0
-        for part, table in sorted(pieces.items()):
-            if table.num_rows == 0:
-                continue
-            store.write_atomic(_ipc_bytes(table), *global_work_path(stage_id, name, part, shard))
-            rows += table.num_rows
-        counts.append(rows)
+        table = read_shard_columns(store, upstream, shard, columns)
+        pieces: dict[int, pa.Table] = fn(table, index, *_side_args(store, stage_id, side, index), *args)
+        counts.append(_write_pieces(store, stage_id, name, shard, pieces))
     return counts
 
 
@@ -163,29 +180,44 @@ def _ipc_bytes(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
+def _read_partition(store: RunStorage, stage_id: str, name: str, part: int) -> pa.Table | None:
+    """Every piece of one partition (in source order) as one table; None when no source wrote to it."""
+    folder = global_work_partition(stage_id, name, part)
+    tables = [pa.ipc.open_file(pa.py_buffer(store.read_bytes(*folder, fname))).read_all()
+              for fname in store.list_files(*folder, suffix=SHUFFLE_SUFFIX)]
+    return pa.concat_tables(tables) if tables else None
+
+
 def _partition_task(url: str, options: dict[str, Any], stage_id: str, name: str, part: int,
                     fn: Callable[..., Any], *args: Any) -> Any:
     """Read every shard's piece of one partition (in shard order) and reduce it."""
     store = RunStorage(url, options)
-    folder = (*global_work_dir(stage_id, name), f"p{part:05d}")
-    tables = [pa.ipc.open_file(pa.py_buffer(store.read_bytes(*folder, fname))).read_all()
-              for fname in store.list_files(*folder, suffix=SHUFFLE_SUFFIX)]
-    table = pa.concat_tables(tables) if tables else None
-    return fn(table, part, *args)
+    return fn(_read_partition(store, stage_id, name, part), part, *args)
+
+
+def _reshuffle_task(url: str, options: dict[str, Any], stage_id: str, source: str, name: str, part: int,
+                    fn: Callable[..., Any], *args: Any) -> Any:
+    """Reduce one partition of ``source`` into pieces of shuffle ``name`` (named after this partition, so a
+    retried task rewrites the same files) and a small result for the driver."""
+    store = RunStorage(url, options)
+    pieces, result = fn(_read_partition(store, stage_id, source, part), part, *args)
+    _write_pieces(store, stage_id, name, f"p{part:05d}", pieces)
+    return result
 
 
 def _call_task(fn: Callable[..., Any], *args: Any) -> Any:
     return fn(*args)
 
 
-def _commit_task(url: str, options: dict[str, Any], spec: StageSpec, stage: GlobalStage,
+def _commit_task(url: str, options: dict[str, Any], spec: StageSpec, stage: GlobalStage, side: str | None,
                  items: list[tuple[str, int]], fn: Callable[..., Batch], *args: Any) -> list[ShardResult]:
     store = RunStorage(url, options)
     results = []
     for shard, index in items:
         t0 = time.perf_counter()
         table = read_shard_columns(store, spec.upstream, shard, stage.needs)
-        results.append(commit_rows(store, spec, stage, shard, table, fn(table, index, *args), t0))
+        out = fn(table, index, *_side_args(store, spec.stage_id, side, index), *args)
+        results.append(commit_rows(store, spec, stage, shard, table, out, t0))
     return results
 
 
@@ -279,17 +311,18 @@ class RayCorpus:
         per = max(1, math.ceil(len(items) / (TASKS_PER_CPU * cpus)))
         return [items[i : i + per] for i in range(0, len(items), per)]
 
-    def map(self, fn: Callable[..., Any], columns: Sequence[str], *args: Any) -> list[Any]:
+    def map(self, fn: Callable[..., Any], columns: Sequence[str], *args: Any, side: str | None = None) -> list[Any]:
         st = self.store
-        calls = [(st.url, st.storage_options, self.spec.upstream, chunk, tuple(columns), fn, *args)
-                 for chunk in self._chunks()]
+        calls = [(st.url, st.storage_options, self.spec.upstream, chunk, tuple(columns), self.spec.stage_id, side,
+                  fn, *args) for chunk in self._chunks()]
         return [r for part in self._run("map", _shard_task, calls) for r in part]
 
-    def shuffle(self, name: str, fn: Callable[..., dict[int, pa.Table]], columns: Sequence[str], *args: Any) -> int:
+    def shuffle(self, name: str, fn: Callable[..., dict[int, pa.Table]], columns: Sequence[str], *args: Any,
+                side: str | None = None) -> int:
         st = self.store
         st.remove(*global_work_dir(self.spec.stage_id, name), recursive=True)
-        calls = [(st.url, st.storage_options, self.spec.upstream, chunk, tuple(columns), self.spec.stage_id, name,
-                  fn, *args) for chunk in self._chunks()]
+        calls = [(st.url, st.storage_options, self.spec.upstream, chunk, tuple(columns), self.spec.stage_id, side,
+                  name, fn, *args) for chunk in self._chunks()]
         return int(sum(sum(part) for part in self._run(f"shuffle {name}", _shuffle_task, calls)))
 
     def reduce(self, name: str, fn: Callable[..., Any], *args: Any) -> list[Any]:
@@ -297,12 +330,23 @@ class RayCorpus:
         calls = [(st.url, st.storage_options, self.spec.stage_id, name, p, fn, *args) for p in range(self.partitions)]
         return self._run(f"reduce {name}", _partition_task, calls)
 
+    def reshuffle(self, name: str, source: str, fn: Callable[..., tuple[dict[int, pa.Table], Any]],
+                  *args: Any) -> list[Any]:
+        st = self.store
+        st.remove(*global_work_dir(self.spec.stage_id, name), recursive=True)
+        calls = [(st.url, st.storage_options, self.spec.stage_id, source, name, p, fn, *args)
+                 for p in range(self.partitions)]
+        return self._run(f"reshuffle {source} -> {name}", _reshuffle_task, calls)
+
+    def discard(self, name: str) -> None:
+        self.store.remove(*global_work_dir(self.spec.stage_id, name), recursive=True)
+
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         return self._run("call", _call_task, [(fn, *args)])[0]
 
-    def commit(self, fn: Callable[..., Batch], *args: Any) -> list[ShardResult]:
+    def commit(self, fn: Callable[..., Batch], *args: Any, side: str | None = None) -> list[ShardResult]:
         st = self.store
-        calls = [(st.url, st.storage_options, self.spec, self.stage, chunk, fn, *args)
+        calls = [(st.url, st.storage_options, self.spec, self.stage, side, chunk, fn, *args)
                  for chunk in self._chunks(self.todo)]
         self.results = [r for part in self._run("commit", _commit_task, calls) for r in part]
         return self.results

@@ -51,10 +51,10 @@ from stages.base import (
     Resources,
     Rows,
     StageContext,
-    ordinals,
     rows_ok,
     stable_hash,
 )
+from stages.corpus.components import SHARD_SHIFT, both_ways, components, node_partition, split_by
 from stages.corpus.dedup import _cell_records, _dedup_census, _unit_vectors, _vector_sample
 
 NO_EMBEDDING = "no_embedding"  # the rule: a sample without a vector cannot be grouped
@@ -211,45 +211,30 @@ class GroupingStage(GlobalStage):
         spill = 1 if nlist == 1 else p.spill
         corpus.partitions = p.partitions or corpus.plan_partitions(n_valid * spill)
         corpus.shuffle("cells", _cell_records, list(EMBEDDING_COLUMNS), corpus.put(cells), spill, corpus.partitions)
-        forest = corpus.reduce("cells", _forest, metric, threshold)
-        a = np.concatenate([f[0] for f in forest])
-        b = np.concatenate([f[1] for f in forest])
-        nodes = np.unique(np.concatenate([a, b]))
-        m = nodes.size
-        ia, ib = np.searchsorted(nodes, a), np.searchsorted(nodes, b)
-        comp = connected_components(coo_matrix((np.ones(ia.size), (ia, ib)), shape=(m, m)), directed=False)[1] \
-            if m else np.empty(0, dtype=np.int64)
+        corpus.reshuffle("edges", "cells", _forest_edges, metric, threshold, corpus.partitions)
+        corpus.discard("cells")
+        graph = components(corpus, "edges")
+        corpus.discard("edges")
+        linkage = p.method == "agglomerative"
         method = "connected_components"
-        if p.method == "agglomerative" and m:
+        if linkage:
             method = "agglomerative" if n_valid <= p.agglomerative_max else "agglomerative_per_component"
-            comps = corpus.put({"nodes": nodes, "comp": comp})
-            corpus.shuffle("components", _component_records, list(EMBEDDING_COLUMNS), comps, corpus.partitions)
-            sub = np.zeros(m, dtype=np.int64)
-            for got_nodes, labels in corpus.reduce("components", self._linkage, metric, threshold):
-                sub[np.searchsorted(nodes, got_nodes)] = labels
-            _, comp = np.unique(np.stack([comp, sub], axis=1), axis=0, return_inverse=True)
-            comp = comp.ravel()
-        groups = corpus.put({"nodes": nodes, "comp": comp})
-        mins: dict[int, str] = {}
-        for part in corpus.map(_component_min_ids, [], groups):
-            for c, sid in part.items():
-                if c not in mins or sid < mins[c]:
-                    mins[c] = sid
-        k = int(comp.max()) + 1 if m else 0
-        gid = [group_id(p.id_prefix, [mins[c]]) for c in range(k)]
-        size = np.bincount(comp, minlength=k)
-        final = corpus.put({"nodes": nodes, "comp": comp, "gid": gid, "size": size, "threshold": threshold})
-        stats = corpus.map(self._stats, list(self.needs), final)
-        singletons = sum(s["singletons"] for s in stats)
-        groups_n = k + singletons
+        corpus.shuffle("members", _member_records, list(EMBEDDING_COLUMNS) if linkage else [], corpus.partitions,
+                       linkage, side=graph.labels)
+        corpus.discard(graph.labels)
+        found = corpus.reshuffle("groups", "members", self._groups, linkage, metric, threshold)
+        corpus.discard("members")
+        k = sum(f[0] for f in found)
+        singletons = n_valid - graph.nodes
         self._summary = {
-            "method": method, "embedding_space": space, "threshold": threshold, "groups": groups_n,
-            "singletons": singletons, "largest_group": int(size.max()) if k else 1,
+            "method": method, "embedding_space": space, "threshold": threshold, "groups": k + singletons,
+            "singletons": singletons, "largest_group": max([f[1] for f in found] + [1]),
+            "component_rounds": graph.rounds,
         }
         if p.gt_column:
             pairs: Counter = Counter()
-            for s in stats:
-                pairs.update(s["pairs"])
+            for part in corpus.map(self._label_pairs, list(self.needs), side="groups"):
+                pairs.update(part)
             if pairs:
                 by_group: dict[Any, Counter] = {}
                 by_label: dict[Any, Counter] = {}
@@ -262,65 +247,82 @@ class GroupingStage(GlobalStage):
                     "inverse_purity": sum(c.most_common(1)[0][1] for c in by_label.values()) / total,
                     "gt_identities": len(by_label),
                 }
-        corpus.commit(self._commit, final)
+        corpus.commit(self._commit, threshold, side="groups")
 
-    def _linkage(self, table: pa.Table | None, part: int, metric: Metric,
-                 threshold: float) -> tuple[np.ndarray, np.ndarray]:
-        """Average linkage inside each component of one partition that fits ``agglomerative_max``."""
-        e = np.empty(0, dtype=np.int64)
-        if table is None:
-            return e, e
-        comp = table.column("comp").to_numpy()
-        ords = table.column("ordinal").to_numpy()
-        d = table.schema.field("vector").type.list_size
-        x = table.column("vector").combine_chunks().flatten().to_numpy().reshape(-1, d)
-        order = np.lexsort((ords, comp))
-        comp, ords, x = comp[order], ords[order], x[order]
-        labels = np.zeros(ords.size, dtype=np.int64)
-        bounds = np.flatnonzero(np.r_[True, comp[1:] != comp[:-1], True])
-        for s, t in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
-            if t - s >= 2 and t - s <= self.params.agglomerative_max:
-                labels[s:t] = self._agglomerative(x[s:t], metric, threshold)
-        return ords, labels
+    def _groups(self, table: pa.Table | None, part: int, linkage: bool, metric: Metric,
+                threshold: float) -> tuple[dict[int, pa.Table], tuple[int, int]]:
+        """The groups of one partition of components: each component whole, or split by average linkage
+        where it fits one task (``agglomerative_max``); each group's id hashes its smallest sample id.
+        Returns (node, group id, size) keyed by the node's shard index, and (groups, largest)."""
+        if table is None or table.num_rows == 0:
+            return {}, (0, 0)
+        root = table.column("root").to_numpy()
+        node = table.column("node").to_numpy()
+        order = np.lexsort((node, root))  # members in run order inside each component, as linkage saw them
+        root, node = root[order], node[order]
+        sub = np.zeros(node.size, dtype=np.int64)
+        if linkage:
+            d = table.schema.field("vector").type.list_size
+            x = table.column("vector").combine_chunks().flatten().to_numpy().reshape(-1, d)[order]
+            bounds = np.flatnonzero(np.r_[True, root[1:] != root[:-1], True])
+            for s, t in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+                if 2 <= t - s <= self.params.agglomerative_max:
+                    sub[s:t] = self._agglomerative(x[s:t], metric, threshold)
+        _, group = np.unique(np.stack([root, sub], axis=1), axis=0, return_inverse=True)
+        group = group.ravel()
+        firsts = pa.table({"g": group, "sid": table.column("sid").take(pa.array(order))}).group_by(
+            "g", use_threads=False).aggregate([("sid", "min")])
+        first = np.empty(int(group.max()) + 1, dtype=object)
+        first[firsts.column("g").to_numpy()] = firsts.column("sid_min").to_pylist()
+        gid = np.array([group_id(self.params.id_prefix, [f]) for f in first.tolist()], dtype=object)
+        size = np.bincount(group)
+        pieces = split_by(node >> SHARD_SHIFT, {"node": node, "gid": pa.array(gid[group].tolist(), pa.string()),
+                                                 "size": size[group].astype(np.int32)})
+        return pieces, (int(size.size), int(size.max()))
 
-    def _ids(self, table: pa.Table, index: int, final: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        rows, _ = _unit_vectors(table)
-        ords = ordinals(index, table.num_rows)[rows]
-        pos = np.searchsorted(final["nodes"], ords)
-        linked = (pos < final["nodes"].size) & (final["nodes"][np.minimum(pos, final["nodes"].size - 1)] == ords) \
-            if final["nodes"].size else np.zeros(rows.size, dtype=bool)
-        comp = np.where(linked, final["comp"][np.minimum(pos, max(final["nodes"].size - 1, 0))]
-                        if final["nodes"].size else -1, -1)
-        return rows, linked, comp
-
-    def _stats(self, table: pa.Table, index: int, final: dict[str, Any]) -> dict[str, Any]:
-        rows, linked, comp = self._ids(table, index, final)
-        sids = table.column(SAMPLE_ID).to_pylist()
-        pairs: Counter = Counter()
+    def _label_pairs(self, table: pa.Table, index: int, groups: pa.Table | None) -> Counter:
+        """(group id, ground-truth label) counts of one shard, for purity."""
         gt = self.params.gt_column
-        if gt and gt in table.column_names:
-            labels = table.column(gt).to_pylist()
-            for r, ok, c in zip(rows.tolist(), linked.tolist(), comp.tolist(), strict=True):
-                pairs[(final["gid"][c] if ok else group_id(self.params.id_prefix, [sids[r]]), labels[r])] += 1
-        return {"singletons": int((~linked).sum()), "pairs": pairs}
-
-    def _commit(self, table: pa.Table, index: int, final: dict[str, Any] | None) -> Batch:
-        p = self.params
-        sids = table.column(SAMPLE_ID).to_pylist()
-        out = Rows(sids, [f.name for f in self.columns])
-        out.column(IDENTITY_ID, [None] * len(sids))
+        pairs: Counter = Counter()
+        if not gt or gt not in table.column_names:
+            return pairs
         _, valid = embedding_matrix(table)
+        gids, _ = self._group_ids(table, groups, valid)
+        labels = table.column(gt).to_pylist()
+        for r in np.flatnonzero(valid).tolist():
+            pairs[(gids[r], labels[r])] += 1
+        return pairs
+
+    def _group_ids(self, table: pa.Table, groups: pa.Table | None,
+                   valid: np.ndarray) -> tuple[list[Any], list[Any]]:
+        """Every grouped row's group id and size: its linked group's, else a group of its own (None for a
+        row without an embedding)."""
+        n = table.num_rows
+        gids: list[Any] = [None] * n
+        sizes: list[Any] = [None] * n
+        if groups is not None:
+            rows = (groups.column("node").to_numpy() & np.int64(0xFFFFFFFF)).tolist()
+            for r, g, k in zip(rows, groups.column("gid").to_pylist(), groups.column("size").to_pylist(),
+                               strict=True):
+                gids[r] = g
+                sizes[r] = k
+        alone = np.flatnonzero(valid).tolist()
+        sids = table.column(SAMPLE_ID).to_pylist()
+        for r in alone:
+            if gids[r] is None:
+                gids[r] = group_id(self.params.id_prefix, [sids[r]])
+                sizes[r] = 1
+        return gids, sizes
+
+    def _commit(self, table: pa.Table, index: int, groups: pa.Table | None, threshold: float) -> Batch:
+        out = Rows(table.column(SAMPLE_ID).to_pylist(), [f.name for f in self.columns])
+        _, valid = embedding_matrix(table)
+        gids, sizes = self._group_ids(table, groups, valid)
+        out.column(IDENTITY_ID, gids)
+        out.column("group_size", sizes)
+        out.column("threshold", [threshold if v else None for v in valid.tolist()])
         for i in np.flatnonzero(~valid).tolist():
             out.drop(i, NO_EMBEDDING)
-        if final is None:
-            return out.batch()
-        rows, linked, comp = self._ids(table, index, final)
-        for r, ok, c in zip(rows.tolist(), linked.tolist(), comp.tolist(), strict=True):
-            if ok:
-                out.set(r, identity_id=final["gid"][c], group_size=int(final["size"][c]),
-                        threshold=final["threshold"])
-            else:
-                out.set(r, identity_id=group_id(p.id_prefix, [sids[r]]), group_size=1, threshold=final["threshold"])
         return out.batch()
 
     def _agglomerative(self, x: np.ndarray, metric: Metric, threshold: float) -> np.ndarray:
@@ -370,36 +372,26 @@ def _forest(table: pa.Table | None, part: int, metric: Metric, threshold: float)
     return src[keep], nodes[keep]
 
 
-def _component_records(table: pa.Table, index: int, comps: dict[str, Any], parts: int) -> dict[int, pa.Table]:
-    """Each linked vector with its component, partitioned by component."""
-    rows, x = _unit_vectors(table)
-    nodes = comps["nodes"]
-    ords = ordinals(index, table.num_rows)[rows]
-    pos = np.minimum(np.searchsorted(nodes, ords), max(nodes.size - 1, 0))
-    linked = nodes[pos] == ords if nodes.size else np.zeros(rows.size, dtype=bool)
-    if not linked.any():
-        return {}
-    comp = comps["comp"][pos[linked]]
-    d = x.shape[1]
-    vec = pa.FixedSizeListArray.from_arrays(pa.array(x[linked].ravel(), pa.float32()), d)
-    part = comp % parts
-    full = pa.table({"comp": comp, "ordinal": ords[linked], "vector": vec})
-    order = np.argsort(part, kind="stable")
-    bounds = np.searchsorted(part[order], np.arange(parts + 1))
-    return {q: full.take(pa.array(order[bounds[q]:bounds[q + 1]])) for q in range(parts) if bounds[q + 1] > bounds[q]}
+def _forest_edges(table: pa.Table | None, part: int, metric: Metric, threshold: float,
+                  parts: int) -> tuple[dict[int, pa.Table], int]:
+    """One partition's spanning forest as the components' input: edges both ways, keyed by node."""
+    a, b = _forest(table, part, metric, threshold)
+    return both_ways(a, b, parts), int(a.size)
 
 
-def _component_min_ids(table: pa.Table, index: int, groups: dict[str, Any]) -> dict[int, str]:
-    """The smallest sample id of each group among this shard's samples (group ids hash it)."""
-    nodes = groups["nodes"]
-    if nodes.size == 0 or table.num_rows == 0:
+def _member_records(table: pa.Table, index: int, labels: pa.Table | None, parts: int,
+                    with_vectors: bool) -> dict[int, pa.Table]:
+    """Each linked sample of one shard with its component (and its vector, for linkage), keyed by
+    component."""
+    if labels is None or labels.num_rows == 0:
         return {}
-    ords = ordinals(index, table.num_rows)
-    pos = np.minimum(np.searchsorted(nodes, ords), nodes.size - 1)
-    linked = np.flatnonzero(nodes[pos] == ords)
-    sids = table.column(SAMPLE_ID).take(pa.array(linked)).to_pylist()
-    out: dict[int, str] = {}
-    for c, sid in zip(groups["comp"][pos[linked]].tolist(), sids, strict=True):
-        if c not in out or sid < out[c]:
-            out[c] = sid
-    return out
+    node = labels.column("node").to_numpy()
+    root = labels.column("root").to_numpy()
+    row = node & np.int64(0xFFFFFFFF)
+    cols: dict[str, Any] = {"root": root, "node": node, "sid": table.column(SAMPLE_ID).take(pa.array(row))}
+    if with_vectors:
+        rows, x = _unit_vectors(table)
+        picked = x[np.searchsorted(rows, row)]
+        cols["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(picked.ravel(), pa.float32()), x.shape[1])
+    return split_by(node_partition(root, parts), cols)
+
