@@ -11,9 +11,9 @@ stages through pipeline.engine.global_exec exactly as the runner does, and print
   pages a worker maps count in its RSS, so this over-states rather than hides);
 - recall of the planted duplicates (same dup group as their source) and collisions (the later identity
   dropped with the earlier one as partner);
-- the bare baseline: one process, all vectors in memory, FAISS k-means (2 sqrt(n) cells) + IndexIVFFlat
-  range search at the near-duplicate threshold with nprobe = spill -- dedup's embedding step alone, the
-  heaviest one, done the single-process way -- with its seconds and peak RSS.
+- the bare baseline (bench/scale_baseline.py): the same four jobs in one process with every vector in
+  memory, FAISS / numpy / scipy by hand, with its seconds per job and its peak RSS; the ratio of the whole
+  and of each stage to its job.
 
     .venv/bin/python bench/bench_scale.py --samples 1000000 --dim 128 --out /tmp/scale-1m
 """
@@ -42,9 +42,6 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from tests.fixtures.synthetic_corpus import METRIC, SPACE, UPSTREAM, upstream_manifest
-
-NEAR = 0.95  # the arcface near-duplicate default the dedup stage uses
-
 
 # ---------------------------------------------------------------- a fast, vectorised synthetic corpus
 
@@ -254,36 +251,11 @@ def _recall(run: str, corpus: Corpus) -> dict[str, float]:
             "planted_collisions": len(pairs), "recall_collisions": hit / max(seen, 1)}
 
 
-BASELINE = """
-import glob, json, sys, time, resource
-import numpy as np, pyarrow.parquet as pq, faiss
-run, near, spill = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
-parts = []
-for f in sorted(glob.glob(run + "/manifests/features/*.parquet")):
-    col = pq.read_table(f, columns=["embedding"])["embedding"].combine_chunks()
-    parts.append(col.flatten().to_numpy().reshape(len(col), -1))
-x = np.ascontiguousarray(np.concatenate(parts)); del parts
-t = time.perf_counter()
-n, d = x.shape
-nlist = int(min(8192, max(16, round(2 * n ** 0.5))))
-sample = x[np.sort(np.random.default_rng(0).choice(n, min(n, nlist * 32), replace=False))]
-km = faiss.Kmeans(d, nlist, niter=10, seed=0, max_points_per_centroid=64)
-km.train(sample)
-index = faiss.IndexIVFFlat(km.index, d, nlist, faiss.METRIC_INNER_PRODUCT)
-index.add(x)
-index.nprobe = spill
-lims, _, ids = index.range_search(x, float(np.nextafter(np.float32(near), np.float32(-1))))
-pairs = int((np.repeat(np.arange(n), np.diff(lims.astype(np.int64))) < ids).sum())
-print(json.dumps({"baseline_seconds": time.perf_counter() - t, "baseline_pairs": pairs,
-                  "baseline_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
-"""
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--samples", type=int, default=100_000)
     ap.add_argument("--dim", type=int, default=128)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", default=None, help="run directory (default: a new temporary folder)")
     ap.add_argument("--per-identity", type=int, default=50)
     ap.add_argument("--shard-size", type=int, default=10_000)
     ap.add_argument("--cpus", type=int, default=2)
@@ -311,7 +283,7 @@ def main() -> None:
     from stages.corpus.separation import SeparationParams, SeparationStage
     from tests.fixtures.synthetic_corpus import global_spec
 
-    run = args.out
+    run = args.out or tempfile.mkdtemp(prefix="ff-bench-scale-")
     cfg = {"samples": args.samples, "dim": args.dim, "per_identity": args.per_identity,
            "shard_size": args.shard_size, "seed": 0}
     corpus = Corpus(**cfg)
@@ -367,11 +339,14 @@ def main() -> None:
     out["dedup_links"] = d.get("links")
     if not args.no_baseline:
         env = {**os.environ, "OMP_NUM_THREADS": str(args.cpus)}
-        base = subprocess.run([sys.executable, "-c", BASELINE, run, str(NEAR), "2"], stdout=subprocess.PIPE, text=True,
-                              env=env, check=True)
+        script = str(Path(__file__).with_name("scale_baseline.py"))
+        base = subprocess.run([sys.executable, script, run, UPSTREAM, str(args.grouping_threshold), "2"],
+                              stdout=subprocess.PIPE, text=True, env=env, check=True)
         b = json.loads(base.stdout.strip().splitlines()[-1])
         out.update({k: round(v, 3) if isinstance(v, float) else v for k, v in b.items()})
         out["ratio_to_baseline"] = round(seconds / b["baseline_seconds"], 2)
+        out["stage_ratios"] = {s: round(stage_s[s] / v, 2) if v >= 0.1 else None
+                               for s, v in b["baseline_stage_seconds"].items()}
     if not args.keep:
         shutil.rmtree(run, ignore_errors=True)
     print(json.dumps(out))

@@ -237,7 +237,7 @@ def _projection(x: np.ndarray, sample: np.ndarray, dim: int) -> tuple[np.ndarray
 
 def _exact_scores(x: np.ndarray, a: np.ndarray, b: np.ndarray, metric: Metric) -> np.ndarray:
     out = np.empty(a.size, dtype=np.float32)
-    step = 1 << 16
+    step = 1 << 13  # two gathered (step, d) blocks at a time: 8 MiB at 128-d
     for s in range(0, a.size, step):
         out[s : s + step] = metric.score(x[a[s : s + step]], x[b[s : s + step]])
     return out
@@ -279,6 +279,12 @@ def _partitioned_pairs(
         chunks = [z[s : s + ASSIGN_CHUNK] for s in range(0, n, ASSIGN_CHUNK)]
         cells = np.concatenate([c for _, c in pool.map(lambda q: km.index.search(q, nprobe), chunks)])
 
+        # Rounding between a block product and a row-wise score: the exact check in _finish decides.
+        loose = threshold - 1e-4 if metric.higher_is_same else threshold + 1e-4
+
+        def passes(score: np.ndarray) -> np.ndarray:
+            return metric.same(score, loose)
+
         r2 = threshold * threshold if not metric.higher_is_same else max(0.0, 2.0 - 2.0 * threshold)
         bound = -0.5 * min(1.0, slack * kept) * r2
         # -|za - zb|^2 / 2 as one inner product: [za, -|za|^2/2, 1] . [zb, 1, -|zb|^2/2]
@@ -300,10 +306,19 @@ def _partitioned_pairs(
                 if m1 == m0 or p1 == p0:
                     continue
                 queries = probe_points[p0:p1]
+                members = member_order[m0:m1]
                 hits = np.flatnonzero(q_aug[queries] @ m_sorted[m0:m1].T >= bound)  # 10x a 2-d nonzero
-                hit_q, hit_m = np.divmod(hits, m1 - m0)
+                if hits.size * 8 > queries.size * members.size:
+                    # A weak coarse bound (a loose threshold: centroid collisions, grouping) passes much
+                    # of the block; scoring the block in full dimensions is cheaper than gathering hits.
+                    hits = np.flatnonzero(passes(_block_scores(x[queries], x[members], metric)))
+                else:
+                    hit_q, hit_m = np.divmod(hits, members.size)
+                    hits = hits[passes(metric.score(x[queries[hit_q]], x[members[hit_m]]))]
+                hit_q, hit_m = np.divmod(hits, members.size)
+                # Only pairs that pass stay: candidates of a loose threshold are most of the run's pairs.
                 found_a.append(queries[hit_q])
-                found_b.append(member_order[m0 + hit_m])
+                found_b.append(members[hit_m])
             empty = np.empty(0, dtype=np.int64)
             return np.concatenate(found_a or [empty]), np.concatenate(found_b or [empty])
 
@@ -316,6 +331,15 @@ def _partitioned_pairs(
     code = np.unique(a * n + b)  # a pair probed from both sides appears twice
     a, b = code // n, code % n
     return _finish(a, b, _exact_scores(x, a, b, metric), metric, threshold, exact=False)
+
+
+def _block_scores(q: np.ndarray, m: np.ndarray, metric: Metric) -> np.ndarray:
+    """Every query against every member, in the metric's own score (a (len(q), len(m)) block)."""
+    dots = q @ m.T
+    if metric.higher_is_same:
+        return dots
+    sq = np.einsum("ij,ij->i", q, q)[:, None] + np.einsum("ij,ij->i", m, m)[None, :] - 2.0 * dots
+    return np.sqrt(np.maximum(sq, 0.0))
 
 
 def _group_by(keys: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:

@@ -242,7 +242,7 @@ def _parse_footer(tail: bytes, size: int, path: str) -> tuple[CommitRecord, int]
     if raw is None:
         raise CorruptFragmentError(path, "manifest has no commit record (not written by a verified commit)")
     try:
-        doc = json.loads(raw)
+        doc = json.loads(raw.decode())  # str, not bytes: json's encoding sniffing was a tenth of status
         tar = doc.get("tar")
         stats = doc.get("stats")
         record = CommitRecord(int(doc["data_bytes"]), str(doc["data_sha256"]), int(doc["rows"]),

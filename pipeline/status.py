@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from manifests.commit import scan_fragments, stage_totals
 from manifests.layout import EXPORT_DIR, EXPORT_DONE
 from manifests.storage import RunStorage
-from pipeline.engine.rundir import read_plan, read_run_file
+from pipeline.engine.rundir import plan_size, read_run_file
 
 if TYPE_CHECKING:
     import duckdb
@@ -82,8 +82,7 @@ def run_status(store: RunStorage) -> dict[str, Any]:
     from manifests.catalog import Catalog
 
     order = stage_order(store)
-    plan = read_plan(store)
-    total = len(plan["shards"]) if plan else 0
+    total = plan_size(store)
     # The catalog decides what is committed (a valid compacted copy, else each fragment's footer);
     # the counts come from the copy's pointer or the footers' records, never from the rows.
     catalog = Catalog(store, order)

@@ -140,6 +140,19 @@ def read_plan(store: RunStorage) -> dict[str, Any] | None:
     return None
 
 
+def plan_size(store: RunStorage) -> int:
+    """How many shards the plan has, from the Parquet footer alone: ``status`` needs the count, and
+    decoding every shard's spec (millions of paths for a folder ingest) cost it a quarter second at
+    10,000 shards."""
+    if store.exists(PLAN_FILE):
+        import pyarrow.parquet as pq
+
+        with store.fs.open(store.path(PLAN_FILE), "rb") as f:
+            return int(pq.ParquetFile(f).metadata.num_rows)
+    plan = read_plan(store)
+    return len(plan["shards"]) if plan else 0
+
+
 def write_plan(store: RunStorage, plan: dict[str, Any]) -> None:
     import io
 

@@ -274,8 +274,8 @@ class ConsistencyStage(GlobalStage):
         n_rows = int(total.sum())
         base = corpus.put({"names": names, "total": total, "metric": metric, "n_rows": n_rows, "k": k})
         sums_all = np.zeros((k, _dim(census)), dtype=np.float64)
-        for c in census:
-            sums_all[np.searchsorted(names, c["names"])] += c["sums"]
+        for c in census:  # each shard's sums are dropped once added: together they are a whole table
+            sums_all[np.searchsorted(names, c["names"])] += c.pop("sums")
         states: list[dict[str, Any]] = []
         threshold, source, fitted, impostor = 0.0, "", None, np.empty(0, dtype=np.float32)
         sums, counts = sums_all, total
@@ -288,7 +288,9 @@ class ConsistencyStage(GlobalStage):
                     same_counts[codes] += cnt
                 enough = same_counts >= 2
                 states[-1]["enough"] = enough
-                sums = np.where(enough[:, None], same_sums, sums_all)
+                same_sums[~enough] = sums_all[~enough]  # in place: no third copy of the table
+                sums = same_sums
+                del same_sums
                 counts = np.where(enough, same_counts, total)
             cents = centroids_from_sums(sums, counts, metric)
             state: dict[str, Any] = {"sums": sums, "counts": counts, "threshold": None, "enough": None}
@@ -437,24 +439,30 @@ class ConsistencyStage(GlobalStage):
 INCONSISTENT = "inconsistent_identity"  # the rule: beyond the threshold (and nearer another / a stranger)
 
 
-def centroids_from_sums(sums: np.ndarray, counts: np.ndarray, metric: Metric) -> np.ndarray:
-    means = sums / np.maximum(counts, 1)[:, None]
-    return (normalise_rows(means) if metric.higher_is_same else means).astype(np.float32)
+def centroids_from_sums(sums: np.ndarray, counts: np.ndarray, metric: Metric, block: int = 8192) -> np.ndarray:
+    """Float32 centroids, computed in blocks of rows: the whole table's float64 temporaries were two more
+    copies of the identity table on the driver (every step is per row, so blocks change no bit)."""
+    out = np.empty(sums.shape, dtype=np.float32)
+    for s in range(0, len(sums), block):
+        means = sums[s : s + block] / np.maximum(counts[s : s + block], 1)[:, None]
+        out[s : s + block] = normalise_rows(means) if metric.higher_is_same else means
+    return out
 
 
 def _dim(census: list[dict[str, Any]]) -> int:
     return max((c["dim"] for c in census), default=0)
 
 
-def _census(table: pa.Table, index: int) -> dict[str, Any]:
-    """One shard's labelled identities (sorted names, counts), spaces and metrics."""
+def _census(table: pa.Table, index: int, with_sums: bool = True) -> dict[str, Any]:
+    """One shard's labelled identities (sorted names, counts), spaces and metrics, and (``with_sums``)
+    each identity's sum of vectors."""
     x, valid = embedding_matrix(table)
     usable = valid & ~np.asarray(table.column(IDENTITY_ID).is_null().to_numpy(zero_copy_only=False), dtype=bool)
     spaces, metrics = table_spaces(table, valid)
     labels = np.asarray(table.column(IDENTITY_ID).filter(pa.array(usable)).to_pylist(), dtype=object).astype(str)
     names, inv, counts = np.unique(labels, return_inverse=True, return_counts=True)
-    sums = np.zeros((names.size, x.shape[1]), dtype=np.float64)
-    if names.size:
+    sums = np.zeros((names.size if with_sums else 0, x.shape[1]), dtype=np.float64)
+    if names.size and with_sums:
         metric = Metric(next(iter(metrics)))
         xu = normalise_rows(x[usable]) if metric.higher_is_same else x[usable]
         sums = group_sums(inv.ravel(), xu.astype(np.float32), names.size)

@@ -20,11 +20,13 @@ and group counts for the run report.
 from __future__ import annotations
 
 import hashlib
+import zlib
 from collections import Counter
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
@@ -232,21 +234,7 @@ class GroupingStage(GlobalStage):
             "component_rounds": graph.rounds,
         }
         if p.gt_column:
-            pairs: Counter = Counter()
-            for part in corpus.map(self._label_pairs, list(self.needs), side="groups"):
-                pairs.update(part)
-            if pairs:
-                by_group: dict[Any, Counter] = {}
-                by_label: dict[Any, Counter] = {}
-                for (g, lab), c in pairs.items():
-                    by_group.setdefault(g, Counter())[lab] += c
-                    by_label.setdefault(lab, Counter())[g] += c
-                total = sum(pairs.values())
-                self._summary |= {
-                    "purity": sum(c.most_common(1)[0][1] for c in by_group.values()) / total,
-                    "inverse_purity": sum(c.most_common(1)[0][1] for c in by_label.values()) / total,
-                    "gt_identities": len(by_label),
-                }
+            self._summary |= self._purity(corpus)
         corpus.commit(self._commit, threshold, side="groups")
 
     def _groups(self, table: pa.Table | None, part: int, linkage: bool, metric: Metric,
@@ -280,18 +268,41 @@ class GroupingStage(GlobalStage):
                                                  "size": size[group].astype(np.int32)})
         return pieces, (int(size.size), int(size.max()))
 
-    def _label_pairs(self, table: pa.Table, index: int, groups: pa.Table | None) -> Counter:
-        """(group id, ground-truth label) counts of one shard, for purity."""
+    def _purity(self, corpus: Corpus) -> dict[str, Any]:
+        """Purity and inverse purity as two partitioned group-bys: (group, label) counts keyed once by
+        group, once by label, each partition summing its keys' majority counts. Mostly-singleton groupings
+        have about one pair per sample, so the pairs never meet in one process."""
+        found: dict[str, tuple[int, int, int]] = {}
+        for by in ("group", "label"):
+            corpus.shuffle(f"pairs-{by}", self._label_records, list(self.needs), by, corpus.partitions,
+                           side="groups")
+            parts = corpus.reduce(f"pairs-{by}", _majority_counts, by)
+            corpus.discard(f"pairs-{by}")
+            found[by] = (sum(m for m, _, _ in parts), sum(t for _, t, _ in parts), sum(k for _, _, k in parts))
+        total = found["group"][1]
+        if total == 0:
+            return {}
+        return {"purity": found["group"][0] / total, "inverse_purity": found["label"][0] / total,
+                "gt_identities": found["label"][2]}
+
+    def _label_records(self, table: pa.Table, index: int, groups: pa.Table | None, by: str,
+                       parts: int) -> dict[int, pa.Table]:
+        """(group id, ground-truth label, count) of one shard's grouped rows, keyed by group or by label."""
         gt = self.params.gt_column
-        pairs: Counter = Counter()
         if not gt or gt not in table.column_names:
-            return pairs
+            return {}
         _, valid = embedding_matrix(table)
         gids, _ = self._group_ids(table, groups, valid)
-        labels = table.column(gt).to_pylist()
-        for r in np.flatnonzero(valid).tolist():
-            pairs[(gids[r], labels[r])] += 1
-        return pairs
+        rows = np.flatnonzero(valid)
+        if rows.size == 0:
+            return {}
+        labels = table.column(gt).take(pa.array(rows))
+        pairs = pa.table({"g": pa.array([gids[r] for r in rows.tolist()], pa.string()),
+                          "l": labels if pa.types.is_string(labels.type) else pc.cast(labels, pa.string())})
+        counts = pairs.group_by(["g", "l"], use_threads=False).aggregate([("g", "count")])
+        keys = counts.column("g" if by == "group" else "l").to_pylist()
+        part = np.array([zlib.crc32(b"" if k is None else k.encode()) % parts for k in keys], dtype=np.int64)
+        return split_by(part, {"g": counts.column("g"), "l": counts.column("l"), "n": counts.column("g_count")})
 
     def _group_ids(self, table: pa.Table, groups: pa.Table | None,
                    valid: np.ndarray) -> tuple[list[Any], list[Any]]:
@@ -337,6 +348,17 @@ class GroupingStage(GlobalStage):
             linkage=self.params.linkage,
         )
         return model.fit_predict(x.astype(np.float64)).astype(np.int64)
+
+
+def _majority_counts(table: pa.Table | None, part: int, by: str) -> tuple[int, int, int]:
+    """One partition of (group, label, count) pieces: the sum over its keys (groups or labels) of the
+    largest count, the total count and the number of keys."""
+    if table is None or table.num_rows == 0:
+        return 0, 0, 0
+    key = "g" if by == "group" else "l"
+    pairs = table.group_by(["g", "l"], use_threads=False).aggregate([("n", "sum")])
+    best = pairs.group_by(key, use_threads=False).aggregate([("n_sum", "max")])
+    return int(pc.sum(best.column("n_sum_max")).as_py()), int(pc.sum(pairs.column("n_sum")).as_py()), best.num_rows
 
 
 def _forest(table: pa.Table | None, part: int, metric: Metric, threshold: float) -> tuple[np.ndarray, np.ndarray]:

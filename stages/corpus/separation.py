@@ -160,7 +160,7 @@ class SeparationStage(GlobalStage):
         """Identity centroids by map + reduce; the collision search runs on that table of identities
         (k rows, not samples); decisions are joined back per shard by identity."""
         p = self.params
-        census = corpus.map(_census, EMBEDDING_COLUMNS)
+        census = corpus.map(_census, EMBEDDING_COLUMNS, False)  # the half sums come from their own map
         names = np.unique(np.concatenate([c["names"] for c in census])) if census else np.empty(0, str)
         if names.size == 0:
             self._summary = {"identities": 0}

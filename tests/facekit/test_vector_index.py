@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -45,6 +47,26 @@ def test_exact_range_pairs_equal_brute_force_including_the_threshold_itself(metr
     at = float(got.score[k])
     again = range_pairs(x, metric, at)
     assert (int(got.i[k]), int(got.j[k])) in set(zip(again.i.tolist(), again.j.tolist(), strict=True))
+
+
+@pytest.mark.parametrize("metric", [Metric.COSINE, Metric.EUCLIDEAN])
+def test_partitioned_pairs_at_a_loose_threshold_with_every_cell_probed_equal_brute_force(metric: Metric) -> None:
+    """A loose threshold (centroid collisions at 100k identities) makes the coarse bound pass most of
+    each cell: the join must score those blocks itself and return only the pairs that pass -- it once
+    collected every candidate first and took 22 GB."""
+    x = unit(planted(1500, 128, 50, 0.3, seed=3))
+    threshold = 0.12 if metric is Metric.COSINE else 1.3
+    tracemalloc.start()
+    try:
+        got = range_pairs(x, metric, threshold, exact_max=0, nlist=12, nprobe=12, slack=float("inf"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    truth = brute_pairs(x, metric, threshold)
+    assert not got.exact and 10_000 < len(truth) < 1500 * 1499 // 8
+    assert set(zip(got.i.tolist(), got.j.tolist(), strict=True)) == truth
+    # what passes, twice over (pairs are probed from both ends), and a few blocks; not every candidate
+    assert peak < 64 * len(truth) + 24 * 2**20, peak
 
 
 @pytest.mark.parametrize(

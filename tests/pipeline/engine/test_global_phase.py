@@ -58,3 +58,24 @@ def test_a_global_stage_that_keeps_failing_is_recorded_in_the_history(
     history = [json.loads(Path(p).read_text()) for p in glob.glob(str(tmp_path / "run/history/*.json"))]
     assert any(f["stage"] == "dedup" and "disk on fire" in f["error"] for h in history for f in h["failures"])
     assert not glob.glob(str(tmp_path / "run/manifests/dedup/*.parquet"))
+
+
+def test_an_argument_every_task_shares_is_put_in_the_object_store_once() -> None:
+    """Ray copies a large argument into the store once per task; a centroid table handed to every map task
+    was as many copies in the driver's memory as there were tasks."""
+    import numpy as np
+    import ray
+
+    from pipeline.engine.global_exec import _share
+
+    table = np.arange(300_000, dtype=np.float32)  # 1.2 MB: above Ray's inline limit
+    own = [np.zeros(4) for _ in range(3)]
+    calls = _share([("url", i, own[i], table, 0.5, len) for i in range(3)])
+
+    refs = [c[3] for c in calls]
+    assert all(isinstance(r, ray.ObjectRef) for r in refs) and len({r.hex() for r in refs}) == 1
+    assert [c[:3] for c in calls] == [("url", i, own[i]) for i in range(3)]  # per-call values stay
+    assert all(c[4] == 0.5 and c[5] is len for c in calls)
+    assert np.array_equal(ray.get(refs[0]), table)
+    values = ray.get([ray.remote(lambda *a: float(a[3].sum())).remote(*c) for c in calls])
+    assert values == [float(table.sum())] * 3  # tasks get the value, not the reference

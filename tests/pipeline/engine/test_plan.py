@@ -7,7 +7,7 @@ from pathlib import Path
 
 from manifests.layout import LEGACY_PLAN_FILE, PLAN_FILE
 from manifests.storage import RunStorage
-from pipeline.engine.rundir import read_plan, write_plan
+from pipeline.engine.rundir import plan_size, read_plan, write_plan
 
 
 def _plan(n: int) -> dict:
@@ -38,3 +38,12 @@ def test_a_folder_plan_is_much_smaller_as_parquet_than_as_json(tmp_path: Path) -
     plan = _plan(2000)
     write_plan(store, plan)
     assert (tmp_path / PLAN_FILE).stat().st_size * 4 < len(json.dumps(plan))
+
+
+def test_the_plan_size_is_its_shard_count_for_parquet_json_and_no_plan(tmp_path: Path) -> None:
+    store = RunStorage(str(tmp_path))
+    assert plan_size(store) == 0
+    (tmp_path / LEGACY_PLAN_FILE).write_text(json.dumps(_plan(7)))
+    assert plan_size(store) == 7
+    write_plan(store, _plan(123))
+    assert plan_size(store) == 123 == len(read_plan(store)["shards"])  # type: ignore[index]

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -128,6 +129,31 @@ def test_decisions_do_not_depend_on_the_number_of_partitions(
     if cls is DedupStage:
         reference = json.loads(gzip.decompress(REFERENCE.read_bytes()))["dedup-default"]["rows"]
         assert [d[1] for d in got[0]] == reference["keep"]
+
+
+@pytest.mark.parametrize(("method", "threshold", "parts"), [
+    ("connected_components", 0.7, 1), ("connected_components", 0.7, 5), ("agglomerative", 0.4, 5)])
+def test_purity_from_partitioned_label_counts_equals_the_single_process_purity(
+    ray_session: Any, corpus_run: tuple[str, list[str]], method: str, threshold: float, parts: int
+) -> None:
+    """Purity and inverse purity against ground-truth labels come from (group, label) counts shuffled by
+    group and by label; they equal the one-process figures from the whole table, at any partitioning."""
+    run, shards = corpus_run
+    params = GroupingParams(method=method, threshold=threshold, gt_column="truth_identity", partitions=parts)
+    stage_id = f"grouping-purity-{method}-{parts}"
+    spec = global_spec(GroupingStage, params, run, stage_id=stage_id)
+    run_global_distributed(spec, shards, shards)
+    got = json.loads(Path(run, "report", f"{stage_id}.summary.json").read_text())
+
+    up = (UpstreamInfo(UPSTREAM, False, False),)
+    stage = spec.build()  # type: ignore[attr-defined]
+    table = pa.concat_tables([read_shard_columns(RunStorage(run), up, s, stage.needs) for s in shards])
+    stage.run_global(table)
+    want = stage.summary()
+    assert want["gt_identities"] == CORPUS.identities and 0.5 < want["purity"] < 1.0
+    for key in ("purity", "inverse_purity", "gt_identities", "groups"):
+        assert got[key] == want[key], key
+    assert not glob.glob(f"{run}/work/{stage_id}/*")
 
 
 def test_a_worker_killed_mid_stage_is_retried_and_the_stage_completes(
