@@ -55,6 +55,20 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
+def _cells(n: int) -> int:
+    """About 2 sqrt(n) k-means cells, the usual IVF sizing."""
+    return int(min(8192, max(16, round(2 * n**0.5))))
+
+
+def _centroid_index(cents: np.ndarray) -> faiss.Index:
+    """Identity centroids: exact up to 2,000 of them, IVF above (as the stages)."""
+    if len(cents) > 2000:
+        return _ivf(cents, _cells(len(cents)), 16)
+    index = faiss.IndexFlatIP(cents.shape[1])
+    index.add(cents)
+    return index
+
+
 def _ivf(x: np.ndarray, nlist: int, nprobe: int) -> faiss.IndexIVFFlat:
     n, d = x.shape
     sample = x[np.sort(np.random.default_rng(0).choice(n, min(n, nlist * 32), replace=False))]
@@ -93,7 +107,7 @@ def main() -> None:
     codes = codes.ravel().astype(np.int64)
     content, pixel, phash = _hex64(t["content_sha256"]), _hex64(t["pixel_sha256"]), _hex64(t["phash"])
     del t
-    n, d = x.shape
+    n = len(x)
     k = names.size
     defaults = defaults_for(space)
     seconds: dict[str, float] = {}
@@ -124,12 +138,7 @@ def main() -> None:
         enough = np.bincount(codes[same], minlength=k) >= 2
         inlier = same | ~enough[codes]
     stranger = float(np.median(impostor))
-    if k > 2000:
-        cindex: faiss.Index = _ivf(cents, int(min(8192, max(16, round(2 * k**0.5)))), 16)
-    else:
-        cindex = faiss.IndexFlatIP(d)
-        cindex.add(cents)
-    scores, ids = cindex.search(x, 2)
+    scores, ids = _centroid_index(cents).search(x, 2)
     pick = np.where(ids[:, 0] == codes, 1, 0)
     other_score = scores[np.arange(n), pick]
     drop_consistency = ~same & ((other_score > own) | (own < stranger))
@@ -139,11 +148,7 @@ def main() -> None:
     t1 = time.perf_counter()
     sums = np.asarray(member @ x, dtype=np.float64)
     cents = _unit(sums / np.maximum(np.bincount(codes, minlength=k), 1)[:, None])
-    if k > 2000:
-        cindex = _ivf(cents, int(min(8192, max(16, round(2 * k**0.5)))), 16)
-    else:
-        cindex = faiss.IndexFlatIP(d)
-        cindex.add(cents)
+    cindex = _centroid_index(cents)
     ci, cj = _range_edges(cindex, cents, defaults.collision)
     cindex.search(cents, 2)
     later = np.zeros(k, dtype=bool)
@@ -171,8 +176,7 @@ def main() -> None:
     pid = pid.astype(np.int64)
     edges_a.append(prow[prow < pid])
     edges_b.append(pid[prow < pid])
-    nlist = int(min(8192, max(16, round(2 * n**0.5))))
-    index = _ivf(x, nlist, spill)
+    index = _ivf(x, _cells(n), spill)
     ea, eb = _range_edges(index, x, defaults.near_duplicate)
     edges_a.append(ea)
     edges_b.append(eb)

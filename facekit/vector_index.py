@@ -308,15 +308,16 @@ def _partitioned_pairs(
                 queries = probe_points[p0:p1]
                 members = member_order[m0:m1]
                 hits = np.flatnonzero(q_aug[queries] @ m_sorted[m0:m1].T >= bound)  # 10x a 2-d nonzero
+                # Only pairs that pass stay: candidates of a loose threshold are most of the run's pairs.
                 if hits.size * 8 > queries.size * members.size:
                     # A weak coarse bound (a loose threshold: centroid collisions, grouping) passes much
                     # of the block; scoring the block in full dimensions is cheaper than gathering hits.
                     hits = np.flatnonzero(passes(_block_scores(x[queries], x[members], metric)))
+                    hit_q, hit_m = np.divmod(hits, members.size)
                 else:
                     hit_q, hit_m = np.divmod(hits, members.size)
-                    hits = hits[passes(metric.score(x[queries[hit_q]], x[members[hit_m]]))]
-                hit_q, hit_m = np.divmod(hits, members.size)
-                # Only pairs that pass stay: candidates of a loose threshold are most of the run's pairs.
+                    ok = passes(metric.score(x[queries[hit_q]], x[members[hit_m]]))
+                    hit_q, hit_m = hit_q[ok], hit_m[ok]
                 found_a.append(queries[hit_q])
                 found_b.append(members[hit_m])
             empty = np.empty(0, dtype=np.int64)
