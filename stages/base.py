@@ -278,6 +278,30 @@ class Checks:
         return Reason(self.failed[0][0], "; ".join(detail for _, detail in self.failed))
 
 
+@dataclass(frozen=True)
+class Gathered:
+    """Stands for the whole of a small shuffle (every piece written to its partition 0) in a task's
+    arguments: the task reads it from the run's work folder, so a table of identities reaches the tasks
+    that need it without passing through the driver."""
+
+    name: str
+    sort_by: str | None = None  # a column to sort the table by, once per task
+    convert: Callable[[pa.Table | None], Any] | None = None  # applied once per task (not once per shard)
+
+
+@dataclass(frozen=True)
+class Kept:
+    """A value a task left in the object store (``Corpus.call(..., kept=True)``), in a later task's
+    arguments: fetched there, and ``convert`` applied once per task (deserialising an index once, not
+    once per shard)."""
+
+    ref: Any
+    convert: Callable[[Any], Any] | None = None
+
+
+Side = str | tuple[str, ...] | None  # the shard-keyed shuffle(s) a per-shard task gets its pieces of
+
+
 class Corpus(Protocol):
     """The distributed operations a global stage composes; pipeline.engine.global_exec runs them on Ray.
 
@@ -290,8 +314,12 @@ class Corpus(Protocol):
 
     Per-sample results go back to the shards by a shuffle keyed by shard index: ``side=name`` hands
     ``map`` / ``shuffle`` / ``commit`` that shuffle's partition ``shard_index`` (or None) as the first
-    extra argument, so no task gets a table of the whole run. ``put`` is for shared inputs that do not
-    grow with the samples (centroid tables, k-means cells, the few duplicate links).
+    extra argument (``side=(a, b)``: one list of both pieces), so no task gets a table of the whole run.
+    ``put`` is for shared inputs that do not grow with the samples (k-means cells, the few duplicate
+    links). A table that grows with the identities goes through storage instead: a reduce writes it to
+    partition 0 of a shuffle (a piece key ``(name, 0)``), and ``gathered(name)`` in any task's arguments
+    stands for it; ``call(fn, ..., kept=True)`` runs ``fn`` -> ``(small, large)`` and returns
+    ``(small, Kept)``: ``large`` stays in the object store and the ``Kept`` passes it to later tasks.
     """
 
     shards: list[str]
@@ -301,23 +329,27 @@ class Corpus(Protocol):
 
     def put(self, value: Any) -> Any: ...
 
-    def map(self, fn: Callable[..., Any], columns: Sequence[str], *args: Any, side: str | None = None) -> list[Any]: ...
+    def map(self, fn: Callable[..., Any], columns: Sequence[str], *args: Any, side: Side = None) -> list[Any]: ...
 
     def shuffle(self, name: str, fn: Callable[..., dict[int, pa.Table]], columns: Sequence[str],
-                *args: Any, side: str | None = None) -> int: ...
+                *args: Any, side: Side = None) -> int: ...
 
     def reduce(self, name: str, fn: Callable[..., Any], *args: Any) -> list[Any]: ...
 
-    def reshuffle(self, name: str, source: str, fn: Callable[..., tuple[dict[int, pa.Table], Any]],
+    def reshuffle(self, name: str, source: str, fn: Callable[..., tuple[dict[Any, pa.Table], Any]],
                   *args: Any) -> list[Any]: ...
 
     def discard(self, name: str) -> None:
         """Delete a shuffle's files once no later step reads them (an iteration's previous round)."""
         ...
 
-    def call(self, fn: Callable[..., Any], *args: Any) -> Any: ...
+    def call(self, fn: Callable[..., Any], *args: Any, kept: bool = False,
+             convert: Callable[[Any], Any] | None = None) -> Any: ...
 
-    def commit(self, fn: Callable[..., Batch], *args: Any, side: str | None = None) -> Any: ...
+    def gathered(self, name: str, sort_by: str | None = None,
+                 convert: Callable[[pa.Table | None], Any] | None = None) -> Gathered: ...
+
+    def commit(self, fn: Callable[..., Batch], *args: Any, side: Side = None) -> Any: ...
 
     def dropped_before(self) -> int:
         """Rows dropped in the shards an earlier attempt already committed (for a resumed summary)."""

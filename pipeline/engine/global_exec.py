@@ -4,7 +4,9 @@ partitioned Arrow IPC files, and the same per-shard commits as every other stage
 A global stage (stages/corpus) composes the operations of ``stages.base.Corpus``; this module runs them
 on Ray. The driver only coordinates: every read of samples happens in a task, one shard (or one shuffle
 partition) at a time, and only the columns the stage declares (``needs``) are read, as Arrow. What comes
-back to the driver is per-identity or per-edge (centroid tables, a few duplicate links), never per sample.
+back to the driver is counts, thresholds, bounded samples and the few duplicate links, never a table of
+samples or of identities: per-identity tables go from task to task through the run's work folder
+(``Gathered``) or the object store (``Kept``).
 
 Failures: every task declares the stage's memory (``resources.memory_gb`` -> Ray ``memory=``) and is
 retried on any Ray failure (an OOM kill by Ray's memory monitor, a dead worker or node, a lost object,
@@ -31,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
+from threadpoolctl import threadpool_limits
 
 from manifests.layout import (
     SHUFFLE_SUFFIX,
@@ -59,7 +62,10 @@ from stages.base import (
     STATUS,
     STATUS_OK,
     Batch,
+    Gathered,
     GlobalStage,
+    Kept,
+    Side,
 )
 
 log = logging.getLogger(__name__)
@@ -137,35 +143,61 @@ def read_shard_columns(store: RunStorage, upstream: Sequence[UpstreamInfo], shar
 # ---------------------------------------------------------------- Ray tasks
 
 
-def _side_args(store: RunStorage, stage_id: str, side: str | None, index: int) -> tuple[Any, ...]:
-    """The piece of shuffle ``side`` keyed by this shard's index, as the first extra argument (or none)."""
-    return () if side is None else (_read_partition(store, stage_id, side, index),)
+def _side_args(store: RunStorage, stage_id: str, side: str | tuple[str, ...] | None, index: int) -> tuple[Any, ...]:
+    """The piece of shuffle ``side`` keyed by this shard's index as the first extra argument (none without a
+    side); for several sides, one list of their pieces, in the order named."""
+    if side is None:
+        return ()
+    if isinstance(side, str):
+        return (_read_partition(store, stage_id, side, index),)
+    return ([_read_partition(store, stage_id, s, index) for s in side],)
+
+
+def _resolve(store: RunStorage, stage_id: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Arguments with every ``Gathered`` marker replaced by its table and every ``Kept`` by its value, read
+    here in the task (the driver never holds them)."""
+    def read(g: Gathered) -> Any:
+        table = _read_partition(store, stage_id, g.name, 0)
+        table = table.sort_by(g.sort_by) if table is not None and g.sort_by else table
+        return g.convert(table) if g.convert else table
+
+    def fetch(k: Kept) -> Any:
+        value = ray.get(k.ref)
+        return k.convert(value) if k.convert else value
+
+    return tuple(read(a) if isinstance(a, Gathered) else fetch(a) if isinstance(a, Kept) else a for a in args)
 
 
 def _shard_task(url: str, options: dict[str, Any], upstream: tuple[UpstreamInfo, ...],
-                items: list[tuple[str, int]], columns: tuple[str, ...], stage_id: str, side: str | None,
+                items: list[tuple[str, int]], columns: tuple[str, ...], stage_id: str, side: Side,
                 fn: Callable[..., Any], *args: Any) -> list[Any]:
     """``fn`` on each of a few consecutive shards, one shard's table in memory at a time."""
     store = RunStorage(url, options)
+    args = _resolve(store, stage_id, args)
     return [fn(read_shard_columns(store, upstream, shard, columns), index,
                *_side_args(store, stage_id, side, index), *args) for shard, index in items]
 
 
-def _write_pieces(store: RunStorage, stage_id: str, name: str, source: str, pieces: dict[int, pa.Table]) -> int:
+def _write_pieces(store: RunStorage, stage_id: str, name: str, source: str,
+                  pieces: dict[int, pa.Table] | dict[int | tuple[str, int], pa.Table]) -> int:
+    """Each piece into its partition of shuffle ``name`` (key ``part``) or of another shuffle (key
+    ``(other, part)``: a reduce that feeds two later steps writes both at once)."""
     rows = 0
-    for part, table in sorted(pieces.items()):
+    for key, table in pieces.items():
         if table.num_rows == 0:
             continue
-        store.write_atomic(_ipc_bytes(table), *global_work_path(stage_id, name, part, source))
+        target, part = (name, key) if isinstance(key, int) else key
+        store.write_atomic(_ipc_bytes(table), *global_work_path(stage_id, target, part, source))
         rows += table.num_rows
     return rows
 
 
 def _shuffle_task(url: str, options: dict[str, Any], upstream: tuple[UpstreamInfo, ...],
-                  items: list[tuple[str, int]], columns: tuple[str, ...], stage_id: str, side: str | None,
+                  items: list[tuple[str, int]], columns: tuple[str, ...], stage_id: str, side: Side,
                   name: str, fn: Callable[..., Any], *args: Any) -> list[int]:
     """Map each shard to partition pieces and write each as an Arrow IPC file under the run's work folder."""
     store = RunStorage(url, options)
+    args = _resolve(store, stage_id, args)
     counts = []
     for shard, index in items:
         table = read_shard_columns(store, upstream, shard, columns)
@@ -194,7 +226,7 @@ def _partition_task(url: str, options: dict[str, Any], stage_id: str, name: str,
                     fn: Callable[..., Any], *args: Any) -> Any:
     """Read every shard's piece of one partition (in shard order) and reduce it."""
     store = RunStorage(url, options)
-    return fn(_read_partition(store, stage_id, name, part), part, *args)
+    return fn(_read_partition(store, stage_id, name, part), part, *_resolve(store, stage_id, args))
 
 
 def _reshuffle_task(url: str, options: dict[str, Any], stage_id: str, source: str, name: str, part: int,
@@ -202,18 +234,32 @@ def _reshuffle_task(url: str, options: dict[str, Any], stage_id: str, source: st
     """Reduce one partition of ``source`` into pieces of shuffle ``name`` (named after this partition, so a
     retried task rewrites the same files) and a small result for the driver."""
     store = RunStorage(url, options)
-    pieces, result = fn(_read_partition(store, stage_id, source, part), part, *args)
+    pieces, result = fn(_read_partition(store, stage_id, source, part), part, *_resolve(store, stage_id, args))
     _write_pieces(store, stage_id, name, f"p{part:05d}", pieces)
     return result
 
 
-def _call_task(fn: Callable[..., Any], *args: Any) -> Any:
-    return fn(*args)
+def _call_task(url: str, options: dict[str, Any], stage_id: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn`` while nothing else of the stage runs: FAISS / BLAS may use every CPU Ray gives this node (a
+    pooled worker keeps the one thread of the one-CPU tasks it was started for). The task still reserves
+    one CPU: reserving the node could wait forever on an idle actor of an earlier stage."""
+    here = ray.get_runtime_context().get_node_id()
+    cpus = next((n["Resources"].get("CPU", 1) for n in ray.nodes() if n.get("NodeID") == here), 1)
+    with threadpool_limits(limits=max(1, int(cpus))):
+        return fn(*_resolve(RunStorage(url, options), stage_id, args))
 
 
-def _commit_task(url: str, options: dict[str, Any], spec: StageSpec, stage: GlobalStage, side: str | None,
+def _kept_call_task(url: str, options: dict[str, Any], stage_id: str, fn: Callable[..., Any],
+                    *args: Any) -> tuple[Any, Any]:
+    """``fn`` returns (small, large): two Ray returns, so the driver can fetch the first alone."""
+    small, large = _call_task(url, options, stage_id, fn, *args)
+    return small, large
+
+
+def _commit_task(url: str, options: dict[str, Any], spec: StageSpec, stage: GlobalStage, side: Side,
                  items: list[tuple[str, int]], fn: Callable[..., Batch], *args: Any) -> list[ShardResult]:
     store = RunStorage(url, options)
+    args = _resolve(store, spec.stage_id, args)
     results = []
     for shard, index in items:
         t0 = time.perf_counter()
@@ -245,7 +291,7 @@ def commit_rows(store: RunStorage, spec: StageSpec, stage: GlobalStage, shard: s
     return summarise(spec, shard, n, out, time.perf_counter() - t0, worker)
 
 
-_INLINE = (str, int, float, bool, type(None), ray.ObjectRef)
+_INLINE = (str, int, float, bool, type(None), ray.ObjectRef, Gathered, Kept)
 
 
 def _share(calls: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
@@ -285,21 +331,31 @@ class RayCorpus:
         self.partitions = self._fixed or max(1, math.ceil(rows / ROWS_PER_PARTITION))
         return self.partitions
 
-    def _run(self, what: str, fn: Callable[..., Any], calls: list[tuple[Any, ...]]) -> list[Any]:
-        """Submit every call, collect in call order, resubmit a failed one up to MAX_TASK_ATTEMPTS."""
+    def _run(self, what: str, fn: Callable[..., Any], calls: list[tuple[Any, ...]], kept: bool = False) -> list[Any]:
+        """Submit every call, collect in call order, resubmit a failed one up to MAX_TASK_ATTEMPTS.
+
+        ``kept``: ``fn`` has two returns; the driver fetches the first and gets ``(first, ref)`` where
+        ``ref`` names the second, left in the object store for later tasks."""
         t0 = time.perf_counter()
-        remote = ray.remote(fn).options(**self.options)
+        remote = ray.remote(fn).options(**self.options, **({"num_returns": 2} if kept else {}))
         calls = _share(calls)
-        refs = [remote.remote(*c) for c in calls]
+
+        def submit(c: tuple[Any, ...]) -> tuple[Any, Any]:
+            refs = remote.remote(*c)
+            return (refs[0], refs[1]) if kept else (refs, None)
+
         attempts = [1] * len(calls)
         out: list[Any] = [None] * len(calls)
-        pending = {r: i for i, r in enumerate(refs)}
+        pending: dict[Any, tuple[int, Any]] = {}
+        for i, c in enumerate(calls):
+            first, second = submit(c)
+            pending[first] = (i, second)
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
-                i = pending.pop(ref)
+                i, second = pending.pop(ref)
                 try:
-                    out[i] = ray.get(ref)
+                    out[i] = (ray.get(ref), second) if kept else ray.get(ref)
                 except RAY_FAILURES as exc:
                     if attempts[i] >= MAX_TASK_ATTEMPTS:
                         for other in pending:
@@ -311,7 +367,8 @@ class RayCorpus:
                     attempts[i] += 1
                     log.info("global stage %s: %s task %d failed (%s), attempt %d", self.spec.stage_id, what, i,
                              type(exc).__name__, attempts[i])
-                    pending[remote.remote(*calls[i])] = i
+                    first, second = submit(calls[i])
+                    pending[first] = (i, second)
         log.debug("global stage %s: %s, %d tasks, %.2f s, driver peak RSS %.0f MiB", self.spec.stage_id, what,
                   len(calls), time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         return out
@@ -329,14 +386,14 @@ class RayCorpus:
         per = max(1, math.ceil(len(items) / (TASKS_PER_CPU * cpus)))
         return [items[i : i + per] for i in range(0, len(items), per)]
 
-    def map(self, fn: Callable[..., Any], columns: Sequence[str], *args: Any, side: str | None = None) -> list[Any]:
+    def map(self, fn: Callable[..., Any], columns: Sequence[str], *args: Any, side: Side = None) -> list[Any]:
         st = self.store
         calls = [(st.url, st.storage_options, self.spec.upstream, chunk, tuple(columns), self.spec.stage_id, side,
                   fn, *args) for chunk in self._chunks()]
         return [r for part in self._run("map", _shard_task, calls) for r in part]
 
     def shuffle(self, name: str, fn: Callable[..., dict[int, pa.Table]], columns: Sequence[str], *args: Any,
-                side: str | None = None) -> int:
+                side: Side = None) -> int:
         st = self.store
         st.remove(*global_work_dir(self.spec.stage_id, name), recursive=True)
         calls = [(st.url, st.storage_options, self.spec.upstream, chunk, tuple(columns), self.spec.stage_id, side,
@@ -359,10 +416,22 @@ class RayCorpus:
     def discard(self, name: str) -> None:
         self.store.remove(*global_work_dir(self.spec.stage_id, name), recursive=True)
 
-    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return self._run("call", _call_task, [(fn, *args)])[0]
+    def call(self, fn: Callable[..., Any], *args: Any, kept: bool = False,
+             convert: Callable[[Any], Any] | None = None) -> Any:
+        """One task that runs while nothing else of the stage does (a k-means, a centroid search over all
+        identities): multi-threaded over its node's CPUs."""
+        st, sid = self.store, self.spec.stage_id
+        if kept:
+            small, ref = self._run("call (kept)", _kept_call_task, [(st.url, st.storage_options, sid, fn, *args)],
+                                   True)[0]
+            return small, Kept(ref, convert)
+        return self._run("call", _call_task, [(st.url, st.storage_options, sid, fn, *args)])[0]
 
-    def commit(self, fn: Callable[..., Batch], *args: Any, side: str | None = None) -> list[ShardResult]:
+    def gathered(self, name: str, sort_by: str | None = None,
+                 convert: Callable[[pa.Table | None], Any] | None = None) -> Gathered:
+        return Gathered(name, sort_by, convert)
+
+    def commit(self, fn: Callable[..., Batch], *args: Any, side: Side = None) -> list[ShardResult]:
         st = self.store
         calls = [(st.url, st.storage_options, self.spec, self.stage, side, chunk, fn, *args)
                  for chunk in self._chunks(self.todo)]

@@ -32,6 +32,16 @@ def node_partition(nodes: np.ndarray, parts: int) -> np.ndarray:
     return ((mixed >> np.uint64(33)) % np.uint64(parts)).astype(np.int64)
 
 
+def key_partition(values: np.ndarray, parts: int) -> np.ndarray:
+    """A stable partition of each value (strings or numbers; pandas' fixed-key SipHash, the same in every
+    process, unlike Python's salted ``hash``)."""
+    import pandas as pd
+
+    if values.size == 0:
+        return np.empty(0, dtype=np.int64)
+    return (pd.util.hash_array(np.asarray(values, dtype=object)) % np.uint64(parts)).astype(np.int64)
+
+
 def split_by(key: np.ndarray, columns: dict[str, np.ndarray | pa.Array]) -> dict[int, pa.Table]:
     """One table per distinct ``key`` value (a partition or a shard index), rows in their given order."""
     if key.size == 0:

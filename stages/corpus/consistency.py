@@ -39,16 +39,26 @@ from facekit.vector_index import (
     EXACT_MAX,
     build_index,
     deserialize_index,
-    embedding_matrix,
     group_sums,
     knn,
     labelled_embeddings,
     normalise_rows,
     one_space,
     serialize_index,
-    table_spaces,
 )
 from stages.base import IDENTITY_ID, SAMPLE_ID, Batch, Corpus, GlobalStage, Params, Resources, Rows, rows_ok
+from stages.corpus.components import key_partition, split_by
+from stages.corpus.identities import (
+    aligned,
+    centroid_table,
+    matrix,
+    names,
+    plan_identity_partitions,
+    runs,
+    shard_labelled,
+    space_census,
+    vectors,
+)
 
 EMBEDDING_COLUMNS = ("embedding", "embedding_space", "embedding_metric")
 
@@ -67,6 +77,7 @@ class ConsistencyParams(Params):
     passes: int = Field(2, ge=1, le=5)
     min_samples: int = Field(3, ge=2)  # fewer images than this: no reliable centroid, kept unjudged
     exact_max: int = Field(EXACT_MAX, ge=0)
+    partitions: int | None = Field(None, ge=1)  # identity partitions of the distributed form (None: sized)
 
 
 def centroids(x: np.ndarray, codes: np.ndarray, k: int, metric: Metric, inlier: np.ndarray) -> np.ndarray:
@@ -255,58 +266,53 @@ class ConsistencyStage(GlobalStage):
         return self.params.centroid == "leave_one_out"
 
     def run_corpus(self, corpus: Corpus) -> None:
-        """Per-identity sums and counts by map + reduce, one round per pass; scoring, the threshold's
-        bounded sample of genuine / impostor comparisons and the decisions per shard, in parallel."""
+        """Per-identity sums and counts as identity-partitioned map + reduce, one round per pass, each shard
+        getting back the tables of its own identities; scoring, the threshold's bounded sample of genuine /
+        impostor comparisons and the decisions per shard, in parallel. The driver sees counts and
+        thresholds only: no table that grows with the identities."""
         p = self.params
-        census = corpus.map(_census, EMBEDDING_COLUMNS)
-        spaces = set().union(*(c["spaces"] for c in census)) if census else set()
-        metrics = set().union(*(c["metrics"] for c in census)) if census else set()
-        names = np.unique(np.concatenate([c["names"] for c in census])) if census else np.empty(0, str)
-        if names.size == 0:
+        census = corpus.map(space_census, EMBEDDING_COLUMNS)
+        if not any(c["labelled"] for c in census):
             self._summary = {"judged": 0}
             corpus.commit(_commit_unjudged, list(self.columns))
             return
-        space, metric = one_space(spaces, metrics)
-        k = names.size
-        total = np.zeros(k, dtype=np.int64)
-        for c in census:
-            total[np.searchsorted(names, c["names"])] += c["counts"]
-        n_rows = int(total.sum())
-        base = corpus.put({"names": names, "total": total, "metric": metric, "n_rows": n_rows, "k": k})
-        sums_all = np.zeros((k, _dim(census)), dtype=np.float64)
-        for c in census:  # each shard's sums are dropped once added: together they are a whole table
-            sums_all[np.searchsorted(names, c["names"])] += c.pop("sums")
-        states: list[dict[str, Any]] = []
+        space, metric = one_space(set().union(*(c["spaces"] for c in census)),
+                                  set().union(*(c["metrics"] for c in census)))
+        d = max(c["dim"] for c in census)
+        parts = plan_identity_partitions(corpus, census, p.partitions, 2 * 8 * d + 64)
+        base = {"metric": metric, "min_samples": p.min_samples, "parts": parts}
+        thresholds: list[float] = []
+        sides: list[str] = []
+        k = n_rows = judged = 0
         threshold, source, fitted, impostor = 0.0, "", None, np.empty(0, dtype=np.float32)
-        sums, counts = sums_all, total
         for t in range(p.passes):
-            if states:  # the previous pass's same-identity rows, per identity: its inliers or all rows
-                same_sums = np.zeros_like(sums_all)
-                same_counts = np.zeros(k, dtype=np.int64)
-                for codes, part, cnt in corpus.map(self._same_sums, EMBEDDING_COLUMNS, base, corpus.put(states)):
-                    same_sums[codes] += part
-                    same_counts[codes] += cnt
-                enough = same_counts >= 2
-                states[-1]["enough"] = enough
-                same_sums[~enough] = sums_all[~enough]  # in place: no third copy of the table
-                sums = same_sums
-                del same_sums
-                counts = np.where(enough, same_counts, total)
-            cents = centroids_from_sums(sums, counts, metric)
-            state: dict[str, Any] = {"sums": sums, "counts": counts, "threshold": None, "enough": None}
-            scored = corpus.map(self._score_sample, EMBEDDING_COLUMNS, base, corpus.put([*states, state]), cents, t)
+            corpus.shuffle(f"ids{t}", self._identity_records, EMBEDDING_COLUMNS, base, thresholds, t, side=tuple(sides))
+            stats = corpus.reshuffle(f"side{t}", f"ids{t}", _identity_totals, t, metric, p.min_samples)
+            corpus.discard(f"ids{t}")
+            if t:
+                corpus.discard(f"cent{t - 1}")
+            sides.append(f"side{t}")
+            if t == 0:
+                k, n_rows, judged = (sum(s[i] for s in stats) for i in range(3))
+            if t < p.passes - 1 and (p.threshold is not None or p.fit_far is None):
+                # Nothing to fit: the sample of comparisons is only needed for the last pass's stranger score.
+                threshold, source, fitted = self._threshold(space, metric, impostor, impostor)
+                thresholds.append(threshold)
+                continue
+            scale = {"k": k, "n_rows": n_rows}
+            scored = corpus.map(self._score_sample, EMBEDDING_COLUMNS, base, thresholds, scale,
+                                corpus.gathered(f"cent{t}", "identity", centroid_table), t, side=tuple(sides))
             genuine = np.concatenate([g for g, _ in scored])
             impostor = np.concatenate([i for _, i in scored])
             threshold, source, fitted = self._threshold(space, metric, genuine, impostor)
-            state["threshold"] = threshold
-            states.append(state)
-        index = serialize_index(build_index(cents, metric, exact_max=p.exact_max, seed=self.context.seed)) if k > 1 \
-            else None
+            thresholds.append(threshold)
+        index = None
+        if k > 1:
+            _, index = corpus.call(_centroid_index, corpus.gathered(f"cent{p.passes - 1}", "identity"), metric,
+                                   p.exact_max, self.context.seed, kept=True, convert=_load_index)
         stranger = float(np.median(impostor)) if impostor.size else None
-        final = corpus.put({"states": states, "index": index, "source": source, "stranger": stranger})
-        # Every labelled row of an identity with min_samples images has a leave-one-out score.
-        judged = int(total[total >= p.min_samples].sum())
-        results = corpus.commit(self._commit, base, final)
+        final = {"thresholds": thresholds, "source": source, "stranger": stranger}
+        results = corpus.commit(self._commit, base, final, index, side=tuple(sides))
         dropped = sum(r.dropped for r in results) + corpus.dropped_before()
         self._summary = {
             "mode": p.mode, "embedding_space": space, "metric": metric.value, "threshold": threshold,
@@ -315,50 +321,75 @@ class ConsistencyStage(GlobalStage):
             "unjudged": int(sum(c["n"] for c in census) - judged), "dropped": dropped,
         }
 
-    def _replay(self, xj: np.ndarray, codes: np.ndarray, base: dict[str, Any],
-                states: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    def _replay(self, xj: np.ndarray, labels: np.ndarray, sides: list[pa.Table | None], base: dict[str, Any],
+                thresholds: list[float]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """This shard's inliers before the last state, and the last state's scores and same-identity mask
-        (None when it has no threshold yet): every pass is recomputed from the per-identity tables."""
-        p, metric = self.params, base["metric"]
+        (None when it has no threshold yet): every pass is recomputed from the shard's pieces of the
+        per-identity tables (``sides[t]``: pass t's sums and counts, and whether pass t-1 left an identity
+        enough inliers)."""
+        metric = base["metric"]
+        own_names, codes = np.unique(labels, return_inverse=True)
+        codes = codes.ravel()
         inlier = np.ones(len(xj), dtype=bool)
         own = same = None
-        for st in states:
-            own = loo_scores(xj, codes, st["sums"], st["counts"], metric, inlier)
-            own[base["total"][codes] < p.min_samples] = np.nan
-            if st["threshold"] is None:
+        at = [aligned(own_names, piece, f"consistency pass {t}") for t, piece in enumerate(sides)]
+        total = sides[0].column("total").to_numpy()[at[0]] if sides and sides[0] is not None else None
+        for t, piece in enumerate(sides):
+            if piece is None:
+                break
+            sums, counts = matrix(piece.column("sum"))[at[t]], piece.column("count").to_numpy()[at[t]]
+            own = loo_scores(xj, codes, sums, counts, metric, inlier)
+            assert total is not None
+            own[total[codes] < base["min_samples"]] = np.nan
+            if t >= len(thresholds):
                 return inlier, own, None
             has = ~np.isnan(own)
             same = np.ones(len(xj), dtype=bool)
-            same[has] = metric.same(own[has], st["threshold"])
-            if st["enough"] is not None:
-                inlier = same | ~st["enough"][codes]
+            same[has] = metric.same(own[has], thresholds[t])
+            after = sides[t + 1] if t + 1 < len(sides) else None
+            if after is not None:
+                enough = after.column("prev_enough").to_numpy(zero_copy_only=False)[at[t + 1]]
+                inlier = same | ~enough[codes]
         return inlier, own, same
 
-    def _same_sums(self, table: pa.Table, index: int, base: dict[str, Any],
-                   states: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Sums and counts of the rows the last pass found the same identity, per identity."""
-        xj, _, codes = _shard_vectors(table, base)
-        _, _, same = self._replay(xj, codes, base, states)
-        assert same is not None
-        uc, inv = np.unique(codes[same], return_inverse=True)
-        part = group_sums(inv, xj[same], uc.size)
-        return uc, part, np.bincount(inv, minlength=uc.size)
+    def _identity_records(self, table: pa.Table, index: int, sides: list[pa.Table | None], base: dict[str, Any],
+                          thresholds: list[float], t: int) -> dict[Any, pa.Table]:
+        """One record per identity of this shard, keyed by the identity's partition: the sum and count of
+        its rows, and (after pass 1) of the rows the last pass found the same identity."""
+        xj, _, labels = shard_labelled(table, base["metric"])
+        if not labels.size:
+            return {}
+        own_names, codes = np.unique(labels, return_inverse=True)
+        codes, m = codes.ravel(), own_names.size
+        cols: dict[str, Any] = {"identity": own_names, "shard": np.full(m, index, dtype=np.int64),
+                                "sum": vectors(group_sums(codes, xj, m)), "count": np.bincount(codes, minlength=m)}
+        if t:
+            _, _, same = self._replay(xj, labels, sides, base, thresholds)
+            assert same is not None
+            cols["same_sum"] = vectors(group_sums(codes[same], xj[same], m))
+            cols["same_count"] = np.bincount(codes[same], minlength=m)
+        return dict(split_by(key_partition(own_names, base["parts"]), cols))
 
-    def _score_sample(self, table: pa.Table, index: int, base: dict[str, Any], states: list[dict[str, Any]],
-                      cents: np.ndarray, t: int) -> tuple[np.ndarray, np.ndarray]:
+    def _score_sample(self, table: pa.Table, index: int, sides: list[pa.Table | None], base: dict[str, Any],
+                      thresholds: list[float], scale: dict[str, int], cent_table: tuple[np.ndarray, np.ndarray],
+                      t: int) -> tuple[np.ndarray, np.ndarray]:
         """Genuine scores and impostor comparisons of this shard; every one while the run has at most
         ``fit_max_impostors`` of each, else this shard's share of a seeded sample."""
-        p = self.params
-        xj, _, codes = _shard_vectors(table, base)
-        _, own, _ = self._replay(xj, codes, base, states)
+        p, metric = self.params, base["metric"]
+        xj, _, labels = shard_labelled(table, metric)
+        if not labels.size:
+            return np.empty(0, dtype=np.float32), np.empty(0, dtype=np.float32)
+        _, own, _ = self._replay(xj, labels, sides, base, thresholds)
         assert own is not None
-        n_all, k, n = base["n_rows"], base["k"], len(xj)
+        all_names, cents = cent_table
+        codes = np.searchsorted(all_names, labels).astype(np.int64)
+        n_all, k, n = scale["n_rows"], scale["k"], len(xj)
         limit = p.fit_max_impostors
         seed = int(np.random.SeedSequence([self.context.seed, index, t]).generate_state(1)[0])
         if n_all * (k - 1) <= limit:
-            imp = impostor_scores(xj, codes, cents, base["metric"], n * (k - 1), seed)
+            imp = impostor_scores(xj, codes, cents, metric, n * (k - 1), seed)
         else:
-            imp = impostor_scores(xj, codes, cents, base["metric"], max(1, round(limit * n / n_all)), seed)
+            imp = impostor_scores(xj, codes, cents, metric, max(1, round(limit * n / n_all)), seed)
         genuine = own[~np.isnan(own)]
         if n_all > limit and genuine.size:
             pick = np.random.default_rng(seed).choice(genuine.size, min(genuine.size, max(1, round(limit * n / n_all))),
@@ -366,18 +397,25 @@ class ConsistencyStage(GlobalStage):
             genuine = genuine[np.sort(pick)]
         return genuine, imp
 
-    def _decide(self, table: pa.Table, base: dict[str, Any], final: dict[str, Any]) -> dict[str, Any]:
+    def _decide(self, table: pa.Table, sides: list[pa.Table | None], base: dict[str, Any], final: dict[str, Any],
+                index: dict[str, Any] | None) -> dict[str, Any]:
         p, metric = self.params, base["metric"]
-        xj, rows, codes = _shard_vectors(table, base)
-        states = final["states"]
-        _, own, same = self._replay(xj, codes, base, states)
-        assert own is not None and same is not None
-        threshold, stranger = states[-1]["threshold"], final["stranger"]
-        names = base["names"]
+        xj, rows, labels = shard_labelled(table, metric)
+        thresholds = final["thresholds"]
+        own = np.empty(0, dtype=np.float32)
+        same = np.empty(0, dtype=bool)
+        if labels.size:
+            _, replayed, last = self._replay(xj, labels, sides, base, thresholds)
+            assert replayed is not None and last is not None
+            own, same = replayed, last
+        threshold, stranger = thresholds[-1], final["stranger"]
         other_score = np.full(rows.size, np.nan, dtype=np.float32)
         best = np.full(rows.size, -1, dtype=np.int64)
-        if final["index"] is not None and rows.size:
-            scores, ids = deserialize_index(final["index"]).search(np.ascontiguousarray(xj), 2)
+        all_names = np.empty(0, dtype=str)
+        if index is not None and rows.size:
+            all_names = index["names"]
+            codes = np.searchsorted(all_names, labels).astype(np.int64)
+            scores, ids = index["index"].search(np.ascontiguousarray(xj), 2)
             scores = scores if metric.higher_is_same else np.sqrt(np.maximum(scores, 0.0)).astype(np.float32)
             pick = np.where(ids[:, 0] == codes, 1, 0)
             best = ids[np.arange(rows.size), pick]
@@ -395,15 +433,16 @@ class ConsistencyStage(GlobalStage):
         else:
             drop = far
         return {"rows": rows, "own": own, "best": best, "other": other_score, "nearer": nearer, "drop": drop,
-                "has": has, "threshold": threshold, "names": names}
+                "has": has, "threshold": threshold, "names": all_names}
 
-    def _commit(self, table: pa.Table, index: int, base: dict[str, Any], final: dict[str, Any]) -> Batch:
-        d = self._decide(table, base, final)
+    def _commit(self, table: pa.Table, index: int, sides: list[pa.Table | None], base: dict[str, Any],
+                final: dict[str, Any], centroid_index: dict[str, Any] | None) -> Batch:
+        d = self._decide(table, sides, base, final, centroid_index)
         out = Rows(table.column(SAMPLE_ID).to_pylist(), [f.name for f in self.columns])
-        names, metric = d["names"], base["metric"]
+        all_names, metric = d["names"], base["metric"]
         for r, i in enumerate(d["rows"].tolist()):
             own, other, b = float(d["own"][r]), float(d["other"][r]), int(d["best"][r])
-            other_id = str(names[b]) if b >= 0 else None
+            other_id = str(all_names[b]) if b >= 0 else None
             out.set(i, centroid_score=None if np.isnan(own) else own, nearest_other_identity=other_id,
                     nearest_other_score=None if np.isnan(other) else other, threshold=d["threshold"],
                     threshold_source=final["source"], stranger_score=final["stranger"], score_metric=metric.value)
@@ -449,39 +488,45 @@ def centroids_from_sums(sums: np.ndarray, counts: np.ndarray, metric: Metric, bl
     return out
 
 
-def _dim(census: list[dict[str, Any]]) -> int:
-    return max((c["dim"] for c in census), default=0)
+def _identity_totals(table: pa.Table | None, part: int, t: int, metric: Metric,
+                     min_samples: int) -> tuple[dict[Any, pa.Table], tuple[int, int, int]]:
+    """One identity partition of pass ``t``: each identity's records added in shard order; its pass-t sums
+    and counts (its rows, or from pass 1 on the rows the last pass kept when at least 2, else all rows)
+    sent back to every shard that holds it, and its centroid to the gathered centroid table. Returns
+    (identities, labelled rows, rows of identities with ``min_samples``)."""
+    if table is None or table.num_rows == 0:
+        return {}, (0, 0, 0)
+    table, starts, inv = runs(table)
+    ids = names(table.column("identity"))[starts]
+    sums = np.add.reduceat(matrix(table.column("sum")), starts, axis=0)
+    total = np.add.reduceat(table.column("count").to_numpy(), starts)
+    counts = total
+    extra: dict[str, Any] = {}
+    if t:
+        same = np.add.reduceat(matrix(table.column("same_sum")), starts, axis=0)
+        same_counts = np.add.reduceat(table.column("same_count").to_numpy(), starts)
+        enough = same_counts >= 2
+        sums = np.where(enough[:, None], same, sums)
+        counts = np.where(enough, same_counts, total)
+        extra["prev_enough"] = enough[inv]
+    pieces: dict[Any, pa.Table] = dict(split_by(table.column("shard").to_numpy(), {
+        "identity": ids[inv], "total": total[inv], "sum": vectors(sums[inv]), "count": counts[inv], **extra}))
+    cents = centroids_from_sums(sums, counts, metric)
+    pieces[(f"cent{t}", 0)] = pa.table({"identity": ids, "centroid": vectors(cents)})
+    return pieces, (ids.size, int(total.sum()), int(total[total >= min_samples].sum()))
 
 
-def _census(table: pa.Table, index: int, with_sums: bool = True) -> dict[str, Any]:
-    """One shard's labelled identities (sorted names, counts), spaces and metrics, and (``with_sums``)
-    each identity's sum of vectors."""
-    x, valid = embedding_matrix(table)
-    usable = valid & ~np.asarray(table.column(IDENTITY_ID).is_null().to_numpy(zero_copy_only=False), dtype=bool)
-    spaces, metrics = table_spaces(table, valid)
-    labels = np.asarray(table.column(IDENTITY_ID).filter(pa.array(usable)).to_pylist(), dtype=object).astype(str)
-    names, inv, counts = np.unique(labels, return_inverse=True, return_counts=True)
-    sums = np.zeros((names.size if with_sums else 0, x.shape[1]), dtype=np.float64)
-    if names.size and with_sums:
-        metric = Metric(next(iter(metrics)))
-        xu = normalise_rows(x[usable]) if metric.higher_is_same else x[usable]
-        sums = group_sums(inv.ravel(), xu.astype(np.float32), names.size)
-    return {"names": names, "counts": counts, "sums": sums, "spaces": spaces, "metrics": metrics,
-            "n": table.num_rows, "dim": x.shape[1]}
+def _load_index(value: dict[str, Any]) -> dict[str, Any]:
+    return {"names": value["names"], "index": deserialize_index(value["index"])}
 
 
-def _shard_vectors(table: pa.Table, base: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(vectors of the labelled rows with an embedding, normalised in cosine spaces; their row numbers;
-    their identity codes in the run's sorted identity table)."""
-    x, valid = embedding_matrix(table)
-    usable = valid & ~np.asarray(table.column(IDENTITY_ID).is_null().to_numpy(zero_copy_only=False), dtype=bool)
-    rows = np.flatnonzero(usable)
-    if base["metric"].higher_is_same and rows.size:
-        x = normalise_rows(x)
-    labels = np.asarray(table.column(IDENTITY_ID).take(pa.array(rows)).to_pylist(), dtype=object).astype(str)
-    codes = np.searchsorted(base["names"], labels).astype(np.int64)
-    xj = x[rows] if rows.size else np.zeros((0, x.shape[1]), dtype=np.float32)
-    return np.ascontiguousarray(xj, dtype=np.float32), rows, codes
+def _centroid_index(cents_table: pa.Table | None, metric: Metric, exact_max: int,
+                    seed: int) -> tuple[None, dict[str, Any]]:
+    """The nearest-other-identity index over the final centroids, built once in a task; it stays in the
+    object store for the commit tasks."""
+    all_names, cents = centroid_table(cents_table)
+    return None, {"names": all_names, "index": serialize_index(build_index(cents, metric, exact_max=exact_max,
+                                                                           seed=seed))}
 
 
 def _commit_unjudged(table: pa.Table, index: int, columns: list[str]) -> Batch:

@@ -56,6 +56,7 @@ from stages.base import (
     rows_ok,
     stable_hash,
 )
+from stages.corpus.components import key_partition
 from stages.mappers.fingerprint import (
     CONTENT_SHA256,
     HEIGHT,
@@ -471,13 +472,6 @@ class DedupStage(GlobalStage):
 # ---------------------------------------------------------------- distributed kernels (one shard or partition)
 
 
-def _hash_part(values: np.ndarray, parts: int) -> np.ndarray:
-    """A stable partition of each value (pandas' fixed-key SipHash: the same in every process)."""
-    import pandas as pd
-
-    return (pd.util.hash_array(values) % np.uint64(parts)).astype(np.int64)
-
-
 def _sibling_ranks(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     """Parent id ('' for none) and rank among siblings (by key) -- the whole-image edge filter's inputs.
     Faces derived from one photo are made in one shard, so ranks are complete per shard."""
@@ -524,7 +518,7 @@ def _exact_records(table: pa.Table, index: int, parts: int) -> dict[int, pa.Tabl
     value = np.concatenate(vals)
     col_of = np.concatenate(cols)
     keyed = np.array([f"{c}:{v}" for c, v in zip(col_of.tolist(), value.tolist(), strict=True)], dtype=object)
-    return _records(table, index, rows, _hash_part(keyed, parts), parts,
+    return _records(table, index, rows, key_partition(keyed, parts), parts,
                     {"col": col_of, "value": pa.array(value.tolist(), pa.string())})
 
 

@@ -29,7 +29,19 @@ from scipy.sparse.csgraph import connected_components
 from facekit.thresholds import Metric, defaults_for
 from facekit.vector_index import EXACT_MAX, group_sums, knn, labelled_embeddings, normalise_rows, one_space, range_pairs
 from stages.base import IDENTITY_ID, SAMPLE_ID, Batch, Corpus, GlobalStage, Params, Resources, Rows, rows_ok
-from stages.corpus.consistency import EMBEDDING_COLUMNS, _census, _dim, _shard_vectors, centroids, centroids_from_sums
+from stages.corpus.components import key_partition, split_by
+from stages.corpus.consistency import EMBEDDING_COLUMNS, centroids, centroids_from_sums
+from stages.corpus.identities import (
+    aligned,
+    centroid_table,
+    matrix,
+    names,
+    plan_identity_partitions,
+    runs,
+    shard_labelled,
+    space_census,
+    vectors,
+)
 
 COLLISION = "identity_collision"  # the rule: this identity's centroid is within the threshold of a kept one
 
@@ -39,6 +51,7 @@ class SeparationParams(Params):
     threshold: float | None = None  # centroid vs centroid, in the space's metric
     fit_quantile: float | None = Field(None, gt=0.0, lt=1.0)  # e.g. 0.99 of split-half centroid scores
     exact_max: int = Field(EXACT_MAX, ge=0)
+    partitions: int | None = Field(None, ge=1)  # identity partitions of the distributed form (None: sized)
 
 
 def split_half_scores(
@@ -157,32 +170,50 @@ class SeparationStage(GlobalStage):
         return True
 
     def run_corpus(self, corpus: Corpus) -> None:
-        """Identity centroids by map + reduce; the collision search runs on that table of identities
-        (k rows, not samples); decisions are joined back per shard by identity."""
+        """Identity centroids and split halves by an identity-partitioned map + reduce; the collision search
+        runs in one task on that table of identities (k rows, not samples), whose decisions go back to the
+        shards holding each identity. The driver sees counts and the threshold only."""
         p = self.params
-        census = corpus.map(_census, EMBEDDING_COLUMNS, False)  # the half sums come from their own map
-        names = np.unique(np.concatenate([c["names"] for c in census])) if census else np.empty(0, str)
-        if names.size == 0:
+        census = corpus.map(space_census, EMBEDDING_COLUMNS)
+        if not any(c["labelled"] for c in census):
             self._summary = {"identities": 0}
             corpus.commit(_commit_plain, [f.name for f in self.columns])
             return
         space, metric = one_space(set().union(*(c["spaces"] for c in census)),
                                   set().union(*(c["metrics"] for c in census)))
-        k, d = names.size, _dim(census)
-        base = corpus.put({"names": names, "metric": metric})
-        offsets: list[np.ndarray] = []  # per shard: images of each of its identities in earlier shards
-        seen = np.zeros(k, dtype=np.int64)
-        for c in census:
-            codes = np.searchsorted(names, c["names"])
-            offsets.append(seen[codes].copy())
-            seen[codes] += c["counts"]
-        sums = np.zeros((2, k, d), dtype=np.float64)  # even / odd images of each identity, in run order
-        counts = np.zeros((2, k), dtype=np.int64)
-        for codes, part, cnt in corpus.map(_half_sums, EMBEDDING_COLUMNS, base, corpus.put(offsets)):
-            sums[:, codes] += part
-            counts[:, codes] += cnt
-        cents = centroids_from_sums(sums.sum(axis=0), counts.sum(axis=0), metric)
-        threshold, source = self._threshold_from_halves(space, metric, sums, counts)
+        d = max(c["dim"] for c in census)
+        base = {"metric": metric, "parts": plan_identity_partitions(corpus, census, p.partitions, 4 * 8 * d + 64)}
+        if p.fit_quantile is not None and p.threshold is None:
+            # Split halves by run order: each shard needs how many images of its identities come before it.
+            corpus.shuffle("members", _member_records, EMBEDDING_COLUMNS, base)
+            corpus.reshuffle("offsets", "members", _offsets)
+            corpus.discard("members")
+            corpus.shuffle("halves", _half_records, EMBEDDING_COLUMNS, base, side="offsets")
+            corpus.discard("offsets")
+        else:  # no threshold to fit: one sum per identity (all in the "even" half)
+            corpus.shuffle("halves", _whole_records, EMBEDDING_COLUMNS, base)
+        k = sum(corpus.reshuffle("cents", "halves", _half_totals, metric))
+        found, decisions = corpus.call(self._collisions, corpus.gathered("cents", "identity"), space, metric,
+                                       kept=True)
+        corpus.discard("cents")
+        corpus.reshuffle("back", "halves", _decisions_back, decisions)
+        corpus.discard("halves")
+        corpus.commit(self._commit, base, found, side="back")
+        self._summary = {
+            "policy": p.policy, "embedding_space": space, "threshold": found["threshold"],
+            "threshold_source": found["source"], "identities": k, "colliding_pairs": found["pairs"],
+            "dropped_identities" if p.policy == "drop_later" else "merged_identities": found["hits"],
+        }
+
+    def _collisions(self, cents_table: pa.Table | None, space: str,
+                    metric: Metric) -> tuple[dict[str, Any], pa.Table]:
+        """The threshold, the colliding pairs and each identity's partner and nearest identity, from the
+        gathered centroid table; the per-identity answer stays in the object store."""
+        p = self.params
+        all_names, cents = centroid_table(cents_table)
+        k = all_names.size
+        halves = np.empty(0) if cents_table is None else cents_table.column("half_score").to_numpy()
+        threshold, source = self._threshold_from_scores(space, metric, halves[~np.isnan(halves)])
         pairs = range_pairs(cents, metric, threshold, exact_max=p.exact_max, seed=self.context.seed)
         if p.policy == "drop_later":
             partner = self._drop_later(k, pairs.i, pairs.j, pairs.score, metric)
@@ -198,48 +229,47 @@ class SeparationStage(GlobalStage):
             pick = np.where(ids[:, 0] == np.arange(k), 1, 0)
             near_id = ids[np.arange(k), pick]
             near_score = scores[np.arange(k), pick]
-        table = corpus.put({"partner": partner, "partner_score": partner_score, "near_id": near_id,
-                            "near_score": near_score, "threshold": threshold, "source": source})
-        corpus.commit(self._commit, base, table)
-        self._summary = {
-            "policy": p.policy, "embedding_space": space, "threshold": threshold, "threshold_source": source,
-            "identities": k, "colliding_pairs": len(pairs),
-            "dropped_identities" if p.policy == "drop_later" else "merged_identities": int(hit.sum()),
-        }
 
-    def _threshold_from_halves(self, space: str, metric: Metric, sums: np.ndarray,
-                               counts: np.ndarray) -> tuple[float, str]:
+        def named(codes: np.ndarray) -> pa.Array:
+            return pa.array([str(all_names[c]) if c >= 0 else None for c in codes.tolist()], pa.string())
+
+        table = pa.table({"identity": pa.array(all_names.tolist(), pa.string()), "partner": named(partner),
+                          "partner_score": partner_score, "near": named(near_id), "near_score": near_score})
+        found = {"threshold": threshold, "source": source, "pairs": len(pairs), "hits": int(hit.sum())}
+        return found, table
+
+    def _threshold_from_scores(self, space: str, metric: Metric, halves: np.ndarray) -> tuple[float, str]:
         p = self.params
         if p.threshold is not None:
             return float(p.threshold), "param"
-        if p.fit_quantile is not None:
-            ok = counts.sum(axis=0) >= 4  # split_half_scores' min_size
-            halves = np.stack([sums[0][ok] / counts[0][ok, None], sums[1][ok] / counts[1][ok, None]])
-            if metric.higher_is_same:
-                halves = np.stack([normalise_rows(halves[0]), normalise_rows(halves[1])])
-            scores = metric.score(halves[0].astype(np.float32), halves[1].astype(np.float32)).astype(np.float64)
-            if scores.size:
-                q = p.fit_quantile if not metric.higher_is_same else 1.0 - p.fit_quantile
-                return float(np.quantile(scores, q)), f"fit_quantile={p.fit_quantile:g} of {scores.size} split halves"
+        if p.fit_quantile is not None and halves.size:
+            q = p.fit_quantile if not metric.higher_is_same else 1.0 - p.fit_quantile
+            return float(np.quantile(halves, q)), f"fit_quantile={p.fit_quantile:g} of {halves.size} split halves"
         return defaults_for(space).collision, f"default:{space}"
 
-    def _commit(self, table: pa.Table, index: int, base: dict[str, Any], t: dict[str, Any]) -> Batch:
-        p = self.params
-        _, rows, codes = _shard_vectors(table, base)
-        names, metric = base["names"], base["metric"]
+    def _commit(self, table: pa.Table, index: int, back: pa.Table | None, base: dict[str, Any],
+                found: dict[str, Any]) -> Batch:
+        p, metric, threshold = self.params, base["metric"], found["threshold"]
+        _, rows, labels = shard_labelled(table, metric)
+        own_names, codes = np.unique(labels, return_inverse=True)
+        codes = codes.ravel()
+        at = aligned(own_names, back, "separation")
+        get = (lambda c: []) if back is None else (lambda c: back.column(c).take(pa.array(at)).to_pylist())
+        partner, partner_score, near, near_score = (get(c) for c in ("partner", "partner_score", "near",
+                                                                         "near_score"))
         out = Rows(table.column(SAMPLE_ID).to_pylist(), [f.name for f in self.columns])
         for r, i in enumerate(rows.tolist()):
             c = int(codes[r])
-            near, ns = int(t["near_id"][c]), float(t["near_score"][c])
-            out.set(i, nearest_identity_id=str(names[near]) if near >= 0 else None,
-                    nearest_identity_score=None if np.isnan(ns) else ns, threshold=t["threshold"],
-                    threshold_source=t["source"], score_metric=metric.value)
-            if t["partner"][c] < 0:
+            ns = near_score[c]
+            out.set(i, nearest_identity_id=near[c], nearest_identity_score=None if ns is None or np.isnan(ns) else ns,
+                    threshold=threshold, threshold_source=found["source"], score_metric=metric.value)
+            other = partner[c]
+            if other is None:
                 continue
-            other, score = str(names[t["partner"][c]]), float(t["partner_score"][c])
+            score = float(partner_score[c])
             out.set(i, collision_with=other, collision_score=score)
             if p.policy == "drop_later":
-                out.drop(i, COLLISION, f"with {other} ({score:.3f}, threshold {t['threshold']:.3f})")
+                out.drop(i, COLLISION, f"with {other} ({score:.3f}, threshold {threshold:.3f})")
             else:
                 out.set(i, identity_id=other)
         return out.batch()
@@ -286,25 +316,91 @@ class SeparationStage(GlobalStage):
         return defaults_for(space).collision, f"default:{space}"
 
 
-def _half_sums(table: pa.Table, index: int, base: dict[str, Any],
-               offsets: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sums and counts of each identity's even and odd images (by its image number in run order)."""
-    xj, _, codes = _shard_vectors(table, base)
-    uc, inv = np.unique(codes, return_inverse=True)
-    inv = inv.ravel()
-    # The census's sorted names of this shard are exactly these codes' names, in the same order.
-    start = np.asarray(offsets[index], dtype=np.int64)
-    if start.size != uc.size:
-        raise RuntimeError(f"shard {index}: {uc.size} identities, the census counted {start.size}")
-    order = np.argsort(inv, kind="stable")
-    first = np.searchsorted(inv[order], np.arange(uc.size))
-    rank = np.empty(inv.size, dtype=np.int64)
-    rank[order] = np.arange(inv.size) - first[inv[order]]
-    parity = (start[inv] + rank) % 2
-    code = parity * uc.size + inv
-    part = group_sums(code, xj, 2 * uc.size).reshape(2, uc.size, xj.shape[1])
-    cnt = np.bincount(code, minlength=2 * uc.size).reshape(2, uc.size)
-    return uc, part, cnt
+def _member_records(table: pa.Table, index: int, base: dict[str, Any]) -> dict[Any, pa.Table]:
+    """(identity, shard, images) of each identity of this shard, keyed by the identity's partition."""
+    _, _, labels = shard_labelled(table, base["metric"])
+    own_names, counts = np.unique(labels, return_counts=True)
+    return dict(split_by(key_partition(own_names, base["parts"]), {
+        "identity": own_names, "shard": np.full(own_names.size, index, dtype=np.int64), "count": counts}))
+
+
+def _offsets(table: pa.Table | None, part: int) -> tuple[dict[Any, pa.Table], None]:
+    """Each (identity, shard): how many images of the identity earlier shards hold -- where its images'
+    run-order numbering starts in that shard (the even / odd halves follow it)."""
+    if table is None or table.num_rows == 0:
+        return {}, None
+    table, starts, inv = runs(table)
+    counts = table.column("count").to_numpy()
+    before = np.cumsum(counts) - counts
+    offset = before - before[starts][inv]
+    return dict(split_by(table.column("shard").to_numpy(), {"identity": table.column("identity"), "offset": offset})), \
+        None
+
+
+def _whole_records(table: pa.Table, index: int, base: dict[str, Any]) -> dict[Any, pa.Table]:
+    """``_half_records`` when no threshold is fitted: every image counts as even (no offsets needed)."""
+    return _half_records(table, index, None, base, split=False)
+
+
+def _half_records(table: pa.Table, index: int, offsets: pa.Table | None, base: dict[str, Any],
+                  split: bool = True) -> dict[Any, pa.Table]:
+    """Sums and counts of each identity's even and odd images (by its image number in run order), keyed by
+    the identity's partition."""
+    xj, _, labels = shard_labelled(table, base["metric"])
+    if not labels.size:
+        return {}
+    own_names, inv = np.unique(labels, return_inverse=True)
+    inv, m = inv.ravel(), own_names.size
+    if not split:
+        code = inv
+    else:
+        start = offsets.column("offset").to_numpy()[aligned(own_names, offsets, "separation offsets")] \
+            if offsets is not None else np.zeros(0, dtype=np.int64)
+        order = np.argsort(inv, kind="stable")
+        first = np.searchsorted(inv[order], np.arange(m))
+        rank = np.empty(inv.size, dtype=np.int64)
+        rank[order] = np.arange(inv.size) - first[inv[order]]
+        code = (start[inv] + rank) % 2 * m + inv
+    part = group_sums(code, xj, 2 * m).reshape(2, m, xj.shape[1])
+    cnt = np.bincount(code, minlength=2 * m).reshape(2, m)
+    return dict(split_by(key_partition(own_names, base["parts"]), {
+        "identity": own_names, "shard": np.full(m, index, dtype=np.int64), "even": vectors(part[0]),
+        "odd": vectors(part[1]), "even_count": cnt[0], "odd_count": cnt[1]}))
+
+
+def _half_totals(table: pa.Table | None, part: int, metric: Metric) -> tuple[dict[Any, pa.Table], int]:
+    """One identity partition: halves added in shard order, the identity's centroid and its split-half
+    score (identities of at least 4 images), into the gathered centroid table."""
+    if table is None or table.num_rows == 0:
+        return {}, 0
+    table, starts, _ = runs(table)
+    ids = names(table.column("identity"))[starts]
+    even = np.add.reduceat(matrix(table.column("even")), starts, axis=0)
+    odd = np.add.reduceat(matrix(table.column("odd")), starts, axis=0)
+    ce = np.add.reduceat(table.column("even_count").to_numpy(), starts)
+    co = np.add.reduceat(table.column("odd_count").to_numpy(), starts)
+    cents = centroids_from_sums(np.stack([even, odd]).sum(axis=0), ce + co, metric)
+    half = np.full(ids.size, np.nan, dtype=np.float64)
+    ok = (ce + co >= 4) & (ce > 0) & (co > 0)  # split_half_scores' min_size (and a split was made)
+    if ok.any():
+        a, b = even[ok] / ce[ok, None], odd[ok] / co[ok, None]
+        if metric.higher_is_same:
+            a, b = normalise_rows(a), normalise_rows(b)
+        half[ok] = metric.score(a.astype(np.float32), b.astype(np.float32)).astype(np.float64)
+    return {0: pa.table({"identity": ids, "centroid": vectors(cents), "half_score": half})}, int(ids.size)
+
+
+def _decisions_back(table: pa.Table | None, part: int, decisions: pa.Table) -> tuple[dict[Any, pa.Table], None]:
+    """Each identity's decision to every shard that holds it."""
+    if table is None or table.num_rows == 0:
+        return {}, None
+    ids = names(decisions.column("identity"))
+    mine = names(table.column("identity"))
+    pos = np.minimum(np.searchsorted(ids, mine), max(ids.size - 1, 0))
+    rows = decisions.take(pa.array(pos))
+    if not np.array_equal(names(rows.column("identity")), mine):
+        raise RuntimeError(f"separation: partition {part} holds identities the centroid table does not")
+    return dict(split_by(table.column("shard").to_numpy(), {c: rows.column(c) for c in rows.column_names})), None
 
 
 def _commit_plain(table: pa.Table, index: int, columns: list[str]) -> Batch:

@@ -11,6 +11,7 @@ import glob
 import gzip
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -23,17 +24,28 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 
+from manifests.commit import encode_manifest
+from manifests.layout import manifest_path
 from manifests.schema import VOLATILE
 from manifests.storage import RunStorage
 from pipeline.engine.execution import UpstreamInfo, load_shard_input
-from pipeline.engine.global_exec import GlobalStageError, read_shard_columns, run_global_distributed
+from pipeline.engine.global_exec import GlobalStageError, RayCorpus, read_shard_columns, run_global_distributed
+from stages.corpus.consistency import ConsistencyParams, ConsistencyStage
 from stages.corpus.dedup import DedupParams, DedupStage
 from stages.corpus.grouping import GroupingParams, GroupingStage
+from stages.corpus.separation import SeparationParams, SeparationStage
 from tests.fixtures import REPO
 from tests.fixtures.corpus_stages import AlwaysFailingDedup, WorkerKillingDedup
 from tests.fixtures.make_corpus_reference import CASES, CORPUS, REFERENCE
-from tests.fixtures.synthetic_corpus import UPSTREAM, SyntheticCorpus, global_spec, write_run
+from tests.fixtures.synthetic_corpus import (
+    UPSTREAM,
+    SyntheticCorpus,
+    global_spec,
+    upstream_manifest,
+    write_run,
+)
 
 OLD_RULES = {  # reason text of the single-process stages -> the rule name that replaced it
     "far from identity centroid": "inconsistent_identity",
@@ -108,6 +120,8 @@ def _decisions(run: str, stage: str) -> list[tuple[Any, ...]]:
 
 
 @pytest.mark.parametrize(("cls", "params"), [
+    (ConsistencyStage, ConsistencyParams(fit_far=0.01)),
+    (SeparationStage, SeparationParams(fit_quantile=0.99)),
     (DedupStage, DedupParams(cells=6)),
     (GroupingStage, GroupingParams(method="connected_components", threshold=0.6, cells=6)),
     (GroupingStage, GroupingParams(threshold=0.4, cells=6)),
@@ -115,8 +129,8 @@ def _decisions(run: str, stage: str) -> list[tuple[Any, ...]]:
 def test_decisions_do_not_depend_on_the_number_of_partitions(
     ray_session: Any, tmp_path: Path, corpus_run: tuple[str, list[str]], cls: type, params: Any
 ) -> None:
-    """k-means cells (6 of them, so the cell search is really partitioned) shuffled into 1, 4 and 16
-    partitions give the same decisions -- and the planted duplicates are all found."""
+    """Identity tables and k-means cells (6 of them, so the cell search is really partitioned) shuffled
+    into 1, 4 and 16 partitions give the same decisions -- and the planted duplicates are all found."""
     _, shards = corpus_run
     got = []
     for parts in (1, 4, 16):
@@ -129,6 +143,95 @@ def test_decisions_do_not_depend_on_the_number_of_partitions(
     if cls is DedupStage:
         reference = json.loads(gzip.decompress(REFERENCE.read_bytes()))["dedup-default"]["rows"]
         assert [d[1] for d in got[0]] == reference["keep"]
+
+
+@pytest.mark.parametrize(("cls", "params"), [
+    (ConsistencyStage, ConsistencyParams(fit_far=0.01)),
+    (ConsistencyStage, ConsistencyParams(mode="label_noise", passes=3)),
+    (SeparationStage, SeparationParams(fit_quantile=0.99)),
+    (SeparationStage, SeparationParams(policy="merge", fit_quantile=0.99)),
+])
+@pytest.mark.parametrize("parts", [1, 5])
+def test_identities_spread_over_every_shard_get_the_single_process_decisions(
+    ray_session: Any, tmp_path: Path, cls: type, params: Any, parts: int
+) -> None:
+    """The reference corpus keeps each identity in one shard; here its rows are dealt out so every identity
+    has images in many shards. Sums added per identity partition in shard order, the half split by run
+    order across shards and the decisions sent back to every shard holding an identity must equal the
+    single-process stage on the same rows in the same order, at any number of identity partitions."""
+    table = CORPUS.table()
+    order = [i for start in range(7) for i in range(start, table.num_rows, 7)]  # row r goes to stride r % 7
+    table = table.take(pa.array(order))
+    run = str(tmp_path / "run")
+    store = RunStorage(run)
+    shards = []
+    for s, lo in enumerate(range(0, table.num_rows, 100)):
+        name = f"{s:06d}"
+        store.write_atomic(encode_manifest(upstream_manifest(table.slice(lo, 100), name)),
+                           *manifest_path(UPSTREAM, name))
+        shards.append(name)
+    spec = global_spec(cls, params.model_copy(update={"partitions": parts}), run)
+    run_global_distributed(spec, shards, shards)
+    got = _rows(run, cls.name)
+    stage = spec.build()  # type: ignore[attr-defined]
+    up = (UpstreamInfo(UPSTREAM, False, False),)
+    whole = pa.concat_tables([read_shard_columns(store, up, sh, stage.needs) for sh in shards])
+    want = stage.run_global(whole)
+
+    given = whole.column("identity_id").to_pylist()
+    shards_of: dict[str, set[str]] = {}
+    for r, lab in zip(got, given, strict=True):
+        shards_of.setdefault(lab, set()).add(r["shard"])
+    assert min(len(v) for v in shards_of.values()) >= 5
+    relabelled = want.get("identity_id", given)
+    assert not all(want["keep"]) or relabelled != given  # the stage decided something
+    assert [r["sample_id"] for r in got] == want["sample_id"]
+    assert [r["keep"] for r in got] == want["keep"]
+    assert [r["reason"] for r in got] == want["reason"]
+    assert [r["identity_id"] for r in got] == relabelled
+    for col in [f.name for f in cls.columns]:
+        mismatched = [i for i, r in enumerate(got) if not _close(r[col], want[col][i])]
+        assert not mismatched, (col, mismatched[:5])
+
+
+class MeteredCorpus(RayCorpus):
+    """The Ray corpus, recording the largest argument the driver sends a task and the largest answer it
+    gets back (pickled bytes)."""
+
+    largest: int = 0
+
+    def _run(self, what: str, fn: Any, calls: list[tuple[Any, ...]], kept: bool = False) -> list[Any]:
+        sent = [len(pickle.dumps(a)) for c in calls for a in c if not callable(a) and not isinstance(a, ray.ObjectRef)]
+        out = super()._run(what, fn, calls, kept)
+        back = [len(pickle.dumps(o[0] if kept else o)) for o in out]
+        self.largest = max([self.largest, *sent, *back])
+        return out
+
+    def put(self, value: Any) -> Any:
+        self.largest = max(self.largest, len(pickle.dumps(value)))
+        return super().put(value)
+
+
+@pytest.mark.parametrize("cls", [ConsistencyStage, SeparationStage])
+def test_no_table_of_identities_passes_through_the_driver(ray_session: Any, tmp_path: Path, cls: type) -> None:
+    """2,000 identities x 32 dimensions: their float64 sums are 512 KB. Every argument the driver sends and
+    every answer it gets stays far below that (counts, thresholds, the bounded threshold sample); the
+    tables of identities move between tasks through storage and the object store."""
+    corpus = SyntheticCorpus(samples=20_000, dim=32, per_identity=10, shard_size=500, seed=3)
+    run = str(tmp_path / "run")
+    shards = write_run(corpus, run)
+    params = ConsistencyParams(fit_far=0.01, fit_max_impostors=1000) if cls is ConsistencyStage \
+        else SeparationParams(fit_quantile=0.99)
+    spec = global_spec(cls, params, run)
+    stage = spec.build()  # type: ignore[attr-defined]
+    stage.setup()
+    metered = MeteredCorpus(spec, stage, shards, shards)  # type: ignore[arg-type]
+    stage.run_corpus(metered)
+
+    assert len(metered.results) == len(shards)
+    assert stage.summary()["identities"] == corpus.identities == 2000
+    table_bytes = corpus.identities * 32 * 8
+    assert 0 < metered.largest < table_bytes // 8, metered.largest
 
 
 @pytest.mark.parametrize(("method", "threshold", "parts"), [

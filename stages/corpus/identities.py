@@ -1,0 +1,106 @@
+"""Per-identity tables kept out of the driver: the pieces consistency and separation share.
+
+A run of WebFace scale has millions of identities; a table of them at 512 dimensions (sums in float64
+for exact accumulation, centroids in float32) is tens of GB. So identities are hash-partitioned: each
+shard sends one record per identity it holds (its sums, its shard index) to the identity's partition,
+a partition task adds them in shard order (the same additions, in the same order, as one process adding
+shard after shard: results are bit-identical) and sends each shard back the totals of its own
+identities. Only counts come back to the driver.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from facekit.thresholds import Metric
+from facekit.vector_index import embedding_matrix, normalise_rows, table_spaces
+from stages.base import IDENTITY_ID, Corpus
+
+PARTITION_BYTES = 64 << 20  # vector payload of one identity partition
+RECORD_ROWS = 640  # bytes a record counts as one row of the engine's row-based partition plan
+
+
+def space_census(table: pa.Table, index: int) -> dict[str, Any]:
+    """One shard's spaces and metrics, and counts only: rows, labelled rows, distinct identities."""
+    x, valid = embedding_matrix(table)
+    usable = valid & ~np.asarray(table.column(IDENTITY_ID).is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    spaces, metrics = table_spaces(table, valid)
+    ids = table.column(IDENTITY_ID).filter(pa.array(usable)).unique()
+    return {"spaces": spaces, "metrics": metrics, "n": table.num_rows, "labelled": int(usable.sum()),
+            "identities": len(ids), "dim": x.shape[1]}
+
+
+def plan_identity_partitions(corpus: Corpus, census: list[dict[str, Any]], fixed: int | None,
+                             record_bytes: int) -> int:
+    """Partitions for the (identity, shard) records of the run: none holding more than about
+    ``PARTITION_BYTES`` of vectors."""
+    if fixed:
+        corpus.partitions = fixed
+        return fixed
+    records = sum(c["identities"] for c in census)
+    return corpus.plan_partitions(records * max(1, math.ceil(record_bytes / RECORD_ROWS)))
+
+
+def shard_labelled(table: pa.Table, metric: Metric) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(vectors of the labelled rows, unit length in cosine spaces, float32; their row numbers; their
+    labels as a str array)."""
+    x, valid = embedding_matrix(table)
+    rows = np.flatnonzero(valid & ~np.asarray(table.column(IDENTITY_ID).is_null().to_numpy(zero_copy_only=False),
+                                              dtype=bool))
+    if metric.higher_is_same and rows.size:
+        x = normalise_rows(x)
+    xj = np.ascontiguousarray(x[rows], dtype=np.float32) if rows.size else np.zeros((0, x.shape[1]), np.float32)
+    labels = np.asarray(table.column(IDENTITY_ID).take(pa.array(rows)).to_pylist(), dtype=object).astype(str)
+    return xj, rows, labels
+
+
+def vectors(x: np.ndarray) -> pa.Array:
+    """A (n, d) array as a fixed-size list column (its dtype kept)."""
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(x).ravel()), x.shape[1])
+
+
+def matrix(column: pa.ChunkedArray | pa.Array, dtype: type = np.float64) -> np.ndarray:
+    """A fixed-size list column back as (n, d)."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    d = arr.type.list_size
+    return np.asarray(arr.flatten().to_numpy(zero_copy_only=False), dtype=dtype).reshape(len(arr), d)
+
+
+def names(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    return np.asarray(column.to_pylist(), dtype=object).astype(str)
+
+
+def runs(table: pa.Table) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+    """Records sorted by (identity, shard), where each identity's run starts, and each record's identity
+    number: adding a run in order adds the shards in run order."""
+    table = table.sort_by([("identity", "ascending"), ("shard", "ascending")])
+    ids = names(table.column("identity"))
+    first = np.r_[True, ids[1:] != ids[:-1]] if ids.size else np.zeros(0, dtype=bool)
+    return table, np.flatnonzero(first), np.cumsum(first) - 1
+
+
+def aligned(own: np.ndarray, piece: pa.Table | None, what: str) -> np.ndarray:
+    """Row of ``piece`` (a shard's side table) for each of the shard's sorted identities ``own``."""
+    if piece is None:
+        if own.size:
+            raise RuntimeError(f"{what}: no identity table came back for this shard's {own.size} identities")
+        return np.empty(0, dtype=np.int64)
+    ids = names(piece.column("identity"))
+    order = np.argsort(ids, kind="stable")
+    pos = np.searchsorted(ids[order], own)
+    pos = np.minimum(pos, max(ids.size - 1, 0))
+    if ids.size == 0 or not np.array_equal(ids[order][pos], own):
+        raise RuntimeError(f"{what}: the identity table that came back misses some of this shard's identities")
+    return order[pos]
+
+
+def centroid_table(table: pa.Table | None) -> tuple[np.ndarray, np.ndarray]:
+    """A gathered (identity, centroid) table, sorted by identity, as (names, float32 centroids): the
+    codes of the run's sorted identity order."""
+    if table is None or table.num_rows == 0:
+        return np.empty(0, dtype=str), np.zeros((0, 0), dtype=np.float32)
+    return names(table.column("identity")), matrix(table.column("centroid"), np.float32)
