@@ -300,6 +300,50 @@ KILL_SCRIPT = textwrap.dedent("""
 """)
 
 
+HOG_SCRIPT = textwrap.dedent("""
+    import sys, tempfile, ray
+    from pipeline.engine.global_exec import run_global_distributed
+    from stages.corpus.dedup import DedupParams
+    from tests.fixtures.corpus_stages import MemoryHogDedup
+    from tests.fixtures.synthetic_corpus import global_spec
+    from manifests.storage import RunStorage
+    from pipeline.engine.rundir import committed_shards
+    run = sys.argv[1]
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ffray-", dir="/tmp"),
+             configure_logging=False, log_to_driver=False)
+    shards = sorted(committed_shards(RunStorage(run), "features"))
+    run_global_distributed(global_spec(MemoryHogDedup, DedupParams(), run), shards, shards)
+""")
+
+
+@pytest.mark.faults
+def test_a_global_task_killed_by_rays_memory_monitor_is_retried_and_the_stage_completes(
+    tmp_path: Path, corpus_run: tuple[str, list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a simulated kill: Ray's memory monitor runs with a threshold 1.5 GiB above what the machine
+    uses now, the first commit task takes 3 GiB, and Ray kills it. The stage retries it and commits the
+    reference decisions."""
+    import psutil
+
+    run = str(tmp_path / "run")
+    shutil.copytree(corpus_run[0], run)
+    mem = psutil.virtual_memory()
+    threshold = (mem.total - mem.available + 1.5 * 2**30) / mem.total
+    monkeypatch.setenv("RAY_memory_monitor_refresh_ms", "100")
+    monkeypatch.setenv("RAY_memory_usage_threshold", f"{threshold:.4f}")
+    monkeypatch.setenv("FF_HOG_BYTES", str(3 * 2**30))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.run([sys.executable, "-c", HOG_SCRIPT, run], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+
+    hog = int(Path(run, "hog-started").read_text())
+    assert not Path(run, "hog-survived").exists()  # it was killed, not left to finish
+    assert not psutil.pid_exists(hog) or psutil.Process(hog).status() == psutil.STATUS_ZOMBIE
+    reference = json.loads(gzip.decompress(REFERENCE.read_bytes()))["dedup-default"]["rows"]
+    assert [r["keep"] for r in _rows(run, "dedup")] == reference["keep"]
+
+
 def _run_script(run: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     return subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, run], cwd=REPO, env=env, stdout=subprocess.PIPE,
