@@ -51,8 +51,10 @@ from stages.corpus.components import key_partition, split_by
 from stages.corpus.identities import (
     aligned,
     centroid_table,
+    codes_in,
     matrix,
     names,
+    names_at,
     plan_identity_partitions,
     runs,
     shard_labelled,
@@ -333,21 +335,19 @@ class ConsistencyStage(GlobalStage):
         inlier = np.ones(len(xj), dtype=bool)
         own = same = None
         at = [aligned(own_names, piece, f"consistency pass {t}") for t, piece in enumerate(sides)]
-        total = sides[0].column("total").to_numpy()[at[0]] if sides and sides[0] is not None else None
-        for t, piece in enumerate(sides):
-            if piece is None:
-                break
+        pieces = [piece for piece in sides if piece is not None]  # ``aligned`` refused a missing one
+        total = pieces[0].column("total").to_numpy()[at[0]] if pieces else np.zeros(0, dtype=np.int64)
+        for t, piece in enumerate(pieces):
             sums, counts = matrix(piece.column("sum"))[at[t]], piece.column("count").to_numpy()[at[t]]
             own = loo_scores(xj, codes, sums, counts, metric, inlier)
-            assert total is not None
             own[total[codes] < base["min_samples"]] = np.nan
             if t >= len(thresholds):
                 return inlier, own, None
             has = ~np.isnan(own)
             same = np.ones(len(xj), dtype=bool)
             same[has] = metric.same(own[has], thresholds[t])
-            after = sides[t + 1] if t + 1 < len(sides) else None
-            if after is not None:
+            if t + 1 < len(pieces):
+                after = pieces[t + 1]
                 enough = after.column("prev_enough").to_numpy(zero_copy_only=False)[at[t + 1]]
                 inlier = same | ~enough[codes]
         return inlier, own, same
@@ -381,8 +381,8 @@ class ConsistencyStage(GlobalStage):
             return np.empty(0, dtype=np.float32), np.empty(0, dtype=np.float32)
         _, own, _ = self._replay(xj, labels, sides, base, thresholds)
         assert own is not None
-        all_names, cents = cent_table
-        codes = np.searchsorted(all_names, labels).astype(np.int64)
+        identities, cents = cent_table
+        codes = codes_in(labels, identities)
         n_all, k, n = scale["n_rows"], scale["k"], len(xj)
         limit = p.fit_max_impostors
         seed = int(np.random.SeedSequence([self.context.seed, index, t]).generate_state(1)[0])
@@ -411,15 +411,15 @@ class ConsistencyStage(GlobalStage):
         threshold, stranger = thresholds[-1], final["stranger"]
         other_score = np.full(rows.size, np.nan, dtype=np.float32)
         best = np.full(rows.size, -1, dtype=np.int64)
-        all_names = np.empty(0, dtype=str)
+        other_ids: list[str | None] = [None] * rows.size
         if index is not None and rows.size:
-            all_names = index["names"]
-            codes = np.searchsorted(all_names, labels).astype(np.int64)
+            codes = codes_in(labels, index["names"])
             scores, ids = index["index"].search(np.ascontiguousarray(xj), 2)
             scores = scores if metric.higher_is_same else np.sqrt(np.maximum(scores, 0.0)).astype(np.float32)
             pick = np.where(ids[:, 0] == codes, 1, 0)
             best = ids[np.arange(rows.size), pick]
             other_score = scores[np.arange(rows.size), pick]
+            other_ids = names_at(index["names"], best).to_pylist()
         has = ~np.isnan(own)
         far = has & ~same
         nearer = metric.closer(np.nan_to_num(other_score, nan=metric.worst()), own)
@@ -432,17 +432,16 @@ class ConsistencyStage(GlobalStage):
             drop = far & (nearer | as_far)
         else:
             drop = far
-        return {"rows": rows, "own": own, "best": best, "other": other_score, "nearer": nearer, "drop": drop,
-                "has": has, "threshold": threshold, "names": all_names}
+        return {"rows": rows, "own": own, "other": other_score, "nearer": nearer, "drop": drop,
+                "has": has, "threshold": threshold, "other_ids": other_ids}
 
     def _commit(self, table: pa.Table, index: int, sides: list[pa.Table | None], base: dict[str, Any],
                 final: dict[str, Any], centroid_index: dict[str, Any] | None) -> Batch:
         d = self._decide(table, sides, base, final, centroid_index)
         out = Rows(table.column(SAMPLE_ID).to_pylist(), [f.name for f in self.columns])
-        all_names, metric = d["names"], base["metric"]
+        metric = base["metric"]
         for r, i in enumerate(d["rows"].tolist()):
-            own, other, b = float(d["own"][r]), float(d["other"][r]), int(d["best"][r])
-            other_id = str(all_names[b]) if b >= 0 else None
+            own, other, other_id = float(d["own"][r]), float(d["other"][r]), d["other_ids"][r]
             out.set(i, centroid_score=None if np.isnan(own) else own, nearest_other_identity=other_id,
                     nearest_other_score=None if np.isnan(other) else other, threshold=d["threshold"],
                     threshold_source=final["source"], stranger_score=final["stranger"], score_metric=metric.value)
@@ -524,8 +523,8 @@ def _centroid_index(cents_table: pa.Table | None, metric: Metric, exact_max: int
                     seed: int) -> tuple[None, dict[str, Any]]:
     """The nearest-other-identity index over the final centroids, built once in a task; it stays in the
     object store for the commit tasks."""
-    all_names, cents = centroid_table(cents_table)
-    return None, {"names": all_names, "index": serialize_index(build_index(cents, metric, exact_max=exact_max,
+    identities, cents = centroid_table(cents_table)
+    return None, {"names": identities, "index": serialize_index(build_index(cents, metric, exact_max=exact_max,
                                                                            seed=seed))}
 
 

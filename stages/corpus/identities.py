@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from facekit.thresholds import Metric
 from facekit.vector_index import embedding_matrix, normalise_rows, table_spaces
@@ -24,10 +25,15 @@ PARTITION_BYTES = 64 << 20  # vector payload of one identity partition
 RECORD_ROWS = 640  # bytes a record counts as one row of the engine's row-based partition plan
 
 
+def _usable(table: pa.Table, valid: np.ndarray) -> np.ndarray:
+    """Rows with an embedding and an identity label: the rows identity tables are made of."""
+    return valid & ~np.asarray(table.column(IDENTITY_ID).is_null().to_numpy(zero_copy_only=False), dtype=bool)
+
+
 def space_census(table: pa.Table, index: int) -> dict[str, Any]:
     """One shard's spaces and metrics, and counts only: rows, labelled rows, distinct identities."""
     x, valid = embedding_matrix(table)
-    usable = valid & ~np.asarray(table.column(IDENTITY_ID).is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    usable = _usable(table, valid)
     spaces, metrics = table_spaces(table, valid)
     ids = table.column(IDENTITY_ID).filter(pa.array(usable)).unique()
     return {"spaces": spaces, "metrics": metrics, "n": table.num_rows, "labelled": int(usable.sum()),
@@ -49,8 +55,7 @@ def shard_labelled(table: pa.Table, metric: Metric) -> tuple[np.ndarray, np.ndar
     """(vectors of the labelled rows, unit length in cosine spaces, float32; their row numbers; their
     labels as a str array)."""
     x, valid = embedding_matrix(table)
-    rows = np.flatnonzero(valid & ~np.asarray(table.column(IDENTITY_ID).is_null().to_numpy(zero_copy_only=False),
-                                              dtype=bool))
+    rows = np.flatnonzero(_usable(table, valid))
     if metric.higher_is_same and rows.size:
         x = normalise_rows(x)
     xj = np.ascontiguousarray(x[rows], dtype=np.float32) if rows.size else np.zeros((0, x.shape[1]), np.float32)
@@ -98,9 +103,22 @@ def aligned(own: np.ndarray, piece: pa.Table | None, what: str) -> np.ndarray:
     return order[pos]
 
 
-def centroid_table(table: pa.Table | None) -> tuple[np.ndarray, np.ndarray]:
-    """A gathered (identity, centroid) table, sorted by identity, as (names, float32 centroids): the
-    codes of the run's sorted identity order."""
+def centroid_table(table: pa.Table | None) -> tuple[pa.Array, np.ndarray]:
+    """A gathered (identity, centroid) table, sorted by identity, as (identities, float32 centroids): a
+    row's position is its code in the run's sorted identity order. Identities stay Arrow strings (no
+    Python object per identity of the run)."""
     if table is None or table.num_rows == 0:
-        return np.empty(0, dtype=str), np.zeros((0, 0), dtype=np.float32)
-    return names(table.column("identity")), matrix(table.column("centroid"), np.float32)
+        return pa.array([], pa.string()), np.zeros((0, 0), dtype=np.float32)
+    return table.column("identity").combine_chunks(), matrix(table.column("centroid"), np.float32)
+
+
+def codes_in(labels: np.ndarray | pa.Array | pa.ChunkedArray, identities: pa.Array) -> np.ndarray:
+    """Each label's position in ``identities`` (-1 where absent), by Arrow's hash lookup."""
+    pos = pc.index_in(pa.array(labels, pa.string()) if isinstance(labels, np.ndarray) else labels,
+                      value_set=identities)
+    return np.asarray(pc.fill_null(pos, -1).to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
+def names_at(identities: pa.Array, codes: np.ndarray) -> pa.Array:
+    """The identities at ``codes``, null where a code is -1."""
+    return identities.take(pa.array(np.maximum(codes, 0), mask=codes < 0))

@@ -34,8 +34,10 @@ from stages.corpus.consistency import EMBEDDING_COLUMNS, centroids, centroids_fr
 from stages.corpus.identities import (
     aligned,
     centroid_table,
+    codes_in,
     matrix,
     names,
+    names_at,
     plan_identity_partitions,
     runs,
     shard_labelled,
@@ -210,8 +212,8 @@ class SeparationStage(GlobalStage):
         """The threshold, the colliding pairs and each identity's partner and nearest identity, from the
         gathered centroid table; the per-identity answer stays in the object store."""
         p = self.params
-        all_names, cents = centroid_table(cents_table)
-        k = all_names.size
+        identities, cents = centroid_table(cents_table)
+        k = len(identities)
         halves = np.empty(0) if cents_table is None else cents_table.column("half_score").to_numpy()
         threshold, source = self._threshold_from_scores(space, metric, halves[~np.isnan(halves)])
         pairs = range_pairs(cents, metric, threshold, exact_max=p.exact_max, seed=self.context.seed)
@@ -229,12 +231,9 @@ class SeparationStage(GlobalStage):
             pick = np.where(ids[:, 0] == np.arange(k), 1, 0)
             near_id = ids[np.arange(k), pick]
             near_score = scores[np.arange(k), pick]
-
-        def named(codes: np.ndarray) -> pa.Array:
-            return pa.array([str(all_names[c]) if c >= 0 else None for c in codes.tolist()], pa.string())
-
-        table = pa.table({"identity": pa.array(all_names.tolist(), pa.string()), "partner": named(partner),
-                          "partner_score": partner_score, "near": named(near_id), "near_score": near_score})
+        table = pa.table({"identity": identities, "partner": names_at(identities, partner),
+                          "partner_score": partner_score, "near": names_at(identities, near_id),
+                          "near_score": near_score})
         found = {"threshold": threshold, "source": source, "pairs": len(pairs), "hits": int(hit.sum())}
         return found, table
 
@@ -394,12 +393,10 @@ def _decisions_back(table: pa.Table | None, part: int, decisions: pa.Table) -> t
     """Each identity's decision to every shard that holds it."""
     if table is None or table.num_rows == 0:
         return {}, None
-    ids = names(decisions.column("identity"))
-    mine = names(table.column("identity"))
-    pos = np.minimum(np.searchsorted(ids, mine), max(ids.size - 1, 0))
-    rows = decisions.take(pa.array(pos))
-    if not np.array_equal(names(rows.column("identity")), mine):
+    pos = codes_in(table.column("identity"), decisions.column("identity").combine_chunks())
+    if (pos < 0).any():
         raise RuntimeError(f"separation: partition {part} holds identities the centroid table does not")
+    rows = decisions.take(pa.array(pos))
     return dict(split_by(table.column("shard").to_numpy(), {c: rows.column(c) for c in rows.column_names})), None
 
 
