@@ -414,8 +414,12 @@ def train_recognition_cmd(
     from training.recognition import train_recognition
 
     cfg = _train_config(config, set_, RecognitionTrainConfig)
-    cluster.connect(address)
-    result = train_recognition(cfg)
+    owns_ray = cluster.connect(address)
+    try:
+        result = train_recognition(cfg)
+    finally:
+        if owns_ray:
+            cluster.shutdown()
     out.print_json(json.dumps(result.__dict__ if hasattr(result, "__dict__") else result, default=str))
 
 
@@ -431,8 +435,12 @@ def train_enhancement_cmd(
     from training.enhancement import train_enhancement
 
     cfg = _train_config(config, set_, EnhancementTrainConfig)
-    cluster.connect(address)
-    result = train_enhancement(cfg)
+    owns_ray = cluster.connect(address)
+    try:
+        result = train_enhancement(cfg)
+    finally:
+        if owns_ray:
+            cluster.shutdown()
     out.print_json(json.dumps(result.__dict__ if hasattr(result, "__dict__") else result, default=str))
 
 

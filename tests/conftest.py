@@ -57,11 +57,13 @@ def ray_session():  # type: ignore[no-untyped-def]
 
     import ray
 
+    from pipeline.engine import cluster
+
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ffray-", dir="/tmp"),
-                 configure_logging=False, log_to_driver=False)
+                 configure_logging=False, log_to_driver=False, _system_config=dict(cluster.EMBEDDED_SYSTEM_CONFIG))
     yield ray
-    ray.shutdown()
+    cluster.shutdown()
 
 
 ENGINE_CONFIG = {

@@ -272,7 +272,7 @@ class Runner:
             except BaseException:  # a failed or interrupted run: no report, Ray stopped, the error raised
                 warm.close()
                 if owns_ray:
-                    ray.shutdown()
+                    cluster.shutdown()
                 raise
             warm.close()
             # The report reads the committed manifests only: it is drawn while Ray's processes stop
@@ -280,7 +280,7 @@ class Runner:
             report = ReportWriter(self.store)
             try:
                 if owns_ray:
-                    ray.shutdown()
+                    cluster.shutdown()
             finally:  # even on a Ctrl-C here: a thread left inside matplotlib aborts the interpreter's exit
                 problem = report.wait()
             result.seconds = time.monotonic() - t0

@@ -1,0 +1,62 @@
+"""The embedded Ray a run starts for itself: stopped at the end with none of its processes left."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[3]
+
+# Runs in a fresh interpreter: the suite's own Ray is already up in this one, and connect() only
+# starts a Ray where none is.
+_SCRIPT = textwrap.dedent("""
+    import json, os, time
+
+    import ray
+
+    from pipeline.engine import cluster
+
+    def descendants(root):
+        parent = {}
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                try:
+                    with open(f"/proc/{name}/stat") as f:
+                        fields = f.read().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if fields[0] != "Z":  # a zombie has exited: only its parent's bookkeeping is left
+                    parent[int(name)] = int(fields[1])
+        found, todo = set(), [root]
+        while todo:
+            p = todo.pop()
+            kids = [c for c, pp in parent.items() if pp == p]
+            found.update(kids)
+            todo.extend(kids)
+        return found
+
+    owned = cluster.connect(num_cpus=1)
+    kinds = sorted(ray._private.worker._global_node.all_processes)
+    assert ray.get(ray.remote(lambda: 41 + 1).remote()) == 42
+    before = descendants(os.getpid())
+    cluster.shutdown()
+    deadline = time.monotonic() + 60  # a bound for a stuck process, not a timing claim
+    while descendants(os.getpid()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    print(json.dumps({"owned": owned, "kinds": kinds, "before": len(before),
+                      "left": sorted(descendants(os.getpid())), "initialized": ray.is_initialized()}))
+""")
+
+
+def test_an_embedded_ray_is_stopped_with_every_process_it_started_including_the_killed_monitor() -> None:
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["owned"] is True
+    assert "monitor" in res["kinds"] and "raylet" in res["kinds"]  # the monitor shutdown() kills was there
+    assert res["before"] >= 4  # GCS, raylet, monitor, agents, the task's worker
+    assert res["left"] == []
+    assert res["initialized"] is False
