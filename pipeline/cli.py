@@ -414,12 +414,8 @@ def train_recognition_cmd(
     from training.recognition import train_recognition
 
     cfg = _train_config(config, set_, RecognitionTrainConfig)
-    owns_ray = cluster.connect(address)
-    try:
+    with cluster.session(address):
         result = train_recognition(cfg)
-    finally:
-        if owns_ray:
-            cluster.shutdown()
     out.print_json(json.dumps(result.__dict__ if hasattr(result, "__dict__") else result, default=str))
 
 
@@ -435,12 +431,8 @@ def train_enhancement_cmd(
     from training.enhancement import train_enhancement
 
     cfg = _train_config(config, set_, EnhancementTrainConfig)
-    owns_ray = cluster.connect(address)
-    try:
+    with cluster.session(address):
         result = train_enhancement(cfg)
-    finally:
-        if owns_ray:
-            cluster.shutdown()
     out.print_json(json.dumps(result.__dict__ if hasattr(result, "__dict__") else result, default=str))
 
 

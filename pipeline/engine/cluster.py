@@ -12,7 +12,7 @@ import math
 import os
 import subprocess
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -91,6 +91,18 @@ def shutdown() -> None:
                 proc.kill()
                 proc.wait(timeout=5)
     ray.shutdown()
+
+
+@contextlib.contextmanager
+def session(address: str | None = None, num_cpus: int | None = None) -> Iterator[bool]:
+    """Ray for one command: connected on entry, and stopped on exit when this call started it (a
+    cluster it only joined keeps running). Yields whether it owns the Ray."""
+    owns = connect(address, num_cpus)
+    try:
+        yield owns
+    finally:
+        if owns:
+            shutdown()
 
 
 @dataclass(frozen=True)

@@ -60,3 +60,31 @@ def test_an_embedded_ray_is_stopped_with_every_process_it_started_including_the_
     assert res["before"] >= 4  # GCS, raylet, monitor, agents, the task's worker
     assert res["left"] == []
     assert res["initialized"] is False
+
+
+_SESSION_SCRIPT = textwrap.dedent("""
+    import json
+
+    import ray
+
+    from pipeline.engine import cluster
+
+    with cluster.session(num_cpus=1) as owned:
+        answer = ray.get(ray.remote(lambda: 6 * 7).remote())
+    stopped = not ray.is_initialized()
+    ray.init(num_cpus=1, include_dashboard=False, configure_logging=False)  # somebody else's Ray
+    with cluster.session() as joined_owned:
+        pass
+    kept = ray.is_initialized()
+    ray.shutdown()
+    print(json.dumps({"owned": owned, "answer": answer, "stopped": stopped, "joined_owned": joined_owned,
+                      "kept": kept}))
+""")
+
+
+def test_a_command_session_stops_the_ray_it_started_and_leaves_one_it_joined_running() -> None:
+    proc = subprocess.run([sys.executable, "-c", _SESSION_SCRIPT], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res == {"owned": True, "answer": 42, "stopped": True, "joined_owned": False, "kept": True}
