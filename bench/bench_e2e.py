@@ -253,7 +253,7 @@ def bytes_per_stage(tars: list[str], cpus: int) -> dict[str, Any]:
     ray.shutdown()
     shard = "000000"
     RunStorage.read_bytes = read_bytes  # type: ignore[method-assign]
-    execution.read_manifest = read_manifest  # type: ignore[assignment]
+    execution.read_manifest = read_manifest
     try:
         before: dict[str, int] = {}
         for s in stages[1:]:
@@ -282,7 +282,7 @@ def bytes_per_stage(tars: list[str], cpus: int) -> dict[str, Any]:
             fused[ex.spec.stage_id] = counted["bytes"]
     finally:
         RunStorage.read_bytes = real_cat  # type: ignore[method-assign]
-        execution.read_manifest = real_open  # type: ignore[assignment]
+        execution.read_manifest = real_open
     return {"shard_samples": 64, "separate_actors": before, "separate_with_declared_reads": declared,
             "fused_chain": fused}
 
