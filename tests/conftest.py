@@ -57,13 +57,13 @@ def ray_session():  # type: ignore[no-untyped-def]
 
     import ray
 
-    from pipeline.engine import cluster
+    from pipeline.engine import embedded
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ffray-", dir="/tmp"),
-                 configure_logging=False, log_to_driver=False, _system_config=dict(cluster.EMBEDDED_SYSTEM_CONFIG))
+    if not ray.is_initialized():  # started as a run starts its own Ray
+        embedded.start(num_cpus=2, _temp_dir=tempfile.mkdtemp(prefix="ffray-", dir="/tmp"), configure_logging=False,
+                       log_to_driver=False)
     yield ray
-    cluster.shutdown()
+    embedded.stop()
 
 
 ENGINE_CONFIG = {

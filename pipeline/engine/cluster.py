@@ -10,15 +10,14 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import subprocess
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any
 
 import ray
 
+from pipeline.engine import embedded
 from stages.base import Resources
 
 
@@ -28,22 +27,6 @@ class ClusterFitError(RuntimeError):
 
 class ClusterConnectError(RuntimeError):
     pass
-
-
-# What an embedded Ray (one run, one machine) is started with:
-# - no metrics collection and no workers prestarted for the first driver: no dashboard reads the
-#   metrics, and those workers were seen to stay idle through a whole run; both cost CPU while the
-#   actors load their models (on 2 cores, ray.init took 4.6-5.2 s without them, 5.4-6.9 s with them);
-# - the raylet's clients retry their connection every 50 ms, not every second, with the same 10 s in
-#   all. The raylet's first connection to its own object store usually comes before the store
-#   listens, and then waited a whole second: ray.init took 3.0-3.2 s in 3 of 4 starts on 2 cores
-#   against 2.05-2.2 s in every start with the shorter retry.
-EMBEDDED_SYSTEM_CONFIG: Mapping[str, Any] = MappingProxyType({
-    "enable_metrics_collection": False,
-    "prestart_worker_first_driver": False,
-    "raylet_client_connect_timeout_milliseconds": 50,
-    "raylet_client_num_connect_attempts": 200,
-})
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
@@ -68,29 +51,14 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
             raise ClusterConnectError(f"cannot connect to the Ray cluster at {address}: {exc}") from exc
         return False
     tmp = os.environ.get("FACEFOUNDRY_RAY_TMP") or tempfile.mkdtemp(prefix="ffray-", dir="/tmp")
-    ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, _temp_dir=tmp,
-             runtime_env=env, log_to_driver=True, configure_logging=False, _system_config=dict(EMBEDDED_SYSTEM_CONFIG))
+    embedded.start(num_cpus=num_cpus or os.cpu_count() or 1, _temp_dir=tmp, runtime_env=env, log_to_driver=True,
+                   configure_logging=False)
     return True
 
 
 def shutdown() -> None:
-    """Stop the embedded Ray that :func:`connect` started.
-
-    Ray's own shutdown sends each of its processes SIGTERM and gives it up to a second. The autoscaler
-    monitor's SIGTERM handler reports its own death to the GCS, which Ray has stopped just before, so
-    it always takes the whole second: 1.0 of the 1.3 s that ``ray.shutdown()`` took on 2 cores, at the
-    end of every run. An embedded Ray has nothing to autoscale, so the monitor is killed outright
-    first. The process table is Ray's private state: when it is not there, the plain path runs.
-    """
-    worker_module = getattr(getattr(ray, "_private", None), "worker", None)
-    processes = getattr(getattr(worker_module, "_global_node", None), "all_processes", None) or {}
-    for info in processes.get("monitor", []):
-        proc = getattr(info, "process", None)
-        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=5)
-    ray.shutdown()
+    """Stop the embedded Ray that :func:`connect` started (see ``embedded.stop``)."""
+    embedded.stop()
 
 
 @contextlib.contextmanager

@@ -38,7 +38,10 @@ _SCRIPT = textwrap.dedent("""
             todo.extend(kids)
         return found
 
+    services = ray._private.services
+    real = (services.get_node, services.start_api_server)
     owned = cluster.connect(num_cpus=1)
+    restored = (services.get_node, services.start_api_server) == real
     kinds = sorted(ray._private.worker._global_node.all_processes)
     assert ray.get(ray.remote(lambda: 41 + 1).remote()) == 42
     before = descendants(os.getpid())
@@ -46,7 +49,7 @@ _SCRIPT = textwrap.dedent("""
     deadline = time.monotonic() + 60  # a bound for a stuck process, not a timing claim
     while descendants(os.getpid()) and time.monotonic() < deadline:
         time.sleep(0.1)
-    print(json.dumps({"owned": owned, "kinds": kinds, "before": len(before),
+    print(json.dumps({"owned": owned, "restored": restored, "kinds": kinds, "before": len(before),
                       "left": sorted(descendants(os.getpid())), "initialized": ray.is_initialized()}))
 """)
 
@@ -56,7 +59,9 @@ def test_an_embedded_ray_is_stopped_with_every_process_it_started_including_the_
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["owned"] is True
+    assert res["restored"] is True  # the start's shortcuts are Ray's own functions again once it is up
     assert "monitor" in res["kinds"] and "raylet" in res["kinds"]  # the monitor shutdown() kills was there
+    assert "dashboard" not in res["kinds"]  # include_dashboard=False: no dashboard head either
     assert res["before"] >= 4  # GCS, raylet, monitor, agents, the task's worker
     assert res["left"] == []
     assert res["initialized"] is False

@@ -5,9 +5,10 @@ from __future__ import annotations
 import errno
 from typing import ClassVar
 
+import aiohttp
 import pyarrow as pa
 import pytest
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, EndpointConnectionError
 from ray import exceptions as rex
 
 from pipeline.engine.execution import process_isolated
@@ -72,6 +73,8 @@ def _client_error(code: str, status: int) -> ClientError:
     ConnectionResetError("reset by peer"),
     _client_error("SlowDown", 503),
     _client_error("InternalError", 500),
+    EndpointConnectionError(endpoint_url="http://127.0.0.1:1"),  # botocore: the store is unreachable
+    aiohttp.ServerDisconnectedError(),  # s3fs's aiohttp: the connection dropped mid-request
 ])
 def test_storage_hiccups_and_server_outages_are_transient(exc: BaseException) -> None:
     assert is_transient(exc) and is_retryable(exc)
