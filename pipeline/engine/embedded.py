@@ -1,7 +1,7 @@
 """Starting and stopping the Ray a run brings up for itself on one machine, without Ray's fixed waits.
 
 A run on a laptop or a CI box starts its own Ray and stops it at the end. On 2 cores Ray spent about
-3.3 s of each run on waits that do nothing there: three are hard-coded in Ray (a one-second retry, a
+3 s of each run on waits that do nothing there: three are hard-coded in Ray (a one-second retry, a
 one-second poll, a one-second grace), one is a process with nothing to serve. Each is removed here,
 and only here: a cluster reached with ``--address`` is untouched.
 
