@@ -33,11 +33,11 @@ from typing import Any
 
 import ray
 
-# - no metrics collection and no workers prestarted for the first driver: no dashboard reads the
-#   metrics, and those workers were seen to stay idle through a whole run; both cost CPU while the
-#   actors load their models (on 2 cores, ray.init took 4.6-5.2 s without them, 5.4-6.9 s with them);
-# - the raylet's clients retry every 50 ms for the same 10 s in all: ray.init took 3.0-3.2 s in 3 of
-#   4 starts on 2 cores, 2.05-2.2 s in every start with the shorter retry.
+# No metrics collection and no workers prestarted for the first driver: no dashboard reads the
+# metrics, and those workers were seen to stay idle through a whole run; both cost CPU while the
+# actors load their models (on 2 cores, ray.init took 4.6-5.2 s without them, 5.4-6.9 s with them).
+# The raylet's clients retry every 50 ms for the same 10 s in all (see above): ray.init took 3.0-3.2 s
+# in 3 of 4 starts on 2 cores, 2.05-2.2 s in every start with the shorter retry.
 SYSTEM_CONFIG: Mapping[str, Any] = MappingProxyType({
     "enable_metrics_collection": False,
     "prestart_worker_first_driver": False,
@@ -73,7 +73,7 @@ def _wait_registered(gcs_address: str, node_id: str, services: Any) -> None:
 @contextlib.contextmanager
 def _patched(module: Any, name: str, make: Callable[[Any], Any]) -> Iterator[None]:
     real = getattr(module, name, None)
-    if module is None or not callable(real):
+    if not callable(real):  # this Ray has no such function: its own path runs
         yield
         return
     setattr(module, name, make(real))

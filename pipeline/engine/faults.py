@@ -66,6 +66,13 @@ _TRANSIENT_CODES = frozenset({
 })
 
 
+_TRANSIENT_NAMES = (
+    ("botocore.exceptions", ("EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError",
+                             "ConnectTimeoutError", "ResponseStreamingError")),
+    ("aiohttp", ("ClientConnectionError", "ServerTimeoutError", "ClientPayloadError")),
+)
+
+
 def _transient_types() -> tuple[type[BaseException], ...]:
     """Connection-level exceptions of the HTTP stacks fsspec clients use. An exception of botocore or
     aiohttp can only exist once that library is imported, so they are looked up among the loaded
@@ -75,13 +82,6 @@ def _transient_types() -> tuple[type[BaseException], ...]:
         loaded = sys.modules.get(module)
         found += [t for t in (getattr(loaded, n, None) for n in names) if isinstance(t, type)]
     return tuple(found)
-
-
-_TRANSIENT_NAMES = (
-    ("botocore.exceptions", ("EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError",
-                             "ConnectTimeoutError", "ResponseStreamingError")),
-    ("aiohttp", ("ClientConnectionError", "ServerTimeoutError", "ClientPayloadError")),
-)
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
