@@ -49,6 +49,8 @@ class ClipFilterParams(Params):
 
 
 class ClipFilterStage(FilterStage[ClipFilterParams]):
+    """Scores each image on CLIP prompt pairs (positive vs negative) and drops it below a pair's minimum."""
+
     name: ClassVar[str] = "clip_filter"
     version: ClassVar[str] = "2"
     resources: ClassVar[Resources] = Resources(cpus=1.0, memory_gb=2.0)

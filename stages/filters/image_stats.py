@@ -29,6 +29,8 @@ def image_stats(rgb: np.ndarray) -> tuple[float, float, float]:
 
 
 class ImageStatsStage(FilterStage[ImageStatsParams]):
+    """Scores sharpness, exposure and contrast of the whole image and drops what falls outside the limits."""
+
     name: ClassVar[str] = "image_stats"
     version: ClassVar[str] = "2"
     resources: ClassVar[Resources] = Resources(cpus=0.5)

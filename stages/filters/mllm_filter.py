@@ -147,6 +147,8 @@ def prepare_image(data: bytes, ext: str, max_side: int | None) -> tuple[bytes, s
 
 
 class MLLMFilterStage(FilterStage):
+    """Asks a multimodal LLM questions about each image, stores the answers and applies their pass rules."""
+
     name: ClassVar[str] = "mllm_filter"
     version: ClassVar[str] = "1"
     params_model: ClassVar[type[Params]] = MLLMFilterParams

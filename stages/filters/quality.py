@@ -57,6 +57,8 @@ def face_stats(crop112: np.ndarray) -> tuple[float, float, float]:
 
 
 class QualityStage(FilterStage[QualityParams]):
+    """Scores each face (sharpness, exposure, contrast, size, detector score, head pose) and drops what fails a limit."""
+
     name: ClassVar[str] = "quality"
     version: ClassVar[str] = "2"
     resources: ClassVar[Resources] = Resources(cpus=0.25)

@@ -64,6 +64,8 @@ class LabelParams(Params):
 
 
 class LabelStage(Stage[LabelParams]):
+    """Adds attribute columns (pose bin, CLIP zero-shot, gender/age) from pluggable labelers."""
+
     name: ClassVar[str] = "labels"
     version: ClassVar[str] = "1"
     resources: ClassVar[Resources] = Resources(cpus=0.25)

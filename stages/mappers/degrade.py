@@ -113,6 +113,8 @@ def psnr_uint8(a: np.ndarray, b: np.ndarray) -> float:
 
 
 class DegradeStage(Stage[DegradeParams]):
+    """Writes a degraded copy of each image (blur, downsampling, noise, JPEG) for (degraded, clean) pairs."""
+
     name: ClassVar[str] = "degrade"
     version: ClassVar[str] = "3"
     kind: ClassVar[StageKind] = StageKind.MAPPER

@@ -57,6 +57,8 @@ def _floats(values: np.ndarray | tuple[float, ...] | None) -> list[float] | None
 
 
 class DetectStage(Stage[DetectParams]):
+    """Finds faces (box, score, landmarks); the image is one face, or each face becomes a derived sample."""
+
     name: ClassVar[str] = "detect"
     version: ClassVar[str] = "2"
     kind: ClassVar[StageKind] = StageKind.MAPPER
