@@ -311,6 +311,7 @@ def cli_markdown() -> str:
             default = "required" if p.required else ("" if p.default is None else json.dumps(p.default, default=str))
             if getattr(p, "is_flag", False) and not p.secondary_opts:
                 default = "off" if not p.default else "on"
-            out.append(f"| `{_cell(label)}` | {_cell(p.type.name)} | {_cell(default)} | {_cell(getattr(p, 'help', '') or '')} |")
+            helptext = getattr(p, "help", "") or ""
+            out.append(f"| `{_cell(label)}` | {_cell(p.type.name)} | {_cell(default)} | {_cell(helptext)} |")
         out.append("")
     return "\n".join(out)
