@@ -9,6 +9,7 @@ against.
 from __future__ import annotations
 
 import difflib
+import enum
 import json
 import sys
 import types
@@ -285,6 +286,17 @@ def _walk_commands(command: Any, path: list[str]) -> Iterator[tuple[list[str], A
         yield from _walk_commands(subs[name], [*path, name])
 
 
+def _param_type(param: Any) -> str:
+    """A command parameter's type: typer keeps the annotation; plain click parameters name their type."""
+    descriptor = getattr(param, "type_descriptor", None)
+    if descriptor is None:
+        return str(getattr(getattr(param, "type", None), "name", ""))
+    annotation = descriptor.annotation
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return " or ".join(str(m.value) for m in annotation)
+    return type_text(annotation)
+
+
 def cli_markdown() -> str:
     from typer.main import get_command
 
@@ -297,13 +309,13 @@ def cli_markdown() -> str:
            "line `error: ...`; a run that did not complete exits 1.", ""]
     for path, cmd in _walk_commands(root, []):
         name = " ".join(path)
-        usage = " ".join(["facefoundry", *path, *(p.human_readable_name for p in cmd.params
+        usage = " ".join(["facefoundry", *path, *((p.name or "").upper() for p in cmd.params
                                                    if p.param_type_name == "argument")])
         out += [f"## {name}", "", " ".join((cmd.help or "").split()), "", "```text", usage + " [OPTIONS]", "```", "",
                 "| argument / option | type | default | description |", "|---|---|---|---|"]
         for p in cmd.params:
             if p.param_type_name == "argument":
-                label = p.human_readable_name
+                label = (p.name or "").upper()
             else:
                 label = ", ".join([*p.opts, *p.secondary_opts])
             if label in ("-h, --help", "--help, -h"):
@@ -312,6 +324,6 @@ def cli_markdown() -> str:
             if getattr(p, "is_flag", False) and not p.secondary_opts:
                 default = "off" if not p.default else "on"
             helptext = getattr(p, "help", "") or ""
-            out.append(f"| `{_cell(label)}` | {_cell(p.type.name)} | {_cell(default)} | {_cell(helptext)} |")
+            out.append(f"| `{_cell(label)}` | {_cell(_param_type(p))} | {_cell(default)} | {_cell(helptext)} |")
         out.append("")
     return "\n".join(out)
