@@ -247,7 +247,8 @@ def config_schema() -> dict[str, Any]:
     from pipeline.config import PipelineConfig, StageConfig
 
     params_models = [(n, resolve_stage(n).params_model) for n in BUILTIN_STAGES]
-    keyed = [(PipelineConfig, "validation"), *((m, "validation") for _, m in params_models)]
+    models: list[type[BaseModel]] = [PipelineConfig, *(m for _, m in params_models)]
+    keyed: list[tuple[type[BaseModel], Literal["validation"]]] = [(m, "validation") for m in models]
     refs, top = models_json_schema(keyed, ref_template="#/$defs/{model}")
     defs: dict[str, Any] = top.get("$defs", {})
     stage_def = defs[StageConfig.__name__]

@@ -1,7 +1,8 @@
 """Every command shown to users, in the code blocks of README.md and of the documentation (docs/) and
 in the examples' headers, parses against the real CLI, and what it names (configs, --set overrides,
-make targets, infra/ files) exists and validates. The commands on the quickstart's run directory really run, on a small quickstart run, so
-their SQL and options are checked too. A renamed option or config key cannot leave a stale example.
+make targets, infra/ files) exists and validates. The commands on the quickstart's run directory
+really run, on a small quickstart run, so their SQL and options are checked too. A renamed option or
+config key cannot leave a stale example.
 """
 
 from __future__ import annotations
