@@ -382,6 +382,43 @@ def doctor(
         raise typer.Exit(1)
 
 
+@app.command()
+def stages(
+    name: Annotated[str | None, typer.Argument(help="a stage name: show its params, reads, columns, resources")] = None,
+) -> None:
+    """The registered stages, one line each; with NAME, that stage's params (type, default, description)."""
+    from pipeline.reference import UnknownStageNameError, stage_doc, stage_lines, stage_text
+
+    if name is None:
+        sys.stdout.write("\n".join(stage_lines()) + "\n")
+        return
+    try:
+        doc = stage_doc(name)
+    except UnknownStageNameError as exc:
+        _fail(str(exc))
+        return
+    sys.stdout.write(stage_text(doc) + "\n")
+
+
+@app.command()
+def schema(
+    output: Annotated[Path | None, typer.Option("--out", help="file to write (default: standard output)")] = None,
+) -> None:
+    """The pipeline config's JSON Schema (each stage's params included), for editors to validate and complete."""
+    from pipeline.reference import schema_text
+
+    text = schema_text()
+    if output is None:
+        sys.stdout.write(text)
+        return
+    try:
+        output.write_text(text)
+    except OSError as exc:
+        _fail(f"cannot write {output}: {exc.strerror or exc}")
+        return
+    err.print(f"wrote {output}", highlight=False)
+
+
 train_app = typer.Typer(no_args_is_help=True, context_settings=CONTEXT,
                         help="Train on exported shards (Ray Train, DDP).")
 eval_app = typer.Typer(no_args_is_help=True, context_settings=CONTEXT, help="Evaluate trained models.")

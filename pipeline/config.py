@@ -27,7 +27,9 @@ class Strict(BaseModel):
 
 
 class RunSettings(Strict):
-    seed: int = 0
+    seed: int = Field(
+        0, description=
+        "run seed: every sample's seed derives from it and the sample id, so a re-run gives the same bytes")
     shard_size: int = Field(64, ge=1, description="samples per shard: the unit of work, commit and resume")
     max_in_flight_per_worker: int = Field(2, ge=1, description="shards queued per actor to keep it busy")
     max_shard_deaths: int = Field(3, ge=1, description="worker deaths one shard may cause before its samples are "
@@ -38,8 +40,11 @@ class RunSettings(Strict):
 class PerturbationConfig(Strict):
     """Per-image perturbation of the identity vector (Vec2Face): sigma drawn per image from a schedule."""
 
-    sigmas: tuple[float, ...] = (0.3, 0.5, 0.7)
-    fractions: tuple[float, ...] = (0.4, 0.4, 0.2)
+    sigmas: tuple[float, ...] = Field(
+        (0.3, 0.5, 0.7), description=
+        "perturbation strengths (sigma of the Gaussian noise added to the unit identity vector)")
+    fractions: tuple[float, ...] = Field(
+        (0.4, 0.4, 0.2), description="share of each identity's images drawn at each sigma; sums to 1")
 
     @model_validator(mode="after")
     def _same_length(self) -> PerturbationConfig:
@@ -51,22 +56,28 @@ class PerturbationConfig(Strict):
 
 
 class IdentitiesConfig(Strict):
-    sampler: Literal["gaussian", "pca"] = "gaussian"
-    count: int = Field(64, ge=1)
-    dim: int = Field(512, ge=2)
+    sampler: Literal["gaussian", "pca"] = Field(
+        "gaussian", description=
+        "gaussian: unit-norm Gaussian vectors kept below max_cosine; pca: a Gaussian in the PCA space of a reference"
+        " embedding file")
+    count: int = Field(64, ge=1, description="identities to sample")
+    dim: int = Field(512, ge=2, description="identity vector size (512 for Arc2Face's ArcFace space)")
     max_cosine: float = Field(0.35, gt=-1.0, le=1.0, description="Vec2Face keeps identities below 0.3-0.4")
-    images_per_identity: int = Field(8, ge=1)
-    perturbation: PerturbationConfig = PerturbationConfig()
+    images_per_identity: int = Field(8, ge=1, description="images generated per identity")
+    perturbation: PerturbationConfig = Field(
+        PerturbationConfig(), description="per-image perturbation of the identity vector")
     reference: str | None = Field(None, description="embedding file for the pca sampler")
-    max_candidates: int = Field(1_000_000, ge=1)
+    max_candidates: int = Field(
+        1_000_000, ge=1, description="candidates the sampler may draw before it gives up reaching count")
 
 
 class StageConfig(Strict):
     stage: str = Field(description="a registered stage name or module.path:ClassName")
     id: str | None = Field(None, pattern=r"^[a-z][a-z0-9_]*$", description="unique name in this run")
-    params: dict[str, Any] = Field(default_factory=dict)
-    resources: Resources | None = None
-    batch_size: int | None = Field(None, ge=1)
+    params: dict[str, Any] = Field(default_factory=dict, description="the stage's own params (see the stage reference)")
+    resources: Resources | None = Field(
+        None, description="what one worker declares (cpus, gpus, memory_gb); default: the stage's own")
+    batch_size: int | None = Field(None, ge=1, description="samples per process() call; default: the stage's own")
     workers: int | None = Field(None, ge=1, description="upper bound on actors for this stage")
     prune: bool = Field(False, description="do not send samples this stage drops to later stages")
 
@@ -76,11 +87,14 @@ class StageConfig(Strict):
 
 
 class PipelineConfig(Strict):
-    name: str = "run"
-    run: RunSettings = RunSettings()
-    identities: IdentitiesConfig | None = None
-    stages: tuple[StageConfig, ...] = Field(min_length=1)
-    export: ExportConfig = ExportConfig()
+    name: str = Field("run", description="the run's name (dataset card, report)")
+    run: RunSettings = Field(RunSettings(), description="how the run is cut into work and scheduled")
+    identities: IdentitiesConfig | None = Field(
+        None, description="the synthetic identities a generator source renders (needed by render and arc2face)")
+    stages: tuple[StageConfig, ...] = Field(
+        min_length=1, description="the stages in order: a source first, then mappers, filters and global stages")
+    export: ExportConfig = Field(
+        ExportConfig(), description="what is exported as training shards, and the dataset card")
 
     @model_validator(mode="after")
     def _unique_ids(self) -> PipelineConfig:

@@ -71,9 +71,9 @@ class Resources(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    cpus: float = Field(1.0, ge=0.0)
-    gpus: float = Field(0.0, ge=0.0)
-    memory_gb: float = Field(0.0, ge=0.0)
+    cpus: float = Field(1.0, ge=0.0, description="CPUs one worker reserves")
+    gpus: float = Field(0.0, ge=0.0, description="GPUs one worker reserves (fractions share a GPU)")
+    memory_gb: float = Field(0.0, ge=0.0, description="memory one worker (or a global stage's task) reserves, GiB")
 
 
 class EmptyParams(Params):

@@ -66,7 +66,8 @@ class Arc2FaceSpec(Params):
     allow_download: bool = Field(
         False, description="let a hub id download; off: local files and HF cache only"
     )
-    dtype: DType = "fp16"
+    dtype: DType = Field(
+        "fp16", description="weights' precision on the GPU: fp16 (Arc2Face's own), bf16 or fp32 (fp32 on CPU)")
     device: str = Field("auto", description="'auto': cuda when present, else cpu")
     compile: bool = Field(False, description="torch.compile the UNet (GPU; first batch pays the compile)")
 

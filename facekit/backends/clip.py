@@ -30,14 +30,19 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 class ClipSpec(Params):
     """Which open_clip model and weights. ``pretrained`` is a tag (``laion2b_s34b_b79k``) or a file."""
 
-    model: str = "ViT-B-32"  # architecture name, or local-dir:/path, or hf-hub:org/repo
-    pretrained: str | None = "laion2b_s34b_b79k"
-    model_config_file: str | None = None  # JSON architecture for a custom model, registered as its stem
-    allow_download: bool = False
-    cache_dir: str | None = None  # HF cache root (None: HF_HUB_CACHE / ~/.cache/huggingface/hub)
-    device: str = "auto"  # auto: cuda when available
-    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
-    batch_size: int = Field(64, ge=1)
+    model: str = Field("ViT-B-32", description="open_clip architecture name, or local-dir:/path, or hf-hub:org/repo")
+    pretrained: str | None = Field(
+        "laion2b_s34b_b79k", description=
+        "open_clip pretrained tag (or a checkpoint path); null: the architecture's own weights file")
+    model_config_file: str | None = Field(
+        None, description="JSON architecture for a custom model, registered under its file stem")
+    allow_download: bool = Field(
+        False, description="let open_clip download the weights; off: local files and the HF cache only")
+    cache_dir: str | None = Field(None, description="HF cache root; null: HF_HUB_CACHE or ~/.cache/huggingface/hub")
+    device: str = Field("auto", description="'auto': cuda when available, else cpu")
+    precision: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32", description="inference precision (fp16 / bf16 on GPU only)")
+    batch_size: int = Field(64, ge=1, description="images per forward pass")
 
 
 class ClipWeightsError(FileNotFoundError):

@@ -35,19 +35,27 @@ T = TypeVar("T")
 class MLLMServerSpec(Params):
     """Where the server is and how hard to try. The API key is read from an environment variable."""
 
-    base_url: str = "http://127.0.0.1:8000/v1"
-    model: str
-    revision: str | None = None  # what it serves (e.g. the weights' HF commit): lineage and cache key
-    api_key_env: str | None = "OPENAI_API_KEY"
-    system_prompt: str | None = None
-    max_concurrency: int = Field(8, ge=1)
-    timeout_s: float = Field(60.0, gt=0)
-    max_retries: int = Field(3, ge=0)
-    backoff_s: float = Field(1.0, ge=0)  # first retry delay; doubles each attempt (with jitter)
-    backoff_max_s: float = Field(30.0, ge=0)
-    max_tokens: int = Field(512, ge=1)
-    temperature: float = Field(0.0, ge=0)
-    response_format: str = Field("json_schema", pattern="^(json_schema|json_object|none)$")
+    base_url: str = Field(
+        "http://127.0.0.1:8000/v1", description="the OpenAI-compatible server's /v1 URL (vLLM, SGLang)")
+    model: str = Field(description="the model name the server serves")
+    revision: str | None = Field(
+        None, description=
+        "what the server serves (e.g. the weights' HF commit): recorded in lineage and part of the cache key")
+    api_key_env: str | None = Field(
+        "OPENAI_API_KEY", description="environment variable holding the API key; null: no key sent")
+    system_prompt: str | None = Field(None, description="a system message sent before each request")
+    max_concurrency: int = Field(8, ge=1, description="requests in flight per worker")
+    timeout_s: float = Field(60.0, gt=0, description="seconds one request may take")
+    max_retries: int = Field(
+        3, ge=0, description=
+        "retries of a failed request (connection error, timeout, 5xx, 429) before the shard is retried")
+    backoff_s: float = Field(1.0, ge=0, description="first retry delay in seconds; doubles each attempt, with jitter")
+    backoff_max_s: float = Field(30.0, ge=0, description="longest retry delay in seconds")
+    max_tokens: int = Field(512, ge=1, description="answer length limit")
+    temperature: float = Field(0.0, ge=0, description="sampling temperature; 0 for repeatable answers")
+    response_format: str = Field(
+        "json_schema", pattern="^(json_schema|json_object|none)$", description=
+        "json_schema (answers constrained to the questions' schema), json_object or none")
 
 
 @dataclass(frozen=True)

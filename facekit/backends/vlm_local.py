@@ -23,13 +23,15 @@ WEIGHT_GLOBS = ("*.safetensors",)
 
 
 class LocalVLMSpec(Params):
-    model: str  # a local folder, or a Hub repo id found in the HF cache
-    revision: str | None = None
-    allow_download: bool = False
-    device: str = "auto"  # auto: cuda when available
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    max_new_tokens: int = Field(256, ge=1)
-    batch_size: int = Field(4, ge=1)
+    model: str = Field(description="a local folder, or a Hub repo id found in the HF cache")
+    revision: str | None = Field(None, description="Hub revision to load (and record in lineage)")
+    allow_download: bool = Field(
+        False, description="let transformers download the model; off: local files and the HF cache only")
+    device: str = Field("auto", description="'auto': cuda when available, else cpu")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="weights' dtype; auto: the checkpoint's own")
+    max_new_tokens: int = Field(256, ge=1, description="answer length limit")
+    batch_size: int = Field(4, ge=1, description="images per generate call")
 
 
 def model_revision(folder: Path) -> str:

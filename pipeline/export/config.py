@@ -20,9 +20,9 @@ WHERE_TABLE = "samples"
 class Threshold(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    min: float | None = None
-    max: float | None = None
-    max_abs: float | None = None
+    min: float | None = Field(None, description="keep values at or above this")
+    max: float | None = Field(None, description="keep values at or below this")
+    max_abs: float | None = Field(None, description="keep values whose absolute value is at or below this")
 
 
 def _walk(node: Any) -> Any:
@@ -70,13 +70,13 @@ def check_where(where: str) -> str:
 class ExportConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="write the export after the stages")
     shard_size: int = Field(1000, ge=1, description="target samples per training shard")
     min_shards_per_split: int = Field(
         8, ge=1, description="at least this many shards per split (one per data-loader worker) when the split "
         "has that many samples; the card warns when it has fewer")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="fraction of identities held out")
-    min_images_per_identity: int = Field(2, ge=1)
+    min_images_per_identity: int = Field(2, ge=1, description="identities with fewer kept images are left out")
     thresholds: dict[str, Threshold] = Field(
         default_factory=dict, description="'stage.column': {min, max, max_abs}; replaces that stage's own decision"
     )
@@ -95,7 +95,7 @@ class ExportConfig(BaseModel):
                          description="the dataset card's license: a Hugging Face Hub license id (cc-by-4.0, mit, "
                          "other, ...)")
     description: str = Field("", max_length=4000, description="one paragraph for the dataset card")
-    pretty_name: str | None = Field(None, max_length=200)
+    pretty_name: str | None = Field(None, max_length=200, description="the dataset card's title")
     task_memory_gb: float = Field(1.0, gt=0.0, le=512.0, description="memory declared by each export task")
     rows_per_task: int = Field(50_000, ge=1, description="samples a plan or writer task handles at most")
 

@@ -68,18 +68,34 @@ LOO_MEDIAN_MAX = 64  # above this many images one image barely moves a median; u
 
 
 class ConsistencyParams(Params):
-    mode: Literal["generated", "label_noise"] = "generated"
-    keep_nearest: bool = True  # generated: keep an image beyond the threshold still nearest its identity
-    centroid: Literal["leave_one_out", "median"] = "leave_one_out"
-    threshold: float | None = None  # in the space's metric; None: fitted (fit_far) or the space default
-    fit_far: float | None = Field(None, gt=0.0, lt=1.0)  # e.g. 1e-3
-    fit_max_impostors: int = Field(1_000_000, ge=1000)
+    mode: Literal["generated", "label_noise"] = Field(
+        "generated", description=
+        "generated: distance to the identity's centroid decides; label_noise: ingested labels, where an image is "
+        "dropped when it is nearer another identity")
+    keep_nearest: bool = Field(
+        True, description="generated: keep an image beyond the threshold that is still nearest its own identity")
+    centroid: Literal["leave_one_out", "median"] = Field(
+        "leave_one_out", description=
+        "leave_one_out: each image scored against its identity's centroid without itself; median: a per-coordinate "
+        "median (single process)")
+    threshold: float | None = Field(
+        None, description="score limit in the space's metric; null: fitted (fit_far) or the space's default")
+    fit_far: float | None = Field(
+        None, gt=0.0, lt=1.0, description=
+        "fit the threshold at this false-accept rate from the run's own labelled pairs (e.g. 0.001)")
+    fit_max_impostors: int = Field(1_000_000, ge=1000, description="impostor pairs sampled to fit the threshold")
     # Pass 2 rebuilds every centroid from the images pass 1 kept, so a planted image no longer pulls its
     # identity's reference towards itself; 1 = a single leave-one-out pass.
-    passes: int = Field(2, ge=1, le=5)
-    min_samples: int = Field(3, ge=2)  # fewer images than this: no reliable centroid, kept unjudged
-    exact_max: int = Field(EXACT_MAX, ge=0)
-    partitions: int | None = Field(None, ge=1)  # identity partitions of the distributed form (None: sized)
+    passes: int = Field(
+        2, ge=1, le=5, description=
+        "pass 2 rebuilds every centroid from the images pass 1 kept; 1: a single leave-one-out pass")
+    min_samples: int = Field(
+        3, ge=2, description="identities with fewer images have no reliable centroid and are kept unjudged")
+    exact_max: int = Field(
+        EXACT_MAX, ge=0, description=
+        "up to this many centroids the nearest-identity search is exact, above it approximate (IVF)")
+    partitions: int | None = Field(
+        None, ge=1, description="identity partitions of the distributed form; null: sized from the run")
 
 
 def centroids(x: np.ndarray, codes: np.ndarray, k: int, metric: Metric, inlier: np.ndarray) -> np.ndarray:

@@ -73,24 +73,35 @@ EMBEDDING_COLUMNS = ("embedding", "embedding_space", "embedding_metric")
 
 
 class DedupParams(Params):
-    exact: bool = True
+    exact: bool = Field(True, description="byte-identical and pixel-identical images are duplicates")
     # Tight by default: aligned or rendered faces share their low frequencies (measured on procedural
     # renders: re-encodes and downscales of one image within 2 bits, distinct images of one identity from
     # 4 bits, 1st percentile 6). Raise it for photo corpora with crops and edits (imagededup uses 10).
-    phash_max_distance: int | None = Field(3, ge=0, le=32)  # None: no perceptual dedup
-    phash_confirm: bool = True  # with embeddings: a pHash link also needs same-identity embeddings
-    embeddings: bool = True  # embedding near-duplicates (needs the embed stage upstream)
-    embedding_threshold: float | None = None  # None: the space's near_duplicate default
-    prefer: str | None = None  # a score column, higher is better (e.g. a quality score)
-    exact_max: int = Field(EXACT_MAX, ge=0)
-    phash_exact_max: int = Field(100_000, ge=0)
-    nprobe: int = Field(16, ge=1)
+    phash_max_distance: int | None = Field(
+        3, ge=0, le=32, description=
+        "pHash Hamming distance at or below which images are duplicates; null: no perceptual dedup")
+    phash_confirm: bool = Field(True, description="with embeddings: a pHash link also needs same-identity embeddings")
+    embeddings: bool = Field(True, description="embedding near-duplicates (needs the embed stage upstream)")
+    embedding_threshold: float | None = Field(
+        None, description="near-duplicate score in the space's metric; null: the space's default")
+    prefer: str | None = Field(
+        None, description=
+        "a score column, higher is better, that picks the sample kept of each group (e.g. a quality score)")
+    exact_max: int = Field(
+        EXACT_MAX, ge=0, description=
+        "up to this many vectors the near-duplicate search is exact, above it per k-means cell")
+    phash_exact_max: int = Field(
+        100_000, ge=0, description="up to this many hashes per band pHash pairs are compared all against all")
+    nprobe: int = Field(16, ge=1, description="IVF cells probed by an approximate search")
     # Distributed near-duplicate search (SemDeDup): every vector joins its ``spill`` nearest k-means
     # cells and pairs are searched exactly inside each cell; a near-duplicate pair is missed only when
     # the two copies share none of their ``spill`` nearest cells.
-    spill: int = Field(2, ge=1, le=8)
-    cells: int | None = Field(None, ge=1)  # None: about 2 sqrt(n) above exact_max, one cell below
-    partitions: int | None = Field(None, ge=1)  # shuffle partitions; None: from the row count
+    spill: int = Field(
+        2, ge=1, le=8, description="k-means cells each vector joins; a pair is missed only when the copies share none")
+    cells: int | None = Field(
+        None, ge=1, description=
+        "k-means cells of the distributed search; null: about 2 sqrt(n) above exact_max, one below")
+    partitions: int | None = Field(None, ge=1, description="shuffle partitions; null: from the row count")
 
 
 def phash_codes(values: list[str | None]) -> tuple[np.ndarray, np.ndarray]:

@@ -65,17 +65,25 @@ EMBEDDING_COLUMNS = ("embedding", "embedding_space", "embedding_metric")
 
 
 class GroupingParams(Params):
-    method: Literal["agglomerative", "connected_components"] = "agglomerative"
-    threshold: float | None = None  # pair score in the space's metric; None: the space's grouping default
-    linkage: Literal["average", "complete", "single"] = "average"
-    gt_column: str | None = None  # ground-truth labels to score the grouping against (not used to group)
-    agglomerative_max: int = Field(20_000, ge=2)
-    exact_max: int = Field(EXACT_MAX, ge=0)
-    nprobe: int = Field(16, ge=1)
-    id_prefix: str = "g"
-    spill: int = Field(2, ge=1, le=8)  # distributed edge search: cells each vector joins (see dedup)
-    cells: int | None = Field(None, ge=1)
-    partitions: int | None = Field(None, ge=1)
+    method: Literal["agglomerative", "connected_components"] = Field(
+        "agglomerative", description=
+        "agglomerative (scikit-learn, per component above agglomerative_max) or connected_components")
+    threshold: float | None = Field(
+        None, description="pair score in the space's metric; null: the space's grouping default")
+    linkage: Literal["average", "complete", "single"] = Field("average", description="agglomerative linkage")
+    gt_column: str | None = Field(
+        None, description="ground-truth labels the grouping is scored against (purity), never used to group")
+    agglomerative_max: int = Field(
+        20_000, ge=2, description="largest component clustered by agglomerative linkage in one task")
+    exact_max: int = Field(
+        EXACT_MAX, ge=0, description="up to this many vectors the edge search is exact, above it per k-means cell")
+    nprobe: int = Field(16, ge=1, description="IVF cells probed by an approximate search")
+    id_prefix: str = Field("g", description="prefix of the group ids assigned as identity_id")
+    spill: int = Field(
+        2, ge=1, le=8, description="k-means cells each vector joins in the distributed edge search (see dedup)")
+    cells: int | None = Field(
+        None, ge=1, description="k-means cells of the distributed edge search; null: sized from the row count")
+    partitions: int | None = Field(None, ge=1, description="shuffle partitions; null: from the row count")
 
 
 def group_id(prefix: str, member_ids: list[str]) -> str:

@@ -49,11 +49,19 @@ COLLISION = "identity_collision"  # the rule: this identity's centroid is within
 
 
 class SeparationParams(Params):
-    policy: Literal["drop_later", "merge"] = "drop_later"
-    threshold: float | None = None  # centroid vs centroid, in the space's metric
-    fit_quantile: float | None = Field(None, gt=0.0, lt=1.0)  # e.g. 0.99 of split-half centroid scores
-    exact_max: int = Field(EXACT_MAX, ge=0)
-    partitions: int | None = Field(None, ge=1)  # identity partitions of the distributed form (None: sized)
+    policy: Literal["drop_later", "merge"] = Field(
+        "drop_later", description=
+        "drop_later: of two colliding identities the later (by id) is dropped; merge: relabelled as one")
+    threshold: float | None = Field(
+        None, description="centroid vs centroid score in the space's metric; null: fitted or the space's default")
+    fit_quantile: float | None = Field(
+        None, gt=0.0, lt=1.0,
+        description="fit the threshold at this quantile of split-half centroid scores (e.g. 0.99)")
+    exact_max: int = Field(
+        EXACT_MAX, ge=0, description=
+        "up to this many centroids the collision search is exact, above it approximate (IVF)")
+    partitions: int | None = Field(
+        None, ge=1, description="identity partitions of the distributed form; null: sized from the run")
 
 
 def split_half_scores(

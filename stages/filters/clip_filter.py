@@ -23,10 +23,11 @@ NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
 
 
 class PromptPair(Params):
-    name: str = Field(pattern=NAME_PATTERN)
-    positive: str
-    negative: str
-    min_prob: float = Field(0.5, ge=0.0, le=1.0)
+    name: str = Field(pattern=NAME_PATTERN, description="the pair's name: its score column is clip_<name>")
+    positive: str = Field(description="the prompt a good image matches")
+    negative: str = Field(description="the prompt a bad image matches")
+    min_prob: float = Field(
+        0.5, ge=0.0, le=1.0, description="drop when the positive prompt's softmax probability is below this")
 
 
 DEFAULT_PAIRS: tuple[PromptPair, ...] = (
@@ -36,9 +37,9 @@ DEFAULT_PAIRS: tuple[PromptPair, ...] = (
 
 
 class ClipFilterParams(Params):
-    clip: ClipSpec = ClipSpec()
-    pairs: tuple[PromptPair, ...] = DEFAULT_PAIRS
-    store_embedding: bool = True
+    clip: ClipSpec = Field(ClipSpec(), description="the CLIP model and where its weights are")
+    pairs: tuple[PromptPair, ...] = Field(DEFAULT_PAIRS, description="prompt pairs scored per image")
+    store_embedding: bool = Field(True, description="store the CLIP image embedding (clip_embedding) beside the scores")
 
     @model_validator(mode="after")
     def _unique_names(self) -> ClipFilterParams:
@@ -49,6 +50,8 @@ class ClipFilterParams(Params):
 
 
 class ClipFilterStage(FilterStage[ClipFilterParams]):
+    """Scores each image on CLIP prompt pairs (positive vs negative) and drops it below a pair's minimum."""
+
     name: ClassVar[str] = "clip_filter"
     version: ClassVar[str] = "2"
     resources: ClassVar[Resources] = Resources(cpus=1.0, memory_gb=2.0)

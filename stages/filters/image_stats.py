@@ -17,7 +17,7 @@ from stages.base import IMAGE, Batch, Checks, FilterStage, Params, Reason, Resou
 class ImageStatsParams(Params):
     min_sharpness: float = Field(20.0, ge=0, description="variance of the Laplacian on the grey image")
     min_exposure: float = Field(0.15, ge=0, le=1, description="mean brightness, 0-1")
-    max_exposure: float = Field(0.90, ge=0, le=1)
+    max_exposure: float = Field(0.90, ge=0, le=1, description="mean brightness, 0-1")
     min_contrast: float = Field(0.05, ge=0, description="std of brightness, 0-1")
 
 
@@ -29,6 +29,8 @@ def image_stats(rgb: np.ndarray) -> tuple[float, float, float]:
 
 
 class ImageStatsStage(FilterStage[ImageStatsParams]):
+    """Scores sharpness, exposure and contrast of the whole image and drops what falls outside the limits."""
+
     name: ClassVar[str] = "image_stats"
     version: ClassVar[str] = "2"
     resources: ClassVar[Resources] = Resources(cpus=0.5)

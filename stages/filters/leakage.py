@@ -112,6 +112,8 @@ def _build_and_cache(run_dir: str, storage_options: dict[str, Any], params: dict
 
 
 class LeakageStage(FilterStage):
+    """Drops samples that look like a person of a reference gallery (an evaluation set) the run must not contain."""
+
     name: ClassVar[str] = "leakage"
     version: ClassVar[str] = "1"
     params_model: ClassVar[type[Params]] = LeakageParams

@@ -56,15 +56,16 @@ class Question(Params):
     """One question. Pass rules by type: ``pass_if`` (boolean), ``min_score`` (integer),
     ``pass_values`` (choice); none set means the answer is a label only."""
 
-    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
-    prompt: str
-    type: Literal["boolean", "integer", "choice", "text"] = "boolean"
-    choices: tuple[str, ...] = ()
-    min: int = 1
-    max: int = 5
-    pass_if: bool | None = None
-    min_score: int | None = None
-    pass_values: tuple[str, ...] = ()
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$", description="the answer's key and column (mllm_<name>)")
+    prompt: str = Field(description="the question asked about the image")
+    type: Literal["boolean", "integer", "choice", "text"] = Field(
+        "boolean", description="answer type: boolean, integer (min..max), choice (one of choices) or text")
+    choices: tuple[str, ...] = Field((), description="the answers a choice question allows")
+    min: int = Field(1, description="lowest answer of an integer question")
+    max: int = Field(5, description="highest answer of an integer question")
+    pass_if: bool | None = Field(None, description="boolean questions: the answer that passes")
+    min_score: int | None = Field(None, description="integer questions: the lowest answer that passes")
+    pass_values: tuple[str, ...] = Field((), description="choice questions: the answers that pass")
 
     @model_validator(mode="after")
     def _consistent(self) -> Question:
@@ -103,13 +104,17 @@ class Question(Params):
 
 
 class MLLMFilterParams(Params):
-    backend: Literal["server", "local"] = "server"
-    server: MLLMServerSpec | None = None
-    local: LocalVLMSpec | None = None
-    instructions: str = DEFAULT_INSTRUCTIONS
-    questions: tuple[Question, ...] = Field(min_length=1)
-    max_side: int | None = Field(1024, ge=32)  # larger images are downscaled before sending
-    cache: bool = True
+    backend: Literal["server", "local"] = Field(
+        "server", description="server: an OpenAI-compatible server; local: a transformers VLM in the worker")
+    server: MLLMServerSpec | None = Field(None, description="the server to ask (backend: server)")
+    local: LocalVLMSpec | None = Field(None, description="the local model (backend: local)")
+    instructions: str = Field(DEFAULT_INSTRUCTIONS, description="text sent before the questions")
+    questions: tuple[Question, ...] = Field(
+        min_length=1, description="questions asked about every image; each answer is a column")
+    max_side: int | None = Field(
+        1024, ge=32, description="larger images are downscaled to this side before sending; null: sent as they are")
+    cache: bool = Field(
+        True, description="cache answers in the run directory, keyed by image, model, revision and questions")
 
     @model_validator(mode="after")
     def _backend_given(self) -> MLLMFilterParams:
@@ -147,6 +152,8 @@ def prepare_image(data: bytes, ext: str, max_side: int | None) -> tuple[bytes, s
 
 
 class MLLMFilterStage(FilterStage):
+    """Asks a multimodal LLM questions about each image, stores the answers and applies their pass rules."""
+
     name: ClassVar[str] = "mllm_filter"
     version: ClassVar[str] = "1"
     params_model: ClassVar[type[Params]] = MLLMFilterParams

@@ -38,7 +38,7 @@ class QualityParams(Params):
 
     min_sharpness: float | None = Field(25.0, ge=0, description="Laplacian variance of the face region")
     min_exposure: float | None = Field(0.15, ge=0, le=1, description="mean brightness of the face, 0-1")
-    max_exposure: float | None = Field(0.90, ge=0, le=1)
+    max_exposure: float | None = Field(0.90, ge=0, le=1, description="mean brightness of the face, 0-1")
     min_contrast: float | None = Field(0.04, ge=0, description="std of the face's brightness, 0-1")
     min_face_size: float | None = Field(40.0, ge=0, description="sqrt(box width x height), px in the input")
     min_det_score: float | None = Field(None, description="backend scale: dlib HOG margin ~0-3, SCRFD 0-1")
@@ -57,6 +57,8 @@ def face_stats(crop112: np.ndarray) -> tuple[float, float, float]:
 
 
 class QualityStage(FilterStage[QualityParams]):
+    """Scores each face (sharpness, exposure, contrast, size, detector score, head pose); drops what fails a limit."""
+
     name: ClassVar[str] = "quality"
     version: ClassVar[str] = "2"
     resources: ClassVar[Resources] = Resources(cpus=0.25)

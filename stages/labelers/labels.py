@@ -36,8 +36,8 @@ class LabelerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: str
-    params: dict[str, Any] = Field(default_factory=dict)
+    kind: str = Field(description="pose, clip, insightface, or module:Class of a labeler")
+    params: dict[str, Any] = Field(default_factory=dict, description="the labeler's own params")
 
     @model_validator(mode="after")
     def _valid(self) -> LabelerConfig:
@@ -50,7 +50,8 @@ class LabelerConfig(BaseModel):
 
 
 class LabelParams(Params):
-    labelers: tuple[LabelerConfig, ...] = (LabelerConfig(kind="pose"),)
+    labelers: tuple[LabelerConfig, ...] = Field(
+        (LabelerConfig(kind="pose"),), description="labelers run per sample; their columns must not collide")
 
     @model_validator(mode="after")
     def _distinct_columns(self) -> LabelParams:
@@ -64,6 +65,8 @@ class LabelParams(Params):
 
 
 class LabelStage(Stage[LabelParams]):
+    """Adds attribute columns (pose bin, CLIP zero-shot, gender/age) from pluggable labelers."""
+
     name: ClassVar[str] = "labels"
     version: ClassVar[str] = "1"
     resources: ClassVar[Resources] = Resources(cpus=0.25)

@@ -27,6 +27,8 @@ class AlignParams(Params):
 
 
 class AlignStage(Stage[AlignParams]):
+    """Warps the face onto the ArcFace 112x112 template from its 5 landmarks and writes the crop as pixels."""
+
     name: ClassVar[str] = "align"
     version: ClassVar[str] = "3"
     resources: ClassVar[Resources] = Resources(cpus=0.25)

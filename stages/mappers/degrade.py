@@ -26,7 +26,7 @@ from typing import ClassVar
 import cv2
 import numpy as np
 import pyarrow as pa
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from facekit.imaging import ImageError, decode_rgb, encode_jpeg, encode_png
 from stages.base import (
@@ -49,10 +49,11 @@ DEGRADED = "degraded"
 class DegradeParams(Params):
     """Ranges ``[low, high]`` each drawn uniformly per sample."""
 
-    blur_sigma: tuple[float, float] = (0.1, 2.5)
-    downsample: tuple[float, float] = (1.0, 4.0)
-    noise_sigma: tuple[float, float] = (0.0, 15.0)  # on the 0-255 scale
-    jpeg_quality: tuple[int, int] = (40, 95)
+    blur_sigma: tuple[float, float] = Field((0.1, 2.5), description="Gaussian blur sigma range, px")
+    downsample: tuple[float, float] = Field(
+        (1.0, 4.0), description="downsampling factor range (the image is scaled down and back up)")
+    noise_sigma: tuple[float, float] = Field((0.0, 15.0), description="Gaussian noise sigma range, on the 0-255 scale")
+    jpeg_quality: tuple[int, int] = Field((40, 95), description="JPEG quality range")
 
     @model_validator(mode="after")
     def _check_ranges(self) -> DegradeParams:
@@ -113,6 +114,8 @@ def psnr_uint8(a: np.ndarray, b: np.ndarray) -> float:
 
 
 class DegradeStage(Stage[DegradeParams]):
+    """Writes a degraded copy of each image (blur, downsampling, noise, JPEG) for (degraded, clean) pairs."""
+
     name: ClassVar[str] = "degrade"
     version: ClassVar[str] = "3"
     kind: ClassVar[StageKind] = StageKind.MAPPER

@@ -40,7 +40,10 @@ from stages.base import (
 
 
 class DetectParams(BackendParams):
-    policy: Literal["one_face_per_image", "sample_per_face"] = "one_face_per_image"
+    policy: Literal["one_face_per_image", "sample_per_face"] = Field(
+        "one_face_per_image", description=
+        "one_face_per_image (generated data: the image is one face) or sample_per_face (photos: every face becomes a"
+        " derived sample)")
     min_face_size: float = Field(0.0, ge=0, description="ignore faces with a shorter box side (px)")
 
 
@@ -57,6 +60,8 @@ def _floats(values: np.ndarray | tuple[float, ...] | None) -> list[float] | None
 
 
 class DetectStage(Stage[DetectParams]):
+    """Finds faces (box, score, landmarks); the image is one face, or each face becomes a derived sample."""
+
     name: ClassVar[str] = "detect"
     version: ClassVar[str] = "2"
     kind: ClassVar[StageKind] = StageKind.MAPPER

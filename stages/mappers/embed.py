@@ -47,6 +47,8 @@ def embedding_fields(dim: int) -> tuple[pa.Field, ...]:
 
 
 class EmbedStage(Stage[EmbedParams]):
+    """Embeds each aligned crop as an identity vector, recording the space and metric it compares in."""
+
     name: ClassVar[str] = "embed"
     version: ClassVar[str] = "2"
     resources: ClassVar[Resources] = Resources(cpus=0.5, memory_gb=1.0)

@@ -53,6 +53,8 @@ class Arc2FaceParams(Arc2FaceSpec):
 
 
 class Arc2FaceStage(GeneratorSource[Arc2FaceParams]):
+    """Renders the run's identities as photo-like faces with Arc2Face (Stable Diffusion 1.5, one GPU per worker)."""
+
     name: ClassVar[str] = "arc2face"
     version: ClassVar[str] = "1"
     resources: ClassVar[Resources] = Resources(cpus=1.0, gpus=1.0)

@@ -78,13 +78,16 @@ _OWN = ("source_uri", "source_path", "file_bytes", "width", "height")
 
 
 class IngestParams(Params):
-    root: str | None = None  # folder: local path or fsspec URL
-    tars: tuple[str, ...] = ()  # WebDataset tars: paths, URLs or globs
-    labels_from_dirs: bool = False
-    extensions: tuple[str, ...] = IMAGE_EXTENSIONS
-    tar_split: bool = False
-    max_file_mb: float = Field(64.0, gt=0)
-    storage_options: dict[str, Any] = Field(default_factory=dict)
+    root: str | None = Field(None, description="a folder of images: a local path or fsspec URL (s3://bucket/prefix)")
+    tars: tuple[str, ...] = Field((), description="WebDataset tars: paths, URLs or globs")
+    labels_from_dirs: bool = Field(False, description="root/<identity>/<file> gives each image its identity label")
+    extensions: tuple[str, ...] = Field(IMAGE_EXTENSIONS, description="file extensions read from a folder")
+    tar_split: bool = Field(
+        False, description="index each plain tar's headers once and cut it into shards of shard_size members")
+    max_file_mb: float = Field(
+        64.0, gt=0, description="files and tar members larger than this are error rows, never read")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for root and tars (endpoint, credentials profile)")
 
     @model_validator(mode="after")
     def _one_source(self) -> IngestParams:

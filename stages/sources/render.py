@@ -66,6 +66,8 @@ class RenderParams(Params):
 
 
 class RenderStage(GeneratorSource[RenderParams]):
+    """Renders the run's identities as procedural face images that know their ground truth (identity, pose, light)."""
+
     name: ClassVar[str] = "render"
     version: ClassVar[str] = "1"
     resources: ClassVar[Resources] = Resources(cpus=1.0)  # single-threaded numpy + OpenCV

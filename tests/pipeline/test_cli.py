@@ -149,3 +149,30 @@ def test_status_is_a_table_when_the_stage_names_fit(small_quickstart_run: Path) 
     assert "…" not in out
     for stage in ("image_stats", "consistency", "separation", "fingerprint"):
         assert re.search(rf"^{stage} +\d+/\d+ ", out, re.M), stage
+
+
+def test_stages_lists_every_registered_stage_on_one_line_each() -> None:
+    from stages.registry import known_stage_names
+
+    code, out, _ = _cli("stages")
+    assert code == 0
+    lines = out.splitlines()
+    assert sorted(line.split()[0] for line in lines) == known_stage_names()
+    assert all(line.split()[1] in {"source", "mapper", "filter", "global", "sink"} for line in lines)
+
+
+def test_stages_detect_shows_backend_with_the_default_the_model_has() -> None:
+    from stages.mappers.detect import DetectParams
+
+    code, out, _ = _cli("stages", "detect")
+    assert code == 0
+    default = json.dumps(DetectParams.model_fields["backend"].default)
+    assert f"  backend: str = {default}\n" in out
+    for part in ("min_face_size", "columns:", "face_box", "resources: cpus=", "version"):
+        assert part in out
+
+
+def test_an_unknown_stage_name_exits_2_naming_the_close_matches() -> None:
+    code, out, err = _cli("stages", "quallity")
+    assert code == USER_ERROR and out == ""
+    assert err.count("\n") == 1 and "error:" in err and "quality" in err
