@@ -202,7 +202,7 @@ class Catalog:
                 src.columns = list(schema.names)
                 src.casts = array_casts(schema)
                 if src.bad:  # name the good files: the glob would reach the bad ones
-                    listing = ", ".join(lit(self._duck_path(self.store.path(MANIFESTS_DIR, stage_id, n)))
+                    listing = ", ".join(lit(self.duck_path(self.store.path(MANIFESTS_DIR, stage_id, n)))
                                         for n in frags)
                     src.read_sql = f"read_parquet([{listing}])"
                 else:
@@ -229,7 +229,8 @@ class Catalog:
         if not names:
             return None
         schema = pq.read_schema(self._open(self.store.path(*parts, names[0])))
-        return f"CREATE VIEW {q(name)} AS {_select_star(array_casts(schema))} FROM {self._read_parquet(parts, names, extra)}"
+        source = self._read_parquet(parts, names, extra)
+        return f"CREATE VIEW {q(name)} AS {_select_star(array_casts(schema))} FROM {source}"
 
     def _samples_table_sql(self, fields: dict[str, list[str] | None] | None) -> str | None:
         """``samples`` over the run's committed samples table (manifests/tables.py: flat
@@ -261,7 +262,8 @@ class Catalog:
         select = ", ".join([_select_star(array_casts(schema)), *structs]).replace("SELECT ", "", 1)
         return f"CREATE VIEW samples AS SELECT {select} FROM {self._read_parquet(SAMPLES_TABLE, names)}"
 
-    def _duck_path(self, path: str) -> str:
+    def duck_path(self, path: str) -> str:
+        """A file of the run as DuckDB's readers take it (see ``manifests.sql.duck_path``)."""
         return duck_path(self.url(path), local=self.store.is_local)
 
     def _read_parquet(self, parts: tuple[str, ...], names: list[str], extra: str = "") -> str:
@@ -296,7 +298,7 @@ class Catalog:
         if want("identities") and self.store.fs.exists(ident):
             schema = pq.read_schema(self._open(ident))
             stmts.append(f"CREATE VIEW identities AS {_select_star(array_casts(schema))} "
-                         f"FROM read_parquet({lit(self._duck_path(ident))})")
+                         f"FROM read_parquet({lit(self.duck_path(ident))})")
         metrics = self.store.path(METRICS_DIR)
         found = (self.store.fs.glob(glob_escape(metrics) + "/**/" + COMMITTED_GLOB)
                  if want("metrics") and self.store.fs.exists(metrics) else [])

@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 from manifests.catalog import COMMITTED_GLOB, array_casts, committed_fragments, sandbox
 from manifests.commit import scan_fragments, stage_totals
 from manifests.layout import COMPACTED_DIR, COMPACTED_POINTER, MANIFEST_SUFFIX, MANIFESTS_DIR, compacted_dir
-from manifests.sql import lit, q
+from manifests.sql import lit, parquet_source, q
 from manifests.storage import TMP_PREFIX, RunStorage
 
 # A lineage lookup reads one row group per stage: keep row groups near this many bytes.
@@ -128,7 +128,9 @@ def compact_stage(store: RunStorage | str, stage_id: str, *, storage_options: di
         schema = pq.read_schema(f)
     casts = array_casts(schema)
     rg_rows = _row_group_rows(store, first)
-    glob = url(store.path(MANIFESTS_DIR, stage_id, COMMITTED_GLOB))
+    folder = store.path(MANIFESTS_DIR, stage_id)
+    source = parquet_source(url(folder), COMMITTED_GLOB, [url(posixpath.join(folder, n)) for n in frags],
+                            local=store.is_local)
     tmp = tempfile.mkdtemp(prefix="ff-compact-")
     try:
         out_dir = os.path.join(tmp, "out")
@@ -147,7 +149,7 @@ def compact_stage(store: RunStorage | str, stage_id: str, *, storage_options: di
             sandbox(con, sorted(roots))
             # Stage columns are cast back to fixed-size arrays on read (the pointer keeps the casts).
             con.execute(
-                f"COPY (SELECT * FROM read_parquet({lit(glob)}) ORDER BY {q('sample_id')}, {q('shard')}) "
+                f"COPY (SELECT * FROM {source} ORDER BY {q('sample_id')}, {q('shard')}) "
                 f"TO {lit(out_dir)} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {rg_rows}, "
                 f"ROW_GROUPS_PER_FILE {ROW_GROUPS_PER_FILE}, FILENAME_PATTERN 'part-{{i}}')"
             )

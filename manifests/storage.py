@@ -178,3 +178,14 @@ def _write_local_durable(tmp: str, final: str, data: bytes) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def expand_user_glob(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    """The files a user's path names when its LAST part alone may be a glob (``/data/c[1]/*.tar``):
+    the folder part is literal, whatever characters it holds. A last part without a wildcard
+    character is the one path itself."""
+    folder, name = posixpath.split(path)
+    if not has_glob(name):
+        return [path]
+    return sorted(fs.glob(posixpath.join(glob_escape(folder), name) if folder else name))
+
