@@ -155,7 +155,7 @@ def test_a_where_cannot_select_what_the_exports_own_conditions_refuse() -> None:
     for where, want in [("meanf__mean > 0 OR true", ["s0", "s3", "s4"]),
                         ("meanf__mean IS NULL OR meanf__mean > 150", ["s3", "s4"]),
                         ("meanf__mean > 150", ["s4"]), ("meanf__keep IS NULL /* ) OR (true */", []),
-                        ("NOT (meanf__mean < 150)", ["s4"])]:
+                        ("NOT (meanf__mean < 150)", ["s4"]), ("meanf__mean > 150 -- a trailing comment", ["s4"])]:
         spec = selection_spec(ExportConfig(where=where), ["pattern", "meanf"])
         assert sorted(r[0] for r in con.sql(spec.sql).fetchall()) == want, where
     con.close()
