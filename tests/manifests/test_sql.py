@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from manifests.sql import glob_escape, lit, parquet_source, predicate_sql
-from manifests.storage import expand_user_glob, move_path, remove_path
+from manifests.storage import move_path, remove_path
 
 ESCAPES = [
     "true) OR (true",
@@ -78,7 +78,6 @@ def test_an_escaped_path_matches_itself_only_in_fsspec_and_duckdb(protocol: str,
         url = folder if protocol == "file" else f"memory://{folder}"
         got = con.execute(f"SELECT list(dir) FROM {parquet_source(url, '*.parquet', [], local=protocol == 'file')}")
         assert got.fetchall() == [([name],)]
-    assert expand_user_glob(fs, f"{root}/r[1]/*.parquet") == [fs._strip_protocol(f"{root}/r[1]/part.parquet")]
 
 
 def test_a_local_folder_with_a_backslash_is_read_by_its_file_list(tmp_path: Path) -> None:
