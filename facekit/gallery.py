@@ -95,8 +95,10 @@ def photo_files(path: str, storage_options: dict[str, Any] | None = None) -> lis
 
 
 def tar_files(path: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    from manifests.storage import expand_user_glob
+
     fs, pattern = _fs(path, storage_options)
-    return sorted(fs.glob(pattern)) if any(ch in pattern for ch in "*?[") else [pattern]
+    return expand_user_glob(fs, pattern)
 
 
 def gallery_sha256(path: str, kind: GalleryKind, storage_options: dict[str, Any] | None = None,

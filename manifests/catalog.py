@@ -26,7 +26,6 @@ directory and the configuration locked.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import posixpath
 import shutil
@@ -51,18 +50,11 @@ from manifests.layout import (
     TABLES_DONE,
 )
 from manifests.schema import COMMON_FIELDS
+from manifests.sql import duck_path, glob_escape, lit, parquet_source, parse_tree, q
 from manifests.storage import RunStorage
 
 # Matches every committed Parquet file of a folder and no temporary (``_tmp-``) or hidden one.
 COMMITTED_GLOB = "[!_.]*" + MANIFEST_SUFFIX
-
-
-def _q(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _lit(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
 
 
 def committed_fragments(store: RunStorage, stage_id: str, *, tokens: bool = True) -> dict[str, str]:
@@ -138,7 +130,7 @@ def array_casts(schema: pa.Schema) -> dict[str, str]:
 def _select_star(casts: dict[str, str]) -> str:
     if not casts:
         return "SELECT *"
-    return "SELECT * REPLACE (" + ", ".join(f"CAST({_q(c)} AS {t}) AS {_q(c)}" for c, t in casts.items()) + ")"
+    return "SELECT * REPLACE (" + ", ".join(f"CAST({q(c)} AS {t}) AS {q(c)}" for c, t in casts.items()) + ")"
 
 
 @dataclass
@@ -202,19 +194,19 @@ class Catalog:
                     src.fragments = frags
         if frags:
             if pointer is not None:
-                glob = self.store.path(MANIFESTS_DIR, stage_id, *pointer["dir"], COMMITTED_GLOB)
-                src.read_sql = f"read_parquet({_lit(self.url(glob))})"
+                src.read_sql = self._read_parquet((MANIFESTS_DIR, stage_id, *pointer["dir"]),
+                                                  [f["name"] for f in pointer["files"]])
             else:
                 first = self.store.path(MANIFESTS_DIR, stage_id, next(iter(frags)))
                 schema = pq.read_schema(first if self.store.is_local else self.store.fs.open(first, "rb"))
                 src.columns = list(schema.names)
                 src.casts = array_casts(schema)
                 if src.bad:  # name the good files: the glob would reach the bad ones
-                    listing = ", ".join(_lit(self.url(self.store.path(MANIFESTS_DIR, stage_id, n))) for n in frags)
+                    listing = ", ".join(lit(self.duck_path(self.store.path(MANIFESTS_DIR, stage_id, n)))
+                                        for n in frags)
                     src.read_sql = f"read_parquet([{listing}])"
                 else:
-                    glob = self.store.path(MANIFESTS_DIR, stage_id, COMMITTED_GLOB)
-                    src.read_sql = f"read_parquet({_lit(self.url(glob))})"
+                    src.read_sql = self._read_parquet((MANIFESTS_DIR, stage_id), list(frags))
         self._sources[stage_id] = src
         return src
 
@@ -224,12 +216,12 @@ class Catalog:
         """The stage's rows as a SELECT (typed and empty when nothing is committed)."""
         src = self.source(sid)
         if src.read_sql is None:
-            cols = ", ".join(f"CAST(NULL AS {duck_type(f.type) or 'VARCHAR'}) AS {_q(f.name)}" for f in COMMON_FIELDS)
+            cols = ", ".join(f"CAST(NULL AS {duck_type(f.type) or 'VARCHAR'}) AS {q(f.name)}" for f in COMMON_FIELDS)
             return f"SELECT {cols} WHERE false"
         return f"{_select_star(src.casts)} FROM {src.read_sql}"
 
     def _stage_view(self, sid: str) -> str:
-        return f"CREATE VIEW {_q(sid)} AS {self._relation(sid)}"
+        return f"CREATE VIEW {q(sid)} AS {self._relation(sid)}"
 
     def _table_view(self, name: str, parts: tuple[str, ...], extra: str = "") -> str | None:
         """A view over a folder of committed Parquet files written by the run (not per stage)."""
@@ -237,8 +229,8 @@ class Catalog:
         if not names:
             return None
         schema = pq.read_schema(self._open(self.store.path(*parts, names[0])))
-        glob = self.url(self.store.path(*parts, COMMITTED_GLOB))
-        return f"CREATE VIEW {_q(name)} AS {_select_star(array_casts(schema))} FROM read_parquet({_lit(glob)}{extra})"
+        source = self._read_parquet(parts, names, extra)
+        return f"CREATE VIEW {q(name)} AS {_select_star(array_casts(schema))} FROM {source}"
 
     def _samples_table_sql(self, fields: dict[str, list[str] | None] | None) -> str | None:
         """``samples`` over the run's committed samples table (manifests/tables.py: flat
@@ -264,12 +256,21 @@ class Catalog:
             chosen = chosen or available[:1]
             if not chosen or sid in schema.names:
                 continue
-            packed = ", ".join(f"{_q(c)} := {_q(prefix + c)}" for c in chosen)
-            present = f"{_q(prefix + 'status')} IS NOT NULL" if "status" in available else "true"
-            structs.append(f"CASE WHEN {present} THEN struct_pack({packed}) END AS {_q(sid)}")
-        glob = self.url(self.store.path(*SAMPLES_TABLE, COMMITTED_GLOB))
+            packed = ", ".join(f"{q(c)} := {q(prefix + c)}" for c in chosen)
+            present = f"{q(prefix + 'status')} IS NOT NULL" if "status" in available else "true"
+            structs.append(f"CASE WHEN {present} THEN struct_pack({packed}) END AS {q(sid)}")
         select = ", ".join([_select_star(array_casts(schema)), *structs]).replace("SELECT ", "", 1)
-        return f"CREATE VIEW samples AS SELECT {select} FROM read_parquet({_lit(glob)})"
+        return f"CREATE VIEW samples AS SELECT {select} FROM {self._read_parquet(SAMPLES_TABLE, names)}"
+
+    def duck_path(self, path: str) -> str:
+        """A file of the run as DuckDB's readers take it (see ``manifests.sql.duck_path``)."""
+        return duck_path(self.url(path), local=self.store.is_local)
+
+    def _read_parquet(self, parts: tuple[str, ...], names: list[str], extra: str = "") -> str:
+        """``read_parquet`` over the committed files of a run folder (``names``: those files)."""
+        folder = self.store.path(*parts)
+        return parquet_source(self.url(folder), COMMITTED_GLOB, [self.url(posixpath.join(folder, n)) for n in names],
+                              local=self.store.is_local, extra=extra)
 
     def _open(self, path: str) -> Any:
         return path if self.store.is_local else self.store.fs.open(path, "rb")
@@ -287,7 +288,7 @@ class Catalog:
         stmts = [self._stage_view(sid) for sid in self.stage_ids if want(sid)]
         table = self._samples_table_sql(samples_fields) if want("samples") else None
         if want("decisions") or (want("samples") and table is None):
-            common = ", ".join(_q(f.name) for f in COMMON_FIELDS)
+            common = ", ".join(q(f.name) for f in COMMON_FIELDS)
             parts = [f"SELECT {i} AS stage_index, {common} FROM ({self._relation(sid)})"
                      for i, sid in enumerate(self.stage_ids)]
             stmts.append("CREATE VIEW decisions AS " + " UNION ALL ".join(parts))
@@ -297,12 +298,14 @@ class Catalog:
         if want("identities") and self.store.fs.exists(ident):
             schema = pq.read_schema(self._open(ident))
             stmts.append(f"CREATE VIEW identities AS {_select_star(array_casts(schema))} "
-                         f"FROM read_parquet({_lit(self.url(ident))})")
+                         f"FROM read_parquet({lit(self.duck_path(ident))})")
         metrics = self.store.path(METRICS_DIR)
-        if want("metrics") and self.store.fs.exists(metrics) and self.store.fs.glob(metrics + "/**/" + COMMITTED_GLOB):
-            glob = self.url(metrics + "/**/" + COMMITTED_GLOB)
-            stmts.append(f"CREATE VIEW metrics AS SELECT * FROM read_parquet({_lit(glob)}, union_by_name=true, "
-                         "filename=true)")
+        found = (self.store.fs.glob(glob_escape(metrics) + "/**/" + COMMITTED_GLOB)
+                 if want("metrics") and self.store.fs.exists(metrics) else [])
+        if found:
+            source = parquet_source(self.url(metrics), "**/" + COMMITTED_GLOB, [self.url(f) for f in found],
+                                    local=self.store.is_local, extra=", union_by_name=true, filename=true")
+            stmts.append(f"CREATE VIEW metrics AS SELECT * FROM {source}")
         return stmts
 
     def _samples_sql(self, fields: dict[str, list[str] | None] | None) -> str:
@@ -322,8 +325,8 @@ class Catalog:
             has_own = f"(ids.stages >> {i}) & 1 = 1" if len(self.stage_ids) < 127 else None
             join, exprs = own_or_parent_sql("ids", f"({self._relation(sid)})", f"s{i}", cols, has_own=has_own)
             joins.append(join)
-            packed = ", ".join(f"{_q(c)} := {exprs[c]}" for c in cols)
-            select.append(f"CASE WHEN {exprs['sample_id']} IS NOT NULL THEN struct_pack({packed}) END AS {_q(sid)}")
+            packed = ", ".join(f"{q(c)} := {exprs[c]}" for c in cols)
+            select.append(f"CASE WHEN {exprs['sample_id']} IS NOT NULL THEN struct_pack({packed}) END AS {q(sid)}")
         ids = (
             "WITH ids AS (SELECT sample_id, last(key ORDER BY stage_index) AS key, "
             "last(identity_id ORDER BY stage_index) AS identity_id, "
@@ -369,8 +372,8 @@ class Catalog:
             con = duckdb.connect(db, read_only=read_only)
             try:
                 self._register(con)
-                con.execute(f"SET temp_directory={_lit(os.path.join(tmp, 'spill'))}")
-                con.execute(f"SET memory_limit={_lit(self.memory_limit)}")
+                con.execute(f"SET temp_directory={lit(os.path.join(tmp, 'spill'))}")
+                con.execute(f"SET memory_limit={lit(self.memory_limit)}")
                 con.execute("SET parquet_metadata_cache=true")
                 sandbox(con, self._allowed())
                 yield con
@@ -389,10 +392,13 @@ class Catalog:
 
 def sandbox(con: duckdb.DuckDBPyConnection, allowed_directories: list[str]) -> None:
     """Limit a connection's file access to ``allowed_directories`` and lock that in: no later SET,
-    extension load or ATTACH can lift it."""
+    extension load or ATTACH can lift it. DuckDB checks a glob's pattern text against the list before
+    it expands it (and each file it finds after), so a directory whose name holds a wildcard character
+    is allowed in its escaped spelling too: the spelling every reader of the run gives it."""
+    allowed = sorted({*allowed_directories, *(glob_escape(d) for d in allowed_directories)})
     con.execute("SET autoinstall_known_extensions=false")
     con.execute("SET autoload_known_extensions=false")
-    con.execute("SET allowed_directories=[" + ", ".join(_lit(d) for d in allowed_directories) + "]")
+    con.execute("SET allowed_directories=[" + ", ".join(lit(d) for d in allowed) + "]")
     con.execute("SET enable_external_access=false")
     con.execute("SET lock_configuration=true")
 
@@ -426,19 +432,6 @@ def _explain_analyze(sql: str) -> bool:
     return any(w.startswith(("ANALYZE", "ANALYSE")) for w in words)
 
 
-def _parse(sql: str) -> dict[str, Any] | None:
-    """DuckDB's own parse tree of a SELECT, or None if it cannot serialise it."""
-    con = duckdb.connect()
-    try:
-        text = con.execute("SELECT json_serialize_sql($1)", [sql]).fetchone()
-    except duckdb.Error:
-        return None
-    finally:
-        con.close()
-    tree = json.loads(text[0]) if text else None
-    return None if not tree or tree.get("error") else tree
-
-
 def _walk(node: Any, refs: list[list[str]], stars: list[bool], tables: set[str]) -> None:
     if isinstance(node, dict):
         cls = node.get("class")
@@ -457,7 +450,7 @@ def _walk(node: Any, refs: list[list[str]], stars: list[bool], tables: set[str])
 
 def analyse(sql: str, stage_ids: list[str]) -> tuple[dict[str, list[str] | None] | None, set[str] | None]:
     """What a query reads: its ``samples_fields`` and the relations it names (None: unknown, all)."""
-    tree = _parse(sql)
+    tree = parse_tree(sql)
     if tree is None:
         return None, None
     tables: set[str] = set()
@@ -470,7 +463,7 @@ def samples_fields(sql: str, stage_ids: list[str], tree: dict[str, Any] | None =
     """Which fields of which stage structs a query reads from ``samples``: ``stage.field`` (or
     ``alias.stage.field``) names a field; a stage named bare (``quality``, ``quality['yaw']``)
     needs its whole struct; ``*`` needs everything (None). Over-inclusion only costs reading."""
-    tree = tree if tree is not None else _parse(sql)
+    tree = tree if tree is not None else parse_tree(sql)
     if tree is None:
         return None
     refs: list[list[str]] = []
@@ -492,44 +485,3 @@ def samples_fields(sql: str, stage_ids: list[str], tree: dict[str, Any] | None =
                     out[sid] = None
                 break
     return out
-
-
-def validate_predicate(text: str) -> str:
-    """An ``export.where`` text as exactly one SQL predicate expression, canonicalised by DuckDB's
-    parser (comments dropped, parenthesised) so it can be placed after ``WHERE ... AND``.
-
-    Refused with a ValueError: several statements, anything that is not a bare boolean expression
-    (``ORDER BY``, ``UNION``, ``LIMIT``, a trailing ``; COPY ...``), and subqueries (a predicate
-    over a sample's columns needs none; file access is sandboxed anyway)."""
-    if not text or not text.strip():
-        raise ValueError("export.where: expected one SQL predicate such as \"quality.yaw < 30\", got an empty text")
-    probe = "SELECT * FROM __ff_rows WHERE " + text
-    try:
-        statements = duckdb.extract_statements(probe)
-    except duckdb.Error as exc:
-        raise ValueError(f"export.where: not a SQL predicate ({str(exc).splitlines()[0]}): {text!r}") from None
-    if len(statements) != 1:
-        raise ValueError(f"export.where: expected one predicate, got {len(statements)} statements: {text!r}")
-    tree = _parse(probe)
-    if tree is None or len(tree.get("statements", [])) != 1:
-        raise ValueError(f"export.where: not a single SQL predicate: {text!r}")
-    node = tree["statements"][0]["node"]
-    extra = [k for k in ("modifiers", "group_expressions", "group_sets") if node.get(k)]
-    extra += [k for k in ("having", "qualify", "sample") if node.get(k)]
-    if (node.get("type") != "SELECT_NODE" or extra or node.get("cte_map", {}).get("map")
-            or node.get("from_table", {}).get("table_name") != "__ff_rows" or node.get("where_clause") is None):
-        what = ", ".join(extra) or "a clause or statement around the expression"
-        raise ValueError(f"export.where: expected one predicate expression, got {what}: {text!r}")
-    if '"SUBQUERY"' in json.dumps(node["where_clause"]):
-        raise ValueError(f"export.where: subqueries are not allowed in a predicate: {text!r}")
-    con = duckdb.connect()
-    try:
-        canonical = con.execute("SELECT json_deserialize_sql($1)", [json.dumps(tree)]).fetchone()
-    finally:
-        con.close()
-    assert canonical is not None
-    prefix = "SELECT * FROM __ff_rows WHERE "
-    body = str(canonical[0])
-    if not body.startswith(prefix):
-        raise ValueError(f"export.where: not a single SQL predicate: {text!r}")
-    return "(" + body[len(prefix):] + ")"

@@ -420,7 +420,7 @@ def verify_fragment(store: RunStorage, stage_id: str, shard: str, full: bool = F
 def uncommit(store: RunStorage, path: str) -> None:
     """Remove a fragment proven bad, so that no reader and no resume counts it again."""
     with contextlib.suppress(FileNotFoundError):
-        store.fs.rm(path)
+        store.remove_path(path)
     _forget(path)
 
 

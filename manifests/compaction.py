@@ -36,9 +36,10 @@ from typing import Any
 import duckdb
 import pyarrow.parquet as pq
 
-from manifests.catalog import COMMITTED_GLOB, _lit, _q, array_casts, committed_fragments, sandbox
+from manifests.catalog import COMMITTED_GLOB, array_casts, committed_fragments, sandbox
 from manifests.commit import scan_fragments, stage_totals
 from manifests.layout import COMPACTED_DIR, COMPACTED_POINTER, MANIFEST_SUFFIX, MANIFESTS_DIR, compacted_dir
+from manifests.sql import lit, parquet_source, q
 from manifests.storage import TMP_PREFIX, RunStorage
 
 # A lineage lookup reads one row group per stage: keep row groups near this many bytes.
@@ -80,7 +81,7 @@ def _put(store: RunStorage, local: str, final: str) -> None:
     store.fs.makedirs(folder, exist_ok=True)
     tmp = posixpath.join(folder, f"{TMP_PREFIX}{uuid.uuid4().hex}-{posixpath.basename(final)}")
     store.fs.put_file(local, tmp)
-    store.fs.mv(tmp, final)
+    store.move(tmp, final)
 
 
 def compact_stages(url: str, stage_ids: list[str], *,
@@ -127,7 +128,9 @@ def compact_stage(store: RunStorage | str, stage_id: str, *, storage_options: di
         schema = pq.read_schema(f)
     casts = array_casts(schema)
     rg_rows = _row_group_rows(store, first)
-    glob = url(store.path(MANIFESTS_DIR, stage_id, COMMITTED_GLOB))
+    folder = store.path(MANIFESTS_DIR, stage_id)
+    source = parquet_source(url(folder), COMMITTED_GLOB, [url(posixpath.join(folder, n)) for n in frags],
+                            local=store.is_local)
     tmp = tempfile.mkdtemp(prefix="ff-compact-")
     try:
         out_dir = os.path.join(tmp, "out")
@@ -135,9 +138,9 @@ def compact_stage(store: RunStorage | str, stage_id: str, *, storage_options: di
         try:
             if not store.is_local:
                 con.register_filesystem(store.fs)
-            con.execute(f"SET memory_limit={_lit(memory_limit)}")
+            con.execute(f"SET memory_limit={lit(memory_limit)}")
             con.execute(f"SET threads={int(threads)}")
-            con.execute(f"SET temp_directory={_lit(os.path.join(tmp, 'spill'))}")
+            con.execute(f"SET temp_directory={lit(os.path.join(tmp, 'spill'))}")
             con.execute("SET preserve_insertion_order=true")
             roots = {url(store.root).rstrip("/") + "/", tmp.rstrip("/") + "/"}
             if store.is_local:
@@ -146,8 +149,8 @@ def compact_stage(store: RunStorage | str, stage_id: str, *, storage_options: di
             sandbox(con, sorted(roots))
             # Stage columns are cast back to fixed-size arrays on read (the pointer keeps the casts).
             con.execute(
-                f"COPY (SELECT * FROM read_parquet({_lit(glob)}) ORDER BY {_q('sample_id')}, {_q('shard')}) "
-                f"TO {_lit(out_dir)} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {rg_rows}, "
+                f"COPY (SELECT * FROM {source} ORDER BY {q('sample_id')}, {q('shard')}) "
+                f"TO {lit(out_dir)} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {rg_rows}, "
                 f"ROW_GROUPS_PER_FILE {ROW_GROUPS_PER_FILE}, FILENAME_PATTERN 'part-{{i}}')"
             )
         finally:
@@ -195,7 +198,7 @@ def _remove_old_generations(store: RunStorage, stage_id: str, keep: set[Any]) ->
     for e in entries:
         name = posixpath.basename(str(e).rstrip("/"))
         if name != COMPACTED_POINTER and name not in keep and not name.startswith(TMP_PREFIX):
-            store.fs.rm(e, recursive=True)
+            store.remove_path(e, recursive=True)
 
 
 def compacted_files_for(pointer: dict[str, Any], sample_ids: list[str]) -> list[str]:

@@ -18,12 +18,10 @@ from collections.abc import Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from manifests.sql import q
+
 SAMPLE_ID = "sample_id"
 PARENT_ID = "parent_id"
-
-
-def _q(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 # ---------------------------------------------------------------- Arrow
@@ -76,21 +74,21 @@ def own_or_parent_sql(base: str, source: str, alias: str, columns: Sequence[str]
     columns are projected, so DuckDB reads no others from the Parquet files behind ``source``.
     """
     wanted = [c for c in dict.fromkeys(columns) if c != SAMPLE_ID]
-    projection = ", ".join([_q(SAMPLE_ID), *(_q(c) for c in wanted)])
-    sid, pid = f"{base}.{_q(SAMPLE_ID)}", f"{base}.{_q(PARENT_ID)}"
+    projection = ", ".join([q(SAMPLE_ID), *(q(c) for c in wanted)])
+    sid, pid = f"{base}.{q(SAMPLE_ID)}", f"{base}.{q(PARENT_ID)}"
     if has_own is not None:
-        row = _q(f"{alias}__row")
+        row = q(f"{alias}__row")
         joins = (f"LEFT JOIN (SELECT {projection} FROM {source}) {row} "
-                 f"ON {row}.{_q(SAMPLE_ID)} = (CASE WHEN {has_own} THEN {sid} ELSE {pid} END)")
-        exprs = {c: f"{row}.{_q(c)}" for c in wanted}
-        exprs[SAMPLE_ID] = f"{row}.{_q(SAMPLE_ID)}"
+                 f"ON {row}.{q(SAMPLE_ID)} = (CASE WHEN {has_own} THEN {sid} ELSE {pid} END)")
+        exprs = {c: f"{row}.{q(c)}" for c in wanted}
+        exprs[SAMPLE_ID] = f"{row}.{q(SAMPLE_ID)}"
         return joins, exprs
-    own, par = _q(f"{alias}__own"), _q(f"{alias}__parent")
+    own, par = q(f"{alias}__own"), q(f"{alias}__parent")
     joins = (
-        f"LEFT JOIN (SELECT {projection} FROM {source}) {own} ON {own}.{_q(SAMPLE_ID)} = {sid} "
-        f"LEFT JOIN (SELECT {projection} FROM {source}) {par} ON {par}.{_q(SAMPLE_ID)} = {pid}"
+        f"LEFT JOIN (SELECT {projection} FROM {source}) {own} ON {own}.{q(SAMPLE_ID)} = {sid} "
+        f"LEFT JOIN (SELECT {projection} FROM {source}) {par} ON {par}.{q(SAMPLE_ID)} = {pid}"
     )
-    hit = f"{own}.{_q(SAMPLE_ID)} IS NOT NULL"
-    exprs = {c: f"CASE WHEN {hit} THEN {own}.{_q(c)} ELSE {par}.{_q(c)} END" for c in wanted}
-    exprs[SAMPLE_ID] = f"coalesce({own}.{_q(SAMPLE_ID)}, {par}.{_q(SAMPLE_ID)})"
+    hit = f"{own}.{q(SAMPLE_ID)} IS NOT NULL"
+    exprs = {c: f"CASE WHEN {hit} THEN {own}.{q(c)} ELSE {par}.{q(c)} END" for c in wanted}
+    exprs[SAMPLE_ID] = f"coalesce({own}.{q(SAMPLE_ID)}, {par}.{q(SAMPLE_ID)})"
     return joins, exprs

@@ -15,9 +15,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from manifests.catalog import Catalog, _lit, _q
+from manifests.catalog import Catalog
 from manifests.compaction import compacted_files_for
 from manifests.layout import EXPORT_DIR, EXPORT_MANIFEST, MANIFESTS_DIR
+from manifests.sql import lit, q
 from manifests.storage import RunStorage
 
 
@@ -55,8 +56,8 @@ class _Lookup:
         if self._con is None:
             self._ctx = self.catalog.connect(read_only=True)
             self._con = self._ctx.__enter__()
-        listing = ", ".join(_lit(i) for i in ids)
-        return self._con.sql(f"SELECT * FROM {_q(sid)} WHERE sample_id IN ({listing})").to_arrow_table().to_pylist()
+        listing = ", ".join(lit(i) for i in ids)
+        return self._con.sql(f"SELECT * FROM {q(sid)} WHERE sample_id IN ({listing})").to_arrow_table().to_pylist()
 
     def close(self) -> None:
         if self._ctx is not None:

@@ -87,7 +87,7 @@ def write_listing(
         staged = posixpath.join(folder, f"{TMP_PREFIX}{posixpath.basename(final)}")
         with open(ordered, "rb") as src, store.fs.open(staged, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
-        store.fs.mv(staged, final)
+        store.move(staged, final)
     return count
 
 

@@ -22,6 +22,8 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from manifests.sql import glob_escape, has_glob
+
 TMP_PREFIX = "_tmp-"
 
 # Filesystems where one PUT of the whole object is atomic.
@@ -109,13 +111,19 @@ class RunStorage:
             return final
         with self.fs.open(tmp, "wb") as f:
             f.write(data)
-        self.fs.mv(tmp, final)
+        self.move(tmp, final)
         return final
+
+    def move(self, src: str, dst: str) -> None:
+        move_path(self.fs, src, dst)
+
+    def remove_path(self, path: str, recursive: bool = False) -> None:
+        remove_path(self.fs, path, recursive=recursive)
 
     def remove(self, *parts: str, recursive: bool = False) -> None:
         target = self.path(*parts)
         if self.fs.exists(target):
-            self.fs.rm(target, recursive=recursive)
+            self.remove_path(target, recursive=recursive)
 
     def clear_tmp(self, *parts: str) -> None:
         """Temporary files of a killed run are garbage: nothing refers to them."""
@@ -126,7 +134,29 @@ class RunStorage:
             return
         for entry in entries:
             if posixpath.basename(entry.rstrip("/")).startswith(TMP_PREFIX):
-                self.fs.rm(entry)
+                self.remove_path(entry)
+
+
+# fsspec's generic ``mv``, ``rm`` and ``copy`` expand a path holding ``*``, ``?`` or ``[`` as a glob (and
+# expand what they found once more): ``run[1]/x`` would name ``run1/x``. The local filesystem's own
+# ``mv`` and ``rm`` take the path as it is; elsewhere a path with a wildcard character goes by name
+# (``cp_file``, ``rm_file``) or escaped, so it names itself only.
+
+
+def move_path(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
+    if isinstance(fs, LocalFileSystem) or not (has_glob(src) or has_glob(dst)):
+        fs.mv(src, dst)
+        return
+    fs.cp_file(src, dst)
+    fs.rm_file(src)
+
+
+def remove_path(fs: fsspec.AbstractFileSystem, path: str, recursive: bool = False) -> None:
+    if isinstance(fs, LocalFileSystem) or not has_glob(path):
+        fs.rm(path, recursive=recursive)
+        return
+    found = fs.find(path, withdirs=True) if recursive else []
+    fs.rm([glob_escape(p) for p in sorted({path, *found})])
 
 
 def _write_local_durable(tmp: str, final: str, data: bytes) -> None:
@@ -148,3 +178,14 @@ def _write_local_durable(tmp: str, final: str, data: bytes) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def expand_user_glob(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    """The files a user's path names when its LAST part alone may be a glob (``/data/c[1]/*.tar``):
+    the folder part is literal, whatever characters it holds. A last part without a wildcard
+    character is the one path itself."""
+    folder, name = posixpath.split(path)
+    if not has_glob(name):
+        return [path]
+    return sorted(fs.glob(posixpath.join(glob_escape(folder), name) if folder else name))
+

@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from manifests.layout import DECISIONS_TABLE, MANIFEST_SUFFIX, SAMPLES_TABLE, manifest_path, table_file
+from manifests.sql import glob_escape
 from manifests.storage import RunStorage
 
 SEP = "__"
@@ -305,5 +306,5 @@ def resolve_stage_columns(store: RunStorage, stages: list[StageColumns], shards:
 def table_glob(store: RunStorage, table: tuple[str, ...]) -> str:
     """The glob a reader (DuckDB ``read_parquet``, polars) opens one run table with: every file of
     the table shares one schema, so no ``union_by_name`` is needed."""
-    path = store.path(*table) + "/*" + MANIFEST_SUFFIX
+    path = glob_escape(store.path(*table)) + "/*" + MANIFEST_SUFFIX
     return path if store.is_local else store.fs.unstrip_protocol(path)

@@ -14,6 +14,8 @@ from typing import Any
 
 import fsspec
 
+from manifests.sql import glob_escape
+
 EXPORT_MANIFEST = "export.json"
 
 
@@ -91,7 +93,7 @@ class ExportIndex:
 
     def _glob_shards(self, split: str) -> list[str]:
         fs, root = fsspec.core.url_to_fs(self.export_dir, **self.storage_options)
-        found = sorted(fs.glob(posixpath.join(root, split, "*.tar")))
+        found = sorted(fs.glob(posixpath.join(glob_escape(root), glob_escape(split), "*.tar")))
         return [_join(self.export_dir, posixpath.relpath(p, root)) for p in found]
 
 

@@ -20,6 +20,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from manifests.sql import glob_escape
+
 METRICS_SCHEMA = pa.schema(
     [
         pa.field("job", pa.string()),
@@ -96,6 +98,6 @@ class MetricsWriter:
 def read_metrics(run_dir: str, job: str, storage_options: dict[str, Any] | None = None) -> pa.Table:
     """All metric rows of a job (for tests and reports; `facefoundry query` reads the same files)."""
     fs, folder = fsspec.core.url_to_fs(metrics_dir(run_dir, job), **(storage_options or {}))
-    files = sorted(fs.glob(f"{folder}/*.parquet"))
+    files = sorted(fs.glob(f"{glob_escape(folder)}/*.parquet"))
     tables = [pq.read_table(io.BytesIO(fs.cat_file(f)), schema=METRICS_SCHEMA) for f in files]
     return pa.concat_tables(tables) if tables else METRICS_SCHEMA.empty_table()

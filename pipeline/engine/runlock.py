@@ -181,7 +181,7 @@ class _Conditional:
     def delete(self, tag: str) -> None:
         with contextlib.suppress(FileNotFoundError, LockLostError):
             if self.read()[1] == tag:
-                self.store.fs.rm(self.path)
+                self.store.remove_path(self.path)
                 self.store.fs.invalidate_cache(self.path)
 
 

@@ -5,12 +5,12 @@ What is exported is a *view*: every stage's status must be ok, and each stage's 
 applies unless the export names thresholds for that stage, which then replace it. Changing a
 threshold re-runs only the export, never a model stage. Splits are by identity.
 
-- ``config``: the export config and the one-predicate check of ``export.where``;
+- ``config``: the export config (``export.where`` is checked by ``manifests.sql.predicate_sql``);
 - ``plan``: the selection per partition, the per-identity table, splits, labels, shard assignment;
 - ``shards``: writer tasks (grouped byte ranges of the source tars -> training tars);
 - ``card``: the dataset card; ``task``: orchestration and the commit (write beside, then switch).
 """
 
-from pipeline.export.config import ExportConfig, Threshold, check_where
+from pipeline.export.config import ExportConfig, Threshold
 
-__all__ = ["ExportConfig", "Threshold", "check_where"]
+__all__ = ["ExportConfig", "Threshold"]

@@ -2,17 +2,18 @@
 
 ``where`` is ONE boolean predicate over the columns of ``tables/samples`` (``stage__column``; see
 ``manifests.tables``). It is parsed by DuckDB's own parser and refused unless it is exactly one
-row-level predicate: no second statement, no set operation, no subquery, no LIMIT. It then runs
+row-level predicate: no second statement, no set operation, no subquery, no LIMIT. The plan splices
+the form DuckDB re-emits from its parse tree, in parentheses, after the export's own conditions; it runs
 on an in-memory connection whose external access is disabled, over the Arrow data of one partition.
 """
 
 from __future__ import annotations
 
-import json
-from typing import Any, Literal
+from typing import Literal
 
-import duckdb
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from manifests.sql import predicate_sql
 
 WHERE_TABLE = "samples"
 
@@ -23,48 +24,6 @@ class Threshold(BaseModel):
     min: float | None = Field(None, description="keep values at or above this")
     max: float | None = Field(None, description="keep values at or below this")
     max_abs: float | None = Field(None, description="keep values whose absolute value is at or below this")
-
-
-def _walk(node: Any) -> Any:
-    if isinstance(node, dict):
-        yield node
-        for v in node.values():
-            yield from _walk(v)
-    elif isinstance(node, list):
-        for v in node:
-            yield from _walk(v)
-
-
-def check_where(where: str) -> str:
-    """Refuse anything but one row-level boolean predicate; returns it unchanged."""
-    if not where.strip():
-        raise ValueError("must be a SQL predicate, got an empty string")
-    sql = f"SELECT 1 FROM {WHERE_TABLE} WHERE ({where})"
-    try:
-        statements = duckdb.extract_statements(sql)
-    except duckdb.Error as exc:
-        raise ValueError(f"not a SQL predicate: {str(exc).splitlines()[0]}") from None
-    if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
-        raise ValueError("must be ONE predicate (a WHERE condition), not statements")
-    con = duckdb.connect()
-    try:
-        row = con.execute("SELECT json_serialize_sql(?)", [sql]).fetchone()
-        doc: dict[str, Any] = json.loads(row[0]) if row else {"error": True}
-    finally:
-        con.close()
-    if doc.get("error") or len(doc.get("statements", [])) != 1:
-        raise ValueError(f"not a SQL predicate: {doc.get('error_message', 'cannot parse')}")
-    node = doc["statements"][0]["node"]
-    from_table = node.get("from_table") or {}
-    if (node.get("type") != "SELECT_NODE" or node.get("modifiers") or node.get("group_expressions")
-            or node.get("having") or node.get("qualify") or node.get("sample")
-            or (node.get("cte_map") or {}).get("map") or len(node.get("select_list", [])) != 1
-            or from_table.get("type") != "BASE_TABLE" or from_table.get("table_name") != WHERE_TABLE
-            or node.get("where_clause") is None):
-        raise ValueError("must be ONE predicate (a WHERE condition) over the samples table")
-    if any(n.get("class") == "SUBQUERY" or n.get("type") == "SUBQUERY" for n in _walk(node["where_clause"])):
-        raise ValueError("must be a row-level predicate: subqueries are not allowed")
-    return where
 
 
 class ExportConfig(BaseModel):
@@ -102,4 +61,6 @@ class ExportConfig(BaseModel):
     @field_validator("where")
     @classmethod
     def _one_predicate(cls, value: str | None) -> str | None:
-        return None if value is None else check_where(value)
+        if value is not None:
+            predicate_sql(value)  # refuses anything but one predicate; the plan splices its re-emitted form
+        return value

@@ -29,14 +29,11 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from manifests.sql import predicate_sql, q
 from manifests.tables import column_name
 from pipeline.export.config import WHERE_TABLE, ExportConfig, Threshold
 
 MAX_EXAMPLES = 3
-
-
-def _q(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 def _ref(target: str) -> str:
@@ -51,7 +48,7 @@ def threshold_predicates(thresholds: dict[str, Threshold], stage_ids: list[str])
         if stage not in stage_ids or not column:
             raise ValueError(f"export.thresholds: {target!r} must be 'stage.column' with a stage of this run "
                              f"({', '.join(stage_ids)})")
-        ref = _q(column_name(stage, column))
+        ref = q(column_name(stage, column))
         preds = out.setdefault(stage, [])
         if th.min is not None:
             preds.append(f"{ref} >= {th.min!r}")
@@ -63,16 +60,18 @@ def threshold_predicates(thresholds: dict[str, Threshold], stage_ids: list[str])
 
 
 def selection_predicate(cfg: ExportConfig, stage_ids: list[str]) -> str:
-    """Every stage ok; each stage's own keep unless thresholds replace it or it is ignored; ``where``."""
+    """Every stage ok; each stage's own keep unless thresholds replace it or it is ignored; ``where``.
+    A NULL in any condition (an error row has no keep and no scores) leaves the sample out, as SQL's
+    WHERE does: ``where`` is one parenthesised expression and cannot reach the conditions before it."""
     overridden = threshold_predicates(cfg.thresholds, stage_ids)
-    conds = [f"{_q(column_name(s, 'status'))} = 'ok'" for s in stage_ids]
+    conds = [f"{q(column_name(s, 'status'))} = 'ok'" for s in stage_ids]
     for s in stage_ids:
         if s in overridden:
             conds.extend(overridden[s])
         elif s not in cfg.ignore_decisions:
-            conds.append(f"{_q(column_name(s, 'keep'))}")
+            conds.append(f"{q(column_name(s, 'keep'))}")
     if cfg.where:
-        conds.append(f"({cfg.where})")
+        conds.append(predicate_sql(cfg.where))
     return " AND ".join(conds)
 
 
@@ -89,11 +88,11 @@ class SelectionSpec:
 def selection_spec(cfg: ExportConfig, stage_ids: list[str], balance_columns: list[str] | None = None) -> SelectionSpec:
     extra = ""
     for i, target in enumerate(cfg.metadata_columns):
-        extra += f", {_q(_ref(target))} AS meta_{i}"
+        extra += f", {q(_ref(target))} AS meta_{i}"
     for i, target in enumerate(cfg.extra_members.values()):
-        extra += f", {_q(_ref(target))} AS member_{i}"
+        extra += f", {q(_ref(target))} AS member_{i}"
     for i, col in enumerate(balance_columns or []):
-        extra += f", CAST({_q(col)} AS VARCHAR) AS bal_{i}"
+        extra += f", CAST({q(col)} AS VARCHAR) AS bal_{i}"
     sql = (
         "SELECT sample_id, key, identity_id, image_shard AS src_shard, image_offset AS src_offset, "
         f"image_size AS src_size, image_crc32 AS src_crc32, image_ext AS src_ext{extra} FROM {WHERE_TABLE} WHERE "

@@ -103,8 +103,8 @@ def _write_call(url: str, opts: dict[str, Any], version: str, plan_files: list[t
 def _copy_atomic(store: RunStorage, src: tuple[str, ...], dst: tuple[str, ...]) -> None:
     final = store.path(*dst)
     tmp = posixpath.join(posixpath.dirname(final), f"_tmp-{uuid.uuid4().hex}-{posixpath.basename(final)}")
-    store.fs.copy(store.path(*src), tmp)
-    store.fs.mv(tmp, final)
+    store.fs.cp_file(store.path(*src), tmp)
+    store.move(tmp, final)
 
 
 def balance_columns(schema: pa.Schema, stages: list[dict[str, Any]]) -> list[str]:
@@ -231,7 +231,7 @@ def clean_old_versions(store: RunStorage, keep: str) -> None:
     for name in store.fs.ls(store.path(EXPORT_DIR), detail=False):
         base = posixpath.basename(name.rstrip("/"))
         if (base.startswith(EXPORT_VERSION_PREFIX) and base != keep) or base in LEGACY_DIRS:
-            store.fs.rm(name, recursive=True)
+            store.remove_path(name, recursive=True)
 
 
 def run_export(store: RunStorage, stages: list[dict[str, Any]], cfg: ExportConfig, fingerprint: str,

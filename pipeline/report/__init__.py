@@ -34,11 +34,6 @@ _env = Environment(loader=PackageLoader("pipeline.report", "templates"), autoesc
                    trim_blocks=True, lstrip_blocks=True)
 
 
-def _url(store: RunStorage, *parts: str) -> str:
-    path = store.path(*parts)
-    return path if store.is_local else store.fs.unstrip_protocol(path)
-
-
 def _histograms(con: Any, order: list[str], kinds: dict[str, StageKind],
                 lines: dict[tuple[str, str], list[tuple[float, str]]]) -> list[dict[str, Any]]:
     out = []
@@ -85,8 +80,11 @@ def build_report(store: RunStorage) -> str:
     state = read_run_file(store)
     config = state.config if state else {}
     kinds, lines = stage_kinds_and_thresholds(config, store.url)
-    manifest = _url(store, EXPORT_DIR, EXPORT_MANIFEST) if store.exists(EXPORT_DIR, EXPORT_MANIFEST) else None
-    with Catalog(store, order).connect(read_only=True) as con:
+    catalog = Catalog(store, order)
+    # The path as DuckDB's read_parquet takes it (escaped: the run directory may hold wildcards).
+    manifest = catalog.duck_path(store.path(EXPORT_DIR, EXPORT_MANIFEST)) if store.exists(EXPORT_DIR, EXPORT_MANIFEST) \
+        else None
+    with catalog.connect(read_only=True) as con:
         names = queries.stage_names(con)
         histograms = _histograms(con, order, kinds, lines)
         drops = queries.drops_by_rule(con)

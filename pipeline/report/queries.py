@@ -13,6 +13,7 @@ from typing import Any
 import duckdb
 
 from manifests.schema import COMMON_NAMES
+from manifests.sql import lit, q
 from pipeline.balance import NOT_ATTRIBUTES
 
 EXAMPLES_PER_RULE = 4
@@ -23,14 +24,6 @@ HIST_BINS = 30
 MAX_BINS_PER_ATTRIBUTE = 20
 # Stages whose drops are about identity: shown beside the identity's other images.
 IDENTITY_STAGES = ("consistency", "separation")
-
-
-def q(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def lit(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
 
 
 # ``reason`` is a stable rule name when the stage also wrote ``detail``. Older stages wrote free text with

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import json
+import posixpath
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -40,6 +41,7 @@ from manifests.layout import (
     gallery_pointer_path,
     stage_summary_path,
 )
+from manifests.sql import has_glob
 from stages.base import (
     SAMPLE_ID,
     Batch,
@@ -210,7 +212,7 @@ class LeakageStage(FilterStage):
 
             fs, target = fsspec.core.url_to_fs(p.gallery, **p.storage_options)
             kind = guess_kind(p.gallery) if p.gallery_kind == "auto" else p.gallery_kind
-            globbed = kind == "photos" and any(ch in target for ch in "*?[")
+            globbed = kind == "photos" and has_glob(posixpath.basename(target))
             found = bool(tar_files(p.gallery, p.storage_options)) if globbed else fs.exists(target)
         except Exception as exc:  # an unreachable store is a finding, never a crash
             return [f"leakage: cannot reach gallery {p.gallery} ({type(exc).__name__}: {exc})"]

@@ -51,7 +51,7 @@ from facekit.imaging import ImageError, decode_rgb, remembering
 from manifests.layout import listing_path
 from manifests.listing import listing_size, read_listing, walk_rel_paths, write_listing
 from manifests.shards import TarMember, is_compressed, iter_tar_members
-from manifests.storage import RunStorage
+from manifests.storage import RunStorage, expand_user_glob
 from manifests.transient import is_transient
 from stages.base import (
     IDENTITY_ID,
@@ -258,7 +258,7 @@ class IngestStage(SourceStage):
         found: set[str] = set()
         for pattern in self.params.tars:
             fs, path = self._fs(pattern)
-            matches = fs.glob(path) if any(c in path for c in "*?[") else [path]
+            matches = expand_user_glob(fs, path)
             found.update(fs.unstrip_protocol(m) if "://" in pattern else m for m in matches)
         return sorted(found)
 

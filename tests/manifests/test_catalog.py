@@ -12,7 +12,7 @@ import duckdb
 import pyarrow as pa
 import pytest
 
-from manifests.catalog import Catalog, QueryError, committed_fragments, samples_fields, validate_predicate
+from manifests.catalog import Catalog, QueryError, committed_fragments, samples_fields
 from manifests.join import own_or_parent_rows, take_own_or_parent
 from manifests.storage import RunStorage
 from pipeline.status import run_status
@@ -185,16 +185,6 @@ def _probe_dir(tmp_path: Path) -> None:
     (tmp_path / "probe").mkdir()
 
 
-def test_a_predicate_is_one_expression_and_comes_back_canonical() -> None:
-    assert validate_predicate("emb.score > 0.5 and src.keep -- trailing comment") == \
-        "(((emb.score > 0.5) AND src.keep))"
-    for bad in ["true); COPY (SELECT 1) TO '/tmp/x'; SELECT 1 WHERE (true", "true; COPY (SELECT 1) TO '/tmp/x'",
-                "true ORDER BY 1", "true UNION SELECT 1", "true LIMIT 1", "true GROUP BY 1",
-                "sample_id IN (SELECT sample_id FROM read_csv('/etc/passwd'))", "", "   "]:
-        with pytest.raises(ValueError, match=r"export\.where"):
-            validate_predicate(bad)
-
-
 def _write(store: RunStorage, table: pa.Table, *parts: str) -> None:
     import io
 
@@ -251,3 +241,27 @@ def test_the_one_join_and_two_join_sql_forms_agree(local_run: RunStorage) -> Non
     assert answers[0] == answers[1]
     kids = [r for r in answers[0] if r[1] is not None and r[1] != r[0]]
     assert len(kids) == SHARDS * PER_SHARD // 4, "every crop child falls back to its parent's src row"
+
+
+@pytest.mark.parametrize("kind", ["local", "memory", "s3"])
+def test_a_run_path_with_glob_characters_reads_and_removes_its_own_files_only(
+        kind: str, s3_run: RunStorage, tmp_path: Path) -> None:
+    """Beside the run sits the folder its path names as a glob, with other fragments: the views, the
+    compacted copy and a recursive removal reach the run's own files only."""
+    from manifests.compaction import compact_stage
+
+    opts = s3_run.storage_options if kind == "s3" else {}
+    base = {"local": str(tmp_path), "memory": f"memory://globs-{uuid.uuid4().hex}",
+            "s3": f"s3://{s3_run.root.split('/')[0]}/globs-{uuid.uuid4().hex}"}[kind]
+    hostile, neighbour = RunStorage(f"{base}/r[1]*?x'q", opts), RunStorage(f"{base}/r1zzx'q", opts)
+    build_run(neighbour, 3, PER_SHARD)
+    build_run(hostile, 2, PER_SHARD)
+    assert Catalog(hostile, STAGES).query("SELECT count(*) AS n FROM src").column("n")[0].as_py() == 2 * PER_SHARD
+    pointer = compact_stage(hostile, "src")
+    assert pointer is not None and pointer["rows"] == 2 * PER_SHARD
+    cat = Catalog(hostile, STAGES)
+    assert cat.source("src").compacted is not None
+    assert cat.query("SELECT count(*) AS n FROM src").column("n")[0].as_py() == 2 * PER_SHARD
+    assert cat.query("SELECT count(*) AS n FROM identities").column("n")[0].as_py() == 50
+    hostile.remove("manifests", "src", recursive=True)
+    assert not hostile.exists("manifests", "src") and len(committed_fragments(neighbour, "src")) == 3

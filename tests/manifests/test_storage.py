@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import tarfile
 import uuid
+from pathlib import Path
 
+import fsspec
 import pyarrow as pa
 import pytest
 
@@ -67,3 +69,20 @@ def test_a_tar_with_an_escaping_member_yields_an_error_member_and_keeps_the_rest
     members = list(iter_tar_members(buf))
     assert [(m.key, m.error is None) for m in members] == [("good", True), ("", False), ("also/fine", True)]
     assert members[1].error == "unsafe_member_name" and "../escape.png" in (members[1].detail or "")
+
+
+def test_a_user_pattern_globs_its_last_part_only(tmp_path: Path) -> None:
+    """``c[1]/*.tar`` lists the tars of the folder named ``c[1]``, never those of ``c1``; a last part
+    without a wildcard is the path itself."""
+    from manifests.storage import expand_user_glob
+
+    fs = fsspec.filesystem("file")
+    for folder in ("c[1]", "c1", "c*?", "cab"):
+        (tmp_path / folder).mkdir()
+        for name in ("a.tar", "b.tar", "n.txt"):
+            (tmp_path / folder / name).write_bytes(b"x")
+    for folder in ("c[1]", "c*?"):
+        got = expand_user_glob(fs, f"{tmp_path}/{folder}/*.tar")
+        assert got == [f"{tmp_path}/{folder}/a.tar", f"{tmp_path}/{folder}/b.tar"]
+    assert expand_user_glob(fs, f"{tmp_path}/c[1]/a.tar") == [f"{tmp_path}/c[1]/a.tar"]
+

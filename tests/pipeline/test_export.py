@@ -126,6 +126,41 @@ def test_export_where_that_is_not_one_predicate_is_a_config_error(where: str) ->
     assert not Path("/tmp/ff-pwned").exists()
 
 
+@pytest.mark.parametrize("where", ["true) OR (true", "true) OR meanf__keep IS NULL OR (true", "1=1) --",
+                                   "1=1 /* */) OR (1=1", "meanf__keep; DROP TABLE samples",
+                                   "true) UNION SELECT * FROM samples WHERE (true"])
+def test_a_where_that_closes_its_parenthesis_is_refused(where: str) -> None:
+    with pytest.raises(ConfigError, match=r"export\.where"):
+        load_config(raw=CONFIG, overrides=[f"export.where={where}"])
+
+
+def test_a_where_cannot_select_what_the_exports_own_conditions_refuse() -> None:
+    """The plan's query over samples with error rows (NULL keep, NULL scores) and drops: whatever the
+    predicate says, only rows every stage kept are selected, and a NULL means not selected."""
+    import pyarrow as pa
+
+    from pipeline.export.config import WHERE_TABLE, ExportConfig
+    from pipeline.export.plan import sandbox, selection_spec
+
+    n = 5
+    rows = pa.table({
+        "sample_id": [f"s{i}" for i in range(n)], "key": ["k"] * n, "identity_id": ["a"] * n,
+        "image_shard": ["x.tar"] * n, "image_offset": [0] * n, "image_size": [1] * n, "image_crc32": [0] * n,
+        "image_ext": ["png"] * n, "pattern__status": ["ok"] * n, "pattern__keep": [True] * n,
+        "meanf__status": ["ok", "ok", "error", "ok", "ok"], "meanf__keep": [True, False, None, True, True],
+        "meanf__mean": [100.0, 10.0, None, None, 200.0],
+    })
+    con = sandbox()
+    con.register(WHERE_TABLE, rows)
+    for where, want in [("meanf__mean > 0 OR true", ["s0", "s3", "s4"]),
+                        ("meanf__mean IS NULL OR meanf__mean > 150", ["s3", "s4"]),
+                        ("meanf__mean > 150", ["s4"]), ("meanf__keep IS NULL /* ) OR (true */", []),
+                        ("NOT (meanf__mean < 150)", ["s4"]), ("meanf__mean > 150 -- a trailing comment", ["s4"])]:
+        spec = selection_spec(ExportConfig(where=where), ["pattern", "meanf"])
+        assert sorted(r[0] for r in con.sql(spec.sql).fetchall()) == want, where
+    con.close()
+
+
 def test_export_where_with_an_unknown_column_fails_before_any_work(tmp_path: Path) -> None:
     raw = copy.deepcopy(CONFIG)
     raw["export"]["where"] = "meanf__no_such_column > 1"
