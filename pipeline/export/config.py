@@ -12,13 +12,14 @@ import json
 from typing import Any, Literal
 
 import duckdb
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+
+from facekit.common import Strict
 
 WHERE_TABLE = "samples"
 
 
-class Threshold(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class Threshold(Strict):
 
     min: float | None = None
     max: float | None = None
@@ -67,8 +68,7 @@ def check_where(where: str) -> str:
     return where
 
 
-class ExportConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class ExportConfig(Strict):
 
     enabled: bool = True
     shard_size: int = Field(1000, ge=1, description="target samples per training shard")

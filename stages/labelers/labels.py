@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from facekit.labelers.base import Labeler, labeler_class
 from stages.base import (
@@ -28,13 +28,12 @@ from stages.base import (
     Resources,
     Stage,
     StageContext,
+    Strict,
 )
 
 
-class LabelerConfig(BaseModel):
+class LabelerConfig(Strict):
     """One labeler: its kind and its own params (validated against the labeler's params model)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: str
     params: dict[str, Any] = Field(default_factory=dict)

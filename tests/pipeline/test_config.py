@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
+from facekit.userconfig import MAX_YAML_BYTES
 from pipeline.config import ConfigError, apply_overrides, config_hash, load_config
 from pipeline.engine.runner import Runner
 
@@ -111,3 +113,82 @@ def test_invalid_yaml_is_a_config_error(tmp_path: Path) -> None:
     path.write_text("stages: [\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(path)
+
+
+# ---------------------------------------------------------------- YAML that expands past every bound
+
+def _laughs(levels: int, fan: int) -> str:
+    """The classic billion laughs: each level a list of `fan` aliases of the one before."""
+    text = "l0: &l0 [lol]\n"
+    for i in range(1, levels + 1):
+        text += f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * fan)}]\n"
+    return text
+
+
+BOMBS = {
+    "nested lists, 9 x 9": (_laughs(9, 9), "expand to more than 100,000 nodes"),
+    "nested lists, 20 x 2": (_laughs(20, 2), "expand to more than 100,000 nodes"),
+    "nested mappings": ("m0: &m0 {a: lol, b: lol}\n" + "".join(
+        f"m{i}: &m{i} {{a: *m{i - 1}, b: *m{i - 1}, c: *m{i - 1}, d: *m{i - 1}}}\n" for i in range(1, 12)),
+        "expand to more than 100,000 nodes"),
+    "anchors inside storage_options": (
+        "stages:\n- stage: ingest\n  params:\n    root: /data\n    storage_options:\n"
+        "      k0: &k0 [xxxxxxxx, xxxxxxxx, xxxxxxxx, xxxxxxxx]\n"
+        + "".join(f"      k{i}: &k{i} [*k{i - 1}, *k{i - 1}, *k{i - 1}, *k{i - 1}]\n" for i in range(1, 12)),
+        "expand to more than 100,000 nodes"),
+    "merge keys": ("a0: &a0 {x: 1, y: 2}\n" + "".join(
+        f"a{i}: &a{i} {{<<: [*a{i - 1}, *a{i - 1}, *a{i - 1}]}}\n" for i in range(1, 16)),
+        "expand to more than 100,000 nodes"),
+    "one long string repeated": ("s: &s " + "x" * 100_000 + "\nl: [" + ", ".join(["*s"] * 50) + "]\n",
+                                 "expand to more than 4,194,304 characters"),
+    "a recursive alias": ("a: &a [1, *a]\n", "refers to a node that contains it"),
+    "deep nesting": ("a: " + "[" * 100 + "]" * 100 + "\n", "nested more than 64 levels deep"),
+    "deep nesting through aliases": ("a: &a " + "[" * 40 + "]" * 40 + "\nb: " + "[" * 40 + "*a" + "]" * 40 + "\n",
+                                     "aliases nest more than 64 levels deep"),
+}
+
+
+@pytest.mark.parametrize("name", list(BOMBS))
+def test_a_yaml_bomb_is_refused_naming_the_file_and_the_limit(name: str, tmp_path: Path) -> None:
+    text, limit = BOMBS[name]
+    path = tmp_path / "bomb.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(limit)) as err:
+        load_config(path)
+    assert str(err.value).startswith(str(path))
+    assert len(str(err.value)) < 300
+
+
+def test_a_bomb_in_a_set_value_is_refused(engine_config: dict) -> None:
+    with pytest.raises(ConfigError, match=r"--set run\.seed: its aliases expand to more than 100,000 nodes"):
+        _load(engine_config, ["run.seed=" + _laughs(9, 9).replace("\n", ", ").join("{}")])
+
+
+def test_a_config_file_over_the_size_limit_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "big.yaml"
+    path.write_text("name: x\n" + "#" * MAX_YAML_BYTES)
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(path))}: more than 4,194,304 bytes"):
+        load_config(path)
+
+
+def test_small_shared_anchors_and_merge_keys_still_load(tmp_path: Path) -> None:
+    path = tmp_path / "anchors.yaml"
+    path.write_text(
+        "identities: {count: 6, images_per_identity: 4, dim: 64, max_cosine: 0.5}\n"
+        "stages:\n"
+        "  - {stage: 'tests.fixtures.engine_stages:PatternSource', id: pattern}\n"
+        "  - {stage: 'tests.fixtures.engine_stages:MeanFilter', id: a, params: &p {min_mean: 60}}\n"
+        "  - {stage: 'tests.fixtures.engine_stages:MeanFilter', id: b, params: *p}\n"
+        "  - {stage: 'tests.fixtures.engine_stages:MeanFilter', id: c, params: {<<: *p, min_mean: 70}}\n")
+    _, stages = load_config(path)
+    assert [s.params.min_mean for s in stages[1:]] == [60, 60, 70]  # type: ignore[attr-defined]
+
+
+def test_an_error_shows_a_huge_value_clipped(engine_config: dict) -> None:
+    engine_config["run"]["shard_size"] = "x" * 1_000_000
+    with pytest.raises(ConfigError) as err:
+        _load(engine_config)
+    text = str(err.value)
+    assert "run.shard_size: Input should be a valid integer" in text
+    assert f"(got '{'x' * 199}… (1000002 chars))" in text
+    assert len(text) < 600
