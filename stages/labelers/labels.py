@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import pyarrow as pa
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from facekit.labelers.base import Labeler, labeler_class
 from stages.base import (
@@ -36,12 +36,21 @@ class LabelerConfig(Strict):
     """One labeler: its kind and its own params (validated against the labeler's params model)."""
 
     kind: str
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict, validate_default=True)
 
-    @model_validator(mode="after")
-    def _valid(self) -> LabelerConfig:
-        labeler_class(self.kind).params_model.model_validate(self.params)
-        return self
+    @field_validator("kind")
+    @classmethod
+    def _known(cls, kind: str) -> str:
+        labeler_class(kind)
+        return kind
+
+    @field_validator("params")
+    @classmethod
+    def _valid(cls, params: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        # A field validator, so that an error in the params is reported under `params`.
+        if "kind" in info.data:
+            labeler_class(info.data["kind"]).params_model.model_validate(params)
+        return params
 
     def build(self) -> Labeler:
         cls = labeler_class(self.kind)

@@ -149,3 +149,19 @@ def test_status_is_a_table_when_the_stage_names_fit(small_quickstart_run: Path) 
     assert "…" not in out
     for stage in ("image_stats", "consistency", "separation", "fingerprint"):
         assert re.search(rf"^{stage} +\d+/\d+ ", out, re.M), stage
+
+
+def test_a_nan_or_infinite_float_in_a_run_config_exits_2_before_any_work_naming_the_key(tmp_path: Path) -> None:
+    quickstart, folder = str(REPO / "examples" / "quickstart.yaml"), str(REPO / "examples" / "curate-folder.yaml")
+    cases = [
+        (quickstart, "stages.quality.params.min_det_score=.nan", "stages[6] (quality).params.min_det_score"),
+        (quickstart, "export.thresholds.quality.yaw.max_abs=.nan", 'export.thresholds.quality.yaw.max_abs'),
+        (quickstart, "export.thresholds={detect.det_score: {min: .inf}}", "export.thresholds.detect.det_score.min"),
+        (folder, "stages.grouping.params.threshold=-.inf", "stages[8] (grouping).params.threshold"),
+    ]
+    for config, override, key in cases:
+        code, _, err = _cli("run", config, "--output", str(tmp_path / "o"), "--set", override, "--no-progress")
+        text = " ".join(err.split())
+        assert code == USER_ERROR, (override, err)
+        assert f"{key}: expected a finite number: NaN and infinity are not numbers" in text, (override, err)
+    assert not (tmp_path / "o").exists(), "a refused run wrote something"
