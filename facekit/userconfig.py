@@ -55,7 +55,7 @@ class _BoundedLoader(yaml.SafeLoader):
         try:
             if self.depth > MAX_YAML_DEPTH:
                 raise ConfigError(f"{self.where}: nested more than {MAX_YAML_DEPTH} levels deep; refused")
-            return super().compose_node(parent, index)  # type: ignore[no-untyped-call]
+            return super().compose_node(parent, index)
         finally:
             self.depth -= 1
 
@@ -114,15 +114,15 @@ def load_yaml(text: str | bytes, where: str) -> Any:
             raise ConfigError(f"{where} is not UTF-8 text: {exc}") from None
     loader = _BoundedLoader(text, where)
     try:
-        node = loader.get_single_node()  # type: ignore[no-untyped-call]
+        node = loader.get_single_node()
         if node is None:
             return None
         _check_expansion(node, where)
-        return loader.construct_document(node)  # type: ignore[no-untyped-call]
+        return loader.construct_document(node)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{where} is not valid YAML: {clip(str(exc), MAX_MESSAGE_CHARS)}") from None
     finally:
-        loader.dispose()  # type: ignore[no-untyped-call]
+        loader.dispose()
 
 
 def load_yaml_file(path: str | Path) -> Any:

@@ -39,6 +39,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from facekit.userconfig import shown
 from manifests.commit import Fragment, scan_fragments
 from manifests.layout import (
     IDENTITIES_FILE,
@@ -507,21 +508,21 @@ def validate_predicate(text: str) -> str:
     try:
         statements = duckdb.extract_statements(probe)
     except duckdb.Error as exc:
-        raise ValueError(f"export.where: not a SQL predicate ({str(exc).splitlines()[0]}): {text!r}") from None
+        raise ValueError(f"export.where: not a SQL predicate ({str(exc).splitlines()[0]}): {shown(text)}") from None
     if len(statements) != 1:
-        raise ValueError(f"export.where: expected one predicate, got {len(statements)} statements: {text!r}")
+        raise ValueError(f"export.where: expected one predicate, got {len(statements)} statements: {shown(text)}")
     tree = _parse(probe)
     if tree is None or len(tree.get("statements", [])) != 1:
-        raise ValueError(f"export.where: not a single SQL predicate: {text!r}")
+        raise ValueError(f"export.where: not a single SQL predicate: {shown(text)}")
     node = tree["statements"][0]["node"]
     extra = [k for k in ("modifiers", "group_expressions", "group_sets") if node.get(k)]
     extra += [k for k in ("having", "qualify", "sample") if node.get(k)]
     if (node.get("type") != "SELECT_NODE" or extra or node.get("cte_map", {}).get("map")
             or node.get("from_table", {}).get("table_name") != "__ff_rows" or node.get("where_clause") is None):
         what = ", ".join(extra) or "a clause or statement around the expression"
-        raise ValueError(f"export.where: expected one predicate expression, got {what}: {text!r}")
+        raise ValueError(f"export.where: expected one predicate expression, got {what}: {shown(text)}")
     if '"SUBQUERY"' in json.dumps(node["where_clause"]):
-        raise ValueError(f"export.where: subqueries are not allowed in a predicate: {text!r}")
+        raise ValueError(f"export.where: subqueries are not allowed in a predicate: {shown(text)}")
     con = duckdb.connect()
     try:
         canonical = con.execute("SELECT json_deserialize_sql($1)", [json.dumps(tree)]).fetchone()
@@ -531,5 +532,5 @@ def validate_predicate(text: str) -> str:
     prefix = "SELECT * FROM __ff_rows WHERE "
     body = str(canonical[0])
     if not body.startswith(prefix):
-        raise ValueError(f"export.where: not a single SQL predicate: {text!r}")
+        raise ValueError(f"export.where: not a single SQL predicate: {shown(text)}")
     return "(" + body[len(prefix):] + ")"

@@ -187,7 +187,7 @@ def test_small_shared_anchors_and_merge_keys_still_load(tmp_path: Path) -> None:
     assert [s.params.min_mean for s in stages[1:]] == [60, 60, 70]  # type: ignore[attr-defined]
 
 
-def test_an_error_shows_a_huge_value_clipped(engine_config: dict) -> None:
+def test_an_error_shows_a_huge_value_clipped(engine_config: dict, tmp_path: Path) -> None:
     engine_config["run"]["shard_size"] = "x" * 1_000_000
     with pytest.raises(ConfigError) as err:
         _load(engine_config)
@@ -195,6 +195,12 @@ def test_an_error_shows_a_huge_value_clipped(engine_config: dict) -> None:
     assert "run.shard_size: Input should be a valid integer" in text
     assert f"(got '{'x' * 199}… (1000002 chars))" in text
     assert len(text) < 600
+    engine_config["run"]["shard_size"] = 8
+    engine_config["export"]["thresholds"] = {"meanf." + "y" * 1_000_000: {"min": 3}}
+    cfg, stages = _load(engine_config)
+    with pytest.raises(ConfigError, match=r"stage 'meanf' has no column 'y{199}… \(1000002 chars\)") as err:
+        Runner(cfg, stages, str(tmp_path / "run"), show_progress=False)
+    assert len(str(err.value)) < 800
 
 
 # ---------------------------------------------------------------- floats are finite numbers
