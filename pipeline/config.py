@@ -345,7 +345,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         return cfg, resolve_stages(cfg)
     except ConfigError as exc:
         if created and "Extra inputs are not permitted" in str(exc):
-            raise ConfigError(f"{exc}\n  hint: --set makes a mapping at each dot (here {created[0]}); "
+            raise ConfigError(f"{exc}\n  hint: --set makes a mapping at each dot (here {created[-1]}); "
                               f"{QUOTED_KEY_HINT}") from None
         raise
 
