@@ -19,10 +19,17 @@ SAMPLE_ID = "sample_id"
 IMAGE = "image"
 
 
-class Params(BaseModel):
-    """Base for params and model specs: unknown keys are errors, values are immutable once validated."""
+class Strict(BaseModel):
+    """Base of every model that holds user config: unknown keys are errors, values are immutable once
+    validated, and every float is finite. NaN compares false with every bound, so a NaN threshold
+    would switch its check off without a word; infinity is no threshold either. A field that means
+    "no limit" says so with None."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=(), allow_inf_nan=False)
+
+
+class Params(Strict):
+    """Base for params and model specs."""
 
 
 @dataclass(frozen=True)

@@ -427,15 +427,13 @@ app.add_typer(eval_app, name="eval")
 
 
 def _train_config(config: Path, overrides: list[str] | None, model: type[Any]) -> Any:
-    import yaml
-
+    from facekit.userconfig import load_yaml_file
     from pipeline.config import ConfigError, apply_overrides
-    from training.config import TrainConfigError, load_train_config
+    from training.config import load_train_config
 
     try:
-        raw = yaml.safe_load(config.read_text()) or {}
-        return load_train_config(apply_overrides(raw, overrides or []), model)
-    except (OSError, yaml.YAMLError, ConfigError, TrainConfigError) as exc:
+        return load_train_config(apply_overrides(load_yaml_file(config) or {}, overrides or [], model), model)
+    except ConfigError as exc:
         _fail(str(exc))
 
 

@@ -7,23 +7,19 @@ in the last stage fails in a second rather than after an hour of generation.
 from __future__ import annotations
 
 import copy
+import types
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from facekit.common import Strict
+from facekit.userconfig import ConfigError as ConfigError
+from facekit.userconfig import clip, format_errors, load_yaml, load_yaml_file
 from pipeline.export import ExportConfig
 from stages.base import Params, Resources, Stage, StageKind, stable_hash
 from stages.registry import UnknownStageError, resolve_stage
-
-
-class ConfigError(ValueError):
-    """A config problem, with the key path and what was expected."""
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
 
 class RunSettings(Strict):
@@ -106,74 +102,182 @@ class PipelineConfig(Strict):
         return self
 
 
-def _loc(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "<root>"
+QUOTED_KEY_HINT = ("a key that contains dots is quoted: "
+                   """--set 'export.thresholds."quality.yaw".max_abs=10'""")
 
 
-def _format_errors(exc: ValidationError, prefix: str = "") -> str:
-    lines = []
-    for err in exc.errors():
-        path = _loc(tuple(err["loc"]))
-        if prefix:
-            path = prefix + ("" if path == "<root>" else ("" if path.startswith("[") else ".") + path)
-        got = err.get("input")
-        got_text = "" if err["type"] == "missing" else f" (got {got!r})"
-        lines.append(f"  {path}: {err['msg']}{got_text}")
-    return "\n".join(lines)
+@dataclass(frozen=True)
+class _Segment:
+    text: str
+    quoted: bool
 
 
-def parse_value(text: str) -> Any:
-    """`--set a.b=1` values are YAML scalars, so numbers, booleans and lists need no quoting rules."""
-    return yaml.safe_load(text) if text != "" else ""
+def _split_override(item: str) -> tuple[list[_Segment], str]:
+    """``path=value`` -> the path's keys and the value's text. A key in single or double quotes is one
+    key whatever it holds (dots, ``=``); an unquoted path ends at the first ``=``."""
+    if "=" not in item:
+        raise ConfigError(f"--set {clip(repr(item))}: expected path.to.key=value")
+    segs: list[_Segment] = []
+    i, n = 0, len(item)
+    while True:
+        while i < n and item[i] == " ":
+            i += 1
+        if i < n and item[i] in "'\"":
+            end = item.find(item[i], i + 1)
+            if end < 0:
+                raise ConfigError(f"--set {clip(item)}: a quote in the path is not closed; {QUOTED_KEY_HINT}")
+            segs.append(_Segment(item[i + 1:end], True))
+            i = end + 1
+        else:
+            j = i
+            while j < n and item[j] not in ".=":
+                j += 1
+            text = item[i:j].strip()
+            if not text:
+                raise ConfigError(f"--set {clip(item)}: an empty key in the path; {QUOTED_KEY_HINT}")
+            segs.append(_Segment(text, False))
+            i = j
+        if i < n and item[i] == "=":
+            return segs, item[i + 1:]
+        if i < n and item[i] == ".":
+            i += 1
+            continue
+        raise ConfigError(f"--set {clip(item)}: a quoted key must be followed by '.' or '='; {QUOTED_KEY_HINT}")
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Hydra-style `path.to.key=value`; list items by index: `stages.1.params.upsample=2`."""
-    data = copy.deepcopy(raw)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected path.to.key=value")
-        path, _, value = item.partition("=")
-        keys = path.strip().split(".")
-        node: Any = data
-        for i, k in enumerate(keys):
-            last = i == len(keys) - 1
-            if isinstance(node, list):
-                if not k.isdigit() or int(k) >= len(node):
-                    raise ConfigError(f"--set {path}: {'.'.join(keys[:i]) or '<root>'} has no item {k!r}")
-                if last:
-                    node[int(k)] = parse_value(value)
-                else:
-                    node = node[int(k)]
-            elif isinstance(node, dict):
-                if last:
-                    node[k] = parse_value(value)
-                else:
-                    node = node.setdefault(k, {})
-            else:
-                raise ConfigError(f"--set {path}: {'.'.join(keys[:i])} is not a mapping or list")
-    return data
+def _render(keys: list[str | int]) -> str:
+    """Keys as ``--set`` takes them back: a key with a dot, quote or ``=`` in double quotes."""
+    out = [str(k) if isinstance(k, int) or not set(k) & set(".='\" ") else f'"{k}"' for k in keys]
+    return ".".join(out) or "<root>"
 
 
-def _find_stage_index(raw: dict[str, Any], key: str) -> str | None:
-    """Let overrides name a stage by id: `--set stages.mappers.detect.params.upsample=2`."""
-    for i, s in enumerate(raw.get("stages") or []):
-        if isinstance(s, dict) and (s.get("id") == key or (s.get("id") is None and s.get("stage") == key)):
-            return str(i)
+def _unwrap(tp: Any) -> Any:
+    """The type a value must have, without Optional and Annotated; None where it is not one type."""
+    while True:
+        origin = get_origin(tp)
+        if origin is Annotated:
+            tp = get_args(tp)[0]
+        elif origin in (Union, types.UnionType):
+            rest = [a for a in get_args(tp) if a is not type(None)]
+            if len(rest) != 1:
+                return None
+            tp = rest[0]
+        else:
+            return tp
+
+
+def _child_type(tp: Any, key: str | int) -> Any:
+    """The type of ``key`` inside a value of type ``tp``; None where unknown."""
+    tp = _unwrap(tp)
+    origin, args = get_origin(tp), get_args(tp)
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        field = tp.model_fields.get(str(key))
+        return field.annotation if field is not None else None
+    if origin is dict and len(args) == 2:
+        return args[1]
+    if origin in (tuple, list) and args:
+        return args[0]
     return None
 
 
-def _normalise_override(raw: dict[str, Any], item: str) -> str:
-    path, sep, value = item.partition("=")
-    keys = path.split(".")
-    if len(keys) > 1 and keys[0] == "stages" and not keys[1].isdigit():
-        idx = _find_stage_index(raw, keys[1])
-        if idx is not None:
-            keys[1] = idx
-    return ".".join(keys) + sep + value
+def _accepts(tp: Any, segs: list[_Segment]) -> bool:
+    """Whether ``segs`` is a path into a value of type ``tp`` (True where the type is free-form)."""
+    if not segs:
+        return True
+    tp = _unwrap(tp)
+    origin = get_origin(tp)
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        field = tp.model_fields.get(segs[0].text)
+        return field is not None and _accepts(field.annotation, segs[1:])
+    if origin in (tuple, list):
+        return segs[0].text.isdigit() and _accepts(_child_type(tp, 0), segs[1:])
+    return tp is None or tp is Any or origin is dict or tp is dict
+
+
+def _mapping_key(node: dict[str, Any], segs: list[_Segment], tp: Any) -> tuple[str, int]:
+    """The key of ``node`` that ``segs`` starts with, and how many segments it takes.
+
+    A quoted segment is one key. Else the longest run of segments that joined with dots is a key the
+    mapping holds; else, in a mapping of free keys whose values have a known shape
+    (``export.thresholds``: 'stage.column' -> {min, max, max_abs}), the shortest key that leaves a path
+    that shape accepts; else one segment."""
+    if segs[0].quoted:
+        return segs[0].text, 1
+    run = next((j for j, s in enumerate(segs) if s.quoted), len(segs))
+    for j in range(run, 1, -1):
+        joined = ".".join(s.text for s in segs[:j])
+        if joined in node:
+            return joined, j
+    tp = _unwrap(tp)
+    if segs[0].text not in node and get_origin(tp) is dict and run > 1:
+        value_type = _child_type(tp, "")
+        for j in range(1, run + 1):
+            if _accepts(value_type, segs[j:]):
+                return ".".join(s.text for s in segs[:j]), j
+    return segs[0].text, 1
+
+
+def _list_index(node: list[Any], seg: _Segment) -> int | None:
+    """An item by position, or a stage by its id (or its stage name when it has no id)."""
+    if seg.text.isdigit():
+        return int(seg.text) if int(seg.text) < len(node) else None
+    for i, item in enumerate(node):
+        if isinstance(item, dict) and (item.get("id") == seg.text
+                                       or (item.get("id") is None and item.get("stage") == seg.text)):
+            return i
+    return None
+
+
+def _apply_overrides(raw: dict[str, Any], overrides: list[str],
+                     model: type[BaseModel] | None) -> tuple[dict[str, Any], list[str]]:
+    """The overridden config, and the paths of the mappings the overrides created."""
+    data = copy.deepcopy(raw)
+    created: list[str] = []
+    for item in overrides:
+        segs, value_text = _split_override(item)
+        value = parse_value(value_text, where=f"--set {_render([s.text for s in segs])}")
+        node: Any = data
+        tp: Any = model
+        keys: list[str | int] = []
+        i = 0
+        while i < len(segs):
+            key: str | int
+            if isinstance(node, list):
+                index = _list_index(node, segs[i])
+                if index is None:
+                    raise ConfigError(f"--set {clip(item)}: {_render(keys)} has no item {segs[i].text!r}")
+                key, i = index, i + 1
+            elif isinstance(node, dict):
+                key, used = _mapping_key(node, segs[i:], tp)
+                i += used
+            else:
+                raise ConfigError(f"--set {clip(item)}: {_render(keys)} is not a mapping or list; "
+                                  f"{QUOTED_KEY_HINT}")
+            keys.append(key)
+            tp = _child_type(tp, key)
+            if i == len(segs):
+                node[key] = value
+            else:
+                if isinstance(node, dict) and key not in node:
+                    node[key] = {}
+                    created.append(_render(keys))
+                node = node[key]
+    return data, created
+
+
+def parse_value(text: str, where: str = "--set") -> Any:
+    """`--set a.b=1` values are YAML scalars, so numbers, booleans and lists need no quoting rules."""
+    return load_yaml(text, where) if text != "" else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str],
+                    model: type[BaseModel] | None = None) -> dict[str, Any]:
+    """``path.to.key=value``. A list item by index (``stages.1.params.upsample=2``) or, for stages, by
+    id (``stages.detect.params.upsample=2``). A key that contains dots is quoted
+    (``export.thresholds."quality.yaw".max_abs=10``), or written plainly where that is unambiguous:
+    the mapping holds that key, or ``model`` (the config's model) gives the shape of the mapping's
+    values."""
+    return _apply_overrides(raw, overrides, model)[0]
 
 
 class ResolvedStage(BaseModel):
@@ -208,7 +312,7 @@ def resolve_stages(cfg: PipelineConfig) -> list[ResolvedStage]:
         try:
             params = cls.params_model.model_validate(s.params)
         except ValidationError as exc:
-            problems.append(_format_errors(exc, prefix=f"{where}.params"))
+            problems.append(format_errors(exc, prefix=f"{where}.params"))
             continue
         out.append(
             ResolvedStage(
@@ -243,23 +347,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 raw: dict[str, Any] | None = None) -> tuple[PipelineConfig, list[ResolvedStage]]:
     if raw is None:
         assert path is not None
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read config {path}: {exc}") from exc
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        raw = load_yaml_file(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError("invalid config:\n  <root>: expected a mapping of sections (run, identities, stages, export)")
-    overrides = [_normalise_override(raw, o) for o in overrides or []]
-    raw = apply_overrides(raw, overrides)
+    raw, created = _apply_overrides(raw, overrides or [], PipelineConfig)
     try:
-        cfg = PipelineConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError("invalid config:\n" + _format_errors(exc)) from None
-    return cfg, resolve_stages(cfg)
+        try:
+            cfg = PipelineConfig.model_validate(raw)
+        except ValidationError as exc:
+            raise ConfigError("invalid config:\n" + format_errors(exc)) from None
+        return cfg, resolve_stages(cfg)
+    except ConfigError as exc:
+        if created and "Extra inputs are not permitted" in str(exc):
+            raise ConfigError(f"{exc}\n  hint: --set makes a mapping at each dot (here {created[-1]}); "
+                              f"{QUOTED_KEY_HINT}") from None
+        raise
 
 
 def config_hash(cfg: PipelineConfig) -> str:

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar, get_args
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 # Re-exported: stages import the shared vocabulary from here.
 from facekit.common import IMAGE as IMAGE
@@ -27,6 +27,7 @@ from facekit.common import SAMPLE_ID as SAMPLE_ID
 from facekit.common import Batch as Batch
 from facekit.common import ModelInfo as ModelInfo
 from facekit.common import Params as Params
+from facekit.common import Strict as Strict
 from facekit.common import sample_seed as sample_seed
 from facekit.common import stable_hash as stable_hash
 
@@ -66,10 +67,8 @@ class StageKind(enum.StrEnum):
     SINK = "sink"  # reads decisions as a view and exports
 
 
-class Resources(BaseModel):
+class Resources(Strict):
     """What one worker of a stage needs; Ray sizes actors from this."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     cpus: float = Field(1.0, ge=0.0, description="CPUs one worker reserves")
     gpus: float = Field(0.0, ge=0.0, description="GPUs one worker reserves (fractions share a GPU)")

@@ -10,16 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from facekit.common import Strict
+from facekit.userconfig import ConfigError, format_errors, load_yaml_file
 from stages.mappers.degrade import DegradeParams
 
 JOB_NAME = r"^[A-Za-z0-9][A-Za-z0-9_\-]*$"
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
 
 class ScalingConfig(Strict):
@@ -190,7 +187,7 @@ class VerificationEvalConfig(Strict):
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(ConfigError):
     """A training config does not validate; the message names each key path and what was expected."""
 
 
@@ -203,11 +200,8 @@ def load_train_config(source: str | Path | dict[str, Any], model: type[ConfigT])
         raw, where = source, "config"
     else:
         where = str(source)
-        raw = yaml.safe_load(Path(source).read_text()) or {}
+        raw = load_yaml_file(source) or {}
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        lines = [
-            f"  {'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
-        ]
-        raise TrainConfigError(f"{where}: invalid {model.__name__}\n" + "\n".join(lines)) from exc
+        raise TrainConfigError(f"{where}: invalid {model.__name__}\n" + format_errors(exc)) from None

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from facekit.userconfig import load_yaml
 from manifests.commit import BadFragment, scan_fragments
 from manifests.layout import LEGACY_PLAN_FILE, PLAN_FILE, RUN_FILE, RUN_OUTPUTS
 from manifests.storage import RunStorage
@@ -54,7 +55,7 @@ class RunState:
 def read_run_file(store: RunStorage) -> RunState | None:
     if not store.exists(RUN_FILE):
         return None
-    doc = yaml.safe_load(store.read_bytes(RUN_FILE)) or {}
+    doc = load_yaml(store.read_bytes(RUN_FILE), RUN_FILE) or {}
     return RunState(doc.get("config_hash", ""), doc.get("fingerprints", {}), doc.get("config", {}))
 
 

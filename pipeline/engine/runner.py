@@ -20,6 +20,7 @@ import pyarrow as pa
 import ray
 from rich.console import Console
 
+from facekit.userconfig import clip, shown
 from manifests.layout import IDENTITIES_FILE, LEGACY_PLAN_FILE, PLAN_FILE, history_path
 from manifests.storage import RunStorage
 from pipeline.config import PipelineConfig, ResolvedStage, config_hash
@@ -110,12 +111,12 @@ class Runner:
         for where, target in refs:
             stage, _, column = target.partition(".")
             if stage not in self.instances:
-                raise ConfigError(f"invalid config:\n  {where}: no stage {stage!r} in this run "
+                raise ConfigError(f"invalid config:\n  {clip(where)}: no stage {shown(stage)} in this run "
                                   f"(stages: {', '.join(self.order)})")
             fields = {f.name: f for f in self.instances[stage].output_fields()}
             if column not in fields:
-                raise ConfigError(f"invalid config:\n  {where}: stage {stage!r} has no column {column!r} "
-                                  f"(columns: {', '.join(sorted(fields))})")
+                raise ConfigError(f"invalid config:\n  {clip(where)}: stage {shown(stage)} has no column "
+                                  f"{shown(column)} (columns: {', '.join(sorted(fields))})")
             kind = fields[column].type
             if where.startswith("export.extra_members.") and not (
                     column in member_columns(self.instances[stage]) or pa.types.is_binary(kind)

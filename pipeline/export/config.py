@@ -11,23 +11,22 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
+from facekit.common import Strict
 from manifests.sql import predicate_sql
 
 WHERE_TABLE = "samples"
 
 
-class Threshold(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class Threshold(Strict):
 
     min: float | None = Field(None, description="keep values at or above this")
     max: float | None = Field(None, description="keep values at or below this")
     max_abs: float | None = Field(None, description="keep values whose absolute value is at or below this")
 
 
-class ExportConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class ExportConfig(Strict):
 
     enabled: bool = Field(True, description="write the export after the stages")
     shard_size: int = Field(1000, ge=1, description="target samples per training shard")

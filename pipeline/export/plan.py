@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from facekit.userconfig import shown
 from manifests.sql import predicate_sql, q
 from manifests.tables import column_name
 from pipeline.export.config import WHERE_TABLE, ExportConfig, Threshold
@@ -46,7 +47,7 @@ def threshold_predicates(thresholds: dict[str, Threshold], stage_ids: list[str])
     for target, th in thresholds.items():
         stage, _, column = target.partition(".")
         if stage not in stage_ids or not column:
-            raise ValueError(f"export.thresholds: {target!r} must be 'stage.column' with a stage of this run "
+            raise ValueError(f"export.thresholds: {shown(target)} must be 'stage.column' with a stage of this run "
                              f"({', '.join(stage_ids)})")
         ref = q(column_name(stage, column))
         preds = out.setdefault(stage, [])

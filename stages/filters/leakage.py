@@ -32,6 +32,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from facekit.thresholds import Metric, defaults_for
+from facekit.userconfig import load_yaml
 from manifests.layout import (
     GALLERY_INDEX,
     GALLERY_TABLE,
@@ -148,15 +149,13 @@ class LeakageStage(FilterStage):
 
     def prepare(self, store: Any) -> None:
         """Embed and index the gallery unless the cache already holds it; record which one this run uses."""
-        import yaml
-
         from facekit.backends.base import backend_class
         from facekit.gallery import gallery_sha256
         from stages.mappers.detect import DetectParams
         from stages.mappers.embed import EmbedParams
 
         p = self.params
-        config = (yaml.safe_load(store.read_bytes(RUN_FILE)) or {}).get("config", {})
+        config = (load_yaml(store.read_bytes(RUN_FILE), RUN_FILE) or {}).get("config", {})
         raw_embed = _stage_params(config, p.embed_stage)
         if raw_embed is None:
             raise ValueError(f"leakage: the run has no stage {p.embed_stage!r} to embed the gallery with; "

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from facekit.labelers.base import Labeler, labeler_class
 from stages.base import (
@@ -28,21 +28,29 @@ from stages.base import (
     Resources,
     Stage,
     StageContext,
+    Strict,
 )
 
 
-class LabelerConfig(BaseModel):
+class LabelerConfig(Strict):
     """One labeler: its kind and its own params (validated against the labeler's params model)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
     kind: str = Field(description="pose, clip, insightface, or module:Class of a labeler")
-    params: dict[str, Any] = Field(default_factory=dict, description="the labeler's own params")
+    params: dict[str, Any] = Field(default_factory=dict, validate_default=True, description="the labeler's own params")
 
-    @model_validator(mode="after")
-    def _valid(self) -> LabelerConfig:
-        labeler_class(self.kind).params_model.model_validate(self.params)
-        return self
+    @field_validator("kind")
+    @classmethod
+    def _known(cls, kind: str) -> str:
+        labeler_class(kind)
+        return kind
+
+    @field_validator("params")
+    @classmethod
+    def _valid(cls, params: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        # A field validator, so that an error in the params is reported under `params`.
+        if "kind" in info.data:
+            labeler_class(info.data["kind"]).params_model.model_validate(params)
+        return params
 
     def build(self) -> Labeler:
         cls = labeler_class(self.kind)

@@ -176,3 +176,19 @@ def test_an_unknown_stage_name_exits_2_naming_the_close_matches() -> None:
     code, out, err = _cli("stages", "quallity")
     assert code == USER_ERROR and out == ""
     assert err.count("\n") == 1 and "error:" in err and "quality" in err
+
+
+def test_a_nan_or_infinite_float_in_a_run_config_exits_2_before_any_work_naming_the_key(tmp_path: Path) -> None:
+    quickstart, folder = str(REPO / "examples" / "quickstart.yaml"), str(REPO / "examples" / "curate-folder.yaml")
+    cases = [
+        (quickstart, "stages.quality.params.min_det_score=.nan", "stages[6] (quality).params.min_det_score"),
+        (quickstart, "export.thresholds.quality.yaw.max_abs=.nan", 'export.thresholds.quality.yaw.max_abs'),
+        (quickstart, "export.thresholds={detect.det_score: {min: .inf}}", "export.thresholds.detect.det_score.min"),
+        (folder, "stages.grouping.params.threshold=-.inf", "stages[8] (grouping).params.threshold"),
+    ]
+    for config, override, key in cases:
+        code, _, err = _cli("run", config, "--output", str(tmp_path / "o"), "--set", override, "--no-progress")
+        text = " ".join(err.split())
+        assert code == USER_ERROR, (override, err)
+        assert f"{key}: expected a finite number: NaN and infinity are not numbers" in text, (override, err)
+    assert not (tmp_path / "o").exists(), "a refused run wrote something"

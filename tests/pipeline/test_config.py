@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
+from facekit.userconfig import MAX_YAML_BYTES, NOT_FINITE
 from pipeline.config import ConfigError, apply_overrides, config_hash, load_config
 from pipeline.engine.runner import Runner
+from tests.fixtures.float_fields import float_paths, nested, shown_path
 
 
 def _load(raw: dict, overrides: list[str] | None = None):  # type: ignore[no-untyped-def]
@@ -111,3 +116,182 @@ def test_invalid_yaml_is_a_config_error(tmp_path: Path) -> None:
     path.write_text("stages: [\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(path)
+
+
+# ---------------------------------------------------------------- YAML that expands past every bound
+
+def _laughs(levels: int, fan: int) -> str:
+    """The classic billion laughs: each level a list of `fan` aliases of the one before."""
+    text = "l0: &l0 [lol]\n"
+    for i in range(1, levels + 1):
+        text += f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * fan)}]\n"
+    return text
+
+
+BOMBS = {
+    "nested lists, 9 x 9": (_laughs(9, 9), "expand to more than 100,000 nodes"),
+    "nested lists, 20 x 2": (_laughs(20, 2), "expand to more than 100,000 nodes"),
+    "nested mappings": ("m0: &m0 {a: lol, b: lol}\n" + "".join(
+        f"m{i}: &m{i} {{a: *m{i - 1}, b: *m{i - 1}, c: *m{i - 1}, d: *m{i - 1}}}\n" for i in range(1, 12)),
+        "expand to more than 100,000 nodes"),
+    "anchors inside storage_options": (
+        "stages:\n- stage: ingest\n  params:\n    root: /data\n    storage_options:\n"
+        "      k0: &k0 [xxxxxxxx, xxxxxxxx, xxxxxxxx, xxxxxxxx]\n"
+        + "".join(f"      k{i}: &k{i} [*k{i - 1}, *k{i - 1}, *k{i - 1}, *k{i - 1}]\n" for i in range(1, 12)),
+        "expand to more than 100,000 nodes"),
+    "merge keys": ("a0: &a0 {x: 1, y: 2}\n" + "".join(
+        f"a{i}: &a{i} {{<<: [*a{i - 1}, *a{i - 1}, *a{i - 1}]}}\n" for i in range(1, 16)),
+        "expand to more than 100,000 nodes"),
+    "one long string repeated": ("s: &s " + "x" * 100_000 + "\nl: [" + ", ".join(["*s"] * 50) + "]\n",
+                                 "expand to more than 4,194,304 characters"),
+    "a recursive alias": ("a: &a [1, *a]\n", "refers to a node that contains it"),
+    "deep nesting": ("a: " + "[" * 100 + "]" * 100 + "\n", "nested more than 64 levels deep"),
+    "deep nesting through aliases": ("a: &a " + "[" * 40 + "]" * 40 + "\nb: " + "[" * 40 + "*a" + "]" * 40 + "\n",
+                                     "aliases nest more than 64 levels deep"),
+}
+
+
+@pytest.mark.parametrize("name", list(BOMBS))
+def test_a_yaml_bomb_is_refused_naming_the_file_and_the_limit(name: str, tmp_path: Path) -> None:
+    text, limit = BOMBS[name]
+    path = tmp_path / "bomb.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(limit)) as err:
+        load_config(path)
+    assert str(err.value).startswith(str(path))
+    assert len(str(err.value)) < 300
+
+
+def test_a_bomb_in_a_set_value_is_refused(engine_config: dict) -> None:
+    with pytest.raises(ConfigError, match=r"--set run\.seed: its aliases expand to more than 100,000 nodes"):
+        _load(engine_config, ["run.seed=" + _laughs(9, 9).replace("\n", ", ").join("{}")])
+
+
+def test_a_config_file_over_the_size_limit_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "big.yaml"
+    path.write_text("name: x\n" + "#" * MAX_YAML_BYTES)
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(path))}: more than 4,194,304 bytes"):
+        load_config(path)
+
+
+def test_small_shared_anchors_and_merge_keys_still_load(tmp_path: Path) -> None:
+    path = tmp_path / "anchors.yaml"
+    path.write_text(
+        "identities: {count: 6, images_per_identity: 4, dim: 64, max_cosine: 0.5}\n"
+        "stages:\n"
+        "  - {stage: 'tests.fixtures.engine_stages:PatternSource', id: pattern}\n"
+        "  - {stage: 'tests.fixtures.engine_stages:MeanFilter', id: a, params: &p {min_mean: 60}}\n"
+        "  - {stage: 'tests.fixtures.engine_stages:MeanFilter', id: b, params: *p}\n"
+        "  - {stage: 'tests.fixtures.engine_stages:MeanFilter', id: c, params: {<<: *p, min_mean: 70}}\n")
+    _, stages = load_config(path)
+    assert [s.params.min_mean for s in stages[1:]] == [60, 60, 70]  # type: ignore[attr-defined]
+
+
+def test_an_error_shows_a_huge_value_clipped(engine_config: dict, tmp_path: Path) -> None:
+    engine_config["run"]["shard_size"] = "x" * 1_000_000
+    with pytest.raises(ConfigError) as err:
+        _load(engine_config)
+    text = str(err.value)
+    assert "run.shard_size: Input should be a valid integer" in text
+    assert f"(got '{'x' * 199}… (1000002 chars))" in text
+    assert len(text) < 600
+    engine_config["run"]["shard_size"] = 8
+    engine_config["export"]["thresholds"] = {"meanf." + "y" * 1_000_000: {"min": 3}}
+    cfg, stages = _load(engine_config)
+    with pytest.raises(ConfigError, match=r"stage 'meanf' has no column 'y{199}… \(1000002 chars\)") as err:
+        Runner(cfg, stages, str(tmp_path / "run"), show_progress=False)
+    assert len(str(err.value)) < 800
+
+
+# ---------------------------------------------------------------- floats are finite numbers
+
+def _float_cases() -> list[tuple[str, dict, str]]:
+    """(what, raw config, the error line's key path) for every float of every config model."""
+    from facekit.backends.base import BACKEND_CLASSES, backend_class
+    from facekit.labelers.base import LABELERS, labeler_class
+    from pipeline.config import PipelineConfig
+    from stages.registry import BUILTIN_STAGES, resolve_stage
+
+    cases = [(shown_path(p), {"stages": []} | nested(p, None), shown_path(p)) for p in float_paths(PipelineConfig)]
+    for name in BUILTIN_STAGES:
+        for p in float_paths(resolve_stage(name).params_model):
+            cases.append((f"{name}.{shown_path(p)}", {"stages": [{"stage": name, "params": nested(p, None)}]},
+                          f"stages[0] ({name}).params.{shown_path(p)}"))
+    for kind in LABELERS:
+        for p in float_paths(labeler_class(kind).params_model):
+            params = {"labelers": [{"kind": kind, "params": nested(p, None)}]}
+            cases.append((f"labeler {kind}.{shown_path(p)}", {"stages": [{"stage": "labels", "params": params}]},
+                          f"stages[0] (labels).params.labelers[0].params.{shown_path(p)}"))
+    for backend, roles in BACKEND_CLASSES.items():
+        stage = "detect" if "detector" in roles else "embed"
+        for p in float_paths(backend_class(backend, "spec")):
+            params = {"backend": backend, "options": nested(p, None)}
+            cases.append((f"backend {backend}.{shown_path(p)}", {"stages": [{"stage": stage, "params": params}]},
+                          f"stages[0] ({stage}).params.options.{shown_path(p)}"))
+    return cases
+
+
+def _with(raw: Any, value: float) -> Any:
+    if isinstance(raw, dict):
+        return {k: _with(v, value) for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [_with(v, value) for v in raw]
+    return value if raw is None else raw
+
+
+def test_every_float_of_every_config_model_refuses_nan_and_infinity() -> None:
+    cases = _float_cases()
+    assert len(cases) > 40  # the walk reaches the stage, labeler and backend models
+    missed = []
+    for what, raw, path in cases:
+        for value in (math.nan, math.inf, -math.inf):
+            with pytest.raises(ConfigError) as err:
+                load_config(raw=_with(raw, value))
+            if f"  {path}: {NOT_FINITE} (got {value!r})" not in str(err.value):
+                missed.append(f"{what}={value}: {err.value}")
+    assert not missed, "\n".join(missed)
+
+
+# ---------------------------------------------------------------- --set paths
+
+def test_set_takes_quoted_keys_that_contain_dots(engine_config: dict) -> None:
+    cfg, _ = _load(engine_config, [
+        'export.thresholds."meanf.mean".min=3',
+        "export.thresholds.'meanf.mean'.max=9",
+        'export.thresholds."a.b.c".max_abs=1',
+        "export.extra_members.'x.png'=meanf.img",
+        'stages.meanf."params".min_mean=12.5',
+        "stages.0.params.size=16",
+    ])
+    assert cfg.export.thresholds["meanf.mean"].min == 3 and cfg.export.thresholds["meanf.mean"].max == 9
+    assert cfg.export.thresholds["a.b.c"].max_abs == 1
+    assert cfg.export.extra_members == {"x.png": "meanf.img"}
+    assert cfg.stages[1].params == {"min_mean": 12.5} and cfg.stages[0].params == {"size": 16}
+
+
+def test_set_resolves_a_plain_dotted_key_against_the_mapping_and_the_model(engine_config: dict) -> None:
+    engine_config["export"]["thresholds"] = {"meanf.mean": {"min": 3}}
+    cfg, _ = _load(engine_config, [
+        "export.thresholds.meanf.mean.max=9",  # a key the mapping holds
+        "export.thresholds.quality.yaw.max_abs=10",  # a new key: Threshold's fields end the path
+        "export.thresholds.labels.min.max=2",  # 'min' is a field too, but cannot be followed by 'max'
+        "export.thresholds.a.b.c={min: 1}",  # the whole value
+        "export.extra_members.degraded.png=degrade.degraded",  # a str value: the rest is the key
+    ])
+    t = cfg.export.thresholds
+    assert (t["meanf.mean"].min, t["meanf.mean"].max) == (3, 9)
+    assert t["quality.yaw"].max_abs == 10 and t["labels.min"].max == 2 and t["a.b.c"].min == 1
+    assert cfg.export.extra_members == {"degraded.png": "degrade.degraded"}
+
+
+def test_a_set_path_that_fails_shows_the_quoted_form(engine_config: dict) -> None:
+    quoted = re.escape("""--set 'export.thresholds."quality.yaw".max_abs=10'""")
+    with pytest.raises(ConfigError, match=rf"run\.seed is not a mapping or list; a key that contains dots is "
+                                          rf"quoted: {quoted}"):
+        _load(engine_config, ["run.seed.x=1"])
+    with pytest.raises(ConfigError, match=rf"hint: --set makes a mapping at each dot \(here run\.x\); .*{quoted}"):
+        _load(engine_config, ["run.x.y=1"])
+    with pytest.raises(ConfigError, match=rf"a quote in the path is not closed; .*{quoted}"):
+        _load(engine_config, ['export.thresholds."quality.yaw.max_abs=10'])
+    with pytest.raises(ConfigError, match=r"stages has no item 'nosuch'"):
+        _load(engine_config, ["stages.nosuch.params.x=1"])
