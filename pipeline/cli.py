@@ -95,6 +95,7 @@ def run(
     """Run a pipeline config end to end (resumes what an earlier run of it committed)."""
     from pipeline.config import ConfigError, load_config
     from pipeline.engine.cluster import ClusterConnectError, ClusterFitError
+    from manifests.storage import StorageURLError
     from pipeline.engine.rundir import NotARunError, RunConflictError, RunLockedError, RunOutputError
 
     if num_cpus is not None and num_cpus < 1:
@@ -105,7 +106,7 @@ def run(
         from pipeline.engine.runner import Runner
 
         runner = Runner(cfg, stages, output, console=err, show_progress=progress)
-    except ConfigError as exc:
+    except (ConfigError, StorageURLError) as exc:
         _fail(str(exc))
         return
     sigterm = _SigtermStop()
@@ -163,12 +164,12 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Per stage: shards committed/total, samples kept/dropped/errored, throughput, completeness."""
-    from manifests.storage import RunStorage
+    from manifests.storage import RunStorage, StorageURLError
     from pipeline.status import NotARunError, run_status
 
     try:
         st = run_status(RunStorage(run_dir))
-    except NotARunError as exc:
+    except (NotARunError, StorageURLError) as exc:
         _fail(str(exc))
         return
     if as_json:
@@ -318,13 +319,13 @@ def lineage(
 ) -> None:
     """Every stage's row for one sample, in order: versions, model, params hash, scores, decision, shards."""
     from manifests.lineage import trace
-    from manifests.storage import RunStorage
+    from manifests.storage import RunStorage, StorageURLError
     from pipeline.status import NotARunError, stage_order
 
-    store = RunStorage(run_dir)
     try:
+        store = RunStorage(run_dir)
         rows = trace(store, stage_order(store), sample_id)
-    except NotARunError as exc:
+    except (NotARunError, StorageURLError) as exc:
         _fail(str(exc))
         return
     if not rows:
