@@ -93,8 +93,8 @@ def read_run_file(store: RunStorage) -> RunState | None:
     try:
         doc = yaml.safe_load(store.read_bytes(RUN_FILE))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        problem = " ".join(str(exc).split())
-        raise NotARunError(f"{name} is not a facefoundry run file: not YAML ({problem})") from None
+        detail = " ".join(str(exc).split())
+        raise NotARunError(f"{name} is not a facefoundry run file: not YAML ({detail})") from None
     problem = _run_doc_problem(doc)
     if problem:
         raise NotARunError(f"{name} is not a facefoundry run file: {problem}")
