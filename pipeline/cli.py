@@ -93,9 +93,9 @@ def run(
     progress: Annotated[bool, typer.Option(help="live progress display")] = True,
 ) -> None:
     """Run a pipeline config end to end (resumes what an earlier run of it committed)."""
+    from manifests.storage import StorageURLError
     from pipeline.config import ConfigError, load_config
     from pipeline.engine.cluster import ClusterConnectError, ClusterFitError
-    from manifests.storage import StorageURLError
     from pipeline.engine.rundir import NotARunError, RunConflictError, RunLockedError, RunOutputError
 
     if num_cpus is not None and num_cpus < 1:

@@ -98,7 +98,7 @@ def read_run_file(store: RunStorage) -> RunState | None:
     problem = _run_doc_problem(doc)
     if problem:
         raise NotARunError(f"{name} is not a facefoundry run file: {problem}")
-    return RunState(doc["config_hash"], doc["fingerprints"], doc["config"])
+    return RunState(doc.get("config_hash", ""), doc.get("fingerprints", {}), doc["config"])
 
 
 def _run_doc_problem(doc: Any) -> str | None:
@@ -106,10 +106,10 @@ def _run_doc_problem(doc: Any) -> str | None:
         return "it is empty"
     if not isinstance(doc, dict):
         return f"expected a mapping, found {type(doc).__name__}"
-    for key, kind in (("config_hash", str), ("fingerprints", dict), ("config", dict)):
-        if key not in doc:
-            return f"no {key!r} key"
-        if not isinstance(doc[key], kind):
+    if "config" not in doc:
+        return "no 'config' key"
+    for key, kind in (("config_hash", str), ("fingerprints", dict), ("config", dict)):  # the first two: resume's
+        if key in doc and not isinstance(doc[key], kind):
             return f"{key!r} is {type(doc[key]).__name__}, expected {'a mapping' if kind is dict else 'text'}"
     stages = doc["config"].get("stages")
     if not isinstance(stages, list) or not stages:

@@ -292,7 +292,8 @@ def test_an_output_that_cannot_be_a_writable_folder_is_refused_before_any_work(t
 
 
 CORRUPT_RUN_FILES = (b"", b"config_hash: [unclosed\n", b"- a list\n- of items\n", b"\xff\xfe\x00",
-                     b"config_hash: abc\n", b"config_hash: abc\nfingerprints: {}\nconfig: {stages: []}\n",
+                     b"config_hash: abc\n", b"config: {stages: [{stage: x}]}\nfingerprints: [a]\n",
+                     b"config_hash: abc\nfingerprints: {}\nconfig: {stages: []}\n",
                      b"config_hash: abc\nfingerprints: {}\nconfig: {stages: [{id: x}]}\n")
 
 
