@@ -30,12 +30,20 @@ TMP_PREFIX = "_tmp-"
 ATOMIC_PUT_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "memory"})
 
 
+class StorageURLError(ValueError):
+    """A run path fsspec cannot open: an unknown protocol (``a[link=file:///x]`` reads as one) or a
+    backend that is not installed."""
+
+
 class RunStorage:
     """A run directory: a local path or any fsspec URL (s3://, gs://, memory://)."""
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
         self.storage_options = dict(storage_options or {})
-        fs, root = fsspec.core.url_to_fs(url, **self.storage_options)
+        try:
+            fs, root = fsspec.core.url_to_fs(url, **self.storage_options)
+        except (ValueError, ImportError) as exc:
+            raise StorageURLError(f"cannot open {url}: {exc}") from None
         self.fs: fsspec.AbstractFileSystem = fs
         self.root: str = root.rstrip("/") or "/"
         self.url = url

@@ -8,6 +8,8 @@ import decimal
 import io
 import json
 import os
+import shlex
+import signal
 import sys
 from enum import StrEnum
 from pathlib import Path
@@ -15,8 +17,9 @@ from typing import Annotated, Any
 
 import typer
 from rich import box
-from rich.console import Console
 from rich.table import Table
+
+from pipeline.terminal import console, styled
 
 # Every user error (a bad config, a missing run, bad SQL, an unknown sample) exits 2, as click's own
 # usage errors do; 1 means the run itself did not complete.
@@ -25,8 +28,8 @@ CONTEXT = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   context_settings=CONTEXT,
                   help="Generate and curate face datasets on Ray, with per-sample lineage.")
-out = Console()
-err = Console(stderr=True)
+out = console()
+err = console(stderr=True)
 
 
 class Fmt(StrEnum):
@@ -36,8 +39,22 @@ class Fmt(StrEnum):
     parquet = "parquet"
 
 
+class _SigtermStop:
+    """SIGTERM during a run stops it as Ctrl-C does (committed shards kept, Ray stopped), by raising
+    KeyboardInterrupt; whether it came from SIGTERM is remembered here because Ray's waits re-raise a
+    signal's exception as a plain KeyboardInterrupt."""
+
+    def __init__(self) -> None:
+        self.received = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.received = True
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not break the stop under way
+        raise KeyboardInterrupt
+
+
 def _fail(message: str, code: int = USER_ERROR) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False, markup=True)
+    err.print(styled(("error:", "red"), " ", message), soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -52,7 +69,7 @@ def _version() -> str:
 
 def _print_version(value: bool) -> None:
     if value:
-        out.print(f"facefoundry {_version()}", highlight=False)
+        out.print(f"facefoundry {_version()}")
         raise typer.Exit()
 
 
@@ -76,50 +93,69 @@ def run(
     progress: Annotated[bool, typer.Option(help="live progress display")] = True,
 ) -> None:
     """Run a pipeline config end to end (resumes what an earlier run of it committed)."""
+    from manifests.storage import StorageURLError
     from pipeline.config import ConfigError, load_config
     from pipeline.engine.cluster import ClusterConnectError, ClusterFitError
-    from pipeline.engine.rundir import RunConflictError, RunLockedError
+    from pipeline.engine.rundir import NotARunError, RunConflictError, RunLockedError, RunOutputError
 
+    if num_cpus is not None and num_cpus < 1:
+        _fail(f"--num-cpus must be a whole number of CPUs, 1 or more (got {num_cpus}); leave it out to use "
+              f"every CPU of this machine")
     try:
         cfg, stages = load_config(config, set_ or [])
         from pipeline.engine.runner import Runner
 
         runner = Runner(cfg, stages, output, console=err, show_progress=progress)
-    except ConfigError as exc:
+    except (ConfigError, StorageURLError) as exc:
         _fail(str(exc))
         return
+    sigterm = _SigtermStop()
+    previous = signal.signal(signal.SIGTERM, sigterm)
     try:
         result = runner.run(force=force, new=new, address=address, num_cpus=num_cpus)
-    except (RunConflictError, RunLockedError, ClusterConnectError, ClusterFitError) as exc:
+    except (RunConflictError, RunLockedError, RunOutputError, NotARunError, ClusterConnectError,
+            ClusterFitError) as exc:
         _fail(str(exc))
         return
     except KeyboardInterrupt:
-        err.print("\n[yellow]interrupted[/yellow]: committed shards are kept; run the same command again to resume.")
-        raise typer.Exit(130) from None
+        stop = "terminated" if sigterm.received else "interrupted"
+        err.print(styled("\n", (stop, "yellow"), ": committed shards are kept; run the same command again to resume."))
+        raise typer.Exit(128 + (signal.SIGTERM if sigterm.received else signal.SIGINT)) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     for f in result.failures:
         last = (f["error"].splitlines() or [""])[-1]
-        err.print(f"[red]failed[/red] {f['stage']} shard {f['shard']}: {last}")
+        err.print(styled(("failed", "red"), f" {f['stage']} shard {f['shard']}: {last}"))
     _print_next_steps(output, result.complete, result.export)
     if not result.complete:
         raise typer.Exit(1)
 
 
 def _print_next_steps(output: str, complete: bool, export: dict[str, Any] | None) -> None:
-    state = "[green]complete[/green]" if complete else "[yellow]incomplete[/yellow] (run again to resume)"
-    err.print(f"\nrun {output}: {state}")
+    """Where the run's outputs are: only paths that exist (a failed run has no report, maybe no manifests)."""
+    from manifests.layout import EXPORT_CARD, EXPORT_DIR, MANIFESTS_DIR, REPORT_FILE
+    from manifests.storage import RunStorage
+
+    store = RunStorage(output)
+    state = ("complete", "green") if complete else ("incomplete", "yellow")
+    err.print(styled("\nrun ", output, ": ", state, "" if complete else " (run again to resume)"))
     if export:
         s = export["splits"]
         v = export.get("version", "")
         err.print(f"  training shards  {output}/export/{v}/train ({s['train']['samples']} samples, "
                   f"{s['train']['identities']} identities), {output}/export/{v}/val ({s['val']['samples']} samples)")
-        err.print(f"  dataset card     {output}/export/README.md")
-    err.print(f"  manifests        {output}/manifests/<stage>/*.parquet")
-    err.print(f"  report           {output}/report/index.html")
+        if store.exists(EXPORT_DIR, EXPORT_CARD):
+            err.print(f"  dataset card     {output}/{EXPORT_DIR}/{EXPORT_CARD}")
+    if store.list_files(MANIFESTS_DIR):
+        err.print(f"  manifests        {output}/{MANIFESTS_DIR}/<stage>/*.parquet")
+    if store.exists(*REPORT_FILE):
+        err.print(f"  report           {output}/{'/'.join(REPORT_FILE)}")
     err.print("next:")
-    err.print(f"  facefoundry status {output}")
+    quoted = shlex.quote(output)
+    err.print(f"  facefoundry status {quoted}")
     sql = "SELECT stage, reason, count(*) FROM decisions WHERE NOT keep GROUP BY ALL"
-    err.print(f'  facefoundry query {output} "{sql}"')
-    err.print(f"  facefoundry lineage {output} <sample_id>")
+    err.print(f'  facefoundry query {quoted} "{sql}"')
+    err.print(f"  facefoundry lineage {quoted} <sample_id>")
 
 
 @app.command()
@@ -128,12 +164,12 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Per stage: shards committed/total, samples kept/dropped/errored, throughput, completeness."""
-    from manifests.storage import RunStorage
+    from manifests.storage import RunStorage, StorageURLError
     from pipeline.status import NotARunError, run_status
 
     try:
         st = run_status(RunStorage(run_dir))
-    except NotARunError as exc:
+    except (NotARunError, StorageURLError) as exc:
         _fail(str(exc))
         return
     if as_json:
@@ -143,17 +179,16 @@ def status(
     if out.measure(table, options=out.options.update_width(10_000)).maximum <= out.width:
         out.print(table)
     else:  # a long stage id: one line per stage rather than squeezed, unreadable columns
-        out.print(table.title, highlight=False)
+        out.print(table.title)
         for s in st["stages"]:
-            out.print(f"[bold]{s['stage']}[/bold]", highlight=False)
+            out.print(styled((s["stage"], "bold")))
             out.print(f"  shards {s['shards_committed']}/{s['shards_total']}  rows {s['samples']}  kept {s['kept']}  "
-                      f"dropped {s['dropped']}  errors {s['errors']}  workers {s['workers']}", highlight=False)
-            out.print(f"  capacity {_rate(s['capacity_per_worker'])} /s/worker  wall rate {_rate(s['wall_rate'])} /s",
-                      highlight=False)
-        out.print(table.caption, highlight=False)
+                      f"dropped {s['dropped']}  errors {s['errors']}  workers {s['workers']}")
+            out.print(f"  capacity {_rate(s['capacity_per_worker'])} /s/worker  wall rate {_rate(s['wall_rate'])} /s")
+        out.print(table.caption)
     for s in st["stages"]:
         for msg in s.get("not_committed", []):
-            out.print(f"[yellow]not committed:[/yellow] {msg}")
+            out.print(styled(("not committed:", "yellow"), f" {msg}"))
     if st["export"]:
         sp = st["export"]["splits"]
         out.print(f"export: train {sp['train']['samples']} samples / {sp['train']['identities']} identities, "
@@ -266,7 +301,7 @@ def _print_rows(columns: list[str], rows: list[dict[str, Any]], limit: int, vert
     name_width = max(len(c) for c in columns)
     value_cap = max(20, out.width - name_width - 3)
     for n, r in enumerate(shown, 1):
-        out.print(f"[bold]-[ row {n} ]-[/bold]")
+        out.print(styled((f"-[ row {n} ]-", "bold")))
         for c in columns:
             out.print(f"{c.ljust(name_width)} | {_short(r[c], value_cap)}", highlight=False, markup=False)
     out.print(f"{len(rows)} rows{more}", highlight=False)
@@ -284,13 +319,13 @@ def lineage(
 ) -> None:
     """Every stage's row for one sample, in order: versions, model, params hash, scores, decision, shards."""
     from manifests.lineage import trace
-    from manifests.storage import RunStorage
+    from manifests.storage import RunStorage, StorageURLError
     from pipeline.status import NotARunError, stage_order
 
-    store = RunStorage(run_dir)
     try:
+        store = RunStorage(run_dir)
         rows = trace(store, stage_order(store), sample_id)
-    except NotARunError as exc:
+    except (NotARunError, StorageURLError) as exc:
         _fail(str(exc))
         return
     if not rows:
@@ -300,23 +335,23 @@ def lineage(
         sys.stdout.write(json.dumps(rows, default=_jsonable, indent=1) + "\n")
         return
     for r in rows:
-        head = f"[bold]{r.get('stage')}[/bold]"
+        head = (str(r.get("stage")), "bold")
         if r.get("stage") == "export":
-            out.print(f"{head}  split={r.get('split')} label={r.get('label')} shard={r.get('export_shard')} "
-                      f"key={r.get('export_key')}")
+            out.print(styled(head, f"  split={r.get('split')} label={r.get('label')} shard={r.get('export_shard')} "
+                                   f"key={r.get('export_key')}"))
             continue
-        decision = "keep" if r.get("keep") else f"drop ({r.get('reason')})"
+        decision: str | tuple[str, str] = "keep" if r.get("keep") else f"drop ({r.get('reason')})"
         if r.get("status") != "ok":
-            decision = f"[red]error[/red] ({r.get('reason')})"
-        out.print(f"{head} v{r.get('stage_version')}  {decision}  sample={r.get('sample_id')}"
-                  + (f" parent={r['parent_id']}" if r.get("parent_id") else ""))
+            decision = (f"error ({r.get('reason')})", "red")
+        out.print(styled(head, f" v{r.get('stage_version')}  ", decision, f"  sample={r.get('sample_id')}",
+                         f" parent={r['parent_id']}" if r.get("parent_id") else ""))
         model = f"{r.get('model_name') or '-'}@{r.get('model_revision') or '-'}"
         out.print(f"    model={model}  params={r.get('params_hash')}"
                   f"  worker={r.get('worker')}  at={r.get('processed_at')}")
         out.print(f"    in={r.get('input_shard') or '-'}  out={r.get('output_shard') or '-'}")
         scores = {k: v for k, v in r.items() if k not in _COMMON and not isinstance(v, bytes | list)}
         if scores:
-            out.print("    " + "  ".join(f"{k}={_fmt(v)}" for k, v in scores.items()), highlight=False)
+            out.print("    " + "  ".join(f"{k}={_fmt(v)}" for k, v in scores.items()))
 
 
 _COMMON = {"sample_id", "key", "identity_id", "parent_id", "stage", "stage_name", "stage_version", "shard", "status",
@@ -363,21 +398,21 @@ def doctor(
     t.add_column("package")
     t.add_column("version")
     for name, version in rep.packages.items():
-        t.add_row(name, version or "[yellow]not installed[/yellow]")
+        t.add_row(name, version or styled(("not installed", "yellow")))
     out.print(t)
     out.print(f"GPUs: {', '.join(rep.gpus)}" if rep.gpus else f"GPUs: none ({rep.gpu_note})")
     for s in rep.stages:
         res = ", ".join(f"{k}={v}" for k, v in s["resources"].items() if v)
         if s["problems"]:
-            out.print(f"[red]✗[/red] {s['stage']} ({s['class']}; {res})")
+            out.print(styled(("✗", "red"), f" {s['stage']} ({s['class']}; {res})"))
             for p in s["problems"]:
-                out.print(f"    {p}", highlight=False)
+                out.print(f"    {p}")
         else:
-            out.print(f"[green]✓[/green] {s['stage']} ({s['class']}; {res})")
+            out.print(styled(("✓", "green"), f" {s['stage']} ({s['class']}; {res})"))
         for f in s.get("files", []):
-            mark = "[green]✓[/green]" if f.get("ok") else "[red]✗[/red]"
-            out.print(f"    {mark} {f['file']} {f.get('path') or 'missing'} sha256 {f.get('sha256') or '-'}",
-                      highlight=False)
+            mark = ("✓", "green") if f.get("ok") else ("✗", "red")
+            out.print(styled("    ", mark, f" {f['file']} {f.get('path') or 'missing'} "
+                                             f"sha256 {f.get('sha256') or '-'}"))
     if not rep.ok:
         raise typer.Exit(1)
 

@@ -19,22 +19,27 @@ import posixpath
 from typing import TYPE_CHECKING, Any
 
 from manifests.commit import scan_fragments, stage_totals
-from manifests.layout import EXPORT_DIR, EXPORT_DONE
+from manifests.layout import EXPORT_DIR, EXPORT_DONE, TABLES_DONE
 from manifests.storage import RunStorage
-from pipeline.engine.rundir import plan_size, read_run_file
+from pipeline.engine.rundir import NotARunError as NotARunError  # the CLI's callers import it from here
+from pipeline.engine.rundir import RunState, plan_size, read_run_file
 
 if TYPE_CHECKING:
     import duckdb
 
 
-class NotARunError(FileNotFoundError):
-    pass
-
-
 def stage_order(store: RunStorage) -> list[str]:
+    return _order(_run_state(store))
+
+
+def _run_state(store: RunStorage) -> RunState:
     state = read_run_file(store)
     if state is None:
         raise NotARunError(f"{store.url} is not a facefoundry run (no run.yaml)")
+    return state
+
+
+def _order(state: RunState) -> list[str]:
     return [s.get("id") or s["stage"].rsplit(":", 1)[-1].lower() for s in state.config.get("stages", [])]
 
 
@@ -81,7 +86,8 @@ def _from_totals(t: dict[str, Any]) -> dict[str, Any]:
 def run_status(store: RunStorage) -> dict[str, Any]:
     from manifests.catalog import Catalog
 
-    order = stage_order(store)
+    state = _run_state(store)
+    order = _order(state)
     total = plan_size(store)
     # The catalog decides what is committed (a valid compacted copy, else each fragment's footer);
     # the counts come from the copy's pointer or the footers' records, never from the rows.
@@ -107,5 +113,8 @@ def run_status(store: RunStorage) -> dict[str, Any]:
     if store.exists(EXPORT_DIR, EXPORT_DONE):
         export = json.loads(store.read_bytes(EXPORT_DIR, EXPORT_DONE))
     stages_done = total > 0 and all(s["shards_committed"] == total for s in stages)
+    # A run whose config turns the export off ends with its tables (the runner's last step then).
+    exporting = (state.config.get("export") or {}).get("enabled", True) is not False
+    finished = export is not None if exporting else store.exists(*TABLES_DONE)
     return {"run": store.url, "stages": stages, "shards_total": total, "export": export,
-            "complete": bool(stages_done and export is not None)}
+            "complete": bool(stages_done and finished)}

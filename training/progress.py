@@ -12,6 +12,9 @@ from datetime import timedelta
 
 from rich.console import Console
 
+from pipeline.terminal import console as make_console
+from pipeline.terminal import styled
+
 
 class ProgressReporter:
     def __init__(
@@ -25,7 +28,7 @@ class ProgressReporter:
     ) -> None:
         self.job, self.total_steps, self.global_batch = job, total_steps, global_batch
         self.enabled = enabled
-        self.console = console or Console(highlight=False, soft_wrap=True)
+        self.console = console or make_console(soft_wrap=True)
         self._last_step, self._last_time = start_step, time.perf_counter()
         self._start_step, self._start_time = start_step, self._last_time
         self.steps_per_s = 0.0
@@ -43,7 +46,7 @@ class ProgressReporter:
         rates = {"steps_per_s": self.steps_per_s, "samples_per_s": self.steps_per_s * self.global_batch}
         if self.enabled:
             parts = [
-                f"[bold]{self.job}[/] step {step}/{self.total_steps}",
+                f"step {step}/{self.total_steps}",
                 f"loss {loss:.4f}",
                 f"lr {lr:.2e}",
                 f"{self.steps_per_s:.2f} steps/s",
@@ -51,11 +54,11 @@ class ProgressReporter:
                 f"ETA {eta}",
             ]
             parts += [f"{k} {v:.4g}" for k, v in (extra or {}).items()]
-            self.console.print(" | ".join(parts))
+            self.console.print(styled((self.job, "bold"), " ", " | ".join(parts)))
         return rates
 
     def finish(self, step: int) -> float:
         elapsed = time.perf_counter() - self._start_time
         if self.enabled:
-            self.console.print(f"[bold]{self.job}[/] done: {step - self._start_step} steps in {elapsed:.1f}s")
+            self.console.print(styled((self.job, "bold"), f" done: {step - self._start_step} steps in {elapsed:.1f}s"))
         return elapsed

@@ -22,8 +22,10 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 from torch import nn
 
+from pipeline.terminal import console as make_console
 from training.augmentations import recognition_eval_transform
 from training.bin_pairs import PairFile, read_pair_file, write_pair_file
 from training.config import VerificationEvalConfig, VerificationPairsConfig
@@ -307,7 +309,7 @@ def evaluate_verification(config: VerificationEvalConfig, console: Console | Non
         for name, r in results.items():
             writer.log(meta["step"], _numeric(r), phase="eval", dataset=name)
         writer.flush(tag="verification")
-    (console or Console()).print(results_table(results))
+    (console or make_console()).print(results_table(results))
     return summary
 
 
@@ -326,7 +328,7 @@ def results_table(results: dict[str, dict[str, Any]]) -> Table:
             return value if r.get(f"tar@far={far}_resolved", True) else value + "*"
 
         table.add_row(
-            name,
+            Text(name),
             str(r["pairs"]),
             f"{r['accuracy']:.4f}",
             f"{r['accuracy_std']:.4f}",

@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -29,10 +31,33 @@ class ClusterConnectError(RuntimeError):
     pass
 
 
+@contextlib.contextmanager
+def _sigterm_kept() -> Iterator[None]:
+    """``ray.init`` installs two SIGTERM handlers of its own: a Python one (``sys.exit``) and, under it,
+    the C++ failure handler of its core worker, which prints a stack dump of every thread. Afterwards
+    the Python handler the process had before (the CLI's clean stop) is put back, else Ray's Python
+    one, so that SIGTERM is handled in Python and no dump is printed."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        handler = before if callable(before) else signal.getsignal(signal.SIGTERM)
+        if handler is not None:
+            signal.signal(signal.SIGTERM, handler)
+
+
 def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     """Connect to Ray; returns True when this call started a local embedded Ray (and so owns it)."""
     if ray.is_initialized():
         return False
+    with _sigterm_kept():
+        return _connect(address, num_cpus)
+
+
+def _connect(address: str | None, num_cpus: int | None) -> bool:
     address = address or os.environ.get("RAY_ADDRESS")
     env: dict[str, Any] = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
                         "PYTHONWARNINGS": "ignore::DeprecationWarning"}}

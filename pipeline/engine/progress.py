@@ -10,8 +10,10 @@ from types import TracebackType
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from pipeline.engine.execution import ShardResult
+from pipeline.terminal import console as make_console
 
 
 @dataclass
@@ -54,7 +56,7 @@ class StageProgress:
 class Progress:
     def __init__(self, stages: list[StageProgress], enabled: bool = True, console: Console | None = None) -> None:
         self.stages = {s.stage_id: s for s in stages}
-        self.console = console or Console(stderr=True)
+        self.console = console or make_console(stderr=True)
         self.enabled = enabled
         self._live: Live | None = None
         self.export_note = ""
@@ -64,10 +66,10 @@ class Progress:
         for col in ("stage", "kind", "shards", "samples/s", "kept", "dropped", "errors"):
             t.add_column(col, justify="left" if col in ("stage", "kind") else "right")
         for s in self.stages.values():
-            shards = f"{s.done}/{s.total}" + (f" ({s.skipped} resumed)" if s.skipped else "")
+            shards = Text(f"{s.done}/{s.total}" + (f" ({s.skipped} resumed)" if s.skipped else ""))
             if s.failed:
-                shards += f" [red]{s.failed} failed[/red]"
-            t.add_row(s.stage_id, s.kind, shards, f"{s.rate:,.1f}" if s.rate else "-",
+                shards.append(f" {s.failed} failed", "red")
+            t.add_row(Text(s.stage_id), Text(s.kind), shards, f"{s.rate:,.1f}" if s.rate else "-",
                       str(s.kept), str(s.dropped), str(s.errors))
         if self.export_note:
             t.caption = self.export_note

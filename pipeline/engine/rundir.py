@@ -10,15 +10,16 @@ an export threshold re-runs only the export.
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
-from facekit.userconfig import load_yaml
+from facekit.userconfig import ConfigError, load_yaml
 from manifests.commit import BadFragment, scan_fragments
 from manifests.layout import LEGACY_PLAN_FILE, PLAN_FILE, RUN_FILE, RUN_OUTPUTS
-from manifests.storage import RunStorage
+from manifests.storage import TMP_PREFIX, RunStorage
 from pipeline.config import PipelineConfig, ResolvedStage, config_hash
 from pipeline.engine.runlock import RunLockedError as RunLockedError  # the lock lives in runlock.py
 from pipeline.engine.runlock import run_lock as run_lock
@@ -27,6 +28,37 @@ from stages.base import stable_hash
 
 class RunConflictError(RuntimeError):
     pass
+
+
+class NotARunError(ValueError):
+    """The folder holds no run this code can read: no run.yaml, or one that is not what a run writes."""
+
+
+class RunOutputError(RuntimeError):
+    """The run directory cannot be made or written (a file, a read-only or pseudo filesystem)."""
+
+
+def check_output(store: RunStorage) -> None:
+    """Make the run directory and write (then remove) a probe file in it, before any work: only the
+    filesystem knows whether a path is writable (root ignores permission bits, /proc refuses anyway),
+    so it is asked rather than guessed from the path or its mode."""
+    if store.fs.exists(store.root) and not store.fs.isdir(store.root):
+        raise RunOutputError(f"the run directory {store.url} exists and is not a folder")
+    try:
+        store.fs.makedirs(store.root, exist_ok=True)
+    except OSError as exc:
+        raise RunOutputError(f"cannot create the run directory {store.url}: {_reason(exc)}") from None
+    probe = store.path(f"{TMP_PREFIX}probe-{uuid.uuid4().hex}")
+    try:
+        store.fs.pipe_file(probe, b"")
+        store.fs.rm(probe)
+    except OSError as exc:
+        raise RunOutputError(f"cannot write in the run directory {store.url}: {_reason(exc)}") from None
+
+
+def _reason(exc: OSError) -> str:
+    where = f" ({exc.filename})" if exc.filename else ""
+    return f"{exc.strerror}{where}" if exc.strerror else str(exc) or type(exc).__name__
 
 
 def stage_fingerprints(cfg: PipelineConfig, stages: list[ResolvedStage]) -> dict[str, str]:
@@ -53,10 +85,40 @@ class RunState:
 
 
 def read_run_file(store: RunStorage) -> RunState | None:
+    """The run's frozen state; None where no run was started. A run.yaml that is not what
+    ``write_run_file`` writes (not YAML, empty, a missing key) is refused, naming the file: read as an
+    empty run it would make status call a run of no stages complete."""
     if not store.exists(RUN_FILE):
         return None
-    doc = load_yaml(store.read_bytes(RUN_FILE), RUN_FILE) or {}
-    return RunState(doc.get("config_hash", ""), doc.get("fingerprints", {}), doc.get("config", {}))
+    name = f"{store.url.rstrip('/')}/{RUN_FILE}"
+    try:
+        doc = load_yaml(store.read_bytes(RUN_FILE), name)
+    except ConfigError as exc:
+        detail = " ".join(str(exc).split())
+        raise NotARunError(f"{name} is not a facefoundry run file: {detail}") from None
+    problem = _run_doc_problem(doc)
+    if problem:
+        raise NotARunError(f"{name} is not a facefoundry run file: {problem}")
+    return RunState(doc.get("config_hash", ""), doc.get("fingerprints", {}), doc["config"])
+
+
+def _run_doc_problem(doc: Any) -> str | None:
+    if doc is None:
+        return "it is empty"
+    if not isinstance(doc, dict):
+        return f"expected a mapping, found {type(doc).__name__}"
+    if "config" not in doc:
+        return "no 'config' key"
+    for key, kind in (("config_hash", str), ("fingerprints", dict), ("config", dict)):  # the first two: resume's
+        if key in doc and not isinstance(doc[key], kind):
+            return f"{key!r} is {type(doc[key]).__name__}, expected {'a mapping' if kind is dict else 'text'}"
+    stages = doc["config"].get("stages")
+    if not isinstance(stages, list) or not stages:
+        return "'config.stages' is not a non-empty list"
+    for i, st in enumerate(stages):
+        if not isinstance(st, dict) or not isinstance(st.get("stage"), str):
+            return f"'config.stages[{i}]' has no 'stage' name"
+    return None
 
 
 def write_run_file(store: RunStorage, cfg: PipelineConfig, fingerprints: dict[str, str]) -> None:

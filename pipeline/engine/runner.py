@@ -32,6 +32,7 @@ from pipeline.engine.progress import Progress, StageProgress
 from pipeline.engine.rundir import (
     RunConflictError,
     check_compatible,
+    check_output,
     export_fingerprint,
     read_plan,
     run_lock,
@@ -43,6 +44,8 @@ from pipeline.engine.rundir import (
     write_run_file,
 )
 from pipeline.engine.warm import WarmWorkers
+from pipeline.terminal import console as make_console
+from pipeline.terminal import styled
 from stages.base import SourceStage, Stage, StageContext, StageKind
 
 MAX_SHARD_ATTEMPTS = 3
@@ -72,7 +75,7 @@ class Runner:
         self.cfg = cfg
         self.stages = stages
         self.store = RunStorage(output, storage_options)
-        self.console = console or Console(stderr=True)
+        self.console = console or make_console(stderr=True)
         self.show_progress = show_progress
         self.fingerprints = stage_fingerprints(cfg, stages)
         self.order = [s.stage_id for s in stages]
@@ -210,6 +213,7 @@ class Runner:
             num_cpus: int | None = None) -> RunResult:
         t0 = time.monotonic()
         result = RunResult(run_dir=self.store.url)
+        check_output(self.store)
         with run_lock(self.store, force=force):
             to_wipe = self.stages_to_wipe(force, new)
             owns_ray = cluster.connect(address, num_cpus)
@@ -231,7 +235,7 @@ class Runner:
                 specs = {p["name"]: p["spec"] for p in plan}
                 committed, bad = scan_committed(self.store, self.order)
                 for b in bad:  # verified commit: these are recomputed like shards never written
-                    self.console.print(f"[yellow]not committed:[/yellow] {b.message()}")
+                    self.console.print(styled(("not committed:", "yellow"), f" {b.message()}"))
                 prog = Progress(
                     [StageProgress(s.stage_id, s.cls.kind.value, len(shards), done=len(committed[s.stage_id]),
                                    skipped=len(committed[s.stage_id])) for s in self.stages],
@@ -287,7 +291,7 @@ class Runner:
             result.seconds = time.monotonic() - t0
             self._write_history(result)
             if problem:  # a report problem must never fail a finished run
-                self.console.print(f"[yellow]report not written:[/yellow] {problem}")
+                self.console.print(styled(("report not written:", "yellow"), f" {problem}"))
         return result
 
     def _run_streaming(self, phase: list[ResolvedStage], shards: list[str], specs: dict[str, Any],
@@ -343,7 +347,7 @@ class Runner:
                         failures[(act.stage_id, act.shard)] = act.error[:2000]
                         prog.stages[act.stage_id].failed += 1
                         last = (act.error.splitlines() or [""])[-1]
-                        self.console.print(f"[red]shard {act.shard} of {act.stage_id} failed:[/red] {last}")
+                        self.console.print(styled((f"shard {act.shard} of {act.stage_id} failed:", "red"), f" {last}"))
                 if not sched.busy():
                     break
                 due = sched.next_due()
@@ -387,7 +391,8 @@ class Runner:
         except GLOBAL_FAILURES as exc:
             failures[(sid, "*")] = str(exc)[:4000]
             prog.stages[sid].failed = len(shards) - len(committed[sid])
-            self.console.print(f"[red]global stage {sid} failed:[/red] {(str(exc).splitlines() or [''])[-1]}")
+            self.console.print(styled((f"global stage {sid} failed:", "red"),
+                                      f" {(str(exc).splitlines() or [''])[-1]}"))
             return
         prog.stages[sid].done = len(committed[sid])
         committed[sid] = set(shards)
@@ -416,7 +421,7 @@ class Runner:
                 errors = dict.fromkeys(ids, str(exc).splitlines()[-1] if str(exc) else type(exc).__name__)
             for sid, note in errors.items():
                 if note is not None:
-                    self.console.print(f"[yellow]stage {sid}: manifests not compacted:[/yellow] {note}")
+                    self.console.print(styled((f"stage {sid}: manifests not compacted:", "yellow"), f" {note}"))
 
     def _write_tables(self, shards: list[str], failures: dict[tuple[str, str], str], warm: WarmWorkers) -> bool:
         """The run's one-row-per-sample tables: part of the run's commit, before the export."""
@@ -429,7 +434,8 @@ class Runner:
             write_run_tables(self.store, cols, self.fingerprints, shards, workers=warm)
         except (ray.exceptions.RayError, RuntimeError, OSError, TypeError) as exc:
             failures[("tables", "*")] = str(exc)[:4000]
-            self.console.print(f"[red]run tables not written:[/red] {str(exc).splitlines()[-1] if str(exc) else exc}")
+            self.console.print(styled(("run tables not written:", "red"),
+                                      f" {str(exc).splitlines()[-1] if str(exc) else exc}"))
             return False
         return True
 
@@ -443,8 +449,8 @@ class Runner:
                               rows_per_file=self.cfg.run.shard_size)
         except (ExportFailed, ray.exceptions.RayError) as exc:
             failures[("export", "*")] = str(exc)[:4000]
-            self.console.print(f"[red]export failed (the previous export is intact):[/red] "
-                               f"{str(exc).splitlines()[-1] if str(exc) else exc}")
+            self.console.print(styled(("export failed (the previous export is intact):", "red"),
+                                      f" {str(exc).splitlines()[-1] if str(exc) else exc}"))
             return None, False
 
     def _write_history(self, result: RunResult) -> None:

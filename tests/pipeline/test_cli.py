@@ -7,6 +7,7 @@ import ast
 import copy
 import datetime
 import json
+import os
 import re
 from pathlib import Path
 
@@ -192,3 +193,202 @@ def test_a_nan_or_infinite_float_in_a_run_config_exits_2_before_any_work_naming_
         assert code == USER_ERROR, (override, err)
         assert f"{key}: expected a finite number: NaN and infinity are not numbers" in text, (override, err)
     assert not (tmp_path / "o").exists(), "a refused run wrote something"
+
+
+# ------------------------------------------------------------------ text from users and data is printed as it is
+
+# Folder names (nested where they hold "/") that rich would read as markup or emoji codes, unbalanced
+# and escaped brackets included.
+MARKUP_NAMES = ("[/x]", "[bold]p[/bold]", "q[", "\\[b]", ":smile:")
+MARKUP_ARGS = ("[bold red]hi[/bold red]", "[link=file:///etc]x[/link]", *MARKUP_NAMES)
+
+
+def _flat(text: str) -> str:
+    """Without the line breaks and padding a narrow terminal adds: the characters themselves must be kept."""
+    return re.sub(r"\s+", "", text)
+
+
+def _png(seed: int) -> bytes:
+    import numpy as np
+
+    from facekit.imaging import encode_png
+
+    rng = np.random.default_rng(seed)
+    return encode_png(np.clip(rng.normal(128, 30, (48, 48, 3)), 0, 255).astype(np.uint8))
+
+
+def _corpus_config(tmp: Path, root: Path) -> Path:
+    import yaml
+
+    raw = {"name": "markup", "run": {"seed": 0, "shard_size": 6},
+           "stages": [{"stage": "ingest", "params": {"root": str(root), "labels_from_dirs": True}},
+                      {"stage": "image_stats"}],
+           "export": {"enabled": False}}
+    path = tmp / "markup.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def markup_corpus_run(tmp_path_factory: pytest.TempPathFactory, ray_session: object) -> tuple[Path, Path]:
+    """A run through the CLI of a corpus whose folders are named like markup (one zero-byte file: an
+    error row), with the export turned off; and the corpus folder."""
+    tmp = tmp_path_factory.mktemp("markup")
+    root = tmp / "corpus"
+    for i, name in enumerate(MARKUP_NAMES):
+        (root / name).mkdir(parents=True)
+        for j in range(2):
+            (root / name / f"{j}.png").write_bytes(_png(10 * i + j))
+    (root / "[/x]" / "empty.jpg").write_bytes(b"")
+    out = tmp / "run"
+    code, _, err = _cli("run", str(_corpus_config(tmp, root)), "-o", str(out))
+    assert code == 0, err
+    return out, root
+
+
+def test_markup_in_a_corpus_is_printed_verbatim_by_status_and_lineage(markup_corpus_run: tuple[Path, Path]) -> None:
+    out, _ = markup_corpus_run
+    code, text, err = _cli("status", str(out))
+    assert code == 0, err
+    assert "complete" in text.splitlines()[0] and "incomplete" not in text, "export off: complete without one"
+    code, js, _ = _cli("status", str(out), "--json")
+    assert json.loads(js)["complete"] is True
+    rows = pq.read_table(out / "manifests" / "ingest", columns=["sample_id", "source_path", "status"]).to_pylist()
+    seen = set()
+    for r in rows:
+        code, text, err = _cli("lineage", str(out), r["sample_id"])
+        assert code == 0 and not err, err
+        assert _flat(f"source_path={r['source_path']}") in _flat(text), (r["source_path"], text)
+        seen.add(r["source_path"].rsplit("/", 1)[0])
+        if r["status"] != "ok":
+            assert "error (" in text
+    assert seen == set(MARKUP_NAMES)
+
+
+def test_markup_in_a_run_path_is_printed_verbatim_from_the_run_to_its_status(
+        tmp_path: Path, markup_corpus_run: tuple[Path, Path]) -> None:
+    """The run's closing lines name only what exists: here the report cannot be written (a file holds its place)."""
+    out = tmp_path / "[/x][bold]p[/bold]q[:smile:"
+    out.mkdir(parents=True)
+    (out / "report").write_text("not a folder")
+    cfg = _corpus_config(tmp_path, markup_corpus_run[1])
+    res = CliRunner().invoke(app, ["run", str(cfg), "-o", str(out), "--no-progress"])
+    assert res.exception is None or isinstance(res.exception, SystemExit), res.exception
+    assert res.exit_code in (0, 1) and "Traceback" not in res.stderr
+    assert _flat(f"run {out}: ") in _flat(res.stderr)
+    assert "report not written" in res.stderr and "index.html" not in res.stderr
+    assert "facefoundrystatus" + _flat(str(out)) in _flat(res.stderr).replace("'", "")
+    code, text, err = _cli("status", str(out))
+    assert code == 0 and "Traceback" not in err
+    assert _flat(str(out)) in _flat(text)
+
+
+def _one_line_error(*args: str) -> str:
+    res = CliRunner().invoke(app, list(args))
+    assert res.exit_code == USER_ERROR, (args, res.exit_code, res.stderr, res.exception)
+    lines = res.stderr.strip("\n").splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), (args, res.stderr)
+    assert not res.stdout, (args, res.stdout)
+    return lines[0]
+
+
+def test_markup_in_arguments_is_printed_verbatim_in_error_lines(engine_run: Path, tmp_path: Path) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for text in MARKUP_ARGS:
+        assert repr(text) in _one_line_error("lineage", str(engine_run), text), text
+        missing, under_a_file = f"{tmp_path}/{text}", f"{a_file}/{text}"
+        for args in (("status", missing), ("lineage", missing, "x"),
+                     ("run", str(REPO / "examples" / "quickstart.yaml"), "-o", under_a_file)):
+            assert args[-1 if args[0] == "run" else 1] in _one_line_error(*args), args
+        if "://" not in text:  # query opens its run outside its error handling (a URL-like path is refused there)
+            assert missing in _one_line_error("query", missing, "SELECT 1")
+
+
+# ------------------------------------------------------------------ user errors: exit 2, one line, before any work
+
+
+def test_an_output_that_cannot_be_a_writable_folder_is_refused_before_any_work(tmp_path: Path) -> None:
+    import yaml
+
+    from tests.conftest import ENGINE_CONFIG
+
+    cfg = tmp_path / "engine.yaml"
+    cfg.write_text(yaml.safe_dump(ENGINE_CONFIG))
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    cases = {str(a_file): "is not a folder", str(a_file / "run"): "Not a directory",
+             "/dev/null": "is not a folder", "/proc/ff-no-such/run": "cannot create",
+             "/sys/kernel/ff-run": "cannot create", "/proc/self": "cannot write in"}
+    if os.geteuid() != 0:  # root writes into a 0555 folder: the filesystem, not the mode, decides
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        cases[str(locked / "run")] = "Permission denied"
+    for output, why in cases.items():
+        line = _one_line_error("run", str(cfg), "-o", output, "--no-progress")
+        assert output in line and why in line, (output, line)
+    assert not Path("/sys/kernel/ff-run").exists() and a_file.read_text() == "x"
+    for cpus in ("-1", "0"):
+        line = _one_line_error("run", str(cfg), "-o", str(tmp_path / "o"), "--num-cpus", cpus)
+        assert "1 or more" in line and f"got {cpus}" in line
+    assert not (tmp_path / "o").exists()
+
+
+CORRUPT_RUN_FILES = (b"", b"config_hash: [unclosed\n", b"- a list\n- of items\n", b"\xff\xfe\x00",
+                     b"config_hash: abc\n", b"config: {stages: [{stage: x}]}\nfingerprints: [a]\n",
+                     b"config_hash: abc\nfingerprints: {}\nconfig: {stages: []}\n",
+                     b"config_hash: abc\nfingerprints: {}\nconfig: {stages: [{id: x}]}\n")
+
+
+@pytest.mark.parametrize("content", CORRUPT_RUN_FILES)
+def test_a_corrupt_or_empty_run_yaml_is_one_line_naming_it(tmp_path: Path, content: bytes) -> None:
+    import yaml
+
+    from tests.conftest import ENGINE_CONFIG
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.yaml").write_bytes(content)
+    cfg = tmp_path / "engine.yaml"
+    cfg.write_text(yaml.safe_dump(ENGINE_CONFIG))
+    for args in (("status", str(run)), ("status", str(run), "--json"), ("query", str(run), "SELECT 1"),
+                 ("lineage", str(run), "x"), ("run", str(cfg), "-o", str(run), "--no-progress")):
+        line = _one_line_error(*args)
+        assert f"{run}/run.yaml is not a facefoundry run file" in line, (args, line)
+    assert (run / "run.yaml").read_bytes() == content, "a refused resume rewrote the run file"
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_run_cleanly_with_the_resume_hint_and_the_run_then_resumes(tmp_path: Path) -> None:
+    import glob
+    import signal
+    import time
+
+    import yaml
+
+    from tests.pipeline.engine.test_resume import CONFIG, _finish
+    from tests.pipeline.engine.test_resume import _cli as run_cli
+
+    config = tmp_path / "busy.yaml"
+    config.write_text(yaml.safe_dump(CONFIG))
+    out = tmp_path / "run"
+    proc = run_cli(config, out)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len(glob.glob(str(out / "manifests" / "busy" / "*.parquet"))) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before SIGTERM could be sent; make the busy stage slower"
+    proc.send_signal(signal.SIGTERM)  # the driver only, as a service manager or `kill PID` sends it
+    try:
+        text = proc.communicate(timeout=120)[0].decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, text[-3000:]
+    assert "terminated: committed shards are kept; run the same command again to resume." in text
+    assert "SIGTERM received" not in text and "absl" not in text and "Traceback" not in text, text[-3000:]
+    kept = len(glob.glob(str(out / "manifests" / "busy" / "*.parquet")))
+    assert kept >= 2 and not (out / "export" / "export.json").exists()
+    _finish(run_cli(config, out))
+    assert (out / "export" / "export.json").exists()
