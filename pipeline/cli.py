@@ -90,7 +90,7 @@ def run(
         return
     try:
         result = runner.run(force=force, new=new, address=address, num_cpus=num_cpus)
-    except (RunConflictError, RunLockedError, ClusterConnectError, ClusterFitError) as exc:
+    except (ConfigError, RunConflictError, RunLockedError, ClusterConnectError, ClusterFitError) as exc:
         _fail(str(exc))
         return
     except KeyboardInterrupt:

@@ -14,6 +14,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -22,7 +23,7 @@ from rich.console import Console
 
 from manifests.layout import IDENTITIES_FILE, LEGACY_PLAN_FILE, PLAN_FILE, history_path
 from manifests.storage import RunStorage
-from pipeline.config import PipelineConfig, ResolvedStage, config_hash
+from pipeline.config import ConfigError, PipelineConfig, ResolvedStage, config_hash
 from pipeline.engine import cluster
 from pipeline.engine.execution import StageSpec, UpstreamInfo, is_committed, member_columns
 from pipeline.engine.fused import StageSetupError
@@ -42,7 +43,7 @@ from pipeline.engine.rundir import (
     write_run_file,
 )
 from pipeline.engine.warm import WarmWorkers
-from stages.base import SourceStage, Stage, StageContext, StageKind
+from stages.base import InputError, SourceStage, Stage, StageContext, StageKind
 
 MAX_SHARD_ATTEMPTS = 3
 # What a failed global phase may raise: its own error, a bad input it could not use, or any Ray failure.
@@ -89,7 +90,6 @@ class Runner:
 
     def _check_columns(self) -> None:
         from manifests.schema import CARRIED
-        from pipeline.config import ConfigError
 
         available: dict[str, str] = {c: "every stage" for c in CARRIED}
         for s in self.stages:
@@ -147,12 +147,22 @@ class Runner:
                          fingerprint=self.fingerprints[s.stage_id], params_hash=s.params_hash,
                          upstream=upstream, context=self.contexts[s.stage_id])
 
+    def check_source(self) -> None:
+        """Refuse a source input that cannot give a sample (a missing folder) before any work."""
+        self._source_step(lambda inst: inst.check_input())
+
     def prepare_source(self) -> None:
         """Let the source create its run-level inputs (a generator's identities table) before planning."""
+        self._source_step(lambda inst: inst.prepare(self.store))
+
+    def _source_step(self, step: Callable[[SourceStage[Any]], None]) -> None:
         source = self.stages[0]
         inst = self.instances[source.stage_id]
         assert isinstance(inst, SourceStage)
-        inst.prepare(self.store)
+        try:
+            step(inst)
+        except InputError as exc:
+            raise ConfigError(f"invalid config: stages[{source.index}] ({source.stage_id}).{exc.key}: {exc}") from None
 
     def shard_plan(self) -> list[dict[str, Any]]:
         source = self.stages[0]
@@ -211,6 +221,7 @@ class Runner:
         result = RunResult(run_dir=self.store.url)
         with run_lock(self.store, force=force):
             to_wipe = self.stages_to_wipe(force, new)
+            self.check_source()
             owns_ray = cluster.connect(address, num_cpus)
             warm = WarmWorkers()
             try:

@@ -108,9 +108,11 @@ def test_folder_ingest_gives_one_error_row_with_a_reason_per_bad_file(messy_fold
             "alice/truncated.jpg",
             "alice/tiny.png",
             "bob/huge.png",
+            "alice/readme.txt",
         ]
-    )  # hidden files and non-image extensions are not samples
+    )  # hidden files are not listed; a file of an unlisted extension is a row that says so, never read
     bad = {
+        "alice/readme.txt": "unsupported_extension",
         "bob/zero.jpg": "empty_file",
         "bob/notes.jpg": "not_an_image",
         "alice/truncated.jpg": "corrupt_image",
@@ -151,10 +153,10 @@ def test_keys_are_valid_unique_and_ids_deterministic(messy_folder: Path) -> None
 def test_plan_is_row_ranges_of_a_sorted_listing_frozen_in_the_run(messy_folder: Path, run_dir: Path) -> None:
     st = stage(root=str(messy_folder))
     plan = st.plan(3)
-    assert [(s["start"], s["stop"]) for s in plan] == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert [(s["start"], s["stop"]) for s in plan] == [(0, 3), (3, 6), (6, 9), (9, 11)]
     assert all(set(s) == {"root", "listing", "start", "stop"} for s in plan)  # no paths in the plan
     listing = pq.read_table(run_dir / plan[0]["listing"]).column("path").to_pylist()
-    assert listing == sorted(listing) and len(listing) == 10
+    assert listing == sorted(listing) and len(listing) == 11
     paths = [r["source_path"] for r in rows_of(st, 3)]
     assert paths == listing
     (messy_folder / "alice" / "aaa-new.png").write_bytes(encode_png(rgb(30)))  # after the first run
@@ -177,7 +179,7 @@ def test_a_file_that_vanishes_after_planning_is_an_error_row(messy_folder: Path)
     row = next(r for r in rows if r["source_path"] == "alice/a1.png")
     assert row["status"] == "error" and row["reason"] == "unreadable_file"
     assert row["detail"].startswith("FileNotFoundError")
-    assert len(rows) == 10
+    assert len(rows) == 11
 
 
 def test_fsspec_memory_folder_ingests_like_a_local_one() -> None:
