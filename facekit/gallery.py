@@ -31,9 +31,9 @@ import numpy as np
 
 from facekit.geometry import align_to_template, warp
 from facekit.imaging import ImageError, decode_rgb
+from manifests.names import IMAGE_EXTENSIONS, extension, name_text
 
 GalleryKind = Literal["photos", "bin", "embeddings"]
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 LABEL_COLUMNS = ("identity_id", "identity", "label", "labels")
 MAX_FILE_BYTES = 64 << 20
 
@@ -81,7 +81,8 @@ def _is_tar_source(path: str) -> bool:
 
 
 def photo_files(path: str, storage_options: dict[str, Any] | None = None) -> list[tuple[str, str]]:
-    """(full path, path relative to the root) of every visible image file under a folder, sorted."""
+    """(full path, path relative to the root) of every visible image file under a folder, sorted; the
+    relative path is its recorded text (manifests/names.py), the full path what the filesystem takes."""
     fs, root = _fs(path, storage_options)
     root = root.rstrip("/")
     out = []
@@ -89,8 +90,8 @@ def photo_files(path: str, storage_options: dict[str, Any] | None = None) -> lis
         rel = posixpath.relpath(full, root)
         if any(part.startswith(".") for part in rel.split("/")):
             continue
-        if rel.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS:
-            out.append((full, rel))
+        if extension(rel) in IMAGE_EXTENSIONS:
+            out.append((full, name_text(rel)))
     return out
 
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -219,9 +219,9 @@ class Runner:
             num_cpus: int | None = None) -> RunResult:
         t0 = time.monotonic()
         result = RunResult(run_dir=self.store.url)
+        self.check_source()
         with run_lock(self.store, force=force):
             to_wipe = self.stages_to_wipe(force, new)
-            self.check_source()
             owns_ray = cluster.connect(address, num_cpus)
             warm = WarmWorkers()
             try:
