@@ -43,12 +43,12 @@ def walk_rel_paths(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[str]:
     if isinstance(fs, LocalFileSystem):
         top = os.fsencode(root)
         for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
-            rel_dir = os.path.relpath(dirpath, top).replace(os.sep.encode(), b"/")
+            sub = os.path.relpath(dirpath, top).replace(os.sep.encode(), b"/")
             links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
             dirnames[:] = [d for d in dirnames if not d.startswith(b".") and d not in links]
             for name in (*filenames, *links):
                 if not name.startswith(b"."):
-                    yield name_text(name if rel_dir == b"." else rel_dir + b"/" + name)
+                    yield name_text(name if sub == b"." else sub + b"/" + name)
         return
     for dirpath, dirnames, filenames in fs.walk(root, detail=False, on_error="raise"):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # fsspec's walk honours pruning
