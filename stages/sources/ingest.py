@@ -87,7 +87,7 @@ class IngestParams(Params):
     root: str | None = None  # folder: local path or fsspec URL
     tars: tuple[str, ...] = ()  # WebDataset tars: paths, URLs or globs
     labels_from_dirs: bool = False
-    extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+    extensions: tuple[str, ...] = IMAGE_EXTENSIONS  # a folder's other files are rows: unsupported_extension
     tar_split: bool = False
     max_file_mb: float = Field(64.0, gt=0)
     storage_options: dict[str, Any] = Field(default_factory=dict)
@@ -171,6 +171,9 @@ class IngestStage(SourceStage):
     def _listed(self, rel: str) -> bool:
         return extension(rel) in self._exts()
 
+    def _ext_list(self) -> str:
+        return f"params.extensions: {', '.join(sorted(self._exts()))}"
+
     def _fs(self, url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         return fsspec.core.url_to_fs(url, **self.params.storage_options)
 
@@ -210,8 +213,7 @@ class IngestStage(SourceStage):
 
     def _no_image(self, others: int) -> InputError:
         seen = f"its {others} file(s) have other extensions" if others else "it is empty"
-        return InputError("params.root", f"no image in {self.params.root!r}: {seen} (params.extensions: "
-                                         f"{', '.join(sorted(self._exts()))})")
+        return InputError("params.root", f"no image in {self.params.root!r}: {seen} ({self._ext_list()})")
 
     def prepare(self, store: Any) -> None:
         """Folder mode: walk the folder once into the run's listing; a resumed run reuses it as is. A walk
@@ -363,8 +365,8 @@ class IngestStage(SourceStage):
                 row.identity = rel.split("/", 1)[0]
             if not self._listed(rel):
                 ext = extension(rel)
-                row.reason = Reason("unsupported_extension", f"{'.' + ext if ext else 'no extension'}: not in "
-                                    f"params.extensions ({', '.join(sorted(self._exts()))}); not read")
+                row.reason = Reason("unsupported_extension",
+                                    f"{'.' + ext if ext else 'no extension'}: not read ({self._ext_list()})")
                 yield row
                 continue
             row.ext = rel.rsplit(".", 1)[1]
