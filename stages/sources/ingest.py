@@ -260,7 +260,7 @@ class IngestStage(SourceStage):
             n = listing_size(store, self._listing_parts())
             rel = "/".join(self._listing_parts())
             return [
-                {"root": self.params.root, "listing": rel, "start": a, "stop": min(a + shard_size, n)}
+                {"root": name_text(self.params.root), "listing": rel, "start": a, "stop": min(a + shard_size, n)}
                 for a in range(0, n, shard_size)
             ]
         shards: list[dict[str, Any]] = []
@@ -272,7 +272,7 @@ class IngestStage(SourceStage):
         """Byte ranges of whole samples, from the headers alone; keys already seen in an earlier range
         travel with the range so its reader marks them as duplicates."""
         try:
-            fs, path = self._fs(tar)
+            fs, path = self._fs(name_str(tar))
             with fs.open(path, "rb") as f:
                 if is_compressed(f):
                     return [_tar_spec(tar, 0, None)]
@@ -306,11 +306,12 @@ class IngestStage(SourceStage):
         ]
 
     def _list_tars(self) -> list[str]:
+        """The tars the patterns match, as recorded texts (a tar's own name need not be UTF-8)."""
         found: set[str] = set()
         for pattern in self.params.tars:
             fs, path = self._fs(pattern)
             matches = fs.glob(path) if _is_glob(path) else [path]
-            found.update(fs.unstrip_protocol(m) if "://" in pattern else m for m in matches)
+            found.update(name_text(fs.unstrip_protocol(m) if "://" in pattern else m) for m in matches)
         return sorted(found)
 
     # ------------------------------------------------------------------ reading
@@ -349,9 +350,9 @@ class IngestStage(SourceStage):
     # ------------------------------------------------------------------ folders
 
     def _read_folder(self, shard: dict[str, Any]) -> Iterator[_Row]:
-        fs, root = self._fs(shard["root"])
+        fs, root = self._fs(name_str(shard["root"]))
         root = root.rstrip("/")
-        source_uri = fs.unstrip_protocol(root)
+        source_uri = name_text(fs.unstrip_protocol(root))
         try:
             paths = read_listing(self._run_store(), shard["listing"], int(shard["start"]), int(shard["stop"]))
         except OSError as exc:
@@ -407,8 +408,8 @@ class IngestStage(SourceStage):
         tar = shard["tar"]
         offset, stop = int(shard.get("offset", 0)), shard.get("stop")
         try:
-            fs, path = self._fs(tar)
-            source_uri = fs.unstrip_protocol(path)
+            fs, path = self._fs(name_str(tar))
+            source_uri = name_text(fs.unstrip_protocol(path))
             handle = fs.open(path, "rb")
         except Exception as exc:
             if is_transient(exc):

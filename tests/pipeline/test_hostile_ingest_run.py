@@ -96,14 +96,17 @@ def build_names_and_formats(root: Path) -> dict[str, str | None]:
 
 
 def build_name_tar(folder: Path) -> list[tuple[str, str, str | None]]:
-    """A tar whose member names are not all UTF-8, in pax and GNU headers, beside good members."""
+    """Tars whose member names are not all UTF-8, in pax and GNU headers, beside good members; one tar's
+    own name is not UTF-8 either."""
     folder.mkdir(parents=True, exist_ok=True)
     names = [b"p6/0.png", b"p6/bad\xff.png", b"p6/bad\xfe.png", b"p\xe9/caf\xe9.png"]
-    for fmt, tar_name in ((tarfile.GNU_FORMAT, "e.tar"), (tarfile.PAX_FORMAT, "f.tar")):
-        with tarfile.open(folder / tar_name, "w", format=fmt, encoding="utf-8", errors="surrogateescape") as tar:
+    tars = ((tarfile.GNU_FORMAT, b"e.tar"), (tarfile.PAX_FORMAT, b"f\xff.tar"))
+    for fmt, tar_name in tars:
+        with tarfile.open(os.fsencode(folder) + b"/" + tar_name, "w", format=fmt, encoding="utf-8",
+                          errors="surrogateescape") as tar:
             for i, name in enumerate(names):
                 member(tar, name, encode_png(image(200 + i)))
-    return [(t, name_text(n), None) for t in ("e.tar", "f.tar") for n in names]
+    return [(name_text(t), name_text(n), None) for _, t in tars for n in names]
 
 
 def build_tars(folder: Path) -> list[tuple[str, str, str | None]]:
