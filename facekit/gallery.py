@@ -119,7 +119,7 @@ def gallery_sha256(path: str, kind: GalleryKind, storage_options: dict[str, Any]
         with fs.open(target, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(chunk)
-        digest.update(f"\0{posixpath.basename(target)}\n".encode())
+        digest.update(f"\0{name_text(posixpath.basename(target))}\n".encode())
     return digest.hexdigest()
 
 
@@ -137,7 +137,7 @@ def iter_photos(path: str, storage_options: dict[str, Any] | None = None,
             yield rel, identity, data, None if data is not None else "file_too_large"
         return
     for tar in tar_files(path, storage_options):
-        name = posixpath.basename(tar)
+        name = name_text(posixpath.basename(tar))  # item names are recorded text
         with fs.open(tar, "rb") as fh:
             for m in iter_tar_members(fh):
                 if m.error is not None:
