@@ -55,7 +55,7 @@ def child(variant: str, root: str, run_dir: str, shard_size: int) -> dict[str, o
 
         n = int(variant.split("-", 1)[1])
         paths = (f"person{i // 1000:06d}/img_{i % 1000:05d}.jpg" for i in range(n - 1, -1, -1))
-        count = write_listing(RunStorage(run_dir), ("listing.parquet",), paths, lambda rel: True)
+        count = write_listing(RunStorage(run_dir), ("listing.parquet",), paths)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return {"paths": count, "listing_bytes": (Path(run_dir) / "listing.parquet").stat().st_size,
                 "rss_growth_mb": round((peak - base) / 2**20, 1), "seconds": round(time.monotonic() - t0, 2)}

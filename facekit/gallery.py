@@ -31,9 +31,10 @@ import numpy as np
 
 from facekit.geometry import align_to_template, warp
 from facekit.imaging import ImageError, decode_rgb
+from manifests.names import IMAGE_EXTENSIONS, extension, name_text
+from manifests.sql import has_glob
 
 GalleryKind = Literal["photos", "bin", "embeddings"]
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 LABEL_COLUMNS = ("identity_id", "identity", "label", "labels")
 MAX_FILE_BYTES = 64 << 20
 
@@ -77,11 +78,12 @@ def _read_bounded(fs: Any, path: str, limit: int) -> bytes | None:
 
 
 def _is_tar_source(path: str) -> bool:
-    return path.lower().endswith(".tar") or any(ch in path for ch in "*?[")
+    return path.lower().endswith(".tar") or has_glob(posixpath.basename(path))
 
 
 def photo_files(path: str, storage_options: dict[str, Any] | None = None) -> list[tuple[str, str]]:
-    """(full path, path relative to the root) of every visible image file under a folder, sorted."""
+    """(full path, path relative to the root) of every visible image file under a folder, sorted; the
+    relative path is its recorded text (manifests/names.py), the full path what the filesystem takes."""
     fs, root = _fs(path, storage_options)
     root = root.rstrip("/")
     out = []
@@ -89,8 +91,8 @@ def photo_files(path: str, storage_options: dict[str, Any] | None = None) -> lis
         rel = posixpath.relpath(full, root)
         if any(part.startswith(".") for part in rel.split("/")):
             continue
-        if rel.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS:
-            out.append((full, rel))
+        if extension(rel) in IMAGE_EXTENSIONS:
+            out.append((full, name_text(rel)))
     return out
 
 
@@ -120,7 +122,7 @@ def gallery_sha256(path: str, kind: GalleryKind, storage_options: dict[str, Any]
         with fs.open(target, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(chunk)
-        digest.update(f"\0{posixpath.basename(target)}\n".encode())
+        digest.update(f"\0{name_text(posixpath.basename(target))}\n".encode())
     return digest.hexdigest()
 
 
@@ -138,7 +140,7 @@ def iter_photos(path: str, storage_options: dict[str, Any] | None = None,
             yield rel, identity, data, None if data is not None else "file_too_large"
         return
     for tar in tar_files(path, storage_options):
-        name = posixpath.basename(tar)
+        name = name_text(posixpath.basename(tar))  # item names are recorded text
         with fs.open(tar, "rb") as fh:
             for m in iter_tar_members(fh):
                 if m.error is not None:

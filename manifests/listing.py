@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from manifests.names import name_text
 from manifests.storage import TMP_PREFIX, RunStorage
 
 PATH = "path"
@@ -31,20 +32,23 @@ _SCHEMA = pa.schema([pa.field(PATH, pa.string(), nullable=False)])
 
 
 def walk_rel_paths(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[str]:
-    """Every entry below ``root`` that is not a directory, relative to it, hidden parts skipped.
+    """Every entry below ``root`` that is not a directory, relative to it, hidden parts skipped, each as
+    its recorded text (manifests/names.py: names that are not UTF-8 are escaped, losslessly).
 
-    Locally ``os.walk`` without following links: a symlink (to a file, a device, a directory, or a
-    loop) is listed as itself and never descended; the reader then refuses it with a row.
+    Locally ``os.walk`` over bytes without following links: names are taken as the bytes they are, and
+    a symlink (to a file, a device, a directory, or a loop) is listed as itself and never descended;
+    the reader then refuses it with a row.
     """
     root = root.rstrip("/") or "/"
     if isinstance(fs, LocalFileSystem):
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-            rel_dir = os.path.relpath(dirpath, root)
+        top = os.fsencode(root)
+        for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
+            sub = os.path.relpath(dirpath, top).replace(os.sep.encode(), b"/")
             links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
-            dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in links]
+            dirnames[:] = [d for d in dirnames if not d.startswith(b".") and d not in links]
             for name in (*filenames, *links):
-                if not name.startswith("."):
-                    yield name if rel_dir == "." else f"{rel_dir.replace(os.sep, '/')}/{name}"
+                if not name.startswith(b"."):
+                    yield name_text(name if sub == b"." else sub + b"/" + name)
         return
     for dirpath, dirnames, filenames in fs.walk(root, detail=False, on_error="raise"):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # fsspec's walk honours pruning
@@ -53,24 +57,28 @@ def walk_rel_paths(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[str]:
             continue
         for name in filenames:
             if not name.startswith("."):
-                yield name if rel_dir == "." else f"{rel_dir}/{name}"
+                yield name_text(name if rel_dir == "." else f"{rel_dir}/{name}")
 
 
 def write_listing(
-    store: RunStorage, parts: tuple[str, ...], paths: Iterator[str], keep: Callable[[str], bool]
+    store: RunStorage, parts: tuple[str, ...], paths: Iterator[str], check: Callable[[], None] = lambda: None
 ) -> int:
-    """Sort the kept paths into ``parts`` of the run directory; returns the number of paths."""
+    """Sort the paths into ``parts`` of the run directory; returns the number of paths.
+
+    ``check`` runs once the walk is done and before anything is written to the run directory: what it
+    raises leaves no listing behind, so the next run walks again rather than reusing a bad one.
+    """
     with tempfile.TemporaryDirectory(prefix="ff-listing-") as tmp:
         unsorted, ordered = Path(tmp) / "unsorted.parquet", Path(tmp) / "sorted.parquet"
         with pq.ParquetWriter(unsorted, _SCHEMA) as writer:
             batch: list[str] = []
             for rel in paths:
-                if keep(rel):
-                    batch.append(rel)
+                batch.append(rel)
                 if len(batch) >= _BATCH:
                     writer.write_table(pa.table({PATH: batch}, schema=_SCHEMA))
                     batch = []
             writer.write_table(pa.table({PATH: batch}, schema=_SCHEMA))
+        check()
         con = duckdb.connect(config={"memory_limit": "64MB", "threads": 1, "temp_directory": tmp})
         try:
             con.execute(

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+from manifests.names import name_text
+
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$")
 
 
@@ -32,15 +34,18 @@ class UnsafeMemberError(ValueError):
 
 
 def check_member_name(name: str) -> tuple[str, str]:
-    """Split a member name into (key, extension) after refusing anything that could escape a folder."""
+    """Split a member name into (key, extension) after refusing anything that could escape a folder.
+
+    ``name`` is as tarfile gives it (undecodable bytes as surrogate escapes), so that a backslash in
+    the name is told apart from the escapes of its recorded text (manifests/names.py)."""
     if not name or name.startswith("/") or "\\" in name or "\x00" in name:
-        raise UnsafeMemberError(f"unsafe member name {name!r}")
+        raise UnsafeMemberError(f"unsafe member name {name_text(name)!r}")
     parts = name.split("/")
     if any(p in ("", ".", "..") for p in parts):
-        raise UnsafeMemberError(f"unsafe member name {name!r}")
+        raise UnsafeMemberError(f"unsafe member name {name_text(name)!r}")
     base = parts[-1]
     if "." not in base:
-        raise UnsafeMemberError(f"member name without extension {name!r}", "member_without_extension")
+        raise UnsafeMemberError(f"member name without extension {name_text(name)!r}", "member_without_extension")
     stem, ext = base.split(".", 1)
     key = posixpath.join(*parts[:-1], stem) if len(parts) > 1 else stem
     return key, ext
@@ -126,11 +131,12 @@ def is_compressed(fileobj: BinaryIO) -> bool:
 class TarMember:
     """One tar member, or one problem found while reading the tar.
 
-    ``error`` is a stable rule name (``unsafe_member_name``, ``not_a_regular_file``, ``file_too_large``,
-    ``truncated_tar``, ``corrupt_tar``, ``unreadable_tar``) and ``detail`` says what exactly; ``key``
-    and ``ext`` are set whenever the name itself is safe, so a bad member still belongs to its sample.
-    ``offset`` is where the member's header starts: stable, unique within the tar, and where a byte
-    range read resumes.
+    ``name``, ``key`` and ``ext`` are recorded texts (manifests/names.py): a name that is not UTF-8
+    is escaped losslessly, never a reason to fail. ``error`` is a stable rule name
+    (``unsafe_member_name``, ``not_a_regular_file``, ``file_too_large``, ``truncated_tar``,
+    ``corrupt_tar``, ``unreadable_tar``) and ``detail`` says what exactly; ``key`` and ``ext`` are set
+    whenever the name itself is safe, so a bad member still belongs to its sample. ``offset`` is where
+    the member's header starts: stable, unique within the tar, and where a byte range read resumes.
     """
 
     key: str
@@ -145,9 +151,9 @@ class TarMember:
 
 def _kind(info: tarfile.TarInfo) -> str:
     if info.issym():
-        return f"symlink to {info.linkname!r}"
+        return f"symlink to {name_text(info.linkname)!r}"
     if info.islnk():
-        return f"hard link to {info.linkname!r}"
+        return f"hard link to {name_text(info.linkname)!r}"
     if info.ischr() or info.isblk():
         return "device"
     if info.isfifo():
@@ -180,7 +186,8 @@ def iter_tar_members(
         # No single read may exceed the member limit: tarfile reads a pax or GNU long-name header
         # whole, at whatever size the header claims (a small .tar.gz can claim a gigabyte).
         capped = _CappedReader(raw, (max_bytes or _HEADER_CAP) + _HEADER_CAP)
-        tar = tarfile.open(fileobj=capped, mode="r:")  # noqa: SIM115 (closed below)
+        # Names as bytes decoded with surrogate escapes, whatever the locale: none fails to decode.
+        tar = tarfile.open(fileobj=capped, mode="r:", encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
     except (tarfile.TarError, OSError, EOFError, zlib.error, _ReadTooLarge) as exc:
         if isinstance(exc, OSError) and is_transient(exc):
             raise
@@ -204,22 +211,23 @@ def iter_tar_members(
                 return
             if info.isdir():
                 continue
+            name = name_text(info.name)
             try:
-                key, ext = check_member_name(info.name)
+                key, ext = (name_text(part) for part in check_member_name(info.name))
             except UnsafeMemberError as exc:
-                yield TarMember("", "", None, exc.rule, info.name, str(exc), info.offset, info.size)
-                last = TarMember("", "", None, name=info.name, offset=info.offset)
+                yield TarMember("", "", None, exc.rule, name, str(exc), info.offset, info.size)
+                last = TarMember("", "", None, name=name, offset=info.offset)
                 continue
-            last = TarMember(key, ext, None, name=info.name, offset=info.offset, size=info.size)
+            last = TarMember(key, ext, None, name=name, offset=info.offset, size=info.size)
             if not info.isreg():
-                yield TarMember(key, ext, None, "not_a_regular_file", info.name, _kind(info), info.offset)
+                yield TarMember(key, ext, None, "not_a_regular_file", name, _kind(info), info.offset)
                 continue
             if max_bytes is not None and info.size > max_bytes:
                 detail = f"{info.size} bytes > {max_bytes}"
-                yield TarMember(key, ext, None, "file_too_large", info.name, detail, info.offset, info.size)
+                yield TarMember(key, ext, None, "file_too_large", name, detail, info.offset, info.size)
                 continue
             if not with_data:
-                yield TarMember(key, ext, None, None, info.name, None, info.offset, info.size)
+                yield TarMember(key, ext, None, None, name, None, info.offset, info.size)
                 continue
             try:
                 f = tar.extractfile(info)
@@ -227,14 +235,14 @@ def iter_tar_members(
             except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
                 if isinstance(exc, OSError) and is_transient(exc):
                     raise
-                detail = f"tar ends inside member {info.name!r} ({type(exc).__name__}: {exc})"
-                yield TarMember(key, ext, None, "truncated_tar", info.name, detail, info.offset, info.size)
+                detail = f"tar ends inside member {name!r} ({type(exc).__name__}: {exc})"
+                yield TarMember(key, ext, None, "truncated_tar", name, detail, info.offset, info.size)
                 return
             if len(data) != info.size:
-                detail = f"tar ends inside member {info.name!r} ({len(data)} of {info.size} bytes)"
-                yield TarMember(key, ext, None, "truncated_tar", info.name, detail, info.offset, info.size)
+                detail = f"tar ends inside member {name!r} ({len(data)} of {info.size} bytes)"
+                yield TarMember(key, ext, None, "truncated_tar", name, detail, info.offset, info.size)
                 return
-            yield TarMember(key, ext, data, None, info.name, None, info.offset, info.size)
+            yield TarMember(key, ext, data, None, name, None, info.offset, info.size)
         if compressed or stop is not None:
             return  # a compressed stream checks its own end; a range ends before the archive does
         # tarfile stops quietly at a cut header; a complete tar has a zero block where it stopped.

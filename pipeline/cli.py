@@ -113,7 +113,7 @@ def run(
     previous = signal.signal(signal.SIGTERM, sigterm)
     try:
         result = runner.run(force=force, new=new, address=address, num_cpus=num_cpus)
-    except (RunConflictError, RunLockedError, RunOutputError, NotARunError, ClusterConnectError,
+    except (ConfigError, RunConflictError, RunLockedError, RunOutputError, NotARunError, ClusterConnectError,
             ClusterFitError) as exc:
         _fail(str(exc))
         return

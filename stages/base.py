@@ -57,6 +57,16 @@ class TransientError(RuntimeError):
     """
 
 
+class InputError(ValueError):
+    """The source's configured input cannot give a single sample (no folder there, nothing to read in
+    it): a user error, raised before any work. ``key`` is the param's path below the stage
+    (``params.root``); the runner names the stage and refuses the run like an invalid config."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 class StageKind(enum.StrEnum):
     """How the runner schedules a stage."""
 
@@ -185,6 +195,11 @@ class SourceStage(Stage[P]):
     def prepare(self, store: Any) -> None:
         """Create run-level inputs before the plan is cut (a generator writes its identities table);
         called once per run in the driver, and must be idempotent so a resumed run reuses them."""
+
+    def check_input(self) -> None:
+        """Raise InputError when the configured input cannot be read at all (a folder that does not
+        exist, a pattern that matches nothing). Called by the runner before any work, so a mistyped
+        path is refused in a second, never frozen into the run as an empty plan."""
 
     def plan(self, shard_size: int) -> list[dict[str, Any]]:
         raise NotImplementedError

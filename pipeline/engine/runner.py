@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -23,7 +24,7 @@ from rich.console import Console
 from facekit.userconfig import clip, shown
 from manifests.layout import IDENTITIES_FILE, LEGACY_PLAN_FILE, PLAN_FILE, history_path
 from manifests.storage import RunStorage
-from pipeline.config import PipelineConfig, ResolvedStage, config_hash
+from pipeline.config import ConfigError, PipelineConfig, ResolvedStage, config_hash
 from pipeline.engine import cluster
 from pipeline.engine.execution import StageSpec, UpstreamInfo, is_committed, member_columns
 from pipeline.engine.fused import StageSetupError
@@ -46,7 +47,7 @@ from pipeline.engine.rundir import (
 from pipeline.engine.warm import WarmWorkers
 from pipeline.terminal import console as make_console
 from pipeline.terminal import styled
-from stages.base import SourceStage, Stage, StageContext, StageKind
+from stages.base import InputError, SourceStage, Stage, StageContext, StageKind
 
 MAX_SHARD_ATTEMPTS = 3
 # What a failed global phase may raise: its own error, a bad input it could not use, or any Ray failure.
@@ -93,7 +94,6 @@ class Runner:
 
     def _check_columns(self) -> None:
         from manifests.schema import CARRIED
-        from pipeline.config import ConfigError
 
         available: dict[str, str] = {c: "every stage" for c in CARRIED}
         for s in self.stages:
@@ -151,12 +151,22 @@ class Runner:
                          fingerprint=self.fingerprints[s.stage_id], params_hash=s.params_hash,
                          upstream=upstream, context=self.contexts[s.stage_id])
 
+    def check_source(self) -> None:
+        """Refuse a source input that cannot give a sample (a missing folder) before any work."""
+        self._source_step(lambda inst: inst.check_input())
+
     def prepare_source(self) -> None:
         """Let the source create its run-level inputs (a generator's identities table) before planning."""
+        self._source_step(lambda inst: inst.prepare(self.store))
+
+    def _source_step(self, step: Callable[[SourceStage[Any]], None]) -> None:
         source = self.stages[0]
         inst = self.instances[source.stage_id]
         assert isinstance(inst, SourceStage)
-        inst.prepare(self.store)
+        try:
+            step(inst)
+        except InputError as exc:
+            raise ConfigError(f"invalid config: stages[{source.index}] ({source.stage_id}).{exc.key}: {exc}") from None
 
     def shard_plan(self) -> list[dict[str, Any]]:
         source = self.stages[0]
@@ -213,6 +223,7 @@ class Runner:
             num_cpus: int | None = None) -> RunResult:
         t0 = time.monotonic()
         result = RunResult(run_dir=self.store.url)
+        self.check_source()
         check_output(self.store)
         with run_lock(self.store, force=force):
             to_wipe = self.stages_to_wipe(force, new)

@@ -40,6 +40,14 @@ def sniff_format(data: bytes) -> str | None:
         return "bmp"
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "webp-lossless" if data[12:16] == b"VP8L" else "webp"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
+    if data[4:12] in (b"ftypavif", b"ftypavis"):
+        return "avif"
+    if data.startswith(b"\x00\x00\x00\x0cjP  \r\n\x87\n"):
+        return "jp2"
     return None
 
 

@@ -1,13 +1,17 @@
 """Ingest: a folder of images (local or any fsspec URL) or existing WebDataset tars, as samples.
 
-Folder mode walks ``root`` once (hidden files and folders skipped, image extensions only, links never
-followed) into a sorted Parquet listing in the run directory (manifests/listing.py, written by
-``prepare``, frozen on first run); the plan is row ranges of that listing, so it stays a few bytes
-per shard however large the folder, and a resumed run cuts the same shards. With ``labels_from_dirs``
+Folder mode walks ``root`` once (hidden files and folders skipped, links never followed) into a
+sorted Parquet listing in the run directory (manifests/listing.py, written by ``prepare``, frozen on
+first run); the plan is row ranges of that listing, so it stays a few bytes per shard however large
+the folder, and a resumed run cuts the same shards. Every file is listed: one whose extension is not
+in ``extensions`` gets its row too (``unsupported_extension``), so no file vanishes unseen. A root
+that does not exist, or holds no file with a listed extension, is refused before any work
+(InputError) and leaves no listing, so the next run walks it again. With ``labels_from_dirs``
 the first folder under ``root`` is the sample's identity (``root/<identity>/.../<file>``). Keys are
 the relative path made safe for a WebDataset key (letters, digits, ``_`` and ``-``; folders joined by
 ``__``) plus 12 hex digits of the path's hash, so two paths never share a key; the original path is
-kept in ``source_path``.
+kept in ``source_path``. Names are recorded as manifests/names.py writes them: a name that is not
+UTF-8 is escaped losslessly, and the file is re-read by its exact original bytes.
 
 Tar mode reads WebDataset tars (globs allowed). Members that share a key and are adjacent are one
 sample, as in WebDataset; keys are preserved when they are valid keys. By default one tar is one
@@ -23,6 +27,7 @@ symlink, device or fifo in a folder; a symlink, hard-link, device or fifo tar me
 nor read), ``file_too_large``, ``unsafe_member_name`` (``../`` or absolute member names),
 ``duplicate_key`` (a key that already appeared earlier in the tar: its row gets its own sample id),
 ``truncated_tar`` / ``corrupt_tar`` / ``unreadable_tar``, ``no_image_in_sample``, ``unreadable_file``,
+``unsupported_extension`` (a folder's file of an unlisted extension, never read),
 and decode's ``empty_file``, ``not_an_image``, ``corrupt_image``, ``image_too_small``,
 ``image_too_large``. A storage failure that says nothing about the file (connection, timeout, 5xx,
 throttling: manifests/transient.py) raises TransientError so the engine retries the shard instead.
@@ -50,6 +55,7 @@ from pydantic import Field, model_validator
 from facekit.imaging import ImageError, decode_rgb, remembering
 from manifests.layout import listing_path
 from manifests.listing import listing_size, read_listing, walk_rel_paths, write_listing
+from manifests.names import IMAGE_EXTENSIONS, extension, name_bytes, name_str, name_text
 from manifests.shards import TarMember, is_compressed, iter_tar_members
 from manifests.storage import RunStorage, expand_user_glob
 from manifests.transient import is_transient
@@ -60,6 +66,7 @@ from stages.base import (
     KEY,
     PARENT_ID,
     Batch,
+    InputError,
     Params,
     Reason,
     Resources,
@@ -70,7 +77,6 @@ from stages.base import (
 )
 from stages.mappers.fingerprint import sniff_format
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9_\-]+")
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$")
 KEY_STEM_MAX = 80
@@ -79,9 +85,9 @@ _OWN = ("source_uri", "source_path", "file_bytes", "width", "height")
 
 class IngestParams(Params):
     root: str | None = Field(None, description="a folder of images: a local path or fsspec URL (s3://bucket/prefix)")
-    tars: tuple[str, ...] = Field((), description="WebDataset tars: paths, URLs or globs")
+    tars: tuple[str, ...] = Field((), description="WebDataset tars: paths, URLs or globs (only the last part of a path is a pattern)")
     labels_from_dirs: bool = Field(False, description="root/<identity>/<file> gives each image its identity label")
-    extensions: tuple[str, ...] = Field(IMAGE_EXTENSIONS, description="file extensions read from a folder")
+    extensions: tuple[str, ...] = Field(IMAGE_EXTENSIONS, description="file extensions read from a folder; its other files are unsupported_extension rows")
     tar_split: bool = Field(
         False, description="index each plain tar's headers once and cut it into shards of shard_size members")
     max_file_mb: float = Field(
@@ -111,11 +117,11 @@ def sniff_ext(data: bytes, fallback: str) -> str:
 
 
 class _Bad(Exception):
-    """This input's own problem: becomes its error row."""
+    """This input's own problem: becomes its error row (a name quoted in the detail as its text)."""
 
     def __init__(self, rule: str, detail: object = None) -> None:
         super().__init__(rule)
-        self.reason = Reason(rule, None if detail is None else str(detail))
+        self.reason = Reason(rule, None if detail is None else name_text(str(detail)))
 
 
 @dataclass
@@ -144,7 +150,7 @@ class IngestStage(SourceStage):
     """Reads existing images into the run, byte for byte, with a row for every file, readable or not."""
 
     name: ClassVar[str] = "ingest"
-    version: ClassVar[str] = "2"
+    version: ClassVar[str] = "3"
     params_model: ClassVar[type[Params]] = IngestParams
     resources: ClassVar[Resources] = Resources(cpus=0.5)
     batch_size: ClassVar[int] = 64
@@ -165,6 +171,12 @@ class IngestStage(SourceStage):
     def _exts(self) -> set[str]:
         return {e.lower().lstrip(".") for e in self.params.extensions}
 
+    def _listed(self, rel: str) -> bool:
+        return extension(rel) in self._exts()
+
+    def _ext_list(self) -> str:
+        return f"params.extensions: {', '.join(sorted(self._exts()))}"
+
     def _fs(self, url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         return fsspec.core.url_to_fs(url, **self.params.storage_options)
 
@@ -174,20 +186,62 @@ class IngestStage(SourceStage):
         digest = stable_hash([self.name, self.version, self.params.root, sorted(self._exts())], 16)
         return listing_path(self.context.stage_id, digest)
 
+    def check_input(self) -> None:
+        """A folder that exists and holds an image (the walk stops at the first one; skipped when this
+        run's listing is already frozen: the run that froze it checked), or tars that exist."""
+        if self.params.root is None:
+            for i, pattern in enumerate(self.params.tars):
+                fs, path = self._fs(pattern)
+                if not any(fs.exists(m) for m in expand_user_glob(fs, path)):
+                    raise InputError(f"params.tars[{i}]", f"no file matches {pattern!r}")
+            return
+        if self._run_store().exists(*self._listing_parts()):
+            return
+        fs, root = self._root_folder()
+        others = 0
+        for rel in walk_rel_paths(fs, root):
+            if self._listed(rel):
+                return
+            others += 1
+        raise self._no_image(others)
+
+    def _root_folder(self) -> tuple[fsspec.AbstractFileSystem, str]:
+        """The root's filesystem and path, once it is known to be a folder."""
+        assert self.params.root is not None
+        fs, root = self._fs(self.params.root)
+        if not fs.isdir(root):
+            what = "is a file, not a folder" if fs.isfile(root) else "does not exist"
+            raise InputError("params.root", f"{self.params.root!r} {what} (expected a folder of images)")
+        return fs, root
+
+    def _no_image(self, others: int) -> InputError:
+        seen = f"its {others} file(s) have other extensions" if others else "it is empty"
+        return InputError("params.root", f"no image in {self.params.root!r}: {seen} ({self._ext_list()})")
+
     def prepare(self, store: Any) -> None:
-        """Folder mode: walk the folder once into the run's listing; a resumed run reuses it as is."""
+        """Folder mode: walk the folder once into the run's listing; a resumed run reuses it as is. A walk
+        that finds no image raises InputError before the listing is written."""
         self._store = store
         if self.params.root is None or store.exists(*self._listing_parts()):
             return
-        fs, root = self._fs(self.params.root)
-        exts = self._exts()
+        fs, root = self._root_folder()
+        images = others = 0
 
-        def keep(rel: str) -> bool:
-            base = posixpath.basename(rel)
-            return "." in base and base.rsplit(".", 1)[1].lower() in exts
+        def counted(paths: Iterator[str]) -> Iterator[str]:
+            nonlocal images, others
+            for rel in paths:
+                if self._listed(rel):
+                    images += 1
+                else:
+                    others += 1
+                yield rel
+
+        def refuse_no_image() -> None:
+            if not images:
+                raise self._no_image(others)
 
         try:
-            write_listing(store, self._listing_parts(), walk_rel_paths(fs, root), keep)
+            write_listing(store, self._listing_parts(), counted(walk_rel_paths(fs, root)), refuse_no_image)
         except OSError as exc:
             if is_transient(exc):
                 raise _transient(exc, f"the listing of {self.params.root}") from exc
@@ -209,7 +263,7 @@ class IngestStage(SourceStage):
             n = listing_size(store, self._listing_parts())
             rel = "/".join(self._listing_parts())
             return [
-                {"root": self.params.root, "listing": rel, "start": a, "stop": min(a + shard_size, n)}
+                {"root": name_text(self.params.root), "listing": rel, "start": a, "stop": min(a + shard_size, n)}
                 for a in range(0, n, shard_size)
             ]
         shards: list[dict[str, Any]] = []
@@ -221,7 +275,7 @@ class IngestStage(SourceStage):
         """Byte ranges of whole samples, from the headers alone; keys already seen in an earlier range
         travel with the range so its reader marks them as duplicates."""
         try:
-            fs, path = self._fs(tar)
+            fs, path = self._fs(name_str(tar))
             with fs.open(path, "rb") as f:
                 if is_compressed(f):
                     return [_tar_spec(tar, 0, None)]
@@ -255,11 +309,12 @@ class IngestStage(SourceStage):
         ]
 
     def _list_tars(self) -> list[str]:
+        """The tars the patterns match, as recorded texts (a tar's own name need not be UTF-8)."""
         found: set[str] = set()
         for pattern in self.params.tars:
             fs, path = self._fs(pattern)
             matches = expand_user_glob(fs, path)
-            found.update(fs.unstrip_protocol(m) if "://" in pattern else m for m in matches)
+            found.update(name_text(fs.unstrip_protocol(m) if "://" in pattern else m) for m in matches)
         return sorted(found)
 
     # ------------------------------------------------------------------ reading
@@ -298,9 +353,9 @@ class IngestStage(SourceStage):
     # ------------------------------------------------------------------ folders
 
     def _read_folder(self, shard: dict[str, Any]) -> Iterator[_Row]:
-        fs, root = self._fs(shard["root"])
+        fs, root = self._fs(name_str(shard["root"]))
         root = root.rstrip("/")
-        source_uri = fs.unstrip_protocol(root)
+        source_uri = name_text(fs.unstrip_protocol(root))
         try:
             paths = read_listing(self._run_store(), shard["listing"], int(shard["start"]), int(shard["stop"]))
         except OSError as exc:
@@ -309,21 +364,30 @@ class IngestStage(SourceStage):
             raise
         for rel in paths:
             key = folder_key(rel)
-            row = _Row(stable_hash([source_uri, key], 24), key, source_uri, rel, ext=rel.rsplit(".", 1)[1])
+            row = _Row(stable_hash([source_uri, key], 24), key, source_uri, rel)
             if self.params.labels_from_dirs and "/" in rel:
                 row.identity = rel.split("/", 1)[0]
+            if not self._listed(rel):
+                ext = extension(rel)
+                row.reason = Reason("unsupported_extension",
+                                    f"{'.' + ext if ext else 'no extension'}: not read ({self._ext_list()})")
+                yield row
+                continue
+            row.ext = rel.rsplit(".", 1)[1]
             try:
-                row.data = self._read_file(fs, f"{root}/{rel}")
+                row.data = self._read_file(fs, root, rel)
             except _Bad as bad:
                 row.reason = bad.reason
             yield row
 
-    def _read_file(self, fs: fsspec.AbstractFileSystem, path: str) -> bytes:
-        """At most ``max_file_mb`` of one regular file; links and special files are never opened."""
+    def _read_file(self, fs: fsspec.AbstractFileSystem, root: str, rel: str) -> bytes:
+        """At most ``max_file_mb`` of one regular file, found by the exact bytes of its name; links and
+        special files are never opened."""
         limit = self.limit
+        path = f"{root}/{name_str(rel)}"
         try:
-            if isinstance(fs, LocalFileSystem):
-                return _read_local(fs._strip_protocol(path), limit)
+            if isinstance(fs, LocalFileSystem):  # bytes: the name as it is on disk, whatever the locale
+                return _read_local(os.fsencode(fs._strip_protocol(root)) + b"/" + name_bytes(rel), limit)
             info = fs.info(path)
             if info.get("islink") or info.get("type") != "file":
                 raise _Bad("not_a_regular_file", f"{info.get('type')}")
@@ -336,8 +400,9 @@ class IngestStage(SourceStage):
             raise
         except Exception as exc:
             if is_transient(exc):
-                raise _transient(exc, path) from exc
-            raise _Bad("unreadable_file", f"{type(exc).__name__}: {exc}") from exc
+                raise _transient(exc, f"{root}/{rel}") from exc
+            said = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc  # the row names the file
+            raise _Bad("unreadable_file", f"{type(exc).__name__}: {said}") from exc
         return _checked(data, limit)
 
     # ------------------------------------------------------------------ tars
@@ -346,8 +411,8 @@ class IngestStage(SourceStage):
         tar = shard["tar"]
         offset, stop = int(shard.get("offset", 0)), shard.get("stop")
         try:
-            fs, path = self._fs(tar)
-            source_uri = fs.unstrip_protocol(path)
+            fs, path = self._fs(name_str(tar))
+            source_uri = name_text(fs.unstrip_protocol(path))
             handle = fs.open(path, "rb")
         except Exception as exc:
             if is_transient(exc):
@@ -438,12 +503,12 @@ def _checked(data: bytes, limit: int) -> bytes:
     return data
 
 
-def _read_local(path: str, limit: int) -> bytes:
+def _read_local(path: bytes, limit: int) -> bytes:
     """Refuse links and special files by what they are (lstat; O_NOFOLLOW at open, so a file swapped for
     a link in between is refused too), then read at most ``limit`` + 1 bytes."""
     st = os.lstat(path)
     if stat.S_ISLNK(st.st_mode):
-        raise _Bad("not_a_regular_file", f"symlink to {os.readlink(path)!r}")
+        raise _Bad("not_a_regular_file", f"symlink to {name_text(os.readlink(path))!r}")
     if not stat.S_ISREG(st.st_mode):
         raise _Bad("not_a_regular_file", _mode_name(st.st_mode))
     if st.st_size > limit:

@@ -1,7 +1,9 @@
 """A hostile corpus through real pipeline runs (Ray, tars, Parquet, the export): a folder and a set of
 tars holding links to /dev/zero, fifos, link and device members, 1 GiB members, a decompression bomb,
-repeated keys, unsafe names, zero-byte, text-as-JPEG and truncated files. Every item ends as a row
-with its rule, no manifest has a duplicate sample_id, and nothing is doubled in the export."""
+repeated keys, unsafe names, names that are not UTF-8, zero-byte, text-as-JPEG and truncated files,
+GIF and TIFF images and files of unlisted extensions. Every item ends as a row with its rule, no
+manifest has a duplicate sample_id, and nothing is doubled in the export. The two whole corpora are
+``faults`` runs (minutes on a shared machine); the names, formats and a missing root run by default."""
 
 from __future__ import annotations
 
@@ -16,14 +18,18 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from PIL import Image
+from typer.testing import CliRunner
 
 from facekit.imaging import encode_jpeg, encode_png
 from manifests.layout import EXPORT_DIR, EXPORT_MANIFEST
+from manifests.names import name_bytes, name_text
+from pipeline.cli import app
 from pipeline.config import load_config
 from pipeline.engine.runner import Runner
 
-pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.faults]  # minutes on a shared machine
+pytestmark = pytest.mark.usefixtures("ray_session")
 GIB = 1 << 30
 STAGES = ("ingest", "fingerprint", "image_stats")
 
@@ -35,8 +41,14 @@ def image(seed: int) -> np.ndarray:
     return np.clip(base, 0, 255).astype(np.uint8)
 
 
-def member(tar: tarfile.TarFile, name: str, data: bytes = b"", **attrs: Any) -> None:
-    info = tarfile.TarInfo(name)
+def encoded(seed: int, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image(seed)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def member(tar: tarfile.TarFile, name: str | bytes, data: bytes = b"", **attrs: Any) -> None:
+    info = tarfile.TarInfo(os.fsdecode(name))
     info.size = len(data) if attrs.get("type", tarfile.REGTYPE) == tarfile.REGTYPE else 0
     for k, v in attrs.items():
         setattr(info, k, v)
@@ -60,10 +72,41 @@ def build_folder(root: Path) -> dict[str, str | None]:
     os.mkfifo(bad / "fifo.jpg")
     with open(bad / "huge.png", "wb") as f:
         f.truncate(GIB)  # sparse
+    expected.update(build_names_and_formats(root))
     expected.update({"p1/zero.jpg": "empty_file", "p1/text.jpg": "not_an_image", "p1/cut.jpg": "corrupt_image",
                      "p1/bomb.png": "image_too_large", "p1/devzero.png": "not_a_regular_file",
                      "p1/fifo.jpg": "not_a_regular_file", "p1/huge.png": "file_too_large"})
     return expected
+
+
+def build_names_and_formats(root: Path) -> dict[str, str | None]:
+    """Names that are not UTF-8, GIF and TIFF images and files of unlisted extensions, beside good images
+    (the source_path each must be recorded under, and its reason)."""
+    files = {b"p1/n0.png": encode_png(image(1)), b"p1/bad\xff\xfe.png": encode_png(image(2)),
+             b"p1/bad\xfe\xff.png": encode_png(image(3)), b"p\xe9/caf\xe9.jpg": encode_jpeg(image(4)),
+             b"p\xe9/1.gif": encoded(5, "GIF"), b"p2/2.tif": encoded(6, "TIFF"), b"p2/3.TIFF": encoded(7, "TIFF"),
+             b"p2/notes.txt": b"not an image", b"p2/README": b"no extension", b"p2/x.heic": b"\0\0\0\x18ftypheic"}
+    top = os.fsencode(root)
+    for name, data in files.items():
+        os.makedirs(os.path.dirname(top + b"/" + name), exist_ok=True)
+        with open(top + b"/" + name, "wb") as f:
+            f.write(data)
+    return {name_text(n): "unsupported_extension" if n.startswith(b"p2/") and n[-4:] not in (b".tif", b"TIFF")
+            else None for n in files}
+
+
+def build_name_tar(folder: Path) -> list[tuple[str, str, str | None]]:
+    """Tars whose member names are not all UTF-8, in pax and GNU headers, beside good members; one tar's
+    own name is not UTF-8 either."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [b"p6/0.png", b"p6/bad\xff.png", b"p6/bad\xfe.png", b"p\xe9/caf\xe9.png"]
+    tars = ((tarfile.GNU_FORMAT, b"e.tar"), (tarfile.PAX_FORMAT, b"f\xff.tar"))
+    for fmt, tar_name in tars:
+        with tarfile.open(os.fsencode(folder) + b"/" + tar_name, "w", format=fmt, encoding="utf-8",
+                          errors="surrogateescape") as tar:
+            for i, name in enumerate(names):
+                member(tar, name, encode_png(image(200 + i)))
+    return [(name_text(t), name_text(n), None) for _, t in tars for n in names]
 
 
 def build_tars(folder: Path) -> list[tuple[str, str, str | None]]:
@@ -109,19 +152,22 @@ def build_tars(folder: Path) -> list[tuple[str, str, str | None]]:
             ("a.tar", "p3/empty.png", "empty_file"), ("a.tar", "p3/2.png", None),
             ("b.tar", "p4/big.png", "file_too_large"), ("b.tar", "p4/0.png", None), ("b.tar", "p4/1.png", None),
             ("c.tar", "p5/0.png", None), ("c.tar", "p5/1.png", "truncated_tar"),
-            ("d.tar.gz", "p5/zeros.png", "file_too_large")]
+            ("d.tar.gz", "p5/zeros.png", "file_too_large"), *build_name_tar(folder)]
 
 
-def run(tmp_path: Path, ingest: dict[str, Any]) -> Path:
-    raw = {
+def config(ingest: dict[str, Any]) -> dict[str, Any]:
+    return {
         "name": "hostile",
         "run": {"seed": 0, "shard_size": 4},
         "stages": [{"stage": "ingest", "params": {"labels_from_dirs": True, "max_file_mb": 1, **ingest}},
                    {"stage": "fingerprint"}, {"stage": "image_stats"}],
         "export": {"min_images_per_identity": 1, "val_fraction": 0.0},
     }
-    cfg, stages = load_config(raw=raw)
-    out = tmp_path / "run"
+
+
+def run(tmp_path: Path, ingest: dict[str, Any], out: Path | None = None) -> Path:
+    cfg, stages = load_config(raw=config(ingest))
+    out = out or tmp_path / "run"
     res = Runner(cfg, stages, str(out), show_progress=False).run()
     assert res.complete, res.failures
     return out
@@ -146,6 +192,7 @@ def check_nothing_doubled(out: Path) -> list[dict[str, Any]]:
     return manifests["ingest"]
 
 
+@pytest.mark.faults
 def test_a_hostile_folder_gives_every_item_its_row_and_nothing_doubles(tmp_path: Path) -> None:
     expected = build_folder(tmp_path / "corpus")
     rows = check_nothing_doubled(run(tmp_path, {"root": str(tmp_path / "corpus")}))
@@ -153,9 +200,40 @@ def test_a_hostile_folder_gives_every_item_its_row_and_nothing_doubles(tmp_path:
     assert all(r["detail"] for r in rows if r["reason"])
 
 
+@pytest.mark.faults
 def test_hostile_tars_split_by_range_give_every_item_its_row_and_nothing_doubles(tmp_path: Path) -> None:
     expected = build_tars(tmp_path / "tars")
     rows = check_nothing_doubled(run(tmp_path, {"tars": [str(tmp_path / "tars" / "*.tar*")], "tar_split": True}))
     got = sorted((r["source_uri"].rsplit("/", 1)[-1], r["source_path"], r["reason"] or "") for r in rows)
     assert got == sorted((t, p, r or "") for t, p, r in expected)
     assert all(r["detail"] for r in rows if r["reason"])
+
+
+def test_a_missing_root_is_refused_and_once_it_holds_files_a_plain_run_ingests_every_name(tmp_path: Path) -> None:
+    corpus, out = tmp_path / "corpus", tmp_path / "run"
+    cfg = tmp_path / "hostile.yaml"
+    cfg.write_text(yaml.safe_dump(config({"root": str(corpus)})))
+    refused = CliRunner().invoke(app, ["run", str(cfg), "--output", str(out), "--no-progress"])
+    assert refused.exit_code == 2, refused.output
+    said = "".join(refused.stderr.split())  # the console may wrap the one line at its width
+    assert "error:invalidconfig:stages[0](ingest).params.root:" in said and f"'{corpus}'doesnotexist" in said
+    assert not out.exists()  # refused before any work: no listing, no plan, nothing to reuse
+
+    expected = build_names_and_formats(corpus)
+    assert CliRunner().invoke(app, ["run", str(cfg), "--output", str(out), "--no-progress"]).exit_code == 0
+    rows = check_nothing_doubled(out)
+    assert {r["source_path"]: r["reason"] for r in rows} == expected  # every file once, by its exact name
+    assert all((corpus / os.fsdecode(name_bytes(p))).is_file() for p in expected)
+    first = {r["sample_id"]: r for r in rows}
+
+    cfg_, stages = load_config(raw=config({"root": str(corpus)}))
+    again = Runner(cfg_, stages, str(out), show_progress=False).run()  # resumed after completion: a no-op
+    assert again.complete and all(s["computed"] == 0 for s in again.stages.values()), again.stages
+    assert {r["sample_id"]: r for r in check_nothing_doubled(out)} == first
+
+
+def test_tar_members_named_in_bytes_that_are_not_utf8_are_samples_and_their_tar_goes_on(tmp_path: Path) -> None:
+    expected = build_name_tar(tmp_path / "tars")
+    rows = check_nothing_doubled(run(tmp_path, {"tars": [str(tmp_path / "tars" / "*.tar")], "tar_split": True}))
+    got = sorted((r["source_uri"].rsplit("/", 1)[-1], r["source_path"], r["reason"]) for r in rows)
+    assert got == sorted(expected)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,10 @@ from PIL import Image
 from pydantic import ValidationError
 
 from facekit.imaging import encode_jpeg, encode_png
+from manifests.names import name_bytes, name_text
 from manifests.shards import check_key
 from manifests.storage import RunStorage
-from stages.base import StageContext
+from stages.base import InputError, StageContext
 from stages.sources.ingest import IngestParams, IngestStage, folder_key
 
 
@@ -108,9 +110,11 @@ def test_folder_ingest_gives_one_error_row_with_a_reason_per_bad_file(messy_fold
             "alice/truncated.jpg",
             "alice/tiny.png",
             "bob/huge.png",
+            "alice/readme.txt",
         ]
-    )  # hidden files and non-image extensions are not samples
+    )  # hidden files are not listed; a file of an unlisted extension is a row that says so, never read
     bad = {
+        "alice/readme.txt": "unsupported_extension",
         "bob/zero.jpg": "empty_file",
         "bob/notes.jpg": "not_an_image",
         "alice/truncated.jpg": "corrupt_image",
@@ -151,10 +155,10 @@ def test_keys_are_valid_unique_and_ids_deterministic(messy_folder: Path) -> None
 def test_plan_is_row_ranges_of_a_sorted_listing_frozen_in_the_run(messy_folder: Path, run_dir: Path) -> None:
     st = stage(root=str(messy_folder))
     plan = st.plan(3)
-    assert [(s["start"], s["stop"]) for s in plan] == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert [(s["start"], s["stop"]) for s in plan] == [(0, 3), (3, 6), (6, 9), (9, 11)]
     assert all(set(s) == {"root", "listing", "start", "stop"} for s in plan)  # no paths in the plan
     listing = pq.read_table(run_dir / plan[0]["listing"]).column("path").to_pylist()
-    assert listing == sorted(listing) and len(listing) == 10
+    assert listing == sorted(listing) and len(listing) == 11
     paths = [r["source_path"] for r in rows_of(st, 3)]
     assert paths == listing
     (messy_folder / "alice" / "aaa-new.png").write_bytes(encode_png(rgb(30)))  # after the first run
@@ -177,7 +181,7 @@ def test_a_file_that_vanishes_after_planning_is_an_error_row(messy_folder: Path)
     row = next(r for r in rows if r["source_path"] == "alice/a1.png")
     assert row["status"] == "error" and row["reason"] == "unreadable_file"
     assert row["detail"].startswith("FileNotFoundError")
-    assert len(rows) == 10
+    assert len(rows) == 11
 
 
 def test_fsspec_memory_folder_ingests_like_a_local_one() -> None:
@@ -280,3 +284,107 @@ def test_an_fsspec_folder_listing_skips_hidden_folders_and_is_streamed_into_the_
     assert [r["source_path"] for r in rows] == ["a/x.png", "b/c/w.png"]
     assert [(s["start"], s["stop"]) for s in plan] == [(0, 1), (1, 2)]
     assert (run_dir / plan[0]["listing"]).is_file()
+
+
+def _encoded(x: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(x).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_folder_names_that_are_not_utf8_are_rows_read_by_their_exact_bytes(tmp_path: Path) -> None:
+    top = os.fsencode(tmp_path / "bytes")
+    files = {b"p\xe9rson/bad\xff\xfe.png": encode_png(rgb(40)), b"p\xe9rson/bad\xfe\xff.png": encode_png(rgb(41)),
+             b"p\xe9rson/caf\xe9.jpg": encode_jpeg(rgb(42)), b"plain/a\\xff.png": encode_png(rgb(43)),
+             b"plain/a\xff.png": encode_png(rgb(44))}
+    for name, data in files.items():
+        os.makedirs(os.path.dirname(top + b"/" + name), exist_ok=True)
+        with open(top + b"/" + name, "wb") as f:
+            f.write(data)
+    rows = rows_of(stage(root=os.fsdecode(top), labels_from_dirs=True), shard_size=2)
+
+    by_name = {name_bytes(r["source_path"]): r for r in rows}
+    assert len(rows) == len(by_name) == len(files) and set(by_name) == set(files)  # each file once
+    for name, data in files.items():
+        row = by_name[name]
+        assert row["status"] == "ok" and row["image"] == data, (name, row["reason"], row["detail"])
+        assert row["source_path"] == name_text(name) and row["source_path"].encode()  # plain UTF-8 text
+        assert check_key(row["key"]) == row["key"]
+    assert {r["identity_id"] for r in rows} == {"p\\xe9rson", "plain"}
+    assert len({r["key"] for r in rows}) == len({r["sample_id"] for r in rows}) == len(files)
+
+
+def _bytes_tar(path: Path, members: list[tuple[bytes, bytes]], fmt: int) -> Path:
+    with tarfile.open(path, "w", format=fmt, encoding="utf-8", errors="surrogateescape") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(os.fsdecode(name))
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_tar_members_whose_names_are_not_utf8_are_samples_beside_the_good_ones(tmp_path: Path) -> None:
+    members = [(b"ok.png", encode_png(rgb(50))), (b"p\xff.png", encode_png(rgb(51))),
+               (b"p\xfe.png", encode_png(rgb(52))), (b"d\xe9/x.png", encode_png(rgb(53))),
+               (b"d\xe9/x.json", json.dumps({"identity_id": "dee"}).encode()), (b"z.png", encode_png(rgb(54)))]
+    tars = [_bytes_tar(tmp_path / "gnu.tar", members, tarfile.GNU_FORMAT),
+            _bytes_tar(tmp_path / os.fsdecode(b"pax\xff.tar"), members, tarfile.PAX_FORMAT)]  # its own name too
+    whole = rows_of(stage(tars=[str(t) for t in tars]), shard_size=100)
+    split = rows_of(stage(tars=[str(t) for t in tars], tar_split=True), shard_size=2)
+
+    assert [r["sample_id"] for r in split] == [r["sample_id"] for r in whole]
+    assert len({r["sample_id"] for r in whole}) == len(whole) == 10
+    images = [(n, d) for n, d in members if n.endswith(b".png")]
+    for tar in tars:
+        got = {name_bytes(r["source_path"]): r for r in whole if r["source_uri"].endswith(name_text(tar.name))}
+        assert set(got) == {n for n, _ in images}
+        for name, data in images:
+            assert got[name]["status"] == "ok" and got[name]["image"] == data
+            assert check_key(got[name]["key"]) == got[name]["key"]
+        assert got[b"d\xe9/x.png"]["identity_id"] == "dee"
+
+
+def test_gif_and_tif_files_are_images_and_every_other_file_is_a_row_that_says_why(tmp_path: Path) -> None:
+    root = tmp_path / "formats"
+    root.mkdir()
+    images = {"a.gif": _encoded(rgb(60), "GIF"), "b.tif": _encoded(rgb(61), "TIFF"),
+              "c.TIFF": _encoded(rgb(62), "TIFF"), "d.png": encode_png(rgb(63))}
+    others = {"notes.txt": b"text", "README": b"no extension", "e.heic": b"\0\0\0\x18ftypheic"}
+    for name, data in {**images, **others}.items():
+        (root / name).write_bytes(data)
+    rows = {r["source_path"]: r for r in rows_of(stage(root=str(root)))}
+
+    assert set(rows) == set(images) | set(others)
+    for name, data in images.items():
+        assert rows[name]["status"] == "ok" and rows[name]["image"] == data, rows[name]["detail"]
+    assert [rows[n]["image_ext"] for n in sorted(images)] == ["gif", "tiff", "tiff", "png"]
+    for name in others:
+        assert rows[name]["reason"] == "unsupported_extension" and rows[name]["image"] is None
+        assert "params.extensions" in rows[name]["detail"]
+    assert rows["README"]["detail"].startswith("no extension")
+
+
+def test_a_missing_or_imageless_root_is_an_input_error_and_leaves_no_listing(tmp_path: Path, run_dir: Path) -> None:
+    root = tmp_path / "later"
+    st = IngestStage(IngestParams(root=str(root)), CTX)
+    for step in (st.check_input, lambda: st.prepare(RunStorage(CTX.run_dir))):
+        with pytest.raises(InputError, match="does not exist") as missing:
+            step()
+        assert missing.value.key == "params.root" and str(root) in str(missing.value)
+    root.mkdir()
+    for step in (st.check_input, lambda: st.prepare(RunStorage(CTX.run_dir))):
+        with pytest.raises(InputError, match="it is empty"):
+            step()
+    (root / "notes.txt").write_text("not an image")
+    with pytest.raises(InputError, match=r"its 1 file\(s\) have other extensions"):
+        st.prepare(RunStorage(CTX.run_dir))
+    assert not list(run_dir.rglob("*.parquet"))  # nothing frozen: the next run walks again
+    (root / "a.png").write_bytes(encode_png(rgb(70)))
+    st.check_input()
+    assert [(r["source_path"], r["reason"]) for r in rows_of(stage(root=str(root)))] == [
+        ("a.png", None), ("notes.txt", "unsupported_extension")]
+    with pytest.raises(InputError, match="is a file"):
+        IngestStage(IngestParams(root=str(root / "a.png")), CTX).check_input()
+    with pytest.raises(InputError, match="no file matches") as tars:
+        IngestStage(IngestParams(tars=[str(root / "a.png"), str(tmp_path / "*.tar")]), CTX).check_input()
+    assert tars.value.key == "params.tars[1]"
