@@ -85,9 +85,11 @@ _OWN = ("source_uri", "source_path", "file_bytes", "width", "height")
 
 class IngestParams(Params):
     root: str | None = Field(None, description="a folder of images: a local path or fsspec URL (s3://bucket/prefix)")
-    tars: tuple[str, ...] = Field((), description="WebDataset tars: paths, URLs or globs (only the last part of a path is a pattern)")
+    tars: tuple[str, ...] = Field(
+        (), description="WebDataset tars: paths, URLs or globs (only the last part of a path is a pattern)")
     labels_from_dirs: bool = Field(False, description="root/<identity>/<file> gives each image its identity label")
-    extensions: tuple[str, ...] = Field(IMAGE_EXTENSIONS, description="file extensions read from a folder; its other files are unsupported_extension rows")
+    extensions: tuple[str, ...] = Field(
+        IMAGE_EXTENSIONS, description="file extensions read from a folder; its other files are unsupported_extension rows")
     tar_split: bool = Field(
         False, description="index each plain tar's headers once and cut it into shards of shard_size members")
     max_file_mb: float = Field(
