@@ -89,7 +89,7 @@ class IngestParams(Params):
         (), description="WebDataset tars: paths, URLs or globs (only the last part of a path is a pattern)")
     labels_from_dirs: bool = Field(False, description="root/<identity>/<file> gives each image its identity label")
     extensions: tuple[str, ...] = Field(
-        IMAGE_EXTENSIONS, description="file extensions read from a folder; its other files are unsupported_extension rows")
+        IMAGE_EXTENSIONS, description="file extensions read from a folder; other files are unsupported_extension rows")
     tar_split: bool = Field(
         False, description="index each plain tar's headers once and cut it into shards of shard_size members")
     max_file_mb: float = Field(
