@@ -74,6 +74,9 @@ def run(
     force: Annotated[bool, typer.Option("--force", help="recompute stages whose config changed")] = False,
     num_cpus: Annotated[int | None, typer.Option(help="CPUs for the embedded local Ray")] = None,
     progress: Annotated[bool, typer.Option(help="live progress display")] = True,
+    py_module: Annotated[list[str] | None, typer.Option(
+        "--py-module", help="a folder holding your own stage package: importable without PYTHONPATH, uploaded "
+                            "to the cluster with --address (repeatable; also run.py_modules in the config)")] = None,
 ) -> None:
     """Run a pipeline config end to end (resumes what an earlier run of it committed)."""
     from pipeline.config import ConfigError, load_config
@@ -81,7 +84,7 @@ def run(
     from pipeline.engine.rundir import RunConflictError, RunLockedError
 
     try:
-        cfg, stages = load_config(config, set_ or [])
+        cfg, stages = load_config(config, set_ or [], py_modules=py_module or [])
         from pipeline.engine.runner import Runner
 
         runner = Runner(cfg, stages, output, console=err, show_progress=progress)

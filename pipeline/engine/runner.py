@@ -211,7 +211,7 @@ class Runner:
         result = RunResult(run_dir=self.store.url)
         with run_lock(self.store, force=force):
             to_wipe = self.stages_to_wipe(force, new)
-            owns_ray = cluster.connect(address, num_cpus)
+            owns_ray = cluster.connect(address, num_cpus, self.cfg.run.py_modules)
             warm = WarmWorkers()
             try:
                 _, gpus = cluster.cluster_totals()
