@@ -99,6 +99,9 @@ def run(
     except KeyboardInterrupt:
         err.print("\n[yellow]interrupted[/yellow]: committed shards are kept; run the same command again to resume.")
         raise typer.Exit(130) from None
+    if result.nothing_to_do:
+        err.print(f"run {output}: complete, nothing to do", highlight=False, markup=False)
+        return
     for f in result.failures:
         last = (f["error"].splitlines() or [""])[-1]
         err.print(f"[red]failed[/red] {f['stage']} shard {f['shard']}: {last}")
