@@ -194,7 +194,8 @@ def _rate(v: float | None) -> str:
 @app.command()
 def query(
     run_dir: Annotated[str, typer.Argument(help="run directory")],
-    sql: Annotated[str, typer.Argument(help="one SELECT over: identities, decisions, samples, <stage id>")],
+    sql: Annotated[str, typer.Argument(help="one SELECT over: identities, decisions, samples, metrics "
+                                                    "(training), <stage id>")],
     fmt: Annotated[Fmt, typer.Option("--format", "-f")] = Fmt.table,
     output: Annotated[Path | None, typer.Option("--out", help="file to write (needed for parquet)")] = None,
     limit: Annotated[int, typer.Option(help="rows shown in table format")] = 50,
@@ -395,6 +396,14 @@ app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
 
 
+def _training_user_errors() -> tuple[type[Exception], ...]:
+    from training.bin_pairs import PairFileError
+    from training.checkpoints import CheckpointError
+    from training.export_index import ExportError
+
+    return (CheckpointError, ExportError, PairFileError, FileNotFoundError)
+
+
 def _train_config(config: Path, overrides: list[str] | None, model: type[Any]) -> Any:
     import yaml
 
@@ -413,6 +422,8 @@ def train_recognition_cmd(
     config: Annotated[Path, typer.Argument(help="recognition training YAML")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="override: path.to.key=value")] = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address")] = None,
+    new: Annotated[bool, typer.Option("--new", help="delete the job's checkpoints and metrics and start over")
+                   ] = False,
 ) -> None:
     """IResNet + margin loss on exported shards; safetensors checkpoints; resumes from the last one."""
     from pipeline.engine import cluster
@@ -420,8 +431,12 @@ def train_recognition_cmd(
     from training.recognition import train_recognition
 
     cfg = _train_config(config, set_, RecognitionTrainConfig)
-    with cluster.session(address):
-        result = train_recognition(cfg)
+    try:
+        with cluster.session(address):
+            result = train_recognition(cfg, new=new)
+    except _training_user_errors() as exc:
+        _fail(str(exc))
+        return
     out.print_json(json.dumps(result.__dict__ if hasattr(result, "__dict__") else result, default=str))
 
 
@@ -430,6 +445,8 @@ def train_enhancement_cmd(
     config: Annotated[Path, typer.Argument(help="enhancement training YAML")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="override: path.to.key=value")] = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address")] = None,
+    new: Annotated[bool, typer.Option("--new", help="delete the job's checkpoints and metrics and start over")
+                   ] = False,
 ) -> None:
     """A small U-Net on (degraded, clean) pairs; PSNR/SSIM/identity similarity vs the degraded input."""
     from pipeline.engine import cluster
@@ -437,8 +454,12 @@ def train_enhancement_cmd(
     from training.enhancement import train_enhancement
 
     cfg = _train_config(config, set_, EnhancementTrainConfig)
-    with cluster.session(address):
-        result = train_enhancement(cfg)
+    try:
+        with cluster.session(address):
+            result = train_enhancement(cfg, new=new)
+    except _training_user_errors() as exc:
+        _fail(str(exc))
+        return
     out.print_json(json.dumps(result.__dict__ if hasattr(result, "__dict__") else result, default=str))
 
 
@@ -452,7 +473,11 @@ def eval_verification_cmd(
     from training.verification import evaluate_verification
 
     cfg = _train_config(config, set_, VerificationEvalConfig)
-    results = evaluate_verification(cfg, console=out)
+    try:
+        results = evaluate_verification(cfg, console=out)
+    except _training_user_errors() as exc:
+        _fail(str(exc))
+        return
     out.print_json(json.dumps(results, default=str))
 
 

@@ -74,11 +74,16 @@ def test_version_and_short_help() -> None:
     for args in (["-h"], ["status", "-h"], ["train", "-h"], ["train", "recognition", "-h"]):
         code, out, _ = _cli(*args)
         assert code == 0 and "Usage" in out, args
+    assert "metrics" in _cli("query", "-h")[1]  # the training metrics view is queryable too
 
 
 def test_every_user_error_exits_2_with_a_message(engine_run: Path, tmp_path: Path) -> None:
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("stages: [{stage: render, params: {size: tiny}}]\n")
+    no_pairs = tmp_path / "no-pairs.yaml"
+    no_pairs.write_text(f"checkpoint: {tmp_path / 'job'}\n")
+    no_checkpoint = tmp_path / "no-checkpoint.yaml"
+    no_checkpoint.write_text(f"checkpoint: {tmp_path / 'job'}\nexport: {engine_run}\n")
     cases = [
         ("lineage", str(engine_run), "no-such-sample"),
         ("status", str(tmp_path / "missing-run")),
@@ -93,6 +98,8 @@ def test_every_user_error_exits_2_with_a_message(engine_run: Path, tmp_path: Pat
         ("run", str(REPO / "examples" / "quickstart.yaml"), "--output", str(tmp_path / "o"), "--set", "nokey"),
         ("doctor", str(bad_yaml)),
         ("train", "recognition", str(tmp_path / "missing.yaml")),
+        ("eval", "verification", str(no_pairs)),
+        ("eval", "verification", str(no_checkpoint)),
         ("status", str(engine_run), "--no-such-option"),
     ]
     for args in cases:

@@ -73,7 +73,8 @@ def test_the_extractor_finds_the_commands_users_see() -> None:
     assert any(c.startswith("facefoundry run examples/arc2face-10k.yaml --output s3://") for c in cmds)
     assert any(c.startswith("facefoundry lineage runs/quickstart") for c in cmds)
     assert {f for f, _ in ALL} >= {"README.md", "arc2face-10k.yaml", "curate-folder.yaml", "quickstart.yaml",
-                                   "train-recognition.yaml", "train-enhancement.yaml"}
+                                   "train-recognition.yaml", "train-enhancement.yaml",
+                                   "eval-verification.yaml"}
 
 
 def parse(args: list[str]) -> tuple[list[str], dict[str, Any]]:
