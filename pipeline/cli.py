@@ -353,19 +353,45 @@ def _jsonable(v: Any) -> Any:
 def doctor(
     config: Annotated[Path | None, typer.Argument(help="pipeline YAML whose models to check")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override: path.to.key=value")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address: check every node (else RAY_ADDRESS, "
+                                                     "else this machine only)")] = None,
+    py_module: Annotated[list[str] | None, typer.Option("--py-module", help="a folder holding your own stage "
+                                                                           "package (as for run)")] = None,
 ) -> None:
-    """Installed packages, GPUs, and whether each model a config names can be found (nothing is loaded)."""
+    """Installed packages, GPUs, and whether each model and file a config names can be found (nothing is
+    loaded), on this machine or on every node of a cluster."""
     from pipeline.config import ConfigError, load_config
-    from pipeline.doctor import run_doctor
+    from pipeline.doctor import run_doctor, run_doctor_on_nodes
 
-    stages = None
+    stages, identities, modules = None, None, list(py_module or [])
     if config is not None:
         try:
-            _, stages = load_config(config, set_ or [])
+            cfg, stages = load_config(config, set_ or [], py_modules=modules)
         except ConfigError as exc:
             _fail(str(exc))
             return
-    rep = run_doctor(stages)
+        identities, modules = cfg.identities, cfg.run.py_modules
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        from pipeline.engine import cluster
+
+        try:
+            with cluster.session(address, py_modules=modules):
+                reports = run_doctor_on_nodes(stages, identities)
+        except cluster.ClusterConnectError as exc:
+            _fail(str(exc))
+            return
+    else:
+        reports = [run_doctor(stages, identities)]
+    for rep in reports:
+        _print_doctor(rep, several=len(reports) > 1 or bool(address))
+    if not all(rep.ok for rep in reports):
+        raise typer.Exit(1)
+
+
+def _print_doctor(rep: Any, several: bool) -> None:
+    if several:
+        out.rule(rep.node)
     t = Table(title="packages")
     t.add_column("package")
     t.add_column("version")
@@ -373,6 +399,11 @@ def doctor(
         t.add_row(name, version or "[yellow]not installed[/yellow]")
     out.print(t)
     out.print(f"GPUs: {', '.join(rep.gpus)}" if rep.gpus else f"GPUs: none ({rep.gpu_note})")
+    for key, value in rep.environment.items():
+        out.print(f"{key}: {value}", highlight=False, markup=False)
+    for p in rep.config_problems:
+        out.print("[red]✗[/red] config")
+        out.print(f"    {p}", highlight=False, markup=False)
     for s in rep.stages:
         res = ", ".join(f"{k}={v}" for k, v in s["resources"].items() if v)
         if s["problems"]:
@@ -385,8 +416,6 @@ def doctor(
             mark = "[green]✓[/green]" if f.get("ok") else "[red]✗[/red]"
             out.print(f"    {mark} {f['file']} {f.get('path') or 'missing'} sha256 {f.get('sha256') or '-'}",
                       highlight=False)
-    if not rep.ok:
-        raise typer.Exit(1)
 
 
 train_app = typer.Typer(no_args_is_help=True, context_settings=CONTEXT,

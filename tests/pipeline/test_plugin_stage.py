@@ -150,6 +150,9 @@ def test_the_quickstart_with_a_user_stage_runs_on_a_ray_start_cluster_with_token
         done = run({**client, "RAY_AUTH_TOKEN_PATH": str(token)}, "run")
         out, err = done.communicate(timeout=600)
         _, refused_err = refused.communicate(timeout=600)
+        doctor = subprocess.run([sys.executable, "-m", "pipeline.cli", "doctor", str(config), "--address", address,
+                                 "--py-module", str(package)], cwd=tmp_path, env={**client, "RAY_AUTH_TOKEN_PATH":
+                                 str(token)}, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, err[-3000:]
     assert "complete" in err and "InvalidAuthToken" not in err
     red = pq.read_table(tmp_path / "run" / "manifests" / "red" / "000000.parquet").to_pylist()
@@ -157,3 +160,5 @@ def test_the_quickstart_with_a_user_stage_runs_on_a_ray_start_cluster_with_token
     assert refused.returncode == 2
     assert refused_err.startswith("error: ") and "InvalidAuthToken" not in refused_err
     assert "RAY_AUTH_TOKEN" in refused_err and not (tmp_path / "refused" / "manifests").exists()
+    assert doctor.returncode == 0, doctor.stdout[-3000:] + doctor.stderr[-3000:]
+    assert "node " in doctor.stdout and "✓ red (myfilters.red:RedShare" in doctor.stdout  # checked on the node
