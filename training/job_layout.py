@@ -15,8 +15,8 @@ from typing import Any
 
 import fsspec
 
-from training.metrics_store import metrics_dir
 from training.checkpoints import Checkpoint, CheckpointError, latest_checkpoint, load_checkpoint
+from training.metrics_store import metrics_dir
 
 
 def job_dir(run_dir: str, job: str) -> str:

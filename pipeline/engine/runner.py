@@ -306,8 +306,9 @@ class Runner:
 
         state = read_run_file(self.store)
         plan = read_plan(self.store)
+        source_fp = self.fingerprints[self.order[0]]
         if (state is None or plan is None or state.config_hash != config_hash(self.cfg)
-                or state.fingerprints != self.fingerprints or plan.get("fingerprint") != self.fingerprints[self.order[0]]
+                or state.fingerprints != self.fingerprints or plan.get("fingerprint") != source_fp
                 or not self.store.exists(*REPORT_FILE)):
             return False
         shards = [p["name"] for p in plan["shards"]]

@@ -8,9 +8,8 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
-
 import uuid
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -148,7 +147,7 @@ def test_the_quickstart_with_a_user_stage_runs_on_a_ray_start_cluster_with_token
         # beside the real run).
         refused = run({**client, "RAY_AUTH_TOKEN_PATH": str(tmp_path / "no-token")}, "refused")
         done = run({**client, "RAY_AUTH_TOKEN_PATH": str(token)}, "run")
-        out, err = done.communicate(timeout=600)
+        _, err = done.communicate(timeout=600)
         _, refused_err = refused.communicate(timeout=600)
         doctor = subprocess.run([sys.executable, "-m", "pipeline.cli", "doctor", str(config), "--address", address,
                                  "--py-module", str(package)], cwd=tmp_path, env={**client, "RAY_AUTH_TOKEN_PATH":
