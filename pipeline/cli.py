@@ -91,6 +91,9 @@ def run(
     force: Annotated[bool, typer.Option("--force", help="recompute stages whose config changed")] = False,
     num_cpus: Annotated[int | None, typer.Option(help="CPUs for the embedded local Ray")] = None,
     progress: Annotated[bool, typer.Option(help="live progress display")] = True,
+    py_module: Annotated[list[str] | None, typer.Option(
+        "--py-module", help="a folder holding your own stage package: importable without PYTHONPATH, uploaded "
+                            "to the cluster with --address (repeatable; also run.py_modules in the config)")] = None,
 ) -> None:
     """Run a pipeline config end to end (resumes what an earlier run of it committed)."""
     from manifests.storage import StorageURLError
@@ -102,7 +105,7 @@ def run(
         _fail(f"--num-cpus must be a whole number of CPUs, 1 or more (got {num_cpus}); leave it out to use "
               f"every CPU of this machine")
     try:
-        cfg, stages = load_config(config, set_ or [])
+        cfg, stages = load_config(config, set_ or [], py_modules=py_module or [])
         from pipeline.engine.runner import Runner
 
         runner = Runner(cfg, stages, output, console=err, show_progress=progress)
@@ -123,6 +126,9 @@ def run(
         raise typer.Exit(128 + (signal.SIGTERM if sigterm.received else signal.SIGINT)) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if result.nothing_to_do:
+        err.print(f"run {output}: complete, nothing to do")
+        return
     for f in result.failures:
         last = (f["error"].splitlines() or [""])[-1]
         err.print(styled(("failed", "red"), f" {f['stage']} shard {f['shard']}: {last}"))
@@ -223,7 +229,8 @@ def _rate(v: float | None) -> str:
 @app.command()
 def query(
     run_dir: Annotated[str, typer.Argument(help="run directory")],
-    sql: Annotated[str, typer.Argument(help="one SELECT over: identities, decisions, samples, <stage id>")],
+    sql: Annotated[str, typer.Argument(help="one SELECT over: identities, decisions, samples, metrics "
+                                                    "(training), <stage id>")],
     fmt: Annotated[Fmt, typer.Option("--format", "-f")] = Fmt.table,
     output: Annotated[Path | None, typer.Option("--out", help="file to write (needed for parquet)")] = None,
     limit: Annotated[int, typer.Option(help="rows shown in table format")] = 50,
@@ -381,19 +388,45 @@ def _jsonable(v: Any) -> Any:
 def doctor(
     config: Annotated[Path | None, typer.Argument(help="pipeline YAML whose models to check")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override: path.to.key=value")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address: check every node (else RAY_ADDRESS, "
+                                                     "else this machine only)")] = None,
+    py_module: Annotated[list[str] | None, typer.Option("--py-module", help="a folder holding your own stage "
+                                                                           "package (as for run)")] = None,
 ) -> None:
-    """Installed packages, GPUs, and whether each model a config names can be found (nothing is loaded)."""
+    """Installed packages, GPUs, and whether each model and file a config names can be found (nothing is
+    loaded), on this machine or on every node of a cluster."""
     from pipeline.config import ConfigError, load_config
-    from pipeline.doctor import run_doctor
+    from pipeline.doctor import run_doctor, run_doctor_on_nodes
 
-    stages = None
+    stages, identities, modules = None, None, list(py_module or [])
     if config is not None:
         try:
-            _, stages = load_config(config, set_ or [])
+            cfg, stages = load_config(config, set_ or [], py_modules=modules)
         except ConfigError as exc:
             _fail(str(exc))
             return
-    rep = run_doctor(stages)
+        identities, modules = cfg.identities, cfg.run.py_modules
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        from pipeline.engine import cluster
+
+        try:
+            with cluster.session(address, py_modules=modules):
+                reports = run_doctor_on_nodes(stages, identities)
+        except cluster.ClusterConnectError as exc:
+            _fail(str(exc))
+            return
+    else:
+        reports = [run_doctor(stages, identities)]
+    for rep in reports:
+        _print_doctor(rep, several=len(reports) > 1 or bool(address))
+    if not all(rep.ok for rep in reports):
+        raise typer.Exit(1)
+
+
+def _print_doctor(rep: Any, several: bool) -> None:
+    if several:
+        out.rule(rep.node)
     t = Table(title="packages")
     t.add_column("package")
     t.add_column("version")
@@ -401,6 +434,11 @@ def doctor(
         t.add_row(name, version or styled(("not installed", "yellow")))
     out.print(t)
     out.print(f"GPUs: {', '.join(rep.gpus)}" if rep.gpus else f"GPUs: none ({rep.gpu_note})")
+    for key, value in rep.environment.items():
+        out.print(f"{key}: {value}", highlight=False, markup=False)
+    for p in rep.config_problems:
+        out.print(styled(("✗", "red"), " config"))
+        out.print(f"    {p}", highlight=False, markup=False)
     for s in rep.stages:
         res = ", ".join(f"{k}={v}" for k, v in s["resources"].items() if v)
         if s["problems"]:
@@ -413,8 +451,6 @@ def doctor(
             mark = ("✓", "green") if f.get("ok") else ("✗", "red")
             out.print(styled("    ", mark, f" {f['file']} {f.get('path') or 'missing'} "
                                              f"sha256 {f.get('sha256') or '-'}"))
-    if not rep.ok:
-        raise typer.Exit(1)
 
 
 @app.command()
@@ -461,6 +497,14 @@ app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
 
 
+def _training_user_errors() -> tuple[type[Exception], ...]:
+    from training.bin_pairs import PairFileError
+    from training.checkpoints import CheckpointError
+    from training.export_index import ExportError
+
+    return (CheckpointError, ExportError, PairFileError, FileNotFoundError)
+
+
 def _train_config(config: Path, overrides: list[str] | None, model: type[Any]) -> Any:
     from facekit.userconfig import load_yaml_file
     from pipeline.config import ConfigError, apply_overrides
@@ -477,6 +521,8 @@ def train_recognition_cmd(
     config: Annotated[Path, typer.Argument(help="recognition training YAML")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="override: path.to.key=value")] = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address")] = None,
+    new: Annotated[bool, typer.Option("--new", help="delete the job's checkpoints and metrics and start over")
+                   ] = False,
 ) -> None:
     """IResNet + margin loss on exported shards; safetensors checkpoints; resumes from the last one."""
     from pipeline.engine import cluster
@@ -484,8 +530,12 @@ def train_recognition_cmd(
     from training.recognition import train_recognition
 
     cfg = _train_config(config, set_, RecognitionTrainConfig)
-    with cluster.session(address):
-        result = train_recognition(cfg)
+    try:
+        with cluster.session(address):
+            result = train_recognition(cfg, new=new)
+    except _training_user_errors() as exc:
+        _fail(str(exc))
+        return
     out.print_json(json.dumps(result.__dict__ if hasattr(result, "__dict__") else result, default=str))
 
 
@@ -494,6 +544,8 @@ def train_enhancement_cmd(
     config: Annotated[Path, typer.Argument(help="enhancement training YAML")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="override: path.to.key=value")] = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address")] = None,
+    new: Annotated[bool, typer.Option("--new", help="delete the job's checkpoints and metrics and start over")
+                   ] = False,
 ) -> None:
     """A small U-Net on (degraded, clean) pairs; PSNR/SSIM/identity similarity vs the degraded input."""
     from pipeline.engine import cluster
@@ -501,8 +553,12 @@ def train_enhancement_cmd(
     from training.enhancement import train_enhancement
 
     cfg = _train_config(config, set_, EnhancementTrainConfig)
-    with cluster.session(address):
-        result = train_enhancement(cfg)
+    try:
+        with cluster.session(address):
+            result = train_enhancement(cfg, new=new)
+    except _training_user_errors() as exc:
+        _fail(str(exc))
+        return
     out.print_json(json.dumps(result.__dict__ if hasattr(result, "__dict__") else result, default=str))
 
 
@@ -516,7 +572,11 @@ def eval_verification_cmd(
     from training.verification import evaluate_verification
 
     cfg = _train_config(config, set_, VerificationEvalConfig)
-    results = evaluate_verification(cfg, console=out)
+    try:
+        results = evaluate_verification(cfg, console=out)
+    except _training_user_errors() as exc:
+        _fail(str(exc))
+        return
     out.print_json(json.dumps(results, default=str))
 
 

@@ -7,6 +7,7 @@ in the last stage fails in a second rather than after an hour of generation.
 from __future__ import annotations
 
 import copy
+import sys
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,9 @@ class RunSettings(Strict):
     max_shard_deaths: int = Field(3, ge=1, description="worker deaths one shard may cause before its samples are "
                                   "bisected and the ones that kill the worker quarantined")
     fuse: bool = Field(True, description="run consecutive per-shard stages that fit one actor in one actor")
+    py_modules: list[str] = Field(default_factory=list, description=(
+        "the user's own stage packages (folders, relative to the config file): importable here without "
+        "PYTHONPATH, and uploaded to a cluster given with --address"))
 
 
 class PerturbationConfig(Strict):
@@ -344,7 +348,11 @@ def resolve_stages(cfg: PipelineConfig) -> list[ResolvedStage]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                raw: dict[str, Any] | None = None) -> tuple[PipelineConfig, list[ResolvedStage]]:
+                raw: dict[str, Any] | None = None, py_modules: list[str] | None = None
+                ) -> tuple[PipelineConfig, list[ResolvedStage]]:
+    """The validated config and its resolved stages. ``run.py_modules`` (relative to the config file)
+    and ``py_modules`` (the command line's, relative to the working directory) become absolute and
+    importable before the stages resolve."""
     if raw is None:
         assert path is not None
         raw = load_yaml_file(path) or {}
@@ -356,6 +364,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             cfg = PipelineConfig.model_validate(raw)
         except ValidationError as exc:
             raise ConfigError("invalid config:\n" + format_errors(exc)) from None
+        here = Path(path).resolve().parent if path is not None else Path.cwd()
+        found = [*_package_dirs(cfg.run.py_modules, here, "run.py_modules"),
+                 *_package_dirs(py_modules or [], Path.cwd(), "--py-module")]
+        cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"py_modules": list(dict.fromkeys(found))})})
+        use_py_modules(cfg.run.py_modules)
         return cfg, resolve_stages(cfg)
     except ConfigError as exc:
         if created and "Extra inputs are not permitted" in str(exc):
@@ -364,6 +377,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise
 
 
+def _package_dirs(paths: list[str], base: Path, where: str) -> list[str]:
+    out = []
+    for i, p in enumerate(paths):
+        full = (base / Path(p).expanduser()).resolve()
+        if not full.is_dir():
+            key = f"{where}[{i}]" if where.startswith("run.") else f"{where} {p}"
+            raise ConfigError(f"invalid config:\n  {key}: {str(full)!r} is not a folder (a Python package of "
+                              "stages, the folder holding its __init__.py)")
+        out.append(str(full))
+    return out
+
+
+def code_paths(py_modules: list[str]) -> list[str]:
+    """The folders that hold the user's stage packages: on the search path, each imports by its own name."""
+    return list(dict.fromkeys(str(Path(p).resolve().parent) for p in py_modules))
+
+
+def use_py_modules(py_modules: list[str]) -> None:
+    """Make the user's stage packages importable in this process, where the config's stages resolve."""
+    for path in reversed(code_paths(py_modules)):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+
+
 def config_hash(cfg: PipelineConfig) -> str:
-    return stable_hash(cfg.model_dump(mode="json"))
+    # Where the user's code lives is not what the run computes: moving it changes nothing.
+    return stable_hash(cfg.model_dump(mode="json", exclude={"run": {"py_modules"}}))
 

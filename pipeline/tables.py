@@ -13,6 +13,7 @@ import json
 import math
 from typing import Any
 
+import pyarrow as pa
 import ray
 
 from manifests.layout import DECISIONS_TABLE, MANIFEST_SUFFIX, SAMPLES_TABLE, TABLES_DONE
@@ -27,7 +28,6 @@ MAX_SHARDS_PER_TASK = 64
 
 def _write_some(url: str, storage_options: dict[str, Any], stages: list[StageColumns], shards: list[str],
                 schema_bytes: bytes, stamp_value: str) -> int:
-    import pyarrow as pa
 
     store = RunStorage(url, storage_options)
     schema = pa.ipc.read_schema(pa.py_buffer(schema_bytes))
@@ -44,14 +44,20 @@ def tables_up_to_date(store: RunStorage, stamp_value: str, shards: list[str]) ->
     return bool(done.get("stamp") == stamp_value and done.get("shards") == len(shards))
 
 
+def tables_stamp(store: RunStorage, stages: list[StageColumns], fingerprints: dict[str, str], shards: list[str]
+                 ) -> tuple[list[StageColumns], pa.Schema, str]:
+    """The stages' columns as committed, the samples schema, and the stamp tables built from them carry."""
+    resolved = resolve_stage_columns(store, stages, shards)
+    schema = samples_schema(resolved)
+    return resolved, schema, stamp(resolved, fingerprints, schema)
+
+
 def write_run_tables(store: RunStorage, stages: list[StageColumns], fingerprints: dict[str, str],
                      shards: list[str], cpus_per_task: float = 1.0, workers: WarmWorkers | None = None
                      ) -> dict[str, Any]:
     """Build (or resume) the run's tables; returns the tables commit document. ``workers``: the run's
     parked actors, which take the first attempt of each group (retries are fresh tasks)."""
-    resolved = resolve_stage_columns(store, stages, shards)
-    schema = samples_schema(resolved)
-    value = stamp(resolved, fingerprints, schema)
+    resolved, schema, value = tables_stamp(store, stages, fingerprints, shards)
     if tables_up_to_date(store, value, shards):
         return dict(json.loads(store.read_bytes(*TABLES_DONE)), written=0)
     pool = workers or WarmWorkers()

@@ -136,6 +136,10 @@ class RecognitionTrainConfig(RunLength):
     eval: VerificationPairsConfig = VerificationPairsConfig()
     ddp_check: bool = Field(True, description="after the first step, compare weights across ranks (cheap)")
 
+    def network(self) -> dict[str, Any]:
+        """What shapes the checkpoint's tensors: a resume with any of it changed cannot load them."""
+        return {**_flat("model", self.model.model_dump(mode="json")), "data.input_size": self.data.input_size}
+
 
 class EnhancementDataConfig(Strict):
     export: str = Field(description="run folder or its export/ folder (path or fsspec URL)")
@@ -171,6 +175,14 @@ class EnhancementTrainConfig(RunLength):
         "dlib", description="embedder for identity similarity: 'dlib', a recognition checkpoint path, or None"
     )
 
+    def network(self) -> dict[str, Any]:
+        """What shapes the checkpoint's tensors (the U-Net is convolutional: any image size loads them)."""
+        return _flat("model", self.model.model_dump(mode="json"))
+
+
+def _flat(prefix: str, section: dict[str, Any]) -> dict[str, Any]:
+    return {f"{prefix}.{k}": v for k, v in section.items()}
+
 
 class VerificationEvalConfig(Strict):
     """``facefoundry eval verification``: a recognition checkpoint against pair files and/or an export."""
@@ -185,6 +197,12 @@ class VerificationEvalConfig(Strict):
     seed: int = 0
     output: str | None = Field(None, description="JSON results path; default <checkpoint>/verification.json")
     storage_options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _some_pairs(self) -> VerificationEvalConfig:
+        if not self.bin_files and not self.export:
+            raise ValueError("no pairs to score: give bin_files (insightface .bin files) and/or export (a run folder)")
+        return self
 
 
 class TrainConfigError(ConfigError):

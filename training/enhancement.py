@@ -77,8 +77,9 @@ def _resize(rgb: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
 
 
-def train_enhancement(config: EnhancementTrainConfig) -> TrainResult:
-    """Train (or resume) the restoration model; returns rank 0's summary (with the evaluation)."""
+def train_enhancement(config: EnhancementTrainConfig, new: bool = False) -> TrainResult:
+    """Train (or resume; with ``new``, start the job over) the restoration model; returns rank 0's
+    summary (with the evaluation)."""
     export = load_export(config.data.export, config.data.storage_options)
     run_dir = absolute_url(config.output_dir or export.run_dir)
     identity_model = config.identity_model
@@ -92,7 +93,7 @@ def train_enhancement(config: EnhancementTrainConfig) -> TrainResult:
         }
     )
     export.split(config.data.train_split)  # fail here, not on a worker
-    return launch_job(enhancement_train_loop, config, KIND, export.sha256, run_dir)
+    return launch_job(enhancement_train_loop, config, KIND, export.sha256, run_dir, new)
 
 
 def enhancement_train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
@@ -105,7 +106,7 @@ def enhancement_train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None
 
     torch.manual_seed(cfg.seed)
     net = UNet(cfg.model.base_channels, cfg.model.levels)
-    resume = find_resume(jdir, cfg.checkpoint.resume, KIND, export.sha256, storage)
+    resume = find_resume(jdir, cfg, KIND, export.sha256)
     start_step = resume.step if resume is not None else 0
     if resume is not None:
         net.load_state_dict(resume.tensors["model"])

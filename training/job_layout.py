@@ -16,6 +16,7 @@ from typing import Any
 import fsspec
 
 from training.checkpoints import Checkpoint, CheckpointError, latest_checkpoint, load_checkpoint
+from training.metrics_store import metrics_dir
 
 
 def job_dir(run_dir: str, job: str) -> str:
@@ -54,21 +55,17 @@ class TrainResult:
         return asdict(self)
 
 
-def find_resume(
-    job_path: str,
-    enabled: bool,
-    kind: str,
-    export_sha256: str,
-    storage_options: dict[str, Any] | None = None,
-    with_tensors: bool = True,
-) -> Checkpoint | None:
-    """The job's latest checkpoint if resuming is on. A checkpoint made from other data is an error,
-    not a silent restart: the model's lineage would otherwise point at the wrong export. The driver
-    calls it without tensors to fail before any worker starts."""
+def find_resume(job_path: str, config: Any, kind: str, export_sha256: str, with_tensors: bool = True
+                ) -> Checkpoint | None:
+    """The job's latest checkpoint if resuming is on (``config``: the job's training config). A
+    checkpoint made from other data or for another network is an error, not a silent restart: the
+    model's lineage would otherwise point at the wrong export, and another network's tensors do not
+    load. The driver calls it without tensors to fail before any worker starts."""
+    storage_options = config.data.storage_options
     latest = latest_checkpoint(job_path, storage_options)
     if latest is None:
         return None
-    if not enabled:
+    if not config.checkpoint.resume:
         raise CheckpointError(
             f"{job_path} already has checkpoints and checkpoint.resume is off: "
             "choose another job name or delete the folder"
@@ -82,7 +79,22 @@ def find_resume(
             f"{latest} was trained on export {trained_on}, the config's export is "
             f"{export_sha256}: use another job name to train on new data"
         )
+    old, new = type(config).model_validate(ckpt.config).network(), config.network()
+    changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items() if old.get(k) != v]
+    if changed:
+        raise CheckpointError(
+            f"{latest} is another network ({', '.join(changed)}): --new deletes job {config.job!r} and starts "
+            "it over, or choose another job name"
+        )
     return ckpt
+
+
+def remove_job(run_dir: str, job: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Delete a job's checkpoints, evaluations and metrics: the job starts over."""
+    for url in (job_dir(run_dir, job), metrics_dir(run_dir, job)):
+        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
 
 
 def write_json(url: str, obj: Any, storage_options: dict[str, Any] | None = None) -> str:

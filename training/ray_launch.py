@@ -59,16 +59,18 @@ def absolute_url(path: str) -> str:
 
 
 def launch_job(loop: Callable[[dict[str, Any]], dict[str, Any] | None], config: Any, kind: str,
-               export_sha256: str, run_dir: str) -> Any:
-    """What every training job does on the driver: refuse a resume against another export before any
-    worker starts, run the loop on Ray Train, and time it."""
+               export_sha256: str, run_dir: str, new: bool = False) -> Any:
+    """What every training job does on the driver: with ``new``, delete the job's earlier files; refuse a
+    resume against another export or network before any worker starts; run the loop on Ray Train, and
+    time it."""
     import time
 
-    from training.job_layout import TrainResult, find_resume, job_dir
+    from training.job_layout import TrainResult, find_resume, job_dir, remove_job
 
     folder = job_dir(run_dir, config.job)
-    find_resume(folder, config.checkpoint.resume, kind, export_sha256, config.data.storage_options,
-                with_tensors=False)
+    if new:
+        remove_job(run_dir, config.job, config.data.storage_options)
+    find_resume(folder, config, kind, export_sha256, with_tensors=False)
     started = time.perf_counter()
     summary = run_train_loop(loop, {"config": config.model_dump(mode="json"), "run_dir": run_dir},
                              config.scaling, folder)

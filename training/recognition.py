@@ -40,9 +40,10 @@ from training.verification import evaluate_on_export
 KIND = "recognition"
 
 
-def train_recognition(config: RecognitionTrainConfig) -> TrainResult:
-    """Train (or resume) a recognition model; returns rank 0's summary. Ray must be reachable
-    (``ray.init`` done by the caller, or Ray starts a local instance) unless scaling.num_workers is 0."""
+def train_recognition(config: RecognitionTrainConfig, new: bool = False) -> TrainResult:
+    """Train (or resume; with ``new``, start the job over) a recognition model; returns rank 0's
+    summary. Ray must be reachable (``ray.init`` done by the caller, or Ray starts a local instance)
+    unless scaling.num_workers is 0."""
     export = load_export(config.data.export, config.data.storage_options)
     run_dir = absolute_url(config.output_dir or export.run_dir)
     config = config.model_copy(
@@ -56,7 +57,7 @@ def train_recognition(config: RecognitionTrainConfig) -> TrainResult:
         raise ExportError(
             f"split {split.name!r} has {split.identities} identities; training needs two or more"
         )
-    return launch_job(recognition_train_loop, config, KIND, export.sha256, run_dir)
+    return launch_job(recognition_train_loop, config, KIND, export.sha256, run_dir, new)
 
 
 def recognition_train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
@@ -71,7 +72,7 @@ def recognition_train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
     module = build_recognition_module(cfg, num_classes=split.identities)
-    resume = find_resume(jdir, cfg.checkpoint.resume, KIND, export.sha256, storage)
+    resume = find_resume(jdir, cfg, KIND, export.sha256)
     start_step = 0
     if resume is not None:
         module.backbone.load_state_dict(resume.tensors["model"])

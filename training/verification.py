@@ -288,8 +288,6 @@ def evaluate_verification(config: VerificationEvalConfig, console: Console | Non
         export = load_export(config.export, config.storage_options)
         r = evaluate_on_export(model, export, config.split, config.pairs, input_size, device, config.seed)
         results[r["dataset"]] = r
-    if not results:
-        raise ValueError("eval verification: give bin_files and/or export")
     ckpt_path = meta.get("checkpoint_path") or config.checkpoint
     summary = {
         "checkpoint": ckpt_path,

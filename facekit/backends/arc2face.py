@@ -156,7 +156,7 @@ def resolve_base_model(base_model: str, allow_download: bool) -> Path:
         include = " ".join(f"--include '{p}'" for p in BASE_PATTERNS)
         raise ModelFilesError(
             f"arc2face base_model: {base_model} is not in the Hugging Face cache and {why}; run "
-            f"`huggingface-cli download {base_model} {include}` where there is network access, "
+            f"`hf download {base_model} {include}` where there is network access, "
             "or set base_model to a local SD-1.5 folder"
         ) from exc
     return Path(folder)

@@ -122,7 +122,7 @@ def _resolve_tag(spec: ClipSpec, tag: str) -> Resolved:
             names.insert(0, fname[:-4] + ".safetensors")
         found = _from_hub_cache(repo, names, spec.cache_dir)
         where = f"the Hugging Face cache ({spec.cache_dir or 'default'}) for {repo}/{'|'.join(names)}"
-        fix = f"huggingface-cli download {repo} {names[0]}"
+        fix = f"hf download {repo} {names[0]}"
     else:
         folder = Path(spec.cache_dir or "~/.cache/clip").expanduser()
         path = folder / os.path.basename(cfg["url"])
@@ -153,7 +153,7 @@ def resolve(spec: ClipSpec) -> Resolved:
         if spec.allow_download:
             return Resolved(spec.model, None, None)
         raise ClipWeightsError(f"open_clip {spec.model}: {CONFIG_NAME} not in the Hugging Face cache "
-                               f"({spec.cache_dir or 'default'}); run `huggingface-cli download {repo}` "
+                               f"({spec.cache_dir or 'default'}); run `hf download {repo}` "
                                "on a machine with network access, or allow_download")
     _register_config(spec)
     if open_clip.get_model_config(spec.model) is None:

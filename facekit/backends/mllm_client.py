@@ -296,6 +296,11 @@ def check_server(spec: MLLMServerSpec, timeout_s: float = 5.0) -> list[str]:
         resp = httpx.get(url, headers=headers, timeout=timeout_s)
     except httpx.HTTPError as exc:
         return [f"mllm server {url}: unreachable ({type(exc).__name__}: {exc}); start it or fix base_url"]
+    if resp.status_code in (401, 403):
+        var = spec.api_key_env
+        key = (f"{var} is {'set but refused' if os.environ.get(var) else 'not set'} here: export {var}=<the server's "
+               f"key> on every node") if var else "server.api_key_env is null, so no key is sent: name the variable"
+        return [f"mllm server {url}: HTTP {resp.status_code}, the server wants an API key; {key}"]
     if resp.status_code != 200:
         return [f"mllm server {url}: HTTP {resp.status_code} {resp.text[:200]}"]
     try:

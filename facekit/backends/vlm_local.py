@@ -76,7 +76,7 @@ def _resolve(spec: LocalVLMSpec) -> str:
     if spec.allow_download:
         return spec.model
     raise FileNotFoundError(f"local VLM {spec.model!r}: not a folder and not in the Hugging Face cache; run "
-                            f"`huggingface-cli download {spec.model}` on a machine with network access, "
+                            f"`hf download {spec.model}` on a machine with network access, "
                             "point model at a local folder, or set allow_download")
 
 

@@ -11,14 +11,17 @@ import contextlib
 import math
 import os
 import signal
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
 
+from pipeline.config import code_paths
 from pipeline.engine import embedded
 from stages.base import Resources
 
@@ -49,18 +52,88 @@ def _sigterm_kept() -> Iterator[None]:
             signal.signal(signal.SIGTERM, handler)
 
 
-def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
-    """Connect to Ray; returns True when this call started a local embedded Ray (and so owns it)."""
+AUTH_MODE = "RAY_AUTH_MODE"
+# Where Ray looks for a cluster token, in its own order: the variable, the file it names, the default file.
+TOKEN_VARIABLE, TOKEN_PATH_VARIABLE = "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"
+DEFAULT_TOKEN_FILE = Path.home() / ".ray" / "auth_token"
+
+
+def token_available() -> bool:
+    """Whether this machine holds a Ray cluster token (as ``ray start`` finds one to turn token auth on)."""
+    if os.environ.get(TOKEN_VARIABLE):
+        return True
+    path = os.environ.get(TOKEN_PATH_VARIABLE)
+    candidate = Path(path).expanduser() if path else DEFAULT_TOKEN_FILE
+    try:
+        return candidate.is_file() and candidate.stat().st_size > 0
+    except OSError:
+        return False
+
+
+def _send_token_when_held() -> None:
+    """A client given an address sends no token unless ``RAY_AUTH_MODE=token``, while ``ray start``
+    turns token auth on wherever a token exists: with a token here and the mode unset, send it (a
+    cluster without token auth ignores it)."""
+    if os.environ.get(AUTH_MODE) is None and token_available():
+        os.environ[AUTH_MODE] = "token"
+        config = getattr(getattr(ray, "_raylet", None), "Config", None)
+        if config is not None:  # Ray caches its config at import: refresh it as its own setup does
+            config.initialize("")
+
+
+@contextlib.contextmanager
+def _stderr_held(sink: Any) -> Iterator[None]:
+    """Ray's C++ client writes one warning a second to fd 2 while it retries a refused connection:
+    hold them in ``sink``, so that a failure can be said in one line."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(sink.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _join(address: str, env: dict[str, Any]) -> None:
+    _send_token_when_held()
+    with tempfile.TemporaryFile() as held:
+        try:
+            with _stderr_held(held):
+                ray.init(address=address, runtime_env=env, log_to_driver=True)
+        except Exception as exc:  # Ray raises ConnectionError, RuntimeError or its own types here
+            held.seek(0)
+            said = held.read().decode(errors="replace") + str(exc)
+            if "InvalidAuthToken" in said or "Unauthenticated" in said:
+                raise ClusterConnectError(
+                    f"the Ray cluster at {address} wants its authentication token: set {TOKEN_VARIABLE}=<token> "
+                    f"(`ray get-auth-token` on the head node prints it) or {TOKEN_PATH_VARIABLE}=<file>, "
+                    f"or copy the head's ~/.ray/auth_token to {DEFAULT_TOKEN_FILE}") from None
+            last = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+            raise ClusterConnectError(f"cannot connect to the Ray cluster at {address}: {last}") from None
+        held.seek(0)
+        sys.stderr.write(held.read().decode(errors="replace"))
+
+
+def connect(address: str | None = None, num_cpus: int | None = None, py_modules: list[str] | None = None) -> bool:
+    """Connect to Ray; returns True when this call started a local embedded Ray (and so owns it).
+
+    ``py_modules``: the user's own stage packages (folders). A cluster gets them uploaded with
+    FaceFoundry's packages (Ray's ``py_modules``); the embedded Ray's workers find them on their
+    ``PYTHONPATH``."""
     if ray.is_initialized():
         return False
     with _sigterm_kept():
-        return _connect(address, num_cpus)
+        return _connect(address, num_cpus, py_modules)
 
 
-def _connect(address: str | None, num_cpus: int | None) -> bool:
+def _connect(address: str | None, num_cpus: int | None, py_modules: list[str] | None) -> bool:
     address = address or os.environ.get("RAY_ADDRESS")
-    env: dict[str, Any] = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
-                        "PYTHONWARNINGS": "ignore::DeprecationWarning"}}
+    py_modules = list(py_modules or [])
+    env_vars = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
+                "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    env: dict[str, Any] = {"env_vars": env_vars}
     if address:
         import facekit
         import manifests
@@ -70,11 +143,13 @@ def _connect(address: str | None, num_cpus: int | None) -> bool:
 
         if os.environ.get("FACEFOUNDRY_UPLOAD_CODE", "1") == "1":
             env["py_modules"] = [pipeline, stages, manifests, facekit, training]
-        try:
-            ray.init(address=address, runtime_env=env, log_to_driver=True)
-        except Exception as exc:  # Ray raises ConnectionError, RuntimeError or its own types here
-            raise ClusterConnectError(f"cannot connect to the Ray cluster at {address}: {exc}") from exc
+        if py_modules:
+            env["py_modules"] = [*env.get("py_modules", []), *(str(Path(p).resolve()) for p in py_modules)]
+        _join(address, env)
         return False
+    if py_modules:
+        env_vars["PYTHONPATH"] = os.pathsep.join(
+            [*code_paths(py_modules), *filter(None, [os.environ.get("PYTHONPATH")])])
     tmp = os.environ.get("FACEFOUNDRY_RAY_TMP") or tempfile.mkdtemp(prefix="ffray-", dir="/tmp")
     embedded.start(num_cpus=num_cpus or os.cpu_count() or 1, _temp_dir=tmp, runtime_env=env, log_to_driver=True,
                    configure_logging=False)
@@ -87,10 +162,11 @@ def shutdown() -> None:
 
 
 @contextlib.contextmanager
-def session(address: str | None = None, num_cpus: int | None = None) -> Iterator[bool]:
+def session(address: str | None = None, num_cpus: int | None = None,
+            py_modules: list[str] | None = None) -> Iterator[bool]:
     """Ray for one command: connected on entry, and stopped on exit when this call started it (a
     cluster it only joined keeps running). Yields whether it owns the Ray."""
-    owns = connect(address, num_cpus)
+    owns = connect(address, num_cpus, py_modules)
     try:
         yield owns
     finally:

@@ -18,6 +18,9 @@ and only here: a cluster reached with ``--address`` is untouched.
   stopped, so it always ran out its one-second grace. An embedded Ray has nothing to autoscale:
   ``stop`` kills it first.
 
+And one message is not printed: a Ray started by ``ray.init`` turns token authentication on by default
+and says so on every start; the embedded Ray keeps it on, without the notice.
+
 These touch Ray's private modules. Each is looked up before use; when Ray's internals are not what
 they were written against, that one step is skipped and Ray's own (slower) path runs.
 """
@@ -25,6 +28,7 @@ they were written against, that one step is skipped and Ray's own (slower) path 
 from __future__ import annotations
 
 import contextlib
+import logging
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -45,6 +49,9 @@ SYSTEM_CONFIG: Mapping[str, Any] = MappingProxyType({
     "raylet_client_num_connect_attempts": 200,
 })
 NODE_POLL_S = 0.02
+# The logger of Ray's token-auth notice, and the notice's start (see the module docstring).
+AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+AUTH_NOTICE = "Token authentication is enabled"
 NODE_WAIT_S = 30.0
 
 
@@ -68,6 +75,20 @@ def _wait_registered(gcs_address: str, node_id: str, services: Any) -> None:
                 time.sleep(NODE_POLL_S)
         finally:
             accessor.disconnect()
+
+
+def _not_auth_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(AUTH_NOTICE)
+
+
+@contextlib.contextmanager
+def _auth_notice_dropped() -> Iterator[None]:
+    logger = logging.getLogger(AUTH_LOGGER)
+    logger.addFilter(_not_auth_notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(_not_auth_notice)
 
 
 @contextlib.contextmanager
@@ -103,7 +124,8 @@ def start(**init_kwargs: Any) -> None:
 
     config = {**SYSTEM_CONFIG, **init_kwargs.pop("_system_config", {})}
     init_kwargs.setdefault("include_dashboard", False)
-    with _patched(services, "get_node", quick_get_node), _patched(services, "start_api_server", no_head):
+    with (_patched(services, "get_node", quick_get_node), _patched(services, "start_api_server", no_head),
+          _auth_notice_dropped()):
         ray.init(_system_config=config, **init_kwargs)
 
 

@@ -63,6 +63,7 @@ class RunResult:
     complete: bool = False
     failures: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    nothing_to_do: bool = False  # complete already for this config: nothing was started or rewritten
 
 
 def _shard_name(i: int) -> str:
@@ -227,7 +228,10 @@ class Runner:
         check_output(self.store)
         with run_lock(self.store, force=force):
             to_wipe = self.stages_to_wipe(force, new)
-            owns_ray = cluster.connect(address, num_cpus)
+            if not new and not to_wipe and self._finished(result):
+                result.seconds = time.monotonic() - t0
+                return result
+            owns_ray = cluster.connect(address, num_cpus, self.cfg.run.py_modules)
             warm = WarmWorkers()
             try:
                 _, gpus = cluster.cluster_totals()
@@ -304,6 +308,40 @@ class Runner:
             if problem:  # a report problem must never fail a finished run
                 self.console.print(styled(("report not written:", "yellow"), f" {problem}"))
         return result
+
+    def _finished(self, result: RunResult) -> bool:
+        """Whether the run directory holds this config's complete run: same config, every stage's
+        every shard committed, tables and export (where enabled) current, report written. Then the run
+        starts no Ray and rewrites nothing (``result`` says so); anything missing runs the full path,
+        which redoes only what is missing."""
+        from manifests.layout import REPORT_FILE
+        from manifests.tables import StageColumns
+        from pipeline.engine.rundir import read_run_file
+        from pipeline.export.task import read_committed
+        from pipeline.tables import tables_stamp, tables_up_to_date
+
+        state = read_run_file(self.store)
+        plan = read_plan(self.store)
+        source_fp = self.fingerprints[self.order[0]]
+        if (state is None or plan is None or state.config_hash != config_hash(self.cfg)
+                or state.fingerprints != self.fingerprints or plan.get("fingerprint") != source_fp
+                or not self.store.exists(*REPORT_FILE)):
+            return False
+        shards = [p["name"] for p in plan["shards"]]
+        committed, bad = scan_committed(self.store, self.order)
+        if bad or not shards or any(committed[sid] != set(shards) for sid in self.order):
+            return False
+        cols = [StageColumns(s.stage_id, self.instances[s.stage_id].output_fields(), s.cls.writes_pixels)
+                for s in self.stages]
+        if not tables_up_to_date(self.store, tables_stamp(self.store, cols, self.fingerprints, shards)[2], shards):
+            return False
+        export = read_committed(self.store) if self.cfg.export.enabled else None
+        if self.cfg.export.enabled and (export is None or export.get("fingerprint") != export_fingerprint(
+                self.cfg, self.fingerprints)):
+            return False
+        result.stages = {sid: {"computed": 0, "resumed": len(shards), "failed": 0} for sid in self.order}
+        result.export, result.complete, result.nothing_to_do = export, True, True
+        return True
 
     def _run_streaming(self, phase: list[ResolvedStage], shards: list[str], specs: dict[str, Any],
                        committed: dict[str, set[str]], failures: dict[tuple[str, str], str], prog: Progress,

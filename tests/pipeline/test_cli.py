@@ -9,11 +9,15 @@ import datetime
 import json
 import os
 import re
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from pipeline.cli import USER_ERROR, app
@@ -41,17 +45,45 @@ def _cli(*args: str) -> tuple[int, str, str]:
     return res.exit_code, res.stdout, res.stderr
 
 
+def test_a_complete_runs_rerun_starts_no_ray_and_rewrites_nothing(engine_run: Path, tmp_path: Path) -> None:
+    from tests.conftest import ENGINE_CONFIG
+
+    raw = copy.deepcopy(ENGINE_CONFIG)
+    raw["stages"][1]["id"] = LONG_ID
+    config = tmp_path / "engine.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    # Where a Ray started by the command would put its session (short: Ray's socket paths have a limit).
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ffray-", dir="/tmp"))
+    def written() -> dict[str, int]:  # the run lock's own file is taken and released by every command
+        return {str(p.relative_to(engine_run)): p.stat().st_mtime_ns for p in engine_run.rglob("*")
+                if p.is_file() and p.name != ".lock"}
+
+    before = written()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "FACEFOUNDRY_RAY_TMP": str(ray_tmp)}
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(config), "--output", str(engine_run),
+                           "--no-progress"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"run {engine_run}: complete, nothing to do"
+    assert list(ray_tmp.iterdir()) == []
+    assert written() == before  # no history entry, compaction, tables, export or report written again
+
+
 def test_version_and_short_help() -> None:
     code, out, _ = _cli("--version")
     assert code == 0 and re.fullmatch(r"facefoundry \S+.*\n", out)
     for args in (["-h"], ["status", "-h"], ["train", "-h"], ["train", "recognition", "-h"]):
         code, out, _ = _cli(*args)
         assert code == 0 and "Usage" in out, args
+    assert "metrics" in _cli("query", "-h")[1]  # the training metrics view is queryable too
 
 
 def test_every_user_error_exits_2_with_a_message(engine_run: Path, tmp_path: Path) -> None:
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("stages: [{stage: render, params: {size: tiny}}]\n")
+    no_pairs = tmp_path / "no-pairs.yaml"
+    no_pairs.write_text(f"checkpoint: {tmp_path / 'job'}\n")
+    no_checkpoint = tmp_path / "no-checkpoint.yaml"
+    no_checkpoint.write_text(f"checkpoint: {tmp_path / 'job'}\nexport: {engine_run}\n")
     cases = [
         ("lineage", str(engine_run), "no-such-sample"),
         ("status", str(tmp_path / "missing-run")),
@@ -66,6 +98,8 @@ def test_every_user_error_exits_2_with_a_message(engine_run: Path, tmp_path: Pat
         ("run", str(REPO / "examples" / "quickstart.yaml"), "--output", str(tmp_path / "o"), "--set", "nokey"),
         ("doctor", str(bad_yaml)),
         ("train", "recognition", str(tmp_path / "missing.yaml")),
+        ("eval", "verification", str(no_pairs)),
+        ("eval", "verification", str(no_checkpoint)),
         ("status", str(engine_run), "--no-such-option"),
     ]
     for args in cases:

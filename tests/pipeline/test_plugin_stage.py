@@ -8,12 +8,15 @@ import os
 import subprocess
 import sys
 import textwrap
+import uuid
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 import yaml
 
-from tests.fixtures import REPO
+from tests.fixtures import EXAMPLES, REPO
+from tests.fixtures.ray_cluster import ray_head
 
 PLUGIN = textwrap.dedent('''
     """A user's own filter: keeps images whose red channel dominates."""
@@ -63,12 +66,22 @@ def _cli(plugin_root: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=600)
 
 
-def test_a_stage_from_outside_the_package_runs_through_the_cli_and_resumes_after_its_file_moves(
-        tmp_path: Path) -> None:
-    root = tmp_path / "user_code"
+def _user_package(root: Path) -> Path:
+    """The user's stage package ``myfilters`` (module ``myfilters.red``) under ``root``."""
     (root / "myfilters").mkdir(parents=True)
     (root / "myfilters" / "__init__.py").write_text("")
     (root / "myfilters" / "red.py").write_text(PLUGIN)
+    return root / "myfilters"
+
+
+def _without(env: dict[str, str], *names: str) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k not in names}
+
+
+def test_a_stage_from_outside_the_package_runs_through_the_cli_and_resumes_after_its_file_moves(
+        tmp_path: Path) -> None:
+    root = tmp_path / "user_code"
+    _user_package(root)
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(_config("myfilters.red")))
     out = tmp_path / "run"
@@ -106,3 +119,45 @@ def test_a_stage_reading_a_column_no_earlier_stage_writes_is_refused_before_any_
     assert "stages[1] (align)" in proc.stderr and "landmarks5" in proc.stderr
     assert "gt_mean (pattern)" in proc.stderr  # what earlier stages do write
     assert not (out / "manifests").exists()
+
+
+@pytest.mark.faults  # 60-90 s on 2 cores: a cluster start and a quickstart run beside a refused one
+def test_the_quickstart_with_a_user_stage_runs_on_a_ray_start_cluster_with_token_auth(tmp_path: Path) -> None:
+    """``ray start --head`` turns token auth on where a token exists; ``--address`` sends it, and
+    ``--py-module`` ships the user's package, which the cluster's workers cannot import otherwise."""
+    package = _user_package(tmp_path / "user_code")
+    token = tmp_path / "auth_token"
+    token.write_text(uuid.uuid4().hex * 2)
+    raw = yaml.safe_load((EXAMPLES / "quickstart.yaml").read_text())
+    raw["stages"].append({"stage": "myfilters.red:RedShare", "id": "red", "params": {"min_red_share": 0.34}})
+    config = tmp_path / "quickstart-red.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    base = _without(dict(os.environ), "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ADDRESS")
+    head_env = {**_without(base, "PYTHONPATH"), "RAY_AUTH_TOKEN_PATH": str(token)}
+    client = {**base, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}  # the user's package is not on it
+    small = ["--set", "identities.count=4", "--set", "identities.images_per_identity=2",
+             "--set", "export.min_images_per_identity=1", "--no-progress"]
+    with ray_head(head_env) as address:
+        def run(env: dict[str, str], out: str) -> subprocess.Popen[str]:
+            return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(config), "--output",
+                                     str(tmp_path / out), "--address", address, "--py-module", str(package), *small],
+                                    cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+        # Without the token: refused in one line that says what to set (it waits out Ray's retries
+        # beside the real run).
+        refused = run({**client, "RAY_AUTH_TOKEN_PATH": str(tmp_path / "no-token")}, "refused")
+        done = run({**client, "RAY_AUTH_TOKEN_PATH": str(token)}, "run")
+        _, err = done.communicate(timeout=600)
+        _, refused_err = refused.communicate(timeout=600)
+        doctor = subprocess.run([sys.executable, "-m", "pipeline.cli", "doctor", str(config), "--address", address,
+                                 "--py-module", str(package)], cwd=tmp_path, env={**client, "RAY_AUTH_TOKEN_PATH":
+                                 str(token)}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, err[-3000:]
+    assert "complete" in err and "InvalidAuthToken" not in err
+    red = pq.read_table(tmp_path / "run" / "manifests" / "red" / "000000.parquet").to_pylist()
+    assert red and {r["stage_name"] for r in red} == {"red_share"}
+    assert refused.returncode == 2
+    assert refused_err.startswith("error: ") and "InvalidAuthToken" not in refused_err
+    assert "RAY_AUTH_TOKEN" in refused_err and not (tmp_path / "refused" / "manifests").exists()
+    assert doctor.returncode == 0, doctor.stdout[-3000:] + doctor.stderr[-3000:]
+    assert "node " in doctor.stdout and "✓ red (myfilters.red:RedShare" in doctor.stdout  # checked on the node

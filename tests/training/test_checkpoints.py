@@ -144,3 +144,17 @@ def test_resume_refuses_a_checkpoint_trained_on_another_export(
     with pytest.raises(CheckpointError, match="trained on export"):  # before any worker starts
         train_recognition(cfg)
     assert first.final_step == 1
+
+
+def test_a_job_whose_network_changed_refuses_to_resume_and_new_starts_it_over(tiny_export: ExportIndex) -> None:
+    first = train_recognition(_config(tiny_export, 1, job="reshaped"))
+    wider = _config(tiny_export, 2, job="reshaped")
+    wider = wider.model_copy(update={"model": wider.model.model_copy(update={"embedding_size": 8})})
+    with pytest.raises(CheckpointError, match=r"model\.embedding_size 16 -> 8.*--new") as refused:
+        train_recognition(wider)  # before any worker starts
+    assert "\n" not in str(refused.value)
+    again = train_recognition(wider, new=True)
+    assert (first.final_step, again.start_step, again.final_step) == (1, 0, 2)
+    assert load_checkpoint(again.job_dir).config["model"]["embedding_size"] == 8
+    losses = read_metrics(again.run_dir, "reshaped").to_pylist()  # the old job's metrics went with it
+    assert sorted(r["step"] for r in losses if r["name"] == "loss") == [1, 2]

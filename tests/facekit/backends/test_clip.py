@@ -119,7 +119,7 @@ def test_prompt_pair_probabilities_sum_to_one(model: ClipModel) -> None:
 def test_released_weights_missing_from_the_cache_are_reported_not_downloaded(tmp_path: Path) -> None:
     spec = {"model": "ViT-B-32", "pretrained": "laion2b_s34b_b79k", "cache_dir": str(tmp_path)}
     (problem,) = check_files(spec)
-    assert "huggingface-cli download laion/CLIP-ViT-B-32-laion2B-s34B-b79K" in problem
+    assert "hf download laion/CLIP-ViT-B-32-laion2B-s34B-b79K" in problem
     assert str(tmp_path) in problem and "allow_download" in problem
     with pytest.raises(ClipWeightsError):
         ClipModel(spec)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -55,7 +56,9 @@ _SCRIPT = textwrap.dedent("""
 
 
 def test_an_embedded_ray_is_stopped_with_every_process_it_started_including_the_killed_monitor() -> None:
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}  # Ray's default: token auth, with a notice
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["owned"] is True
@@ -65,6 +68,7 @@ def test_an_embedded_ray_is_stopped_with_every_process_it_started_including_the_
     assert res["before"] >= 4  # GCS, raylet, monitor, agents, the task's worker
     assert res["left"] == []
     assert res["initialized"] is False
+    assert "Token authentication" not in proc.stderr  # token auth stays on, without Ray's notice on every start
 
 
 _SESSION_SCRIPT = textwrap.dedent("""

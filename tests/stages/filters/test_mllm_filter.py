@@ -56,9 +56,10 @@ def honest(payload: dict[str, Any]) -> Reply:
 
 
 class FakeServer:
-    """Records every request; ``behaviour(n, payload)`` picks the reply to the n-th request (0-based)."""
+    """Records every request; ``behaviour(n, payload)`` picks the reply to the n-th request (0-based).
+    With ``api_key``, a model list asked for without that bearer key is answered 401."""
 
-    def __init__(self, behaviour: Behaviour, port: int = 0) -> None:
+    def __init__(self, behaviour: Behaviour, port: int = 0, api_key: str | None = None) -> None:
         self.behaviour = behaviour
         self.requests: list[dict[str, Any]] = []
         self.lock = threading.Lock()
@@ -88,7 +89,8 @@ class FakeServer:
             def do_GET(self) -> None:
                 models = {"object": "list", "data": [{"id": "test-vlm", "object": "model"}]}
                 body = json.dumps(models).encode()
-                self.send_response(200 if self.path == "/v1/models" else 404)
+                allowed = api_key is None or self.headers.get("Authorization") == f"Bearer {api_key}"
+                self.send_response(404 if self.path != "/v1/models" else 200 if allowed else 401)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -119,8 +121,8 @@ Serve = Callable[..., FakeServer]
 def serve() -> Iterator[Serve]:
     servers: list[FakeServer] = []
 
-    def start(behaviour: Behaviour, port: int = 0) -> FakeServer:
-        servers.append(FakeServer(behaviour, port))
+    def start(behaviour: Behaviour, port: int = 0, api_key: str | None = None) -> FakeServer:
+        servers.append(FakeServer(behaviour, port, api_key))
         return servers[-1]
 
     yield start
@@ -305,6 +307,17 @@ def test_doctor_check_names_an_unserved_model_and_an_unreachable_server(serve: S
     server.close()
     (down,) = check_server(MLLMServerSpec(base_url=f"http://127.0.0.1:{port}/v1", model="test-vlm"))
     assert "unreachable" in down
+
+
+def test_doctor_check_names_the_api_key_variable_a_keyed_server_wants(serve: Serve,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    server = serve(lambda n, p: honest(p), api_key="sekret")
+    spec = MLLMServerSpec(base_url=server.url, model="test-vlm", api_key_env="FF_TEST_VLM_KEY")
+    monkeypatch.delenv("FF_TEST_VLM_KEY", raising=False)
+    (missing,) = check_server(spec)
+    assert "HTTP 401" in missing and "FF_TEST_VLM_KEY is not set" in missing and "export FF_TEST_VLM_KEY=" in missing
+    monkeypatch.setenv("FF_TEST_VLM_KEY", "sekret")
+    assert check_server(spec) == []
 
 
 def test_parse_answer_accepts_a_fenced_object_and_refuses_other_json() -> None:
