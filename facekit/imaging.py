@@ -192,9 +192,11 @@ def _decode(data: bytes, max_pixels: int, min_side: int, draft: int | None = Non
     except ImageError:
         raise
     except UnidentifiedImageError as exc:
-        layout = _unreadable_layout(data)
-        if layout is not None:
-            raise ImageError(f"unsupported pixel layout: {layout}", "unsupported_mode", layout) from exc
+        refused = _refused_header(data)
+        if refused is not None:
+            layout = any(word in refused.lower() for word in ("mode", "unsupported", "bit"))
+            rule = "unsupported_mode" if layout else "corrupt_image"
+            raise ImageError(f"{rule.replace('_', ' ')}: {refused}", rule, refused) from exc
         raise ImageError("not an image", "not_an_image", f"{len(data)} bytes in no image format") from exc
     except Image.DecompressionBombError as exc:
         raise ImageError(f"image too large: {exc}", "image_too_large", str(exc)) from exc
@@ -212,10 +214,11 @@ def _decode(data: bytes, max_pixels: int, min_side: int, draft: int | None = Non
 _PARSE_ERRORS = (SyntaxError, ValueError, OSError, EOFError, struct.error, KeyError, IndexError, TypeError)
 
 
-def _unreadable_layout(data: bytes) -> str | None:
+def _refused_header(data: bytes) -> str | None:
     """``"TIFF: unknown pixel mode"`` when a format recognises the bytes as its own but its reader
-    refuses them (a bit depth or sample layout Pillow has no reader for), else None. Pillow's open
-    reports both as unidentified; only the first is an image, and its row should say which."""
+    refuses the header, else None. Pillow's open reports that and "no format at all" alike; the row
+    should say which format and why: a layout it has no reader for (a bit depth or sample layout,
+    ``unsupported_mode``) or a broken header (``corrupt_image``)."""
     Image.init()
     prefix = data[:16]
     for fmt in Image.ID:
