@@ -18,7 +18,8 @@ viewer shows:
   CMYK (Adobe's inverted JPEGs included: Pillow's JPEG reader un-inverts them), YCbCr, LAB and HSV
   are converted by Pillow. Multi-frame GIF/TIFF/WebP give their first frame.
 - A format that recognises the bytes but has no reader for their layout (a TIFF bit depth Pillow
-  lacks) and any mode without a defined RGB meaning are the row ``unsupported_mode``, naming it.
+  lacks) and any mode without a defined RGB meaning are the row ``unsupported_mode``, naming it; a
+  header its format recognises but refuses otherwise is ``corrupt_image`` (not ``not_an_image``).
 
 Plain RGB with no orientation costs nothing extra: the pixels Pillow decoded are the result.
 """
@@ -45,8 +46,7 @@ class ImageError(ValueError):
 
     ``rule`` is the stable rule name a stage records as its reason (``empty_file``, ``not_an_image``,
     ``corrupt_image``, ``image_too_small``, ``image_too_large``, ``unsupported_mode``) and ``detail``
-    the specifics; the
-    message (``str``) reads as both together.
+    the specifics; the message (``str``) reads as both together.
     """
 
     def __init__(self, message: str, rule: str = "unreadable_image", detail: str | None = None) -> None:
@@ -100,11 +100,11 @@ class EncodedImage(bytes):
     Why: in a fused chain the same image object passes from stage to stage in memory (detect, then
     align, then quality on the same picture; align's crop straight into embed), and each stage calls
     ``decode_rgb`` on it. The pixels are decoded once, on the first call, and kept on the object
-    (with what they were stored as: ``Decoded``), so
-    they live exactly as long as the batch that holds the bytes: no cache, nothing shared between
-    shards. ``encode_png`` returns one already holding the pixels it encoded (PNG is lossless).
-    Pickled (to another process) it is plain bytes: the pixels never travel. What it may keep is
-    bounded by the ``PixelBudget`` it was made with (one per shard), else by ``KEEP_MAX_BYTES``.
+    (as a ``Decoded``, with what they were stored as), so they live exactly as long as the batch that
+    holds the bytes: no cache, nothing shared between shards. ``encode_png`` returns one already
+    holding the pixels it encoded (PNG is lossless). Pickled (to another process) it is plain bytes:
+    the pixels never travel. What it may keep is bounded by the ``PixelBudget`` it was made with (one
+    per shard), else by ``KEEP_MAX_BYTES``.
     """
 
     _decoded: Decoded | None = None
