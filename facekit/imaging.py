@@ -226,6 +226,9 @@ def _refused_header(data: bytes) -> str | None:
         try:
             if accept is None or not accept(prefix):
                 continue
+        except _PARSE_ERRORS:  # too few bytes to tell: not this format's
+            continue
+        try:
             factory(io.BytesIO(data), "").close()
         except _PARSE_ERRORS as exc:
             return f"{fmt}: {exc}"

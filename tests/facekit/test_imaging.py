@@ -263,9 +263,14 @@ def test_a_layout_pillow_cannot_read_is_unsupported_mode_naming_it_not_a_crash()
     with pytest.raises(ImageError) as err:
         decode_rgb(odd)
     assert err.value.rule == "unsupported_mode" and err.value.detail.startswith("TIFF: ")
-    with pytest.raises(ImageError) as text:
-        decode_rgb(b"plain text, not a TIFF")
-    assert text.value.rule == "not_an_image"
+    for junk in (b"plain text, not a TIFF", b"xx"):
+        with pytest.raises(ImageError) as text:
+            decode_rgb(junk)
+        assert text.value.rule == "not_an_image", text.value.detail
+    cut = save(Image.fromarray(upright()), "PNG")[:30]  # its format's, but the header breaks off
+    with pytest.raises(ImageError) as broken:
+        decode_rgb(cut)
+    assert broken.value.rule == "corrupt_image" and broken.value.detail.startswith("PNG: ")
 
 
 def test_plain_rgb_is_the_decoded_array_itself_with_no_extra_copy(monkeypatch: pytest.MonkeyPatch) -> None:
