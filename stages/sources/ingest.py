@@ -29,8 +29,9 @@ nor read), ``file_too_large``, ``unsafe_member_name`` (``../`` or absolute membe
 ``truncated_tar`` / ``corrupt_tar`` / ``unreadable_tar``, ``no_image_in_sample``, ``unreadable_file``,
 ``unsupported_extension`` (a folder's file of an unlisted extension, never read),
 and decode's ``empty_file``, ``not_an_image``, ``corrupt_image``, ``image_too_small``,
-``image_too_large``, ``unsupported_mode``. A storage failure that says nothing about the file (connection, timeout, 5xx,
-throttling: manifests/transient.py) raises TransientError so the engine retries the shard instead.
+``image_too_large``, ``unsupported_mode``. A storage failure that says nothing about the file
+(connection, timeout, 5xx, throttling: manifests/transient.py) raises TransientError so the engine
+retries the shard instead.
 
 Bytes are passed on as they are, never re-encoded; every stage decodes them as a viewer shows them
 (EXIF orientation applied, any mode and bit depth to RGB), and ingest records what that took:
@@ -156,7 +157,7 @@ class IngestStage(SourceStage):
     """Reads existing images into the run, byte for byte, with a row for every file, readable or not."""
 
     name: ClassVar[str] = "ingest"
-    version: ClassVar[str] = "3"
+    version: ClassVar[str] = "4"
     params_model: ClassVar[type[Params]] = IngestParams
     resources: ClassVar[Resources] = Resources(cpus=0.5)
     batch_size: ClassVar[int] = 64
