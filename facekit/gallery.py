@@ -168,7 +168,7 @@ class GalleryEmbedder:
             return rgb
         faces = self.detector.detect(rgb)
         if not faces:
-            raise ImageError("no_face")
+            raise ImageError("no face", "no_face")
         face = max(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
         return warp(rgb, align_to_template(face.landmarks5).for_size(size), size)
 
@@ -196,7 +196,7 @@ class GalleryEmbedder:
             try:
                 crops.append(self.crop(data, aligned))
             except ImageError as exc:
-                rule = "no_face" if str(exc) == "no_face" else "unreadable_image"
+                rule = exc.rule  # no_face, or the decode's own rule (unsupported_mode, corrupt_image...)
                 skipped[rule] = skipped.get(rule, 0) + 1
                 continue
             pending.append((item, identity))

@@ -23,8 +23,9 @@ import fsspec
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.io import ImageReadMode, decode_image
 from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from facekit.imaging import decode_rgb
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,11 @@ def iter_shard_samples(
 
 
 def decode_rgb_tensor(data: bytes) -> torch.Tensor:
-    """PNG/JPEG bytes -> uint8 (3, H, W)."""
-    return decode_image(torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy()), mode=ImageReadMode.RGB)
+    """Image bytes -> uint8 (3, H, W), by the pipeline's own decode (facekit.imaging.decode_rgb), so
+    training sees the pixels every stage saw: an exported JPEG keeps its EXIF orientation tag and a
+    16-bit PNG its depth, and a decoder of its own would turn or clip them differently. Raises
+    ImageError (a ValueError) for bytes that are not a usable image."""
+    return torch.from_numpy(np.ascontiguousarray(decode_rgb(data).transpose(2, 0, 1)))
 
 
 def image_member(sample: Sample, preferred: str = "png") -> bytes:

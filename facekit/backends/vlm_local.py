@@ -113,12 +113,12 @@ class LocalVLM:
         return self.processor.apply_chat_template(messages, add_generation_prompt=True)
 
     def _generate(self, reqs: Sequence[Request]) -> list[str]:
-        import io
-
         import torch
         from PIL import Image
 
-        images = [Image.open(io.BytesIO(r.image)).convert("RGB") for r in reqs]
+        from facekit.imaging import decode_rgb
+
+        images = [Image.fromarray(decode_rgb(r.image)) for r in reqs]
         inputs = self.processor(images=images, text=[self._prompt(r) for r in reqs], return_tensors="pt",
                                 padding=True).to(self.device)
         with torch.inference_mode():

@@ -1,5 +1,7 @@
-"""Thumbnails for the report: the few bytes of one tar member (its manifest byte range), decoded with
-a size bound and re-encoded small, so a page of examples stays a few hundred kB."""
+"""Thumbnails for the report: the few bytes of one tar member (its manifest byte range), decoded by the
+project's one decode (facekit.imaging.decode: its pixel limit, EXIF orientation, any mode and bit
+depth) and re-encoded small, so a page of examples stays a few hundred kB and shows what the stages
+saw."""
 
 from __future__ import annotations
 
@@ -9,12 +11,12 @@ from typing import Any
 
 from PIL import Image
 
+from facekit.imaging import ImageError, decode
 from manifests.storage import RunStorage
 
 THUMB_PX = 112
 # A member larger than this is not an image we should decode for a thumbnail.
 MAX_MEMBER_BYTES = 32 << 20
-MAX_PIXELS = 64_000_000
 
 
 def thumbnail_uri(store: RunStorage, loc: dict[str, Any] | None, px: int = THUMB_PX) -> str | None:
@@ -26,14 +28,10 @@ def thumbnail_uri(store: RunStorage, loc: dict[str, Any] | None, px: int = THUMB
         return None
     try:
         data = store.read_range(str(loc["shard"]), int(loc["off"]), size)
-        with Image.open(io.BytesIO(data)) as img:
-            if img.width * img.height > MAX_PIXELS:
-                return None
-            img.draft("RGB", (px, px))
-            rgb = img.convert("RGB")
-            rgb.thumbnail((px, px))
-            buf = io.BytesIO()
-            rgb.save(buf, format="JPEG", quality=85)
-    except (OSError, ValueError, Image.DecompressionBombError):
+        rgb = Image.fromarray(decode(data, min_side=1, draft=px).rgb)
+    except (OSError, ImageError):
         return None
+    rgb.thumbnail((px, px))
+    buf = io.BytesIO()
+    rgb.save(buf, format="JPEG", quality=85)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()

@@ -30,7 +30,7 @@ from facekit.backends.mllm_client import (
     check_server,
 )
 from facekit.backends.vlm_local import LocalVLMSpec
-from facekit.imaging import ImageError, decode_rgb
+from facekit.imaging import ImageError, decode
 from manifests.transient import is_transient
 from stages.base import (
     IMAGE,
@@ -137,15 +137,22 @@ def build_schema(questions: tuple[Question, ...]) -> dict[str, Any]:
 
 
 def prepare_image(data: bytes, ext: str, max_side: int | None) -> tuple[bytes, str]:
-    """Check the bytes decode; send them as they are unless larger than ``max_side`` (then a PNG)."""
+    """Check the bytes decode; send them as they are when any decoder shows them as the stages saw
+    them (plain RGB, no orientation to apply) and they fit ``max_side``, else a PNG of the decoded
+    pixels: a server's own decode would not turn an EXIF-rotated photo or scale a 16-bit one."""
     from PIL import Image
 
-    rgb = decode_rgb(data)
+    decoded = decode(data)
+    rgb = decoded.rgb
     h, w = rgb.shape[:2]
     if max_side is None or max(h, w) <= max_side:
-        return data, ext
-    scale = max_side / max(h, w)
-    img = Image.fromarray(rgb).resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS)
+        if decoded.as_stored:
+            return data, ext
+        img = Image.fromarray(rgb)
+    else:
+        scale = max_side / max(h, w)
+        img = Image.fromarray(rgb).resize((max(1, round(w * scale)), max(1, round(h * scale))),
+                                          Image.Resampling.LANCZOS)
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=1)
     return buf.getvalue(), "png"

