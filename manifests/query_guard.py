@@ -185,8 +185,7 @@ class QueryGuard:
         if self.memory_bytes is not None:
             used = rss_bytes()
             if used > self.memory_bytes:
-                self.stop("memory", f"query stopped: the process used {human_size(used)}, "
-                                    f"above the limit of {human_size(self.memory_bytes)}")
+                self.stop("memory", f"query stopped: memory {human_size(used)} > {human_size(self.memory_bytes)}")
 
     def _abandon(self) -> None:
         with self._lock:
