@@ -149,7 +149,7 @@ class QueryGuard:
                 outcome["error"] = exc
 
         worker = threading.Thread(target=target, name="ff-query", daemon=True)
-        previous: dict[int, Any] = {}
+        previous: dict[signal.Signals, Any] = {}
         if signals and threading.current_thread() is threading.main_thread():
             for s in STOP_SIGNALS:
                 previous[s] = signal.signal(s, self._on_signal)
@@ -176,7 +176,7 @@ class QueryGuard:
             raise self._stopped
         if "error" in outcome:
             raise outcome["error"]
-        return outcome["value"]  # type: ignore[no-any-return]
+        return outcome["value"]
 
     def _check_bounds(self, elapsed: float) -> None:
         if self.timeout_s is not None and elapsed >= self.timeout_s:

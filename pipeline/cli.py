@@ -8,6 +8,7 @@ import datetime
 import decimal
 import functools
 import json
+import math
 import os
 import sys
 from enum import StrEnum
@@ -338,11 +339,28 @@ def _write_text(reader: pa.RecordBatchReader, fmt: Fmt, names: list[str], stream
     stream.write("[")
     for batch in reader:
         for row in _batch_rows(batch):
-            stream.write(("\n" if rows == 0 else ",\n")
-                         + json.dumps(dict(zip(names, row, strict=True)), default=_jsonable))
+            stream.write(("\n" if rows == 0 else ",\n") + _json_row(dict(zip(names, row, strict=True))))
             rows += 1
     stream.write("\n]\n" if rows else "]\n")
     return rows
+
+
+def _json_row(row: dict[str, Any]) -> str:
+    """One row as JSON; NaN and infinities (no JSON number spells them) as null."""
+    try:
+        return json.dumps(row, default=_jsonable, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(row), default=_jsonable, allow_nan=False)
+
+
+def _finite(v: Any) -> Any:
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_finite(x) for x in v]
+    return v
 
 
 def _batch_rows(batch: pa.RecordBatch) -> list[tuple[Any, ...]]:

@@ -167,6 +167,9 @@ def test_columns_of_the_same_name_keep_distinct_names_in_every_format(engine_run
     assert code == 0 and re.search(r"\ba\b.*\ba_2\b", out) and re.search(r"1 +│ +2 ", out), out
     assert _cli("query", run, "SELECT 1 AS a, 2 AS a, 3 AS a_2", "-f", "csv")[1] == "a,a_3,a_2\n1,2,3\n"
     assert json.loads(_cli("query", run, "SELECT 1 AS a, 2 AS a", "-f", "json")[1]) == [{"a": 1, "a_2": 2}]
+    nan = "SELECT 'nan'::DOUBLE AS a, ['-inf'::DOUBLE, 1.5] AS a"
+    strict = json.loads(_cli("query", run, nan, "-f", "json")[1], parse_constant=lambda c: pytest.fail(c))
+    assert strict == [{"a": None, "a_2": [None, 1.5]}]
     code, _, _ = _cli("query", run, "SELECT 1 AS a, 2 AS a", "-f", "parquet", "--out", str(tmp_path / "a.parquet"))
     assert code == 0 and pq.read_table(tmp_path / "a.parquet").to_pylist() == [{"a": 1, "a_2": 2}]
     join = f'FROM pattern q JOIN "{LONG_ID}" d USING (sample_id) WHERE q.keep <> d.keep'
@@ -243,6 +246,6 @@ def test_a_timeout_and_the_memory_limit_stop_a_query_with_one_line(engine_run: P
     # 20 strings of 100 MB: DuckDB's own memory_limit does not count the rows it hands to Arrow.
     big = "SELECT repeat('x', 100000000) AS s FROM range(20)"
     rc, err = _finish(_query_process(engine_run, tmp_path, big, "-f", "csv", "--memory-limit", "400MB"))
-    assert rc == USER_ERROR and re.fullmatch(r"error: query stopped: memory \d+ MB > 400 MB \(--memory-limit\)\n", err), (
-        rc, err)
+    stopped = re.fullmatch(r"error: query stopped: memory \d+ MB > 400 MB \(--memory-limit\)\n", err)
+    assert rc == USER_ERROR and stopped, (rc, err)
     assert not list(tmp_path.iterdir())
