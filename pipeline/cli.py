@@ -221,6 +221,7 @@ def query(
     """SQL on a read-only DuckDB connection over the committed manifests, streamed: columns of the same
     name are shown as name, name_2, ...; Ctrl-C stops it (exit 130)."""
     import duckdb
+    import pyarrow as pa
 
     from manifests.catalog import Catalog, QueryError
     from manifests.query_guard import QueryGuard, Stopped, parse_size
@@ -266,7 +267,8 @@ def query(
     except BrokenPipeError:  # the reader of stdout went away (| head): nothing left to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise typer.Exit(0) from None
-    except (QueryError, duckdb.Error) as exc:
+    except (QueryError, duckdb.Error, pa.ArrowException, OSError) as exc:
+        # A type the format cannot hold (a union or interval in Parquet), an --out that cannot be written.
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if isinstance(exc, duckdb.OutOfMemoryException):
             text += " (--memory-limit)"

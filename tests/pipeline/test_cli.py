@@ -67,6 +67,7 @@ def test_every_user_error_exits_2_with_a_message(engine_run: Path, tmp_path: Pat
         ("query", str(engine_run), "SELECT 1", "-f", "parquet"),
         ("query", str(engine_run), "SELECT 1", "--memory-limit", "lots"),
         ("query", str(engine_run), "SELECT 1", "--timeout", "-1"),
+        ("query", str(engine_run), "SELECT to_months(3) AS i", "-f", "parquet", "--out", str(tmp_path / "i.parquet")),
         ("run", str(tmp_path / "missing.yaml"), "--output", str(tmp_path / "o")),
         ("run", str(bad_yaml), "--output", str(tmp_path / "o")),
         ("run", str(REPO / "examples" / "quickstart.yaml"), "--output", str(tmp_path / "o"), "--set", "nokey"),
@@ -79,6 +80,7 @@ def test_every_user_error_exits_2_with_a_message(engine_run: Path, tmp_path: Pat
         assert code == USER_ERROR == 2, (args, code, out, err)
         assert err.strip(), args
     assert not (tmp_path / "o").exists(), "a refused run wrote something"
+    assert not list(tmp_path.glob("*parquet*")), "a refused query left a file"
 
 
 def test_library_code_never_exits_the_process() -> None:
