@@ -26,8 +26,10 @@ directory and the configuration locked.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import posixpath
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -49,6 +51,7 @@ from manifests.layout import (
     SHARDS_DIR,
     TABLES_DONE,
 )
+from manifests.query_guard import QueryGuard
 from manifests.schema import COMMON_FIELDS
 from manifests.sql import duck_path, glob_escape, lit, parquet_source, parse_tree, q
 from manifests.storage import RunStorage
@@ -145,6 +148,11 @@ class StageSource:
     read_sql: str | None = None  # a table expression; None: no committed rows
     bad: list[str] = field(default_factory=list)  # fragments that failed verification: never read
     verified: list[Fragment] | None = None  # the footer-checked fragments, when they were checked
+
+
+# Rows per Arrow batch of a streamed result. Not smaller: DuckDB's streaming buffer caps bytes, not
+# batches, and with batches of a few rows its threads run ahead and queue the whole result.
+STREAM_BATCH_ROWS = 10_000
 
 
 class Catalog:
@@ -354,40 +362,111 @@ class Catalog:
             con.register_filesystem(self.store.fs)
 
     @contextlib.contextmanager
-    def connect(self, read_only: bool = True, *, sql: str | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+    def connect(self, read_only: bool = True, *, sql: str | None = None,
+                guard: QueryGuard | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
         """A sandboxed connection with the views: read-only database, file access limited to the run
         directory on every store, configuration locked. ``sql``: the query this connection is for,
-        so the fallback ``samples`` view holds only what it reads."""
-        tmp = tempfile.mkdtemp(prefix="ff-catalog-")
+        so the fallback ``samples`` view holds only what it reads. ``guard``: what may stop the work
+        on this connection (its interrupt and its temporary folder are registered there)."""
+        guard = guard or QueryGuard()
+        sweep_stale_temp()
+        tmp = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-")
         db = os.path.join(tmp, "catalog.duckdb")
         try:
             con = duckdb.connect(db)
             try:
-                self._register(con)
-                fields, needed = analyse(sql, self.stage_ids) if sql is not None else (None, None)
-                for stmt in self.view_sql(fields, needed):
-                    con.execute(stmt)
+                with guard.attached(con.interrupt, functools.partial(shutil.rmtree, tmp, ignore_errors=True)):
+                    self._register(con)
+                    fields, needed = analyse(sql, self.stage_ids) if sql is not None else (None, None)
+                    for stmt in self.view_sql(fields, needed):
+                        con.execute(stmt)
             finally:
                 con.close()
             con = duckdb.connect(db, read_only=read_only)
             try:
-                self._register(con)
-                con.execute(f"SET temp_directory={lit(os.path.join(tmp, 'spill'))}")
-                con.execute(f"SET memory_limit={lit(self.memory_limit)}")
-                con.execute("SET parquet_metadata_cache=true")
-                sandbox(con, self._allowed())
-                yield con
+                with guard.attached(con.interrupt, functools.partial(shutil.rmtree, tmp, ignore_errors=True)):
+                    self._register(con)
+                    con.execute(f"SET temp_directory={lit(os.path.join(tmp, 'spill'))}")
+                    con.execute(f"SET memory_limit={lit(self.memory_limit)}")
+                    con.execute("SET parquet_metadata_cache=true")
+                    sandbox(con, self._allowed())
+                    yield con
             finally:
                 con.close()
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def query(self, sql: str) -> pa.Table:
-        """Run one user query: a single SELECT in the sandbox. A query can read the run, never
-        change it, and never read anything outside it."""
+    @contextlib.contextmanager
+    def stream(self, sql: str, *, guard: QueryGuard | None = None) -> Iterator[pa.RecordBatchReader]:
+        """Run one user query: a single SELECT in the sandbox, its rows read as they are made, so a
+        reader that stops early stops the query. A query can read the run, never change it, and
+        never read anything outside it. Columns of the same name get distinct ones
+        (``distinct_names``)."""
         check_read_only_sql(sql)
-        with self.connect(read_only=True, sql=sql) as con:
-            return con.sql(sql).to_arrow_table()
+        with self.connect(read_only=True, sql=sql, guard=guard) as con:
+            reader = con.sql(sql).to_arrow_reader(STREAM_BATCH_ROWS)
+            names = distinct_names(reader.schema.names)
+            schema = pa.schema([f.with_name(n) for f, n in zip(reader.schema, names, strict=True)])
+
+            def batches() -> Iterator[pa.RecordBatch]:
+                for batch in reader:
+                    if guard is not None:
+                        guard.check()
+                    yield pa.RecordBatch.from_arrays(batch.columns, schema=schema)
+
+            try:
+                yield pa.RecordBatchReader.from_batches(schema, batches())
+            finally:
+                reader.close()
+
+    def query(self, sql: str) -> pa.Table:
+        """Every row of one user query (see ``stream``), for callers that need them all at once."""
+        with self.stream(sql) as reader:
+            return reader.read_all()
+
+
+def distinct_names(names: list[str]) -> list[str]:
+    """Result column names with no two alike: the first of a name keeps it, the next ones get
+    ``_2``, ``_3``... (skipping a name the result already has), so ``SELECT q.keep, d.keep`` reads as
+    ``keep, keep_2`` in every format and a writer keyed by name (JSON, dicts, Parquet readers) keeps
+    every column."""
+    taken = set(names)
+    used: set[str] = set()
+    out = []
+    for name in names:
+        new, k = name, 2
+        while new in used or (new != name and new in taken):
+            new, k = f"{name}_{k}", k + 1
+        used.add(new)
+        out.append(new)
+    return out
+
+
+TEMP_PREFIX = "ff-catalog-"
+
+
+def sweep_stale_temp(root: str | None = None) -> None:
+    """Remove catalog temporary folders (``ff-catalog-<pid>-...``) whose owning process is gone: a
+    process killed by SIGKILL runs no cleanup, so the next catalog start does it."""
+    root = root or tempfile.gettempdir()
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return
+    for entry in entries:
+        m = re.fullmatch(re.escape(TEMP_PREFIX) + r"(\d+)-.+", entry.name)
+        if m and entry.is_dir(follow_symlinks=False) and not _alive(int(m.group(1))):
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def sandbox(con: duckdb.DuckDBPyConnection, allowed_directories: list[str]) -> None:

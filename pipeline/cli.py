@@ -2,24 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import decimal
-import io
+import functools
 import json
+import math
 import os
 import shlex
 import signal
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TextIO
 
 import typer
 from rich import box
 from rich.table import Table
 
 from pipeline.terminal import console, styled
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from manifests.query_guard import QueryGuard
+    from manifests.storage import RunStorage
 
 # Every user error (a bad config, a missing run, bad SQL, an unknown sample) exits 2, as click's own
 # usage errors do; 1 means the run itself did not complete.
@@ -226,56 +234,187 @@ def _rate(v: float | None) -> str:
     return f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
 
 
+# Exit codes of a query the guard stopped: a signal's are the shell's (128 + signal number); a
+# timeout's is GNU timeout's, so a script can tell a slow query (retry with a larger --timeout) from
+# a wrong one (2); a query over the memory limit is refused like DuckDB's own out-of-memory error (2).
+STOP_EXIT = {"SIGINT": 130, "SIGTERM": 143, "timeout": 124, "memory": USER_ERROR}
+STOP_OPTION = {"timeout": " (--timeout)", "memory": " (--memory-limit)"}
+
+
 @app.command()
 def query(
     run_dir: Annotated[str, typer.Argument(help="run directory")],
     sql: Annotated[str, typer.Argument(help="one SELECT over: identities, decisions, samples, metrics "
                                                     "(training), <stage id>")],
     fmt: Annotated[Fmt, typer.Option("--format", "-f")] = Fmt.table,
-    output: Annotated[Path | None, typer.Option("--out", help="file to write (needed for parquet)")] = None,
-    limit: Annotated[int, typer.Option(help="rows shown in table format")] = 50,
+    output: Annotated[Path | None, typer.Option("--out", help="file to write, outside the run directory (needed "
+                                                "for parquet; csv and json go to stdout without it)")] = None,
+    limit: Annotated[int, typer.Option(min=0, help="rows shown in table format; only these are read")] = 50,
     vertical: Annotated[bool | None, typer.Option("--vertical/--no-vertical", "-x",
                                                   help="one block per row (default: when the table is wider than "
                                                        "the terminal)")] = None,
+    timeout: Annotated[float, typer.Option(min=0, help="seconds before the query is stopped (exit 124); "
+                                                       "0: no limit")] = 300,
+    memory_limit: Annotated[str, typer.Option("--memory-limit", help="memory cap of the whole process, e.g. "
+                                                                      "2GB or 512MiB; DuckDB spills to disk below "
+                                                                      "it, and the query stops (exit 2) above "
+                                                                      "it")] = "2GB",
 ) -> None:
-    """SQL on a read-only DuckDB connection over the committed manifests."""
+    """SQL on a read-only DuckDB connection over the committed manifests, streamed: columns of the same
+    name are shown as name, name_2, ...; Ctrl-C stops it (exit 130)."""
     import duckdb
-    import pyarrow.parquet as pq
+    import pyarrow as pa
 
     from manifests.catalog import Catalog, QueryError
+    from manifests.query_guard import QueryGuard, Stopped, parse_size
     from manifests.storage import RunStorage
     from pipeline.status import NotARunError, stage_order
 
+    try:
+        memory = parse_size(memory_limit)
+    except ValueError as exc:
+        _fail(f"--memory-limit: {exc}")
+        return
     store = RunStorage(run_dir)
     try:
-        table = Catalog(store, stage_order(store)).query(sql)
-    except (QueryError, NotARunError, duckdb.Error) as exc:
+        order = stage_order(store)
+    except NotARunError as exc:
         _fail(str(exc))
         return
-    if fmt == Fmt.parquet:
-        if output is None:
-            _fail("--format parquet needs --out FILE")
-            return
-        pq.write_table(table, output)
-        err.print(f"wrote {table.num_rows} rows to {output}")
+    problem = _out_problem(output, fmt, store)
+    if problem:
+        _fail(problem)
         return
-    rows = table.to_pylist()
-    if fmt == Fmt.json:
-        text = json.dumps(rows, default=_jsonable, indent=1)
-    elif fmt == Fmt.csv:
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(table.column_names)
-        for r in rows:
-            w.writerow([_csv_cell(r[c]) for c in table.column_names])
-        text = buf.getvalue()
-    else:
-        _print_rows(table.column_names, rows, limit, vertical)
-        return
-    if output:
-        output.write_text(text)
-    else:
-        sys.stdout.write(text + ("" if text.endswith("\n") else "\n"))
+    guard = QueryGuard(timeout_s=timeout, memory_bytes=memory)
+    catalog = Catalog(store, order, memory_limit=guard.duckdb_memory_limit() or memory_limit)
+
+    def work() -> None:
+        with catalog.stream(sql, guard=guard) as reader:
+            if fmt == Fmt.table:
+                _print_rows(reader, limit, vertical)
+            else:
+                _write_rows(reader, fmt, output, guard)
+
+    try:
+        guard.run(work, signals=True)
+    except Stopped as exc:
+        code = STOP_EXIT[exc.reason]
+        try:
+            _fail(exc.detail + STOP_OPTION.get(exc.reason, ""), code)
+        finally:
+            if exc.abandoned:  # the worker thread is still inside DuckDB or a write: end without it
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+    except BrokenPipeError:  # the reader of stdout went away (| head): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(0) from None
+    except (QueryError, duckdb.Error, pa.ArrowException, OSError) as exc:
+        # A type the format cannot hold (a union or interval in Parquet), an --out that cannot be written.
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, duckdb.OutOfMemoryException):
+            text += " (--memory-limit)"
+        _fail(text)
+
+
+def _out_problem(output: Path | None, fmt: Fmt, store: RunStorage) -> str | None:
+    """Why ``--out`` cannot be written, checked before the query runs: a query never writes into a run
+    (its committed manifests must never be overwritten), nor over a folder."""
+    if output is None:
+        return "--format parquet needs --out FILE" if fmt == Fmt.parquet else None
+    if fmt == Fmt.table:
+        return "--out writes -f csv, json or parquet; the table format prints to the terminal"
+    if output.is_dir():
+        return f"--out {output}: is a folder; expected a file name"
+    parent = output.absolute().parent
+    if not parent.is_dir():
+        return f"--out {output}: folder {parent} does not exist"
+    if store.is_local:
+        run = os.path.realpath(store.root)
+        target = os.path.realpath(output)
+        if target == run or target.startswith(run.rstrip(os.sep) + os.sep):
+            return f"--out {output}: is inside the run directory {store.root}; write the result elsewhere"
+    return None
+
+
+def _write_rows(reader: pa.RecordBatchReader, fmt: Fmt, output: Path | None, guard: QueryGuard) -> None:
+    """csv, json (one array) or parquet, written batch by batch as the query makes them. A file is
+    written beside its final name and renamed when complete, so a stopped query leaves no half file
+    and an existing file is replaced only by a whole result."""
+    import pyarrow.parquet as pq
+
+    regular = output is not None and (not output.exists() or output.is_file())
+    target = output.with_name(f".{output.name}.ff-tmp-{os.getpid()}") if output is not None and regular else output
+    names: list[str] = reader.schema.names
+    rows = 0
+    with contextlib.ExitStack() as stack:
+        if target is not None and target != output:
+            stack.enter_context(guard.attached(cleanup=functools.partial(_unlink, target)))
+        try:
+            if fmt == Fmt.parquet:
+                assert target is not None
+                with pq.ParquetWriter(target, reader.schema) as writer:
+                    for batch in reader:
+                        writer.write_batch(batch)
+                        rows += batch.num_rows
+            else:
+                stream = stack.enter_context(open(target, "w", newline="", encoding="utf-8")) if target else sys.stdout
+                rows = _write_text(reader, fmt, names, stream)
+            if target is not None and output is not None and target != output:
+                os.replace(target, output)
+        except BaseException:
+            if target is not None and target != output:
+                _unlink(target)
+            raise
+    if output is not None:
+        err.print(f"wrote {rows} rows to {output}", highlight=False, markup=False)
+
+
+def _write_text(reader: pa.RecordBatchReader, fmt: Fmt, names: list[str], stream: TextIO) -> int:
+    rows = 0
+    if fmt == Fmt.csv:
+        w = csv.writer(stream, lineterminator="\n")
+        w.writerow(names)
+        for batch in reader:
+            for row in _batch_rows(batch):
+                w.writerow([_csv_cell(v) for v in row])
+            rows += batch.num_rows
+        return rows
+    stream.write("[")
+    for batch in reader:
+        for row in _batch_rows(batch):
+            stream.write(("\n" if rows == 0 else ",\n") + _json_row(dict(zip(names, row, strict=True))))
+            rows += 1
+    stream.write("\n]\n" if rows else "]\n")
+    return rows
+
+
+def _json_row(row: dict[str, Any]) -> str:
+    """One row as JSON; NaN and infinities (no JSON number spells them) as null."""
+    try:
+        return json.dumps(row, default=_jsonable, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(row), default=_jsonable, allow_nan=False)
+
+
+def _finite(v: Any) -> Any:
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_finite(x) for x in v]
+    return v
+
+
+def _batch_rows(batch: pa.RecordBatch) -> list[tuple[Any, ...]]:
+    """A batch's rows as tuples, by position: names never merge two columns."""
+    return list(zip(*(col.to_pylist() for col in batch.columns), strict=True))
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
 
 
 CELL_CAP = 60
@@ -290,28 +429,38 @@ def _csv_cell(v: Any) -> Any:
     return _jsonable(v) if isinstance(v, bytes | datetime.date | datetime.time) else v
 
 
-def _print_rows(columns: list[str], rows: list[dict[str, Any]], limit: int, vertical: bool | None) -> None:
-    """A table when it fits the terminal, else one block per row (psql's \\x): a wide result stays readable."""
-    shown = rows[:limit]
-    cells = [[_short(r[c]) for c in columns] for r in shown]
+def _print_rows(reader: pa.RecordBatchReader, limit: int, vertical: bool | None) -> None:
+    """The first ``limit`` rows (one more is read, to tell whether there are more): a table when it
+    fits the terminal, else one block per row (psql's \\x), so a wide result stays readable."""
+    columns: list[str] = reader.schema.names
+    shown: list[tuple[Any, ...]] = []
+    more = False
+    for batch in reader:
+        shown.extend(_batch_rows(batch))
+        if len(shown) > limit:
+            more = True
+            break
+    shown = shown[:limit]
+    cells = [[_short(v) for v in row] for row in shown]
     widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
     fits = sum(widths) + 3 * len(columns) + 1 <= out.width
-    more = f" (first {limit} shown)" if len(rows) > limit else ""
+    caption = f"first {limit} rows shown; more rows exist (--limit)" if more else f"{len(shown)} rows"
     if vertical is False or (vertical is None and fits):
-        t = Table(caption=f"{len(rows)} rows{more}")
+        t = Table()
         for c in columns:
             t.add_column(c, overflow="fold")
         for row in cells:
             t.add_row(*row)
         out.print(t)
+        out.print(caption, highlight=False)
         return
     name_width = max(len(c) for c in columns)
     value_cap = max(20, out.width - name_width - 3)
     for n, r in enumerate(shown, 1):
         out.print(styled((f"-[ row {n} ]-", "bold")))
-        for c in columns:
-            out.print(f"{c.ljust(name_width)} | {_short(r[c], value_cap)}", highlight=False, markup=False)
-    out.print(f"{len(rows)} rows{more}", highlight=False)
+        for c, v in zip(columns, r, strict=True):
+            out.print(f"{c.ljust(name_width)} | {_short(v, value_cap)}", highlight=False, markup=False)
+    out.print(caption, highlight=False)
     if vertical is None:
         err.print(f"{len(columns)} columns are wider than the terminal: shown one block per row; "
                   "-f csv or -f json (with --out FILE) gives every row and column in full.", highlight=False,

@@ -4,6 +4,10 @@ and one SQL sandbox on local, memory:// and S3-protocol runs."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -265,3 +269,19 @@ def test_a_run_path_with_glob_characters_reads_and_removes_its_own_files_only(
     assert cat.query("SELECT count(*) AS n FROM identities").column("n")[0].as_py() == 50
     hostile.remove("manifests", "src", recursive=True)
     assert not hostile.exists("manifests", "src") and len(committed_fragments(neighbour, "src")) == 3
+
+
+def test_a_temp_folder_of_a_dead_owner_is_swept_and_a_live_owners_kept(local_run: RunStorage, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = tmp_path / f"ff-catalog-{gone.pid}-killed"  # what a SIGKILLed query leaves
+    (stale / "spill").mkdir(parents=True)
+    live = tmp_path / f"ff-catalog-{os.getppid()}-running"
+    live.mkdir()
+    with Catalog(local_run, STAGES).connect() as con:
+        assert con.execute("SELECT count(*) FROM src").fetchone() == (SHARDS * PER_SHARD,)
+        own = [p.name for p in tmp_path.iterdir() if p.name.startswith(f"ff-catalog-{os.getpid()}-")]
+        assert len(own) == 1 and not stale.exists() and live.exists()
+    assert sorted(p.name for p in tmp_path.glob("ff-catalog-*")) == [live.name]

@@ -9,9 +9,11 @@ import datetime
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -93,6 +95,9 @@ def test_every_user_error_exits_2_with_a_message(engine_run: Path, tmp_path: Pat
         ("query", str(engine_run), "SELEC broken"),
         ("query", str(engine_run), "DELETE FROM decisions"),
         ("query", str(engine_run), "SELECT 1", "-f", "parquet"),
+        ("query", str(engine_run), "SELECT 1", "--memory-limit", "lots"),
+        ("query", str(engine_run), "SELECT 1", "--timeout", "-1"),
+        ("query", str(engine_run), "SELECT to_months(3) AS i", "-f", "parquet", "--out", str(tmp_path / "i.parquet")),
         ("run", str(tmp_path / "missing.yaml"), "--output", str(tmp_path / "o")),
         ("run", str(bad_yaml), "--output", str(tmp_path / "o")),
         ("run", str(REPO / "examples" / "quickstart.yaml"), "--output", str(tmp_path / "o"), "--set", "nokey"),
@@ -107,6 +112,7 @@ def test_every_user_error_exits_2_with_a_message(engine_run: Path, tmp_path: Pat
         assert code == USER_ERROR == 2, (args, code, out, err)
         assert err.strip(), args
     assert not (tmp_path / "o").exists(), "a refused run wrote something"
+    assert not list(tmp_path.glob("*parquet*")), "a refused query left a file"
 
 
 def test_library_code_never_exits_the_process() -> None:
@@ -426,3 +432,96 @@ def test_sigterm_stops_a_run_cleanly_with_the_resume_hint_and_the_run_then_resum
     assert kept >= 2 and not (out / "export" / "export.json").exists()
     _finish(run_cli(config, out))
     assert (out / "export" / "export.json").exists()
+
+
+LONG_QUERY = "WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM t) SELECT count(*) FROM t"
+
+
+def test_columns_of_the_same_name_keep_distinct_names_in_every_format(engine_run: Path, tmp_path: Path) -> None:
+    run = str(engine_run)
+    code, out, _ = _cli("query", run, "SELECT 1 AS a, 2 AS a")
+    assert code == 0 and re.search(r"\ba\b.*\ba_2\b", out) and re.search(r"1 +│ +2 ", out), out
+    assert _cli("query", run, "SELECT 1 AS a, 2 AS a, 3 AS a_2", "-f", "csv")[1] == "a,a_3,a_2\n1,2,3\n"
+    assert json.loads(_cli("query", run, "SELECT 1 AS a, 2 AS a", "-f", "json")[1]) == [{"a": 1, "a_2": 2}]
+    nan = "SELECT 'nan'::DOUBLE AS a, ['-inf'::DOUBLE, 1.5] AS a"
+    strict = json.loads(_cli("query", run, nan, "-f", "json")[1], parse_constant=lambda c: pytest.fail(c))
+    assert strict == [{"a": None, "a_2": [None, 1.5]}]
+    code, _, _ = _cli("query", run, "SELECT 1 AS a, 2 AS a", "-f", "parquet", "--out", str(tmp_path / "a.parquet"))
+    assert code == 0 and pq.read_table(tmp_path / "a.parquet").to_pylist() == [{"a": 1, "a_2": 2}]
+    join = f'FROM pattern q JOIN "{LONG_ID}" d USING (sample_id) WHERE q.keep <> d.keep'
+    code, out, _ = _cli("query", run, f"SELECT q.keep, d.keep {join}", "-f", "json")
+    rows = json.loads(out)
+    n = json.loads(_cli("query", run, f"SELECT count(*) AS n {join}", "-f", "json")[1])[0]["n"]
+    assert code == 0 and n > 0 and len(rows) == n
+    assert all(r["keep"] is True and r["keep_2"] is False for r in rows), rows
+
+
+def test_out_into_the_run_onto_a_folder_or_under_a_missing_one_is_refused_before_the_query(
+        engine_run: Path, tmp_path: Path) -> None:
+    files = {p: p.read_bytes() for p in sorted(engine_run.rglob("*")) if p.is_file()}
+    fragment = next(p for p in files if p.parent.name == "pattern" and p.suffix == ".parquet")
+    (tmp_path / "into-run.parquet").symlink_to(fragment)
+    cases = [
+        ("-f", "parquet", "--out", str(fragment)),
+        ("-f", "csv", "--out", str(engine_run / "result.csv")),
+        ("-f", "parquet", "--out", str(tmp_path / "into-run.parquet")),
+        ("-f", "json", "--out", str(tmp_path)),
+        ("-f", "csv", "--out", str(tmp_path / "missing" / "x.csv")),
+        ("--out", str(tmp_path / "table.txt")),
+    ]
+    for args in cases:
+        code, out, err = _cli("query", str(engine_run), "SELECT * FROM pattern", *args)
+        assert code == USER_ERROR and err.count("error:") == 1 and "--out" in err and not out, (args, err)
+    assert {p: p.read_bytes() for p in sorted(engine_run.rglob("*")) if p.is_file()} == files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["into-run.parquet"]
+
+
+def test_a_table_with_a_limit_reads_only_what_it_shows_at_flat_memory(engine_run: Path) -> None:
+    code, out, _ = _cli("query", str(engine_run), "SELECT * FROM range(5)", "--limit", "3")
+    assert code == 0 and "first 3 rows shown; more rows exist" in out
+    code, out, _ = _cli("query", str(engine_run), "SELECT * FROM range(5)", "--limit", "5")
+    assert code == 0 and "5 rows" in out and "more rows" not in out
+    res = subprocess.run([sys.executable, str(REPO / "bench" / "bench_query.py"), str(engine_run),
+                          "--sizes", "1000000", "10000000"], capture_output=True, text=True, check=True)
+    small, large = json.loads(res.stdout)["peak_rss_mb"]
+    assert large < 1.5 * small + 100, (small, large)
+
+
+def _query_process(run: Path, tmp: Path, *args: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "query", str(run), *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_stops_a_running_query_with_one_line_and_removes_its_temp_folder(
+        engine_run: Path, tmp_path: Path, sig: signal.Signals, code: int) -> None:
+    proc = _query_process(engine_run, tmp_path, LONG_QUERY, "--timeout", "0")
+    for _ in range(600):  # the catalog's folder appears once the CLI is up: the query starts right after
+        if list(tmp_path.glob("ff-catalog-*/catalog.duckdb")) or proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    time.sleep(1.0)
+    proc.send_signal(sig)
+    rc, err = _finish(proc)
+    assert rc == code and err.strip() == f"error: query stopped by {sig.name}", (rc, err)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_timeout_and_the_memory_limit_stop_a_query_with_one_line(engine_run: Path, tmp_path: Path) -> None:
+    rc, err = _finish(_query_process(engine_run, tmp_path, LONG_QUERY, "--timeout", "1"))
+    assert rc == 124 and err.strip() == "error: query stopped after 1 s (--timeout)", (rc, err)
+    # 20 strings of 100 MB: DuckDB's own memory_limit does not count the rows it hands to Arrow.
+    big = "SELECT repeat('x', 100000000) AS s FROM range(20)"
+    rc, err = _finish(_query_process(engine_run, tmp_path, big, "-f", "csv", "--memory-limit", "400MB"))
+    stopped = re.fullmatch(r"error: query stopped: memory \d+ MB > 400 MB \(--memory-limit\)\n", err)
+    assert rc == USER_ERROR and stopped, (rc, err)
+    assert not list(tmp_path.iterdir())
