@@ -19,25 +19,7 @@ _SCRIPT = textwrap.dedent("""
     import ray
 
     from pipeline.engine import cluster
-
-    def descendants(root):
-        parent = {}
-        for name in os.listdir("/proc"):
-            if name.isdigit():
-                try:
-                    with open(f"/proc/{name}/stat") as f:
-                        fields = f.read().rsplit(")", 1)[1].split()
-                except OSError:
-                    continue
-                if fields[0] != "Z":  # a zombie has exited: only its parent's bookkeeping is left
-                    parent[int(name)] = int(fields[1])
-        found, todo = set(), [root]
-        while todo:
-            p = todo.pop()
-            kids = [c for c, pp in parent.items() if pp == p]
-            found.update(kids)
-            todo.extend(kids)
-        return found
+    from tests.fixtures.ray_cluster import descendants
 
     services = ray._private.services
     real = (services.get_node, services.start_api_server)

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from manifests.catalog import COMMITTED_GLOB
 from manifests.schema import VOLATILE
 from tests.fixtures import REPO
 
@@ -50,8 +51,10 @@ def _files(root: Path, pattern: str) -> dict[str, bytes]:
 
 
 def _rows(root: Path, stage: str) -> list[dict]:
+    """The rows of the stage's committed fragments: a temporary one that a killed worker left (complete
+    but never renamed) is not part of the run."""
     rows = []
-    for f in sorted(glob.glob(str(root / "manifests" / stage / "*.parquet"))):
+    for f in sorted(glob.glob(str(root / "manifests" / stage / COMMITTED_GLOB))):
         rows.extend({k: v for k, v in r.items() if k not in VOLATILE} for r in pq.read_table(f).to_pylist())
     return rows
 
