@@ -90,7 +90,7 @@ SFACE_SOURCE = (
     "OpenCV Zoo SFace (cosine of L2-normalised 128-d vectors): OpenCV's FaceRecognizerSF calls a pair the same "
     "person at cosine >= 0.363 (its published LFW operating point): verification = 0.363 (leakage). grouping = "
     "0.6 (cosine distance 0.4, average linkage): on photos of distinct persons with look-alikes, purity 0.991 / "
-    "inverse purity 0.93 (issue 10). Procedural renders (measured, 24 identities x 6, YuNet crops): pairs of one "
+    "inverse purity 0.93. Procedural renders (measured, 24 identities x 6, YuNet crops): pairs of one "
     "identity mean 0.86 (q99 0.96, max 0.966), of two 0.46, threshold at FAR 1e-3 0.77; average linkage at 0.7: "
     "purity 1.0 / inverse 0.986 (dlib at its FAR-1e-3 fit 0.34: 1.0 / 0.938); so on renders fit (consistency "
     "fit_far) and group at ~0.7. near_duplicate = 0.97: JPEG-40/70 re-encodes and 0.5x/0.75x downscales of one "

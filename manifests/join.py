@@ -8,7 +8,7 @@ input assembly, which must not go through Python lists).
 
 The Arrow form takes a stage's first row when it holds a sample id twice; the SQL form joins every
 such row (deduplicating would cost a run-wide aggregate per stage), so a repeated key must be made
-an error row with an id of its own upstream (issue 12), never a second row under the same id.
+an error row with an id of its own upstream (ingest does so), never a second row under the same id.
 """
 
 from __future__ import annotations

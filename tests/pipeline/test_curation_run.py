@@ -1,5 +1,5 @@
 """Curating a folder through the real pipeline: bad files, a group photo, planted duplicates and
-identity grouping, each ending as a row with a reason (issue 3's folder acceptance)."""
+identity grouping, each ending as a row with a reason."""
 
 from __future__ import annotations
 
