@@ -2,8 +2,9 @@
 
 DuckDB's ``memory_limit`` bounds its buffer manager only; the rows a result hands to Arrow and
 Python (a batch of 100 MB strings, say) are outside it. So the guard watches the resident memory of
-the whole process and stops the query when it passes the cap, and gives DuckDB a share of the cap
-so that DuckDB spills to disk before the guard has to stop anything.
+the process and stops the query when what it added since the guard was made passes the cap (the
+host's own memory, an interpreter or a test process holding models, is not the query's), and gives
+DuckDB a share of the cap so that DuckDB spills to disk before the guard has to stop anything.
 
 The query runs in a worker thread while the calling (main) thread supervises: Python runs signal
 handlers only in the main thread and only between bytecodes, so a main thread blocked inside
@@ -77,6 +78,7 @@ class QueryGuard:
     def __init__(self, *, timeout_s: float | None = None, memory_bytes: int | None = None) -> None:
         self.timeout_s = timeout_s or None
         self.memory_bytes = memory_bytes
+        self._base = rss_bytes()  # what the process held before the query
         self._lock = threading.Lock()
         self._interrupts: dict[int, Callable[[], None]] = {}
         self._cleanups: dict[int, Callable[[], None]] = {}
@@ -85,10 +87,10 @@ class QueryGuard:
         self._abandon_now = False
 
     def duckdb_memory_limit(self) -> str | None:
-        """DuckDB's ``memory_limit`` under this cap: a share of what the process has not used yet."""
+        """DuckDB's ``memory_limit`` under this cap: a share of what the query has not used yet."""
         if self.memory_bytes is None:
             return None
-        left = max(self.memory_bytes - rss_bytes(), 0)
+        left = max(self.memory_bytes - self.used_bytes(), 0)
         return f"{max(int(left * self.DUCKDB_SHARE), 16 * 2**20)}B"
 
     @contextlib.contextmanager
@@ -178,12 +180,16 @@ class QueryGuard:
             raise outcome["error"]
         return outcome["value"]
 
+    def used_bytes(self) -> int:
+        """Resident memory the process gained since the guard was made."""
+        return max(rss_bytes() - self._base, 0)
+
     def _check_bounds(self, elapsed: float) -> None:
         if self.timeout_s is not None and elapsed >= self.timeout_s:
             self.stop("timeout", f"query stopped after {self.timeout_s:g} s")
             return
         if self.memory_bytes is not None:
-            used = rss_bytes()
+            used = self.used_bytes()
             if used > self.memory_bytes:
                 self.stop("memory", f"query stopped: memory {human_size(used)} > {human_size(self.memory_bytes)}")
 

@@ -255,10 +255,10 @@ def query(
                                                        "the terminal)")] = None,
     timeout: Annotated[float, typer.Option(min=0, help="seconds before the query is stopped (exit 124); "
                                                        "0: no limit")] = 300,
-    memory_limit: Annotated[str, typer.Option("--memory-limit", help="memory cap of the whole process, e.g. "
-                                                                      "2GB or 512MiB; DuckDB spills to disk below "
-                                                                      "it, and the query stops (exit 2) above "
-                                                                      "it")] = "2GB",
+    memory_limit: Annotated[str, typer.Option("--memory-limit", help="memory the query may add to this process, "
+                                                                      "e.g. 2GB or 512MiB; DuckDB spills to disk "
+                                                                      "below it, and the query stops (exit 2) "
+                                                                      "above it")] = "2GB",
 ) -> None:
     """SQL on a read-only DuckDB connection over the committed manifests, streamed: columns of the same
     name are shown as name, name_2, ...; Ctrl-C stops it (exit 130)."""

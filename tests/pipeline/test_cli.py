@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -525,3 +526,13 @@ def test_a_timeout_and_the_memory_limit_stop_a_query_with_one_line(engine_run: P
     stopped = re.fullmatch(r"error: query stopped: memory \d+ MB > 400 MB \(--memory-limit\)\n", err)
     assert rc == USER_ERROR and stopped, (rc, err)
     assert not list(tmp_path.iterdir())
+
+
+def test_the_memory_limit_counts_what_the_query_adds_not_what_its_process_already_held(engine_run: Path) -> None:
+    """A process that already holds more than the cap (a notebook, a test process with models loaded)
+    still runs a small query: the cap is on the query's own memory."""
+    held = np.ones(400 * 2**20, dtype=np.uint8)  # 400 MiB resident before the query starts
+    code, out, err = _cli("query", str(engine_run), "SELECT count(*) AS n FROM decisions", "-f", "csv",
+                          "--memory-limit", "200MB")
+    assert code == 0 and out.splitlines()[0] == "n" and int(out.splitlines()[1]) > 0, (code, out, err)
+    assert held.sum() == held.size
