@@ -53,7 +53,7 @@ from manifests.layout import (
 )
 from manifests.query_guard import QueryGuard
 from manifests.schema import COMMON_FIELDS
-from manifests.sql import duck_path, glob_escape, lit, parquet_source, parse_tree, q
+from manifests.sql import duck_path, glob_escape, lit, one_statement, parquet_source, parse_tree, q
 from manifests.storage import RunStorage
 
 # Matches every committed Parquet file of a folder and no temporary (``_tmp-``) or hidden one.
@@ -491,12 +491,9 @@ _ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 
 def check_read_only_sql(sql: str) -> None:
     try:
-        statements = duckdb.extract_statements(sql)
-    except duckdb.Error as exc:
-        raise QueryError(f"cannot parse query: {exc}") from None
-    if len(statements) != 1:
-        raise QueryError(f"expected exactly one statement, got {len(statements)}")
-    kind = statements[0].type
+        kind = one_statement(sql, "query").type
+    except ValueError as exc:
+        raise QueryError(str(exc)) from None
     if kind not in _ALLOWED:
         raise QueryError(f"only SELECT queries are allowed here (got {kind.name})")
     if kind == duckdb.StatementType.EXPLAIN and _explain_analyze(sql):

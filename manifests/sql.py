@@ -108,17 +108,24 @@ def _shape(node: Any) -> Any:
     return node
 
 
-def _where_of(sql: str) -> dict[str, Any]:
-    """The WHERE expression of ``SELECT 1 FROM <probe> WHERE ...``, refused unless that is the
-    whole statement: one SELECT with nothing but the predicate around the probe table."""
+def one_statement(sql: str, what: str) -> Any:
+    """The one statement ``sql`` holds (DuckDB's ``Statement``), else a ValueError saying that one
+    ``what`` was expected: user SQL and ``export.where`` are both refused here first."""
     import duckdb
 
     try:
         statements = duckdb.extract_statements(sql)
     except duckdb.Error as exc:
-        raise ValueError(f"not a SQL predicate ({str(exc).strip().splitlines()[0]})") from None
+        raise ValueError(f"cannot parse the {what}: {str(exc).strip().splitlines()[0]}") from None
     if len(statements) != 1:
-        raise ValueError(f"expected one predicate, got {len(statements)} statements")
+        raise ValueError(f"expected exactly one {what}, got {len(statements)} statements")
+    return statements[0]
+
+
+def _where_of(sql: str) -> dict[str, Any]:
+    """The WHERE expression of ``SELECT 1 FROM <probe> WHERE ...``, refused unless that is the
+    whole statement: one SELECT with nothing but the predicate around the probe table."""
+    one_statement(sql, "SQL predicate")
     tree = parse_tree(sql)
     if tree is None or len(tree.get("statements", [])) != 1:
         raise ValueError("not a single SQL predicate")

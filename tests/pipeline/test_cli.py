@@ -401,25 +401,13 @@ def test_a_corrupt_or_empty_run_yaml_is_one_line_naming_it(tmp_path: Path, conte
 
 @pytest.mark.slow
 def test_sigterm_stops_a_run_cleanly_with_the_resume_hint_and_the_run_then_resumes(tmp_path: Path) -> None:
-    import glob
-    import signal
-    import time
-
-    import yaml
-
-    from tests.pipeline.engine.test_resume import CONFIG, _finish
+    from tests.pipeline.engine.test_resume import CONFIG, _committed, _finish, _running_with_commits
     from tests.pipeline.engine.test_resume import _cli as run_cli
 
     config = tmp_path / "busy.yaml"
     config.write_text(yaml.safe_dump(CONFIG))
     out = tmp_path / "run"
-    proc = run_cli(config, out)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if len(glob.glob(str(out / "manifests" / "busy" / "*.parquet"))) >= 2:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before SIGTERM could be sent; make the busy stage slower"
+    proc = _running_with_commits(config, out)
     proc.send_signal(signal.SIGTERM)  # the driver only, as a service manager or `kill PID` sends it
     try:
         text = proc.communicate(timeout=120)[0].decode(errors="replace")
@@ -429,8 +417,7 @@ def test_sigterm_stops_a_run_cleanly_with_the_resume_hint_and_the_run_then_resum
     assert proc.returncode == 128 + signal.SIGTERM, text[-3000:]
     assert "terminated: committed shards are kept; run the same command again to resume." in text
     assert "SIGTERM received" not in text and "absl" not in text and "Traceback" not in text, text[-3000:]
-    kept = len(glob.glob(str(out / "manifests" / "busy" / "*.parquet")))
-    assert kept >= 2 and not (out / "export" / "export.json").exists()
+    assert _committed(out, "busy") >= 2 and not (out / "export" / "export.json").exists()
     _finish(run_cli(config, out))
     assert (out / "export" / "export.json").exists()
 
