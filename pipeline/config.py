@@ -55,6 +55,13 @@ class PerturbationConfig(Strict):
         return self
 
 
+class SiblingsConfig(Strict):
+    fraction: float = Field(ge=0.0, le=1.0, description=
+                            "share of identities made into look-alike pairs (floor(fraction * count / 2) pairs)")
+    cosine: float = Field(gt=-1.0, lt=1.0, description=
+                          "identity-vector cosine of each look-alike pair (above max_cosine: near-siblings)")
+
+
 class IdentitiesConfig(Strict):
     sampler: Literal["gaussian", "pca"] = Field(
         "gaussian", description=
@@ -67,6 +74,10 @@ class IdentitiesConfig(Strict):
     perturbation: PerturbationConfig = Field(
         PerturbationConfig(), description="per-image perturbation of the identity vector")
     reference: str | None = Field(None, description="embedding file for the pca sampler")
+    # Left out of the dump when unset, so the identities and fingerprints of configs without it stay as they are.
+    siblings: SiblingsConfig | None = Field(
+        None, exclude_if=lambda v: v is None, description=
+        "look-alike identity pairs at a chosen cosine (grouping and separation tests); null: none")
     max_candidates: int = Field(
         1_000_000, ge=1, description="candidates the sampler may draw before it gives up reaching count")
 

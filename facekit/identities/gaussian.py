@@ -62,6 +62,30 @@ def sample_gaussian_identities(count: int, dim: int, max_cosine: float, seed: in
     return SampledIdentities(np.stack(kept).astype(np.float32), np.asarray(best, np.float32), tried)
 
 
+def add_siblings(sampled: SampledIdentities, fraction: float, cosine: float, seed: int) -> SampledIdentities:
+    """Turn a ``fraction`` of the identities into look-alike pairs: ``floor(fraction * n / 2)`` disjoint
+    pairs, drawn from the seed, the later identity of each replaced by a vector at exactly ``cosine`` to
+    the earlier one (twins and relatives, which a grouping must keep apart and single linkage chains).
+    The cosine rule is lifted for those pairs only; ``max_cosine_to_kept`` records the pair's cosine."""
+    n, dim = sampled.vectors.shape
+    pairs = int(fraction * n) // 2
+    if pairs == 0:
+        return sampled
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x51B]))
+    chosen = rng.permutation(n)[: 2 * pairs].reshape(pairs, 2)
+    chosen.sort(axis=1)
+    base, twin = chosen[:, 0], chosen[:, 1]
+    a = sampled.vectors[base].astype(np.float64)
+    w = rng.standard_normal((pairs, dim))
+    w -= np.sum(w * a, axis=1, keepdims=True) * a  # orthogonal to the earlier identity
+    w /= np.linalg.norm(w, axis=1, keepdims=True)
+    vectors = sampled.vectors.copy()
+    vectors[twin] = (cosine * a + np.sqrt(1.0 - cosine**2) * w).astype(np.float32)
+    best = sampled.max_cosine_to_kept.copy()
+    best[twin] = np.maximum(best[twin], np.float32(cosine))
+    return SampledIdentities(vectors, best, sampled.candidates_tried)
+
+
 def identity_id(sampler_fingerprint: str, index: int) -> str:
     return "id-" + stable_hash([sampler_fingerprint, index], 12)
 

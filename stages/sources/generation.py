@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from facekit.identities.gaussian import identity_id, perturb, perturbation_sigma, sample_gaussian_identities
+from facekit.identities.gaussian import add_siblings, identity_id, perturb, perturbation_sigma, sample_gaussian_identities
 from manifests.layout import IDENTITIES_FILE
 from manifests.schema import identity_schema
 from manifests.storage import RunStorage
@@ -70,6 +70,8 @@ class GeneratorSource(SourceStage[P]):
         else:
             sampled = sample_gaussian_identities(ids["count"], ids["dim"], ids["max_cosine"], seed,
                                                  ids["max_candidates"])
+        if ids.get("siblings"):
+            sampled = add_siblings(sampled, ids["siblings"]["fraction"], ids["siblings"]["cosine"], seed)
         sampler_params = {k: v for k, v in ids.items() if k not in ("images_per_identity", "perturbation")}
         sampler_fp = stable_hash([sampler_params, seed])
         dim = sampled.vectors.shape[1]

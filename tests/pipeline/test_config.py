@@ -95,6 +95,17 @@ def test_set_overrides_by_index_and_by_stage_id(engine_config: dict) -> None:
     assert cfg.identities is not None and cfg.identities.perturbation.sigmas == (0.2, 0.4, 0.6)
 
 
+def test_look_alike_siblings_out_of_range_name_their_key_and_a_config_without_them_hashes_as_before(
+        engine_config: dict) -> None:
+    cfg, _ = _load(engine_config)
+    assert cfg.identities is not None and "siblings" not in cfg.identities.model_dump(mode="json")
+    cfg, _ = _load(engine_config, ["identities.siblings={fraction: 0.5, cosine: 0.7}"])
+    assert cfg.identities is not None and cfg.identities.model_dump(mode="json")["siblings"] == {
+        "fraction": 0.5, "cosine": 0.7}
+    with pytest.raises(ConfigError, match=r"identities\.siblings\.cosine"):
+        _load(engine_config, ["identities.siblings={fraction: 0.5, cosine: 1.0}"])
+
+
 def test_set_without_equals_or_through_a_scalar_is_an_error(engine_config: dict) -> None:
     with pytest.raises(ConfigError, match=r"expected path\.to\.key=value"):
         apply_overrides(engine_config, ["run.seed"])
