@@ -3,7 +3,8 @@
 The front matter makes ``datasets.load_dataset(export_dir)`` find the splits (``configs`` /
 ``data_files``) and decode ``cls`` as a ``ClassLabel`` named by identity id; the body says what the
 images are, documents every json field, how labels work across splits, intended use, the face-data
-note, and what was dropped, grouped by rule (never one line per distinct reason string).
+note, the identity grouping's figures where a grouping stage assigned the labels, and what was dropped,
+grouped by rule (never one line per distinct reason string).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import yaml
 
 from pipeline.export.config import ExportConfig
+from pipeline.summaries import grouping_line
 
 JSON_FIELDS: dict[str, tuple[str, str]] = {
     "sample_id": ("string", "deterministic id of the sample (a hash of what defines it); the key of "
@@ -78,7 +80,8 @@ def _cell(text: Any) -> str:
 
 def dataset_card(*, cfg: ExportConfig, version: str, splits: dict[str, Any], stats: dict[str, Any],
                  class_names: list[str], image_exts: list[str], meta_types: dict[str, str], config_hash: str,
-                 fingerprint: str, balance: str, stages: list[dict[str, Any]]) -> str:
+                 fingerprint: str, balance: str, stages: list[dict[str, Any]],
+                 grouping: list[dict[str, Any]] | None = None) -> str:
     fm = front_matter(cfg, version, splits, class_names, image_exts, meta_types)
     n_train = splits.get("train", {}).get("identities", 0)
     n_val = splits.get("val", {}).get("identities", 0)
@@ -112,6 +115,10 @@ def dataset_card(*, cfg: ExportConfig, version: str, splits: dict[str, Any], sta
         "open-set for a classifier trained on `train`: use it for verification (pairs) or identification against "
         "its own gallery. `cls` is a `ClassLabel` whose names are the identity ids; every json carries "
         "`identity_id` too.", "",
+    ]
+    for g in grouping or []:
+        lines += [f"Identity labels assigned by grouping {grouping_line(g)}", ""]
+    lines += [
         "## Fields of `<key>.json`", "", "| field | type | meaning |", "|---|---|---|",
     ]
     for k, (t, text) in JSON_FIELDS.items():

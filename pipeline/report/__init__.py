@@ -1,7 +1,8 @@
 """`<run>/report/index.html`: one self-contained page a person can open after a run.
 
 It shows per-stage counts, throughput and time; score histograms per filter with their thresholds;
-the balance tables; drops grouped by rule with example thumbnails; identity sheets for samples
+the balance tables; the identity grouping's method, groups and (with ground truth) purity, pairwise and
+BCubed scores; drops grouped by rule with example thumbnails; identity sheets for samples
 dropped as not their identity; and a few kept samples. Images and plots are inlined (data: URIs and
 SVG), so the file can be mailed or opened from an object store. Every number is a DuckDB aggregation
 over the manifests; only the handful of example rows is read as rows, and only the byte ranges of
@@ -17,10 +18,11 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
 
 from manifests.catalog import Catalog
-from manifests.layout import EXPORT_DIR, EXPORT_MANIFEST, REPORT_DIR, REPORT_FILE
+from manifests.layout import EXPORT_DIR, EXPORT_MANIFEST, REPORT_FILE
 from manifests.storage import RunStorage
 from pipeline.engine.rundir import read_run_file
 from pipeline.report import plots, queries
+from pipeline.summaries import grouping_figures, read_summary
 from pipeline.report.thresholds import stage_kinds_and_thresholds
 from pipeline.report.thumbs import thumbnail_uri
 from pipeline.status import run_status, stage_order
@@ -28,7 +30,6 @@ from stages.base import StageKind
 
 KEPT_THUMBS = 12
 MAX_HIST_PER_STAGE = 6
-MAX_SUMMARY_BYTES = 64 << 10
 
 _env = Environment(loader=PackageLoader("pipeline.report", "templates"), autoescape=select_autoescape(["html", "j2"]),
                    trim_blocks=True, lstrip_blocks=True)
@@ -61,16 +62,9 @@ def _histograms(con: Any, order: list[str], kinds: dict[str, StageKind],
 def _summaries(store: RunStorage, order: list[str]) -> list[dict[str, Any]]:
     out = []
     for sid in order:
-        name = f"{sid}.summary.json"
-        if not store.exists(REPORT_DIR, name):
-            continue
-        raw = store.read_bytes(REPORT_DIR, name)
-        if len(raw) > MAX_SUMMARY_BYTES:
-            continue
-        try:
-            out.append({"stage": sid, "text": json.dumps(json.loads(raw), indent=1, sort_keys=True)})
-        except ValueError:
-            continue
+        summary = read_summary(store, sid)
+        if summary is not None:
+            out.append({"stage": sid, "text": json.dumps(summary, indent=1, sort_keys=True)})
     return out
 
 
@@ -121,6 +115,7 @@ def build_report(store: RunStorage) -> str:
         run=st["run"], complete=st["complete"], stages=stages, export=st["export"], histograms=histograms,
         drops=drops, sheets=sheets, balance=balance, kept=[thumb(e) for e in kept], time_svg=time_svg,
         throughput_svg=throughput_svg, summaries=_summaries(store, order), config_name=config.get("name"),
+        grouping=grouping_figures(store, [(sid, names.get(sid, sid)) for sid in order]),
     )
 
 

@@ -236,6 +236,58 @@ def test_a_run_without_an_export_still_gets_a_page(small_quickstart_run: Path, t
     assert "incomplete" in page and "Not written." in page and "<svg" in page
 
 
+@pytest.fixture(scope="module")
+def grouped_run(small_quickstart_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small quickstart with a grouping stage appended, scored against the renders' identities: only
+    grouping, the tables and the export run again."""
+    import yaml
+
+    from pipeline.config import load_config
+    from pipeline.engine.runner import Runner
+    from tests.fixtures import EXAMPLES
+    from tests.pipeline.conftest import EXPORT_THRESHOLDS, SMALL_QUICKSTART
+
+    out = tmp_path_factory.mktemp("grouped") / "run"
+    shutil.copytree(small_quickstart_run, out)
+    raw = yaml.safe_load((EXAMPLES / "quickstart.yaml").read_text())
+    raw["export"]["thresholds"] = EXPORT_THRESHOLDS
+    raw["stages"].append({"stage": "grouping", "params": {"threshold": 0.7, "gt_column": "identity_id"}})
+    cfg, stages = load_config(raw=raw, overrides=SMALL_QUICKSTART)
+    assert Runner(cfg, stages, str(out), show_progress=False).run().complete
+    write_report(RunStorage(str(out)))
+    return out
+
+
+def test_report_shows_the_grouping_method_groups_and_every_score_against_ground_truth(grouped_run: Path,
+                                                                                       report: str) -> None:
+    summary = json.loads((grouped_run / "report" / "grouping.summary.json").read_text())
+    page = (grouped_run / "report" / "index.html").read_text()
+    section = page.split('<h2 id="grouping">Identity grouping</h2>')[1].split("<h2")[0]
+    cells = [c.split("</t")[0] for c in section.split("<td>")[1:]]
+    assert cells[:6] == ["grouping", summary["method"], "0.7", str(summary["groups"]), str(summary["singletons"]),
+                         str(summary["largest_group"])]
+    shown = {k: v for k, v in (("purity", "purity"), ("inverse_purity", "inverse purity"),
+                               ("pairwise_f", "pairwise F"), ("bcubed_f", "BCubed F")) if k in summary}
+    assert {"purity", "inverse_purity"} <= set(shown)
+    for key, label in shown.items():
+        assert f"<th>{label}</th>" in section
+        assert f"<td>{summary[key]:.3f}</td>" in section
+    assert "Scored against the ground truth" in section
+    assert 'id="grouping"' not in report  # a run without a grouping stage has no such section
+
+
+def test_dataset_card_has_one_line_of_the_grouping_figures(grouped_run: Path) -> None:
+    summary = json.loads((grouped_run / "report" / "grouping.summary.json").read_text())
+    card = (grouped_run / "export" / "README.md").read_text()
+    lines = [line for line in card.splitlines() if line.startswith("Identity labels assigned by grouping")]
+    assert len(lines) == 1, lines
+    line = lines[0]
+    assert f"`grouping` (method {summary['method']}, threshold 0.7): {summary['groups']} groups" in line
+    assert f"purity {summary['purity']:.3f}, inverse purity {summary['inverse_purity']:.3f}" in line
+    if "bcubed_f" in summary:
+        assert f"BCubed F {summary['bcubed_f']:.3f}" in line
+
+
 class ThresholdedFilter(FilterStage):
     """A filter that declares its threshold through the stage contract's ``thresholds()`` hook."""
 
