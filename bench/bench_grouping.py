@@ -7,9 +7,9 @@ written shard by shard by a process pool so no process holds the corpus; then ru
 (the scalable method) through pipeline.engine.global_exec on a local Ray, as the runner does, and the
 exact method beside the scalable one on a prefix subset (``--subset`` samples, whole identities).
 
-Scores come from the committed manifests, joined with the truth columns in DuckDB (out of core), not
-from the stages' own summaries, so a stage that misreports is caught (``summary_bcubed_f`` is the
-stage's own figure where it reports one). Prints one JSON line:
+Scores come from the committed manifests joined with the truth columns (tests/fixtures/truth_scores.py),
+not from the stages' own summaries (``summary_bcubed_f`` is the stage's own figure where it reports one).
+Prints one JSON line:
 
 - samples, identities, seconds (the stages on the full run), peak_rss_gib (the largest single process:
   driver, raylet and every Ray worker, sampled every 0.2 s);
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 import multiprocessing as mp
 import shutil
@@ -38,26 +37,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from bench.bench_scale import PeakRss
 from tests.fixtures.identity_model import IdentityModel
-from tests.fixtures.synthetic_corpus import UPSTREAM, upstream_manifest
-
-TRUTH = "truth_identity"
+from tests.fixtures.synthetic_corpus import write_shard
+from tests.fixtures.truth_scores import TRUTH, clustering_scores, duplicate_scores
 
 
 def _write_shard(args: tuple[dict[str, Any], str, int]) -> None:
     cfg, run, s = args
-    from manifests.layout import manifest_path
-    from manifests.storage import RunStorage
-
-    name = f"{s:06d}"
-    buf = io.BytesIO()
-    pq.write_table(upstream_manifest(IdentityModel(**cfg).shard(s), name), buf, compression="zstd")
-    RunStorage(run).write_atomic(buf.getvalue(), *manifest_path(UPSTREAM, name))
+    write_shard(IdentityModel(**cfg), run, s)
 
 
 def build(model: IdentityModel, run: str, cpus: int) -> list[str]:
@@ -98,83 +88,6 @@ def run_stage(run: str, shards: list[str], sid: str, cls: type, params: Any, mem
     run_global_distributed(global_spec(stage_cls, params, run, stage_id=sid), shards, shards)  # type: ignore[arg-type]
     summary: dict[str, Any] = json.loads(Path(run, "report", f"{sid}.summary.json").read_text())
     return summary
-
-
-def _duck(run: str) -> Any:
-    import duckdb
-
-    con = duckdb.connect()
-    con.execute("SET memory_limit = '1GB'")
-    con.execute("SET threads = 2")
-    con.execute("SET preserve_insertion_order = false")
-    con.execute(f"SET temp_directory = {_lit(str(Path(run, 'duck-tmp')))}")
-    return con
-
-
-def _lit(text: str) -> str:
-    from manifests.sql import lit
-
-    return lit(text)
-
-
-def _manifests(run: str, sid: str) -> str:
-    from manifests.sql import glob_escape
-
-    return f"read_parquet({_lit(glob_escape(str(Path(run, 'manifests', sid))) + '/*.parquet')})"
-
-
-def clustering_scores(run: str, sid: str) -> dict[str, float]:
-    """Purity, pairwise and BCubed precision / recall / F of stage ``sid``'s groups (``identity_id``)
-    against the truth labels, from the (group, label) contingency counts."""
-    con = _duck(run)
-    row = con.execute(f"""
-        WITH c AS (SELECT g.identity_id AS g, t.{TRUTH} AS l, count(*)::DOUBLE AS n
-                   FROM {_manifests(run, sid)} g JOIN {_manifests(run, UPSTREAM)} t USING (sample_id)
-                   WHERE g.status = 'ok' AND g.identity_id IS NOT NULL GROUP BY ALL),
-             cg AS (SELECT g, sum(n) AS ng, max(n) AS mg FROM c GROUP BY g),
-             cl AS (SELECT l, sum(n) AS nl, max(n) AS ml FROM c GROUP BY l)
-        SELECT (SELECT sum(n) FROM c),
-               (SELECT sum(n * n / ng) FROM c JOIN cg USING (g)), (SELECT sum(n * n / nl) FROM c JOIN cl USING (l)),
-               (SELECT sum(n * (n - 1) / 2) FROM c), (SELECT sum(ng * (ng - 1) / 2) FROM cg),
-               (SELECT sum(nl * (nl - 1) / 2) FROM cl), (SELECT sum(mg) FROM cg), (SELECT sum(ml) FROM cl),
-               (SELECT count(*) FROM cg), (SELECT count(*) FROM cl)""").fetchone()
-    con.close()
-    assert row is not None
-    n, bp, br, tp, pg, pl, pur, inv, groups, labels = (float(v or 0) for v in row)
-    n = max(n, 1.0)
-
-    def f(p: float, r: float) -> float:
-        return 2 * p * r / (p + r) if p + r else 0.0
-
-    out = {"bcubed_precision": bp / n, "bcubed_recall": br / n, "pairwise_precision": tp / pg if pg else 1.0,
-           "pairwise_recall": tp / pl if pl else 1.0, "purity": pur / n, "inverse_purity": inv / n}
-    out["bcubed_f"] = f(out["bcubed_precision"], out["bcubed_recall"])
-    out["pairwise_f"] = f(out["pairwise_precision"], out["pairwise_recall"])
-    return {**out, "groups": groups, "gt_identities": labels}
-
-
-def duplicate_scores(run: str, sid: str = "dedup") -> dict[str, float]:
-    """Recall of the planted duplicates and the share of distinct pictures dedup lost."""
-    con = _duck(run)
-    row = con.execute(f"""
-        WITH t AS (SELECT sample_id, truth_source, truth_kind, coalesce(truth_source, sample_id) AS pic
-                   FROM {_manifests(run, UPSTREAM)}),
-             d AS (SELECT sample_id, dup_group_id, keep FROM {_manifests(run, sid)} WHERE status = 'ok'),
-             j AS (SELECT * FROM d JOIN t USING (sample_id)),
-             grp AS (SELECT dup_group_id, count(DISTINCT pic) AS pics, count(*) FILTER (WHERE keep) AS kept
-                     FROM j WHERE dup_group_id IS NOT NULL GROUP BY ALL)
-        SELECT (SELECT count(*) FROM t WHERE truth_source IS NOT NULL),
-               (SELECT count(*) FROM j a JOIN d b ON b.sample_id = a.truth_source
-                WHERE a.dup_group_id IS NOT NULL AND a.dup_group_id = b.dup_group_id),
-               (SELECT coalesce(sum(greatest(pics - kept, 0)), 0) FROM grp)
-                 + (SELECT count(*) FROM j WHERE NOT keep AND dup_group_id IS NULL),
-               (SELECT count(DISTINCT pic) FROM t),
-               (SELECT count(*) FROM j WHERE truth_kind = 'variant' AND NOT keep)""").fetchone()
-    con.close()
-    assert row is not None
-    planted, found, lost, pictures, variants = (int(v or 0) for v in row)
-    return {"planted_duplicates": planted, "duplicate_recall": found / max(planted, 1),
-            "duplicate_false_drop_rate": lost / max(pictures, 1), "variants_dropped": variants}
 
 
 def main() -> None:
