@@ -34,7 +34,6 @@ from manifests.layout import (
 )
 from manifests.storage import RunStorage
 from pipeline.export.card import dataset_card
-from pipeline.summaries import grouping_figures
 from pipeline.export.config import ExportConfig
 from pipeline.export.plan import (
     PartitionPlan,
@@ -47,6 +46,7 @@ from pipeline.export.plan import (
 )
 from pipeline.export.retry import DRIVER_ATTEMPTS, RETRYABLE, remote_options
 from pipeline.export.shards import CorruptSourceError, write_range
+from pipeline.summaries import grouping_figures
 
 LEGACY_DIRS = ("train", "val")  # shard folders of exports written before versioned folders
 

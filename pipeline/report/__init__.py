@@ -22,10 +22,10 @@ from manifests.layout import EXPORT_DIR, EXPORT_MANIFEST, REPORT_FILE
 from manifests.storage import RunStorage
 from pipeline.engine.rundir import read_run_file
 from pipeline.report import plots, queries
-from pipeline.summaries import grouping_figures, read_summary
 from pipeline.report.thresholds import stage_kinds_and_thresholds
 from pipeline.report.thumbs import thumbnail_uri
 from pipeline.status import run_status, stage_order
+from pipeline.summaries import grouping_figures, read_summary
 from stages.base import StageKind
 
 KEPT_THUMBS = 12
