@@ -19,7 +19,13 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from facekit.identities.gaussian import add_siblings, identity_id, perturb, perturbation_sigma, sample_gaussian_identities
+from facekit.identities.gaussian import (
+    add_siblings,
+    identity_id,
+    perturb,
+    perturbation_sigma,
+    sample_gaussian_identities,
+)
 from manifests.layout import IDENTITIES_FILE
 from manifests.schema import identity_schema
 from manifests.storage import RunStorage
