@@ -41,7 +41,8 @@ def _number(value: Any) -> float | None:
 
 def grouping_figures(store: RunStorage, stages: list[tuple[str, str]]) -> list[dict[str, Any]]:
     """Per grouping stage (``(stage id, stage name)`` pairs, in run order) that wrote a summary: its method,
-    threshold, group counts and, with ground truth, its scores (``scores``: label -> value)."""
+    threshold (and whether it was given, fitted or the space's default), group counts and, with ground
+    truth, its scores (``scores``: label -> value)."""
     out = []
     for sid, name in stages:
         if name != GROUPING_STAGE:
@@ -51,16 +52,24 @@ def grouping_figures(store: RunStorage, stages: list[tuple[str, str]]) -> list[d
             continue
         scores = {label: v for key, label in GROUPING_SCORES if (v := _number(s.get(key))) is not None}
         out.append({"stage": sid, "method": s.get("method"), "threshold": _number(s.get("threshold")),
+                    "threshold_source": s.get("threshold_source"),
                     "groups": s.get("groups"), "singletons": s.get("singletons"),
                     "largest_group": s.get("largest_group"), "gt_identities": s.get("gt_identities"),
                     "gt_column": s.get("gt_column"), "scores": scores})
     return out
 
 
+def _threshold_text(figures: dict[str, Any]) -> str:
+    if figures["threshold"] is None:
+        return ""
+    source = f", {figures['threshold_source']}" if figures.get("threshold_source") else ""
+    return f"threshold {figures['threshold']:.3g}{source}"
+
+
 def grouping_line(figures: dict[str, Any]) -> str:
     """One sentence of a grouping stage's figures (the dataset card's line)."""
     how = ", ".join(x for x in (f"method {figures['method']}" if figures["method"] else "",
-                                f"threshold {figures['threshold']:.3g}" if figures["threshold"] is not None else "")
+                                _threshold_text(figures))
                     if x)
     text = f"`{figures['stage']}`" + (f" ({how})" if how else "") + f": {figures['groups']} groups"
     extra = [f"{figures[k]} {label}" for k, label in (("singletons", "singletons"), ("largest_group", "in the largest"))

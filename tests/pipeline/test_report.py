@@ -264,8 +264,9 @@ def test_report_shows_the_grouping_method_groups_and_every_score_against_ground_
     page = (grouped_run / "report" / "index.html").read_text()
     section = page.split('<h2 id="grouping">Identity grouping</h2>')[1].split("<h2")[0]
     cells = [c.split("</t")[0] for c in section.split("<td>")[1:]]
-    assert cells[:6] == ["grouping", summary["method"], "0.7", str(summary["groups"]), str(summary["singletons"]),
-                         str(summary["largest_group"])]
+    source = f" ({summary['threshold_source']})" if "threshold_source" in summary else ""
+    assert cells[:6] == ["grouping", summary["method"], f"0.7{source}", str(summary["groups"]),
+                         str(summary["singletons"]), str(summary["largest_group"])]
     shown = {k: v for k, v in (("purity", "purity"), ("inverse_purity", "inverse purity"),
                                ("pairwise_f", "pairwise F"), ("bcubed_f", "BCubed F")) if k in summary}
     assert {"purity", "inverse_purity"} <= set(shown)
@@ -282,7 +283,8 @@ def test_dataset_card_has_one_line_of_the_grouping_figures(grouped_run: Path) ->
     lines = [line for line in card.splitlines() if line.startswith("Identity labels assigned by grouping")]
     assert len(lines) == 1, lines
     line = lines[0]
-    assert f"`grouping` (method {summary['method']}, threshold 0.7): {summary['groups']} groups" in line
+    source = f", {summary['threshold_source']}" if "threshold_source" in summary else ""
+    assert f"`grouping` (method {summary['method']}, threshold 0.7{source}): {summary['groups']} groups" in line
     assert f"purity {summary['purity']:.3f}, inverse purity {summary['inverse_purity']:.3f}" in line
     if "bcubed_f" in summary:
         assert f"BCubed F {summary['bcubed_f']:.3f}" in line
