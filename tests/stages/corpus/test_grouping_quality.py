@@ -74,18 +74,22 @@ def test_identity_model_plants_look_alikes_duplicates_and_variants_as_it_says() 
                                                                                       shard_size=1000).shard(0))
 
 
-def test_truth_scores_equal_a_count_over_every_sample(model_run: str) -> None:
+@pytest.mark.parametrize("shards", [None, ["000001"]])
+def test_truth_scores_equal_a_count_over_every_sample(model_run: str, shards: list[str] | None) -> None:
+    """Over the whole run, and over one shard's samples (each group cut down to its members there)."""
     got = pq.read_table(Path(model_run, "manifests", "grouping"), columns=["sample_id", "identity_id"])
     truth = pq.read_table(Path(model_run, "manifests", UPSTREAM), columns=["sample_id", TRUTH])
     label = dict(zip(truth.column("sample_id").to_pylist(), truth.column(TRUTH).to_pylist(), strict=True))
+    wanted = set(label) if shards is None else set(
+        pq.read_table(Path(model_run, "manifests", UPSTREAM, f"{shards[0]}.parquet")).column("sample_id").to_pylist())
     pairs = [(g, label[s]) for s, g in zip(got.column("sample_id").to_pylist(), got.column("identity_id").to_pylist(),
-                                           strict=True)]
+                                           strict=True) if s in wanted]
     both, by_group, by_label = Counter(pairs), Counter(g for g, _ in pairs), Counter(lab for _, lab in pairs)
     n = len(pairs)
     precision = sum(both[p] / by_group[p[0]] for p in pairs) / n
     recall = sum(both[p] / by_label[p[1]] for p in pairs) / n
     same = sum(k * (k - 1) / 2 for k in both.values())
-    scores = clustering_scores(model_run, "grouping")
+    scores = clustering_scores(model_run, "grouping", shards=shards)
     assert scores["bcubed_precision"] == pytest.approx(precision)
     assert scores["bcubed_recall"] == pytest.approx(recall)
     assert scores["pairwise_precision"] == pytest.approx(same / sum(k * (k - 1) / 2 for k in by_group.values()))
