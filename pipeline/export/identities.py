@@ -233,7 +233,7 @@ def _balance_identities(ranked: list[str], limit: int, ident_bin: Mapping[str, s
     by_bin: dict[str, list[str]] = {}
     for ident in ranked:
         by_bin.setdefault(ident_bin[ident], []).append(ident)
-    available = {b: len(v) for b, v in by_bin.items() if b in bal.shares}
+    available = {b: len(v) for b, v in by_bin.items()}
     want = quotas(limit, bal.shares)
     total = balanced_total(limit, available, bal.shares, bal.fill)
     per_bin = {b: min(q, available.get(b, 0)) for b, q in quotas(total, bal.shares).items()}
