@@ -72,13 +72,50 @@ def drop_table(reasons: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def selection_lines(sel: dict[str, Any]) -> list[str]:
+    """The identity rules' part of the Selection section: drops by rule, target and balance."""
+    out = [f"- left out by identity rule `{rule}`: {n} samples" for rule, n in sorted(sel.get("drops", {}).items())
+           if rule != "identity_too_small"]
+    if sel.get("target_images") is not None:
+        out.append(f"- identities under target_images ({sel['target_images']}): {sel['short_of_target']} of "
+                   f"{sel['identities']}")
+    bal = sel.get("balance")
+    if bal:
+        shares = ", ".join(f"{b} {v:g}" for b, v in sorted(bal["shares"].items()))
+        out.append(f"- balance of `{bal['column']}` at {bal['level']} level ({shares}; fill {bal['fill']}): "
+                   + ("met" if bal["met"] else "NOT met: " + "; ".join(
+                       f"{b} short by " + ", ".join(f"{v} {k}" for k, v in short.items())
+                       for b, short in sorted(bal["short"].items()))))
+    return out
+
+
+def leak_lines(doc: dict[str, Any]) -> list[str]:
+    """The card's leak-check section: how units were formed and the largest cross-split similarities."""
+    out = [f"- near-copies (dedup groups) joining two identities, kept on one side: {doc.get('dedup_links', 0)}"]
+    if "threshold" not in doc:
+        return out + ["- no embedding in the run: look-alike identities and cross-split similarity not measured"]
+    out.append(f"- look-alike identity pairs (centroid {doc['metric']} in `{doc['space']}` at threshold "
+               f"{doc['threshold']:g}): {doc['lookalike_pairs']} ({doc['lookalikes']}); across splits: "
+               f"{doc['cross_split_lookalikes']}")
+    out += [f"  - `{p['a']}` / `{p['b']}`: {p['score']:.3f}" for p in doc.get("cross_split_examples", [])]
+    ident, image = doc.get("max_identity_similarity"), doc.get("max_image_similarity")
+    if ident:
+        out.append(f"- largest validation-to-training identity similarity (centroids): {ident['score']:.3f} "
+                   f"(`{ident['val']}` / `{ident['train']}`)")
+    if image:
+        out.append(f"- largest validation-to-training image similarity: {image['score']:.3f} (`{image['val']}` / "
+                   f"`{image['train']}`; {image['checked']} of {image['of']} validation images checked)")
+    return out
+
+
 def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")[:160]
 
 
 def dataset_card(*, cfg: ExportConfig, version: str, splits: dict[str, Any], stats: dict[str, Any],
                  class_names: list[str], image_exts: list[str], meta_types: dict[str, str], config_hash: str,
-                 fingerprint: str, balance: str, stages: list[dict[str, Any]]) -> str:
+                 fingerprint: str, balance: str, stages: list[dict[str, Any]],
+                 leaks: dict[str, Any] | None = None) -> str:
     fm = front_matter(cfg, version, splits, class_names, image_exts, meta_types)
     n_train = splits.get("train", {}).get("identities", 0)
     n_val = splits.get("val", {}).get("identities", 0)
@@ -127,10 +164,11 @@ def dataset_card(*, cfg: ExportConfig, version: str, splits: dict[str, Any], sta
         f"- samples seen by the run: {stats['total_samples']}",
         f"- selected by the decisions (every stage ok and kept, or the export thresholds): {stats['candidates']}",
         f"- excluded for lack of an identity label: {stats['dropped_no_identity']}",
-        f"- excluded with identities under {cfg.min_images_per_identity} images: "
+        f"- excluded with identities under {cfg.min_images} images: "
         f"{stats['dropped_small_identity']} samples of {stats['small_identities']} identities",
-        f"- config hash `{config_hash}`, export fingerprint `{fingerprint}`",
     ]
+    lines += selection_lines(stats.get("selection") or {})
+    lines.append(f"- config hash `{config_hash}`, export fingerprint `{fingerprint}`")
     if cfg.thresholds or cfg.where:
         lines += ["", "Export thresholds (replace those stages' own decisions):", ""]
         lines += [f"- `{k}`: {v.model_dump(exclude_none=True)}" for k, v in cfg.thresholds.items()]
@@ -140,6 +178,8 @@ def dataset_card(*, cfg: ExportConfig, version: str, splits: dict[str, Any], sta
     lines += drop_table(stats["reasons"]) if stats["reasons"] else ["No sample was dropped or failed."]
     if balance:
         lines += ["", "## Balance", "", balance]
+    if leaks:
+        lines += ["", "## Split leak check", ""] + leak_lines(leaks)
     lines += [
         "", "## Intended use", "",
         "Training and evaluating face recognition and face restoration models, and research on dataset curation. "
