@@ -43,7 +43,8 @@ def main() -> None:
     from pipeline.engine import embedded
 
     embedded.start(num_cpus=2, configure_logging=False, log_to_driver=False)
-    cfg = ExportConfig(val_fraction=0.1, rows_per_task=args.rows_per_task, identities={
+    # 32-d random identities sit closer than ArcFace's 512-d ones: the look-alike threshold is set for them.
+    cfg = ExportConfig(val_fraction=0.1, rows_per_task=args.rows_per_task, splits={"threshold": 0.8}, identities={
         "min_images": 20, "max_images": 40, "prefer": {"score": "labels.quality"},
         "balance": {"column": "labels.pose_bin", "shares": {"frontal": 0.5, "left": 0.25, "right": 0.25},
                     "fill": True}})

@@ -93,7 +93,7 @@ def leak_lines(doc: dict[str, Any]) -> list[str]:
     """The card's leak-check section: how units were formed and the largest cross-split similarities."""
     out = [f"- near-copies (dedup groups) joining two identities, kept on one side: {doc.get('dedup_links', 0)}"]
     if "threshold" not in doc:
-        return out + ["- no embedding in the run: look-alike identities and cross-split similarity not measured"]
+        return [*out, "- no embedding in the run: look-alike identities and cross-split similarity not measured"]
     out.append(f"- look-alike identity pairs (centroid {doc['metric']} in `{doc['space']}` at threshold "
                f"{doc['threshold']:g}): {doc['lookalike_pairs']} ({doc['lookalikes']}); across splits: "
                f"{doc['cross_split_lookalikes']}")
@@ -179,7 +179,7 @@ def dataset_card(*, cfg: ExportConfig, version: str, splits: dict[str, Any], sta
     if balance:
         lines += ["", "## Balance", "", balance]
     if leaks:
-        lines += ["", "## Split leak check", ""] + leak_lines(leaks)
+        lines += ["", "## Split leak check", "", *leak_lines(leaks)]
     lines += [
         "", "## Intended use", "",
         "Training and evaluating face recognition and face restoration models, and research on dataset curation. "

@@ -35,8 +35,8 @@ from manifests.layout import (
 )
 from manifests.storage import RunStorage
 from pipeline.export.card import dataset_card
-from pipeline.export.config import ExportConfig
 from pipeline.export.choose import ChosenPart, choose_range, hash_ranges, merge_drops
+from pipeline.export.config import ExportConfig
 from pipeline.export.identities import Selection, select_identities
 from pipeline.export.plan import (
     IdentityPlan,
@@ -48,9 +48,9 @@ from pipeline.export.plan import (
     selection_spec,
     writer_ranges,
 )
-from pipeline.export.splits import LeakReport, assign_units, lookalike_pairs, lookalike_threshold, leak_report
 from pipeline.export.retry import DRIVER_ATTEMPTS, RETRYABLE, remote_options
 from pipeline.export.shards import CorruptSourceError, write_range
+from pipeline.export.splits import LeakReport, assign_units, leak_report, lookalike_pairs, lookalike_threshold
 
 MAX_LISTED = 10  # look-alike pairs across splits listed by name (flag mode)
 LEGACY_DIRS = ("train", "val")  # shard folders of exports written before versioned folders
