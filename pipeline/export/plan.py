@@ -1,14 +1,15 @@
 """Export planning, per partition: which samples, which split, which label, which training shard.
 
-Why per partition: at 50M samples no process may hold the exported rows. Each plan task runs the
-selection (a sandboxed DuckDB query with projection) over a few files of ``tables/samples``,
-writes the selected rows (small columns plus the image's byte range) to a plan fragment sorted by
-a hash of the sample id, and returns only per-identity counts and drop counts by rule. The driver
-turns the per-identity table (small: one row per identity) into splits and labels; writer tasks
-then read their hash range of the plan fragments.
+Why per partition: at 50M samples no process may hold the exported rows. Each first-pass task runs
+the selection (a sandboxed DuckDB query with projection) over a few files of ``tables/samples``,
+writes the candidates to a fragment sorted by a hash of the identity id, and returns only (identity,
+label bin) counts and drop counts by rule. The driver decides every identity from those counts
+(``pipeline.export.identities``: one row per identity); second-pass tasks (``pipeline.export.choose``)
+read whole identities by hash range, choose their images and write the plan fragments sorted by a
+hash of the sample id; the split (``pipeline.export.splits``) labels identities; writer tasks then
+read their hash range of the plan fragments.
 
-Splits are by identity (no identity in two splits): the round(f * n) identities with the smallest
-hash are validation. Labels share ONE space across splits: training identities get 0..T-1 (sorted
+Splits are by identity (no identity in two splits; see ``splits`` for units and strata). Labels share ONE space across splits: training identities get 0..T-1 (sorted
 by id, so a classifier head has T classes), validation identities T..T+V-1; every sample's json
 also carries its identity_id. A sample's training shard is floor(u * E), u its hash in [0, 1) and E
 the split's shard count, so shards mix identities and hold about ``shard_size`` samples each.
