@@ -9,8 +9,9 @@ read whole identities by hash range, choose their images and write the plan frag
 hash of the sample id; the split (``pipeline.export.splits``) labels identities; writer tasks then
 read their hash range of the plan fragments.
 
-Splits are by identity (no identity in two splits; see ``splits`` for units and strata). Labels share ONE space across splits: training identities get 0..T-1 (sorted
-by id, so a classifier head has T classes), validation identities T..T+V-1; every sample's json
+Splits are by identity (no identity in two splits; see ``splits`` for units and strata). Labels
+share ONE space across splits: training identities get 0..T-1 (sorted by id, so a classifier head
+has T classes), validation identities T..T+V-1; every sample's json
 also carries its identity_id. A sample's training shard is floor(u * E), u its hash in [0, 1) and E
 the split's shard count, so shards mix identities and hold about ``shard_size`` samples each.
 """
