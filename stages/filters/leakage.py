@@ -225,7 +225,7 @@ class LeakageStage(GlobalStage):
         backends = {"embed": {"backend": embed.backend, "options": dict(embed.options)},
                     "detect": ({"backend": detect.backend, "options": dict(detect.options)}
                                if detect is not None and kind != "embeddings" else None)}
-        key = stable_hash([sha, kind, backends], 24)
+        key = stable_hash([sha, kind, backends, self.version], 24)
         pointer_path = gallery_pointer_path(self.context.stage_id)
         old = json.loads(store.read_bytes(*pointer_path)) if store.exists(*pointer_path) else {}
         scored = store.list_files(MANIFESTS_DIR, self.context.stage_id, suffix=".parquet")
@@ -321,7 +321,10 @@ class LeakageStage(GlobalStage):
         self._store().write_atomic(json.dumps(doc, indent=2, sort_keys=True).encode(),
                                    *gallery_fit_path(self.context.stage_id))
         limits = {k: (float(v["threshold"]), str(v["source"])) for k, v in fits.items()}
-        corpus.commit(_commit, base, limits, gallery, ptr["gallery_sha256"], side="back" if by_identity else None)
+        if by_identity:
+            corpus.commit(_commit, base, limits, gallery, ptr["gallery_sha256"], side="back")
+        else:
+            corpus.commit(_commit_samples, base, limits, gallery, ptr["gallery_sha256"])
 
     def _fixed(self, space: str) -> dict[str, Any] | None:
         """The threshold when nothing is fitted: the param, or the published point with ``fit_far: null``."""
@@ -541,6 +544,11 @@ def _nearest(gallery: dict[str, Any], q: np.ndarray, metric: Metric) -> tuple[np
     raw, ids = gallery["index"].search(np.ascontiguousarray(q, dtype=np.float32), 1)
     scores = raw[:, 0] if metric.higher_is_same else np.sqrt(np.maximum(raw[:, 0], 0.0))
     return scores.astype(np.float32), ids[:, 0].astype(np.int64)
+
+
+def _commit_samples(table: pa.Table, index: int, *args: Any) -> Batch:
+    """``_commit`` of a run judged image by image (no identity scores come back)."""
+    return _commit(table, index, None, *args)
 
 
 def _commit(table: pa.Table, index: int, back: pa.Table | None, base: dict[str, Any],
