@@ -294,13 +294,13 @@ def test_every_image_of_a_gallery_person_goes_and_almost_no_other_does(quickstar
     leaked = [r for r in rows if index[r["identity_id"]] < QS_LEAKED]
     innocent = [r for r in rows if index[r["identity_id"]] >= QS_LEAKED]
     assert len(leaked) == QS_LEAKED * QS_IMAGES and len(innocent) == (QS_IDENTITIES - QS_LEAKED) * QS_IMAGES
+    flagged = [r for r in innocent if not r["keep"]]
+    assert len(flagged) <= 0.01 * len(innocent), [(r["leakage_score"], r["leakage_identity"]) for r in flagged]
     for r in leaked:
         assert r["status"] == "ok" and r["keep"] is False, (r["leakage_score"], r["threshold"])
         assert r["reason"] == "leakage_identity_above_max" and r["leakage_basis"] == "identity"
         assert r["leakage_identity"] == f"idx{index[r['identity_id']]}"  # the right person named
         assert r["leakage_identity"] in r["detail"] and r["identity_id"] in r["detail"]
-    flagged = [r for r in innocent if not r["keep"]]
-    assert len(flagged) <= 0.01 * len(innocent), [(r["leakage_score"], r["leakage_identity"]) for r in flagged]
     threshold = {r["threshold"] for r in rows}
     assert len(threshold) == 1 and threshold.pop() > 0.363  # fitted above SFace's photo point: renders sit closer
     assert {r["threshold_source"] for r in rows} == {rows[0]["threshold_source"]}
