@@ -369,6 +369,7 @@ class LeakageStage(GlobalStage):
         fixed = self._fixed(space)
         if fixed is not None:
             return fixed
+        sampled = [s for s in sampled if len(s["identities"])]  # a partition may hold no identity
         ids = np.concatenate([s["identities"] for s in sampled]) if sampled else np.empty(0, dtype=object)
         if ids.size > p.fit_max_samples:
             pick = np.sort(np.random.default_rng(self.context.seed).choice(ids.size, p.fit_max_samples, replace=False))

@@ -266,7 +266,8 @@ QS_IDENTITIES, QS_IMAGES, QS_LEAKED = 12, 8, 3
 
 @pytest.fixture(scope="module")
 def quickstart_leak(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    """The quickstart config with the leakage gate after embed, every leakage param at its default."""
+    """The quickstart config with the leakage gate after embed, every leakage param at its default but the
+    identity partitions (16 for 12 identities: several, and some empty)."""
     base = tmp_path_factory.mktemp("qs-leak")
     gallery = base / "gallery"
     vectors = sample_gaussian_identities(QS_IDENTITIES, 512, 0.35, 0).vectors  # the run's identities (seed 0)
@@ -276,7 +277,7 @@ def quickstart_leak(tmp_path_factory: pytest.TempPathFactory) -> dict[str, objec
         (gallery / f"idx{i}" / "a.png").write_bytes(_png(img))
     raw = yaml.safe_load((EXAMPLES / "quickstart.yaml").read_text())
     at = next(i for i, s in enumerate(raw["stages"]) if s["stage"] == "embed")
-    raw["stages"].insert(at + 1, {"stage": "leakage", "params": {"gallery": str(gallery)}})
+    raw["stages"].insert(at + 1, {"stage": "leakage", "params": {"gallery": str(gallery), "partitions": 16}})
     cfg, stages = load_config(raw=raw, overrides=[f"identities.count={QS_IDENTITIES}",
                                                   f"identities.images_per_identity={QS_IMAGES}", "run.shard_size=32"])
     out = base / "run"
