@@ -251,6 +251,8 @@ class LeakageStage(GlobalStage):
                    "space": space, "metric": facts["metric"], "embedder": f"{cls.__module__}:{cls.__name__}"}
         store.write_atomic(json.dumps(pointer, indent=2, sort_keys=True).encode(), *pointer_path)
         self._pointer = pointer
+        if not scored:  # thresholds of an earlier config describe no shard of this one
+            store.remove(*gallery_fit_path(self.context.stage_id))
 
     @classmethod
     def doctor(cls, params: Params) -> list[str]:
