@@ -76,46 +76,9 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")[:160]
 
 
-def leakage_gates(store: Any, stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The summaries of the run's leakage stages (``report/<stage>.summary.json``, written before the export)."""
-    import json
-
-    from manifests.layout import stage_summary_path
-
-    out = []
-    for s in stages:
-        path = stage_summary_path(s["id"])
-        if s["name"] == "leakage" and store.exists(*path):
-            out.append({"id": s["id"], "summary": json.loads(store.read_bytes(*path))})
-    return out
-
-
-def leakage_section(gates: list[dict[str, Any]]) -> list[str]:
-    """Which gallery each leakage gate kept out, and the thresholds it decided with (fitted or given)."""
-    if not gates:
-        return []
-    lines = ["", "## Leakage gate", "",
-             "Samples that look like a person of a reference gallery were dropped (rules `leakage_*`)."]
-    for g in gates:
-        s = g["summary"]
-        gal = s.get("gallery") or {}
-        dist = s.get("distribution") or {}
-        lines.append(f"- `{g['id']}`: gallery `{_cell(gal.get('path'))}` (sha256 `{gal.get('gallery_sha256')}`, "
-                     f"{gal.get('items')} items of {gal.get('identities')} identities, space `{s.get('space')}`, "
-                     f"{s.get('metric')}); {dist.get('flagged', 0)} of {dist.get('samples', 0)} samples dropped")
-        for basis, t in sorted((s.get("thresholds") or {}).items()):
-            what = "identity centroids" if basis == "identity" else "single samples"
-            fit = t.get("fit") or {}
-            measured = (f"; false-match rate {fit['far']:.2g} on {fit['n_impostor']} impostor pairs, at most "
-                        f"{t.get('innocent_flag_rate_bound', 0):.2g} of innocent {basis}s flagged") if fit else ""
-            lines.append(f"  - {what}: threshold {t['threshold']:.4g} ({_cell(t['source'])}{measured})")
-    return lines
-
-
 def dataset_card(*, cfg: ExportConfig, version: str, splits: dict[str, Any], stats: dict[str, Any],
                  class_names: list[str], image_exts: list[str], meta_types: dict[str, str], config_hash: str,
-                 fingerprint: str, balance: str, stages: list[dict[str, Any]],
-                 gates: list[dict[str, Any]] | None = None) -> str:
+                 fingerprint: str, balance: str, stages: list[dict[str, Any]]) -> str:
     fm = front_matter(cfg, version, splits, class_names, image_exts, meta_types)
     n_train = splits.get("train", {}).get("identities", 0)
     n_val = splits.get("val", {}).get("identities", 0)
@@ -175,7 +138,6 @@ def dataset_card(*, cfg: ExportConfig, version: str, splits: dict[str, Any], sta
             lines.append(f"- where: `{cfg.where}`")
     lines += ["", "## Drops and errors by rule", ""]
     lines += drop_table(stats["reasons"]) if stats["reasons"] else ["No sample was dropped or failed."]
-    lines += leakage_section(gates or [])
     if balance:
         lines += ["", "## Balance", "", balance]
     lines += [
@@ -190,3 +152,48 @@ def dataset_card(*, cfg: ExportConfig, version: str, splits: dict[str, Any], sta
         "only the run's attribute labels) before drawing conclusions from a model trained on it.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def leakage_gates(store: Any, stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The summaries of the run's leakage stages (``report/<stage>.summary.json``, written before the export)."""
+    import json
+
+    from manifests.layout import stage_summary_path
+
+    out = []
+    for s in stages:
+        path = stage_summary_path(s["id"])
+        if s["name"] == "leakage" and store.exists(*path):
+            out.append({"id": s["id"], "summary": json.loads(store.read_bytes(*path))})
+    return out
+
+
+def leakage_section(gates: list[dict[str, Any]]) -> list[str]:
+    """Which gallery each leakage gate kept out, and the thresholds it decided with (fitted or given)."""
+    if not gates:
+        return []
+    lines = ["", "## Leakage gate", "",
+             "Samples that look like a person of a reference gallery were dropped (rules `leakage_*`)."]
+    for g in gates:
+        s = g["summary"]
+        gal = s.get("gallery") or {}
+        dist = s.get("distribution") or {}
+        lines.append(f"- `{g['id']}`: gallery `{_cell(gal.get('path'))}` (sha256 `{gal.get('gallery_sha256')}`, "
+                     f"{gal.get('items')} items of {gal.get('identities')} identities, space `{s.get('space')}`, "
+                     f"{s.get('metric')}); {dist.get('flagged', 0)} of {dist.get('samples', 0)} samples dropped")
+        for basis, t in sorted((s.get("thresholds") or {}).items()):
+            what = "identity centroids" if basis == "identity" else "single samples"
+            fit = t.get("fit") or {}
+            measured = (f"; false-match rate {fit['far']:.2g} on {fit['n_impostor']} impostor pairs, at most "
+                        f"{t.get('innocent_flag_rate_bound', 0):.2g} of innocent {basis}s flagged") if fit else ""
+            lines.append(f"  - {what}: threshold {t['threshold']:.4g} ({_cell(t['source'])}{measured})")
+    return lines
+
+
+def with_leakage_gates(card: str, store: Any, stages: list[dict[str, Any]]) -> str:
+    """``card`` with a Leakage gate section, before Intended use, when the run has a leakage stage."""
+    lines = leakage_section(leakage_gates(store, stages))
+    if not lines:
+        return card
+    head, sep, tail = card.partition("\n## Intended use\n")
+    return head + "\n".join(lines) + "\n" + sep + tail if sep else card + "\n".join(lines[1:]) + "\n"

@@ -33,7 +33,7 @@ from manifests.layout import (
     export_version_dir,
 )
 from manifests.storage import RunStorage
-from pipeline.export.card import dataset_card, leakage_gates
+from pipeline.export.card import dataset_card
 from pipeline.export.config import ExportConfig
 from pipeline.export.plan import (
     PartitionPlan,
@@ -205,8 +205,7 @@ def export_task(url: str, storage_options: dict[str, Any], stages: list[dict[str
     class_names = labelled.column("identity_id").to_pylist()
     card = dataset_card(cfg=cfg, version=version, splits=splits, stats=stats, class_names=class_names,
                         image_exts=image_exts, meta_types=meta_types, config_hash=cfg_hash,
-                        fingerprint=fingerprint, balance=_balance_markdown(balance), stages=stages,
-                        gates=leakage_gates(store, stages))
+                        fingerprint=fingerprint, balance=_balance_markdown(balance), stages=stages)
     n_train = ids.per_split["train"]["identities"]
     done = {
         "fingerprint": fingerprint, "config_hash": cfg_hash, "version": version, "splits": splits,
@@ -216,6 +215,9 @@ def export_task(url: str, storage_options: dict[str, Any], stages: list[dict[str
     }
     # The switch: everything above is beside the committed export; these three, then the commit.
     _copy_atomic(store, (EXPORT_DIR, version, EXPORT_MANIFEST), (EXPORT_DIR, EXPORT_MANIFEST))
+    from pipeline.export.card import with_leakage_gates
+
+    card = with_leakage_gates(card, store, stages)  # the run's leakage summaries, written before the export
     store.write_atomic(card.encode(), EXPORT_DIR, EXPORT_CARD)
     store.write_atomic(card.encode(), EXPORT_DIR, EXPORT_CARD_LEGACY)
     store.write_atomic(json.dumps(done, indent=2, sort_keys=True).encode(), EXPORT_DIR, EXPORT_DONE)
