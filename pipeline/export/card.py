@@ -173,7 +173,7 @@ def leakage_section(gates: list[dict[str, Any]]) -> list[str]:
     if not gates:
         return []
     lines = ["", "## Leakage gate", "",
-             "Samples that look like a person of a reference gallery were dropped (rules `leakage_*`)."]
+             "Samples that look like a person of a reference gallery were dropped (rules `leakage_*`).", ""]
     for g in gates:
         s = g["summary"]
         gal = s.get("gallery") or {}
@@ -185,7 +185,7 @@ def leakage_section(gates: list[dict[str, Any]]) -> list[str]:
             what = "identity centroids" if basis == "identity" else "single samples"
             fit = t.get("fit") or {}
             measured = (f"; false-match rate {fit['far']:.2g} on {fit['n_impostor']} impostor pairs, at most "
-                        f"{t.get('innocent_flag_rate_bound', 0):.2g} of innocent {basis}s flagged") if fit else ""
+                        f"{t.get('innocent_flag_rate_bound', 0):.2g} of innocent {'identities' if basis == 'identity' else 'samples'} flagged") if fit else ""
             lines.append(f"  - {what}: threshold {t['threshold']:.4g} ({_cell(t['source'])}{measured})")
     return lines
 
