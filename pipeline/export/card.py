@@ -184,8 +184,9 @@ def leakage_section(gates: list[dict[str, Any]]) -> list[str]:
         for basis, t in sorted((s.get("thresholds") or {}).items()):
             what = "identity centroids" if basis == "identity" else "single samples"
             fit = t.get("fit") or {}
+            unit = "identities" if basis == "identity" else "samples"
             measured = (f"; false-match rate {fit['far']:.2g} on {fit['n_impostor']} impostor pairs, at most "
-                        f"{t.get('innocent_flag_rate_bound', 0):.2g} of innocent {'identities' if basis == 'identity' else 'samples'} flagged") if fit else ""
+                        f"{t.get('innocent_flag_rate_bound', 0):.2g} of innocent {unit} flagged") if fit else ""
             lines.append(f"  - {what}: threshold {t['threshold']:.4g} ({_cell(t['source'])}{measured})")
     return lines
 
