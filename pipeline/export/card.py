@@ -192,3 +192,49 @@ def dataset_card(*, cfg: ExportConfig, version: str, splits: dict[str, Any], sta
         "only the run's attribute labels) before drawing conclusions from a model trained on it.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def leakage_gates(store: Any, stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The summaries of the run's leakage stages (``report/<stage>.summary.json``, written before the export)."""
+    import json
+
+    from manifests.layout import stage_summary_path
+
+    out = []
+    for s in stages:
+        path = stage_summary_path(s["id"])
+        if s["name"] == "leakage" and store.exists(*path):
+            out.append({"id": s["id"], "summary": json.loads(store.read_bytes(*path))})
+    return out
+
+
+def leakage_section(gates: list[dict[str, Any]]) -> list[str]:
+    """Which gallery each leakage gate kept out, and the thresholds it decided with (fitted or given)."""
+    if not gates:
+        return []
+    lines = ["", "## Leakage gate", "",
+             "Samples that look like a person of a reference gallery were dropped (rules `leakage_*`).", ""]
+    for g in gates:
+        s = g["summary"]
+        gal = s.get("gallery") or {}
+        dist = s.get("distribution") or {}
+        lines.append(f"- `{g['id']}`: gallery `{_cell(gal.get('path'))}` (sha256 `{gal.get('gallery_sha256')}`, "
+                     f"{gal.get('items')} items of {gal.get('identities')} identities, space `{s.get('space')}`, "
+                     f"{s.get('metric')}); {dist.get('flagged', 0)} of {dist.get('samples', 0)} samples dropped")
+        for basis, t in sorted((s.get("thresholds") or {}).items()):
+            what = "identity centroids" if basis == "identity" else "single samples"
+            fit = t.get("fit") or {}
+            unit = "identities" if basis == "identity" else "samples"
+            measured = (f"; false-match rate {fit['far']:.2g} on {fit['n_impostor']} impostor pairs, at most "
+                        f"{t.get('innocent_flag_rate_bound', 0):.2g} of innocent {unit} flagged") if fit else ""
+            lines.append(f"  - {what}: threshold {t['threshold']:.4g} ({_cell(t['source'])}{measured})")
+    return lines
+
+
+def with_leakage_gates(card: str, store: Any, stages: list[dict[str, Any]]) -> str:
+    """``card`` with a Leakage gate section, before Intended use, when the run has a leakage stage."""
+    lines = leakage_section(leakage_gates(store, stages))
+    if not lines:
+        return card
+    head, sep, tail = card.partition("\n## Intended use\n")
+    return head + "\n".join(lines) + "\n" + sep + tail if sep else card + "\n".join(lines[1:]) + "\n"

@@ -314,6 +314,9 @@ def export_task(url: str, storage_options: dict[str, Any], stages: list[dict[str
     }
     # The switch: everything above is beside the committed export; these three, then the commit.
     _copy_atomic(store, (EXPORT_DIR, version, EXPORT_MANIFEST), (EXPORT_DIR, EXPORT_MANIFEST))
+    from pipeline.export.card import with_leakage_gates
+
+    card = with_leakage_gates(card, store, stages)  # the run's leakage summaries, written before the export
     store.write_atomic(card.encode(), EXPORT_DIR, EXPORT_CARD)
     store.write_atomic(card.encode(), EXPORT_DIR, EXPORT_CARD_LEGACY)
     store.write_atomic(json.dumps(done, indent=2, sort_keys=True).encode(), EXPORT_DIR, EXPORT_DONE)
