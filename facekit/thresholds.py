@@ -9,14 +9,19 @@ Defaults are for photos and are documented with their source in ``DEFAULTS``. Re
 generated faces compress distances (DESIGN.md, measured with dlib: photos intra 0.41 / inter 0.76;
 crude renders intra 0.16 / inter 0.39), so a run whose identities are labels by construction should
 rather fit its threshold at a target false-accept rate from its own genuine / impostor comparisons
-(``fit_at_far``) and record it.
+and record it.
+
+Fitting, one way for every stage: draw pairs known to be different people (``distinct_label_pairs``:
+labels by construction of a synthetic run, an ingested run's identity labels, a labelled gallery), score
+them in the space, and call ``fit_from_impostors`` at the declared rate, with the space's published
+point as ``floor`` where a stage must never be looser than it (``fit_at_far`` is the bare quantile).
 """
 
 from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -126,9 +131,11 @@ class FittedThreshold:
     frr: float  # genuine comparisons rejected at the threshold
     n_genuine: int
     n_impostor: int
+    floor: float | None = None  # the value the fit may not be looser than (None: no floor)
+    unfloored: float | None = None  # the impostor quantile itself, where the floor replaced it
 
-    def as_dict(self) -> dict[str, float | int]:
-        return {
+    def as_dict(self) -> dict[str, float | int | None]:
+        out: dict[str, float | int | None] = {
             "threshold": self.threshold,
             "target_far": self.target_far,
             "far": self.far,
@@ -136,6 +143,9 @@ class FittedThreshold:
             "n_genuine": self.n_genuine,
             "n_impostor": self.n_impostor,
         }
+        if self.floor is not None:
+            out |= {"floor": self.floor, "unfloored": self.unfloored}
+        return out
 
 
 def fit_at_far(genuine: np.ndarray, impostor: np.ndarray, metric: Metric, far: float) -> FittedThreshold:
@@ -158,9 +168,79 @@ def fit_at_far(genuine: np.ndarray, impostor: np.ndarray, metric: Metric, far: f
         t = float(np.nextafter(ranked[allowed], math.inf)) if allowed < imp.size else float(ranked[-1])
     else:
         t = float(np.nextafter(imp[allowed], -math.inf)) if allowed < imp.size else float(imp[-1])
+    return _measured(t, far, gen, imp, metric)
+
+
+def _measured(t: float, far: float, gen: np.ndarray, imp: np.ndarray, metric: Metric) -> FittedThreshold:
     accepted_imp = float(np.mean(metric.same(imp, t)))
     rejected_gen = float(np.mean(~metric.same(gen, t))) if gen.size else float("nan")
     return FittedThreshold(t, far, accepted_imp, rejected_gen, int(gen.size), int(imp.size))
+
+
+def fit_from_impostors(impostor: np.ndarray, metric: Metric, far: float, *, genuine: np.ndarray | None = None,
+                       floor: float | None = None) -> FittedThreshold:
+    """The threshold at which ``far`` of the impostor comparisons (pairs known to be different people)
+    would be called the same, never looser than ``floor``.
+
+    The floor is a space's published same-person point (``SpaceThresholds.verification``): where distinct
+    people sit closer than in the photos it was measured on (renders: distinct SFace identities at cosine
+    0.4-0.8 against the LFW point 0.363), the fit is stricter and replaces it; where they sit farther
+    apart, the published point stays, so a fit never calls a pair the same that the embedder's own
+    operating point calls different. Stricter means higher for a similarity, lower for a distance.
+    ``genuine`` (same-person comparisons, optional) only measures the miss rate at the result.
+    """
+    gen = np.asarray(genuine if genuine is not None else np.empty(0), dtype=np.float64)
+    fitted = fit_at_far(gen, impostor, metric, far)
+    if floor is None:
+        return fitted
+    if bool(metric.closer(fitted.threshold, floor)) or fitted.threshold == floor:
+        return replace(fitted, floor=float(floor), unfloored=fitted.threshold)
+    floored = _measured(float(floor), far, gen, np.asarray(impostor, dtype=np.float64), metric)
+    return replace(floored, floor=float(floor), unfloored=fitted.threshold)
+
+
+def distinct_label_pairs(labels_a: np.ndarray, labels_b: np.ndarray | None = None, max_pairs: int = 200_000,
+                         seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs ``(i, j)`` whose labels differ: rows of ``labels_a`` against rows of ``labels_b``, or,
+    with ``labels_b`` None, unordered pairs within ``labels_a`` (each once, ``i < j``).
+
+    Every such pair when there are at most ``max_pairs``, else ``max_pairs`` of them drawn at random
+    (with replacement), deterministic for a given seed: a fitted threshold is reproducible from its
+    inputs, and its cost is bounded whatever the size of the run.
+    """
+    a = np.asarray(labels_a)
+    b = a if labels_b is None else np.asarray(labels_b)
+    same_set = labels_b is None
+    na, nb = a.size, b.size
+    total = na * (na - 1) // 2 if same_set else na * nb
+    empty = np.empty(0, dtype=np.int64)
+    if total == 0:
+        return empty, empty
+    if total <= 4 * max_pairs:  # enumerate, then subsample
+        if same_set:
+            i, j = np.triu_indices(na, k=1)
+        else:
+            i, j = (m.ravel() for m in np.meshgrid(np.arange(na), np.arange(nb), indexing="ij"))
+        keep = a[i] != b[j]
+        i, j = i[keep].astype(np.int64), j[keep].astype(np.int64)
+        if i.size > max_pairs:
+            pick = np.sort(np.random.default_rng(seed).choice(i.size, max_pairs, replace=False))
+            i, j = i[pick], j[pick]
+        return i, j
+    rng = np.random.default_rng(seed)
+    got_i: list[np.ndarray] = []
+    got_j: list[np.ndarray] = []
+    have = 0
+    for _ in range(8):  # rejection rounds; labels that are nearly all one value give fewer pairs
+        i = rng.integers(0, na, 2 * max_pairs)
+        j = rng.integers(0, nb, 2 * max_pairs)
+        keep = a[i] != b[j]
+        got_i.append(i[keep])
+        got_j.append(j[keep])
+        have += int(keep.sum())
+        if have >= max_pairs:
+            break
+    return np.concatenate(got_i)[:max_pairs], np.concatenate(got_j)[:max_pairs]
 
 
 def pair_scores_from_labels(
@@ -194,9 +274,5 @@ def pair_scores_from_labels(
     if g_i.size > max_pairs:
         pick = rng.choice(g_i.size, max_pairs, replace=False)
         g_i, g_j = g_i[pick], g_j[pick]
-    draws = min(max_pairs * 2, n * (n - 1) // 2 * 2)
-    i_i = rng.integers(0, n, draws)
-    i_j = rng.integers(0, n, draws)
-    diff = lab[i_i] != lab[i_j]
-    i_i, i_j = i_i[diff][:max_pairs], i_j[diff][:max_pairs]
+    i_i, i_j = distinct_label_pairs(lab, None, max_pairs, seed)
     return metric.score(x[g_i], x[g_j]), metric.score(x[i_i], x[i_j])

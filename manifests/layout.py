@@ -25,7 +25,8 @@ history/<time>.json                       what each invocation did
 metrics/<job>/...                         training and evaluation metrics
 cache/...                                 stage caches (MLLM answers)
 cache/gallery/<key>/{gallery.parquet,index.faiss}   a reference gallery embedded + indexed once (leakage)
-cache/gallery/<stage>.json                the gallery key, space and threshold a stage's run uses
+cache/gallery/<stage>.json                the gallery key and space a stage's run uses
+cache/gallery/<stage>.fit.json            the thresholds it decided with (fitted or given) and how
 work/<stage>/<step>/p<part>/<shard>.parquet   a global stage's shuffle partitions (removed when it ends)
 ```
 """
@@ -107,6 +108,11 @@ def gallery_cache_path(key: str, name: str) -> tuple[str, ...]:
 def gallery_pointer_path(stage_id: str) -> tuple[str, ...]:
     """Which cached gallery a stage scores against in this run (written once per run, before the shards)."""
     return (CACHE_DIR, GALLERY_CACHE, f"{stage_id}.json")
+
+
+def gallery_fit_path(stage_id: str) -> tuple[str, ...]:
+    """The thresholds a leakage stage decided with, written before its shards commit."""
+    return (CACHE_DIR, GALLERY_CACHE, f"{stage_id}.fit.json")
 
 
 def history_path(stamp: str) -> tuple[str, ...]:

@@ -74,6 +74,42 @@ def drop_table(reasons: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def selection_lines(sel: dict[str, Any]) -> list[str]:
+    """The identity rules' part of the Selection section: drops by rule, target and balance."""
+    out = [f"- left out by identity rule `{rule}`: {n} samples" for rule, n in sorted(sel.get("drops", {}).items())
+           if rule != "identity_too_small"]
+    if sel.get("target_images") is not None:
+        out.append(f"- identities under target_images ({sel['target_images']}): {sel['short_of_target']} of "
+                   f"{sel['identities']}")
+    bal = sel.get("balance")
+    if bal:
+        shares = ", ".join(f"{b} {v:g}" for b, v in sorted(bal["shares"].items()))
+        out.append(f"- balance of `{bal['column']}` at {bal['level']} level ({shares}; fill {bal['fill']}): "
+                   + ("met" if bal["met"] else "NOT met: " + "; ".join(
+                       f"{b} short by " + ", ".join(f"{v} {k}" for k, v in short.items())
+                       for b, short in sorted(bal["short"].items()))))
+    return out
+
+
+def leak_lines(doc: dict[str, Any]) -> list[str]:
+    """The card's leak-check section: how units were formed and the largest cross-split similarities."""
+    out = [f"- near-copies (dedup groups) joining two identities, kept on one side: {doc.get('dedup_links', 0)}"]
+    if "threshold" not in doc:
+        return [*out, "- no embedding in the run: look-alike identities and cross-split similarity not measured"]
+    out.append(f"- look-alike identity pairs (centroid {doc['metric']} in `{doc['space']}` at threshold "
+               f"{doc['threshold']:g}): {doc['lookalike_pairs']} ({doc['lookalikes']}); across splits: "
+               f"{doc['cross_split_lookalikes']}")
+    out += [f"  - `{p['a']}` / `{p['b']}`: {p['score']:.3f}" for p in doc.get("cross_split_examples", [])]
+    ident, image = doc.get("max_identity_similarity"), doc.get("max_image_similarity")
+    if ident:
+        out.append(f"- largest validation-to-training identity similarity (centroids): {ident['score']:.3f} "
+                   f"(`{ident['val']}` / `{ident['train']}`)")
+    if image:
+        out.append(f"- largest validation-to-training image similarity: {image['score']:.3f} (`{image['val']}` / "
+                   f"`{image['train']}`; {image['checked']} of {image['of']} validation images checked)")
+    return out
+
+
 def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")[:160]
 
@@ -81,7 +117,7 @@ def _cell(text: Any) -> str:
 def dataset_card(*, cfg: ExportConfig, version: str, splits: dict[str, Any], stats: dict[str, Any],
                  class_names: list[str], image_exts: list[str], meta_types: dict[str, str], config_hash: str,
                  fingerprint: str, balance: str, stages: list[dict[str, Any]],
-                 grouping: list[dict[str, Any]] | None = None) -> str:
+                 leaks: dict[str, Any] | None = None, grouping: list[dict[str, Any]] | None = None) -> str:
     fm = front_matter(cfg, version, splits, class_names, image_exts, meta_types)
     n_train = splits.get("train", {}).get("identities", 0)
     n_val = splits.get("val", {}).get("identities", 0)
@@ -134,10 +170,11 @@ def dataset_card(*, cfg: ExportConfig, version: str, splits: dict[str, Any], sta
         f"- samples seen by the run: {stats['total_samples']}",
         f"- selected by the decisions (every stage ok and kept, or the export thresholds): {stats['candidates']}",
         f"- excluded for lack of an identity label: {stats['dropped_no_identity']}",
-        f"- excluded with identities under {cfg.min_images_per_identity} images: "
+        f"- excluded with identities under {cfg.min_images} images: "
         f"{stats['dropped_small_identity']} samples of {stats['small_identities']} identities",
-        f"- config hash `{config_hash}`, export fingerprint `{fingerprint}`",
     ]
+    lines += selection_lines(stats.get("selection") or {})
+    lines.append(f"- config hash `{config_hash}`, export fingerprint `{fingerprint}`")
     if cfg.thresholds or cfg.where:
         lines += ["", "Export thresholds (replace those stages' own decisions):", ""]
         lines += [f"- `{k}`: {v.model_dump(exclude_none=True)}" for k, v in cfg.thresholds.items()]
@@ -147,6 +184,8 @@ def dataset_card(*, cfg: ExportConfig, version: str, splits: dict[str, Any], sta
     lines += drop_table(stats["reasons"]) if stats["reasons"] else ["No sample was dropped or failed."]
     if balance:
         lines += ["", "## Balance", "", balance]
+    if leaks:
+        lines += ["", "## Split leak check", "", *leak_lines(leaks)]
     lines += [
         "", "## Intended use", "",
         "Training and evaluating face recognition and face restoration models, and research on dataset curation. "
@@ -159,3 +198,49 @@ def dataset_card(*, cfg: ExportConfig, version: str, splits: dict[str, Any], sta
         "only the run's attribute labels) before drawing conclusions from a model trained on it.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def leakage_gates(store: Any, stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The summaries of the run's leakage stages (``report/<stage>.summary.json``, written before the export)."""
+    import json
+
+    from manifests.layout import stage_summary_path
+
+    out = []
+    for s in stages:
+        path = stage_summary_path(s["id"])
+        if s["name"] == "leakage" and store.exists(*path):
+            out.append({"id": s["id"], "summary": json.loads(store.read_bytes(*path))})
+    return out
+
+
+def leakage_section(gates: list[dict[str, Any]]) -> list[str]:
+    """Which gallery each leakage gate kept out, and the thresholds it decided with (fitted or given)."""
+    if not gates:
+        return []
+    lines = ["", "## Leakage gate", "",
+             "Samples that look like a person of a reference gallery were dropped (rules `leakage_*`).", ""]
+    for g in gates:
+        s = g["summary"]
+        gal = s.get("gallery") or {}
+        dist = s.get("distribution") or {}
+        lines.append(f"- `{g['id']}`: gallery `{_cell(gal.get('path'))}` (sha256 `{gal.get('gallery_sha256')}`, "
+                     f"{gal.get('items')} items of {gal.get('identities')} identities, space `{s.get('space')}`, "
+                     f"{s.get('metric')}); {dist.get('flagged', 0)} of {dist.get('samples', 0)} samples dropped")
+        for basis, t in sorted((s.get("thresholds") or {}).items()):
+            what = "identity centroids" if basis == "identity" else "single samples"
+            fit = t.get("fit") or {}
+            unit = "identities" if basis == "identity" else "samples"
+            measured = (f"; false-match rate {fit['far']:.2g} on {fit['n_impostor']} impostor pairs, at most "
+                        f"{t.get('innocent_flag_rate_bound', 0):.2g} of innocent {unit} flagged") if fit else ""
+            lines.append(f"  - {what}: threshold {t['threshold']:.4g} ({_cell(t['source'])}{measured})")
+    return lines
+
+
+def with_leakage_gates(card: str, store: Any, stages: list[dict[str, Any]]) -> str:
+    """``card`` with a Leakage gate section, before Intended use, when the run has a leakage stage."""
+    lines = leakage_section(leakage_gates(store, stages))
+    if not lines:
+        return card
+    head, sep, tail = card.partition("\n## Intended use\n")
+    return head + "\n".join(lines) + "\n" + sep + tail if sep else card + "\n".join(lines[1:]) + "\n"

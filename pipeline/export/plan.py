@@ -1,15 +1,17 @@
 """Export planning, per partition: which samples, which split, which label, which training shard.
 
-Why per partition: at 50M samples no process may hold the exported rows. Each plan task runs the
-selection (a sandboxed DuckDB query with projection) over a few files of ``tables/samples``,
-writes the selected rows (small columns plus the image's byte range) to a plan fragment sorted by
-a hash of the sample id, and returns only per-identity counts and drop counts by rule. The driver
-turns the per-identity table (small: one row per identity) into splits and labels; writer tasks
-then read their hash range of the plan fragments.
+Why per partition: at 50M samples no process may hold the exported rows. Each first-pass task runs
+the selection (a sandboxed DuckDB query with projection) over a few files of ``tables/samples``,
+writes the candidates to a fragment sorted by a hash of the identity id, and returns only (identity,
+label bin) counts and drop counts by rule. The driver decides every identity from those counts
+(``pipeline.export.identities``: one row per identity); second-pass tasks (``pipeline.export.choose``)
+read whole identities by hash range, choose their images and write the plan fragments sorted by a
+hash of the sample id; the split (``pipeline.export.splits``) labels identities; writer tasks then
+read their hash range of the plan fragments.
 
-Splits are by identity (no identity in two splits): the round(f * n) identities with the smallest
-hash are validation. Labels share ONE space across splits: training identities get 0..T-1 (sorted
-by id, so a classifier head has T classes), validation identities T..T+V-1; every sample's json
+Splits are by identity (no identity in two splits; see ``splits`` for units and strata). Labels
+share ONE space across splits: training identities get 0..T-1 (sorted by id, so a classifier head
+has T classes), validation identities T..T+V-1; every sample's json
 also carries its identity_id. A sample's training shard is floor(u * E), u its hash in [0, 1) and E
 the split's shard count, so shards mix identities and hold about ``shard_size`` samples each.
 """
@@ -84,9 +86,30 @@ class SelectionSpec:
     meta_names: tuple[str, ...] = ()  # json field name per metadata column
     member_exts: tuple[str, ...] = ()
     balance_columns: tuple[str, ...] = ()  # samples-table columns counted for the card's balance tables
+    diversity: bool = False  # sel_div is present
+    embedding: bool = False  # sel_emb, sel_space and sel_metric are present
 
 
-def selection_spec(cfg: ExportConfig, stage_ids: list[str], balance_columns: list[str] | None = None) -> SelectionSpec:
+# Columns of the first pass only: what identity selection and the split read, never written to shards.
+SELECTION_COLUMNS = ("sel_score", "sel_div", "sel_bal", "sel_rank", "sel_strat", "sel_dup", "sel_emb", "sel_space",
+                     "sel_metric", "ihash")
+
+
+def split_sources(schema: pa.Schema | None, cfg: ExportConfig) -> tuple[str | None, str | None]:
+    """The samples-table embedding column the split compares (``splits.embedding``, else the one stage
+    with an embedding) and the dedup group column (the one stage with ``dup_group_id``), or None."""
+    if schema is None:
+        return None, None
+    names = set(schema.names)
+    emb = sorted(n for n in names if n.endswith("__embedding") and n[: -len("embedding")] + "embedding_space" in names)
+    if cfg.splits.embedding is not None:
+        emb = [e for e in emb if e == column_name(cfg.splits.embedding, "embedding")]
+    dup = sorted(n for n in names if n.endswith("__dup_group_id"))
+    return (emb[0] if len(emb) == 1 else None), (dup[0] if len(dup) == 1 else None)
+
+
+def selection_spec(cfg: ExportConfig, stage_ids: list[str], balance_columns: list[str] | None = None,
+                   schema: pa.Schema | None = None) -> SelectionSpec:
     extra = ""
     for i, target in enumerate(cfg.metadata_columns):
         extra += f", {q(_ref(target))} AS meta_{i}"
@@ -94,13 +117,30 @@ def selection_spec(cfg: ExportConfig, stage_ids: list[str], balance_columns: lis
         extra += f", {q(_ref(target))} AS member_{i}"
     for i, col in enumerate(balance_columns or []):
         extra += f", CAST({q(col)} AS VARCHAR) AS bal_{i}"
+    ids = cfg.identities
+
+    def ref(target: str | None, cast: str) -> str:
+        return f"CAST({q(_ref(target))} AS {cast})" if target else f"CAST(NULL AS {cast})"
+
+    extra += (f", {ref(ids.prefer.score, 'DOUBLE')} AS sel_score, {ref(ids.rank.score, 'DOUBLE')} AS sel_rank"
+              f", {ref(ids.balance.column if ids.balance else None, 'VARCHAR')} AS sel_bal"
+              f", {ref(cfg.splits.stratify, 'VARCHAR')} AS sel_strat")
+    if ids.prefer.diversity:
+        extra += f", {q(_ref(ids.prefer.diversity))} AS sel_div"
+    emb, dup = split_sources(schema, cfg)
+    extra += f", CAST({q(dup)} AS VARCHAR) AS sel_dup" if dup else ", CAST(NULL AS VARCHAR) AS sel_dup"
+    if emb:
+        base = emb[: -len("embedding")]
+        extra += (f", {q(emb)} AS sel_emb, {q(base + 'embedding_space')} AS sel_space, "
+                  f"{q(base + 'embedding_metric')} AS sel_metric")
     sql = (
         "SELECT sample_id, key, identity_id, image_shard AS src_shard, image_offset AS src_offset, "
         f"image_size AS src_size, image_crc32 AS src_crc32, image_ext AS src_ext{extra} FROM {WHERE_TABLE} WHERE "
         + selection_predicate(cfg, stage_ids)
     )
     return SelectionSpec(sql, tuple(m.replace(".", "_") for m in cfg.metadata_columns),
-                         tuple(cfg.extra_members), tuple(balance_columns or []))
+                         tuple(cfg.extra_members), tuple(balance_columns or []), bool(ids.prefer.diversity),
+                         emb is not None)
 
 
 def sandbox() -> duckdb.DuckDBPyConnection:
@@ -148,31 +188,37 @@ class PartitionPlan:
     rows: int = 0
     candidates: int = 0
     no_identity: int = 0
-    identities: pa.Table | None = None
+    identities: pa.Table | None = None  # (identity, bin) counts: pipeline.export.identities.COUNTS_SCHEMA
     exts: Counter[str] = field(default_factory=Counter)
     reasons: dict[tuple[int, str, str, str], dict[str, Any]] = field(default_factory=dict)
 
 
 def plan_partition(store: Any, samples_files: list[tuple[str, ...]], decisions_files: list[tuple[str, ...]],
                    spec: SelectionSpec, out_parts: tuple[str, ...]) -> PartitionPlan:
-    """Select one partition's samples, write its plan fragment, return its small summaries."""
+    """First pass over one partition of samples: select, write the candidates sorted by a hash of
+    their identity (so the second pass reads whole identities by hash range), return the (identity,
+    bin) counts and the drops of the run's own decisions."""
+    from pipeline.export.identities import COUNTS_SCHEMA, counts_sql
+
     ds = pads.dataset([store.path(*p) for p in samples_files], filesystem=store.fs, format="parquet")
     con = sandbox()
     try:
         con.register(WHERE_TABLE, ds)
         sel = con.sql(spec.sql).to_arrow_table()
         total = int(con.sql(f"SELECT count(*) FROM {WHERE_TABLE}").fetchall()[0][0])
+        con.register("candidates", sel)
+        counts = con.sql(counts_sql("candidates")).to_arrow_table().cast(COUNTS_SCHEMA)
     finally:
         con.close()
-    u = pa.array([unit("order:" + s) for s in sel.column("sample_id").to_pylist()], pa.float64())
-    sel = sel.append_column("unit", u).sort_by([("unit", "ascending"), ("sample_id", "ascending")])
-    res = PartitionPlan(rows=total, candidates=sel.num_rows)
+    res = PartitionPlan(rows=total, candidates=sel.num_rows, identities=counts)
     res.exts.update(e or "png" for e in sel.column("src_ext").to_pylist())
     ids = sel.column("identity_id")
     res.no_identity = int(pc.sum(pc.is_null(ids)).as_py() or 0) + int(pc.sum(pc.equal(ids, "")).as_py() or 0)
     labelled = sel.filter(pc.and_(pc.is_valid(ids), pc.not_equal(pc.fill_null(ids, ""), "")))
-    res.identities = labelled.group_by("identity_id").aggregate([("sample_id", "count")]).rename_columns(
-        ["identity_id", "n"])
+    u = pa.array([unit("order:" + s) for s in labelled.column("sample_id").to_pylist()], pa.float64())
+    ih = pa.array([unit("ident:" + s) for s in labelled.column("identity_id").to_pylist()], pa.float64())
+    labelled = labelled.append_column("unit", u).append_column("ihash", ih).sort_by(
+        [("ihash", "ascending"), ("identity_id", "ascending"), ("sample_id", "ascending")])
     import io
 
     buf = io.BytesIO()
@@ -213,22 +259,11 @@ def merge_reasons(parts: list[dict[tuple[int, str, str, str], dict[str, Any]]]) 
     return sorted(rows, key=lambda r: (r["stage_index"], -r["count"], r["status"], r["rule"]))
 
 
-def assign_splits(identities: list[str], val_fraction: float) -> dict[str, str]:
-    """Exact, deterministic: the round(f * n) identities with the smallest hash are validation."""
-    ranked = sorted(identities, key=lambda i: (unit("split:" + i), i))
-    n_val = round(val_fraction * len(ranked)) if len(ranked) > 1 else 0
-    if val_fraction > 0 and n_val == 0 and len(ranked) > 1:
-        n_val = 1
-    return {ident: ("val" if r < n_val else "train") for r, ident in enumerate(ranked)}
-
-
 @dataclass
 class IdentityPlan:
     """The small per-identity table and what follows from it."""
 
     table: pa.Table  # identity_id, n, split, label
-    small_identities: int
-    small_samples: int
     per_split: dict[str, dict[str, int]]  # split -> samples, identities, shards
 
 
@@ -238,20 +273,12 @@ def shard_count(n: int, cfg: ExportConfig) -> int:
     return max(1, min(n, max(math.ceil(n / cfg.shard_size), cfg.min_shards_per_split)))
 
 
-def plan_identities(counts: list[pa.Table], cfg: ExportConfig) -> IdentityPlan:
-    tables = [t for t in counts if t is not None and t.num_rows]
-    if tables:
-        all_counts = pa.concat_tables(tables).group_by("identity_id").aggregate([("n", "sum")]).rename_columns(
-            ["identity_id", "n"]).sort_by("identity_id")
-    else:
-        all_counts = pa.table({"identity_id": pa.array([], pa.string()), "n": pa.array([], pa.int64())})
-    big = pc.greater_equal(all_counts.column("n"), cfg.min_images_per_identity)
-    small = all_counts.filter(pc.invert(big))
-    kept = all_counts.filter(big)
+def label_identities(kept: pa.Table, splits: dict[str, str], cfg: ExportConfig) -> IdentityPlan:
+    """One label space: training identities 0..T-1 sorted by id, validation T..T+V-1."""
+    kept = kept.select(["identity_id", "n"]).sort_by("identity_id")
     ids = kept.column("identity_id").to_pylist()
-    splits = assign_splits(ids, cfg.val_fraction)
-    train = sorted(i for i in ids if splits[i] == "train")
-    val = sorted(i for i in ids if splits[i] == "val")
+    train = [i for i in ids if splits[i] == "train"]
+    val = [i for i in ids if splits[i] == "val"]
     label = {ident: n for n, ident in enumerate(train + val)}
     table = kept.append_column("split", pa.array([splits[i] for i in ids], pa.string())).append_column(
         "label", pa.array([label[i] for i in ids], pa.int64()))
@@ -259,7 +286,7 @@ def plan_identities(counts: list[pa.Table], cfg: ExportConfig) -> IdentityPlan:
     for name, members in (("train", train), ("val", val)):
         n = int(pc.sum(table.filter(pc.equal(table.column("split"), name)).column("n")).as_py() or 0)
         per_split[name] = {"samples": n, "identities": len(members), "shards": shard_count(n, cfg)}
-    return IdentityPlan(table, small.num_rows, int(pc.sum(small.column("n")).as_py() or 0), per_split)
+    return IdentityPlan(table, per_split)
 
 
 def writer_ranges(per_split: dict[str, dict[str, int]], rows_per_task: int) -> list[tuple[str, int, int, int]]:

@@ -14,6 +14,7 @@ import json
 import posixpath
 import uuid
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -34,20 +35,25 @@ from manifests.layout import (
 )
 from manifests.storage import RunStorage
 from pipeline.export.card import dataset_card
+from pipeline.export.choose import ChosenPart, choose_range, hash_ranges, merge_drops
 from pipeline.export.config import ExportConfig
+from pipeline.export.identities import Selection, select_identities
 from pipeline.export.plan import (
+    IdentityPlan,
     PartitionPlan,
     SelectionSpec,
+    label_identities,
     merge_reasons,
-    plan_identities,
     plan_partition,
     selection_spec,
     writer_ranges,
 )
 from pipeline.export.retry import DRIVER_ATTEMPTS, RETRYABLE, remote_options
 from pipeline.export.shards import CorruptSourceError, write_range
+from pipeline.export.splits import LeakReport, assign_units, leak_report, lookalike_pairs, lookalike_threshold
 from pipeline.summaries import grouping_figures
 
+MAX_LISTED = 10  # look-alike pairs across splits listed by name (flag mode)
 LEGACY_DIRS = ("train", "val")  # shard folders of exports written before versioned folders
 
 
@@ -94,6 +100,22 @@ def _plan_call(url: str, opts: dict[str, Any], samples: list[tuple[str, ...]], d
     return plan_partition(RunStorage(url, opts), samples, decisions, spec, out)
 
 
+def _choose_call(url: str, opts: dict[str, Any], cand: list[tuple[str, ...]], decisions: pa.Table, lo: float,
+                 hi: float, cfg: ExportConfig, out_plan: tuple[str, ...], out_emb: tuple[str, ...] | None
+                 ) -> ChosenPart:
+    return choose_range(RunStorage(url, opts), cand, decisions, lo, hi, cfg.identities, out_plan, out_emb)
+
+
+def _lookalike_call(url: str, opts: dict[str, Any], emb: list[tuple[str, ...]], metric: str, threshold: float
+                    ) -> list[tuple[str, str, float]]:
+    return lookalike_pairs(RunStorage(url, opts), emb, metric, threshold)
+
+
+def _leak_call(url: str, opts: dict[str, Any], emb: list[tuple[str, ...]], splits: dict[str, str], metric: str,
+               image_check: int) -> LeakReport:
+    return leak_report(RunStorage(url, opts), emb, splits, metric, image_check)
+
+
 def _write_call(url: str, opts: dict[str, Any], version: str, plan_files: list[tuple[str, ...]],
                 identities: pa.Table, split: str, lo: int, hi: int, e: int, spec: SelectionSpec,
                 image_format: str | None, part: str) -> dict[str, Any]:
@@ -126,26 +148,31 @@ def _balance_markdown(counts: Counter[tuple[str, str, str]], max_bins: int = 20)
     return balance_report_from_counts(counts, max_bins)
 
 
-def export_task(url: str, storage_options: dict[str, Any], stages: list[dict[str, Any]], cfg: ExportConfig,
-                fingerprint: str, cfg_hash: str, rows_per_file: int = 1000, cpus_per_task: float = 0.25
-                ) -> dict[str, Any]:
-    """Plan, write and commit one export version. Runs inside a Ray task; fans out plan and writer tasks."""
-    store = RunStorage(url, storage_options)
+@dataclass
+class ExportPlan:
+    """Everything the writers and the card need, decided before any shard is written."""
+
+    spec: SelectionSpec
+    plan_files: list[tuple[str, ...]]
+    identities: IdentityPlan
+    selection: Selection
+    stats: dict[str, Any]
+    exts: Counter[str]
+    splits: dict[str, Any]  # the leak checks: units, look-alikes, cross-split similarities
+
+
+def plan_export(store: RunStorage, stages: list[dict[str, Any]], cfg: ExportConfig, version: str,
+                rows_per_file: int, opts: dict[str, Any]) -> ExportPlan:
+    """Select (row decisions, then identities), split with the leak checks: Ray tasks over
+    partitions of samples, then over identity-hash ranges; the driver holds one row per identity."""
+    url, storage_options = store.url, store.storage_options
     order = [s["id"] for s in stages]
-    version = export_version_dir(fingerprint)
-    committed = read_committed(store) or {}
-    if committed.get("version") != version:
-        store.remove(EXPORT_DIR, version, recursive=True)  # a failed attempt's leftovers
     samples_files = store.list_files(*SAMPLES_TABLE, suffix=MANIFEST_SUFFIX)
     if not samples_files:
         raise ExportFailed(f"export: no {'/'.join(SAMPLES_TABLE)} files: the run's tables were not written")
     with store.fs.open(store.path(*SAMPLES_TABLE, samples_files[0]), "rb") as f:
         schema = pq.read_schema(f)
-    bal_cols = balance_columns(schema, stages)
-    spec = selection_spec(cfg, order, bal_cols)
-    task_mem = int(cfg.task_memory_gb * 1024**3)
-    opts = remote_options(cpus_per_task, task_mem)
-
+    spec = selection_spec(cfg, order, balance_columns(schema, stages), schema)
     group = max(1, cfg.rows_per_task // max(rows_per_file, 1))
     decisions = set(store.list_files(*DECISIONS_TABLE, suffix=MANIFEST_SUFFIX))
     plan_calls = []
@@ -154,11 +181,91 @@ def export_task(url: str, storage_options: dict[str, Any], stages: list[dict[str
         plan_calls.append((_plan_call, (
             url, storage_options, [(*SAMPLES_TABLE, n) for n in names],
             [(*DECISIONS_TABLE, n) for n in names if n in decisions], spec,
-            (EXPORT_DIR, version, "_plan", f"part-{i // group:06d}.parquet"))))
+            (EXPORT_DIR, version, "_cand", f"part-{i // group:06d}.parquet"))))
     plans: list[PartitionPlan] = _gather(plan_calls, opts, "plan")
-    plan_files: list[tuple[str, ...]] = [tuple(c[1][5]) for c in plan_calls]
+    cand_files: list[tuple[str, ...]] = [tuple(c[1][5]) for c in plan_calls]
+    counts = [p.identities for p in plans if p.identities is not None and p.identities.num_rows]
+    from pipeline.export.identities import COUNTS_SCHEMA
 
-    ids = plan_identities([p.identities for p in plans], cfg)
+    selection = select_identities(pa.concat_tables(counts) if counts else COUNTS_SCHEMA.empty_table(), cfg)
+    decided = ray.put(selection.table.select(["identity_id", "rule"]))
+    labelled = sum(p.candidates - p.no_identity for p in plans)
+    choose_calls = []
+    for k, (lo, hi) in enumerate(hash_ranges(labelled, cfg.rows_per_task)):
+        emb_out = (EXPORT_DIR, version, "_emb", f"part-{k:06d}.parquet") if spec.embedding else None
+        choose_calls.append((_choose_call, (url, storage_options, cand_files, decided, lo, hi, cfg,
+                                            (EXPORT_DIR, version, "_plan", f"part-{k:06d}.parquet"), emb_out)))
+    chosen: list[ChosenPart] = _gather(choose_calls, opts, "selection")
+    store.remove(EXPORT_DIR, version, "_cand", recursive=True)
+    plan_files: list[tuple[str, ...]] = [tuple(c[1][7]) for c in choose_calls]
+    emb_files: list[tuple[str, ...]] = [tuple(c[1][8]) for c in choose_calls if c[1][8] is not None]
+    kept = pa.concat_tables([c.kept for c in chosen]) if chosen else pa.table(
+        {"identity_id": pa.array([], pa.string()), "n": pa.array([], pa.int64()), "strat": pa.array([], pa.string())})
+
+    # Split units: dedup groups always; look-alike identities when `together`.
+    by_group: dict[str, str] = {}
+    links: list[tuple[str, str]] = []
+    for part in chosen:
+        for g, ident in part.dup_links:
+            if g in by_group and by_group[g] != ident:
+                links.append((by_group[g], ident))
+            by_group.setdefault(g, ident)
+    spaces = {c.space for c in chosen if c.space is not None}
+    if len(spaces) > 1:
+        raise ExportFailed(f"export.splits: more than one embedding space ({sorted(spaces)})")
+    split_doc: dict[str, Any] = {"stratify": cfg.splits.stratify, "lookalikes": cfg.splits.lookalikes,
+                                 "dedup_links": len(links)}
+    pairs: list[tuple[str, str, float]] = []
+    space = spaces.pop() if spaces else None
+    if space is not None:
+        threshold = lookalike_threshold(cfg, space[0])
+        pairs = _gather([(_lookalike_call, (url, storage_options, emb_files, space[1], threshold))], opts,
+                        "look-alike")[0]
+        split_doc.update({"space": space[0], "metric": space[1], "threshold": threshold,
+                          "lookalike_pairs": len(pairs)})
+        if cfg.splits.lookalikes == "together":
+            links += [(a, b) for a, b, _ in pairs]
+    splits = assign_units(kept, links, cfg.val_fraction, cfg.splits.stratify is not None)
+    crossing = [(a, b, sc) for a, b, sc in pairs if splits.get(a) != splits.get(b)]
+    split_doc["cross_split_lookalikes"] = len(crossing)
+    split_doc["cross_split_examples"] = [{"a": a, "b": b, "score": sc} for a, b, sc in crossing[:MAX_LISTED]]
+    if space is not None:
+        leaks: LeakReport = _gather([(_leak_call, (url, storage_options, emb_files, splits, space[1],
+                                                   cfg.splits.image_check))], opts, "leak check")[0]
+        split_doc["max_identity_similarity"] = leaks.max_identity
+        split_doc["max_image_similarity"] = leaks.max_image
+    store.remove(EXPORT_DIR, version, "_emb", recursive=True)
+    ids = label_identities(kept, splits, cfg)
+    reasons = [p.reasons for p in plans] + [merge_drops([c.drops for c in chosen], len(stages))]
+    stats = {
+        "candidates": sum(p.candidates for p in plans),
+        "total_samples": sum(p.rows for p in plans),
+        "dropped_no_identity": sum(p.no_identity for p in plans),
+        "dropped_small_identity": selection.drops.get("identity_too_small", 0),
+        "small_identities": selection.dropped_identities.get("identity_too_small", 0),
+        "selection": selection.summary(),
+        "reasons": merge_reasons(reasons),
+    }
+    exts: Counter[str] = Counter()
+    for p in plans:
+        exts.update(p.exts)
+    return ExportPlan(spec, plan_files, ids, selection, stats, exts, split_doc)
+
+
+def export_task(url: str, storage_options: dict[str, Any], stages: list[dict[str, Any]], cfg: ExportConfig,
+                fingerprint: str, cfg_hash: str, rows_per_file: int = 1000, cpus_per_task: float = 0.25
+                ) -> dict[str, Any]:
+    """Plan, write and commit one export version. Runs inside a Ray task; fans out plan and writer tasks."""
+    store = RunStorage(url, storage_options)
+    version = export_version_dir(fingerprint)
+    committed = read_committed(store) or {}
+    if committed.get("version") != version:
+        store.remove(EXPORT_DIR, version, recursive=True)  # a failed attempt's leftovers
+    task_mem = int(cfg.task_memory_gb * 1024**3)
+    opts = remote_options(cpus_per_task, task_mem)
+    plan = plan_export(store, stages, cfg, version, rows_per_file, opts)
+    spec, plan_files, ids, stats = plan.spec, plan.plan_files, plan.identities, plan.stats
+
     ident_ref = ray.put(ids.table)
     write_calls = []
     for split, lo, hi, e in writer_ranges(ids.per_split, cfg.rows_per_task):
@@ -190,33 +297,27 @@ def export_task(url: str, storage_options: dict[str, Any], stages: list[dict[str
     balance: Counter[tuple[str, str, str]] = Counter()
     for w in written:
         balance.update(w["balance"])
-    stats = {
-        "candidates": sum(p.candidates for p in plans),
-        "total_samples": sum(p.rows for p in plans),
-        "dropped_no_identity": sum(p.no_identity for p in plans),
-        "dropped_small_identity": ids.small_samples,
-        "small_identities": ids.small_identities,
-        "reasons": merge_reasons([p.reasons for p in plans]),
-    }
-    exts: Counter[str] = Counter()
-    for p in plans:
-        exts.update(p.exts)
-    image_exts: list[str] = [cfg.image_format] if cfg.image_format else sorted(exts) or ["png"]
+    image_exts: list[str] = [cfg.image_format] if cfg.image_format else sorted(plan.exts) or ["png"]
     labelled = ids.table.sort_by("label")
     class_names = labelled.column("identity_id").to_pylist()
     card = dataset_card(cfg=cfg, version=version, splits=splits, stats=stats, class_names=class_names,
                         image_exts=image_exts, meta_types=meta_types, config_hash=cfg_hash,
                         fingerprint=fingerprint, balance=_balance_markdown(balance), stages=stages,
-                        grouping=grouping_figures(store, [(s["id"], s["name"]) for s in stages]))
+                        leaks=plan.splits, grouping=grouping_figures(store, [(s["id"], s["name"]) for s in stages]))
     n_train = ids.per_split["train"]["identities"]
     done = {
         "fingerprint": fingerprint, "config_hash": cfg_hash, "version": version, "splits": splits,
         "labels": {"space": "shared", "classes": len(class_names), "train": [0, n_train],
                    "val": [n_train, len(class_names)]},
-        "excluded": {k: v for k, v in stats.items() if k != "reasons"},
+        "excluded": {k: v for k, v in stats.items() if k not in ("reasons", "selection")},
+        "selection": stats["selection"],
+        "leak_check": plan.splits,
     }
     # The switch: everything above is beside the committed export; these three, then the commit.
     _copy_atomic(store, (EXPORT_DIR, version, EXPORT_MANIFEST), (EXPORT_DIR, EXPORT_MANIFEST))
+    from pipeline.export.card import with_leakage_gates
+
+    card = with_leakage_gates(card, store, stages)  # the run's leakage summaries, written before the export
     store.write_atomic(card.encode(), EXPORT_DIR, EXPORT_CARD)
     store.write_atomic(card.encode(), EXPORT_DIR, EXPORT_CARD_LEGACY)
     store.write_atomic(json.dumps(done, indent=2, sort_keys=True).encode(), EXPORT_DIR, EXPORT_DONE)

@@ -47,13 +47,14 @@ def _histograms(con: Any, order: list[str], kinds: dict[str, StageKind],
         elif kind == StageKind.GLOBAL:
             wanted += [c for c, t in numeric.items() if t in {"FLOAT", "DOUBLE"} and c.endswith("_score")]
         fitted = queries.column_constant(con, sid, "threshold") if "threshold" in numeric else None
+        source = queries.text_constant(con, sid, "threshold_source") if fitted is not None else None
         for column in list(dict.fromkeys(wanted))[:MAX_HIST_PER_STAGE]:
             h = queries.histogram(con, sid, column)
             if h is None:
                 continue
             h.lines = list(lines.get((sid, column), []))
             if fitted is not None and kind == StageKind.GLOBAL and column.endswith("_score"):
-                h.lines.append((fitted, f"stage threshold {fitted:.3g}"))
+                h.lines.append((fitted, f"stage threshold {fitted:.3g}" + (f" ({source})" if source else "")))
             out.append({"stage": sid, "column": column, "svg": Markup(plots.histogram_svg(h)), "total": h.total,
                         "dropped": sum(h.dropped), "lines": [lbl for _, lbl in h.lines if lbl]})
     return out

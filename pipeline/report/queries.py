@@ -89,6 +89,14 @@ def column_constant(con: duckdb.DuckDBPyConnection, stage: str, column: str) -> 
     return None
 
 
+def text_constant(con: duckdb.DuckDBPyConnection, stage: str, column: str) -> str | None:
+    """A per-row text column with one value for the whole stage (how its threshold was made), if it has one."""
+    if column not in {row[0] for row in con.execute(f"DESCRIBE {q(stage)}").fetchall()}:
+        return None
+    row = con.execute(f"SELECT min({q(column)}), max({q(column)}) FROM {q(stage)} WHERE status = 'ok'").fetchone()
+    return str(row[0]) if row and row[0] is not None and row[0] == row[1] else None
+
+
 def drops_by_rule(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
     """Per stage and rule: how many samples it dropped or failed, with a few example rows."""
     groups = con.execute(

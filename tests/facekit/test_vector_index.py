@@ -9,7 +9,14 @@ import pyarrow as pa
 import pytest
 from scipy.spatial.distance import cdist
 
-from facekit.thresholds import Metric, defaults_for, fit_at_far, pair_scores_from_labels
+from facekit.thresholds import (
+    Metric,
+    defaults_for,
+    distinct_label_pairs,
+    fit_at_far,
+    fit_from_impostors,
+    pair_scores_from_labels,
+)
 from facekit.vector_index import embedding_matrix, knn, range_pairs, space_of
 from stages.corpus.dedup import hamming_pairs
 
@@ -156,6 +163,37 @@ def test_pair_scores_from_labels_split_genuine_and_impostor_pairs() -> None:
     genuine, impostor = pair_scores_from_labels(x, np.array(["a", "a", "b", "b"]), Metric.EUCLIDEAN)
     np.testing.assert_allclose(np.sort(genuine), [0.1, 0.1], rtol=1e-5)
     assert impostor.size > 0 and impostor.min() > 7
+
+
+@pytest.mark.parametrize("metric", [Metric.EUCLIDEAN, Metric.COSINE])
+def test_a_fit_is_stricter_than_the_published_point_where_distinct_people_sit_closer_and_never_looser(
+        metric: Metric) -> None:
+    rng = np.random.default_rng(2)
+    floor = defaults_for("sface-128" if metric.higher_is_same else "dlib-resnet-128").verification
+    assert floor is not None
+    # renders: distinct people nearer each other than on photos -> the fit replaces the floor
+    close = rng.normal(0.55, 0.05, 5000) if metric.higher_is_same else rng.normal(0.35, 0.05, 5000)
+    fit = fit_from_impostors(close, metric, 1e-3, floor=floor)
+    assert metric.closer(fit.threshold, floor) and fit.threshold == fit.unfloored
+    assert fit.far <= 1e-3 and fit.floor == floor
+    # photos of very different people: the quantile is looser than the published point, which stays
+    far = rng.normal(0.0, 0.05, 5000) if metric.higher_is_same else rng.normal(1.0, 0.05, 5000)
+    kept = fit_from_impostors(far, metric, 1e-3, floor=floor)
+    assert kept.threshold == floor and kept.unfloored is not None and metric.closer(floor, kept.unfloored)
+    assert kept.far == 0.0 and kept.as_dict()["floor"] == floor
+
+
+def test_distinct_label_pairs_are_every_pair_of_two_people_or_a_bounded_seeded_draw() -> None:
+    labels = np.array(["a", "a", "b", "c"])
+    i, j = distinct_label_pairs(labels)
+    assert sorted(zip(i.tolist(), j.tolist(), strict=True)) == [(0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+    i, j = distinct_label_pairs(labels, np.array(["a", "b"]))
+    assert sorted(zip(i.tolist(), j.tolist(), strict=True)) == [(0, 1), (1, 1), (2, 0), (3, 0), (3, 1)]
+    many = np.repeat(np.arange(300), 10)
+    i, j = distinct_label_pairs(many, None, 1000, seed=4)
+    assert i.size == 1000 and (many[i] != many[j]).all()
+    again = distinct_label_pairs(many, None, 1000, seed=4)
+    assert np.array_equal(i, again[0]) and np.array_equal(j, again[1])
 
 
 def test_defaults_cover_dlib_and_every_arcface_variant() -> None:

@@ -211,3 +211,23 @@ def test_a_failed_export_leaves_the_previous_export_intact_and_readable(run: Pat
         assert len(_samples(out, done["splits"][split]["shards"])) == done["splits"][split]["samples"]
     history = json.loads(sorted((out / "history").glob("*.json"))[-1].read_text())
     assert [f["stage"] for f in history["failures"]] == ["export"] and not history["complete"]
+
+
+def test_identity_quota_drops_are_counted_by_rule_in_the_card_and_export_json(run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    res = _run(CONFIG, out, overrides=["export.identities.max_images=2", "export.identities.target_images=2"])
+    assert res.complete and res.export_ran
+    done = _done(out)
+    rows = _samples(out, done["splits"]["train"]["shards"] + done["splits"]["val"]["shards"])
+    per: dict[str, int] = {}
+    for r in rows:
+        per[r["json"]["identity_id"]] = per.get(r["json"]["identity_id"], 0) + 1
+    assert per and max(per.values()) == 2
+    over = done["selection"]["drops"]["over_quota"]
+    assert over == sum(s["samples"] for s in _done(run)["splits"].values()) - len(rows) > 0
+    card = (out / "export" / "README.md").read_text()
+    line = next(ln for ln in card.splitlines() if ln.startswith("| export | dropped | over_quota |"))
+    assert int(line.split("|")[4]) == over
+    assert f"- left out by identity rule `over_quota`: {over} samples" in card
+    assert "no embedding in the run" in card

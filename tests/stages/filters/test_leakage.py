@@ -1,4 +1,11 @@
-"""The leakage gate through a real pipeline run (ingest -> YuNet -> align -> SFace -> leakage).
+"""The leakage gate through real pipeline runs.
+
+The quickstart (12 identities x 8 renders) with a gallery of fresh renders of 3 of its own identities:
+the threshold is fitted from the run's distinct identities, every image of the 3 goes (naming the right
+gallery person) and no other image does; the fit is in the rows, the summary, the report and the card,
+and a resumed run recomputes it.
+
+A folder of photos (ingest -> YuNet -> align -> SFace -> leakage, no identity labels):
 
 The gallery holds renders of six identity vectors, three faces cut from insightface's t1.jpg and
 scikit-image's astronaut. The run's folder plants near-copies of them (re-renders of the same identity
@@ -13,12 +20,14 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from PIL import Image
 
 from facekit.backends.opencv_zoo import SFaceEmbedder, YuNetDetector
@@ -32,6 +41,7 @@ from pipeline.config import load_config
 from pipeline.engine.runner import Runner
 from stages.base import StageContext
 from stages.filters.leakage import LeakageParams, LeakageStage
+from tests.fixtures import EXAMPLES
 from training.bin_pairs import write_pair_file
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -159,10 +169,11 @@ def test_gallery_is_embedded_once_cached_by_hash_and_summarised(leak_run: dict) 
     again = LeakageStage(stage.params, StageContext(run_dir=str(out), stage_id="leakage", seed=0))
     again.prepare(store)  # a resumed run: the cached index is reused, not rebuilt
     assert index.stat().st_mtime_ns == before
-    assert again.thresholds() == {"leakage_score": {"max": THRESHOLD}}
+    assert again.fit()["thresholds"] == {"sample": {"threshold": THRESHOLD, "source": "param", "fit": None}}
     summary = json.loads((out / "report" / "leakage.summary.json").read_text())
     dist = summary["distribution"]
     assert summary["threshold"] == THRESHOLD and summary["metric"] == "cosine"
+    assert {r["leakage_basis"] for r in leak_run["rows"].values()} == {"sample"}  # no labels: each image alone
     assert dist["samples"] == len(leak_run["rows"]) and dist["flagged"] == len(leak_run["expected"])
     assert sum(dist["histogram"]["counts"]) == dist["samples"]
 
@@ -232,4 +243,96 @@ def test_report_draws_the_similarity_distribution_with_the_threshold_line(leak_r
 
     html = build_report(RunStorage(str(leak_run["out"])))
     scored, flagged = len(leak_run["rows"]), len(leak_run["expected"])
-    assert f"{scored} scored, {flagged} dropped · max {THRESHOLD:g}" in html
+    assert f"{scored} scored, {flagged} dropped · stage threshold {THRESHOLD:g} (param)" in html
+
+
+def test_a_run_without_labels_fits_from_the_gallerys_distinct_identities(leak_run: dict) -> None:
+    out: Path = leak_run["out"]
+    stage = LeakageStage(LeakageParams(gallery=str(leak_run["gallery"])),
+                         StageContext(run_dir=str(out), stage_id="leakage", seed=0))
+    ptr = stage.pointer()
+    assert ptr is not None
+    fitted = stage._fit_samples(ptr, np.zeros((0, 128), np.float32), np.empty(0, dtype=str))
+    identities = GALLERY_RENDERS + T1_IN_GALLERY + 1
+    assert fitted["fit"]["n_impostor"] == identities * (identities - 1) // 2  # every pair of two gallery people
+    assert "gallery item pairs of distinct gallery identities" in fitted["source"]
+    assert fitted["threshold"] >= 0.363  # never looser than SFace's published same-person point
+
+
+# ---------------------------------------------------------------- the quickstart with its own people in the gallery
+
+QS_IDENTITIES, QS_IMAGES, QS_LEAKED = 12, 8, 3
+
+
+@pytest.fixture(scope="module")
+def quickstart_leak(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """The quickstart config with the leakage gate after embed, every leakage param at its default but the
+    identity partitions (16 for 12 identities: several, and some empty)."""
+    base = tmp_path_factory.mktemp("qs-leak")
+    gallery = base / "gallery"
+    vectors = sample_gaussian_identities(QS_IDENTITIES, 512, 0.35, 0).vectors  # the run's identities (seed 0)
+    for i in range(QS_LEAKED):  # a new frontal render of each, not one of the run's images
+        (gallery / f"idx{i}").mkdir(parents=True)
+        img, _ = render_sample(vectors[i], None, 7000 + i, 256, 0.0, 20.0)
+        (gallery / f"idx{i}" / "a.png").write_bytes(_png(img))
+    raw = yaml.safe_load((EXAMPLES / "quickstart.yaml").read_text())
+    at = next(i for i, s in enumerate(raw["stages"]) if s["stage"] == "embed")
+    raw["stages"].insert(at + 1, {"stage": "leakage", "params": {"gallery": str(gallery), "partitions": 16}})
+    cfg, stages = load_config(raw=raw, overrides=[f"identities.count={QS_IDENTITIES}",
+                                                  f"identities.images_per_identity={QS_IMAGES}", "run.shard_size=32"])
+    out = base / "run"
+    result = Runner(cfg, stages, str(out), show_progress=False).run()
+    assert result.complete, result
+    index = {r["identity_id"]: r["index"] for r in pq.read_table(out / "identities" / "identities.parquet").to_pylist()}
+    assert np.allclose(np.stack(pq.read_table(out / "identities" / "identities.parquet").column("vector").to_pylist()),
+                       vectors, atol=1e-6)
+    rows = pq.read_table(out / "manifests" / "leakage").to_pylist()
+    return {"out": out, "rows": rows, "index": index, "cfg": cfg, "stages": stages}
+
+
+def test_every_image_of_a_gallery_person_goes_and_almost_no_other_does(quickstart_leak: dict) -> None:
+    rows, index = quickstart_leak["rows"], quickstart_leak["index"]
+    leaked = [r for r in rows if index[r["identity_id"]] < QS_LEAKED]
+    innocent = [r for r in rows if index[r["identity_id"]] >= QS_LEAKED]
+    assert len(leaked) == QS_LEAKED * QS_IMAGES and len(innocent) == (QS_IDENTITIES - QS_LEAKED) * QS_IMAGES
+    flagged = [r for r in innocent if not r["keep"]]
+    assert len(flagged) <= 0.01 * len(innocent), [(r["leakage_score"], r["leakage_identity"]) for r in flagged]
+    for r in leaked:
+        assert r["status"] == "ok" and r["keep"] is False, (r["leakage_score"], r["threshold"])
+        assert r["reason"] == "leakage_identity_above_max" and r["leakage_basis"] == "identity"
+        assert r["leakage_identity"] == f"idx{index[r['identity_id']]}"  # the right person named
+        assert r["leakage_identity"] in r["detail"] and r["identity_id"] in r["detail"]
+    threshold = {r["threshold"] for r in rows}
+    assert len(threshold) == 1 and threshold.pop() > 0.363  # fitted above SFace's photo point: renders sit closer
+    assert {r["threshold_source"] for r in rows} == {rows[0]["threshold_source"]}
+    assert rows[0]["threshold_source"].startswith("fit_far=0.001 on ")
+
+
+def test_the_fitted_threshold_its_rate_and_pairs_are_in_the_summary_report_and_card(quickstart_leak: dict) -> None:
+    out: Path = quickstart_leak["out"]
+    row = quickstart_leak["rows"][0]
+    summary = json.loads((out / "report" / "leakage.summary.json").read_text())
+    ident = summary["thresholds"]["identity"]
+    assert summary["fit_far"] == 0.001 and summary["threshold"] == pytest.approx(row["threshold"])
+    assert ident["source"] == row["threshold_source"]
+    assert ident["fit"]["target_far"] == 0.001 and ident["fit"]["far"] <= 0.001 and ident["fit"]["floor"] == 0.363
+    # every sampled identity centroid against every image of the 11 other identities
+    assert ident["fit"]["n_impostor"] == QS_IDENTITIES * (QS_IDENTITIES - 1) * QS_IMAGES
+    assert summary["distribution"]["flagged"] == QS_LEAKED * QS_IMAGES
+    html = (out / "report" / "index.html").read_text()
+    assert f"stage threshold {row['threshold']:.3g} ({row['threshold_source']})" in html
+    card = (out / "export" / "README.md").read_text()
+    assert "## Leakage gate" in card
+    assert f"threshold {ident['threshold']:.4g} ({ident['source']}; false-match rate " in card
+    assert f"on {ident['fit']['n_impostor']} impostor pairs" in card
+
+
+def test_a_resumed_run_decides_a_lost_shard_with_the_same_fitted_threshold(quickstart_leak: dict) -> None:
+    out: Path = quickstart_leak["out"]
+    shard = out / "manifests" / "leakage" / "000001.parquet"
+    before = pq.read_table(shard).drop_columns(["worker", "processed_at", "duration_ms"]).to_pylist()
+    shard.unlink()
+    shutil.rmtree(out / "manifests" / "leakage" / "_compacted", ignore_errors=True)
+    result = Runner(quickstart_leak["cfg"], quickstart_leak["stages"], str(out), show_progress=False).run()
+    assert result.complete and result.stages["leakage"]["computed"] == 1, result.stages["leakage"]
+    assert pq.read_table(shard).drop_columns(["worker", "processed_at", "duration_ms"]).to_pylist() == before
