@@ -36,10 +36,9 @@ from typing import Any
 import duckdb
 import pyarrow.parquet as pq
 
-from manifests.catalog import COMMITTED_GLOB, array_casts, committed_fragments, sandbox
-from manifests.commit import scan_fragments, stage_totals
+from manifests.commit import COMMITTED_GLOB, committed_tokens, scan_fragments, stage_totals
 from manifests.layout import COMPACTED_DIR, COMPACTED_POINTER, MANIFEST_SUFFIX, MANIFESTS_DIR, compacted_dir
-from manifests.sql import lit, parquet_source, q
+from manifests.sql import array_casts, lit, parquet_source, q, sandbox
 from manifests.storage import TMP_PREFIX, RunStorage
 
 # A lineage lookup reads one row group per stage: keep row groups near this many bytes.
@@ -62,7 +61,7 @@ def valid_compaction(store: RunStorage, stage_id: str, fragments: dict[str, str]
     pointer = read_pointer(store, stage_id)
     if pointer is None:
         return None
-    frags = committed_fragments(store, stage_id) if fragments is None else fragments
+    frags = committed_tokens(store, stage_id) if fragments is None else fragments
     return pointer if pointer.get("fragments") == frags else None
 
 
@@ -109,7 +108,7 @@ def compact_stage(store: RunStorage | str, stage_id: str, *, storage_options: di
     is committed; calling it again is cheap."""
     if isinstance(store, str):
         store = RunStorage(store, storage_options)
-    frags = committed_fragments(store, stage_id)
+    frags = committed_tokens(store, stage_id)
     if not frags:
         return None
     current = read_pointer(store, stage_id)

@@ -19,10 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from manifests.sql import q
-
-SAMPLE_ID = "sample_id"
-PARENT_ID = "parent_id"
-
+from manifests.vocabulary import PARENT_ID, SAMPLE_ID
 
 # ---------------------------------------------------------------- Arrow
 
