@@ -13,10 +13,18 @@ export agree on it:
   original as ``.cause`` and, for picklable exceptions, is an instance of the original class).
 - ``upstream_lost(exc)``: the shard could not run because a fragment it reads was missing or
   proven corrupt (and has been uncommitted): recompute that upstream shard, then this one.
+- ``classify(exc)``: the three answers every submit/retry loop acts on (``Fault``): Ray lost the work,
+  the failure was transient (both: run it again), or the work itself raised (permanent: running it
+  again gives the same answer). What is wrong with one sample never reaches this far: ``process``
+  makes it that sample's error row, and a worker that dies on a sample is bisected down to it by the
+  scheduler (``execution.WORKER_CRASH``).
+
+``pipeline.engine.tasks`` is the one submit / collect / retry loop built on this classification.
 """
 
 from __future__ import annotations
 
+import enum
 import errno
 import sys
 
@@ -46,7 +54,8 @@ RETRY_RAY_ERRORS: tuple[type[BaseException], ...] = tuple(
         getattr(rex, name, None) for name in (
             "WorkerCrashedError", "NodeDiedError", "OutOfMemoryError", "ObjectLostError", "OwnerDiedError",
             "ObjectFetchTimedOutError", "ObjectReconstructionFailedError", "RayActorError", "ActorDiedError",
-            "ActorUnavailableError", "LocalRayletDiedError",
+            "ActorUnavailableError", "LocalRayletDiedError", "RaySystemError", "TaskUnschedulableError",
+            "ActorUnschedulableError", "ReferenceCountingAssertionError",
         )
     ) if isinstance(cls, type)
 )
@@ -76,7 +85,7 @@ _TRANSIENT_NAMES = (
 def _transient_types() -> tuple[type[BaseException], ...]:
     """Connection-level exceptions of the HTTP stacks fsspec clients use. An exception of botocore or
     aiohttp can only exist once that library is imported, so they are looked up among the loaded
-    modules, never imported for it (aiohttp alone took 70 ms in every Ray worker's start)."""
+    modules, never imported for it (importing aiohttp costs every Ray worker's start)."""
     found: list[type[BaseException]] = [ConnectionError, TimeoutError]
     for module, names in _TRANSIENT_NAMES:
         loaded = sys.modules.get(module)
@@ -124,3 +133,31 @@ def upstream_lost(exc: BaseException) -> tuple[str, str] | None:
         if isinstance(e, UpstreamNotCommittedError):
             return e.stage_id, e.shard
     return None
+
+
+class Fault(enum.StrEnum):
+    """What a failed piece of work means for it."""
+
+    LOST = "lost"  # Ray lost the work (a dead worker, node or actor, an OOM kill, a lost object): run it again
+    TRANSIENT = "transient"  # the failure says nothing about the work (storage 5xx, a server down): run it again
+    PERMANENT = "permanent"  # the work itself raised: the same inputs give the same failure
+
+
+def _unwrapped(exc: BaseException) -> BaseException:
+    """What a ``RayTaskError`` wraps (Ray reports an actor that died inside a task as a task error)."""
+    cause = getattr(exc, "cause", None) if isinstance(exc, rex.RayTaskError) else None
+    return cause if isinstance(cause, BaseException) else exc
+
+
+def classify(exc: BaseException) -> Fault:
+    """The one answer to "run it again?" for a failure that reached a driver or a scheduler."""
+    if is_transient(exc):
+        return Fault.TRANSIENT
+    if isinstance(exc, RETRY_RAY_ERRORS) or isinstance(_unwrapped(exc), RETRY_RAY_ERRORS):
+        return Fault.LOST
+    return Fault.PERMANENT
+
+
+def describe(exc: BaseException) -> str:
+    """What the work raised, not Ray's wrapping, for a history row (bounded)."""
+    return str(_unwrapped(exc))[:2000]

@@ -8,10 +8,11 @@ back to the driver is counts, thresholds, bounded samples and the few duplicate 
 samples or of identities: per-identity tables go from task to task through the run's work folder
 (``Gathered``) or the object store (``Kept``).
 
-Failures: every task declares the stage's memory (``resources.memory_gb`` -> Ray ``memory=``) and is
-retried on any Ray failure (an OOM kill by Ray's memory monitor, a dead worker or node, a lost object,
-an exception); after ``MAX_TASK_ATTEMPTS`` the stage fails with ``GlobalStageError``, which the runner
-records in the run's history like any failed shard.
+Failures: every task declares the stage's memory (``resources.memory_gb`` -> Ray ``memory=``) and runs
+through pipeline.engine.tasks: work Ray lost (an OOM kill by Ray's memory monitor, a dead worker or
+node, a lost object) or a transient failure is retried; a task that raises, or one whose attempts are
+spent, fails the stage with ``GlobalStageError``, which the runner records in the run's history like
+any failed shard.
 
 Resume: decisions are a pure function of the committed upstream manifests, so a re-run recomputes the
 small global tables and commits only the shards that are not committed yet: a killed global stage
@@ -54,6 +55,7 @@ from pipeline.engine.execution import (
     summarise,
     worker_name,
 )
+from pipeline.engine.tasks import TaskFailedError, run_calls, task_options
 from stages.base import (
     IDENTITY_ID,
     KEEP,
@@ -69,26 +71,12 @@ from stages.base import (
 )
 
 log = logging.getLogger(__name__)
-MAX_TASK_ATTEMPTS = 3
 ROWS_PER_PARTITION = 100_000  # default shuffle partition size (records): a partition must fit one task
 TASKS_PER_CPU = 4
 
-# Every way a Ray task can fail without a Python answer. RayError is their common base; the named ones
-# are listed so a reader sees what is covered.
-RAY_FAILURES: tuple[type[BaseException], ...] = (
-    ray.exceptions.RayTaskError,
-    ray.exceptions.WorkerCrashedError,
-    ray.exceptions.OutOfMemoryError,
-    ray.exceptions.NodeDiedError,
-    ray.exceptions.ObjectLostError,
-    ray.exceptions.RayActorError,
-    ray.exceptions.TaskUnschedulableError,
-    ray.exceptions.RayError,
-)
-
-
-class GlobalStageError(RuntimeError):
-    """A global stage gave up after retries; the message names the step and the last failure."""
+class GlobalStageError(TaskFailedError):
+    """A global stage gave up (a permanent failure, or retries spent); the message names the step and the
+    last failure."""
 
 
 # ---------------------------------------------------------------- projected, vectorised input
@@ -317,11 +305,7 @@ class RayCorpus:
         self.todo = set(todo)
         self.store = RunStorage(spec.context.run_dir, spec.context.storage_options)
         res = stage.resources
-        self.options: dict[str, Any] = {"num_cpus": max(res.cpus, 0.1), "max_retries": 2}
-        if res.gpus:
-            self.options["num_gpus"] = res.gpus
-        if res.memory_gb:
-            self.options["memory"] = int(res.memory_gb * 2**30)
+        self.options = task_options(max(res.cpus, 0.1), int(res.memory_gb * 2**30), res.gpus)
         self.partitions = 1
         self._fixed = partitions
         self.results: list[ShardResult] = []
@@ -332,43 +316,12 @@ class RayCorpus:
         return self.partitions
 
     def _run(self, what: str, fn: Callable[..., Any], calls: list[tuple[Any, ...]], kept: bool = False) -> list[Any]:
-        """Submit every call, collect in call order, resubmit a failed one up to MAX_TASK_ATTEMPTS.
-
-        ``kept``: ``fn`` has two returns; the driver fetches the first and gets ``(first, ref)`` where
-        ``ref`` names the second, left in the object store for later tasks."""
+        """Every call as a task (pipeline.engine.tasks: results in call order, lost or transient failures
+        retried). ``kept``: ``fn`` has two returns; the driver fetches the first and gets ``(first, ref)``
+        where ``ref`` names the second, left in the object store for later tasks."""
         t0 = time.perf_counter()
-        remote = ray.remote(fn).options(**self.options, **({"num_returns": 2} if kept else {}))
-        calls = _share(calls)
-
-        def submit(c: tuple[Any, ...]) -> tuple[Any, Any]:
-            refs = remote.remote(*c)
-            return (refs[0], refs[1]) if kept else (refs, None)
-
-        attempts = [1] * len(calls)
-        out: list[Any] = [None] * len(calls)
-        pending: dict[Any, tuple[int, Any]] = {}
-        for i, c in enumerate(calls):
-            first, second = submit(c)
-            pending[first] = (i, second)
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            for ref in done:
-                i, second = pending.pop(ref)
-                try:
-                    out[i] = (ray.get(ref), second) if kept else ray.get(ref)
-                except RAY_FAILURES as exc:
-                    if attempts[i] >= MAX_TASK_ATTEMPTS:
-                        for other in pending:
-                            ray.cancel(other, force=True)
-                        last = str(exc).strip().splitlines()[-1:] or [type(exc).__name__]
-                        raise GlobalStageError(
-                            f"global stage {self.spec.stage_id!r}: {what} task {i} failed {attempts[i]} times "
-                            f"({type(exc).__name__}): {last[0][:500]}") from exc
-                    attempts[i] += 1
-                    log.info("global stage %s: %s task %d failed (%s), attempt %d", self.spec.stage_id, what, i,
-                             type(exc).__name__, attempts[i])
-                    first, second = submit(calls[i])
-                    pending[first] = (i, second)
+        out = run_calls(f"global stage {self.spec.stage_id!r}: {what}", fn, _share(calls), self.options, kept=kept,
+                        error=GlobalStageError)
         log.debug("global stage %s: %s, %d tasks, %.2f s, driver peak RSS %.0f MiB", self.spec.stage_id, what,
                   len(calls), time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         return out

@@ -28,7 +28,7 @@ from pipeline.config import ConfigError, PipelineConfig, ResolvedStage, config_h
 from pipeline.engine import cluster
 from pipeline.engine.execution import StageSpec, UpstreamInfo, is_committed, member_columns
 from pipeline.engine.fused import StageSetupError
-from pipeline.engine.global_exec import RAY_FAILURES, GlobalStageError, run_global_distributed
+from pipeline.engine.global_exec import GlobalStageError, run_global_distributed
 from pipeline.engine.progress import Progress, StageProgress
 from pipeline.engine.rundir import (
     RunConflictError,
@@ -51,7 +51,7 @@ from stages.base import InputError, SourceStage, Stage, StageContext, StageKind
 
 MAX_SHARD_ATTEMPTS = 3
 # What a failed global phase may raise: its own error, a bad input it could not use, or any Ray failure.
-GLOBAL_FAILURES: tuple[type[BaseException], ...] = (GlobalStageError, ValueError, TypeError, *RAY_FAILURES)
+GLOBAL_FAILURES: tuple[type[BaseException], ...] = (GlobalStageError, ValueError, TypeError, ray.exceptions.RayError)
 
 
 @dataclass
