@@ -255,7 +255,7 @@ class Catalog:
         return stmts
 
     def _samples_sql(self, fields: dict[str, list[str] | None] | None) -> str:
-        from manifests.join import own_or_parent_sql
+        from manifests.reader import own_or_parent_sql
 
         select = ["ids.sample_id", "ids.key", "ids.identity_id", "ids.parent_id", "ids.last_stage_index"]
         joins = []

@@ -43,7 +43,8 @@ from manifests.layout import (
     global_work_path,
     stage_summary_path,
 )
-from manifests.schema import CARRIED, COMMON_NAMES
+from manifests.reader import ShardReader, shard_rows
+from manifests.schema import CARRIED
 from manifests.storage import RunStorage
 from pipeline.engine.execution import (
     ShardResult,
@@ -55,6 +56,7 @@ from pipeline.engine.execution import (
     summarise,
     worker_name,
 )
+from pipeline.engine.faults import UpstreamNotCommittedError
 from pipeline.engine.tasks import TaskFailedError, run_calls, task_options
 from stages.base import (
     IDENTITY_ID,
@@ -82,50 +84,11 @@ class GlobalStageError(TaskFailedError):
 # ---------------------------------------------------------------- projected, vectorised input
 
 
-def _read_projected(store: RunStorage, stage_id: str, shard: str, columns: Iterable[str]) -> pa.Table:
-    with store.fs.open(store.path(*manifest_path(stage_id, shard)), "rb") as f:
-        pf = pq.ParquetFile(f)
-        names = set(pf.schema_arrow.names)
-        return pf.read(columns=[c for c in dict.fromkeys(columns) if c in names])
-
-
-def _own_columns(store: RunStorage, stage_id: str, shard: str) -> list[str]:
-    with store.fs.open(store.path(*manifest_path(stage_id, shard)), "rb") as f:
-        return [c for c in pq.ParquetFile(f).schema_arrow.names if c not in COMMON_NAMES]
-
-
 def read_shard_columns(store: RunStorage, upstream: Sequence[UpstreamInfo], shard: str,
                        columns: Iterable[str]) -> pa.Table:
-    """The live samples of one shard with the carried columns and ``columns``, as one Arrow table.
-
-    Same rule as ``execution.load_shard_input`` (live = status ok, and kept when the immediate upstream
-    prunes; each upstream stage's own columns joined by sample id, else by parent id; a later stage's
-    column wins), but each manifest is read with only the columns asked for and the join is Arrow's.
-    A column no upstream stage wrote comes back as nulls.
-    """
-    want = list(dict.fromkeys(columns))
-    last = upstream[-1]
-    base = _read_projected(store, last.stage_id, shard, [*CARRIED, STATUS, KEEP])
-    live = pc.equal(base[STATUS], STATUS_OK)
-    if last.prune:
-        live = pc.and_(live, base[KEEP])
-    base = base.filter(pc.fill_null(live, False))
-    out: dict[str, pa.ChunkedArray | pa.Array] = {c: base[c] for c in CARRIED}
-    sids, parents = base[SAMPLE_ID], base[PARENT_ID]
-    for u in upstream:
-        own = [c for c in _own_columns(store, u.stage_id, shard) if c in want]
-        if not own:
-            continue
-        tab = _read_projected(store, u.stage_id, shard, [SAMPLE_ID, *own])
-        keys = tab[SAMPLE_ID].combine_chunks()
-        rows = pc.coalesce(pc.index_in(sids, value_set=keys), pc.index_in(parents, value_set=keys))
-        for c in own:
-            out[c] = tab[c].take(rows)
-    n = base.num_rows
-    for c in want:
-        if c not in out:
-            out[c] = pa.nulls(n)
-    return pa.table({c: out[c] for c in [*CARRIED, *[w for w in want if w not in CARRIED]]})
+    """The live samples of one shard with the carried columns and ``columns``, as one Arrow table: the
+    one reader's rows (``manifests.reader.shard_rows``, verified fragments, own-or-parent join)."""
+    return shard_rows(ShardReader(store, shard, lost=UpstreamNotCommittedError), upstream, columns)
 
 
 # ---------------------------------------------------------------- Ray tasks
@@ -284,8 +247,8 @@ _INLINE = (str, int, float, bool, type(None), ray.ObjectRef, Gathered, Kept)
 
 def _share(calls: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     """One object-store copy of each argument several calls share. Ray puts a large argument of a call in
-    the store once per call: a centroid table handed to 8 map tasks was 8 copies in the driver's memory,
-    and its size grows with the identities of the run."""
+    the store once per call: a centroid table handed to N map tasks would be N copies in the driver's
+    memory, and its size grows with the identities of the run."""
     uses = Counter(id(a) for c in calls for a in c if not isinstance(a, _INLINE) and not callable(a))
     refs: dict[int, Any] = {}
     for key, value in ((id(a), a) for c in calls for a in c):

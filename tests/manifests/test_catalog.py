@@ -18,7 +18,7 @@ import pytest
 
 from manifests.catalog import Catalog, QueryError, samples_fields
 from manifests.commit import committed_tokens
-from manifests.join import own_or_parent_rows, take_own_or_parent
+from manifests.reader import own_or_parent_rows, take_own_or_parent
 from manifests.storage import RunStorage
 from pipeline.status import run_status
 from tests.fixtures.s3_server import s3_server
@@ -231,7 +231,7 @@ def test_metrics_view_reads_committed_metric_files_only(tmp_path: Path) -> None:
 
 
 def test_the_one_join_and_two_join_sql_forms_agree(local_run: RunStorage) -> None:
-    from manifests.join import own_or_parent_sql
+    from manifests.reader import own_or_parent_sql
 
     cat = Catalog(local_run, STAGES)
     base = ("(SELECT sample_id, max(parent_id) AS parent_id, bit_or(CAST(1 AS HUGEINT) << stage_index) AS stages "
