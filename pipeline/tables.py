@@ -63,9 +63,9 @@ def write_run_tables(store: RunStorage, stages: list[StageColumns], fingerprints
     pool = workers or WarmWorkers()
     opts = task_options(cpus_per_task, TASK_MEMORY)
     schema_bytes = schema.serialize().to_pybytes()
-    # A few shards per task, a CPU each: two tasks per CPU fill the cluster and run on the workers Ray
-    # already keeps warm (a fraction of a CPU per task made Ray start a new worker process for each,
-    # seconds apiece on a small machine, at the very end of the run). Each file is still its own commit.
+    # A few shards per task, a whole CPU each: two tasks per CPU fill the cluster and run on the workers
+    # Ray already keeps warm (a fraction of a CPU per task makes Ray start a new worker process for each,
+    # at the very end of the run). Each file is still its own commit.
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     per_task = max(1, min(MAX_SHARDS_PER_TASK, math.ceil(len(shards) / (2 * cpus))))
     groups = [shards[i : i + per_task] for i in range(0, len(shards), per_task)]
