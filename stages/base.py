@@ -383,6 +383,15 @@ class GlobalStage(Stage):
     kind: ClassVar[StageKind] = StageKind.GLOBAL
     needs: tuple[str, ...] = ()  # a class default; params may widen it per instance
 
+    def input_columns(self) -> tuple[str, ...]:
+        """What the config check requires of earlier stages: ``reads`` and ``needs``."""
+        return tuple(dict.fromkeys([*super().input_columns(), *self.needs]))
+
+    def summary(self) -> dict[str, Any] | None:
+        """Run-level figures of the decision (groups found, purity against truth), written next to the
+        stage's manifests once it ran; None: nothing to write."""
+        return None
+
     def run_global(self, table: pa.Table) -> Batch:
         raise NotImplementedError
 

@@ -394,8 +394,7 @@ def _whole_table_task(url: str, options: dict[str, Any], spec: StageSpec, stage:
             continue
         part = {k: v[a:b] for k, v in out.items() if isinstance(v, list) and len(v) == n}
         results.append(commit_rows(store, spec, stage, sh, table.slice(a, b - a), part, t0))
-    summary = stage.summary() if callable(getattr(stage, "summary", None)) else None  # type: ignore[attr-defined]
-    return results, summary
+    return results, stage.summary()
 
 
 def run_global_distributed(spec: StageSpec, shards: list[str], todo: Iterable[str],
@@ -415,11 +414,13 @@ def run_global_distributed(spec: StageSpec, shards: list[str], todo: Iterable[st
             stage.run_corpus(corpus)
         finally:
             store.remove(*global_work_dir(spec.stage_id), recursive=True)
-        results, summary = corpus.results, stage.summary() if hasattr(stage, "summary") else None
+        results, summary = corpus.results, stage.summary()
     else:
-        fallback = RayCorpus(spec, stage, shards, todo_list)
-        results, summary = fallback._run("whole-table", _whole_table_task,
-                                         [(store.url, store.storage_options, spec, stage, shards, todo_list)])[0]
+        res = stage.resources
+        results, summary = run_calls(
+            f"global stage {spec.stage_id!r}: whole-table", _whole_table_task,
+            [(store.url, store.storage_options, spec, stage, shards, todo_list)],
+            task_options(max(res.cpus, 0.1), int(res.memory_gb * 2**30), res.gpus), error=GlobalStageError)[0]
     if summary is not None:
         import json
 

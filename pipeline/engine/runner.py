@@ -113,7 +113,7 @@ class Runner:
         available: dict[str, str] = {c: "every stage" for c in CARRIED}
         for s in self.stages:
             inst = self.instances[s.stage_id]
-            wanted = list(dict.fromkeys([*inst.input_columns(), *getattr(inst, "needs", ())]))
+            wanted = list(inst.input_columns())
             missing = [c for c in wanted if c not in available]
             if missing:
                 written = ", ".join(f"{c} ({w})" for c, w in sorted(available.items()) if w != "every stage")
