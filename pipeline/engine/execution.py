@@ -33,9 +33,11 @@ from manifests.vocabulary import TAR_OFFSET, TAR_SIZE
 from pipeline.engine.faults import UpstreamNotCommittedError, is_transient
 from stages.base import (
     DETAIL,
+    IDENTITY_ID,
     IMAGE,
     IMAGE_EXT,
     KEEP,
+    KEY,
     PARENT_ID,
     REASON,
     SAMPLE_ID,
@@ -240,7 +242,7 @@ def remember(cache: ShardCache, stage: Stage[Any], stage_id: str, table: pa.Tabl
     n = len(out[SAMPLE_ID])
     images = out.get(IMAGE, [None] * n)
     if wrote_tar:
-        offsets = table.column("tar_offset").to_pylist()
+        offsets = table.column(TAR_OFFSET).to_pylist()
         exts = table.column(IMAGE_EXT).to_pylist()
         cache.images[stage_id] = {out[SAMPLE_ID][i]: (remembering(images[i], cache.pixels), exts[i])
                                   for i in range(n) if offsets[i] is not None}
@@ -277,7 +279,7 @@ def _error_rows(batch: Batch, detail: str) -> Batch:
     """Rows for samples whose ``process`` call raised: rule ``stage_error``, the exception as detail."""
     n = len(batch[SAMPLE_ID])
     return {SAMPLE_ID: list(batch[SAMPLE_ID]), STATUS: [STATUS_ERROR] * n, KEEP: [False] * n,
-            REASON: ["stage_error"] * n, "detail": [detail] * n}
+            REASON: ["stage_error"] * n, DETAIL: [detail] * n}
 
 
 def _slice(batch: Batch, start: int, stop: int) -> Batch:
@@ -345,7 +347,7 @@ def complete_rows(batch: Batch, out: Batch) -> Batch:
         lost = {c: [batch[c][i] for i in missing] for c in CARRIED}
         lost.update({STATUS: [STATUS_ERROR] * len(missing), KEEP: [False] * len(missing),
                      REASON: ["no_row_returned"] * len(missing),
-                     "detail": ["the stage returned no row for this sample"] * len(missing)})
+                     DETAIL: ["the stage returned no row for this sample"] * len(missing)})
         out = _concat([out, lost])
     return out
 
@@ -361,7 +363,7 @@ def build_manifest(spec: StageSpec, stage: Stage[Any], shard: str, out: Batch, i
     n = len(out[SAMPLE_ID])
     info = stage.model_info()
     now = datetime.now(UTC)
-    keys = out.get("key", [None] * n)
+    keys = out.get(KEY, [None] * n)
     exts = out.get(IMAGE_EXT, [None] * n) if output_shard else [None] * n
     images = out.get(IMAGE, [None] * n)
     offsets, sizes, crcs = [], [], []
@@ -372,27 +374,27 @@ def build_manifest(spec: StageSpec, stage: Stage[Any], shard: str, out: Batch, i
         sizes.append(loc.size if loc else None)
         crcs.append(loc.crc32 if loc else None)
     data: dict[str, list[Any]] = {
-        "sample_id": out[SAMPLE_ID],
-        "key": keys,
-        "identity_id": out.get("identity_id", [None] * n),
-        "parent_id": out.get(PARENT_ID, [None] * n),
+        SAMPLE_ID: out[SAMPLE_ID],
+        KEY: keys,
+        IDENTITY_ID: out.get(IDENTITY_ID, [None] * n),
+        PARENT_ID: out.get(PARENT_ID, [None] * n),
         "stage": [spec.stage_id] * n,
         "stage_name": [stage.name] * n,
         "stage_version": [stage.version] * n,
         "shard": [shard] * n,
-        "status": out[STATUS],
-        "keep": [bool(k) for k in out[KEEP]],
-        "reason": out[REASON],
-        "detail": out.get("detail", [None] * n),
+        STATUS: out[STATUS],
+        KEEP: [bool(k) for k in out[KEEP]],
+        REASON: out[REASON],
+        DETAIL: out.get(DETAIL, [None] * n),
         "model_name": [info.name or None] * n,
         "model_revision": [info.revision or None] * n,
         "params_hash": [spec.params_hash] * n,
         "fingerprint": [spec.fingerprint] * n,
         "input_shard": [input_shard] * n,
         "output_shard": [output_shard if o is not None else None for o in offsets],
-        "image_ext": [e if o is not None else None for e, o in zip(exts, offsets, strict=True)],
-        "tar_offset": offsets,
-        "tar_size": sizes,
+        IMAGE_EXT: [e if o is not None else None for e, o in zip(exts, offsets, strict=True)],
+        TAR_OFFSET: offsets,
+        TAR_SIZE: sizes,
         "tar_crc32": crcs,
         "worker": [worker] * n,
         "processed_at": [now] * n,
@@ -442,15 +444,15 @@ def write_pixels(store: RunStorage, spec: StageSpec, shard: str, out: Batch,
         if out[STATUS][i] != STATUS_OK or (images[i] is None and not extra):
             continue
         try:
-            key = check_key(out["key"][i])
+            key = check_key(out[KEY][i])
         except (UnsafeMemberError, TypeError) as exc:
             out[STATUS][i], out[KEEP][i], out[REASON][i] = STATUS_ERROR, False, "unsafe_key"
-            out.setdefault("detail", [None] * n)[i] = str(exc)
+            out.setdefault(DETAIL, [None] * n)[i] = str(exc)
             for vals in members.values():
                 vals[i] = None
             continue
-        meta = {"sample_id": out[SAMPLE_ID][i], "identity_id": out["identity_id"][i],
-                "parent_id": out[PARENT_ID][i], "stage": spec.stage_id}
+        meta = {SAMPLE_ID: out[SAMPLE_ID][i], IDENTITY_ID: out[IDENTITY_ID][i],
+                PARENT_ID: out[PARENT_ID][i], "stage": spec.stage_id}
         record: dict[str, Any] = {"__key__": key, "json": meta, **extra}
         if images[i] is not None:
             record[exts[i] or "png"] = images[i]
@@ -461,7 +463,7 @@ def write_pixels(store: RunStorage, spec: StageSpec, shard: str, out: Batch,
         column = out[c]
         for i, v in enumerate(vals):
             if v is not None:
-                loc = index[out["key"][i]][f"{c}.{member_exts[c]}"]
+                loc = index[out[KEY][i]][f"{c}.{member_exts[c]}"]
                 column[i] = {"tar": rel, "offset": loc.offset, "size": loc.size, "crc32": loc.crc32}
     store.write_atomic(data, rel)
     return rel, index, tar_record(rel, data)
