@@ -92,25 +92,27 @@ def import_cycles() -> list[list[str]]:
     return out
 
 
+def _long_in(tree: ast.AST, module: str) -> list[str]:
+    out: list[str] = []
+
+    def walk(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                qual = f"{prefix}{child.name}"
+                if not isinstance(child, ast.ClassDef):
+                    lines = (child.end_lineno or child.lineno) - child.lineno + 1
+                    if lines > MAX_FUNCTION_LINES:
+                        out.append(f"{module}:{qual} ({lines})")
+                walk(child, qual + ".")
+
+    walk(tree, "")
+    return out
+
+
 def long_functions() -> list[str]:
     """``module:qualname (lines)`` of each function over MAX_FUNCTION_LINES in SHORT_PACKAGES."""
-    out: list[str] = []
-    for name, path in _modules().items():
-        if not name.startswith(SHORT_PACKAGES):
-            continue
-
-        def walk(node: ast.AST, prefix: str) -> None:
-            for child in ast.iter_child_nodes(node):
-                if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
-                    qual = f"{prefix}{child.name}"
-                    if not isinstance(child, ast.ClassDef):
-                        lines = (child.end_lineno or child.lineno) - child.lineno + 1
-                        if lines > MAX_FUNCTION_LINES:
-                            out.append(f"{name}:{qual} ({lines})")
-                    walk(child, qual + ".")
-
-        walk(ast.parse(path.read_text(), str(path)), "")
-    return out
+    return [f for name, path in _modules().items() if name.startswith(SHORT_PACKAGES)
+            for f in _long_in(ast.parse(path.read_text(), str(path)), name)]
 
 
 def test_no_module_imports_itself_through_a_circle() -> None:
