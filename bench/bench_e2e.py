@@ -1,19 +1,25 @@
-"""End to end against what a user would write instead: the same rendered images, the same dlib models.
+"""End to end against what a user would write instead: the same images, the same dlib models.
 
-Three ways to detect (dlib HOG + 68 landmarks), align (5 points onto the ArcFace 112 template) and
-embed (dlib ResNet 128-d) a set of rendered face images stored as WebDataset tars:
+Every entry flow of a run detects (dlib HOG + 68 landmarks), aligns (5 points onto the ArcFace 112
+template) and embeds (dlib ResNet 128-d) the same rendered faces, entering in one of three ways:
 
-- bare: a ``multiprocessing.Pool(cpus)`` loop over the tars, one Parquet file of vectors per tar;
-- raydata: ``ray.data.read_webdataset`` -> ``map_batches`` with an actor class -> ``write_parquet``;
-- facefoundry: ``ingest`` (tar mode) -> ``detect`` -> ``align`` -> ``embed`` through the CLI.
+- ``tars``: the images as WebDataset tars (``ingest`` in tar mode);
+- ``folder``: the same images as loose PNG files in a folder (``ingest`` in folder mode);
+- ``render``: the images rendered by the run itself (``render``), as many as the other flows hold.
+
+Each flow is measured against the same bare loop, a ``multiprocessing.Pool(cpus)`` doing the same
+work over the same input (reading the tars, reading the files, or rendering with facekit's renderer),
+one Parquet file of vectors per part. The ``tars`` flow can also run ``raydata``
+(``ray.data.read_webdataset`` -> ``map_batches`` with an actor class -> ``write_parquet``).
 
 Each way runs in its own fresh Python process (imports and start-up included), the ways alternate
 ``--repeat`` times and the best wall time of each is reported, and the median over the repeats of the
 ratio of runs made back to back (on a shared machine whose speed drifts, the steadier figure).
 "steady" is the output rate between the first and the last output (after start-up and the first
-shard), as a ratio to the bare loop's. Prints one JSON line at the end.
+shard), as a ratio to the bare loop's. Prints one JSON line per flow.
 
-    python bench/bench_e2e.py --images 512 --repeat 2 [--ways bare,raydata,facefoundry] [--bytes]
+    python bench/bench_e2e.py --images 2048 --repeat 2 [--flows tars,folder,render]
+        [--ways bare,facefoundry[,raydata]] [--bytes]
 """
 
 from __future__ import annotations
@@ -67,10 +73,13 @@ class FaceWork:
         self.emb = DlibEmbedder({})
 
     def __call__(self, png: bytes) -> list[float] | None:
-        from facekit.geometry import align_to_template, warp
         from facekit.imaging import decode_rgb
 
-        rgb = decode_rgb(png)
+        return self.rgb(decode_rgb(png))
+
+    def rgb(self, rgb: Any) -> list[float] | None:
+        from facekit.geometry import align_to_template, warp
+
         faces = self.det.detect(rgb)
         if not faces:
             return None
@@ -79,9 +88,15 @@ class FaceWork:
         return [float(v) for v in self.emb.embed([crop])[0]]
 
 
-def _bare_worker(args: tuple[list[str], str]) -> list[tuple[float, int]]:
+def _write_part(out: str, name: str, keys: list[str], vecs: list[Any]) -> tuple[float, int]:
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"key": keys, "embedding": vecs}), f"{out}/{name}.parquet")
+    return (time.time(), len(keys))
+
+
+def _bare_tars(args: tuple[list[str], str]) -> list[tuple[float, int]]:
     import webdataset as wds
 
     tars, out = args
@@ -92,16 +107,54 @@ def _bare_worker(args: tuple[list[str], str]) -> list[tuple[float, int]]:
         for s in wds.WebDataset([tar], shardshuffle=False, empty_check=False):
             keys.append(s["__key__"])
             vecs.append(work(s["png"]))
-        pq.write_table(pa.table({"key": keys, "embedding": vecs}), f"{out}/{Path(tar).stem}.parquet")
-        done.append((time.time(), len(keys)))
+        done.append(_write_part(out, Path(tar).stem, keys, vecs))
     return done
 
 
-def way_bare(tars: list[str], out: str, cpus: int) -> dict[str, Any]:
+def _bare_folder(args: tuple[list[str], str]) -> list[tuple[float, int]]:
+    """Parts of 64 files, as the tars hold them."""
+    files, out = args
+    work = FaceWork()
+    done = []
+    for i in range(0, len(files), 64):
+        part = files[i : i + 64]
+        vecs = [work(Path(f).read_bytes()) for f in part]
+        done.append(_write_part(out, f"part-{i:06d}", [Path(f).stem for f in part], vecs))
+    return done
+
+
+def _bare_render(args: tuple[list[int], str]) -> list[tuple[float, int]]:
+    """Render (facekit's renderer, 256 px, the run's yaw range) and embed, 64 images per part."""
+    import numpy as np
+
+    from facekit.renderer.render import render_sample
+
+    seeds, out = args
+    work = FaceWork()
+    done = []
+    for i in range(0, len(seeds), 64):
+        part = seeds[i : i + 64]
+        vecs = []
+        for seed in part:
+            rng = np.random.default_rng(seed)
+            ident = rng.standard_normal(512).astype(np.float32)
+            img, _ = render_sample(ident, ident + 0.3 * rng.standard_normal(512).astype(np.float32), seed,
+                                   size=256, max_yaw=20)
+            vecs.append(work.rgb(img))
+        done.append(_write_part(out, f"part-{seeds[i]:06d}", [str(s) for s in part], vecs))
+    return done
+
+
+BARE = {"tars": _bare_tars, "folder": _bare_folder, "render": _bare_render}
+
+
+def way_bare(flow: str, inputs: list[Any], out: str, cpus: int) -> dict[str, Any]:
     import multiprocessing as mp
 
     with mp.get_context("spawn").Pool(cpus) as pool:
-        parts = pool.map(_bare_worker, [(tars[i::cpus], out) for i in range(cpus)])
+        parts = pool.map(BARE[flow], [(inputs[i::cpus] if flow == "tars" else
+                                       inputs[i * len(inputs) // cpus : (i + 1) * len(inputs) // cpus], out)
+                                      for i in range(cpus)])
     marks = sorted(m for p in parts for m in p)
     return {"samples": sum(k for _, k in marks), "marks": marks}
 
@@ -115,7 +168,9 @@ class _RayFace:
         return {"key": list(batch["__key__"]), "embedding": vecs, "t": [time.time()] * len(vecs)}
 
 
-def way_raydata(tars: list[str], out: str, cpus: int) -> dict[str, Any]:
+def way_raydata(flow: str, tars: list[str], out: str, cpus: int) -> dict[str, Any]:
+    if flow != "tars":
+        raise SystemExit("raydata: tars flow only")
     import ray
     import ray.data
 
@@ -137,11 +192,23 @@ def way_raydata(tars: list[str], out: str, cpus: int) -> dict[str, Any]:
     return {"samples": len(t), "marks": sorted(marks.items())}
 
 
-def way_facefoundry(tars: list[str], out: str, cpus: int) -> dict[str, Any]:
+def _entry(flow: str, inputs: list[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The run's first stage for a flow, and its identities block (render only)."""
+    if flow == "tars":
+        return {"stage": "ingest", "params": {"tars": inputs}}, {}
+    if flow == "folder":
+        return {"stage": "ingest", "params": {"root": str(Path(inputs[0]).parent)}}, {}
+    return ({"stage": "render", "params": {"size": 256, "max_yaw": 20}},
+            {"identities": {"count": max(1, len(inputs) // 8), "images_per_identity": 8, "dim": 512,
+                            "max_cosine": 0.35}})
+
+
+def way_facefoundry(flow: str, inputs: list[Any], out: str, cpus: int) -> dict[str, Any]:
     import yaml
 
-    cfg = {"name": "bench-e2e", "run": {"seed": 0, "shard_size": 64},
-           "stages": [{"stage": "ingest", "params": {"tars": tars}},
+    first, extra = _entry(flow, inputs)
+    cfg = {"name": "bench-e2e", "run": {"seed": 0, "shard_size": 64}, **extra,
+           "stages": [first,
                       {"stage": "detect", "params": {"backend": "dlib", "options": {"upsample": 1},
                                                      "policy": "one_face_per_image"}},
                       {"stage": "align"}, {"stage": "embed"}],
@@ -181,12 +248,12 @@ def _median(values: list[float]) -> float | None:
     return round(v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2, 3)
 
 
-def run_one(way: str, tars: list[str], cpus: int) -> dict[str, Any]:
+def run_one(way: str, flow: str, inputs: list[Any], cpus: int) -> dict[str, Any]:
     """One way in a fresh process, so imports and start-up count as they do for a user."""
     out = tempfile.mkdtemp(prefix=f"ffe2e-{way}-")
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--child", way, "--out", out, "--cpus", str(cpus),
-                           "--tars-json", json.dumps(tars)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, __file__, "--child", way, "--flow", flow, "--out", out, "--cpus",
+                           str(cpus), "--inputs-json", json.dumps(inputs)], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -200,13 +267,14 @@ def run_one(way: str, tars: list[str], cpus: int) -> dict[str, Any]:
 
 
 def bytes_per_stage(tars: list[str], cpus: int) -> dict[str, Any]:
-    """Bytes a stage reads from the run directory for one shard: separate actors (today: every upstream
-    manifest in full plus the pixel tar) vs a fused chain (measured by running the chain in this
-    process on one shard of a finished run, counting every read through RunStorage)."""
+    """Bytes a stage reads from the run directory for one shard: separate actors (every upstream
+    manifest the stage's columns need, verified whole, plus the pixel tar) vs a fused chain (measured
+    by running the chain in this process on one shard of a finished run, counting every read through RunStorage)."""
     import shutil
 
     import ray
 
+    from manifests import reader
     from manifests.storage import RunStorage
     from pipeline.config import load_config
     from pipeline.engine import execution
@@ -214,30 +282,17 @@ def bytes_per_stage(tars: list[str], cpus: int) -> dict[str, Any]:
     from pipeline.engine.runner import Runner
 
     counted: dict[str, int] = {"bytes": 0}
-    real_cat, real_open = RunStorage.read_bytes, execution.read_manifest
+    real_cat, real_verified = RunStorage.read_bytes, reader.read_manifest_verified
 
     def read_bytes(self: RunStorage, *parts: str) -> bytes:
         data = real_cat(self, *parts)
         counted["bytes"] += len(data)
         return data
 
-    def read_manifest(store: RunStorage, stage_id: str, shard: str, columns: set[str] | None = None) -> Any:
-        with store.fs.open(store.path(*execution.manifest_path(stage_id, shard)), "rb") as f:
-            import io
-
-            import pyarrow.parquet as pq
-
-            raw = f.read()
-        counted["bytes"] += len(raw) if columns is None else 0
-        pf = pq.ParquetFile(io.BytesIO(raw))
-        if columns is None:
-            return pf.read()
-        names = [c for c in pf.schema_arrow.names if c in columns]
-        # Bytes of the column chunks a projected read fetches (what a range-reading store transfers).
-        md = pf.metadata
-        counted["bytes"] += sum(md.row_group(g).column(i).total_compressed_size for g in range(md.num_row_groups)
-                                for i in range(md.num_columns) if md.row_group(g).column(i).path_in_schema in names)
-        return pf.read(columns=names)
+    def read_manifest_verified(store: RunStorage, stage_id: str, shard: str) -> Any:
+        # A fragment is verified whole before use: every byte of it is read.
+        counted["bytes"] += store.fs.size(store.path(*execution.manifest_path(stage_id, shard)))
+        return real_verified(store, stage_id, shard)
 
     raw = {"name": "bench-bytes", "run": {"seed": 0, "shard_size": 64},
            "stages": [{"stage": "ingest", "params": {"tars": tars[:2]}},
@@ -253,7 +308,7 @@ def bytes_per_stage(tars: list[str], cpus: int) -> dict[str, Any]:
     ray.shutdown()
     shard = "000000"
     RunStorage.read_bytes = read_bytes  # type: ignore[method-assign]
-    execution.read_manifest = read_manifest
+    reader.read_manifest_verified = read_manifest_verified
     try:
         before: dict[str, int] = {}
         for s in stages[1:]:
@@ -282,7 +337,7 @@ def bytes_per_stage(tars: list[str], cpus: int) -> dict[str, Any]:
             fused[ex.spec.stage_id] = counted["bytes"]
     finally:
         RunStorage.read_bytes = real_cat  # type: ignore[method-assign]
-        execution.read_manifest = real_open
+        reader.read_manifest_verified = real_verified
     return {"shard_samples": 64, "separate_actors": before, "separate_with_declared_reads": declared,
             "fused_chain": fused}
 
@@ -290,33 +345,34 @@ def bytes_per_stage(tars: list[str], cpus: int) -> dict[str, Any]:
 # ---------------------------------------------------------------- main
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--images", type=int, default=512)
-    ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
-    ap.add_argument("--ways", default="bare,raydata,facefoundry")
-    ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "ffe2e-images"))
-    ap.add_argument("--bytes", action="store_true", help="also measure bytes read per shard per stage")
-    ap.add_argument("--child")
-    ap.add_argument("--out")
-    ap.add_argument("--tars-json")
-    a = ap.parse_args()
-    if a.child:
-        res = WAYS[a.child](json.loads(a.tars_json), a.out, a.cpus)
-        print(json.dumps(res))
-        return
-    tars = render_images(a.images, Path(a.cache) / str(a.images))
-    ways = a.ways.split(",")
+def folder_images(tars: list[str], cache: Path) -> list[str]:
+    """The tars' PNGs as loose files in one folder: made once, then reused."""
+    import webdataset as wds
+
+    folder = cache / "folder"
+    files = sorted(glob.glob(str(folder / "*.png")))
+    if files:
+        return files
+    folder.mkdir(parents=True, exist_ok=True)
+    for tar in tars:
+        for s in wds.WebDataset([tar], shardshuffle=False, empty_check=False):
+            (folder / f"{s['__key__']}.png").write_bytes(s["png"])
+    return sorted(glob.glob(str(folder / "*.png")))
+
+
+def measure_flow(flow: str, inputs: list[Any], ways: list[str], repeat: int, cpus: int, images: int
+                 ) -> dict[str, Any]:
+    """Each way of one flow ``repeat`` times, alternating their order; the summary line of the flow."""
     runs: dict[str, list[dict[str, Any]]] = {w: [] for w in ways}
-    for rep in range(a.repeat):
-        for w in ways if rep % 2 == 0 else list(reversed(ways)):  # alternate the order
-            r = run_one(w, tars, a.cpus)
+    for rep in range(repeat):
+        for w in ways if rep % 2 == 0 else list(reversed(ways)):
+            r = run_one(w, flow, inputs, cpus)
             runs[w].append(r)
-            print(f"[e2e] {w:12s} run {rep + 1}: {r['wall']:7.1f} s  steady {r['steady']:6.2f} img/s", flush=True)
+            print(f"[e2e] {flow:6s} {w:12s} run {rep + 1}: {r['wall']:7.1f} s  steady {r['steady']:6.2f} img/s",
+                  flush=True)
     best = {w: min(rs, key=lambda r: r["wall"]) for w, rs in runs.items() if rs}
     steady = {w: max(r["steady"] for r in rs) for w, rs in runs.items() if rs}
-    summary: dict[str, Any] = {"images": a.images, "cpus": a.cpus, "repeat": a.repeat,
+    summary: dict[str, Any] = {"flow": flow, "images": images, "cpus": cpus, "repeat": repeat,
                                "wall_s": {w: round(b["wall"], 2) for w, b in best.items()},
                                "steady_img_s": {w: round(v, 3) for w, v in steady.items()}}
     if "bare" in best:
@@ -326,13 +382,41 @@ def main() -> None:
         # Each repeat's ways ran back to back: their ratio holds when the machine's speed drifts between
         # repeats, which best-of does not (a fast minute for one way and a slow one for the other).
         summary["paired_end_to_end_vs_bare"] = {
-            w: _median([runs["bare"][i]["wall"] / runs[w][i]["wall"] for i in range(a.repeat)]) for w in ways}
+            w: _median([runs["bare"][i]["wall"] / runs[w][i]["wall"] for i in range(repeat)]) for w in ways}
         summary["paired_steady_vs_bare"] = {
-            w: _median([runs[w][i]["steady"] / runs["bare"][i]["steady"] for i in range(a.repeat)
+            w: _median([runs[w][i]["steady"] / runs["bare"][i]["steady"] for i in range(repeat)
                         if runs["bare"][i]["steady"]]) for w in ways}
-    if a.bytes:
-        summary["bytes_read_per_shard"] = bytes_per_stage(tars, a.cpus)
-    print(json.dumps(summary))
+    return summary
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=2048)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--flows", default="tars,folder,render")
+    ap.add_argument("--ways", default="bare,facefoundry", help="raydata too: tars flow only")
+    ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "ffe2e-images"))
+    ap.add_argument("--bytes", action="store_true", help="also measure bytes read per shard per stage")
+    ap.add_argument("--child")
+    ap.add_argument("--flow", default="tars")
+    ap.add_argument("--out")
+    ap.add_argument("--inputs-json")
+    a = ap.parse_args()
+    if a.child:
+        res = WAYS[a.child](a.flow, json.loads(a.inputs_json), a.out, a.cpus)
+        print(json.dumps(res))
+        return
+    cache = Path(a.cache) / str(a.images)
+    tars = render_images(a.images, cache)
+    inputs: dict[str, list[Any]] = {"tars": tars, "folder": folder_images(tars, cache),
+                                    "render": list(range(a.images))}
+    for flow in a.flows.split(","):
+        ways = [w for w in a.ways.split(",") if w != "raydata" or flow == "tars"]
+        summary = measure_flow(flow, inputs[flow], ways, a.repeat, a.cpus, a.images)
+        if a.bytes and flow == "tars":
+            summary["bytes_read_per_shard"] = bytes_per_stage(tars, a.cpus)
+        print(json.dumps(summary), flush=True)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-# A batch is a column dict; these are the two columns every labeler and backend helper may read.
-Batch = dict[str, list[Any]]
-SAMPLE_ID = "sample_id"
-IMAGE = "image"
+# The batch shape and the two columns every labeler and backend helper may read.
+from manifests.vocabulary import IMAGE as IMAGE
+from manifests.vocabulary import SAMPLE_ID as SAMPLE_ID
+from manifests.vocabulary import Batch as Batch
 
 
 class Strict(BaseModel):

@@ -6,7 +6,7 @@ distances (lower = same person), ArcFace gives cosine similarities of L2-normali
 direction of a test is never re-derived by hand.
 
 Defaults are for photos and are documented with their source in ``DEFAULTS``. Rendered or
-generated faces compress distances (DESIGN.md, measured with dlib: photos intra 0.41 / inter 0.76;
+generated faces compress distances (measured with dlib: photos intra 0.41 / inter 0.76;
 crude renders intra 0.16 / inter 0.39), so a run whose identities are labels by construction should
 rather fit its threshold at a target false-accept rate from its own genuine / impostor comparisons
 and record it.
@@ -75,7 +75,7 @@ DLIB_SOURCE = (
     "Photos: dlib's dnn_face_recognition_ex and face_recognition call pairs closer than 0.6 the same person "
     "(99.38% on LFW). A sample-to-centroid distance drops the centroid's own noise (about 1/sqrt(2) of a "
     "pair distance for the same person): same_identity = 0.5. Centroids of one person sit near 0 and of "
-    "distinct photo persons at sqrt(0.76^2 - 0.41^2) ~ 0.64 (DESIGN.md figures): collision = 0.35. "
+    "distinct photo persons at sqrt(0.76^2 - 0.41^2) ~ 0.64 (photo pairs: intra 0.41, inter 0.76): collision = 0.35. "
     "grouping = 0.5 follows dlib's face_clustering.py (chinese whispers at 0.5). Procedural renders "
     "(measured, 20-24 identities x 8): pairs of one identity 0.10-0.52, of two 0.28-0.78; centroids of "
     "distinct identities from 0.29, of a re-generated identity 0.06-0.07; so on renders fit instead "
@@ -85,8 +85,8 @@ DLIB_SOURCE = (
 )
 ARCFACE_SOURCE = (
     "insightface ArcFace (cosine of L2-normalised 512-d vectors): verification thresholds at FAR 1e-4 on "
-    "IJB-C are about 0.3-0.4, and Vec2Face samples identities below 0.3-0.4 similarity to each other "
-    "(DESIGN.md). Centroids average out per-image noise: same_identity = 0.35 for a sample vs its "
+    "IJB-C are about 0.3-0.4, and Vec2Face samples identities below 0.3-0.4 similarity to each other. "
+    "Centroids average out per-image noise: same_identity = 0.35 for a sample vs its "
     "centroid, collision = 0.5 between two centroids. Re-encodes of one image stay above 0.95 "
     "(near_duplicate); grouping links pairs above 0.5. Heuristic, not measured here: fit from data."
 )

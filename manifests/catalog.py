@@ -40,7 +40,9 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from manifests.commit import Fragment, scan_fragments
+from manifests.commit import COMMITTED_GLOB as COMMITTED_GLOB
+from manifests.commit import Fragment, committed_tokens, scan_fragments
+from manifests.compaction import read_pointer
 from manifests.layout import (
     IDENTITIES_FILE,
     MANIFEST_SUFFIX,
@@ -53,81 +55,19 @@ from manifests.layout import (
 )
 from manifests.query_guard import QueryGuard
 from manifests.schema import COMMON_FIELDS
-from manifests.sql import duck_path, glob_escape, lit, one_statement, parquet_source, parse_tree, q
+from manifests.sql import (
+    array_casts,
+    duck_path,
+    duck_type,
+    glob_escape,
+    lit,
+    one_statement,
+    parquet_source,
+    parse_tree,
+    q,
+    sandbox,
+)
 from manifests.storage import RunStorage
-
-# Matches every committed Parquet file of a folder and no temporary (``_tmp-``) or hidden one.
-COMMITTED_GLOB = "[!_.]*" + MANIFEST_SUFFIX
-
-
-def committed_fragments(store: RunStorage, stage_id: str, *, tokens: bool = True) -> dict[str, str]:
-    """Name -> version token (size and modification time or ETag) of each committed manifest
-    fragment of a stage, from one listing.
-
-    THE one place that decides which fragments are committed: status, the catalog, compaction and
-    lineage all ask here, so commit verification (size and checksum) is swapped in at one spot.
-    The token tells a compacted copy whether the fragment it copied is still the one on disk;
-    ``tokens=False`` spares a local disk one stat per fragment when no copy needs checking.
-    """
-    folder = store.path(MANIFESTS_DIR, stage_id)
-    out: dict[str, str] = {}
-    if store.is_local:  # os.scandir: fsspec's local ls costs a Python info() per entry (20,000 of them)
-        try:
-            with os.scandir(folder) as it:
-                for d in it:
-                    if d.name.endswith(MANIFEST_SUFFIX) and not d.name.startswith((".", "_")) and d.is_file():
-                        st = d.stat() if tokens else None
-                        out[d.name] = f"{st.st_size}:{st.st_mtime_ns}" if st else ""
-        except FileNotFoundError:
-            return {}
-        return dict(sorted(out.items()))
-    # Object-store listings are cached per filesystem instance (and fsspec shares instances): a
-    # fragment committed by another process must not be missed.
-    store.fs.invalidate_cache(folder)
-    try:
-        entries = store.fs.ls(folder, detail=True)
-    except FileNotFoundError:
-        return {}
-    for e in entries:
-        name = posixpath.basename(str(e["name"]).rstrip("/"))
-        if e.get("type") != "file" or not name.endswith(MANIFEST_SUFFIX) or name.startswith((".", "_")):
-            continue
-        stamp = e.get("ETag") or e.get("etag") or e.get("mtime") or e.get("LastModified") or e.get("created") or ""
-        out[name] = f"{e.get('size')}:{stamp}"
-    return dict(sorted(out.items()))
-
-
-def duck_type(t: pa.DataType) -> str | None:
-    """DuckDB's name of an Arrow type, for the types the catalog casts (fixed-size vectors)."""
-    if pa.types.is_fixed_size_list(t):
-        inner = duck_type(t.value_type)
-        return f"{inner}[{t.list_size}]" if inner else None
-    if pa.types.is_float32(t):
-        return "FLOAT"
-    if pa.types.is_float64(t):
-        return "DOUBLE"
-    if pa.types.is_float16(t):
-        return "FLOAT"
-    if pa.types.is_integer(t):
-        return {8: "TINYINT", 16: "SMALLINT", 32: "INTEGER", 64: "BIGINT"}[t.bit_width]
-    if pa.types.is_boolean(t):
-        return "BOOLEAN"
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
-        return "VARCHAR"
-    if pa.types.is_timestamp(t):
-        return "TIMESTAMPTZ" if t.tz else "TIMESTAMP"
-    return None
-
-
-def array_casts(schema: pa.Schema) -> dict[str, str]:
-    """Columns that Parquet stores as lists but are fixed-size arrays in Arrow (vectors)."""
-    out = {}
-    for f in schema:
-        if pa.types.is_fixed_size_list(f.type):
-            t = duck_type(f.type)
-            if t:
-                out[f.name] = t
-    return out
 
 
 def _select_star(casts: dict[str, str]) -> str:
@@ -174,10 +114,8 @@ class Catalog:
     def source(self, stage_id: str) -> StageSource:
         if stage_id in self._sources:
             return self._sources[stage_id]
-        from manifests.compaction import read_pointer
-
         pointer = read_pointer(self.store, stage_id)
-        frags = committed_fragments(self.store, stage_id, tokens=pointer is not None)
+        frags = committed_tokens(self.store, stage_id, tokens=pointer is not None)
         src = StageSource(stage_id, frags)
         if pointer is not None and pointer.get("fragments") != frags:
             pointer = None  # stale: a fragment was added, removed or rewritten since
@@ -317,7 +255,7 @@ class Catalog:
         return stmts
 
     def _samples_sql(self, fields: dict[str, list[str] | None] | None) -> str:
-        from manifests.join import own_or_parent_sql
+        from manifests.reader import own_or_parent_sql
 
         select = ["ids.sample_id", "ids.key", "ids.identity_id", "ids.parent_id", "ids.last_stage_index"]
         joins = []
@@ -467,19 +405,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's live process
         return True
     return True
-
-
-def sandbox(con: duckdb.DuckDBPyConnection, allowed_directories: list[str]) -> None:
-    """Limit a connection's file access to ``allowed_directories`` and lock that in: no later SET,
-    extension load or ATTACH can lift it. DuckDB checks a glob's pattern text against the list before
-    it expands it (and each file it finds after), so a directory whose name holds a wildcard character
-    is allowed in its escaped spelling too: the spelling every reader of the run gives it."""
-    allowed = sorted({*allowed_directories, *(glob_escape(d) for d in allowed_directories)})
-    con.execute("SET autoinstall_known_extensions=false")
-    con.execute("SET autoload_known_extensions=false")
-    con.execute("SET allowed_directories=[" + ", ".join(lit(d) for d in allowed) + "]")
-    con.execute("SET enable_external_access=false")
-    con.execute("SET lock_configuration=true")
 
 
 class QueryError(ValueError):

@@ -438,3 +438,44 @@ def _cache_key(store: RunStorage, path: str, size: int) -> tuple[str, str, int]:
 def _forget(path: str) -> None:
     for key in [k for k in _CACHE if k[1] == path]:
         del _CACHE[key]
+
+
+# Matches every committed Parquet file of a folder and no temporary (``_tmp-``) or hidden one.
+COMMITTED_GLOB = "[!_.]*" + MANIFEST_SUFFIX
+
+
+def committed_tokens(store: RunStorage, stage_id: str, *, tokens: bool = True) -> dict[str, str]:
+    """Name -> version token (size and modification time or ETag) of each committed manifest
+    fragment of a stage, from one listing.
+
+    THE one place that decides which fragments are committed: status, the catalog, compaction and
+    lineage all ask here, so commit verification (size and checksum) is swapped in at one spot.
+    The token tells a compacted copy whether the fragment it copied is still the one on disk;
+    ``tokens=False`` spares a local disk one stat per fragment when no copy needs checking.
+    """
+    folder = store.path(MANIFESTS_DIR, stage_id)
+    out: dict[str, str] = {}
+    if store.is_local:  # os.scandir: fsspec's local ls costs a Python info() per entry (20,000 of them)
+        try:
+            with os.scandir(folder) as it:
+                for d in it:
+                    if d.name.endswith(MANIFEST_SUFFIX) and not d.name.startswith((".", "_")) and d.is_file():
+                        st = d.stat() if tokens else None
+                        out[d.name] = f"{st.st_size}:{st.st_mtime_ns}" if st else ""
+        except FileNotFoundError:
+            return {}
+        return dict(sorted(out.items()))
+    # Object-store listings are cached per filesystem instance (and fsspec shares instances): a
+    # fragment committed by another process must not be missed.
+    store.fs.invalidate_cache(folder)
+    try:
+        entries = store.fs.ls(folder, detail=True)
+    except FileNotFoundError:
+        return {}
+    for e in entries:
+        name = posixpath.basename(str(e["name"]).rstrip("/"))
+        if e.get("type") != "file" or not name.endswith(MANIFEST_SUFFIX) or name.startswith((".", "_")):
+            continue
+        stamp = e.get("ETag") or e.get("etag") or e.get("mtime") or e.get("LastModified") or e.get("created") or ""
+        out[name] = f"{e.get('size')}:{stamp}"
+    return dict(sorted(out.items()))

@@ -36,10 +36,9 @@ from typing import Any
 import duckdb
 import pyarrow.parquet as pq
 
-from manifests.catalog import COMMITTED_GLOB, array_casts, committed_fragments, sandbox
-from manifests.commit import scan_fragments, stage_totals
+from manifests.commit import COMMITTED_GLOB, committed_tokens, scan_fragments, stage_totals
 from manifests.layout import COMPACTED_DIR, COMPACTED_POINTER, MANIFEST_SUFFIX, MANIFESTS_DIR, compacted_dir
-from manifests.sql import lit, parquet_source, q
+from manifests.sql import array_casts, lit, parquet_source, q, sandbox
 from manifests.storage import TMP_PREFIX, RunStorage
 
 # A lineage lookup reads one row group per stage: keep row groups near this many bytes.
@@ -62,7 +61,7 @@ def valid_compaction(store: RunStorage, stage_id: str, fragments: dict[str, str]
     pointer = read_pointer(store, stage_id)
     if pointer is None:
         return None
-    frags = committed_fragments(store, stage_id) if fragments is None else fragments
+    frags = committed_tokens(store, stage_id) if fragments is None else fragments
     return pointer if pointer.get("fragments") == frags else None
 
 
@@ -101,6 +100,51 @@ def compact_stages(url: str, stage_ids: list[str], *,
     return out
 
 
+def _sorted_copy(store: RunStorage, source: str, tmp: str, out_dir: str, rg_rows: int, memory_limit: str,
+                 threads: int) -> None:
+    """DuckDB's out-of-core sort of the fragments by (sample_id, shard) into Parquet parts under
+    ``out_dir``, in a connection that may touch nothing but the run and ``tmp``."""
+    url = (lambda p: p) if store.is_local else store.fs.unstrip_protocol
+    con = duckdb.connect()
+    try:
+        if not store.is_local:
+            con.register_filesystem(store.fs)
+        con.execute(f"SET memory_limit={lit(memory_limit)}")
+        con.execute(f"SET threads={int(threads)}")
+        con.execute(f"SET temp_directory={lit(os.path.join(tmp, 'spill'))}")
+        con.execute("SET preserve_insertion_order=true")
+        roots = {url(store.root).rstrip("/") + "/", tmp.rstrip("/") + "/"}
+        if store.is_local:
+            roots.add(os.path.realpath(store.root).rstrip("/") + "/")
+            roots.add(os.path.realpath(tmp).rstrip("/") + "/")
+        sandbox(con, sorted(roots))
+        # Stage columns are cast back to fixed-size arrays on read (the pointer keeps the casts).
+        con.execute(
+            f"COPY (SELECT * FROM {source} ORDER BY {q('sample_id')}, {q('shard')}) "
+            f"TO {lit(out_dir)} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {rg_rows}, "
+            f"ROW_GROUPS_PER_FILE {ROW_GROUPS_PER_FILE}, FILENAME_PATTERN 'part-{{i}}')"
+        )
+    finally:
+        con.close()
+
+
+def _upload_parts(store: RunStorage, stage_id: str, gen: str, out_dir: str) -> list[dict[str, Any]]:
+    """The sorted parts into the run's generation folder, each with its row count and sample-id range."""
+    files = []
+    local_files = sorted((n for n in os.listdir(out_dir) if n.endswith(MANIFEST_SUFFIX)),
+                         key=lambda n: int(n[len("part-"):-len(MANIFEST_SUFFIX)]))
+    for i, name in enumerate(local_files):
+        path = os.path.join(out_dir, name)
+        meta = pq.ParquetFile(path).metadata
+        col = meta.schema.to_arrow_schema().get_field_index("sample_id")
+        lo = min(str(meta.row_group(g).column(col).statistics.min) for g in range(meta.num_row_groups))
+        hi = max(str(meta.row_group(g).column(col).statistics.max) for g in range(meta.num_row_groups))
+        final = f"part-{i:05d}{MANIFEST_SUFFIX}"
+        _put(store, path, store.path(*compacted_dir(stage_id), gen, final))
+        files.append({"name": final, "rows": meta.num_rows, "min": lo, "max": hi})
+    return files
+
+
 def compact_stage(store: RunStorage | str, stage_id: str, *, storage_options: dict[str, Any] | None = None,
                   memory_limit: str = "1GB", threads: int = 2) -> dict[str, Any] | None:
     """Write (or confirm) the sorted copy of a stage's committed fragments; returns its pointer.
@@ -109,7 +153,7 @@ def compact_stage(store: RunStorage | str, stage_id: str, *, storage_options: di
     is committed; calling it again is cheap."""
     if isinstance(store, str):
         store = RunStorage(store, storage_options)
-    frags = committed_fragments(store, stage_id)
+    frags = committed_tokens(store, stage_id)
     if not frags:
         return None
     current = read_pointer(store, stage_id)
@@ -134,39 +178,8 @@ def compact_stage(store: RunStorage | str, stage_id: str, *, storage_options: di
     tmp = tempfile.mkdtemp(prefix="ff-compact-")
     try:
         out_dir = os.path.join(tmp, "out")
-        con = duckdb.connect()
-        try:
-            if not store.is_local:
-                con.register_filesystem(store.fs)
-            con.execute(f"SET memory_limit={lit(memory_limit)}")
-            con.execute(f"SET threads={int(threads)}")
-            con.execute(f"SET temp_directory={lit(os.path.join(tmp, 'spill'))}")
-            con.execute("SET preserve_insertion_order=true")
-            roots = {url(store.root).rstrip("/") + "/", tmp.rstrip("/") + "/"}
-            if store.is_local:
-                roots.add(os.path.realpath(store.root).rstrip("/") + "/")
-                roots.add(os.path.realpath(tmp).rstrip("/") + "/")
-            sandbox(con, sorted(roots))
-            # Stage columns are cast back to fixed-size arrays on read (the pointer keeps the casts).
-            con.execute(
-                f"COPY (SELECT * FROM {source} ORDER BY {q('sample_id')}, {q('shard')}) "
-                f"TO {lit(out_dir)} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {rg_rows}, "
-                f"ROW_GROUPS_PER_FILE {ROW_GROUPS_PER_FILE}, FILENAME_PATTERN 'part-{{i}}')"
-            )
-        finally:
-            con.close()
-        files = []
-        local_files = sorted((n for n in os.listdir(out_dir) if n.endswith(MANIFEST_SUFFIX)),
-                             key=lambda n: int(n[len("part-"):-len(MANIFEST_SUFFIX)]))
-        for i, name in enumerate(local_files):
-            path = os.path.join(out_dir, name)
-            meta = pq.ParquetFile(path).metadata
-            col = meta.schema.to_arrow_schema().get_field_index("sample_id")
-            lo = min(str(meta.row_group(g).column(col).statistics.min) for g in range(meta.num_row_groups))
-            hi = max(str(meta.row_group(g).column(col).statistics.max) for g in range(meta.num_row_groups))
-            final = f"part-{i:05d}{MANIFEST_SUFFIX}"
-            _put(store, path, store.path(*compacted_dir(stage_id), gen, final))
-            files.append({"name": final, "rows": meta.num_rows, "min": lo, "max": hi})
+        _sorted_copy(store, source, tmp, out_dir, rg_rows, memory_limit, threads)
+        files = _upload_parts(store, stage_id, gen, out_dir)
         pointer = {
             "stage": stage_id,
             "generation": gen,

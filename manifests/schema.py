@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from manifests.vocabulary import IDENTITY_ID, KEY, PARENT_ID, SAMPLE_ID
+
 COMMON_FIELDS: tuple[pa.Field, ...] = (
     pa.field("sample_id", pa.string(), nullable=False),
     pa.field("key", pa.string()),
@@ -39,7 +41,7 @@ COMMON_FIELDS: tuple[pa.Field, ...] = (
 COMMON_NAMES: frozenset[str] = frozenset(f.name for f in COMMON_FIELDS)
 VOLATILE: frozenset[str] = frozenset({"worker", "processed_at", "duration_ms"})
 # Columns that describe a sample rather than one stage's view of it: they flow between stages.
-CARRIED: tuple[str, ...] = ("sample_id", "key", "identity_id", "parent_id")
+CARRIED: tuple[str, ...] = (SAMPLE_ID, KEY, IDENTITY_ID, PARENT_ID)
 
 IDENTITY_FIELDS_BASE: tuple[pa.Field, ...] = (
     pa.field("identity_id", pa.string(), nullable=False),

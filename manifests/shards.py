@@ -229,34 +229,48 @@ def iter_tar_members(
             if not with_data:
                 yield TarMember(key, ext, None, None, name, None, info.offset, info.size)
                 continue
-            try:
-                f = tar.extractfile(info)
-                data = f.read(info.size) if f is not None else b""
-            except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
-                if isinstance(exc, OSError) and is_transient(exc):
-                    raise
-                detail = f"tar ends inside member {name!r} ({type(exc).__name__}: {exc})"
-                yield TarMember(key, ext, None, "truncated_tar", name, detail, info.offset, info.size)
+            member = _read_member(tar, info, key, ext, name, is_transient)
+            yield member
+            if member.error is not None:
                 return
-            if len(data) != info.size:
-                detail = f"tar ends inside member {name!r} ({len(data)} of {info.size} bytes)"
-                yield TarMember(key, ext, None, "truncated_tar", name, detail, info.offset, info.size)
-                return
-            yield TarMember(key, ext, data, None, name, None, info.offset, info.size)
         if compressed or stop is not None:
             return  # a compressed stream checks its own end; a range ends before the archive does
-        # tarfile stops quietly at a cut header; a complete tar has a zero block where it stopped.
-        end = tar.offset
-        try:
-            fileobj.seek(end)
-            block = fileobj.read(BLOCK)
-        except OSError as exc:
-            if is_transient(exc):
-                raise
-            block = b""
-        if len(block) < BLOCK or block.strip(b"\0"):
-            detail = f"no end-of-archive block at byte {end}" + (f" (after {last.name!r})" if last.name else "")
-            yield TarMember("", "", None, "truncated_tar", "", detail, end)
+        cut = _missing_end(fileobj, tar.offset, last, is_transient)
+        if cut is not None:
+            yield cut
+
+
+def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo, key: str, ext: str, name: str,
+                 is_transient: Callable[[BaseException], bool]) -> TarMember:
+    """A regular member's bytes, or a ``truncated_tar`` error member where the archive ends inside it."""
+    try:
+        f = tar.extractfile(info)
+        data = f.read(info.size) if f is not None else b""
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+        if isinstance(exc, OSError) and is_transient(exc):
+            raise
+        detail = f"tar ends inside member {name!r} ({type(exc).__name__}: {exc})"
+        return TarMember(key, ext, None, "truncated_tar", name, detail, info.offset, info.size)
+    if len(data) != info.size:
+        detail = f"tar ends inside member {name!r} ({len(data)} of {info.size} bytes)"
+        return TarMember(key, ext, None, "truncated_tar", name, detail, info.offset, info.size)
+    return TarMember(key, ext, data, None, name, None, info.offset, info.size)
+
+
+def _missing_end(fileobj: BinaryIO, end: int, last: TarMember,
+                 is_transient: Callable[[BaseException], bool]) -> TarMember | None:
+    """tarfile stops quietly at a cut header; a complete tar has a zero block where it stopped."""
+    try:
+        fileobj.seek(end)
+        block = fileobj.read(BLOCK)
+    except OSError as exc:
+        if is_transient(exc):
+            raise
+        block = b""
+    if len(block) < BLOCK or block.strip(b"\0"):
+        detail = f"no end-of-archive block at byte {end}" + (f" (after {last.name!r})" if last.name else "")
+        return TarMember("", "", None, "truncated_tar", "", detail, end)
+    return None
 
 
 _HEADER_CAP = 1 << 20

@@ -14,7 +14,12 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+if TYPE_CHECKING:
+    import duckdb
 
 GLOB_CHARS = frozenset("*?[")
 _GLOB_RE = re.compile(r"([*?\[])")
@@ -63,6 +68,55 @@ def parquet_source(folder: str, pattern: str, files: Iterable[str], *, local: bo
         names = ", ".join(lit(duck_path(f, local=local)) for f in files)
         return f"read_parquet([{names}]{extra})"
     return f"read_parquet({lit(glob_escape(folder.rstrip('/')) + '/' + pattern)}{extra})"
+
+
+# ---------------------------------------------------------------------------------------- DuckDB
+
+
+def duck_type(t: pa.DataType) -> str | None:
+    """DuckDB's name of an Arrow type, for the types the catalog casts (fixed-size vectors)."""
+    if pa.types.is_fixed_size_list(t):
+        inner = duck_type(t.value_type)
+        return f"{inner}[{t.list_size}]" if inner else None
+    if pa.types.is_float32(t):
+        return "FLOAT"
+    if pa.types.is_float64(t):
+        return "DOUBLE"
+    if pa.types.is_float16(t):
+        return "FLOAT"
+    if pa.types.is_integer(t):
+        return {8: "TINYINT", 16: "SMALLINT", 32: "INTEGER", 64: "BIGINT"}[t.bit_width]
+    if pa.types.is_boolean(t):
+        return "BOOLEAN"
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "VARCHAR"
+    if pa.types.is_timestamp(t):
+        return "TIMESTAMPTZ" if t.tz else "TIMESTAMP"
+    return None
+
+
+def array_casts(schema: pa.Schema) -> dict[str, str]:
+    """Columns that Parquet stores as lists but are fixed-size arrays in Arrow (vectors)."""
+    out = {}
+    for f in schema:
+        if pa.types.is_fixed_size_list(f.type):
+            t = duck_type(f.type)
+            if t:
+                out[f.name] = t
+    return out
+
+
+def sandbox(con: duckdb.DuckDBPyConnection, allowed_directories: list[str]) -> None:
+    """Limit a connection's file access to ``allowed_directories`` and lock that in: no later SET,
+    extension load or ATTACH can lift it. DuckDB checks a glob's pattern text against the list before
+    it expands it (and each file it finds after), so a directory whose name holds a wildcard character
+    is allowed in its escaped spelling too: the spelling every reader of the run gives it."""
+    allowed = sorted({*allowed_directories, *(glob_escape(d) for d in allowed_directories)})
+    con.execute("SET autoinstall_known_extensions=false")
+    con.execute("SET autoload_known_extensions=false")
+    con.execute("SET allowed_directories=[" + ", ".join(lit(d) for d in allowed) + "]")
+    con.execute("SET enable_external_access=false")
+    con.execute("SET lock_configuration=true")
 
 
 # ---------------------------------------------------------------------------------------- predicates

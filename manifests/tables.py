@@ -36,15 +36,31 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from manifests.layout import DECISIONS_TABLE, MANIFEST_SUFFIX, SAMPLES_TABLE, manifest_path, table_file
+from manifests.layout import DECISIONS_TABLE, MANIFEST_SUFFIX, SAMPLES_TABLE, table_file
+from manifests.reader import ShardReader, own_or_parent_rows
+from manifests.schema import CARRIED
 from manifests.sql import glob_escape
 from manifests.storage import RunStorage
+from manifests.vocabulary import (
+    DECISION_COLUMNS,
+    DETAIL,
+    IMAGE_EXT,
+    KEEP,
+    OUTPUT_SHARD,
+    PARENT_ID,
+    REASON,
+    SAMPLE_ID,
+    STATUS,
+    STATUS_OK,
+    TAR_CRC32,
+    TAR_OFFSET,
+    TAR_SIZE,
+)
 
 SEP = "__"
 STAMP_KEY = b"facefoundry.tables.stamp"
-# Columns of every manifest a stage row contributes besides its own columns.
-DECISION_COLUMNS = ("status", "keep", "reason", "detail")
-PIXEL_COLUMNS = ("output_shard", "tar_offset", "tar_size", "tar_crc32", "image_ext")
+# Columns of a pixel-writing stage's rows that say where the sample's image lies.
+PIXEL_COLUMNS = (OUTPUT_SHARD, TAR_OFFSET, TAR_SIZE, TAR_CRC32, IMAGE_EXT)
 
 BASE_FIELDS: tuple[pa.Field, ...] = (
     pa.field("sample_id", pa.string(), nullable=False),
@@ -139,105 +155,127 @@ def file_stamp(store: RunStorage, parts: tuple[str, ...]) -> str | None:
     return value.decode() if value else None
 
 
-def _read_fragment(store: RunStorage, stage_id: str, shard: str, columns: list[str]) -> pa.Table:
-    with store.fs.open(store.path(*manifest_path(stage_id, shard)), "rb") as f:
-        have = pq.read_schema(f).names
-        f.seek(0)
-        return pq.read_table(f, columns=[c for c in columns if c in have])
+def _stage_read(s: StageColumns) -> list[str]:
+    """The columns of a stage's fragment the tables use."""
+    cols = [*CARRIED, *DECISION_COLUMNS, *(f.name for f in s.fields)]
+    return cols + list(PIXEL_COLUMNS) if s.writes_pixels else cols
+
+
+def _universe(frags: list[pa.Table]) -> dict[str, list[Any]]:
+    """Every sample id any stage wrote, in stage order then row order (deterministic), with its carried
+    columns: the latest stage's non-null value, as the catalog's view."""
+    order: dict[str, int] = {}
+    out: dict[str, list[Any]] = {c: [] for c in CARRIED}
+    for t in frags:
+        for row in zip(*(t.column(c).to_pylist() for c in CARRIED), strict=True):
+            j = order.get(row[0])
+            if j is None:
+                order[row[0]] = len(out[SAMPLE_ID])
+                for c, v in zip(CARRIED, row, strict=True):
+                    out[c].append(v)
+                continue
+            for c, v in zip(CARRIED[1:], row[1:], strict=True):
+                if v is not None:
+                    out[c][j] = v
+    return out
+
+
+@dataclass
+class _Final:
+    """The final decision of each sample, folded over the stages in order: the first stage that did not
+    pass it on names the drop; the latest pixel-writing stage's row says where its image lies."""
+
+    n: int
+
+    def __post_init__(self) -> None:
+        self.keep: list[bool] = [True] * self.n
+        self.by: list[str | None] = [None] * self.n
+        self.reason: list[str | None] = [None] * self.n
+        self.detail: list[str | None] = [None] * self.n
+        self.image: dict[str, list[Any]] = {c: [None] * self.n for c in PIXEL_COLUMNS}
+
+    def fold(self, s: StageColumns, t: pa.Table, rows: list[int | None], reason: list[Any], detail: list[Any]) -> None:
+        status = t.column(STATUS).to_pylist()
+        kept = t.column(KEEP).to_pylist()
+        for j, r in enumerate(rows):
+            if not self.keep[j]:
+                continue
+            if r is None:
+                self.keep[j], self.by[j], self.reason[j] = False, s.stage_id, NO_ROW
+                self.detail[j] = f"stage {s.stage_id!r} wrote no row for this sample"
+            elif status[r] != STATUS_OK or not kept[r]:
+                self.keep[j], self.by[j], self.reason[j], self.detail[j] = False, s.stage_id, reason[r], detail[r]
+        if not s.writes_pixels:
+            return
+        offs = t.column(TAR_OFFSET).to_pylist()
+        pix = {c: t.column(c).to_pylist() if c in t.column_names else [None] * t.num_rows for c in PIXEL_COLUMNS}
+        for j, r in enumerate(rows):
+            if r is not None and offs[r] is not None:
+                for c in PIXEL_COLUMNS:
+                    self.image[c][j] = pix[c][r]
+
+    def columns(self) -> dict[str, pa.Array]:
+        img = self.image
+        return {
+            "keep": pa.array(self.keep, pa.bool_()), "dropped_by": pa.array(self.by, pa.string()),
+            "drop_reason": pa.array(self.reason, pa.string()), "drop_detail": pa.array(self.detail, pa.string()),
+            "image_shard": pa.array(img[OUTPUT_SHARD], pa.string()),
+            "image_offset": pa.array(img[TAR_OFFSET], pa.int64()),
+            "image_size": pa.array(img[TAR_SIZE], pa.int64()),
+            "image_crc32": pa.array(img[TAR_CRC32], pa.int64()),
+            "image_ext": pa.array(img[IMAGE_EXT], pa.string()),
+        }
+
+
+def _optional(t: pa.Table, column: str) -> list[Any]:
+    return t.column(column).to_pylist() if column in t.column_names else [None] * t.num_rows
+
+
+def _stage_columns(s: StageColumns, t: pa.Table, idx: pa.Array, schema: pa.Schema) -> dict[str, pa.ChunkedArray]:
+    """The stage's decision and own columns, one value per sample of the universe (own or parent row)."""
+    out: dict[str, pa.ChunkedArray] = {}
+    for c in DECISION_COLUMNS:
+        name = column_name(s.stage_id, c)
+        src = t.column(c) if c in t.column_names else pa.nulls(t.num_rows, schema.field(name).type)
+        out[name] = pc.take(src, idx)
+    for f in s.fields:
+        name = column_name(s.stage_id, f.name)
+        target = schema.field(name).type
+        src = t.column(f.name) if f.name in t.column_names else pa.nulls(t.num_rows, target)
+        out[name] = _cast(pc.take(src, idx), target, name)
+    return out
 
 
 def build_shard_tables(store: RunStorage, stages: list[StageColumns], shard: str,
                        schema: pa.Schema) -> tuple[pa.Table, pa.Table]:
-    """The samples rows and decision rows of one source shard, from its committed fragments."""
-    carried = ["sample_id", "key", "identity_id", "parent_id"]
-    frags: list[pa.Table] = []
-    for s in stages:
-        cols = carried + list(DECISION_COLUMNS) + [f.name for f in s.fields]
-        if s.writes_pixels:
-            cols += list(PIXEL_COLUMNS)
-        frags.append(_read_fragment(store, s.stage_id, shard, cols))
-
-    # The universe: every sample id any stage wrote, in stage order then row order (deterministic).
-    order: dict[str, int] = {}
-    key: list[Any] = []
-    ident: list[Any] = []
-    parent: list[Any] = []
-    for t in frags:
-        for sid, k, i, p in zip(*(t.column(c).to_pylist() for c in carried), strict=True):
-            j = order.get(sid)
-            if j is None:
-                order[sid] = len(key)
-                key.append(k)
-                ident.append(i)
-                parent.append(p)
-                continue
-            key[j] = k if k is not None else key[j]  # the latest stage's value, as the catalog's view
-            ident[j] = i if i is not None else ident[j]
-            parent[j] = p if p is not None else parent[j]
-    sids = list(order)
-    n = len(sids)
-    out: dict[str, pa.Array] = {}
-    keep = [True] * n
-    dropped_by: list[str | None] = [None] * n
-    drop_reason: list[str | None] = [None] * n
-    drop_detail: list[str | None] = [None] * n
-    img: dict[str, list[Any]] = {c: [None] * n for c in PIXEL_COLUMNS}
+    """The samples rows and decision rows of one source shard, from its committed fragments (each read
+    verified, once, by the one reader; a stage's row of a sample by the own-or-parent rule)."""
+    reader = ShardReader(store, shard)
+    frags = [reader.fragment(s.stage_id, _stage_read(s)) for s in stages]
+    ids = _universe(frags)
+    n = len(ids[SAMPLE_ID])
+    sids, parents = pa.array(ids[SAMPLE_ID], pa.string()), pa.array(ids[PARENT_ID], pa.string())
+    final = _Final(n)
+    out: dict[str, Any] = {}
     decisions: list[pa.Table] = []
     for index, (s, t) in enumerate(zip(stages, frags, strict=True)):
-        own = {sid: i for i, sid in enumerate(t.column("sample_id").to_pylist())}
-        rows = [own.get(sid, own.get(p) if p else None) for sid, p in zip(sids, parent, strict=True)]
-        idx = pa.array(rows, pa.int64())
-        status = t.column("status").to_pylist()
-        kept = t.column("keep").to_pylist()
-        reason = t.column("reason").to_pylist() if "reason" in t.column_names else [None] * t.num_rows
-        detail = t.column("detail").to_pylist() if "detail" in t.column_names else [None] * t.num_rows
-        for j, r in enumerate(rows):
-            if not keep[j]:
-                continue
-            if r is None:
-                keep[j], dropped_by[j], drop_reason[j] = False, s.stage_id, NO_ROW
-                drop_detail[j] = f"stage {s.stage_id!r} wrote no row for this sample"
-            elif status[r] != "ok" or not kept[r]:
-                keep[j], dropped_by[j], drop_reason[j], drop_detail[j] = False, s.stage_id, reason[r], detail[r]
-        if s.writes_pixels:
-            offs = t.column("tar_offset").to_pylist()
-            # (fragments written before checksums per member have no tar_crc32: their slices go unchecked)
-            pix = {c: t.column(c).to_pylist() if c in t.column_names else [None] * t.num_rows for c in PIXEL_COLUMNS}
-            for j, r in enumerate(rows):
-                if r is not None and offs[r] is not None:
-                    for c in PIXEL_COLUMNS:
-                        img[c][j] = pix[c][r]
-        for c in DECISION_COLUMNS:
-            name = column_name(s.stage_id, c)
-            src = t.column(c) if c in t.column_names else pa.nulls(t.num_rows, schema.field(name).type)
-            out[name] = pc.take(src, idx)
-        for f in s.fields:
-            name = column_name(s.stage_id, f.name)
-            target = schema.field(name).type
-            src = t.column(f.name) if f.name in t.column_names else pa.nulls(t.num_rows, target)
-            out[name] = _cast(pc.take(src, idx), target, name)
+        idx = own_or_parent_rows(sids, parents, t.column(SAMPLE_ID))
+        reason, detail = _optional(t, REASON), _optional(t, DETAIL)
+        final.fold(s, t, idx.to_pylist(), reason, detail)
+        out.update(_stage_columns(s, t, idx, schema))
         decisions.append(pa.table({
-            "sample_id": t.column("sample_id"),
+            "sample_id": t.column(SAMPLE_ID),
             "stage": pa.array([s.stage_id] * t.num_rows, pa.string()),
             "stage_index": pa.array([index] * t.num_rows, pa.int32()),
             "shard": pa.array([shard] * t.num_rows, pa.string()),
-            "status": t.column("status"),
-            "keep": t.column("keep"),
+            "status": t.column(STATUS),
+            "keep": t.column(KEEP),
             "reason": pa.array(reason, pa.string()),
             "detail": pa.array(detail, pa.string()),
         }, schema=DECISIONS_SCHEMA))
-    base = {
-        "sample_id": pa.array(sids, pa.string()), "key": pa.array(key, pa.string()),
-        "identity_id": pa.array(ident, pa.string()), "parent_id": pa.array(parent, pa.string()),
-        "shard": pa.array([shard] * n, pa.string()), "keep": pa.array(keep, pa.bool_()),
-        "dropped_by": pa.array(dropped_by, pa.string()), "drop_reason": pa.array(drop_reason, pa.string()),
-        "drop_detail": pa.array(drop_detail, pa.string()),
-        "image_shard": pa.array(img["output_shard"], pa.string()),
-        "image_offset": pa.array(img["tar_offset"], pa.int64()),
-        "image_size": pa.array(img["tar_size"], pa.int64()),
-        "image_crc32": pa.array(img["tar_crc32"], pa.int64()),
-        "image_ext": pa.array(img["image_ext"], pa.string()),
-    }
+    base: dict[str, Any] = {c: pa.array(ids[c], pa.string()) for c in CARRIED}
+    base["shard"] = pa.array([shard] * n, pa.string())
+    base.update(final.columns())
     base.update(out)
     samples = pa.table([base[f.name] for f in schema], schema=schema)
     dec = pa.concat_tables(decisions) if decisions else DECISIONS_SCHEMA.empty_table()
@@ -285,7 +323,7 @@ def probe_vector_dims(store: RunStorage, stage: StageColumns, shards: list[str],
     for shard in shards[:max_fragments]:
         if len(dims) == len(wanted):
             break
-        t = _read_fragment(store, stage.stage_id, shard, [c for c in wanted if c not in dims])
+        t = ShardReader(store, shard).fragment(stage.stage_id, [c for c in wanted if c not in dims])
         for c in t.column_names:
             lengths = pc.drop_null(pc.list_value_length(t.column(c)))
             if len(lengths):

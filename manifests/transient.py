@@ -22,6 +22,8 @@ TRANSIENT_ERRNOS = frozenset(
         errno.ENETDOWN,
         errno.EPIPE,
         errno.EAGAIN,
+        errno.EBUSY,  # s3fs: SlowDown, ServiceUnavailable, 503, OperationAborted
+        errno.EREMOTEIO,  # s3fs: InternalError, 500
     }
 )
 TRANSIENT_CODES = frozenset(
@@ -34,6 +36,8 @@ TRANSIENT_CODES = frozenset(
         "ServiceUnavailable",
         "InternalError",
         "RequestLimitExceeded",
+        "RequestThrottled",
+        "InternalServerError",
         "TooManyRequests",
         "TooManyRequestsException",
         "503",
@@ -58,7 +62,8 @@ _TRANSPORT_NAMES = frozenset(
         "ClientPayloadError",
     }
 )
-def _one_is_transient(exc: BaseException) -> bool:
+def one_is_transient(exc: BaseException) -> bool:
+    """This one exception (not its causes) is a connection, timeout, 5xx or throttling failure."""
     if isinstance(exc, ConnectionError | TimeoutError):
         return True
     if type(exc).__name__ in _TRANSPORT_NAMES and type(exc).__module__.split(".")[0] in {
@@ -90,7 +95,7 @@ def is_transient(exc: BaseException) -> bool:
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if _one_is_transient(current):
+        if one_is_transient(current):
             return True
         current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
     return False

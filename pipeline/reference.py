@@ -298,10 +298,10 @@ def _param_type(param: Any) -> str:
     return type_text(annotation)
 
 
-def cli_markdown() -> str:
+def cli_markdown(app: Any) -> str:
+    """The command reference of ``app`` (the typer app of pipeline.cli, passed in: the CLI imports this
+    module for its own ``stages`` and ``schema`` commands)."""
     from typer.main import get_command
-
-    from pipeline.cli import app
 
     root = get_command(app)
     out = ["# Commands", "",

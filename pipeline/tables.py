@@ -19,8 +19,8 @@ import ray
 from manifests.layout import DECISIONS_TABLE, MANIFEST_SUFFIX, SAMPLES_TABLE, TABLES_DONE
 from manifests.storage import RunStorage
 from manifests.tables import StageColumns, resolve_stage_columns, samples_schema, stamp, write_shard_tables
+from pipeline.engine.tasks import run_tasks, task_options
 from pipeline.engine.warm import WarmWorkers
-from pipeline.export.retry import RETRYABLE, remote_options
 
 TASK_MEMORY = 512 * 1024 * 1024  # one shard's fragments at a time: far below this
 MAX_SHARDS_PER_TASK = 64
@@ -61,31 +61,17 @@ def write_run_tables(store: RunStorage, stages: list[StageColumns], fingerprints
     if tables_up_to_date(store, value, shards):
         return dict(json.loads(store.read_bytes(*TABLES_DONE)), written=0)
     pool = workers or WarmWorkers()
-    opts = remote_options(cpus_per_task, TASK_MEMORY)
+    opts = task_options(cpus_per_task, TASK_MEMORY)
     schema_bytes = schema.serialize().to_pybytes()
-    # A few shards per task, a CPU each: two tasks per CPU fill the cluster and run on the workers Ray
-    # already keeps warm (a fraction of a CPU per task made Ray start a new worker process for each,
-    # seconds apiece on a small machine, at the very end of the run). Each file is still its own commit.
+    # A few shards per task, a whole CPU each: two tasks per CPU fill the cluster and run on the workers
+    # Ray already keeps warm (a fraction of a CPU per task makes Ray start a new worker process for each,
+    # at the very end of the run). Each file is still its own commit.
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     per_task = max(1, min(MAX_SHARDS_PER_TASK, math.ceil(len(shards) / (2 * cpus))))
     groups = [shards[i : i + per_task] for i in range(0, len(shards), per_task)]
-    pending = {pool.submit(_write_some, store.url, store.storage_options, resolved, g, schema_bytes, value,
-                           options=opts): g for g in groups}
-    written = 0
-    attempts: dict[str, int] = {}
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        ref = done[0]
-        group = pending.pop(ref)
-        try:
-            written += ray.get(ref)
-        except RETRYABLE as exc:  # Ray already retried system failures; a few more for the rest
-            attempts[group[0]] = attempts.get(group[0], 0) + 1
-            if attempts[group[0]] >= 3:
-                raise RuntimeError(f"tables: shards {group[0]}..{group[-1]} failed {attempts[group[0]]} times: "
-                                   f"{exc}") from exc
-            pending[pool.submit(_write_some, store.url, store.storage_options, resolved, group, schema_bytes, value,
-                                options=opts, fresh=True)] = group
+    written = sum(run_tasks("tables", len(groups), lambda i, fresh: pool.submit(
+        _write_some, store.url, store.storage_options, resolved, groups[i], schema_bytes, value, options=opts,
+        fresh=fresh)))
     keep = {f"{s}{MANIFEST_SUFFIX}" for s in shards}
     for table in (SAMPLES_TABLE, DECISIONS_TABLE):  # files of shards no longer in the plan
         for name in store.list_files(*table, suffix=MANIFEST_SUFFIX):

@@ -13,7 +13,7 @@ stage's own columns into an Arrow table with the stage's declared schema for its
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Protocol, TypeVar, get_args
 
@@ -21,10 +21,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-# Re-exported: stages import the shared vocabulary from here.
-from facekit.common import IMAGE as IMAGE
-from facekit.common import SAMPLE_ID as SAMPLE_ID
-from facekit.common import Batch as Batch
+# Re-exported: stages import the shared vocabulary from here (manifests/vocabulary.py defines it).
 from facekit.common import ModelInfo as ModelInfo
 from facekit.common import Params as Params
 from facekit.common import Strict as Strict
@@ -33,20 +30,22 @@ from facekit.common import stable_hash as stable_hash
 
 # A column of encoded image bytes the engine writes into the stage's shard tar (manifests/schema.py).
 from manifests.schema import member_field as member_field
-
-# Columns every batch carries between stages (besides image bytes).
-KEY = "key"
-IDENTITY_ID = "identity_id"
-PARENT_ID = "parent_id"
-IMAGE_EXT = "image_ext"
-# Decision columns every stage emits for every row.
-STATUS = "status"
-KEEP = "keep"
-REASON = "reason"  # a stable rule name people group by: "sharpness_below_min", "no_face", "unreadable_image"
-DETAIL = "detail"  # the human detail of that rule for this row: "10.2 < 20.0"
-
-STATUS_OK = "ok"
-STATUS_ERROR = "error"
+from manifests.vocabulary import DETAIL as DETAIL
+from manifests.vocabulary import IDENTITY_ID as IDENTITY_ID
+from manifests.vocabulary import IMAGE as IMAGE
+from manifests.vocabulary import IMAGE_EXT as IMAGE_EXT
+from manifests.vocabulary import KEEP as KEEP
+from manifests.vocabulary import KEY as KEY
+from manifests.vocabulary import PARENT_ID as PARENT_ID
+from manifests.vocabulary import REASON as REASON
+from manifests.vocabulary import SAMPLE_ID as SAMPLE_ID
+from manifests.vocabulary import STATUS as STATUS
+from manifests.vocabulary import STATUS_ERROR as STATUS_ERROR
+from manifests.vocabulary import STATUS_OK as STATUS_OK
+from manifests.vocabulary import Batch as Batch
+from manifests.vocabulary import Reason as Reason
+from manifests.vocabulary import Rows as Rows
+from manifests.vocabulary import rows_ok as rows_ok
 
 
 class TransientError(RuntimeError):
@@ -384,6 +383,15 @@ class GlobalStage(Stage):
     kind: ClassVar[StageKind] = StageKind.GLOBAL
     needs: tuple[str, ...] = ()  # a class default; params may widen it per instance
 
+    def input_columns(self) -> tuple[str, ...]:
+        """What the config check requires of earlier stages: ``reads`` and ``needs``."""
+        return tuple(dict.fromkeys([*super().input_columns(), *self.needs]))
+
+    def summary(self) -> dict[str, Any] | None:
+        """Run-level figures of the decision (groups found, purity against truth), written next to the
+        stage's manifests once it ran; None: nothing to write."""
+        return None
+
     def run_global(self, table: pa.Table) -> Batch:
         raise NotImplementedError
 
@@ -398,93 +406,3 @@ def ordinals(shard_index: int, n: int) -> np.ndarray:
     """Run-wide row numbers of one shard's rows: (shard index << 32) | row. Sorting by them gives the
     order of the single-process table (shards in plan order, rows in shard order)."""
     return (np.int64(shard_index) << np.int64(32)) | np.arange(n, dtype=np.int64)
-
-
-@dataclass(frozen=True)
-class Reason:
-    """Why a row failed or was dropped: a stable rule name (snake_case; cards, reports and SQL group
-    by it) and a detail with this row's numbers or message."""
-
-    rule: str
-    detail: str | None = None
-
-    def __str__(self) -> str:
-        return f"{self.rule}: {self.detail}" if self.detail else self.rule
-
-
-class Rows:
-    """The one way a stage builds its output rows.
-
-    Pre-filled from the batch's sample ids with the default decision (status ok, kept, no reason) and
-    every declared column empty; a stage sets values per row or per column and marks single rows as
-    failed (``fail``: status error, something is wrong with this sample) or dropped (``drop``: a
-    filter's decision). ``batch()`` is what ``process`` returns.
-    """
-
-    def __init__(self, sample_ids: Sequence[str], columns: Iterable[str] = ()) -> None:
-        self.n = len(sample_ids)
-        self.data: Batch = {
-            SAMPLE_ID: list(sample_ids),
-            STATUS: [STATUS_OK] * self.n,
-            KEEP: [True] * self.n,
-            REASON: [None] * self.n,
-            DETAIL: [None] * self.n,
-        }
-        for c in columns:
-            self.data.setdefault(c, [None] * self.n)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def append(self, sample_id: str, **values: Any) -> int:
-        """Add a row (a stage that derives samples, one per face, builds its rows this way from an
-        empty builder); returns its index, ready for ``set``/``fail``/``drop``."""
-        for col in self.data:
-            self.data[col].append(None)
-        i = self.n
-        self.n += 1
-        self.data[SAMPLE_ID][i] = sample_id
-        self.data[STATUS][i] = STATUS_OK
-        self.data[KEEP][i] = True
-        self.set(i, **values)
-        return i
-
-    def set(self, i: int, **values: Any) -> None:
-        for col, value in values.items():
-            column = self.data.get(col)
-            if column is None:  # never build a default list per call: that is O(n) per row
-                column = self.data[col] = [None] * self.n
-            column[i] = value
-
-    def column(self, name: str, values: Sequence[Any]) -> None:
-        if len(values) != self.n:
-            raise ValueError(f"column {name!r} has {len(values)} values for {self.n} rows")
-        self.data[name] = list(values)
-
-    def fail(self, i: int, rule: str, detail: object = None) -> None:
-        self.data[STATUS][i] = STATUS_ERROR
-        self.data[KEEP][i] = False
-        self.data[REASON][i] = rule
-        self.data[DETAIL][i] = None if detail is None else str(detail)[:1000]
-
-    def drop(self, i: int, rule: str, detail: object = None) -> None:
-        self.data[KEEP][i] = False
-        self.data[REASON][i] = rule
-        self.data[DETAIL][i] = None if detail is None else str(detail)[:1000]
-
-    def failed(self, i: int) -> bool:
-        return self.data[STATUS][i] != STATUS_OK
-
-    def batch(self) -> Batch:
-        return self.data
-
-
-def rows_ok(sample_ids: Sequence[str]) -> Batch:
-    """Decision columns for rows that all pass."""
-    n = len(sample_ids)
-    return {
-        SAMPLE_ID: list(sample_ids),
-        STATUS: [STATUS_OK] * n,
-        KEEP: [True] * n,
-        REASON: [None] * n,
-    }

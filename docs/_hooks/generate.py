@@ -48,12 +48,13 @@ def benchmarks_markdown(results_file: Path, scripts: list[str]) -> str:
 
 
 def on_files(files: Files, config: Any) -> Files:
+    from pipeline.cli import app
     from pipeline.reference import cli_markdown, config_markdown, stages_markdown
 
     pages = {
         "reference/stages.md": stages_markdown(),
         "reference/config.md": config_markdown(),
-        "reference/commands.md": cli_markdown(),
+        "reference/commands.md": cli_markdown(app),
         "benchmarks.md": benchmarks_markdown(REPO / "bench" / "results.json",
                                              sorted(p.name for p in (REPO / "bench").glob("bench_*.py"))),
     }

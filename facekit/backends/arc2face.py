@@ -33,6 +33,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
+from facekit.backends.base import file_sha256
 from facekit.common import ModelInfo, Params
 
 PROMPT = "photo of a id person"
@@ -166,11 +167,7 @@ def files_sha256(files: Sequence[Path], root_names: Sequence[str]) -> str:
     """One digest over (role/name, content) of every file that shapes the output."""
     total = hashlib.sha256()
     for path, role in zip(files, root_names, strict=True):
-        digest = hashlib.sha256()
-        with path.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-        total.update(f"{role}/{path.name}:{digest.hexdigest()}\n".encode())
+        total.update(f"{role}/{path.name}:{file_sha256(path)}\n".encode())
     return total.hexdigest()
 
 

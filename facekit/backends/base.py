@@ -7,14 +7,33 @@ a plain class built from a small pydantic spec, loaded once per worker in the st
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 from pydantic import Field, ValidationInfo, field_validator
 
 from facekit.common import ModelInfo, Params
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a weight file, computed once per process (keyed on path, size and mtime, so a file
+    replaced in place is hashed again)."""
+    st = path.stat()
+    return _file_sha256(str(path), st.st_size, st.st_mtime_ns)
 
 
 @dataclass

@@ -8,8 +8,6 @@ of open_clip's Hub repos) or the Hugging Face cache; a download happens only wit
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +17,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
+from facekit.backends.base import file_sha256
 from facekit.common import ModelInfo, Params
 
 LOCAL_DIR = "local-dir:"
@@ -178,13 +177,8 @@ def check_files(spec: ClipSpec | Mapping[str, Any]) -> list[str]:
     return []
 
 
-@functools.lru_cache(maxsize=16)
 def file_digest(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
+    return file_sha256(Path(path))[:16]
 
 
 def space_label(spec: ClipSpec) -> str:

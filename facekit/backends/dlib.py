@@ -21,9 +21,7 @@ thresholds stay consistent. One fixed ArcFace-to-chip warp without re-landmarkin
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +29,7 @@ import cv2
 import numpy as np
 from pydantic import Field
 
-from facekit.backends.base import DetectedFace
+from facekit.backends.base import DetectedFace, file_sha256
 from facekit.common import ModelInfo, Params
 from facekit.geometry import ARCFACE_SIZE, landmarks5_from_68
 
@@ -92,21 +90,6 @@ def check_files(spec: DlibSpec | dict[str, Any] | None, uses: tuple[str, ...] = 
         except FileNotFoundError as exc:
             problems.append(str(exc))
     return problems
-
-
-@lru_cache(maxsize=16)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a weight file, computed once per process (keyed on size and mtime)."""
-    st = path.stat()
-    return _sha256(str(path), st.st_size, st.st_mtime_ns)
 
 
 def _as_spec(spec: DlibSpec | dict[str, Any] | None) -> DlibSpec:

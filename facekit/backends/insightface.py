@@ -8,7 +8,6 @@ The released packs are for non-commercial research only (insightface's licence);
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from facekit.backends.base import DetectedFace
+from facekit.backends.base import DetectedFace, file_sha256
 from facekit.common import ModelInfo, Params
 
 # Candidate file names per role, in the order they are tried (buffalo_l, antelopev2, smaller packs).
@@ -117,21 +116,11 @@ def check_files(spec: InsightFaceSpec | Mapping[str, Any],
     return [v for v in _roles(spec, files_for(spec, uses)).values() if isinstance(v, str)]
 
 
-@functools.lru_cache(maxsize=32)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def file_digest(paths: list[Path]) -> str:
     """Short sha256 over the weight files, for lineage; each file is hashed once per process."""
     digest = hashlib.sha256()
     for path in sorted(paths):
-        st = path.stat()
-        digest.update(f"{path.name}:{_sha256(str(path), st.st_size, st.st_mtime_ns)}".encode())
+        digest.update(f"{path.name}:{file_sha256(path)}".encode())
     return digest.hexdigest()[:16]
 
 

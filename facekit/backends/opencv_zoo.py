@@ -24,9 +24,7 @@ cosine similarity of L2-normalised vectors.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +32,7 @@ import cv2
 import numpy as np
 from pydantic import Field
 
-from facekit.backends.base import DetectedFace
+from facekit.backends.base import DetectedFace, file_sha256
 from facekit.common import ModelInfo, Params
 from facekit.geometry import ARCFACE_SIZE
 
@@ -90,21 +88,6 @@ def models_dir(explicit: str | None = None) -> Path:
     if not folder.is_dir():
         raise FileNotFoundError(f"opencv_zoo backend: model folder {folder} does not exist")
     return folder
-
-
-@lru_cache(maxsize=16)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a weight file, computed once per process (keyed on size and mtime)."""
-    st = path.stat()
-    return _sha256(str(path), st.st_size, st.st_mtime_ns)
 
 
 def model_path(name: str, spec: OpenCVZooSpec) -> Path:

@@ -38,10 +38,9 @@ from typing import Any
 import ray
 
 # No metrics collection and no workers prestarted for the first driver: no dashboard reads the
-# metrics, and those workers were seen to stay idle through a whole run; both cost CPU while the
-# actors load their models (on 2 cores, ray.init took 4.6-5.2 s without them, 5.4-6.9 s with them).
-# The raylet's clients retry every 50 ms for the same 10 s in all (see above): ray.init took 3.0-3.2 s
-# in 3 of 4 starts on 2 cores, 2.05-2.2 s in every start with the shorter retry.
+# metrics, and those workers stay idle through a run; both cost CPU while the actors load their models.
+# The raylet's clients retry every 50 ms for the same 10 s in all (see above), so a connection that
+# comes just before the object store listens waits 50 ms, not a second.
 SYSTEM_CONFIG: Mapping[str, Any] = MappingProxyType({
     "enable_metrics_collection": False,
     "prestart_worker_first_driver": False,

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from facekit.imaging import PixelBudget, remembering
 from manifests import layout
@@ -21,20 +22,22 @@ from manifests.commit import (
     TarRecord,
     check_tar,
     encode_manifest,
-    read_manifest_verified,
     tar_record,
-    uncommit,
     verify_fragment,
 )
-from manifests.schema import CARRIED, COMMON_NAMES, manifest_schema, member_ext
+from manifests.reader import ShardReader, own_or_parent_rows, shard_rows
+from manifests.schema import CARRIED, manifest_schema, member_ext
 from manifests.shards import UnsafeMemberError, check_key, write_tar
 from manifests.storage import RunStorage
+from manifests.vocabulary import TAR_OFFSET, TAR_SIZE
 from pipeline.engine.faults import UpstreamNotCommittedError, is_transient
 from stages.base import (
     DETAIL,
+    IDENTITY_ID,
     IMAGE,
     IMAGE_EXT,
     KEEP,
+    KEY,
     PARENT_ID,
     REASON,
     SAMPLE_ID,
@@ -116,24 +119,7 @@ def worker_name() -> str:
 
 def read_manifest(store: RunStorage, stage_id: str, shard: str, columns: set[str] | None = None) -> pa.Table:
     """One verified manifest fragment; with ``columns``, only those of them it has."""
-    return _read_upstream(store, stage_id, shard, columns)[0]
-
-
-def _read_upstream(store: RunStorage, stage_id: str, shard: str,
-                   columns: set[str] | None = None) -> tuple[pa.Table, TarRecord | None]:
-    """A fully verified upstream fragment (projected to ``columns`` after the check: the checksum covers
-    the whole file). A missing or corrupt one is an uncommitted upstream shard: the corrupt file is
-    removed (so no resume counts it) and the shard is handed back for recompute."""
-    try:
-        table, record = read_manifest_verified(store, stage_id, shard)
-    except FileNotFoundError:
-        raise UpstreamNotCommittedError(stage_id, shard, "manifest fragment missing") from None
-    except CorruptFragmentError as exc:
-        uncommit(store, exc.path)
-        raise UpstreamNotCommittedError(stage_id, shard, str(exc)) from None
-    if columns is not None:
-        table = table.select([c for c in table.column_names if c in columns])
-    return table, record.tar
+    return ShardReader(store, shard, lost=UpstreamNotCommittedError).fragment(stage_id, columns)
 
 
 @dataclass
@@ -154,140 +140,87 @@ def member_columns(stage: Stage[Any]) -> dict[str, str]:
     return {f.name: ext for f in stage.output_fields() if (ext := member_ext(f)) is not None}
 
 
-_PIXEL_COLUMNS = frozenset({SAMPLE_ID, "tar_offset", "tar_size", IMAGE_EXT})
-_LIVE_COLUMNS = frozenset({*CARRIED, STATUS, KEEP})
-
-
-def _wanted(u: UpstreamInfo, is_last: bool, is_pix: bool, columns: set[str] | None) -> set[str] | None:
-    """The columns to read of upstream ``u``: None for all of them, an empty set to skip the file."""
-    if columns is None:
-        return None
-    want: set[str] = set()
-    if is_last:
-        want |= _LIVE_COLUMNS
-    if is_pix:
-        want |= _PIXEL_COLUMNS
-    own = columns if not u.columns else columns & set(u.columns)
-    if own:
-        want |= own | {SAMPLE_ID}
-    return want
-
-
 def load_shard_input(store: RunStorage, upstream: tuple[UpstreamInfo, ...], shard: str,
                      with_images: bool = True, columns: set[str] | None = None,
                      cache: ShardCache | None = None) -> tuple[Batch, str | None]:
     """Rebuild the batch a stage sees for one shard from committed upstream outputs.
 
-    Live samples are those the immediate upstream stage passed on (status ok, and kept when that
-    stage prunes). Each upstream stage's own columns are joined by sample id, or by parent id for
-    samples derived after that stage ran. Images come from the latest pixel-writing stage.
-    With ``columns`` only those upstream columns are read (plus what liveness, the join and the
-    images need), and upstream fragments that hold none of them are not opened at all. With
-    ``cache``, what a fused chain already holds in memory for this shard is used instead of storage.
+    The rows and columns are ``manifests.reader.shard_rows`` (live samples, each upstream stage's own
+    columns by the own-or-parent rule); pixel members and images come from the shard tars, checked
+    whole against what their stage committed. With ``columns`` only those upstream columns are used
+    (plus what liveness, the join and the images need), and upstream fragments that declare none of
+    them are not opened. With ``cache``, what a fused chain already holds in memory for this shard is
+    used instead of storage.
     """
     cache = cache if cache is not None else ShardCache()
-    records: dict[str, TarRecord | None] = {}
-    last = upstream[-1]
     pix = next((u for u in reversed(upstream) if u.writes_pixels), None) if with_images else None
     if with_images and pix is None:
         raise RuntimeError("no upstream stage writes pixels")
-    tables: dict[str, pa.Table] = {}
-    for u in upstream:
-        if u.stage_id in cache.tables:
-            tables[u.stage_id] = cache.tables[u.stage_id]
-            continue
-        is_pix = pix is not None and u.stage_id == pix.stage_id and u.stage_id not in cache.images
-        want = _wanted(u, u is last, is_pix, columns)
-        if want is not None and not want:
-            continue
-        tables[u.stage_id], records[u.stage_id] = _read_upstream(store, u.stage_id, shard, want)
-    t = tables[last.stage_id]
-    status = t.column(STATUS).to_pylist()
-    keep = t.column(KEEP).to_pylist()
-    live = [i for i in range(t.num_rows) if status[i] == STATUS_OK and (keep[i] or not last.prune)]
-    batch: Batch = {c: [t.column(c)[i].as_py() for i in live] for c in CARRIED}
-    sids, parents = batch[SAMPLE_ID], batch[PARENT_ID]
+    reader = ShardReader(store, shard, lost=UpstreamNotCommittedError, held=cache.tables)
+    rows = shard_rows(reader, upstream, columns)
+    members = {c: u for u in upstream for c in u.members if c in rows.column_names}
+    batch: Batch = {c: rows.column(c).to_pylist() for c in rows.column_names if c not in members}
     tars: dict[str, bytes] = {}
-    for u in upstream:
-        if u.stage_id not in tables:
-            continue
-        tab = tables[u.stage_id]
-        own = [c for c in tab.column_names if c not in COMMON_NAMES and (columns is None or c in columns)]
-        if not own:
-            continue
-        tab_ids = tab.column(SAMPLE_ID).to_pylist()
-        index = {sid: i for i, sid in enumerate(tab_ids)}
-        rows = [index.get(s, index.get(p) if p else None) for s, p in zip(sids, parents, strict=True)]
-        for c in own:
-            if c in u.members:
-                continue
-            values = tab.column(c).to_pylist()
-            batch[c] = [values[r] if r is not None else None for r in rows]
-        wanted = [c for c in own if c in u.members]
-        if not wanted:
-            continue
-        held = cache.members.get(u.stage_id)
-        if held is not None:
-            for c in wanted:
-                batch[c] = [held.get(c, {}).get(tab_ids[r]) if r is not None else None for r in rows]
-            continue
-        # A pixel member is a byte range of the stage's shard tar, read once and checked whole.
-        rel = "/".join(shard_tar_path(u.stage_id, shard))
-        for c in wanted:
-            where = tab.column(c).to_pylist()
-            if u.stage_id not in tars and any(w for w in where):
-                tars[u.stage_id] = _read_tar(store, u.stage_id, shard, rel, records.get(u.stage_id))
-            data = tars.get(u.stage_id, b"")
-            batch[c] = [data[w["offset"] : w["offset"] + w["size"]] if (r is not None and (w := where[r])) else None
-                        for r in rows]
-    input_shard = None
-    if pix is not None:
-        rel = "/".join(shard_tar_path(pix.stage_id, shard))
-        input_shard = rel
-        if pix.stage_id not in cache.images:
-            tab = tables[pix.stage_id]
-            # The manifest knows where each image lies in the tar: slice the bytes, no tar parsing.
-            where = {
-                sid: (off, size, ext)
-                for sid, off, size, ext in zip(tab.column(SAMPLE_ID).to_pylist(),
-                                               tab.column("tar_offset").to_pylist(),
-                                               tab.column("tar_size").to_pylist(), tab.column(IMAGE_EXT).to_pylist(),
-                                               strict=True)
-                if off is not None
-            }
-            data = b""
-            if where:
-                data = tars.get(pix.stage_id) or _read_tar(store, pix.stage_id, shard, rel, records.get(pix.stage_id))
-            view = memoryview(data)
-            cache.images[pix.stage_id] = {sid: (remembering(view[off : off + size], cache.pixels), ext)
-                                          for sid, (off, size, ext) in where.items()}
-        found = cache.images[pix.stage_id]
-        images, exts = [], []
-        for s, p in zip(sids, parents, strict=True):
-            hit = found.get(s) or (found.get(p) if p else None)
-            images.append(hit[0] if hit else None)
-            exts.append(hit[1] if hit else None)
-        batch[IMAGE] = images
-        batch[IMAGE_EXT] = exts
-    return batch, input_shard
+    for c, u in members.items():
+        batch[c] = _member_bytes(reader, cache, u.stage_id, c, rows, tars)
+    if pix is None:
+        return batch, None
+    batch[IMAGE], batch[IMAGE_EXT] = _images(reader, cache, pix.stage_id, rows, tars)
+    return batch, "/".join(shard_tar_path(pix.stage_id, shard))
 
 
-def _read_tar(store: RunStorage, stage_id: str, shard: str, rel: str, record: TarRecord | None) -> bytes:
+def _member_bytes(reader: ShardReader, cache: ShardCache, stage_id: str, column: str, rows: pa.Table,
+                  tars: dict[str, bytes]) -> list[bytes | None]:
+    """A pixel-member column's bytes for each row: a byte range of the stage's shard tar (read once and
+    checked whole), or what a fused chain holds."""
+    tab = reader.fragment(stage_id, [SAMPLE_ID, column])
+    at = own_or_parent_rows(rows[SAMPLE_ID], rows[PARENT_ID], tab[SAMPLE_ID]).to_pylist()
+    held = cache.members.get(stage_id)
+    if held is not None:
+        ids = tab.column(SAMPLE_ID).to_pylist()
+        return [held.get(column, {}).get(ids[r]) if r is not None else None for r in at]
+    where = tab.column(column).to_pylist()
+    if stage_id not in tars and any(where[r] for r in at if r is not None):
+        tars[stage_id] = _read_tar(reader, stage_id)
+    data = tars.get(stage_id, b"")
+    return [data[w["offset"] : w["offset"] + w["size"]] if (r is not None and (w := where[r])) else None for r in at]
+
+
+def _images(reader: ShardReader, cache: ShardCache, stage_id: str, rows: pa.Table,
+            tars: dict[str, bytes]) -> tuple[list[Any], list[str | None]]:
+    """Each row's image (own or its parent's) from the latest pixel-writing stage: sliced from its shard
+    tar at the offsets the manifest records (no tar parsing), or what a fused chain holds."""
+    if stage_id not in cache.images:
+        tab = reader.fragment(stage_id, [SAMPLE_ID, TAR_OFFSET, TAR_SIZE, IMAGE_EXT])
+        tab = tab.filter(pc.is_valid(tab[TAR_OFFSET]))
+        data = b""
+        if tab.num_rows:
+            data = tars.get(stage_id) or _read_tar(reader, stage_id)
+        view = memoryview(data)
+        where = (tab.column(c).to_pylist() for c in (SAMPLE_ID, TAR_OFFSET, TAR_SIZE, IMAGE_EXT))
+        cache.images[stage_id] = {sid: (remembering(view[off : off + size], cache.pixels), ext)
+                                  for sid, off, size, ext in zip(*where, strict=True)}
+    found = cache.images[stage_id]
+    at = own_or_parent_rows(rows[SAMPLE_ID], rows[PARENT_ID], list(found)).to_pylist()
+    hits = list(found.values())
+    return ([hits[r][0] if r is not None else None for r in at],
+            [hits[r][1] if r is not None else None for r in at])
+
+
+def _read_tar(reader: ShardReader, stage_id: str) -> bytes:
     """The shard tar, checked against the size and checksum its stage committed: a truncated tar must
     never yield empty images. A mismatch uncommits the stage's fragment so that the shard is recomputed."""
-    manifest = store.path(*manifest_path(stage_id, shard))
+    record = reader.tar(stage_id)
+    rel = "/".join(shard_tar_path(stage_id, reader.shard))
     if record is None:
-        uncommit(store, manifest)
-        raise UpstreamNotCommittedError(stage_id, shard, f"{manifest} records no shard tar")
+        raise reader.lose(stage_id, f"{'/'.join(manifest_path(stage_id, reader.shard))} records no shard tar")
     try:
-        data = store.read_bytes(rel)
+        data = reader.store.read_bytes(rel)
         check_tar(data, record)
     except FileNotFoundError:
-        uncommit(store, manifest)
-        raise UpstreamNotCommittedError(stage_id, shard, f"shard tar {rel} missing") from None
+        raise reader.lose(stage_id, f"shard tar {rel} missing") from None
     except CorruptFragmentError as exc:
-        uncommit(store, manifest)
-        raise UpstreamNotCommittedError(stage_id, shard, str(exc)) from None
+        raise reader.lose(stage_id, str(exc)) from None
     return data
 
 
@@ -309,7 +242,7 @@ def remember(cache: ShardCache, stage: Stage[Any], stage_id: str, table: pa.Tabl
     n = len(out[SAMPLE_ID])
     images = out.get(IMAGE, [None] * n)
     if wrote_tar:
-        offsets = table.column("tar_offset").to_pylist()
+        offsets = table.column(TAR_OFFSET).to_pylist()
         exts = table.column(IMAGE_EXT).to_pylist()
         cache.images[stage_id] = {out[SAMPLE_ID][i]: (remembering(images[i], cache.pixels), exts[i])
                                   for i in range(n) if offsets[i] is not None}
@@ -346,7 +279,7 @@ def _error_rows(batch: Batch, detail: str) -> Batch:
     """Rows for samples whose ``process`` call raised: rule ``stage_error``, the exception as detail."""
     n = len(batch[SAMPLE_ID])
     return {SAMPLE_ID: list(batch[SAMPLE_ID]), STATUS: [STATUS_ERROR] * n, KEEP: [False] * n,
-            REASON: ["stage_error"] * n, "detail": [detail] * n}
+            REASON: ["stage_error"] * n, DETAIL: [detail] * n}
 
 
 def _slice(batch: Batch, start: int, stop: int) -> Batch:
@@ -414,7 +347,7 @@ def complete_rows(batch: Batch, out: Batch) -> Batch:
         lost = {c: [batch[c][i] for i in missing] for c in CARRIED}
         lost.update({STATUS: [STATUS_ERROR] * len(missing), KEEP: [False] * len(missing),
                      REASON: ["no_row_returned"] * len(missing),
-                     "detail": ["the stage returned no row for this sample"] * len(missing)})
+                     DETAIL: ["the stage returned no row for this sample"] * len(missing)})
         out = _concat([out, lost])
     return out
 
@@ -430,7 +363,7 @@ def build_manifest(spec: StageSpec, stage: Stage[Any], shard: str, out: Batch, i
     n = len(out[SAMPLE_ID])
     info = stage.model_info()
     now = datetime.now(UTC)
-    keys = out.get("key", [None] * n)
+    keys = out.get(KEY, [None] * n)
     exts = out.get(IMAGE_EXT, [None] * n) if output_shard else [None] * n
     images = out.get(IMAGE, [None] * n)
     offsets, sizes, crcs = [], [], []
@@ -441,27 +374,27 @@ def build_manifest(spec: StageSpec, stage: Stage[Any], shard: str, out: Batch, i
         sizes.append(loc.size if loc else None)
         crcs.append(loc.crc32 if loc else None)
     data: dict[str, list[Any]] = {
-        "sample_id": out[SAMPLE_ID],
-        "key": keys,
-        "identity_id": out.get("identity_id", [None] * n),
-        "parent_id": out.get(PARENT_ID, [None] * n),
+        SAMPLE_ID: out[SAMPLE_ID],
+        KEY: keys,
+        IDENTITY_ID: out.get(IDENTITY_ID, [None] * n),
+        PARENT_ID: out.get(PARENT_ID, [None] * n),
         "stage": [spec.stage_id] * n,
         "stage_name": [stage.name] * n,
         "stage_version": [stage.version] * n,
         "shard": [shard] * n,
-        "status": out[STATUS],
-        "keep": [bool(k) for k in out[KEEP]],
-        "reason": out[REASON],
-        "detail": out.get("detail", [None] * n),
+        STATUS: out[STATUS],
+        KEEP: [bool(k) for k in out[KEEP]],
+        REASON: out[REASON],
+        DETAIL: out.get(DETAIL, [None] * n),
         "model_name": [info.name or None] * n,
         "model_revision": [info.revision or None] * n,
         "params_hash": [spec.params_hash] * n,
         "fingerprint": [spec.fingerprint] * n,
         "input_shard": [input_shard] * n,
         "output_shard": [output_shard if o is not None else None for o in offsets],
-        "image_ext": [e if o is not None else None for e, o in zip(exts, offsets, strict=True)],
-        "tar_offset": offsets,
-        "tar_size": sizes,
+        IMAGE_EXT: [e if o is not None else None for e, o in zip(exts, offsets, strict=True)],
+        TAR_OFFSET: offsets,
+        TAR_SIZE: sizes,
         "tar_crc32": crcs,
         "worker": [worker] * n,
         "processed_at": [now] * n,
@@ -511,15 +444,15 @@ def write_pixels(store: RunStorage, spec: StageSpec, shard: str, out: Batch,
         if out[STATUS][i] != STATUS_OK or (images[i] is None and not extra):
             continue
         try:
-            key = check_key(out["key"][i])
+            key = check_key(out[KEY][i])
         except (UnsafeMemberError, TypeError) as exc:
             out[STATUS][i], out[KEEP][i], out[REASON][i] = STATUS_ERROR, False, "unsafe_key"
-            out.setdefault("detail", [None] * n)[i] = str(exc)
+            out.setdefault(DETAIL, [None] * n)[i] = str(exc)
             for vals in members.values():
                 vals[i] = None
             continue
-        meta = {"sample_id": out[SAMPLE_ID][i], "identity_id": out["identity_id"][i],
-                "parent_id": out[PARENT_ID][i], "stage": spec.stage_id}
+        meta = {SAMPLE_ID: out[SAMPLE_ID][i], IDENTITY_ID: out[IDENTITY_ID][i],
+                PARENT_ID: out[PARENT_ID][i], "stage": spec.stage_id}
         record: dict[str, Any] = {"__key__": key, "json": meta, **extra}
         if images[i] is not None:
             record[exts[i] or "png"] = images[i]
@@ -530,7 +463,7 @@ def write_pixels(store: RunStorage, spec: StageSpec, shard: str, out: Batch,
         column = out[c]
         for i, v in enumerate(vals):
             if v is not None:
-                loc = index[out["key"][i]][f"{c}.{member_exts[c]}"]
+                loc = index[out[KEY][i]][f"{c}.{member_exts[c]}"]
                 column[i] = {"tar": rel, "offset": loc.offset, "size": loc.size, "crc32": loc.crc32}
     store.write_atomic(data, rel)
     return rel, index, tar_record(rel, data)

@@ -18,9 +18,10 @@ import ray
 
 from pipeline.engine.cluster import ActorPlan
 from pipeline.engine.execution import ShardResult, StageSpec
+from pipeline.engine.faults import Fault, describe
+from pipeline.engine.faults import classify as classify_fault
 from pipeline.engine.fused import ChainExecutor, StageSetupError
 from pipeline.engine.scheduler import Kind, Request
-from stages.base import TransientError
 
 
 class Outcome(enum.StrEnum):
@@ -49,39 +50,16 @@ class Executor(Protocol):
 
 
 # ---------------------------------------------------------------- failure classification
-# A minimal local classification; pipeline/engine/faults.py (storage/commit work) holds the shared one.
-
-_DEATHS: tuple[type[BaseException], ...] = tuple(
-    t for t in (getattr(ray.exceptions, n, None) for n in (
-        "RayActorError", "ActorDiedError", "ActorUnavailableError", "WorkerCrashedError", "NodeDiedError",
-        "ObjectLostError", "OwnerDiedError", "ObjectReconstructionFailedError", "OutOfMemoryError",
-        "LocalRayletDiedError", "RaySystemError", "TaskUnschedulableError", "ActorUnschedulableError",
-        "ObjectFetchTimedOutError", "ReferenceCountingAssertionError")) if isinstance(t, type))
-
-
-def _cause(exc: BaseException) -> BaseException:
-    cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, BaseException) else exc
 
 
 def classify(exc: BaseException) -> Outcome:
-    """What a failed actor call means for its shard."""
-    if isinstance(exc, ray.exceptions.RayTaskError):
-        cause = _cause(exc)
-        if isinstance(cause, TransientError) or isinstance(exc, TransientError):
-            return Outcome.TRANSIENT
-        if isinstance(cause, StageSetupError) or isinstance(exc, StageSetupError):
-            return Outcome.SETUP
-        return Outcome.FAILED
-    if isinstance(exc, _DEATHS):
-        return Outcome.DIED
-    if isinstance(exc, TransientError):
-        return Outcome.TRANSIENT
-    return Outcome.FAILED
-
-
-def describe(exc: BaseException) -> str:
-    return str(_cause(exc))[:2000]
+    """What a failed actor call means for its shard: faults.classify, plus a stage whose setup failed
+    (the same for every shard: the run stops instead of retrying)."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(exc, StageSetupError) or isinstance(cause, StageSetupError):
+        return Outcome.SETUP
+    return {Fault.LOST: Outcome.DIED, Fault.TRANSIENT: Outcome.TRANSIENT,
+            Fault.PERMANENT: Outcome.FAILED}[classify_fault(exc)]
 
 
 # ---------------------------------------------------------------- Ray

@@ -4,8 +4,9 @@ One classification for the whole engine, so that the per-shard scheduler, the gl
 export agree on it:
 
 - ``is_transient(exc)``: the failure says nothing about the data: a stage raised
-  ``stages.base.TransientError`` (a model server down), the object store answered 5xx / throttled /
-  timed out, a connection dropped. Inside ``process`` such an exception is never turned into
+  ``stages.base.TransientError`` (a model server down), or the storage failure is one
+  ``manifests.transient`` names (the object store answered 5xx / throttled / timed out, a connection
+  dropped). Inside ``process`` such an exception is never turned into
   per-sample error rows; it propagates out of ``run_shard`` and the scheduler retries the shard.
 - ``RETRY_RAY_ERRORS``: Ray's own failures that lose the work but not the reason to do it: a
   worker or node that died, an out-of-memory kill, a lost object, a dead actor.
@@ -13,15 +14,22 @@ export agree on it:
   original as ``.cause`` and, for picklable exceptions, is an instance of the original class).
 - ``upstream_lost(exc)``: the shard could not run because a fragment it reads was missing or
   proven corrupt (and has been uncommitted): recompute that upstream shard, then this one.
+- ``classify(exc)``: the three answers every submit/retry loop acts on (``Fault``): Ray lost the work,
+  the failure was transient (both: run it again), or the work itself raised (permanent: running it
+  again gives the same answer). What is wrong with one sample never reaches this far: ``process``
+  makes it that sample's error row, and a worker that dies on a sample is bisected down to it by the
+  scheduler (``execution.WORKER_CRASH``).
+
+``pipeline.engine.tasks`` is the one submit / collect / retry loop built on this classification.
 """
 
 from __future__ import annotations
 
-import errno
-import sys
+import enum
 
 from ray import exceptions as rex
 
+from manifests.transient import one_is_transient
 from stages.base import TransientError
 
 
@@ -46,43 +54,11 @@ RETRY_RAY_ERRORS: tuple[type[BaseException], ...] = tuple(
         getattr(rex, name, None) for name in (
             "WorkerCrashedError", "NodeDiedError", "OutOfMemoryError", "ObjectLostError", "OwnerDiedError",
             "ObjectFetchTimedOutError", "ObjectReconstructionFailedError", "RayActorError", "ActorDiedError",
-            "ActorUnavailableError", "LocalRayletDiedError",
+            "ActorUnavailableError", "LocalRayletDiedError", "RaySystemError", "TaskUnschedulableError",
+            "ActorUnschedulableError", "ReferenceCountingAssertionError",
         )
     ) if isinstance(cls, type)
 )
-
-# errno values that an object store client (s3fs, gcsfs, adlfs) or a network filesystem uses for
-# "try again"; EIO and ENOSPC on a local disk are not among them.
-_TRANSIENT_ERRNO = frozenset({
-    errno.EBUSY,  # s3fs: SlowDown, ServiceUnavailable, 503, OperationAborted
-    errno.EREMOTEIO,  # s3fs: InternalError, 500
-    errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.EPIPE, errno.EAGAIN,
-    errno.ENETUNREACH, errno.EHOSTUNREACH,
-})
-_TRANSIENT_CODES = frozenset({
-    "SlowDown", "Throttling", "ThrottlingException", "RequestThrottled", "TooManyRequestsException",
-    "RequestTimeout", "RequestTimeoutException", "InternalError", "ServiceUnavailable", "InternalServerError",
-    "500", "502", "503", "504", "429",
-})
-
-
-_TRANSIENT_NAMES = (
-    ("botocore.exceptions", ("EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError",
-                             "ConnectTimeoutError", "ResponseStreamingError")),
-    ("aiohttp", ("ClientConnectionError", "ServerTimeoutError", "ClientPayloadError")),
-)
-
-
-def _transient_types() -> tuple[type[BaseException], ...]:
-    """Connection-level exceptions of the HTTP stacks fsspec clients use. An exception of botocore or
-    aiohttp can only exist once that library is imported, so they are looked up among the loaded
-    modules, never imported for it (aiohttp alone took 70 ms in every Ray worker's start)."""
-    found: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    for module, names in _TRANSIENT_NAMES:
-        loaded = sys.modules.get(module)
-        found += [t for t in (getattr(loaded, n, None) for n in names) if isinstance(t, type)]
-    return tuple(found)
-
 
 def _chain(exc: BaseException) -> list[BaseException]:
     """The exception, what Ray wrapped, and its causes (bounded: chains can loop)."""
@@ -95,27 +71,14 @@ def _chain(exc: BaseException) -> list[BaseException]:
     return out
 
 
-def _one_transient(exc: BaseException) -> bool:
-    if isinstance(exc, (TransientError, *_transient_types())):
-        return True
-    code = getattr(exc, "response", None)
-    if isinstance(code, dict):
-        err = code.get("Error", {}).get("Code")
-        status = code.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if err in _TRANSIENT_CODES or str(status) in _TRANSIENT_CODES:
-            return True
-    return isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError | PermissionError) and \
-        exc.errno in _TRANSIENT_ERRNO
-
-
 def is_transient(exc: BaseException) -> bool:
     """A failure that says nothing about the sample: retry the work, never record it as a bad sample."""
-    return any(_one_transient(e) for e in _chain(exc))
+    return any(isinstance(e, TransientError) or one_is_transient(e) for e in _chain(exc))
 
 
 def is_retryable(exc: BaseException) -> bool:
     """Retry the shard / task: Ray lost the work (dead worker, node, actor, OOM kill) or it failed transiently."""
-    return isinstance(exc, RETRY_RAY_ERRORS) or is_transient(exc)
+    return classify(exc) is not Fault.PERMANENT
 
 
 def upstream_lost(exc: BaseException) -> tuple[str, str] | None:
@@ -124,3 +87,31 @@ def upstream_lost(exc: BaseException) -> tuple[str, str] | None:
         if isinstance(e, UpstreamNotCommittedError):
             return e.stage_id, e.shard
     return None
+
+
+class Fault(enum.StrEnum):
+    """What a failed piece of work means for it."""
+
+    LOST = "lost"  # Ray lost the work (a dead worker, node or actor, an OOM kill, a lost object): run it again
+    TRANSIENT = "transient"  # the failure says nothing about the work (storage 5xx, a server down): run it again
+    PERMANENT = "permanent"  # the work itself raised: the same inputs give the same failure
+
+
+def _unwrapped(exc: BaseException) -> BaseException:
+    """What a ``RayTaskError`` wraps (Ray reports an actor that died inside a task as a task error)."""
+    cause = getattr(exc, "cause", None) if isinstance(exc, rex.RayTaskError) else None
+    return cause if isinstance(cause, BaseException) else exc
+
+
+def classify(exc: BaseException) -> Fault:
+    """The one answer to "run it again?" for a failure that reached a driver or a scheduler."""
+    if is_transient(exc):
+        return Fault.TRANSIENT
+    if isinstance(exc, RETRY_RAY_ERRORS) or isinstance(_unwrapped(exc), RETRY_RAY_ERRORS):
+        return Fault.LOST
+    return Fault.PERMANENT
+
+
+def describe(exc: BaseException) -> str:
+    """What the work raised, not Ray's wrapping, for a history row (bounded)."""
+    return str(_unwrapped(exc))[:2000]

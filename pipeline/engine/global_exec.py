@@ -8,10 +8,11 @@ back to the driver is counts, thresholds, bounded samples and the few duplicate 
 samples or of identities: per-identity tables go from task to task through the run's work folder
 (``Gathered``) or the object store (``Kept``).
 
-Failures: every task declares the stage's memory (``resources.memory_gb`` -> Ray ``memory=``) and is
-retried on any Ray failure (an OOM kill by Ray's memory monitor, a dead worker or node, a lost object,
-an exception); after ``MAX_TASK_ATTEMPTS`` the stage fails with ``GlobalStageError``, which the runner
-records in the run's history like any failed shard.
+Failures: every task declares the stage's memory (``resources.memory_gb`` -> Ray ``memory=``) and runs
+through pipeline.engine.tasks: work Ray lost (an OOM kill by Ray's memory monitor, a dead worker or
+node, a lost object) or a transient failure is retried; a task that raises, or one whose attempts are
+spent, fails the stage with ``GlobalStageError``, which the runner records in the run's history like
+any failed shard.
 
 Resume: decisions are a pure function of the committed upstream manifests, so a re-run recomputes the
 small global tables and commits only the shards that are not committed yet: a killed global stage
@@ -42,7 +43,8 @@ from manifests.layout import (
     global_work_path,
     stage_summary_path,
 )
-from manifests.schema import CARRIED, COMMON_NAMES
+from manifests.reader import ShardReader, shard_rows
+from manifests.schema import CARRIED
 from manifests.storage import RunStorage
 from pipeline.engine.execution import (
     ShardResult,
@@ -54,6 +56,8 @@ from pipeline.engine.execution import (
     summarise,
     worker_name,
 )
+from pipeline.engine.faults import UpstreamNotCommittedError
+from pipeline.engine.tasks import TaskFailedError, run_calls, task_options
 from stages.base import (
     IDENTITY_ID,
     KEEP,
@@ -69,75 +73,22 @@ from stages.base import (
 )
 
 log = logging.getLogger(__name__)
-MAX_TASK_ATTEMPTS = 3
 ROWS_PER_PARTITION = 100_000  # default shuffle partition size (records): a partition must fit one task
 TASKS_PER_CPU = 4
 
-# Every way a Ray task can fail without a Python answer. RayError is their common base; the named ones
-# are listed so a reader sees what is covered.
-RAY_FAILURES: tuple[type[BaseException], ...] = (
-    ray.exceptions.RayTaskError,
-    ray.exceptions.WorkerCrashedError,
-    ray.exceptions.OutOfMemoryError,
-    ray.exceptions.NodeDiedError,
-    ray.exceptions.ObjectLostError,
-    ray.exceptions.RayActorError,
-    ray.exceptions.TaskUnschedulableError,
-    ray.exceptions.RayError,
-)
-
-
-class GlobalStageError(RuntimeError):
-    """A global stage gave up after retries; the message names the step and the last failure."""
+class GlobalStageError(TaskFailedError):
+    """A global stage gave up (a permanent failure, or retries spent); the message names the step and the
+    last failure."""
 
 
 # ---------------------------------------------------------------- projected, vectorised input
 
 
-def _read_projected(store: RunStorage, stage_id: str, shard: str, columns: Iterable[str]) -> pa.Table:
-    with store.fs.open(store.path(*manifest_path(stage_id, shard)), "rb") as f:
-        pf = pq.ParquetFile(f)
-        names = set(pf.schema_arrow.names)
-        return pf.read(columns=[c for c in dict.fromkeys(columns) if c in names])
-
-
-def _own_columns(store: RunStorage, stage_id: str, shard: str) -> list[str]:
-    with store.fs.open(store.path(*manifest_path(stage_id, shard)), "rb") as f:
-        return [c for c in pq.ParquetFile(f).schema_arrow.names if c not in COMMON_NAMES]
-
-
 def read_shard_columns(store: RunStorage, upstream: Sequence[UpstreamInfo], shard: str,
                        columns: Iterable[str]) -> pa.Table:
-    """The live samples of one shard with the carried columns and ``columns``, as one Arrow table.
-
-    Same rule as ``execution.load_shard_input`` (live = status ok, and kept when the immediate upstream
-    prunes; each upstream stage's own columns joined by sample id, else by parent id; a later stage's
-    column wins), but each manifest is read with only the columns asked for and the join is Arrow's.
-    A column no upstream stage wrote comes back as nulls.
-    """
-    want = list(dict.fromkeys(columns))
-    last = upstream[-1]
-    base = _read_projected(store, last.stage_id, shard, [*CARRIED, STATUS, KEEP])
-    live = pc.equal(base[STATUS], STATUS_OK)
-    if last.prune:
-        live = pc.and_(live, base[KEEP])
-    base = base.filter(pc.fill_null(live, False))
-    out: dict[str, pa.ChunkedArray | pa.Array] = {c: base[c] for c in CARRIED}
-    sids, parents = base[SAMPLE_ID], base[PARENT_ID]
-    for u in upstream:
-        own = [c for c in _own_columns(store, u.stage_id, shard) if c in want]
-        if not own:
-            continue
-        tab = _read_projected(store, u.stage_id, shard, [SAMPLE_ID, *own])
-        keys = tab[SAMPLE_ID].combine_chunks()
-        rows = pc.coalesce(pc.index_in(sids, value_set=keys), pc.index_in(parents, value_set=keys))
-        for c in own:
-            out[c] = tab[c].take(rows)
-    n = base.num_rows
-    for c in want:
-        if c not in out:
-            out[c] = pa.nulls(n)
-    return pa.table({c: out[c] for c in [*CARRIED, *[w for w in want if w not in CARRIED]]})
+    """The live samples of one shard with the carried columns and ``columns``, as one Arrow table: the
+    one reader's rows (``manifests.reader.shard_rows``, verified fragments, own-or-parent join)."""
+    return shard_rows(ShardReader(store, shard, lost=UpstreamNotCommittedError), upstream, columns)
 
 
 # ---------------------------------------------------------------- Ray tasks
@@ -296,8 +247,8 @@ _INLINE = (str, int, float, bool, type(None), ray.ObjectRef, Gathered, Kept)
 
 def _share(calls: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     """One object-store copy of each argument several calls share. Ray puts a large argument of a call in
-    the store once per call: a centroid table handed to 8 map tasks was 8 copies in the driver's memory,
-    and its size grows with the identities of the run."""
+    the store once per call: a centroid table handed to N map tasks would be N copies in the driver's
+    memory, and its size grows with the identities of the run."""
     uses = Counter(id(a) for c in calls for a in c if not isinstance(a, _INLINE) and not callable(a))
     refs: dict[int, Any] = {}
     for key, value in ((id(a), a) for c in calls for a in c):
@@ -317,11 +268,7 @@ class RayCorpus:
         self.todo = set(todo)
         self.store = RunStorage(spec.context.run_dir, spec.context.storage_options)
         res = stage.resources
-        self.options: dict[str, Any] = {"num_cpus": max(res.cpus, 0.1), "max_retries": 2}
-        if res.gpus:
-            self.options["num_gpus"] = res.gpus
-        if res.memory_gb:
-            self.options["memory"] = int(res.memory_gb * 2**30)
+        self.options = task_options(max(res.cpus, 0.1), int(res.memory_gb * 2**30), res.gpus)
         self.partitions = 1
         self._fixed = partitions
         self.results: list[ShardResult] = []
@@ -332,43 +279,12 @@ class RayCorpus:
         return self.partitions
 
     def _run(self, what: str, fn: Callable[..., Any], calls: list[tuple[Any, ...]], kept: bool = False) -> list[Any]:
-        """Submit every call, collect in call order, resubmit a failed one up to MAX_TASK_ATTEMPTS.
-
-        ``kept``: ``fn`` has two returns; the driver fetches the first and gets ``(first, ref)`` where
-        ``ref`` names the second, left in the object store for later tasks."""
+        """Every call as a task (pipeline.engine.tasks: results in call order, lost or transient failures
+        retried). ``kept``: ``fn`` has two returns; the driver fetches the first and gets ``(first, ref)``
+        where ``ref`` names the second, left in the object store for later tasks."""
         t0 = time.perf_counter()
-        remote = ray.remote(fn).options(**self.options, **({"num_returns": 2} if kept else {}))
-        calls = _share(calls)
-
-        def submit(c: tuple[Any, ...]) -> tuple[Any, Any]:
-            refs = remote.remote(*c)
-            return (refs[0], refs[1]) if kept else (refs, None)
-
-        attempts = [1] * len(calls)
-        out: list[Any] = [None] * len(calls)
-        pending: dict[Any, tuple[int, Any]] = {}
-        for i, c in enumerate(calls):
-            first, second = submit(c)
-            pending[first] = (i, second)
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            for ref in done:
-                i, second = pending.pop(ref)
-                try:
-                    out[i] = (ray.get(ref), second) if kept else ray.get(ref)
-                except RAY_FAILURES as exc:
-                    if attempts[i] >= MAX_TASK_ATTEMPTS:
-                        for other in pending:
-                            ray.cancel(other, force=True)
-                        last = str(exc).strip().splitlines()[-1:] or [type(exc).__name__]
-                        raise GlobalStageError(
-                            f"global stage {self.spec.stage_id!r}: {what} task {i} failed {attempts[i]} times "
-                            f"({type(exc).__name__}): {last[0][:500]}") from exc
-                    attempts[i] += 1
-                    log.info("global stage %s: %s task %d failed (%s), attempt %d", self.spec.stage_id, what, i,
-                             type(exc).__name__, attempts[i])
-                    first, second = submit(calls[i])
-                    pending[first] = (i, second)
+        out = run_calls(f"global stage {self.spec.stage_id!r}: {what}", fn, _share(calls), self.options, kept=kept,
+                        error=GlobalStageError)
         log.debug("global stage %s: %s, %d tasks, %.2f s, driver peak RSS %.0f MiB", self.spec.stage_id, what,
                   len(calls), time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         return out
@@ -478,8 +394,7 @@ def _whole_table_task(url: str, options: dict[str, Any], spec: StageSpec, stage:
             continue
         part = {k: v[a:b] for k, v in out.items() if isinstance(v, list) and len(v) == n}
         results.append(commit_rows(store, spec, stage, sh, table.slice(a, b - a), part, t0))
-    summary = stage.summary() if callable(getattr(stage, "summary", None)) else None  # type: ignore[attr-defined]
-    return results, summary
+    return results, stage.summary()
 
 
 def run_global_distributed(spec: StageSpec, shards: list[str], todo: Iterable[str],
@@ -499,11 +414,13 @@ def run_global_distributed(spec: StageSpec, shards: list[str], todo: Iterable[st
             stage.run_corpus(corpus)
         finally:
             store.remove(*global_work_dir(spec.stage_id), recursive=True)
-        results, summary = corpus.results, stage.summary() if hasattr(stage, "summary") else None
+        results, summary = corpus.results, stage.summary()
     else:
-        fallback = RayCorpus(spec, stage, shards, todo_list)
-        results, summary = fallback._run("whole-table", _whole_table_task,
-                                         [(store.url, store.storage_options, spec, stage, shards, todo_list)])[0]
+        res = stage.resources
+        results, summary = run_calls(
+            f"global stage {spec.stage_id!r}: whole-table", _whole_table_task,
+            [(store.url, store.storage_options, spec, stage, shards, todo_list)],
+            task_options(max(res.cpus, 0.1), int(res.memory_gb * 2**30), res.gpus), error=GlobalStageError)[0]
     if summary is not None:
         import json
 

@@ -27,8 +27,9 @@ from manifests.storage import RunStorage
 from pipeline.config import ConfigError, PipelineConfig, ResolvedStage, config_hash
 from pipeline.engine import cluster
 from pipeline.engine.execution import StageSpec, UpstreamInfo, is_committed, member_columns
+from pipeline.engine.executor import Event, Outcome, RayExecutor
 from pipeline.engine.fused import StageSetupError
-from pipeline.engine.global_exec import RAY_FAILURES, GlobalStageError, run_global_distributed
+from pipeline.engine.global_exec import GlobalStageError, run_global_distributed
 from pipeline.engine.progress import Progress, StageProgress
 from pipeline.engine.rundir import (
     RunConflictError,
@@ -44,6 +45,19 @@ from pipeline.engine.rundir import (
     write_plan,
     write_run_file,
 )
+from pipeline.engine.scheduler import (
+    Kind,
+    Limits,
+    Request,
+    Scheduler,
+    SetupFailed,
+    ShardFailed,
+    StageInfo,
+    StartActor,
+    StopActor,
+    chain_resources,
+    fuse_chains,
+)
 from pipeline.engine.warm import WarmWorkers
 from pipeline.terminal import console as make_console
 from pipeline.terminal import styled
@@ -51,7 +65,7 @@ from stages.base import InputError, SourceStage, Stage, StageContext, StageKind
 
 MAX_SHARD_ATTEMPTS = 3
 # What a failed global phase may raise: its own error, a bad input it could not use, or any Ray failure.
-GLOBAL_FAILURES: tuple[type[BaseException], ...] = (GlobalStageError, ValueError, TypeError, *RAY_FAILURES)
+GLOBAL_FAILURES: tuple[type[BaseException], ...] = (GlobalStageError, ValueError, TypeError, ray.exceptions.RayError)
 
 
 @dataclass
@@ -99,7 +113,7 @@ class Runner:
         available: dict[str, str] = {c: "every stage" for c in CARRIED}
         for s in self.stages:
             inst = self.instances[s.stage_id]
-            wanted = list(dict.fromkeys([*inst.input_columns(), *getattr(inst, "needs", ())]))
+            wanted = list(inst.input_columns())
             missing = [c for c in wanted if c not in available]
             if missing:
                 written = ", ".join(f"{c} ({w})" for c, w in sorted(available.items()) if w != "every stage")
@@ -222,6 +236,8 @@ class Runner:
 
     def run(self, *, force: bool = False, new: bool = False, address: str | None = None,
             num_cpus: int | None = None) -> RunResult:
+        """Prepare (lock, plan, scan what is committed), run the phases, then close (tables, export,
+        report, history). A run whose every output is current starts no Ray at all."""
         t0 = time.monotonic()
         result = RunResult(run_dir=self.store.url)
         self.check_source()
@@ -234,80 +250,100 @@ class Runner:
             owns_ray = cluster.connect(address, num_cpus, self.cfg.run.py_modules)
             warm = WarmWorkers()
             try:
-                _, gpus = cluster.cluster_totals()
-                for s in self.stages:  # before any work: a GPU stage on a cluster without GPUs
-                    if s.resources.gpus > gpus:
-                        raise cluster.ClusterFitError(
-                            f"stage {s.stage_id!r} declares gpus={s.resources.gpus:g} but the cluster has "
-                            f"{gpus:g} GPU(s); run it on a GPU cluster (--address) or set "
-                            f"--set stages.{s.stage_id}.resources.gpus=0")
-                self.prepare(force, new, to_wipe)
-                self.prepare_source()
-                for s in self.stages[1:]:  # run-level inputs of later stages (a gallery index), once per run
-                    self.instances[s.stage_id].prepare(self.store)
-                plan = self.shard_plan()
-                shards = [p["name"] for p in plan]
-                specs = {p["name"]: p["spec"] for p in plan}
-                committed, bad = scan_committed(self.store, self.order)
-                for b in bad:  # verified commit: these are recomputed like shards never written
-                    self.console.print(styled(("not committed:", "yellow"), f" {b.message()}"))
-                prog = Progress(
-                    [StageProgress(s.stage_id, s.cls.kind.value, len(shards), done=len(committed[s.stage_id]),
-                                   skipped=len(committed[s.stage_id])) for s in self.stages],
-                    enabled=self.show_progress, console=self.console,
-                )
-                failures: dict[tuple[str, str], str] = {}
-                with prog:
-                    compactions: list[Any] = []
-                    phases = self.phases()
-                    for i, phase in enumerate(phases):
-                        if phase[0].cls.kind == StageKind.GLOBAL:
-                            self._run_global(phase[0], shards, committed, failures, prog)
-                        else:
-                            warm = WarmWorkers(self._run_streaming(phase, shards, specs, committed, failures,
-                                                                   prog, park=i == len(phases) - 1))
-                        compactions += self._compact(phase, shards, committed, warm)
-                    for s in self.stages[1:]:  # run-level summaries from the committed manifests
-                        self.instances[s.stage_id].finish(self.store)
-                    self._await_compactions(compactions)
-                    complete = not failures and all(len(committed[s]) == len(shards) for s in self.order)
-                    if complete:
-                        prog.export_note = "tables: writing"
-                        prog.update()
-                        complete = self._write_tables(shards, failures, warm)
-                    warm.close()
-                    if complete and self.cfg.export.enabled:
-                        prog.export_note = "export: running"
-                        prog.update()
-                        result.export, result.export_ran = self._run_export(failures)
-                        prog.export_note = "export: " + ("failed" if result.export is None else
-                                                         "written" if result.export_ran else "up to date")
-                        prog.update()
-                for s in self.stages:
-                    p = prog.stages[s.stage_id]
-                    result.stages[s.stage_id] = {"computed": p.computed, "resumed": p.skipped, "failed": p.failed,
-                                                 "kept": p.kept, "dropped": p.dropped, "errors": p.errors}
-                result.failures = [{"stage": k[0], "shard": k[1], "error": v} for k, v in failures.items()]
-                result.complete = complete and (result.export is not None or not self.cfg.export.enabled)
+                shards, specs, committed = self._prepare_run(force, new, to_wipe)
+                warm = self._run_phases(result, shards, specs, committed)
             except BaseException:  # a failed or interrupted run: no report, Ray stopped, the error raised
                 warm.close()
                 if owns_ray:
                     cluster.shutdown()
                 raise
             warm.close()
-            # The report reads the committed manifests only: it is drawn while Ray's processes stop
-            # (seconds of waiting on a small machine) rather than after them.
-            report = ReportWriter(self.store)
-            try:
-                if owns_ray:
-                    cluster.shutdown()
-            finally:  # even on a Ctrl-C here: a thread left inside matplotlib aborts the interpreter's exit
-                problem = report.wait()
-            result.seconds = time.monotonic() - t0
-            self._write_history(result)
-            if problem:  # a report problem must never fail a finished run
-                self.console.print(styled(("report not written:", "yellow"), f" {problem}"))
+            self._close(result, owns_ray, t0)
         return result
+
+    def _check_gpus(self) -> None:
+        """Before any work: a GPU stage on a cluster without GPUs."""
+        _, gpus = cluster.cluster_totals()
+        for s in self.stages:
+            if s.resources.gpus > gpus:
+                raise cluster.ClusterFitError(
+                    f"stage {s.stage_id!r} declares gpus={s.resources.gpus:g} but the cluster has "
+                    f"{gpus:g} GPU(s); run it on a GPU cluster (--address) or set "
+                    f"--set stages.{s.stage_id}.resources.gpus=0")
+
+    def _prepare_run(self, force: bool, new: bool, to_wipe: list[str]
+                     ) -> tuple[list[str], dict[str, Any], dict[str, set[str]]]:
+        """Run-level inputs, the frozen shard plan and what is committed already: the shards, each
+        shard's source spec, and the committed shards per stage."""
+        self._check_gpus()
+        self.prepare(force, new, to_wipe)
+        self.prepare_source()
+        for s in self.stages[1:]:  # run-level inputs of later stages (a gallery index), once per run
+            self.instances[s.stage_id].prepare(self.store)
+        plan = self.shard_plan()
+        committed, bad = scan_committed(self.store, self.order)
+        for b in bad:  # verified commit: these are recomputed like shards never written
+            self.console.print(styled(("not committed:", "yellow"), f" {b.message()}"))
+        return [p["name"] for p in plan], {p["name"]: p["spec"] for p in plan}, committed
+
+    def _run_phases(self, result: RunResult, shards: list[str], specs: dict[str, Any],
+                    committed: dict[str, set[str]]) -> WarmWorkers:
+        """Every phase, then the stages' run-level summaries, the tables and the export; fills ``result``
+        and returns the workers parked for the closing steps (to be closed by the caller)."""
+        prog = Progress(
+            [StageProgress(s.stage_id, s.cls.kind.value, len(shards), done=len(committed[s.stage_id]),
+                           skipped=len(committed[s.stage_id])) for s in self.stages],
+            enabled=self.show_progress, console=self.console,
+        )
+        failures: dict[tuple[str, str], str] = {}
+        warm = WarmWorkers()
+        with prog:
+            compactions: list[Any] = []
+            phases = self.phases()
+            for i, phase in enumerate(phases):
+                if phase[0].cls.kind == StageKind.GLOBAL:
+                    self._run_global(phase[0], shards, committed, failures, prog)
+                else:
+                    warm = WarmWorkers(self._run_streaming(phase, shards, specs, committed, failures,
+                                                           prog, park=i == len(phases) - 1))
+                compactions += self._compact(phase, shards, committed, warm)
+            for s in self.stages[1:]:  # run-level summaries from the committed manifests
+                self.instances[s.stage_id].finish(self.store)
+            self._await_compactions(compactions)
+            complete = not failures and all(len(committed[s]) == len(shards) for s in self.order)
+            if complete:
+                prog.export_note = "tables: writing"
+                prog.update()
+                complete = self._write_tables(shards, failures, warm)
+            warm.close()
+            if complete and self.cfg.export.enabled:
+                prog.export_note = "export: running"
+                prog.update()
+                result.export, result.export_ran = self._run_export(failures)
+                prog.export_note = "export: " + ("failed" if result.export is None else
+                                                 "written" if result.export_ran else "up to date")
+                prog.update()
+        for s in self.stages:
+            p = prog.stages[s.stage_id]
+            result.stages[s.stage_id] = {"computed": p.computed, "resumed": p.skipped, "failed": p.failed,
+                                         "kept": p.kept, "dropped": p.dropped, "errors": p.errors}
+        result.failures = [{"stage": k[0], "shard": k[1], "error": v} for k, v in failures.items()]
+        result.complete = complete and (result.export is not None or not self.cfg.export.enabled)
+        return warm
+
+    def _close(self, result: RunResult, owns_ray: bool, t0: float) -> None:
+        """The report (drawn from the committed manifests while Ray's processes stop, rather than after
+        them), Ray stopped if this run started it, and the run's history row."""
+        report = ReportWriter(self.store)
+        try:
+            if owns_ray:
+                cluster.shutdown()
+        finally:  # even on a Ctrl-C here: a thread left inside matplotlib aborts the interpreter's exit
+            problem = report.wait()
+        result.seconds = time.monotonic() - t0
+        self._write_history(result)
+        if problem:  # a report problem must never fail a finished run
+            self.console.print(styled(("report not written:", "yellow"), f" {problem}"))
 
     def _finished(self, result: RunResult) -> bool:
         """Whether the run directory holds this config's complete run: same config, every stage's
@@ -349,21 +385,6 @@ class Runner:
         """Stream shards through the phase's stages: a thin loop feeding the scheduler's decisions to the
         Ray executor and the executor's events back to the scheduler (pipeline/engine/scheduler.py).
         With ``park`` (the run's last phase), returns the last chain's idle actors for the closing steps."""
-        from pipeline.engine.executor import Outcome, RayExecutor
-        from pipeline.engine.scheduler import (
-            Kind,
-            Limits,
-            Request,
-            Scheduler,
-            SetupFailed,
-            ShardFailed,
-            StageInfo,
-            StartActor,
-            StopActor,
-            chain_resources,
-            fuse_chains,
-        )
-
         if all(len(committed[s.stage_id]) == len(shards) for s in phase):
             return []
         infos = [StageInfo(s.stage_id, s.resources, s.workers, s.cls.kind == StageKind.SOURCE) for s in phase]
@@ -385,46 +406,54 @@ class Runner:
         actions = sched.start()
         try:
             while True:
-                for act in actions:
-                    if isinstance(act, StartActor):
-                        ex.start_actor(act.chain, act.actor)
-                    elif isinstance(act, StopActor):
-                        ex.stop_actor(act.actor)
-                    elif isinstance(act, Request):
-                        ex.send(act)
-                    elif isinstance(act, ShardFailed):
-                        failures[(act.stage_id, act.shard)] = act.error[:2000]
-                        prog.stages[act.stage_id].failed += 1
-                        last = (act.error.splitlines() or [""])[-1]
-                        self.console.print(styled((f"shard {act.shard} of {act.stage_id} failed:", "red"), f" {last}"))
+                self._apply(actions, ex, failures, prog)
                 if not sched.busy():
                     break
                 due = sched.next_due()
-                now = time.monotonic()
-                timeout = 0.5 if due is None else max(0.0, min(0.5, due - now))
+                timeout = 0.5 if due is None else max(0.0, min(0.5, due - time.monotonic()))
                 for ev in ex.wait(timeout):
-                    req = sched.requests[ev.req]
-                    found = [] if ev.outcome == Outcome.DONE or req.kind != Kind.RUN else [
-                        sid for sid in sched.chains[req.chain].stages if is_committed(self.store, sid, req.shard)]
-                    if ev.outcome == Outcome.DONE:
-                        for res in ev.results:
-                            prog.update(res)
-                        sched.done(ev.req, committed=[r.stage_id for r in ev.results], samples=ev.samples)
-                    elif ev.outcome == Outcome.DIED:
-                        try:
-                            sched.died(ev.req, ev.error, committed=found)
-                        except SetupFailed as exc:
-                            raise StageSetupError(str(exc)) from None
-                    elif ev.outcome == Outcome.SETUP:
-                        raise StageSetupError(ev.error)
-                    else:
-                        sched.failed(ev.req, ev.error, transient=ev.outcome == Outcome.TRANSIENT, now=time.monotonic(),
-                                     committed=found)
+                    self._event(ev, sched, prog)
                 actions = sched.decide(time.monotonic())
                 prog.update()
         finally:
             ex.close()
         return ex.parked
+
+    def _apply(self, actions: list[Any], ex: RayExecutor, failures: dict[tuple[str, str], str],
+               prog: Progress) -> None:
+        """Carry out the scheduler's decisions on the executor; a shard given up on is recorded."""
+        for act in actions:
+            if isinstance(act, StartActor):
+                ex.start_actor(act.chain, act.actor)
+            elif isinstance(act, StopActor):
+                ex.stop_actor(act.actor)
+            elif isinstance(act, Request):
+                ex.send(act)
+            elif isinstance(act, ShardFailed):
+                failures[(act.stage_id, act.shard)] = act.error[:2000]
+                prog.stages[act.stage_id].failed += 1
+                last = (act.error.splitlines() or [""])[-1]
+                self.console.print(styled((f"shard {act.shard} of {act.stage_id} failed:", "red"), f" {last}"))
+
+    def _event(self, ev: Event, sched: Scheduler, prog: Progress) -> None:
+        """Hand one executor event to the scheduler; a stage that cannot set up ends the run."""
+        req = sched.requests[ev.req]
+        found = [] if ev.outcome == Outcome.DONE or req.kind != Kind.RUN else [
+            sid for sid in sched.chains[req.chain].stages if is_committed(self.store, sid, req.shard)]
+        if ev.outcome == Outcome.DONE:
+            for res in ev.results:
+                prog.update(res)
+            sched.done(ev.req, committed=[r.stage_id for r in ev.results], samples=ev.samples)
+        elif ev.outcome == Outcome.DIED:
+            try:
+                sched.died(ev.req, ev.error, committed=found)
+            except SetupFailed as exc:
+                raise StageSetupError(str(exc)) from None
+        elif ev.outcome == Outcome.SETUP:
+            raise StageSetupError(ev.error)
+        else:
+            sched.failed(ev.req, ev.error, transient=ev.outcome == Outcome.TRANSIENT, now=time.monotonic(),
+                         committed=found)
 
     def _run_global(self, s: ResolvedStage, shards: list[str], committed: dict[str, set[str]],
                     failures: dict[tuple[str, str], str], prog: Progress) -> None:

@@ -34,6 +34,7 @@ from manifests.layout import (
     export_version_dir,
 )
 from manifests.storage import RunStorage
+from pipeline.engine.tasks import TaskFailedError, run_tasks, task_options
 from pipeline.export.card import dataset_card
 from pipeline.export.choose import ChosenPart, choose_range, hash_ranges, merge_drops
 from pipeline.export.config import ExportConfig
@@ -48,8 +49,7 @@ from pipeline.export.plan import (
     selection_spec,
     writer_ranges,
 )
-from pipeline.export.retry import DRIVER_ATTEMPTS, RETRYABLE, remote_options
-from pipeline.export.shards import CorruptSourceError, write_range
+from pipeline.export.shards import write_range
 from pipeline.export.splits import LeakReport, assign_units, leak_report, lookalike_pairs, lookalike_threshold
 from pipeline.summaries import grouping_figures
 
@@ -57,8 +57,8 @@ MAX_LISTED = 10  # look-alike pairs across splits listed by name (flag mode)
 LEGACY_DIRS = ("train", "val")  # shard folders of exports written before versioned folders
 
 
-class ExportFailed(RuntimeError):
-    pass
+class ExportFailed(TaskFailedError):
+    """The export could not complete; the message names the step and what failed."""
 
 
 def read_committed(store: RunStorage) -> dict[str, Any] | None:
@@ -72,27 +72,13 @@ def read_committed(store: RunStorage) -> dict[str, Any] | None:
 
 
 def _gather(calls: list[tuple[Any, tuple[Any, ...]]], opts: dict[str, Any], what: str) -> list[Any]:
-    """Run remote calls in parallel; any Ray failure (task error, worker crash, OOM kill, node death)
-    is retried up to DRIVER_ATTEMPTS times beyond Ray's own system retries."""
-    results: list[Any] = [None] * len(calls)
-    pending = {ray.remote(fn).options(**opts).remote(*args): (i, 1) for i, (fn, args) in enumerate(calls)}
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        ref = done[0]
-        i, attempt = pending.pop(ref)
-        try:
-            results[i] = ray.get(ref)
-        except RETRYABLE as exc:
-            if isinstance(getattr(exc, "cause", None), ExportFailed | CorruptSourceError):
-                attempt = DRIVER_ATTEMPTS  # already retried inside: do not run the whole export again
-            if attempt >= DRIVER_ATTEMPTS:
-                for other in pending:
-                    ray.cancel(other)
-                raise ExportFailed(f"export: {what} task {i} failed {attempt} times: "
-                                   f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}") from exc
-            fn, args = calls[i]
-            pending[ray.remote(fn).options(**opts).remote(*args)] = (i, attempt + 1)
-    return results
+    """Run remote calls in parallel through pipeline.engine.tasks (lost or transient failures retried,
+    a permanent one ends the export with ExportFailed)."""
+    def submit(i: int, _fresh: bool) -> Any:
+        fn, args = calls[i]
+        return ray.remote(fn).options(**opts).remote(*args)
+
+    return run_tasks(f"export: {what}", len(calls), submit, error=ExportFailed)
 
 
 def _plan_call(url: str, opts: dict[str, Any], samples: list[tuple[str, ...]], decisions: list[tuple[str, ...]],
@@ -262,7 +248,7 @@ def export_task(url: str, storage_options: dict[str, Any], stages: list[dict[str
     if committed.get("version") != version:
         store.remove(EXPORT_DIR, version, recursive=True)  # a failed attempt's leftovers
     task_mem = int(cfg.task_memory_gb * 1024**3)
-    opts = remote_options(cpus_per_task, task_mem)
+    opts = task_options(cpus_per_task, task_mem)
     plan = plan_export(store, stages, cfg, version, rows_per_file, opts)
     spec, plan_files, ids, stats = plan.spec, plan.plan_files, plan.identities, plan.stats
 
@@ -339,12 +325,12 @@ def clean_old_versions(store: RunStorage, keep: str) -> None:
 
 def run_export(store: RunStorage, stages: list[dict[str, Any]], cfg: ExportConfig, fingerprint: str,
                cfg_hash: str, rows_per_file: int = 1000) -> tuple[dict[str, Any], bool]:
-    """The runner's one call: skip an up-to-date export, else run the export task (declared memory,
-    Ray's system retries, and a few more for any Ray failure). Raises ExportFailed."""
+    """The runner's one call: skip an up-to-date export, else run the export task (declared memory;
+    lost or transient failures retried). Raises ExportFailed."""
     done = read_committed(store)
     if done and done.get("fingerprint") == fingerprint:
         return done, False
-    opts = remote_options(0.25, int(cfg.task_memory_gb * 1024**3))
+    opts = task_options(0.25, int(cfg.task_memory_gb * 1024**3))
     result = _gather([(export_task, (store.url, store.storage_options, stages, cfg, fingerprint, cfg_hash,
                                      rows_per_file))], opts, "export")
     return result[0], True

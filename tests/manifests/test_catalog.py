@@ -16,8 +16,9 @@ import duckdb
 import pyarrow as pa
 import pytest
 
-from manifests.catalog import Catalog, QueryError, committed_fragments, samples_fields
-from manifests.join import own_or_parent_rows, take_own_or_parent
+from manifests.catalog import Catalog, QueryError, samples_fields
+from manifests.commit import committed_tokens
+from manifests.reader import own_or_parent_rows, take_own_or_parent
 from manifests.storage import RunStorage
 from pipeline.status import run_status
 from tests.fixtures.s3_server import s3_server
@@ -61,7 +62,7 @@ def test_stage_views_glob_the_folder_and_never_see_a_temporary_file(local_run: R
     sql = "\n".join(cat.view_sql())
     assert "000001.parquet" not in sql, "a view must not list fragments one by one"
     assert cat.query("SELECT count(*) AS n FROM src").column("n")[0].as_py() == SHARDS * PER_SHARD
-    assert len(committed_fragments(local_run, "src")) == SHARDS
+    assert len(committed_tokens(local_run, "src")) == SHARDS
 
 
 def test_vectors_read_as_fixed_size_arrays(local_run: RunStorage) -> None:
@@ -230,7 +231,7 @@ def test_metrics_view_reads_committed_metric_files_only(tmp_path: Path) -> None:
 
 
 def test_the_one_join_and_two_join_sql_forms_agree(local_run: RunStorage) -> None:
-    from manifests.join import own_or_parent_sql
+    from manifests.reader import own_or_parent_sql
 
     cat = Catalog(local_run, STAGES)
     base = ("(SELECT sample_id, max(parent_id) AS parent_id, bit_or(CAST(1 AS HUGEINT) << stage_index) AS stages "
@@ -268,7 +269,7 @@ def test_a_run_path_with_glob_characters_reads_and_removes_its_own_files_only(
     assert cat.query("SELECT count(*) AS n FROM src").column("n")[0].as_py() == 2 * PER_SHARD
     assert cat.query("SELECT count(*) AS n FROM identities").column("n")[0].as_py() == 50
     hostile.remove("manifests", "src", recursive=True)
-    assert not hostile.exists("manifests", "src") and len(committed_fragments(neighbour, "src")) == 3
+    assert not hostile.exists("manifests", "src") and len(committed_tokens(neighbour, "src")) == 3
 
 
 def test_a_temp_folder_of_a_dead_owner_is_swept_and_a_live_owners_kept(local_run: RunStorage, tmp_path: Path,

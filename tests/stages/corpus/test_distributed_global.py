@@ -277,7 +277,7 @@ def test_a_stage_that_keeps_failing_gives_up_with_its_reason(
 ) -> None:
     run = str(tmp_path / "run")
     shutil.copytree(corpus_run[0], run)
-    with pytest.raises(GlobalStageError, match=r"commit task .* failed 3 times.*disk on fire"):
+    with pytest.raises(GlobalStageError, match=r"commit task .* failed, attempt 1 of 3: permanent.*disk on fire"):
         run_global_distributed(global_spec(AlwaysFailingDedup, DedupParams(), run), corpus_run[1], corpus_run[1])
     assert not glob.glob(f"{run}/manifests/dedup/*.parquet")
 
