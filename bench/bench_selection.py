@@ -24,8 +24,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_export import PeakRSS  # noqa: E402
 
 from manifests.storage import RunStorage  # noqa: E402
+from pipeline.engine.tasks import task_options  # noqa: E402
 from pipeline.export.config import ExportConfig  # noqa: E402
-from pipeline.export.retry import remote_options  # noqa: E402
 from pipeline.export.task import plan_export  # noqa: E402
 from tests.fixtures.selection_tables import STAGES, write_samples  # noqa: E402
 
@@ -57,7 +57,7 @@ def main() -> None:
         store = RunStorage(str(run))
         with PeakRSS() as peak:
             t0 = time.perf_counter()
-            plan = plan_export(store, STAGES, cfg, "v-bench", SHARD_ROWS, remote_options(0.5, 2**30))
+            plan = plan_export(store, STAGES, cfg, "v-bench", SHARD_ROWS, task_options(0.5, 2**30))
             seconds = time.perf_counter() - t0
         print(json.dumps({"bench": "selection_split", "samples": n, "identities": plan.selection.identities,
                           "selected": plan.selection.samples, "seconds": round(seconds, 2),

@@ -123,10 +123,7 @@ class Runner:
                 )
             available.update({f.name: s.stage_id for f in inst.output_fields()})
         exp = self.cfg.export
-        refs = [(f"export.thresholds.{t}", t) for t in exp.thresholds]
-        refs += [(f"export.metadata_columns[{i}]", t) for i, t in enumerate(exp.metadata_columns)]
-        refs += [(f"export.extra_members.{k}", t) for k, t in exp.extra_members.items()]
-        for where, target in refs:
+        for where, target in exp.column_refs():
             stage, _, column = target.partition(".")
             if stage not in self.instances:
                 raise ConfigError(f"invalid config:\n  {clip(where)}: no stage {shown(stage)} in this run "

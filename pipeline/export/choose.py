@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from pipeline.export.config import Identities
 from pipeline.export.identities import NO_BIN, available_bins, image_plan, pick_images
+from pipeline.export.order import unit
 from pipeline.export.plan import MAX_EXAMPLES, SELECTION_COLUMNS
 
 EXPORT_STAGE = "export"
@@ -65,7 +66,6 @@ def _mode(values: list[Any]) -> str:
 
 def choose_range(store: Any, cand_files: list[tuple[str, ...]], decisions: pa.Table, lo: float, hi: float,
                  cfg: Identities, out_plan: tuple[str, ...], out_emb: tuple[str, ...] | None) -> ChosenPart:
-    from pipeline.export.plan import unit
 
     t = read_identity_range(store, cand_files, lo, hi)
     rule_of = dict(zip(decisions.column("identity_id").to_pylist(), decisions.column("rule").to_pylist(),

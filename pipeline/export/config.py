@@ -45,9 +45,10 @@ class IdentityRank(Strict):
     """Which identities win under ``max_identities``: the most candidate images, the best mean of a
     score column, or a hash of the identity id; ties by identity id."""
 
-    by: Literal["images", "score", "hash"] = "images"
+    by: Literal["images", "score", "hash"] = Field(
+        "images", description="rank identities by candidate images, by the mean of a score, or by a hash")
     score: str | None = Field(None, pattern=STAGE_COLUMN, description="'stage.column' averaged per identity")
-    order: Literal["higher", "lower"] = "higher"
+    order: Literal["higher", "lower"] = Field("higher", description="which end of the mean score wins")
 
     @model_validator(mode="after")
     def _score_named(self) -> IdentityRank:
@@ -65,7 +66,8 @@ class Balance(Strict):
 
     column: str = Field(pattern=STAGE_COLUMN, description="'stage.column' of a label, e.g. labels.pose_bin")
     shares: dict[str, float] = Field(min_length=1, description="bin -> share; the shares sum to 1")
-    level: Literal["image", "identity"] = "image"
+    level: Literal["image", "identity"] = Field(
+        "image", description="image: each identity's images follow the shares; identity: the identities do")
     fill: bool = Field(False, description="give a short bin's place to the other bins")
 
     @field_validator("shares")

@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.export.config import Balance, ExportConfig, Identities
+from pipeline.export.order import unit
 
 TOO_SMALL = "identity_too_small"
 OVER_QUOTA = "over_quota"
@@ -128,7 +129,6 @@ def _identity_bin(bins: Mapping[str, int]) -> str:
 
 
 def _rank_key(cfg: Identities, ident: str, n: int, score: float | None) -> tuple[Any, ...]:
-    from pipeline.export.plan import unit
 
     r = cfg.rank
     if r.by == "images":
@@ -252,7 +252,6 @@ def _balance_identities(ranked: list[str], limit: int, ident_bin: Mapping[str, s
 def preference_order(rows: pa.Table, cfg: Identities) -> np.ndarray:
     """Row indices of ONE identity's candidates, best first, by ``prefer``; columns read:
     ``sample_id``, ``sel_score`` and ``sel_div`` where configured."""
-    from pipeline.export.plan import unit
 
     n = rows.num_rows
     ids = rows.column("sample_id").to_pylist()

@@ -18,7 +18,6 @@ the split's shard count, so shards mix identities and hold about ``shard_size`` 
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from collections import Counter
@@ -35,6 +34,7 @@ from facekit.userconfig import shown
 from manifests.sql import predicate_sql, q
 from manifests.tables import column_name
 from pipeline.export.config import WHERE_TABLE, ExportConfig, Threshold
+from pipeline.export.order import unit
 
 MAX_EXAMPLES = 3
 
@@ -161,10 +161,6 @@ def check_selection(spec: SelectionSpec, schema: pa.Schema) -> None:
         con.execute(f"SELECT * FROM ({spec.sql}) LIMIT 0")
     finally:
         con.close()
-
-
-def unit(text: str) -> float:
-    return int(hashlib.sha256(text.encode()).hexdigest()[:12], 16) / float(1 << 48)
 
 
 _NUM_RE = re.compile(r"-?\d+(\.\d+)?(e-?\d+)?")

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from facekit.thresholds import Metric, defaults_for
 from pipeline.export.config import ExportConfig
-from pipeline.export.plan import unit
+from pipeline.export.order import unit
 
 
 class UnionFind:

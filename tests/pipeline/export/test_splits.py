@@ -11,8 +11,8 @@ import pyarrow.dataset as pads
 import pytest
 
 from manifests.storage import RunStorage
+from pipeline.engine.tasks import task_options
 from pipeline.export.config import ExportConfig
-from pipeline.export.retry import remote_options
 from pipeline.export.task import ExportPlan, plan_export
 from tests.fixtures.selection_tables import POSES, STAGES, lookalike_twin, write_samples
 
@@ -33,7 +33,7 @@ def _plan(run: Path, partitions: int, **export: Any) -> tuple[ExportPlan, dict[s
     cfg = ExportConfig(val_fraction=0.5, rows_per_task=max(1, rows // partitions), **export)
     store = RunStorage(str(run))
     version = f"v-test-{partitions}-{len(export)}"
-    plan = plan_export(store, STAGES, cfg, version, rows // SHARDS, remote_options(0.25, 2**28))
+    plan = plan_export(store, STAGES, cfg, version, rows // SHARDS, task_options(0.25, 2**28))
     kept = pads.dataset([store.path(*p) for p in plan.plan_files], format="parquet").to_table(
         columns=["sample_id", "identity_id"]).to_pylist()
     by_identity: dict[str, list[str]] = {}
