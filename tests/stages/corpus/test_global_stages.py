@@ -308,11 +308,17 @@ def test_dedup_keep_rule_prefers_quality_then_size_then_lossless_then_sample_id(
     assert "sharpness" in DedupStage(DedupParams(prefer="sharpness"), CTX).needs
 
 
-def test_dedup_group_ids_do_not_depend_on_row_order() -> None:
+def test_dedup_decisions_do_not_depend_on_row_order_and_identity_closeness_alone_drops_nothing() -> None:
+    """20 pairs close in identity space: the first 10 also show the same picture (one copy mirrored), the
+    other 10 are different pictures -- redundant variants, reported and kept."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((40, 16)).astype(np.float32)
-    x[20:] = x[:20] + 0.001  # 20 near-duplicate pairs
+    x[20:] = x[:20] + 0.001
     ids = [f"s{i:02d}" for i in range(40)]
+    pictures = rng.integers(0, 255, (30, 32, 32, 3), dtype=np.uint8)
+    thumbs = [pictures[i].tobytes() for i in range(20)]
+    thumbs += [np.ascontiguousarray(pictures[i][:, ::-1]).tobytes() for i in range(10)]
+    thumbs += [pictures[i].tobytes() for i in range(20, 30)]
 
     def table(order: np.ndarray) -> pa.Table:
         return pa.table(
@@ -324,21 +330,29 @@ def test_dedup_group_ids_do_not_depend_on_row_order() -> None:
                 "embedding": pa.array([x[i].tolist() for i in order], pa.list_(pa.float32(), 16)),
                 "embedding_space": [DLIB] * 40,
                 "embedding_metric": ["euclidean"] * 40,
+                "thumbnail": pa.array([thumbs[i] for i in order], pa.binary()),
             }
         )
 
-    a = DedupStage(DedupParams(), CTX).run_global(table(np.arange(40)))
+    stage = DedupStage(DedupParams(), CTX)
+    a = stage.run_global(table(np.arange(40)))
     b = DedupStage(DedupParams(), CTX).run_global(table(rng.permutation(40)))
 
-    def as_map(out: dict[str, list[Any]]) -> dict[str, tuple[str, str]]:
-        return {
-            s: (g, k)
-            for s, g, k in zip(out["sample_id"], out["dup_group_id"], out["kept_sample_id"], strict=True)
-        }
+    def as_map(out: dict[str, list[Any]]) -> dict[str, tuple[str, str, str]]:
+        cols = ("dup_group_id", "kept_sample_id", "redundant_variant_of")
+        return {s: tuple(out[c][k] for c in cols) for k, s in enumerate(out["sample_id"])}  # type: ignore[misc]
 
     assert as_map(a) == as_map(b)
-    assert sum(not k for k in a["keep"]) == 20
-    assert set(a["dup_kind"]) == {"embedding"}
+    dropped = {s for s, k in zip(a["sample_id"], a["keep"], strict=True) if not k}
+    assert dropped == {f"s{i:02d}" for i in range(20, 30)}
+    assert {a["dup_kind"][i] for i in range(40) if a["dup_group_id"][i]} == {"embedding"}
+    variants = {s: r for s, r in zip(a["sample_id"], a["redundant_variant_of"], strict=True) if r}
+    assert variants == {f"s{i + 20:02d}": f"s{i:02d}" for i in range(10, 20)}
+    summary = stage.summary()
+    assert summary["duplicates"] == {"exact": 0, "phash": 0, "embedding": 10}
+    assert summary["redundant_variants"] == 10 and summary["not_same_picture"] == 10
+    off = DedupStage(DedupParams(redundant_variants="off"), CTX).run_global(table(np.arange(40)))
+    assert not any(off["redundant_variant_of"]) and off["keep"] == a["keep"]
 
 
 # --------------------------------------------------------------------------- grouping
