@@ -12,13 +12,15 @@ kinds of evidence link two samples, strongest first:
 A pHash or embedding link is a candidate: it becomes a duplicate link only when the two thumbnails
 show the same picture (``picture_similarity`` of the fingerprint stage at ``picture_min_similarity``:
 one thumbnail registered against small crops and the mirror image of the other). Neither hash nor
-identity space can say that alone: on the quickstart renders (64 identities x 8, SFace) two different
-renders of one identity lie 0 bits apart once one of them is mirrored and 4 bits apart as they are,
-and up to 0.976 in SFace cosine, above the near-duplicate default 0.97; their thumbnails correlate at
-most 0.95, re-encodes, 0.5x resizes, 5% crops and flips at 0.976 or more. An identity embedding
-ignores everything but identity, so closeness in identity space between two different pictures is a
-rule of its own, ``redundant_variant``: reported (a column naming the better partner, and a count),
-never dropped, since intra-class variation is what a face dataset is for.
+identity space can say that alone. On the quickstart renders (64 identities x 8, SFace): two renders
+of one identity are at least 4 pHash bits apart as they are, but 0 bits once one is mirrored (a face
+turned the other way); 8 pairs of different renders of one identity lie above the near-duplicate
+default 0.97 in SFace cosine (up to 0.976); their thumbnails correlate at most 0.963 (121 pairs at
+cosine >= 0.95), while JPEG q50 re-encodes, 0.5x resizes, 5% crops and flips of renders and photos
+score 0.976 or more -- hence 0.97. An identity embedding ignores everything but identity, so closeness
+in identity space between two different pictures is a rule of its own, ``redundant_variant``: reported
+(a column naming the better-ranked partner, and a count), never dropped, since intra-class variation
+is what a face dataset is for.
 
 Duplicate links are unioned into groups (connected components). In each group one sample is kept by
 a fixed rule -- highest ``prefer`` score if a quality column is named, then the largest image, then a
@@ -87,16 +89,17 @@ EMBEDDING_COLUMNS = ("embedding", "embedding_space", "embedding_metric")
 
 class DedupParams(Params):
     exact: bool = Field(True, description="byte-identical and pixel-identical images are duplicates")
-    # A candidate radius, not a verdict: the thumbnail confirms every candidate (picture_min_similarity).
-    # On the quickstart renders (64 identities x 8) the closest two renders of one identity are 4 bits
-    # apart and re-encodes of one render sit within 4 bits; 3 keeps the banded search's buckets small.
+    # A candidate radius; the thumbnail confirms every candidate (picture_min_similarity). On the quickstart
+    # renders (64 identities x 8) the closest two renders of one identity are 4 bits apart, JPEG q50
+    # re-encodes of a render within 4 bits (97% within 3), 0.5x resizes within 6 (99% within 3); the
+    # embedding candidates find the rest. 3 keeps the banded search's buckets at 16 bits.
     phash_max_distance: int | None = Field(
         3, ge=0, le=32, description=
         "pHash Hamming distance (of the picture or its mirror image) at or below which two images are "
         "candidate duplicates; null: no perceptual candidates")
     phash_confirm: bool = Field(True, description="with embeddings: a pHash link also needs same-identity embeddings")
     picture_min_similarity: float = Field(
-        0.965, ge=0.0, le=1.0, description=
+        0.97, ge=0.0, le=1.0, description=
         "thumbnail correlation (best over small crops and the mirror image) at or above which two candidates "
         "show the same picture; where either image has no thumbnail a pHash link stands on its own and an "
         "embedding link is never a duplicate")
