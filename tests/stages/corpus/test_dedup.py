@@ -111,7 +111,8 @@ def planted_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str,
     out = tmp_path_factory.mktemp("planted-run") / "run"
     res = Runner(cfg, stages, str(out), show_progress=False).run()
     assert res.complete, res.failures
-    stem = {r["sample_id"]: Path(r["source_path"]).stem for r in pq.read_table(out / "manifests" / "ingest").to_pylist()}
+    ingest = pq.read_table(out / "manifests" / "ingest").to_pylist()
+    stem = {r["sample_id"]: Path(r["source_path"]).stem for r in ingest}
     rows = {stem[r["sample_id"]]: r for r in pq.read_table(out / "manifests" / "dedup").to_pylist()}
     summary = json.loads((out / "report" / "dedup.summary.json").read_text())
     return {"rows": rows, "summary": summary, "stems": {s: s for s in stem.values()}}
@@ -128,7 +129,8 @@ def test_planted_reencodes_resizes_crops_and_flips_are_found_and_no_distinct_pic
         judged = [o for o in originals if o in rows and f"{o}~{t}" in rows]
         # a copy the detector misses never reaches dedup; nearly all must
         assert len(judged) >= 0.9 * len(originals), (t, len(judged))
-        found = [o for o in judged if rows[o]["dup_group_id"] and rows[o]["dup_group_id"] == rows[f"{o}~{t}"]["dup_group_id"]]
+        group = {o: rows[o]["dup_group_id"] for o in judged}
+        found = [o for o in judged if group[o] and group[o] == rows[f"{o}~{t}"]["dup_group_id"]]
         recall[t] = len(found) / len(judged)
     false_drops = [stem for stem, r in rows.items() if not r["keep"]
                    and id_of[r["kept_sample_id"]].split("~")[0] != stem.split("~")[0]]
