@@ -6,8 +6,8 @@ kinds of evidence link two samples, strongest first:
   fingerprint stage; these stand on their own;
 - ``phash``: 64-bit perceptual hashes, of the pictures or of one and the other's mirror image, within
   ``phash_max_distance`` bits (re-encodes, resizes, flips);
-- ``embedding``: identity embeddings within the space's near-duplicate threshold (crops, and whatever
-  moved the pHash), via facekit.vector_index (exact FAISS for small runs, per k-means cell above
+- ``embedding``: identity embeddings within ``embedding_threshold`` (crops, and whatever moved the
+  pHash), via facekit.vector_index (exact FAISS for small runs, per k-means cell above
   ``exact_max``).
 A pHash or embedding link is a candidate: it becomes a duplicate link only when the two thumbnails
 show the same picture (``picture_similarity`` of the fingerprint stage at ``picture_min_similarity``:
@@ -105,14 +105,22 @@ class DedupParams(Params):
         "embedding link is never a duplicate")
     embeddings: bool = Field(
         True, description="embedding near-duplicates are candidates (needs the embed stage upstream)")
+    # A candidate threshold; the thumbnail decides. A 5% crop moves the detected and aligned face, and with
+    # it the embedding: SFace cosine of 47 planted crops (renders and photos) to their originals 0.959-0.99,
+    # below the space's near-duplicate default 0.97. So candidates reach three times as far from identical
+    # as that default (SFace 0.91, dlib 0.18).
     embedding_threshold: float | None = Field(
-        None, description="near-duplicate score in the space's metric; null: the space's default")
+        None, description=
+        "embedding score (in the space's metric) at which two samples are candidate duplicates; null: three "
+        "times as far from identical as the space's near-duplicate default")
     redundant_variants: Literal["off", "report"] = Field(
         "report", description=
         "distinct pictures within redundant_threshold in identity space: report them (a column and a count, "
         "nothing dropped) or not at all")
     redundant_threshold: float | None = Field(
-        None, description="redundant-variant score in the space's metric; null: the space's near-duplicate default")
+        None, description=
+        "embedding score (in the space's metric) at which two distinct pictures are redundant variants; null: "
+        "the space's near-duplicate default")
     prefer: str | None = Field(
         None, description=
         "a score column, higher is better, that picks the sample kept of each group (e.g. a quality score)")
@@ -254,15 +262,20 @@ class DedupStage(GlobalStage):
         return dict(getattr(self, "_summary", {}))
 
     def _thresholds(self, space: str) -> tuple[float, float, float, float]:
-        """Same-identity, near-duplicate, redundant-variant and search thresholds of a space."""
+        """Same-identity, duplicate-candidate, redundant-variant and search thresholds of a space."""
         p = self.params
         d = defaults_for(space)
-        near = d.near_duplicate if p.embedding_threshold is None else float(p.embedding_threshold)
-        redundant = near if p.redundant_threshold is None else float(p.redundant_threshold)
-        search = near
-        if p.redundant_variants == "report" and d.metric.closer(near, redundant):
+        if p.embedding_threshold is not None:
+            candidate = float(p.embedding_threshold)
+        elif d.metric.higher_is_same:
+            candidate = 1.0 - 3.0 * (1.0 - d.near_duplicate)
+        else:
+            candidate = 3.0 * d.near_duplicate
+        redundant = d.near_duplicate if p.redundant_threshold is None else float(p.redundant_threshold)
+        search = candidate
+        if p.redundant_variants == "report" and d.metric.closer(candidate, redundant):
             search = redundant
-        return d.same_identity, near, redundant, search
+        return d.same_identity, candidate, redundant, search
 
     def run_global(self, table: pa.Table) -> Batch:
         p = self.params
