@@ -399,9 +399,9 @@ class DedupStage(GlobalStage):
             judged = has_thumb[a] & has_thumb[b] & _edge_filter(parent, rank, a, b)
             for k in np.flatnonzero(judged).tolist():
                 key = (int(a[k]), int(b[k]))
-                if key not in memo:
-                    memo[key] = picture_similarity(thumbs[key[0]], thumbs[key[1]], p.picture_min_similarity) \
-                        >= p.picture_min_similarity
+                ta, tb = thumbs[key[0]], thumbs[key[1]]
+                if key not in memo and ta is not None and tb is not None:
+                    memo[key] = picture_similarity(ta, tb, p.picture_min_similarity) >= p.picture_min_similarity
                 out[k] = memo[key]
             return out
 
