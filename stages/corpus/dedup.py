@@ -268,9 +268,9 @@ class DedupStage(GlobalStage):
         if p.embedding_threshold is not None:
             candidate = float(p.embedding_threshold)
         elif d.metric.higher_is_same:
-            candidate = 1.0 - 3.0 * (1.0 - d.near_duplicate)
+            candidate = round(1.0 - 3.0 * (1.0 - d.near_duplicate), 6)
         else:
-            candidate = 3.0 * d.near_duplicate
+            candidate = round(3.0 * d.near_duplicate, 6)
         redundant = d.near_duplicate if p.redundant_threshold is None else float(p.redundant_threshold)
         search = candidate
         if p.redundant_variants == "report" and d.metric.closer(candidate, redundant):

@@ -254,7 +254,8 @@ def test_dedup_catches_every_planted_duplicate_and_drops_no_clean_sample(faces: 
         {"sample_id": [f.sample_id for f in rows], "image": [f.image for f in rows]}
     )
     assert all(s == "ok" for s in prints["status"])
-    columns = ("content_sha256", "pixel_sha256", "phash", "width", "height", "image_format")
+    columns = ("content_sha256", "pixel_sha256", "phash", "phash_mirror", "thumbnail", "width", "height",
+               "image_format")
     stage = DedupStage(DedupParams(), CTX)
     out = stage.run_global(face_table(rows, extra={c: prints[c] for c in columns}))
 
