@@ -15,9 +15,9 @@ one thumbnail registered against small crops and the mirror image of the other).
 identity space can say that alone. On the quickstart renders (64 identities x 8, SFace): two renders
 of one identity are at least 4 pHash bits apart as they are, but 0 bits once one is mirrored (a face
 turned the other way); 8 pairs of different renders of one identity lie above the near-duplicate
-default 0.97 in SFace cosine (up to 0.976); their thumbnails correlate at most 0.963 (121 pairs at
-cosine >= 0.95), while JPEG q50 re-encodes, 0.5x resizes, 5% crops and flips of renders and photos
-score 0.976 or more -- hence 0.97. An identity embedding ignores everything but identity, so closeness
+default 0.97 in SFace cosine (up to 0.976), and 633 pairs of renders above the candidate threshold 0.91;
+their thumbnails correlate at most 0.963, while JPEG q50 re-encodes, 0.5x resizes, 5% crops and flips of renders and
+photos score 0.976 or more -- hence 0.97. An identity embedding ignores everything but identity, so closeness
 in identity space between two different pictures is a rule of its own, ``redundant_variant``: reported
 (a column naming the better-ranked partner, and a count), never dropped, since intra-class variation
 is what a face dataset is for.
