@@ -495,6 +495,28 @@ def test_fingerprint_gives_same_pixel_hash_to_a_lossless_reencode_and_an_error_r
     assert len(out["phash"][0]) == 16 and out["image_format"][:3] == ["png", "png", "jpeg"]
     assert out["status"] == ["ok", "ok", "ok", "error"] and out["reason"][3] == "not_an_image"
     assert out["keep"][3] is False and out["phash"][3] is None
+    assert len(out["thumbnail"][0]) == 32 * 32 * 3 and out["phash_mirror"][0] != out["phash"][0]
+
+
+def test_picture_similarity_tells_a_crop_or_flip_of_a_render_from_another_render_of_the_same_identity() -> None:
+    from facekit.identities.gaussian import perturb
+    from facekit.renderer.render import render_sample
+    from stages.mappers.fingerprint import picture_similarity, thumbnail
+
+    vec = np.random.default_rng(1).standard_normal(512).astype(np.float32)
+    vec /= np.linalg.norm(vec)
+    one, two = (render_sample(vec, perturb(vec, 0.3, s), s, 256, 0.3, 20.0)[0] for s in (11, 12))
+    same = {
+        "jpeg50": decode_rgb(encode_jpeg(one, quality=50)),
+        "half": cv2.resize(one, (128, 128), interpolation=cv2.INTER_AREA),
+        "crop5-corner": one[13:, 13:],
+        "crop5-centre": one[6:-7, 6:-7],
+        "flip": one[:, ::-1],
+    }
+    t = thumbnail(one)
+    scores = {k: picture_similarity(t, thumbnail(np.ascontiguousarray(v))) for k, v in same.items()}
+    assert all(v >= 0.97 for v in scores.values()), scores
+    assert picture_similarity(t, thumbnail(two)) < 0.97
 
 
 def test_every_global_stage_accepts_an_empty_table() -> None:
