@@ -1,25 +1,37 @@
-"""Dedup: exact, perceptual and embedding near-duplicates, grouped, one sample kept per group.
+"""Dedup: the same picture, found by exact, perceptual and embedding links, one sample kept per group.
 
-Three kinds of evidence link two samples, strongest first:
+A *duplicate* is the same picture up to re-encoding, resizing, a small crop or a horizontal flip. Three
+kinds of evidence link two samples, strongest first:
 - ``exact``: the same file bytes (content_sha256) or the same decoded pixels (pixel_sha256), from the
-  fingerprint stage;
-- ``phash``: 64-bit perceptual hashes within ``phash_max_distance`` bits (JPEG re-encodes, resizes);
-- ``embedding``: identity embeddings within the space's near-duplicate threshold (the same face crop
-  through different processing), via facekit.vector_index (exact FAISS for small runs, partitioned
-  above ``exact_max``).
-Links are unioned into groups (connected components). In each group one sample is kept by a fixed
-rule -- highest ``prefer`` score if a quality column is named, then the largest image, then a lossless
-encoding over a lossy one, then the smallest sample_id -- so reruns keep the same one. Every other
-member is dropped with its group id, the kept sample's id and the kind of its strongest link.
+  fingerprint stage; these stand on their own;
+- ``phash``: 64-bit perceptual hashes, of the pictures or of one and the other's mirror image, within
+  ``phash_max_distance`` bits (re-encodes, resizes, flips);
+- ``embedding``: identity embeddings within ``embedding_threshold`` (crops, and whatever moved the
+  pHash), via facekit.vector_index (exact FAISS for small runs, per k-means cell above
+  ``exact_max``).
+A pHash or embedding link is a candidate: it becomes a duplicate link only when the two thumbnails
+show the same picture (``picture_similarity`` of the fingerprint stage at ``picture_min_similarity``:
+one thumbnail registered against small crops and the mirror image of the other). Neither hash nor
+identity space can say that alone. On the quickstart renders (64 identities x 8, SFace): two renders
+of one identity are at least 4 pHash bits apart as they are, but 0 bits once one is mirrored (a face
+turned the other way); 8 pairs of different renders of one identity lie above the near-duplicate
+default 0.97 in SFace cosine (up to 0.976), and 633 pairs of renders above the candidate threshold 0.91;
+their thumbnails correlate at most 0.963, while JPEG q50 re-encodes, 0.5x resizes, 5% crops and flips of renders and
+photos score 0.976 or more -- hence 0.97. An identity embedding ignores everything but identity, so closeness
+in identity space between two different pictures is a rule of its own, ``redundant_variant``: reported
+(a column naming the better-ranked partner, and a count), never dropped, since intra-class variation
+is what a face dataset is for.
 
-Perceptual hashes of aligned faces of one identity can be close, so when embeddings are present a
-pHash link counts only if the pair's embeddings also say "same identity" (``phash_confirm``).
+Duplicate links are unioned into groups (connected components). In each group one sample is kept by
+a fixed rule -- highest ``prefer`` score if a quality column is named, then the largest image, then a
+lossless encoding over a lossy one, then the smallest sample_id -- so reruns keep the same one. Every
+other member is dropped with its group id, the kept sample's id and the kind of its strongest link.
 """
 
 from __future__ import annotations
 
 import itertools
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import faiss
 import numpy as np
@@ -53,7 +65,6 @@ from stages.base import (
     Rows,
     StageContext,
     ordinals,
-    rows_ok,
     stable_hash,
 )
 from stages.corpus.components import key_partition
@@ -63,27 +74,53 @@ from stages.mappers.fingerprint import (
     IMAGE_FORMAT,
     LOSSLESS_FORMATS,
     PHASH,
+    PHASH_MIRROR,
     PIXEL_SHA256,
+    THUMBNAIL,
     WIDTH,
+    picture_similarity,
 )
 
 KINDS = ("exact", "phash", "embedding")  # strongest first
 DUPLICATE = "duplicate_of"  # the rule; the detail names the link kind and the kept sample
+REDUNDANT = "redundant_variant_of"  # column: the distinct picture this one is a redundant variant of
 EMBEDDING_COLUMNS = ("embedding", "embedding_space", "embedding_metric")
 
 
 class DedupParams(Params):
     exact: bool = Field(True, description="byte-identical and pixel-identical images are duplicates")
-    # Tight by default: aligned or rendered faces share their low frequencies (measured on procedural
-    # renders: re-encodes and downscales of one image within 2 bits, distinct images of one identity from
-    # 4 bits, 1st percentile 6). Raise it for photo corpora with crops and edits (imagededup uses 10).
+    # A candidate radius; the thumbnail confirms every candidate (picture_min_similarity). On the quickstart
+    # renders (64 identities x 8) the closest two renders of one identity are 4 bits apart, JPEG q50
+    # re-encodes of a render within 4 bits (97% within 3), 0.5x resizes within 6 (99% within 3); the
+    # embedding candidates find the rest. 3 keeps the banded search's buckets at 16 bits.
     phash_max_distance: int | None = Field(
         3, ge=0, le=32, description=
-        "pHash Hamming distance at or below which images are duplicates; null: no perceptual dedup")
+        "pHash Hamming distance (of the picture or its mirror image) at or below which two images are "
+        "candidate duplicates; null: no perceptual candidates")
     phash_confirm: bool = Field(True, description="with embeddings: a pHash link also needs same-identity embeddings")
-    embeddings: bool = Field(True, description="embedding near-duplicates (needs the embed stage upstream)")
+    picture_min_similarity: float = Field(
+        0.97, ge=0.0, le=1.0, description=
+        "thumbnail correlation (best over small crops and the mirror image) at or above which two candidates "
+        "show the same picture; where either image has no thumbnail a pHash link stands on its own and an "
+        "embedding link is never a duplicate")
+    embeddings: bool = Field(
+        True, description="embedding near-duplicates are candidates (needs the embed stage upstream)")
+    # A candidate threshold; the thumbnail decides. A 5% crop moves the detected and aligned face, and with
+    # it the embedding: SFace cosine of 47 planted crops (renders and photos) to their originals 0.959-0.99,
+    # below the space's near-duplicate default 0.97. So candidates reach three times as far from identical
+    # as that default (SFace 0.91, dlib 0.18).
     embedding_threshold: float | None = Field(
-        None, description="near-duplicate score in the space's metric; null: the space's default")
+        None, description=
+        "embedding score (in the space's metric) at which two samples are candidate duplicates; null: three "
+        "times as far from identical as the space's near-duplicate default")
+    redundant_variants: Literal["off", "report"] = Field(
+        "report", description=
+        "distinct pictures within redundant_threshold in identity space: report them (a column and a count, "
+        "nothing dropped) or not at all")
+    redundant_threshold: float | None = Field(
+        None, description=
+        "embedding score (in the space's metric) at which two distinct pictures are redundant variants; null: "
+        "the space's near-duplicate default")
     prefer: str | None = Field(
         None, description=
         "a score column, higher is better, that picks the sample kept of each group (e.g. a quality score)")
@@ -133,6 +170,38 @@ def hamming_pairs(codes: np.ndarray, max_distance: int, exact_max: int) -> tuple
     return rows[keep], ids[keep]
 
 
+def _mirror_entries(phash: list[str | None], mirror: list[str | None]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows, variant (0 the picture, 1 its mirror image) and hex code of every pHash entry to compare."""
+    rows = [i for i, v in enumerate(phash) if v is not None]
+    mrows = [i for i, v in enumerate(mirror) if v is not None and phash[i] is not None]
+    return (np.asarray(rows + mrows, dtype=np.int64), np.r_[np.zeros(len(rows)), np.ones(len(mrows))].astype(np.int64),
+            np.asarray([phash[i] for i in rows] + [mirror[i] for i in mrows], dtype=object))
+
+
+def _entry_pairs(owner: np.ndarray, variant: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Which entry pairs compare two samples: different samples, at most one side mirrored (a flip of
+    one picture is close to the other; two mirror images say what the pictures themselves say)."""
+    return (owner[i] != owner[j]) & ((variant[i] == 0) | (variant[j] == 0))
+
+
+def phash_pairs(phash: list[str | None], mirror: list[str | None], max_distance: int,
+                exact_max: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row pairs (a < b) whose pictures, or one picture and the other's mirror image, are within
+    ``max_distance`` bits; each pair once."""
+    owner, variant, hexes = _mirror_entries(phash, mirror)
+    codes, _ = phash_codes(list(hexes))
+    i, j = hamming_pairs(codes, max_distance, exact_max)
+    ok = _entry_pairs(owner, variant, i, j)
+    return _unique_pairs(owner[i[ok]], owner[j[ok]])
+
+
+def _unique_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if a.size == 0:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    code = np.unique(np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1), axis=0)
+    return code[:, 0], code[:, 1]
+
+
 def equal_value_pairs(values: list[str | None]) -> tuple[np.ndarray, np.ndarray]:
     """Chains linking rows with the same non-null value (enough for connected components)."""
     first: dict[str, int] = {}
@@ -148,39 +217,16 @@ def equal_value_pairs(values: list[str | None]) -> tuple[np.ndarray, np.ndarray]
     return np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
 
 
-def _whole_image_edge_filter(table: pa.Table) -> Any:
-    """Byte, pixel and pHash fingerprints describe the whole image they were taken on. Faces derived
-    from one photo all inherit that photo's fingerprint, so for derived samples a link only holds
-    between the same face (same rank among its siblings) of two different photos, never between
-    siblings."""
-    n = table.num_rows
-    parents = table.column("parent_id").to_pylist() if "parent_id" in table.column_names else [None] * n
-    if not any(parents):
-        return lambda a, b: (a, b)
-    keys = table.column("key").to_pylist() if "key" in table.column_names else [""] * n
-    siblings: dict[str, list[int]] = {}
-    for i, par in enumerate(parents):
-        if par:
-            siblings.setdefault(par, []).append(i)
-    rank = np.full(n, -1, dtype=np.int64)
-    for members in siblings.values():
-        for r, i in enumerate(sorted(members, key=lambda i: (keys[i] or "", i))):
-            rank[i] = r
-    parent_arr = np.asarray([p or "" for p in parents], dtype=object)
-
-    def keep(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        derived = (parent_arr[a] != "") | (parent_arr[b] != "")
-        ok = ~derived | ((rank[a] == rank[b]) & (parent_arr[a] != parent_arr[b]))
-        return a[ok], b[ok]
-
-    return keep
+def _cat(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([*arrays, np.empty(0, dtype=np.int64)]).astype(np.int64)
 
 
 class DedupStage(GlobalStage):
-    """Groups duplicates of every kind and keeps one sample per group by a deterministic rule."""
+    """Groups duplicates of every kind, keeps one sample per group by a deterministic rule, and reports
+    distinct pictures that are close in identity space as redundant variants."""
 
     name: ClassVar[str] = "dedup"
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"
     params_model: ClassVar[type[Params]] = DedupParams
     resources: ClassVar[Resources] = Resources(cpus=1.0)
     # What every configuration reads; an instance adds embeddings and the ``prefer`` column (see __init__).
@@ -190,6 +236,8 @@ class DedupStage(GlobalStage):
         pa.field("dup_group_size", pa.int32()),
         pa.field("dup_kind", pa.string()),  # strongest link of this sample: exact / phash / embedding
         pa.field("kept_sample_id", pa.string()),
+        # a distinct picture this one is a redundant variant of (close in identity space, the better keeper)
+        pa.field(REDUNDANT, pa.string()),
     )
 
     params: DedupParams
@@ -202,8 +250,8 @@ class DedupStage(GlobalStage):
         if p.exact:
             needs += [CONTENT_SHA256, PIXEL_SHA256]
         if p.phash_max_distance is not None:
-            needs.append(PHASH)
-        needs += [WIDTH, HEIGHT, IMAGE_FORMAT]
+            needs += [PHASH, PHASH_MIRROR]
+        needs += [WIDTH, HEIGHT, IMAGE_FORMAT, THUMBNAIL]
         if p.embeddings or (p.phash_max_distance is not None and p.phash_confirm):
             needs += list(EMBEDDING_COLUMNS)
         if p.prefer:
@@ -213,93 +261,53 @@ class DedupStage(GlobalStage):
     def summary(self) -> dict[str, Any]:
         return dict(getattr(self, "_summary", {}))
 
+    def _thresholds(self, space: str) -> tuple[float, float, float, float]:
+        """Same-identity, duplicate-candidate, redundant-variant and search thresholds of a space."""
+        p = self.params
+        d = defaults_for(space)
+        if p.embedding_threshold is not None:
+            candidate = float(p.embedding_threshold)
+        elif d.metric.higher_is_same:
+            candidate = round(1.0 - 3.0 * (1.0 - d.near_duplicate), 6)
+        else:
+            candidate = round(3.0 * d.near_duplicate, 6)
+        redundant = d.near_duplicate if p.redundant_threshold is None else float(p.redundant_threshold)
+        search = candidate
+        if p.redundant_variants == "report" and d.metric.closer(candidate, redundant):
+            search = redundant
+        return d.same_identity, candidate, redundant, search
+
     def run_global(self, table: pa.Table) -> Batch:
         p = self.params
         n = table.num_rows
-        ids = table.column(SAMPLE_ID).to_pylist()
-        out = rows_ok(ids)
-        out["detail"] = [None] * n
-        for f in self.columns:
-            out[f.name] = [None] * n
-        if n == 0:
-            self._summary = {"groups": 0, "dropped": 0}
-            return out
         cols = set(table.column_names)
-        edges: list[tuple[np.ndarray, np.ndarray, int]] = []  # (i, j, kind rank)
-
-        keep_edge = _whole_image_edge_filter(table)
+        exact: list[tuple[np.ndarray, np.ndarray]] = []
+        parent, rank = _sibling_ranks(table)
         if p.exact:
             for col in (CONTENT_SHA256, PIXEL_SHA256):
                 if col in cols:
-                    a, b = keep_edge(*equal_value_pairs(table.column(col).to_pylist()))
-                    edges.append((a, b, 0))
-
-        x, metric, same_identity, embed_threshold = self._embeddings(table)
+                    a, b = equal_value_pairs(table.column(col).to_pylist())
+                    ok = _edge_filter(parent, rank, a, b)
+                    exact.append((a[ok], b[ok]))
+        phash = None
         if p.phash_max_distance is not None and PHASH in cols:
-            codes, has = phash_codes(table.column(PHASH).to_pylist())
-            rows = np.flatnonzero(has)
-            a, b = hamming_pairs(codes[rows], p.phash_max_distance, p.phash_exact_max)
-            a, b = keep_edge(rows[a], rows[b])
-            if p.phash_confirm and x is not None and metric is not None and same_identity is not None:
-                ok = metric.same(metric.score(x[a], x[b]), same_identity)
-                both = ~np.isnan(x[a, 0]) & ~np.isnan(x[b, 0])
-                a, b = a[ok | ~both], b[ok | ~both]
-            edges.append((a, b, 1))
-        if p.embeddings and x is not None and metric is not None and embed_threshold is not None:
+            mirror = table.column(PHASH_MIRROR).to_pylist() if PHASH_MIRROR in cols else [None] * n
+            a, b = phash_pairs(table.column(PHASH).to_pylist(), mirror, p.phash_max_distance, p.phash_exact_max)
+            ok = _edge_filter(parent, rank, a, b)
+            phash = (a[ok], b[ok])
+        emb = None
+        x, metric, space = self._embeddings(table)
+        thresholds = self._thresholds(space) if space is not None else None
+        if p.embeddings and x is not None and metric is not None and thresholds is not None:
             rows = np.flatnonzero(~np.isnan(x[:, 0]))
-            pairs = range_pairs(
-                x[rows],
-                metric,
-                embed_threshold,
-                exact_max=p.exact_max,
-                nprobe=p.nprobe,
-                seed=self.context.seed,
-            )
-            edges.append((rows[pairs.i], rows[pairs.j], 2))
-
-        a = np.concatenate([e[0] for e in edges]) if edges else np.empty(0, dtype=np.int64)
-        b = np.concatenate([e[1] for e in edges]) if edges else np.empty(0, dtype=np.int64)
-        kind = (
-            np.concatenate([np.full(e[0].size, e[2]) for e in edges])
-            if edges
-            else np.empty(0, dtype=np.int64)
-        )
-        strongest = np.full(n, len(KINDS), dtype=np.int64)
-        np.minimum.at(strongest, a, kind)
-        np.minimum.at(strongest, b, kind)
-        graph = coo_matrix((np.ones(a.size), (a, b)), shape=(n, n))
-        _, comp = connected_components(graph, directed=False)
-
-        rank = self._keep_rank(table, ids)
-        order = np.lexsort((rank, comp))  # by component, best candidate first
-        starts = np.flatnonzero(np.r_[True, comp[order][1:] != comp[order][:-1]])
-        bounds = np.r_[starts, n]
-        groups = dropped = 0
-        for s, e in itertools.pairwise(bounds):
-            if e - s < 2:
-                continue
-            members = order[s:e]
-            kept = int(members[0])
-            group_id = "dup-" + stable_hash([min(ids[m] for m in members)], 12)
-            groups += 1
-            for m in members.tolist():
-                out["dup_group_id"][m] = group_id
-                out["dup_group_size"][m] = int(e - s)
-                out["dup_kind"][m] = KINDS[strongest[m]]
-                out["kept_sample_id"][m] = ids[kept]
-                if m != kept:
-                    out["keep"][m] = False
-                    out["reason"][m] = DUPLICATE
-                    out["detail"][m] = f"{KINDS[strongest[m]]}: {ids[kept]}"
-                    dropped += 1
-        self._summary = {
-            "groups": groups,
-            "dropped": dropped,
-            "links": {k: int((kind == r).sum()) for r, k in enumerate(KINDS)},
-            "embedding_threshold": embed_threshold,
-            "phash_max_distance": p.phash_max_distance,
-        }
-        return out
+            pairs = range_pairs(x[rows], metric, thresholds[3], exact_max=p.exact_max, nprobe=p.nprobe,
+                                seed=self.context.seed)
+            emb = (rows[pairs.i], rows[pairs.j])
+        endpoints = np.unique(_cat([e for pair in [*exact, phash, emb] if pair is not None for e in pair]))
+        vectors = x is not None and (emb is not None or (phash is not None and p.phash_confirm))
+        info = _gather([_endpoint_info(table, 0, endpoints, vectors, p.prefer)], endpoints)
+        groups = self._resolve(endpoints, exact, phash, emb, info, metric, thresholds)
+        return self._commit(table, 0, groups)
 
     # ------------------------------------------------------------ distributed form
 
@@ -318,30 +326,25 @@ class DedupStage(GlobalStage):
         n_rows = sum(c["n"] for c in census)
         n_valid = sum(c["valid"] for c in census)
         emb_ok = bool(set(EMBEDDING_COLUMNS) <= needs and n_valid)
-        metric = same_identity = near = None
+        metric = thresholds = None
         if emb_ok:
             space, metric = one_space(set().union(*(c["spaces"] for c in census)),
                                       set().union(*(c["metrics"] for c in census)))
-            defaults = defaults_for(space)
-            same_identity = defaults.same_identity
-            near = defaults.near_duplicate if p.embedding_threshold is None else float(p.embedding_threshold)
-        edges: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+            thresholds = self._thresholds(space)
+        exact: list[tuple[np.ndarray, np.ndarray]] = []
         corpus.plan_partitions(max(1, n_rows) * 2) if p.partitions is None else None
         parts = p.partitions or corpus.partitions
         corpus.partitions = parts
         if p.exact and {CONTENT_SHA256, PIXEL_SHA256} & needs:
             corpus.shuffle("exact", _exact_records, list(self.needs), parts)
-            for a, b in corpus.reduce("exact", _exact_links):
-                edges.append((a, b, np.zeros(a.size, dtype=np.int64)))
-        phash_edges = None
+            exact = list(corpus.reduce("exact", _exact_links))
+        phash = None
         if p.phash_max_distance is not None and PHASH in needs:
             corpus.shuffle("phash", _phash_records, list(self.needs), parts, p.phash_max_distance)
             found = corpus.reduce("phash", _phash_links, p.phash_max_distance)
-            a = np.concatenate([f[0] for f in found]) if found else np.empty(0, dtype=np.int64)
-            b = np.concatenate([f[1] for f in found]) if found else np.empty(0, dtype=np.int64)
-            code = np.unique(np.stack([a, b], axis=1), axis=0) if a.size else np.empty((0, 2), dtype=np.int64)
-            phash_edges = (code[:, 0], code[:, 1])
-        if p.embeddings and emb_ok and metric is not None and near is not None:
+            phash = _unique_pairs(_cat([f[0] for f in found]), _cat([f[1] for f in found]))
+        emb = None
+        if p.embeddings and emb_ok and metric is not None and thresholds is not None:
             nlist = p.cells or (1 if n_valid <= p.exact_max else default_nlist(n_valid))
             if nlist > 1:
                 per_shard = max(1, -(-min(n_valid, max(nlist * 32, 20_000)) // max(1, len(census))))
@@ -356,72 +359,100 @@ class DedupStage(GlobalStage):
                 corpus.plan_partitions(n_valid * spill)
             cells_ref = corpus.put(cells)
             corpus.shuffle("cells", _cell_records, list(EMBEDDING_COLUMNS), cells_ref, spill, corpus.partitions)
-            for a, b in corpus.reduce("cells", _cell_links, metric, near):
-                edges.append((a, b, np.full(a.size, 2, dtype=np.int64)))
-        endpoints = np.unique(np.concatenate(
-            [e[0] for e in edges] + [e[1] for e in edges]
-            + ([phash_edges[0], phash_edges[1]] if phash_edges is not None else []) + [np.empty(0, np.int64)]))
-        want_vectors = bool(phash_edges is not None and p.phash_confirm and emb_ok)
-        info = _gather(corpus.map(_endpoint_info, list(self.needs), corpus.put(endpoints), want_vectors,
-                                  p.prefer), endpoints)
-        if phash_edges is not None:
-            a, b = phash_edges
-            if want_vectors and metric is not None and same_identity is not None and a.size:
-                ia, ib = np.searchsorted(endpoints, a), np.searchsorted(endpoints, b)
-                xa, xb = info["x"][ia], info["x"][ib]
-                both = info["has_x"][ia] & info["has_x"][ib]
-                ok = metric.same(metric.score(np.nan_to_num(xa), np.nan_to_num(xb)), same_identity)
-                a, b = a[ok | ~both], b[ok | ~both]
-            edges.append((a, b, np.ones(a.size, dtype=np.int64)))
-        groups = self._groups(endpoints, edges, info)
+            found = corpus.reduce("cells", _cell_links, metric, thresholds[3])
+            emb = (_cat([f[0] for f in found]), _cat([f[1] for f in found]))
+        endpoints = np.unique(_cat([e for pair in [*exact, phash, emb] if pair is not None for e in pair]))
+        vectors = bool(emb_ok and (emb is not None or (phash is not None and p.phash_confirm)))
+        info = _gather(corpus.map(_endpoint_info, list(self.needs), corpus.put(endpoints), vectors, p.prefer),
+                       endpoints)
+        groups = self._resolve(endpoints, exact, phash, emb, info, metric, thresholds)
         corpus.commit(self._commit, corpus.put(groups))
-        kinds = np.concatenate([e[2] for e in edges]) if edges else np.empty(0, dtype=np.int64)
+
+    # ------------------------------------------------------------ the rule (both forms)
+
+    def _resolve(self, endpoints: np.ndarray, exact: list[tuple[np.ndarray, np.ndarray]],
+                 phash: tuple[np.ndarray, np.ndarray] | None, emb: tuple[np.ndarray, np.ndarray] | None,
+                 info: dict[str, Any], metric: Metric | None,
+                 thresholds: tuple[float, float, float, float] | None) -> dict[str, Any]:
+        """Candidates to duplicates and redundant variants, then groups and keepers; sets the summary.
+
+        Exact links stand on their own. A pHash candidate (optionally also same-identity by embedding)
+        and an embedding near-duplicate are duplicates only when their thumbnails show the same picture;
+        without thumbnails a pHash candidate stands on its own and an embedding one never does. Embedding
+        pairs within the redundant threshold that are not the same picture are redundant variants.
+        """
+        p = self.params
+
+        def pos(o: np.ndarray) -> np.ndarray:
+            return np.searchsorted(endpoints, o).astype(np.int64)
+
+        edges = [(pos(a), pos(b), np.zeros(a.size, dtype=np.int64)) for a, b in exact]
+        thumbs: list[bytes | None] = info["thumbnail"]
+        has_thumb = np.array([t is not None for t in thumbs], dtype=bool)
+        parent, rank = info["parent"], info["rank"]
+        x, has_x = info.get("x"), info.get("has_x")
+        memo: dict[tuple[int, int], bool] = {}
+
+        def same_picture(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+            """Picture evidence: both thumbnails, the derived-sample rule, correlation at the threshold."""
+            out = np.zeros(a.size, dtype=bool)
+            judged = has_thumb[a] & has_thumb[b] & _edge_filter(parent, rank, a, b)
+            for k in np.flatnonzero(judged).tolist():
+                key = (int(a[k]), int(b[k]))
+                ta, tb = thumbs[key[0]], thumbs[key[1]]
+                if key not in memo and ta is not None and tb is not None:
+                    memo[key] = picture_similarity(ta, tb, p.picture_min_similarity) >= p.picture_min_similarity
+                out[k] = memo[key]
+            return out
+
+        def scores(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+            assert x is not None and has_x is not None and metric is not None
+            s = metric.score(np.nan_to_num(x[a]), np.nan_to_num(x[b])).astype(np.float64)
+            s[~(has_x[a] & has_x[b])] = np.nan
+            return s
+
+        candidates = {"phash": 0, "embedding": 0}
+        rejected = 0
+        if phash is not None:
+            a, b = pos(phash[0]), pos(phash[1])
+            if p.phash_confirm and x is not None and metric is not None and thresholds is not None and a.size:
+                s = scores(a, b)
+                ok = np.isnan(s) | metric.same(np.nan_to_num(s, nan=metric.worst()), thresholds[0])
+                a, b = a[ok], b[ok]
+            candidates["phash"] = int(a.size)
+            both = has_thumb[a] & has_thumb[b]
+            ok = ~both | same_picture(a, b)
+            rejected += int((~ok).sum())
+            edges.append((a[ok], b[ok], np.ones(int(ok.sum()), dtype=np.int64)))
+        redundant = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64))
+        if emb is not None and metric is not None and thresholds is not None:
+            a, b = pos(emb[0]), pos(emb[1])
+            s = np.nan_to_num(scores(a, b), nan=metric.worst())
+            near = metric.same(s, thresholds[1])
+            candidates["embedding"] = int(near.sum())
+            confirmed = near & same_picture(a, b)
+            rejected += int((near & ~confirmed).sum())
+            edges.append((a[confirmed], b[confirmed], np.full(int(confirmed.sum()), 2, dtype=np.int64)))
+            if p.redundant_variants == "report":
+                close = ~confirmed & metric.same(s, thresholds[2])
+                redundant = (a[close], b[close])
+        groups = _groups(endpoints, edges, info, p.prefer is not None, redundant)
+        kinds = _cat([e[2] for e in edges])
         self._summary = {
             "groups": int(groups["n_groups"]),
             "dropped": int(groups["dropped"]),
+            "duplicates": groups.pop("dropped_by_kind"),
             "links": {k: int((kinds == r).sum()) for r, k in enumerate(KINDS)},
-            "embedding_threshold": near,
+            "candidates": candidates,
+            "not_same_picture": rejected,
+            "redundant_variants": int(groups["n_redundant"]),
+            "redundant_pairs": int(redundant[0].size),
             "phash_max_distance": p.phash_max_distance,
+            "picture_min_similarity": p.picture_min_similarity,
+            "embedding_threshold": thresholds[1] if thresholds else None,
+            "redundant_threshold": thresholds[2] if thresholds and p.redundant_variants == "report" else None,
         }
-
-    def _groups(self, endpoints: np.ndarray, edges: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
-                info: dict[str, Any]) -> dict[str, Any]:
-        """Components of the linked samples and each one's keeper (the single-process keeper rule)."""
-        m = endpoints.size
-        a = np.searchsorted(endpoints, np.concatenate([e[0] for e in edges] + [np.empty(0, np.int64)]))
-        b = np.searchsorted(endpoints, np.concatenate([e[1] for e in edges] + [np.empty(0, np.int64)]))
-        kind = np.concatenate([e[2] for e in edges] + [np.empty(0, np.int64)])
-        strongest = np.full(m, len(KINDS), dtype=np.int64)
-        np.minimum.at(strongest, a, kind)
-        np.minimum.at(strongest, b, kind)
-        comp = connected_components(coo_matrix((np.ones(a.size), (a, b)), shape=(m, m)), directed=False)[1] \
-            if m else np.empty(0, dtype=np.int64)
-        ids = info["sample_id"]
-        keys: list[np.ndarray] = [np.argsort(np.argsort(np.array(ids, dtype=object), kind="stable"))]
-        keys.append(np.array([0 if f in LOSSLESS_FORMATS else 1 for f in info["format"]], dtype=np.int64))
-        keys.append(-(info["width"] * info["height"]))
-        if self.params.prefer:
-            keys.append(-np.nan_to_num(info["prefer"], nan=-np.inf))
-        order = np.lexsort(keys) if m else np.empty(0, dtype=np.int64)
-        rank = np.empty(m, dtype=np.int64)
-        rank[order] = np.arange(m)
-        order = np.lexsort((rank, comp)) if m else order
-        starts = np.flatnonzero(np.r_[True, comp[order][1:] != comp[order][:-1]]) if m else np.empty(0, np.int64)
-        gid: list[str | None] = [None] * m
-        size = np.zeros(m, dtype=np.int64)
-        kept = np.full(m, -1, dtype=np.int64)
-        n_groups = dropped = 0
-        for s, e in itertools.pairwise(np.r_[starts, m]):
-            if e - s < 2:
-                continue
-            members = order[s:e]
-            g = "dup-" + stable_hash([min(ids[i] for i in members)], 12)
-            n_groups += 1
-            dropped += int(e - s - 1)
-            for i in members.tolist():
-                gid[i], size[i], kept[i] = g, e - s, members[0]
-        return {"ordinal": endpoints, "group": gid, "size": size, "kept": kept, "kind": strongest,
-                "sample_id": ids, "n_groups": n_groups, "dropped": dropped}
+        return groups
 
     def _commit(self, table: pa.Table, index: int, groups: dict[str, Any]) -> Batch:
         out = Rows(table.column(SAMPLE_ID).to_pylist(), [f.name for f in self.columns])
@@ -429,9 +460,11 @@ class DedupStage(GlobalStage):
         lo, hi = np.searchsorted(groups["ordinal"], [ords[0], ords[-1] + 1]) if ords.size else (0, 0)
         ids = groups["sample_id"]
         for g in range(int(lo), int(hi)):
+            i = int(groups["ordinal"][g] - ords[0])
+            if groups["redundant_of"][g] >= 0:
+                out.set(i, **{REDUNDANT: ids[int(groups["redundant_of"][g])]})
             if groups["group"][g] is None:
                 continue
-            i = int(groups["ordinal"][g] - ords[0])
             kept = int(groups["kept"][g])
             kind = KINDS[int(groups["kind"][g])]
             out.set(i, dup_group_id=groups["group"][g], dup_group_size=int(groups["size"][g]), dup_kind=kind,
@@ -440,44 +473,84 @@ class DedupStage(GlobalStage):
                 out.drop(i, DUPLICATE, f"{kind}: {ids[kept]}")
         return out.batch()
 
-    def _embeddings(
-        self, table: pa.Table
-    ) -> tuple[np.ndarray | None, Metric | None, float | None, float | None]:
-        """Vectors (NaN rows where missing), metric, same-identity and near-duplicate thresholds."""
+    def _embeddings(self, table: pa.Table) -> tuple[np.ndarray | None, Metric | None, str | None]:
+        """Vectors (NaN rows where missing, unit rows in cosine spaces), metric and space."""
         if not set(EMBEDDING_COLUMNS) <= set(table.column_names):
-            return None, None, None, None
+            return None, None, None
         x, valid = embedding_matrix(table)
         if not valid.any():
-            return None, None, None, None
+            return None, None, None
         space, metric = space_of(table, valid)
         if metric.higher_is_same:
             x = normalise_rows(x)
         x = x.astype(np.float32)
         x[~valid] = np.nan
-        defaults = defaults_for(space)
-        near = self.params.embedding_threshold
-        return x, metric, defaults.same_identity, defaults.near_duplicate if near is None else float(near)
+        return x, metric, space
 
-    def _keep_rank(self, table: pa.Table, ids: list[str]) -> np.ndarray:
-        """Rank of each row as its group's keeper, 0 = best: preferred score, area, lossless, sample_id."""
-        n = table.num_rows
-        cols = set(table.column_names)
-        keys: list[np.ndarray] = [np.argsort(np.argsort(np.array(ids, dtype=object), kind="stable"))]
-        if IMAGE_FORMAT in cols:
-            fmt = table.column(IMAGE_FORMAT).to_pylist()
-            keys.append(np.array([0 if f in LOSSLESS_FORMATS else 1 for f in fmt], dtype=np.int64))
-        if WIDTH in cols and HEIGHT in cols:
-            w = np.array([v or 0 for v in table.column(WIDTH).to_pylist()], dtype=np.int64)
-            h = np.array([v or 0 for v in table.column(HEIGHT).to_pylist()], dtype=np.int64)
-            keys.append(-(w * h))
-        if self.params.prefer and self.params.prefer in cols:
-            raw = table.column(self.params.prefer).to_pylist()
-            score = np.array([np.nan if v is None else float(v) for v in raw], dtype=np.float64)
-            keys.append(-np.nan_to_num(score, nan=-np.inf))
-        order = np.lexsort(keys)  # the last key is the primary one
-        rank = np.empty(n, dtype=np.int64)
-        rank[order] = np.arange(n)
-        return rank
+
+def _groups(endpoints: np.ndarray, edges: list[tuple[np.ndarray, np.ndarray, np.ndarray]], info: dict[str, Any],
+            prefer: bool, redundant: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
+    """Components of the duplicate links and each one's keeper: highest ``prefer`` score, then the
+    largest image, then a lossless encoding, then the smallest sample_id -- so reruns keep the same one.
+    A redundant variant points at its best-ranked partner outside its own group, when that one ranks
+    above it."""
+    m = endpoints.size
+    a = _cat([e[0] for e in edges])
+    b = _cat([e[1] for e in edges])
+    kind = _cat([e[2] for e in edges])
+    strongest = np.full(m, len(KINDS), dtype=np.int64)
+    np.minimum.at(strongest, a, kind)
+    np.minimum.at(strongest, b, kind)
+    comp = connected_components(coo_matrix((np.ones(a.size), (a, b)), shape=(m, m)), directed=False)[1] \
+        if m else np.empty(0, dtype=np.int64)
+    ids = info["sample_id"]
+    keys: list[np.ndarray] = [np.argsort(np.argsort(np.array(ids, dtype=object), kind="stable"))]
+    keys.append(np.array([0 if f in LOSSLESS_FORMATS else 1 for f in info["format"]], dtype=np.int64))
+    keys.append(-(info["width"] * info["height"]))
+    if prefer:
+        keys.append(-np.nan_to_num(info["prefer"], nan=-np.inf))
+    order = np.lexsort(keys) if m else np.empty(0, dtype=np.int64)
+    rank = np.empty(m, dtype=np.int64)
+    rank[order] = np.arange(m)
+    order = np.lexsort((rank, comp)) if m else order
+    starts = np.flatnonzero(np.r_[True, comp[order][1:] != comp[order][:-1]]) if m else np.empty(0, np.int64)
+    gid: list[str | None] = [None] * m
+    size = np.zeros(m, dtype=np.int64)
+    kept = np.full(m, -1, dtype=np.int64)
+    n_groups = dropped = 0
+    by_kind = dict.fromkeys(KINDS, 0)
+    for s, e in itertools.pairwise(np.r_[starts, m]):
+        if e - s < 2:
+            continue
+        members = order[s:e]
+        g = "dup-" + stable_hash([min(ids[i] for i in members)], 12)
+        n_groups += 1
+        dropped += int(e - s - 1)
+        for i in members.tolist():
+            gid[i], size[i], kept[i] = g, e - s, members[0]
+        for i in members[1:].tolist():
+            by_kind[KINDS[int(strongest[i])]] += 1
+    # Redundant variants: each sample points at its best-ranked partner in another group, if that ranks higher.
+    ra, rb = redundant
+    other = comp[ra] != comp[rb] if ra.size else np.zeros(0, dtype=bool)
+    ra, rb = ra[other], rb[other]
+    worse = np.where(rank[ra] > rank[rb], ra, rb)
+    better = np.where(rank[ra] > rank[rb], rb, ra)
+    redundant_of = np.full(m, -1, dtype=np.int64)
+    best = np.full(m, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(best, worse, rank[better])
+    has = best < np.iinfo(np.int64).max
+    redundant_of[has] = order_by_rank(rank)[best[has]]
+    return {"ordinal": endpoints, "group": gid, "size": size, "kept": kept, "kind": strongest,
+            "sample_id": ids, "n_groups": n_groups, "dropped": dropped, "dropped_by_kind": by_kind,
+            "redundant_of": redundant_of, "n_redundant": int(has.sum())}
+
+
+def order_by_rank(rank: np.ndarray) -> np.ndarray:
+    """The endpoint at each rank (the inverse permutation of ``rank``)."""
+    inv = np.empty_like(rank)
+    inv[rank] = np.arange(rank.size)
+    return inv
 
 
 # ---------------------------------------------------------------- distributed kernels (one shard or partition)
@@ -487,8 +560,8 @@ def _sibling_ranks(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     """Parent id ('' for none) and rank among siblings (by key) -- the whole-image edge filter's inputs.
     Faces derived from one photo are made in one shard, so ranks are complete per shard."""
     n = table.num_rows
-    parents = table.column("parent_id").to_pylist()
-    keys = table.column("key").to_pylist()
+    parents = table.column("parent_id").to_pylist() if "parent_id" in table.column_names else [None] * n
+    keys = table.column("key").to_pylist() if "key" in table.column_names else [None] * n
     rank = np.full(n, -1, dtype=np.int64)
     siblings: dict[str, list[int]] = {}
     for i, par in enumerate(parents):
@@ -569,12 +642,14 @@ def _bands(max_distance: int) -> list[tuple[int, int]]:
 
 
 def _phash_records(table: pa.Table, index: int, parts: int, max_distance: int) -> dict[int, pa.Table]:
-    """One record per (pHash, band): partitioned by the band's bits."""
-    v = table.column(PHASH)
-    rows = np.flatnonzero(~np.asarray(v.is_null().to_numpy(zero_copy_only=False), dtype=bool))
+    """One record per (pHash entry, band) -- the picture's hash and its mirror image's: partitioned by
+    the band's bits."""
+    mirror = table.column(PHASH_MIRROR).to_pylist() if PHASH_MIRROR in table.column_names else \
+        [None] * table.num_rows
+    rows, variant, hexes = _mirror_entries(table.column(PHASH).to_pylist(), mirror)
     if rows.size == 0:
         return {}
-    codes = np.array([int(h, 16) for h in v.take(pa.array(rows)).to_pylist()], dtype=np.uint64)
+    codes = np.array([int(h, 16) for h in hexes], dtype=np.uint64)
     bands = _bands(max_distance)
     r_all, band_all, key_all = [], [], []
     for bi, (shift, width) in enumerate(bands):
@@ -588,19 +663,21 @@ def _phash_records(table: pa.Table, index: int, parts: int, max_distance: int) -
     code = np.tile(codes, len(bands))
     mixed = key ^ (band.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
     part = (mixed % np.uint64(parts)).astype(np.int64)
-    return _records(table, index, rows_c, part, parts, {"band": band, "key": key, "code": code})
+    return _records(table, index, rows_c, part, parts,
+                    {"band": band, "key": key, "code": code, "variant": np.tile(variant, len(bands))})
 
 
 def _phash_links(table: pa.Table | None, part: int, max_distance: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs of one band bucket within ``max_distance`` bits (exact Hamming check), filtered."""
+    """Sample pairs of one band bucket within ``max_distance`` bits (exact Hamming check), filtered."""
     e = np.empty(0, dtype=np.int64)
     if table is None or table.num_rows < 2:
         return e, e
     band = table.column("band").to_numpy()
     key = table.column("key").to_numpy()
     ords = table.column("ordinal").to_numpy()
-    order = np.lexsort((ords, key, band))
-    band, key, ords = band[order], key[order], ords[order]
+    variant = table.column("variant").to_numpy()
+    order = np.lexsort((variant, ords, key, band))
+    band, key, ords, variant = band[order], key[order], ords[order], variant[order]
     code = table.column("code").to_numpy()[order]
     parent = np.asarray(table.column("parent").to_pylist(), dtype=object)[order]
     rank = table.column("rank").to_numpy()[order]
@@ -613,14 +690,14 @@ def _phash_links(table: pa.Table | None, part: int, max_distance: int) -> tuple[
             break
         i = np.flatnonzero(same)
         j = i + d
-        close = np.bitwise_count(code[i] ^ code[j]) <= max_distance
+        close = (np.bitwise_count(code[i] ^ code[j]) <= max_distance) & _entry_pairs(ords, variant, i, j)
         i, j = i[close], j[close]
         ok = _edge_filter(parent, rank, i, j)
         found_a.append(ords[i[ok]])
         found_b.append(ords[j[ok]])
     if not found_a:
         return e, e
-    return np.concatenate(found_a), np.concatenate(found_b)
+    return _unique_pairs(np.concatenate(found_a), np.concatenate(found_b))
 
 
 def _dedup_census(table: pa.Table, index: int) -> dict[str, Any]:
@@ -699,7 +776,8 @@ def _cell_links(table: pa.Table | None, part: int, metric: Metric, threshold: fl
 
 def _endpoint_info(table: pa.Table, index: int, endpoints: np.ndarray, vectors: bool,
                    prefer: str | None) -> dict[str, Any] | None:
-    """Keeper-rule columns (and vectors, for pHash confirmation) of this shard's linked samples."""
+    """Keeper-rule columns, thumbnails, sibling ranks (and vectors, to score candidates) of this shard's
+    linked samples."""
     ords = ordinals(index, table.num_rows)
     if ords.size == 0:
         return None
@@ -715,9 +793,13 @@ def _endpoint_info(table: pa.Table, index: int, endpoints: np.ndarray, vectors: 
             return [default] * rows.size
         return table.column(name).take(take).to_pylist()
 
+    parent, rank = _sibling_ranks(table)
     info: dict[str, Any] = {
         "ordinal": mine,
         "sample_id": col(SAMPLE_ID, None),
+        "thumbnail": col(THUMBNAIL, None),
+        "parent": parent[rows],
+        "rank": rank[rows],
         "format": col(IMAGE_FORMAT, None),
         "width": np.array([v or 0 for v in col(WIDTH, 0)], dtype=np.int64),
         "height": np.array([v or 0 for v in col(HEIGHT, 0)], dtype=np.int64),
@@ -741,6 +823,9 @@ def _gather(parts: list[dict[str, Any] | None], endpoints: np.ndarray) -> dict[s
     out: dict[str, Any] = {
         "sample_id": [s for p in got for s in p["sample_id"]],
         "format": [f for p in got for f in p["format"]],
+        "thumbnail": [t for p in got for t in p["thumbnail"]],
+        "parent": np.concatenate([p["parent"] for p in got]) if got else np.empty(0, dtype=object),
+        "rank": np.concatenate([p["rank"] for p in got]) if got else np.empty(0, dtype=np.int64),
     }
     for k in ("width", "height", "prefer"):
         out[k] = np.concatenate([p[k] for p in got]) if got else np.empty(0)

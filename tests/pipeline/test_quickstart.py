@@ -90,3 +90,16 @@ def test_recognition_training_reads_the_pipeline_export_and_writes_metrics(quick
     assert export_hash in json.dumps(meta)
     q = _cli("query", str(quickstart_run), "SELECT count(*) AS n FROM metrics", "-f", "csv")
     assert q.returncode == 0 and int(q.stdout.strip().splitlines()[-1]) > 0, q.stderr
+
+
+@pytest.mark.slow
+def test_quickstart_drops_no_render_as_a_duplicate_of_another(quickstart_run: Path) -> None:
+    """Every render is a distinct picture: renders of one identity may be close in identity space (reported
+    as redundant variants), but none is a duplicate of another."""
+    q = _cli("query", str(quickstart_run), "SELECT count(*) AS n FROM decisions WHERE reason = 'duplicate_of'",
+             "-f", "csv")
+    assert q.returncode == 0, q.stderr
+    assert q.stdout.strip().splitlines() == ["n", "0"]
+    summary = json.loads((quickstart_run / "report" / "dedup.summary.json").read_text())
+    assert summary["dropped"] == 0 and summary["duplicates"] == {"exact": 0, "phash": 0, "embedding": 0}
+    assert summary["picture_min_similarity"] > 0 and "redundant_variants" in summary

@@ -51,6 +51,7 @@ OLD_RULES = {  # reason text of the single-process stages -> the rule name that 
     "far from identity centroid": "inconsistent_identity",
     "identity collision with": "identity_collision",
     "duplicate (": "duplicate_of",
+    "duplicate_of": "duplicate_of",  # dedup entries recorded from the stage that names its rule
 }
 
 

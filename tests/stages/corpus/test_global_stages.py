@@ -254,7 +254,8 @@ def test_dedup_catches_every_planted_duplicate_and_drops_no_clean_sample(faces: 
         {"sample_id": [f.sample_id for f in rows], "image": [f.image for f in rows]}
     )
     assert all(s == "ok" for s in prints["status"])
-    columns = ("content_sha256", "pixel_sha256", "phash", "width", "height", "image_format")
+    columns = ("content_sha256", "pixel_sha256", "phash", "phash_mirror", "thumbnail", "width", "height",
+               "image_format")
     stage = DedupStage(DedupParams(), CTX)
     out = stage.run_global(face_table(rows, extra={c: prints[c] for c in columns}))
 
@@ -308,11 +309,17 @@ def test_dedup_keep_rule_prefers_quality_then_size_then_lossless_then_sample_id(
     assert "sharpness" in DedupStage(DedupParams(prefer="sharpness"), CTX).needs
 
 
-def test_dedup_group_ids_do_not_depend_on_row_order() -> None:
+def test_dedup_decisions_do_not_depend_on_row_order_and_identity_closeness_alone_drops_nothing() -> None:
+    """20 pairs close in identity space: the first 10 also show the same picture (one copy mirrored), the
+    other 10 are different pictures -- redundant variants, reported and kept."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((40, 16)).astype(np.float32)
-    x[20:] = x[:20] + 0.001  # 20 near-duplicate pairs
+    x[20:] = x[:20] + 0.001
     ids = [f"s{i:02d}" for i in range(40)]
+    pictures = rng.integers(0, 255, (30, 32, 32, 3), dtype=np.uint8)
+    thumbs = [pictures[i].tobytes() for i in range(20)]
+    thumbs += [np.ascontiguousarray(pictures[i][:, ::-1]).tobytes() for i in range(10)]
+    thumbs += [pictures[i].tobytes() for i in range(20, 30)]
 
     def table(order: np.ndarray) -> pa.Table:
         return pa.table(
@@ -324,21 +331,29 @@ def test_dedup_group_ids_do_not_depend_on_row_order() -> None:
                 "embedding": pa.array([x[i].tolist() for i in order], pa.list_(pa.float32(), 16)),
                 "embedding_space": [DLIB] * 40,
                 "embedding_metric": ["euclidean"] * 40,
+                "thumbnail": pa.array([thumbs[i] for i in order], pa.binary()),
             }
         )
 
-    a = DedupStage(DedupParams(), CTX).run_global(table(np.arange(40)))
+    stage = DedupStage(DedupParams(), CTX)
+    a = stage.run_global(table(np.arange(40)))
     b = DedupStage(DedupParams(), CTX).run_global(table(rng.permutation(40)))
 
-    def as_map(out: dict[str, list[Any]]) -> dict[str, tuple[str, str]]:
-        return {
-            s: (g, k)
-            for s, g, k in zip(out["sample_id"], out["dup_group_id"], out["kept_sample_id"], strict=True)
-        }
+    def as_map(out: dict[str, list[Any]]) -> dict[str, tuple[str, str, str]]:
+        cols = ("dup_group_id", "kept_sample_id", "redundant_variant_of")
+        return {s: tuple(out[c][k] for c in cols) for k, s in enumerate(out["sample_id"])}  # type: ignore[misc]
 
     assert as_map(a) == as_map(b)
-    assert sum(not k for k in a["keep"]) == 20
-    assert set(a["dup_kind"]) == {"embedding"}
+    dropped = {s for s, k in zip(a["sample_id"], a["keep"], strict=True) if not k}
+    assert dropped == {f"s{i:02d}" for i in range(20, 30)}
+    assert {a["dup_kind"][i] for i in range(40) if a["dup_group_id"][i]} == {"embedding"}
+    variants = {s: r for s, r in zip(a["sample_id"], a["redundant_variant_of"], strict=True) if r}
+    assert variants == {f"s{i + 20:02d}": f"s{i:02d}" for i in range(10, 20)}
+    summary = stage.summary()
+    assert summary["duplicates"] == {"exact": 0, "phash": 0, "embedding": 10}
+    assert summary["redundant_variants"] == 10 and summary["not_same_picture"] == 10
+    off = DedupStage(DedupParams(redundant_variants="off"), CTX).run_global(table(np.arange(40)))
+    assert not any(off["redundant_variant_of"]) and off["keep"] == a["keep"]
 
 
 # --------------------------------------------------------------------------- grouping
@@ -480,6 +495,28 @@ def test_fingerprint_gives_same_pixel_hash_to_a_lossless_reencode_and_an_error_r
     assert len(out["phash"][0]) == 16 and out["image_format"][:3] == ["png", "png", "jpeg"]
     assert out["status"] == ["ok", "ok", "ok", "error"] and out["reason"][3] == "not_an_image"
     assert out["keep"][3] is False and out["phash"][3] is None
+    assert len(out["thumbnail"][0]) == 32 * 32 * 3 and out["phash_mirror"][0] != out["phash"][0]
+
+
+def test_picture_similarity_tells_a_crop_or_flip_of_a_render_from_another_render_of_the_same_identity() -> None:
+    from facekit.identities.gaussian import perturb
+    from facekit.renderer.render import render_sample
+    from stages.mappers.fingerprint import picture_similarity, thumbnail
+
+    vec = np.random.default_rng(1).standard_normal(512).astype(np.float32)
+    vec /= np.linalg.norm(vec)
+    one, two = (render_sample(vec, perturb(vec, 0.3, s), s, 256, 0.3, 20.0)[0] for s in (11, 12))
+    same = {
+        "jpeg50": decode_rgb(encode_jpeg(one, quality=50)),
+        "half": cv2.resize(one, (128, 128), interpolation=cv2.INTER_AREA),
+        "crop5-corner": one[13:, 13:],
+        "crop5-centre": one[6:-7, 6:-7],
+        "flip": one[:, ::-1],
+    }
+    t = thumbnail(one)
+    scores = {k: picture_similarity(t, thumbnail(np.ascontiguousarray(v))) for k, v in same.items()}
+    assert all(v >= 0.97 for v in scores.values()), scores
+    assert picture_similarity(t, thumbnail(two)) < 0.97
 
 
 def test_every_global_stage_accepts_an_empty_table() -> None:
