@@ -1,0 +1,418 @@
+"""``facefoundry whatif``: what an export would keep under other settings, without running it.
+
+A grid of export settings (``--set export.KEY=V1,V2``; the grid is the product of every key's
+values) is evaluated on the run's committed ``tables/samples`` only; nothing in the run is written.
+Each combination's selection is the export's own: its predicate comes from
+``pipeline.export.plan.selection_predicate`` and its identity rules from
+``pipeline.export.plan.plan_identities``, so a whatif and the export run with the same settings
+agree on every count.
+
+Why it is fast: the export's predicate is a conjunction. The conditions of every combination
+(each stage's status and decision, each threshold bound, each ``where``) are collected once as
+*atoms*, and ONE DuckDB pass over the columns they read groups the samples by (identity, which
+atoms hold, the rule of each stage that did not keep the sample) with a count. That compact table
+has at most one row per sample and usually far fewer; every combination is then a few numpy
+operations on it (a sample passes when all of the combination's atoms hold; it is dropped by the
+first one, in the export's order, that does not) and one per-identity table for the identity rules.
+
+Memory: the compact table costs about ``COMPACT_ROW_BYTES`` per row plus one bool per row per atom,
+and the per-identity counts one int32 per identity per combination. Runs of up to
+``ROWS_PER_PARTITION`` samples are done in one pass; larger runs are split into partitions by a
+hash of the identity (an identity is never split), one DuckDB pass per partition, so the compact
+table is bounded by the partition's size, not the run's. DuckDB itself runs under a memory limit
+and spills to a temporary folder beyond it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import ValidationError
+
+from facekit.userconfig import clip, format_errors
+from manifests.catalog import Catalog
+from manifests.layout import MANIFEST_SUFFIX, SAMPLES_TABLE, TABLES_DONE
+from manifests.query_guard import QueryGuard
+from manifests.sql import parse_tree, predicate_sql, q
+from manifests.storage import RunStorage
+from pipeline.config import ConfigError, _split_override, apply_overrides
+from pipeline.export.config import ExportConfig
+from pipeline.export.plan import plan_identities, rule_of, selection_predicate, where_error
+
+ROWS_PER_PARTITION = 4_000_000
+COMPACT_ROW_BYTES = 32  # identity code, count, one rule code per stage (a few), numpy overhead
+MAX_COMBINATIONS = 10_000
+EXPORT_PREFIX = "export."
+
+
+class WhatifError(ValueError):
+    """A grid that cannot be evaluated (a bad key or value, a run without tables): a user error."""
+
+
+# ------------------------------------------------------------------------------------------ the grid
+
+
+@dataclass(frozen=True)
+class Combination:
+    settings: dict[str, str]  # the key as given -> the value's text
+    cfg: ExportConfig
+
+
+def split_values(text: str) -> list[str]:
+    """``V1,V2,...`` split at the commas that are outside quotes, parentheses and brackets, so an SQL
+    ``where`` (``f(a, b) > 1``, ``x IN ('a', 'b')``) or a YAML list stays one value."""
+    out: list[str] = []
+    depth = 0
+    quote = ""
+    start = 0
+    for i, ch in enumerate(text):
+        if quote:
+            if ch == quote:
+                quote = ""
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth = max(depth - 1, 0)
+        elif ch == "," and depth == 0:
+            out.append(text[start:i].strip())
+            start = i + 1
+    out.append(text[start:].strip())
+    return out
+
+
+def parse_sets(sets: list[str]) -> dict[str, list[str]]:
+    """``--set`` items -> key -> values, in the order given. A key given twice adds its values."""
+    grid: dict[str, list[str]] = {}
+    for item in sets:
+        try:
+            _, value = _split_override(item)
+        except ConfigError as exc:
+            raise WhatifError(str(exc)) from None
+        key = item[: len(item) - len(value) - 1].strip()
+        if not key.startswith(EXPORT_PREFIX) or key == EXPORT_PREFIX:
+            raise WhatifError(f"--set {clip(key)}: whatif varies export settings only (export.KEY=V1,V2)")
+        values = split_values(value)
+        if any(v == "" for v in values) and value.strip() != "":
+            raise WhatifError(f"--set {clip(key)}: an empty value in {clip(value)!r}")
+        grid.setdefault(key, [])
+        grid[key].extend(v for v in values if v not in grid[key])
+    return grid
+
+
+def build_grid(base: dict[str, Any], sets: list[str], stage_ids: list[str], schema: pa.Schema
+               ) -> list[Combination]:
+    """Every combination of the grid, each validated as the export would validate it (every key and
+    value, every threshold's stage, every ``where`` bound against the samples table) before any work.
+    Raises WhatifError naming the key."""
+    from pipeline.config import PipelineConfig
+
+    grid = parse_sets(sets)
+    total = math.prod(len(v) for v in grid.values()) if grid else 1
+    if total > MAX_COMBINATIONS:
+        raise WhatifError(f"the grid has {total} combinations; at most {MAX_COMBINATIONS} are evaluated")
+    # Each value alone first: an error names the one key and value that is wrong.
+    for key, values in grid.items():
+        for v in values:
+            _validate(base, [(key, v)], stage_ids, schema, PipelineConfig)
+    out = []
+    for combo in itertools.product(*[[(k, v) for v in vs] for k, vs in grid.items()]):
+        cfg = _validate(base, list(combo), stage_ids, schema, PipelineConfig)
+        out.append(Combination(dict(combo), cfg))
+    return out
+
+
+def _validate(base: dict[str, Any], pairs: list[tuple[str, str]], stage_ids: list[str], schema: pa.Schema,
+              model: Any) -> ExportConfig:
+    shown = ", ".join(f"{k}={v}" for k, v in pairs) or "the run's export settings"
+    try:
+        raw = apply_overrides({"export": base}, [f"{k}={v}" for k, v in pairs], model)
+        cfg = ExportConfig.model_validate(raw["export"])
+    except ConfigError as exc:
+        raise WhatifError(" ".join(str(exc).split())) from None
+    except ValidationError as exc:
+        raise WhatifError(f"--set {clip(shown)}: " + " ".join(format_errors(exc, prefix="export").split())) from None
+    try:
+        selection_predicate(cfg, stage_ids)
+    except ValueError as exc:
+        raise WhatifError(f"--set {clip(shown)}: {exc}") from None
+    problem = where_error(cfg, stage_ids, schema)
+    if problem:
+        raise WhatifError(f"--set {clip(shown)}: export.where: {problem}")
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------ atoms
+
+
+def conjuncts(predicate: str) -> list[str]:
+    """The top-level ``AND`` terms of the export's predicate, as its own text: each is one condition
+    the export applies (``where`` is one parenthesised term)."""
+    out: list[str] = []
+    depth = 0
+    quote = ""
+    start = 0
+    i = 0
+    n = len(predicate)
+    while i < n:
+        ch = predicate[i]
+        if quote:
+            if ch == quote:
+                quote = ""
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        elif depth == 0 and predicate.startswith(" AND ", i):
+            out.append(predicate[start:i].strip())
+            start = i + 5
+            i += 5
+            continue
+        i += 1
+    out.append(predicate[start:].strip())
+    return [c for c in out if c]
+
+
+def _columns_of(expr: str) -> set[str]:
+    tree = parse_tree(f"SELECT 1 FROM t WHERE {expr}")
+    found: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("class") == "COLUMN_REF":
+                found.add(".".join(str(n) for n in node.get("column_names", [])))
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(tree)
+    return found
+
+
+@dataclass(frozen=True)
+class Atom:
+    sql: str
+    kind: str  # error | decision | threshold | where | selection
+    stage: str  # the stage whose rows it reads ("export" for where and unknown conditions)
+    rule: str  # the rule reported when it drops a sample (error and decision: the stage's own rule)
+
+
+def label_atom(sql: str, stage_ids: list[str], where_sql: set[str], thresholds: set[str]) -> Atom:
+    """What a condition of the export's predicate is, from the columns it reads."""
+    if sql in where_sql:
+        return Atom(sql, "where", "export", "where")
+    cols = _columns_of(sql)
+    if len(cols) == 1:
+        (col,) = cols
+        stage, sep, name = col.partition("__")
+        if sep and stage in stage_ids:
+            if name == "status":
+                return Atom(sql, "error", stage, "error")
+            if name == "keep":
+                return Atom(sql, "decision", stage, "decision")
+            if f"{stage}.{name}" in thresholds:
+                return Atom(sql, "threshold", stage, f"threshold {stage}.{name}")
+    return Atom(sql, "selection", "export", "selection")
+
+
+@dataclass
+class Plan:
+    atoms: list[Atom]
+    combos: list[list[int]]  # per combination: its atoms, in the export's order
+
+
+def atom_plan(combos: list[Combination], stage_ids: list[str]) -> Plan:
+    atoms: list[Atom] = []
+    index: dict[str, int] = {}
+    where_sql = {predicate_sql(c.cfg.where) for c in combos if c.cfg.where}
+    thresholds = {t for c in combos for t in c.cfg.thresholds}
+    per_combo = []
+    for c in combos:
+        mine = []
+        for sql in conjuncts(selection_predicate(c.cfg, stage_ids)):
+            if sql not in index:
+                index[sql] = len(atoms)
+                atoms.append(label_atom(sql, stage_ids, where_sql, thresholds))
+            mine.append(index[sql])
+        per_combo.append(mine)
+    return Plan(atoms, per_combo)
+
+
+# ------------------------------------------------------------------------------------------ the pass
+
+
+def compact_sql(plan: Plan, stage_ids: list[str], partitions: int, part: int) -> str:
+    """The one pass: samples grouped by identity, which atoms hold (one bool column each) and, per
+    stage with an error or decision atom, the rule of a sample that stage did not keep."""
+    cols = [f"coalesce(({a.sql}), false) AS a{i}" for i, a in enumerate(plan.atoms)]
+    rule_stages = sorted({a.stage for a in plan.atoms if a.kind in ("error", "decision")}, key=stage_ids.index)
+    for s in rule_stages:
+        status, keep, reason = (q(f"{s}__{c}") for c in ("status", "keep", "reason"))
+        cols.append(f"CASE WHEN coalesce({status} = 'ok' AND {keep}, false) THEN NULL "
+                    f"ELSE coalesce({reason}, 'no_row') END AS r_{s}")
+    ident = "CASE WHEN identity_id IS NULL OR identity_id = '' THEN NULL ELSE identity_id END"
+    where = f" WHERE hash(identity_id) % {partitions} = {part}" if partitions > 1 else ""
+    return (f"SELECT {ident} AS identity_id, {', '.join(cols)}, count(*) AS n FROM samples{where} "
+            "GROUP BY ALL")
+
+
+@dataclass
+class Outcome:
+    """One combination's sample-level counts, summed over partitions."""
+
+    total: int = 0
+    candidates: int = 0
+    no_identity: int = 0
+    drops: Counter[tuple[str, str]] = field(default_factory=Counter)  # (stage, rule) -> samples
+
+
+def evaluate_part(table: pa.Table, plan: Plan, outcomes: list[Outcome]) -> tuple[pa.Array, np.ndarray]:
+    """Every combination on one partition's compact table (numpy; no per-row Python). Returns the
+    partition's identities and their selected samples per combination (combinations x identities)."""
+    n = table.column("n").to_numpy().astype(np.int64)
+    ids = pc.dictionary_encode(table.column("identity_id")).combine_chunks()
+    code = pc.fill_null(ids.indices, -1).to_numpy().astype(np.int64)
+    labelled = code >= 0
+    names = ids.dictionary
+    holds = [table.column(f"a{i}").to_numpy(zero_copy_only=False).astype(bool) for i in range(len(plan.atoms))]
+    rules: dict[str, tuple[np.ndarray, list[str]]] = {}
+    for s in {a.stage for a in plan.atoms if a.kind in ("error", "decision")}:
+        enc = pc.dictionary_encode(table.column(f"r_{s}")).combine_chunks()
+        rules[s] = (pc.fill_null(enc.indices, -1).to_numpy().astype(np.int64),
+                    [rule_of(r) for r in enc.dictionary.to_pylist()])
+    total = int(n.sum())
+    counts = np.zeros((len(outcomes), len(names)), np.int32)
+    for k, (out, mine) in enumerate(zip(outcomes, plan.combos, strict=True)):
+        out.total += total
+        remaining = np.ones(len(n), bool)
+        for i in mine:  # the first condition, in the export's order, that a sample fails drops it
+            fail = remaining & ~holds[i]
+            if not fail.any():
+                continue
+            remaining &= holds[i]
+            atom = plan.atoms[i]
+            if atom.kind in ("error", "decision"):
+                rcodes, rnames = rules[atom.stage]
+                per = np.bincount(rcodes[fail] + 1, weights=n[fail], minlength=len(rnames) + 1)
+                for j in np.flatnonzero(per):
+                    rule = rnames[j - 1] if j else "(no reason)"
+                    out.drops[(atom.stage, f"error: {rule}" if atom.kind == "error" else rule)] += int(per[j])
+            else:
+                out.drops[(atom.stage, atom.rule)] += int(n[fail].sum())
+        out.candidates += int(n[remaining].sum())
+        out.no_identity += int(n[remaining & ~labelled].sum())
+        sel = remaining & labelled
+        counts[k] = np.bincount(code[sel], weights=n[sel], minlength=len(names))
+    return names, counts
+
+
+def identity_counts(names: list[pa.Array], rows: list[np.ndarray]) -> pa.Table:
+    """One combination's per-identity table (identity_id, n) over every partition, as the export's
+    plan tasks return it: identities with at least one selected sample."""
+    parts = []
+    for ident, n in zip(names, rows, strict=True):
+        present = np.flatnonzero(n)
+        parts.append(pa.table({"identity_id": ident.take(pa.array(present)), "n": pa.array(n[present], pa.int64())}))
+    return pa.concat_tables(parts) if parts else pa.table({"identity_id": pa.array([], pa.string()),
+                                                            "n": pa.array([], pa.int64())})
+
+
+def finish(combo: Combination, out: Outcome, counts: pa.Table) -> dict[str, Any]:
+    """Apply the export's identity rules (the export's own function) to the per-identity counts."""
+    ids = plan_identities([counts], combo.cfg)
+    drops = [{"stage": s, "rule": r, "count": c} for (s, r), c in out.drops.items()]
+    if out.no_identity:
+        drops.append({"stage": "export", "rule": "no_identity", "count": out.no_identity})
+    if ids.small_samples:
+        drops.append({"stage": "export", "rule": "identity_too_small", "count": ids.small_samples})
+    splits = {k: {"samples": v["samples"], "identities": v["identities"]} for k, v in ids.per_split.items()}
+    return {
+        "settings": combo.settings,
+        "samples": sum(v["samples"] for v in splits.values()),
+        "identities": sum(v["identities"] for v in splits.values()),
+        "splits": splits,
+        "candidates": out.candidates,
+        "total_samples": out.total,
+        "dropped_no_identity": out.no_identity,
+        "dropped_small_identity": ids.small_samples,
+        "small_identities": ids.small_identities,
+        "drops": sorted(drops, key=lambda d: (-d["count"], d["stage"], d["rule"])),
+        # Targets the export's identity rules can miss (quotas per identity, balance shares): none of
+        # the export settings this code knows sets one, so there is nothing unmet to report.
+        "unmet": [],
+    }
+
+
+def samples_rows(store: RunStorage) -> tuple[int, pa.Schema]:
+    """Rows of the committed samples table (from the files' footers) and its schema."""
+    if not store.exists(*TABLES_DONE):
+        raise WhatifError(f"{store.url} has no committed tables/samples (a run that did not finish its tables "
+                          "commit): run it again to complete it")
+    names = store.list_files(*SAMPLES_TABLE, suffix=MANIFEST_SUFFIX)
+    if not names:
+        raise WhatifError(f"{store.url} has no tables/samples files")
+    rows = 0
+    schema: pa.Schema | None = None
+    for name in names:
+        with store.fs.open(store.path(*SAMPLES_TABLE, name), "rb") as f:
+            meta = pq.read_metadata(f)
+        rows += meta.num_rows
+        schema = schema or meta.schema.to_arrow_schema()
+    assert schema is not None
+    return rows, schema
+
+
+def whatif(store: RunStorage, stage_ids: list[str], base_export: dict[str, Any], sets: list[str], *,
+           memory_limit: str = "2GB", guard: QueryGuard | None = None,
+           rows_per_partition: int = ROWS_PER_PARTITION) -> dict[str, Any]:
+    """Evaluate the grid; see the module docstring. Raises WhatifError before any work on a bad grid."""
+    rows, schema = samples_rows(store)
+    combos = build_grid(base_export, sets, stage_ids, schema)
+    plan = atom_plan(combos, stage_ids)
+    partitions = max(1, math.ceil(rows / rows_per_partition))
+    outcomes = [Outcome() for _ in combos]
+    catalog = Catalog(store, stage_ids, memory_limit=memory_limit)
+    compact_rows = 0
+    names: list[pa.Array] = []
+    matrices: list[np.ndarray] = []
+    with tempfile.TemporaryDirectory(prefix="ff-whatif-") as tmp:
+        for part in range(partitions):
+            sql = compact_sql(plan, stage_ids, partitions, part)
+            with catalog.connect(read_only=True, sql=sql, guard=guard) as con:
+                table = con.sql(sql).to_arrow_table()
+            compact_rows = max(compact_rows, table.num_rows)
+            ident, counts = evaluate_part(table, plan, outcomes)
+            del table
+            names.append(ident)
+            if partitions > 1:  # on disk: one combination's row of each partition is read back at a time
+                path = os.path.join(tmp, f"part-{part}.npy")
+                np.save(path, counts)
+                del counts
+                matrices.append(np.load(path, mmap_mode="r"))
+            else:
+                matrices.append(counts)
+        results = [finish(c, o, identity_counts(names, [np.asarray(m[k]) for m in matrices]))
+                   for k, (c, o) in enumerate(zip(combos, outcomes, strict=True))]
+        matrices.clear()
+    return {
+        "run": store.url,
+        "keys": list(parse_sets(sets)),
+        "combinations": results,
+        "evaluation": {"samples": rows, "partitions": partitions, "conditions": len(plan.atoms),
+                       "largest_compact_table_rows": compact_rows},
+    }
