@@ -377,14 +377,25 @@ def samples_rows(store: RunStorage) -> tuple[int, pa.Schema]:
     return rows, schema
 
 
-def whatif(store: RunStorage, stage_ids: list[str], base_export: dict[str, Any], sets: list[str], *,
-           memory_limit: str = "2GB", guard: QueryGuard | None = None,
-           rows_per_partition: int = ROWS_PER_PARTITION) -> dict[str, Any]:
-    """Evaluate the grid; see the module docstring. Raises WhatifError before any work on a bad grid."""
+@dataclass(frozen=True)
+class Grid:
+    keys: list[str]
+    combinations: list[Combination]
+    rows: int  # samples in the run's table
+
+
+def prepare(store: RunStorage, stage_ids: list[str], base_export: dict[str, Any], sets: list[str]) -> Grid:
+    """The grid, every combination checked against the run; raises WhatifError before any work."""
     rows, schema = samples_rows(store)
-    combos = build_grid(base_export, sets, stage_ids, schema)
+    return Grid(list(parse_sets(sets)), build_grid(base_export, sets, stage_ids, schema), rows)
+
+
+def whatif(store: RunStorage, stage_ids: list[str], grid: Grid, *, memory_limit: str = "2GB",
+           guard: QueryGuard | None = None, rows_per_partition: int = ROWS_PER_PARTITION) -> dict[str, Any]:
+    """Evaluate the grid; see the module docstring."""
+    combos = grid.combinations
     plan = atom_plan(combos, stage_ids)
-    partitions = max(1, math.ceil(rows / rows_per_partition))
+    partitions = max(1, math.ceil(grid.rows / rows_per_partition))
     outcomes = [Outcome() for _ in combos]
     catalog = Catalog(store, stage_ids, memory_limit=memory_limit)
     compact_rows = 0
@@ -411,8 +422,8 @@ def whatif(store: RunStorage, stage_ids: list[str], base_export: dict[str, Any],
         matrices.clear()
     return {
         "run": store.url,
-        "keys": list(parse_sets(sets)),
+        "keys": grid.keys,
         "combinations": results,
-        "evaluation": {"samples": rows, "partitions": partitions, "conditions": len(plan.atoms),
+        "evaluation": {"samples": grid.rows, "partitions": partitions, "conditions": len(plan.atoms),
                        "largest_compact_table_rows": compact_rows},
     }
