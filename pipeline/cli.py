@@ -522,7 +522,8 @@ def whatif(
     import duckdb
 
     try:
-        result = _guarded(lambda guard: evaluate(store, order, grid, memory_limit=memory_limit, guard=guard), memory_limit, timeout)
+        result = _guarded(lambda guard: evaluate(store, order, grid, memory_limit=memory_limit, guard=guard),
+                          memory_limit, timeout)
     except (WhatifError, duckdb.Error) as exc:
         _fail(str(exc).strip().splitlines()[0])
         return
@@ -587,6 +588,93 @@ def _print_whatif(result: dict[str, Any]) -> None:
         for u in c["unmet"]:
             out.print(styled(("  unmet:", "yellow"), f" {u}"))
     out.print(WHATIF_CAPTION.format(samples=result["evaluation"]["samples"]), highlight=False)
+
+
+@app.command()
+def diff(
+    run_a: Annotated[str, typer.Argument(help="run directory A (before)")],
+    run_b: Annotated[str, typer.Argument(help="run directory B (after)")],
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    examples: Annotated[int, typer.Option(min=0, max=100, help="example sample ids per change")] = 3,
+    timeout: Annotated[float, typer.Option(min=0, help="seconds before it is stopped (exit 124); 0: no limit")] = 600,
+    memory_limit: Annotated[str, typer.Option("--memory-limit", help="memory it may add to this process, e.g. 2GB; "
+                                                                      "DuckDB spills to disk below it")] = "2GB",
+) -> None:
+    """What changed from run A to run B, joined by sample id: per stage the samples whose decision changed
+    (by rule, with example ids), score shifts over the samples both hold, export membership and split changes."""
+    import duckdb
+
+    from manifests.storage import RunStorage, StorageURLError
+    from pipeline.diff import DiffError
+    from pipeline.diff import diff as compare
+    from pipeline.status import NotARunError, stage_order
+
+    try:
+        stores = (RunStorage(run_a), RunStorage(run_b))
+        for st in stores:
+            stage_order(st)  # refuses a directory that is not a run
+    except (NotARunError, StorageURLError) as exc:
+        _fail(str(exc))
+        return
+    try:
+        result = _guarded(lambda guard: compare(*stores, examples=examples, memory_limit=memory_limit, guard=guard),
+                          memory_limit, timeout)
+    except (DiffError, duckdb.Error) as exc:
+        _fail(str(exc).strip().splitlines()[0])
+        return
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=1) + "\n")
+        return
+    _print_diff(result)
+
+
+def _print_diff(r: dict[str, Any]) -> None:
+    s = r["samples"]
+    out.print(styled(("A", "bold"), f" {r['a']}"), highlight=False)
+    out.print(styled(("B", "bold"), f" {r['b']}"), highlight=False)
+    out.print(f"samples: {s['common']} in both, {s['only_a']} in A only, {s['only_b']} in B only", highlight=False)
+    for side in ("a", "b"):
+        if s[f"only_{side}_examples"]:
+            out.print(f"  e.g. in {side.upper()} only: {', '.join(s[f'only_{side}_examples'])}", highlight=False)
+    t = Table(title="decisions that changed (A -> B), per stage", box=box.SIMPLE_HEAD)
+    for col, just in (("stage", "left"), ("A -> B", "left"), ("rule", "left"), ("samples", "right"),
+                      ("examples", "left")):
+        t.add_column(col, justify=just, overflow="fold")  # type: ignore[arg-type]
+    for st in r["stages"]:
+        for c in st["changes"]:
+            t.add_row(st["stage"], f"{c['from']} -> {c['to']}", c["rule"] or "-", str(c["count"]),
+                      "\n".join(c["examples"]))
+    out.print(t if r["stages"] else "decisions: no stage changed a decision")
+    shifted = [x for x in r["scores"] if x["changed"]]
+    if shifted:
+        t = Table(title="score shifts over the samples in both runs (columns with a changed value)",
+                  box=box.SIMPLE_HEAD)
+        for col in ("column", "changed", "mean A", "mean B", "delta", "p50 A", "p50 B"):
+            t.add_column(col, justify="left" if col == "column" else "right", overflow="fold")
+        mid = QUANTILE_MEDIAN
+        for x in shifted:
+            t.add_row(x["column"], str(x["changed"]), _num(x["mean_a"]), _num(x["mean_b"]), _num(x["mean_delta"]),
+                      _num(x["q_a"][mid] if x["q_a"] else None), _num(x["q_b"][mid] if x["q_b"] else None))
+        out.print(t)
+    else:
+        out.print(f"scores: no value changed in {len(r['scores'])} shared numeric column(s)")
+    e = r["export"]
+    if not (e["a"] and e["b"]):
+        missing = " and ".join(side.upper() for side in ("a", "b") if not e[side])
+        out.print(f"export: not compared ({missing} has no committed export)")
+        return
+    out.print(f"export: A {e['samples_a']} samples, B {e['samples_b']}; {e['only_a']} in A's only, {e['only_b']} in "
+              f"B's only, {e['split_changed']} changed split", highlight=False)
+    for c in e["changes"]:
+        out.print(f"  {c['from']} -> {c['to']}: {c['count']}  e.g. {', '.join(c['examples'])}", highlight=False)
+
+
+QUANTILE_MEDIAN = 1  # position of the median in pipeline.diff.QUANTILES
+
+
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4g}"
+
 
 @app.command()
 def lineage(
