@@ -186,22 +186,26 @@ def conjuncts(predicate: str) -> list[str]:
     return [c for c in out if c]
 
 
-def _columns_of(expr: str) -> set[str]:
-    tree = parse_tree(f"SELECT 1 FROM t WHERE {expr}")
-    found: set[str] = set()
+def columns_of(exprs: list[str]) -> list[set[str]]:
+    """The columns each expression reads, from DuckDB's own parse tree (one parse for all of them)."""
+    if not exprs:
+        return []
+    tree = parse_tree("SELECT " + ", ".join(f"({e})" for e in exprs) + " FROM t")
+    if tree is None:
+        return [set() for _ in exprs]
 
-    def walk(node: Any) -> None:
+    def walk(node: Any, found: set[str]) -> set[str]:
         if isinstance(node, dict):
             if node.get("class") == "COLUMN_REF":
                 found.add(".".join(str(n) for n in node.get("column_names", [])))
             for v in node.values():
-                walk(v)
+                walk(v, found)
         elif isinstance(node, list):
             for v in node:
-                walk(v)
+                walk(v, found)
+        return found
 
-    walk(tree)
-    return found
+    return [walk(item, set()) for item in tree["statements"][0]["node"]["select_list"]]
 
 
 @dataclass(frozen=True)
@@ -212,11 +216,10 @@ class Atom:
     rule: str  # the rule reported when it drops a sample (error and decision: the stage's own rule)
 
 
-def label_atom(sql: str, stage_ids: list[str], where_sql: set[str], thresholds: set[str]) -> Atom:
+def label_atom(sql: str, cols: set[str], stage_ids: list[str], where_sql: set[str], thresholds: set[str]) -> Atom:
     """What a condition of the export's predicate is, from the columns it reads."""
     if sql in where_sql:
         return Atom(sql, "where", "export", "where")
-    cols = _columns_of(sql)
     if len(cols) == 1:
         (col,) = cols
         stage, sep, name = col.partition("__")
@@ -237,7 +240,6 @@ class Plan:
 
 
 def atom_plan(combos: list[Combination], stage_ids: list[str]) -> Plan:
-    atoms: list[Atom] = []
     index: dict[str, int] = {}
     where_sql = {predicate_sql(c.cfg.where) for c in combos if c.cfg.where}
     thresholds = {t for c in combos for t in c.cfg.thresholds}
@@ -245,11 +247,11 @@ def atom_plan(combos: list[Combination], stage_ids: list[str]) -> Plan:
     for c in combos:
         mine = []
         for sql in conjuncts(selection_predicate(c.cfg, stage_ids)):
-            if sql not in index:
-                index[sql] = len(atoms)
-                atoms.append(label_atom(sql, stage_ids, where_sql, thresholds))
-            mine.append(index[sql])
+            mine.append(index.setdefault(sql, len(index)))
         per_combo.append(mine)
+    terms = list(index)
+    atoms = [label_atom(sql, cols, stage_ids, where_sql, thresholds)
+             for sql, cols in zip(terms, columns_of(terms), strict=True)]
     return Plan(atoms, per_combo)
 
 
