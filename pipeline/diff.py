@@ -27,6 +27,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
+from duckdb.func import FunctionNullHandling
 
 from manifests.catalog import COMMITTED_GLOB, TEMP_PREFIX, Catalog, sandbox, sweep_stale_temp
 from manifests.layout import (
@@ -102,7 +103,8 @@ def connect(a: RunStorage, b: RunStorage, *, memory_limit: str = "2GB", guard: Q
                 con.execute(f"SET temp_directory={lit(os.path.join(tmp, 'spill'))}")
                 con.execute(f"SET memory_limit={lit(memory_limit)}")
                 # The one rule that names a reason's rule, as the export and the report name it.
-                con.create_function("rule_of", rule_of, ["VARCHAR"], "VARCHAR", null_handling="special")
+                con.create_function("rule_of", rule_of, ["VARCHAR"], "VARCHAR",
+                                    null_handling=FunctionNullHandling.SPECIAL)
                 for stmt in views:
                     con.execute(stmt)
                 sandbox(con, [d for cat in catalogs.values() for d in cat._allowed()])
