@@ -80,6 +80,8 @@ def test_whatif_counts_a_where_drop_under_where_as_sql_over_the_table_counts_it(
     assert where == [{"stage": "export", "rule": "where", "count": expected[0]}]
     assert not [d for d in by_where["1 = 1"]["drops"] if d["rule"] == "where"]
     assert by_where["1 = 1"]["candidates"] - by_where["quality__pitch < -10"]["candidates"] == expected[0]
+    code, out, _ = _cli("whatif", str(small_quickstart_run), "--set", "export.where=quality__pitch < -10")
+    assert code == 0 and "1 combination(s)" in out and f"where {expected[0]}" in out  # the table, or one block
 
 
 def _stages(run: Path) -> list[str]:
