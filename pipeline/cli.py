@@ -503,7 +503,7 @@ def whatif(
                             ] = "2GB",
 ) -> None:
     """What the export would keep under other settings: per combination of the --set values, samples and
-    identities kept (per split) and drops per rule, from the run's tables; nothing is written."""
+    identities kept, drops per rule, quotas and balance unmet, from the run's tables; nothing is written."""
     from manifests.storage import RunStorage, StorageURLError
     from pipeline.engine.rundir import read_run_file
     from pipeline.status import NotARunError, stage_order
@@ -545,28 +545,26 @@ def whatif_table(result: dict[str, Any], top_rules: int = 4) -> Table:
               caption=WHATIF_CAPTION.format(samples=result["evaluation"]["samples"]))
     for key in result["keys"]:
         t.add_column(key.removeprefix("export."))
-    for col in ("samples", "identities", "train", "val"):
+    for col in ("samples", "identities"):
         t.add_column(col, justify="right", no_wrap=True)
     t.add_column("drops by rule", no_wrap=True)
     unmet = any(c["unmet"] for c in combos)
     if unmet:
         t.add_column("unmet")
     for c in combos:
-        sp = c["splits"]
         lines = [_drop_text(d) for d in c["drops"][:top_rules]]
         if len(c["drops"]) > top_rules:
             lines.append(f"+{len(c['drops']) - top_rules} more")
         row = [*(c["settings"][k] for k in result["keys"]), str(c["samples"]), str(c["identities"]),
-               f"{sp['train']['samples']} / {sp['train']['identities']}",
-               f"{sp['val']['samples']} / {sp['val']['identities']}", "\n".join(lines) or "-"]
+               "\n".join(lines) or "-"]
         if unmet:
             row.append("\n".join(str(u) for u in c["unmet"]) or "none")
         t.add_row(*row)
     return t
 
 
-WHATIF_CAPTION = ("{samples} samples read once. train / val: samples / identities. A sample is counted under the "
-                  "first rule, in the export's order, that drops it; --json has every rule.")
+WHATIF_CAPTION = ("{samples} samples read once. A sample is counted under the first rule, in the export's order, "
+                  "that drops it; --json has every rule. The split is decided when the export runs.")
 
 
 def _print_whatif(result: dict[str, Any]) -> None:
@@ -577,12 +575,9 @@ def _print_whatif(result: dict[str, Any]) -> None:
         return
     out.print(f"{result['run']}: {len(result['combinations'])} combination(s)", highlight=False)
     for n, c in enumerate(result["combinations"], 1):
-        sp = c["splits"]
         settings = "  ".join(f"{k.removeprefix('export.')}={v}" for k, v in c["settings"].items())
         out.print(styled((f"[{n}]", "bold"), f" {settings or '(the run' + chr(39) + 's settings)'}"), soft_wrap=True)
-        out.print(f"  kept {c['samples']} samples, {c['identities']} identities (train {sp['train']['samples']} / "
-                  f"{sp['train']['identities']}, val {sp['val']['samples']} / {sp['val']['identities']})",
-                  highlight=False)
+        out.print(f"  kept {c['samples']} samples, {c['identities']} identities", highlight=False)
         out.print("  drops: " + (", ".join(_drop_text(d) for d in c["drops"]) or "none"), highlight=False,
                   markup=False)
         for u in c["unmet"]:

@@ -3,20 +3,25 @@
 A grid of export settings (``--set export.KEY=V1,V2``; the grid is the product of every key's
 values) is evaluated on the run's committed ``tables/samples`` only; nothing in the run is written.
 Each combination's selection is the export's own: its predicate comes from
-``pipeline.export.plan.selection_predicate`` and its identity rules from
-``pipeline.export.plan.plan_identities``, so a whatif and the export run with the same settings
-agree on every count.
+``pipeline.export.plan.selection_predicate`` and its identity rules (quotas, minimum, maximum
+identities, balance) from ``pipeline.export.identities.select_identities`` on the same (identity,
+bin) counts the export's plan builds, so a whatif and the export run with the same settings agree on
+every count. The split is not evaluated: it depends on dedup groups and look-alike identities,
+measured on embeddings when the export runs.
 
 Why it is fast: the export's predicate is a conjunction. The conditions of every combination
 (each stage's status and decision, each threshold bound, each ``where``) are collected once as
 *atoms*, and ONE DuckDB pass over the columns they read groups the samples by (identity, which
-atoms hold, the rule of each stage that did not keep the sample) with a count. That compact table
-has at most one row per sample and usually far fewer; every combination is then a few numpy
-operations on it (a sample passes when all of the combination's atoms hold; it is dropped by the
-first one, in the export's order, that does not) and one per-identity table for the identity rules.
+atoms hold, the rule of each stage that did not keep the sample, the balance label of every
+balance column in the grid) with a count and the sum of every ranking score in the grid. That
+compact table has at most one row per sample and usually far fewer; every combination is then a
+few numpy operations on it (a sample passes when all of the combination's atoms hold; it is dropped
+by the first one, in the export's order, that does not) and one (identity, bin) table for the
+identity rules.
 
 Memory: the compact table costs about ``COMPACT_ROW_BYTES`` per row plus one bool per row per atom,
-and the per-identity counts one int32 per identity per combination. Runs of up to
+and the (identity, bin) counts about 50 bytes per identity and bin per combination (written to a
+temporary folder when the run is partitioned, read back one combination at a time). Runs of up to
 ``ROWS_PER_PARTITION`` samples are done in one pass; larger runs are split into partitions by a
 hash of the identity (an identity is never split), one DuckDB pass per partition, so the compact
 table is bounded by the partition's size, not the run's. DuckDB itself runs under a memory limit
@@ -45,9 +50,11 @@ from manifests.layout import MANIFEST_SUFFIX, SAMPLES_TABLE, TABLES_DONE
 from manifests.query_guard import QueryGuard
 from manifests.sql import parse_tree, predicate_sql, q
 from manifests.storage import RunStorage
+from manifests.tables import column_name
 from pipeline.config import ConfigError, _split_override, apply_overrides
 from pipeline.export.config import ExportConfig
-from pipeline.export.plan import plan_identities, rule_of, selection_predicate, where_error
+from pipeline.export.identities import COUNTS_SCHEMA, NO_BIN, TOO_SMALL, select_identities
+from pipeline.export.plan import rule_of, selection_predicate, where_error
 
 ROWS_PER_PARTITION = 4_000_000
 COMPACT_ROW_BYTES = 32  # identity code, count, one rule code per stage (a few), numpy overhead
@@ -136,6 +143,9 @@ def build_grid(base: dict[str, Any], sets: list[str], stage_ids: list[str], sche
 def _validate(base: dict[str, Any], pairs: list[tuple[str, str]], stage_ids: list[str], schema: pa.Schema,
               model: Any) -> ExportConfig:
     shown = ", ".join(f"{k}={v}" for k, v in pairs) or "the run's export settings"
+    if any(k == "export.identities.min_images" for k, _ in pairs):
+        # run.yaml holds every setting, the alias too: the grid's identities.min_images replaces it.
+        base = {k: v for k, v in base.items() if k != "min_images_per_identity"}
     try:
         raw = apply_overrides({"export": base}, [f"{k}={v}" for k, v in pairs], model)
         cfg = ExportConfig.model_validate(raw["export"])
@@ -237,6 +247,10 @@ def label_atom(sql: str, cols: set[str], stage_ids: list[str], where_sql: set[st
 class Plan:
     atoms: list[Atom]
     combos: list[list[int]]  # per combination: its atoms, in the export's order
+    bins: list[str] = field(default_factory=list)  # balance columns ('stage.column') of the grid
+    ranks: list[str] = field(default_factory=list)  # identity ranking scores of the grid
+    combo_bin: list[int] = field(default_factory=list)  # per combination: its balance column, or -1
+    combo_rank: list[int] = field(default_factory=list)  # per combination: its ranking score, or -1
 
 
 def atom_plan(combos: list[Combination], stage_ids: list[str]) -> Plan:
@@ -252,7 +266,17 @@ def atom_plan(combos: list[Combination], stage_ids: list[str]) -> Plan:
     terms = list(index)
     atoms = [label_atom(sql, cols, stage_ids, where_sql, thresholds)
              for sql, cols in zip(terms, columns_of(terms), strict=True)]
-    return Plan(atoms, per_combo)
+    bal = [c.cfg.identities.balance.column if c.cfg.identities.balance else None for c in combos]
+    rank = [c.cfg.identities.rank.score for c in combos]
+    bins = sorted({b for b in bal if b})
+    ranks = sorted({r for r in rank if r})
+    return Plan(atoms, per_combo, bins, ranks, [bins.index(b) if b else -1 for b in bal],
+                [ranks.index(r) if r else -1 for r in rank])
+
+
+def _column(target: str) -> str:
+    stage, _, column = target.partition(".")
+    return q(column_name(stage, column))
 
 
 # ------------------------------------------------------------------------------------------ the pass
@@ -267,10 +291,14 @@ def compact_sql(plan: Plan, stage_ids: list[str], partitions: int, part: int) ->
         status, keep, reason = (q(f"{s}__{c}") for c in ("status", "keep", "reason"))
         cols.append(f"CASE WHEN coalesce({status} = 'ok' AND {keep}, false) THEN NULL "
                     f"ELSE coalesce({reason}, 'no_row') END AS r_{s}")
+    # The balance label and the ranking score as the export's plan reads them (as text, as a number).
+    cols += [f"CAST({_column(b)} AS VARCHAR) AS b{j}" for j, b in enumerate(plan.bins)]
+    aggs = [f"sum(CAST({_column(r)} AS DOUBLE)) AS rs{j}, count(CAST({_column(r)} AS DOUBLE)) AS rn{j}"
+            for j, r in enumerate(plan.ranks)]
     ident = "CASE WHEN identity_id IS NULL OR identity_id = '' THEN NULL ELSE identity_id END"
     where = f" WHERE hash(identity_id) % {partitions} = {part}" if partitions > 1 else ""
-    return (f"SELECT {ident} AS identity_id, {', '.join(cols)}, count(*) AS n FROM samples{where} "
-            "GROUP BY ALL")
+    return (f"SELECT {ident} AS identity_id, {', '.join(cols)}, {''.join(a + ', ' for a in aggs)}count(*) AS n "
+            f"FROM samples{where} GROUP BY ALL")
 
 
 @dataclass
@@ -283,9 +311,9 @@ class Outcome:
     drops: Counter[tuple[str, str]] = field(default_factory=Counter)  # (stage, rule) -> samples
 
 
-def evaluate_part(table: pa.Table, plan: Plan, outcomes: list[Outcome]) -> tuple[pa.Array, np.ndarray]:
-    """Every combination on one partition's compact table (numpy; no per-row Python). Returns the
-    partition's identities and their selected samples per combination (combinations x identities)."""
+def evaluate_part(table: pa.Table, plan: Plan, outcomes: list[Outcome]) -> list[pa.Table]:
+    """Every combination on one partition's compact table (numpy; no per-row Python). Returns, per
+    combination, the partition's (identity, bin) counts in the export's ``COUNTS_SCHEMA``."""
     n = table.column("n").to_numpy().astype(np.int64)
     ids = pc.dictionary_encode(table.column("identity_id")).combine_chunks()
     code = pc.fill_null(ids.indices, -1).to_numpy().astype(np.int64)
@@ -297,8 +325,15 @@ def evaluate_part(table: pa.Table, plan: Plan, outcomes: list[Outcome]) -> tuple
         enc = pc.dictionary_encode(table.column(f"r_{s}")).combine_chunks()
         rules[s] = (pc.fill_null(enc.indices, -1).to_numpy().astype(np.int64),
                     [rule_of(r) for r in enc.dictionary.to_pylist()])
+    bins: list[tuple[np.ndarray, pa.Array]] = []
+    for j in range(len(plan.bins)):
+        enc = pc.dictionary_encode(pc.fill_null(table.column(f"b{j}"), NO_BIN)).combine_chunks()
+        bins.append((enc.indices.to_numpy().astype(np.int64), enc.dictionary))
+    ranks = [(table.column(f"rs{j}").to_numpy(zero_copy_only=False).astype(np.float64),
+              table.column(f"rn{j}").to_numpy().astype(np.int64)) for j in range(len(plan.ranks))]
+    ranks = [(np.nan_to_num(rs), rn) for rs, rn in ranks]
     total = int(n.sum())
-    counts = np.zeros((len(outcomes), len(names)), np.int32)
+    out_tables = []
     for k, (out, mine) in enumerate(zip(outcomes, plan.combos, strict=True)):
         out.total += total
         remaining = np.ones(len(n), bool)
@@ -319,44 +354,46 @@ def evaluate_part(table: pa.Table, plan: Plan, outcomes: list[Outcome]) -> tuple
         out.candidates += int(n[remaining].sum())
         out.no_identity += int(n[remaining & ~labelled].sum())
         sel = remaining & labelled
-        counts[k] = np.bincount(code[sel], weights=n[sel], minlength=len(names))
-    return names, counts
-
-
-def identity_counts(names: list[pa.Array], rows: list[np.ndarray]) -> pa.Table:
-    """One combination's per-identity table (identity_id, n) over every partition, as the export's
-    plan tasks return it: identities with at least one selected sample."""
-    parts = []
-    for ident, n in zip(names, rows, strict=True):
-        present = np.flatnonzero(n)
-        parts.append(pa.table({"identity_id": ident.take(pa.array(present)), "n": pa.array(n[present], pa.int64())}))
-    return pa.concat_tables(parts) if parts else pa.table({"identity_id": pa.array([], pa.string()),
-                                                            "n": pa.array([], pa.int64())})
+        b = plan.combo_bin[k]
+        bcode, bnames = bins[b] if b >= 0 else (np.zeros(len(n), np.int64), pa.array([NO_BIN]))
+        key = code[sel] * len(bnames) + bcode[sel]
+        uniq, inv = np.unique(key, return_inverse=True)
+        r = plan.combo_rank[k]
+        rs, rn = ranks[r] if r >= 0 else (np.zeros(len(n)), np.zeros(len(n), np.int64))
+        out_tables.append(pa.table({
+            "identity_id": names.take(pa.array(uniq // len(bnames))),
+            "bin": bnames.take(pa.array(uniq % len(bnames))),
+            "n": pa.array(np.bincount(inv, weights=n[sel], minlength=len(uniq)).astype(np.int64)),
+            "score_sum": pa.array(np.bincount(inv, weights=rs[sel], minlength=len(uniq))),
+            "score_n": pa.array(np.bincount(inv, weights=rn[sel], minlength=len(uniq)).astype(np.int64)),
+        }).cast(COUNTS_SCHEMA))
+    return out_tables
 
 
 def finish(combo: Combination, out: Outcome, counts: pa.Table) -> dict[str, Any]:
-    """Apply the export's identity rules (the export's own function) to the per-identity counts."""
-    ids = plan_identities([counts], combo.cfg)
+    """Apply the export's identity rules (the export's own function) to the (identity, bin) counts."""
+    selection = select_identities(counts, combo.cfg)
     drops = [{"stage": s, "rule": r, "count": c} for (s, r), c in out.drops.items()]
     if out.no_identity:
         drops.append({"stage": "export", "rule": "no_identity", "count": out.no_identity})
-    if ids.small_samples:
-        drops.append({"stage": "export", "rule": "identity_too_small", "count": ids.small_samples})
-    splits = {k: {"samples": v["samples"], "identities": v["identities"]} for k, v in ids.per_split.items()}
+    drops += [{"stage": "export", "rule": r, "count": c} for r, c in selection.drops.items() if c]
+    unmet = []
+    if selection.balance is not None and not selection.balance.get("met", True):
+        unmet.append(f"balance {selection.balance['column']}: short {selection.balance['short']}")
+    if selection.short_of_target:
+        unmet.append(f"target_images {selection.target_images}: {selection.short_of_target} identities short")
     return {
         "settings": combo.settings,
-        "samples": sum(v["samples"] for v in splits.values()),
-        "identities": sum(v["identities"] for v in splits.values()),
-        "splits": splits,
+        "samples": selection.samples,
+        "identities": selection.identities,
         "candidates": out.candidates,
         "total_samples": out.total,
         "dropped_no_identity": out.no_identity,
-        "dropped_small_identity": ids.small_samples,
-        "small_identities": ids.small_identities,
+        "dropped_small_identity": selection.drops.get(TOO_SMALL, 0),
+        "small_identities": selection.dropped_identities.get(TOO_SMALL, 0),
         "drops": sorted(drops, key=lambda d: (-d["count"], d["stage"], d["rule"])),
-        # Targets the export's identity rules can miss (quotas per identity, balance shares): none of
-        # the export settings this code knows sets one, so there is nothing unmet to report.
-        "unmet": [],
+        "selection": selection.summary(),
+        "unmet": unmet,
     }
 
 
@@ -401,27 +438,31 @@ def whatif(store: RunStorage, stage_ids: list[str], grid: Grid, *, memory_limit:
     outcomes = [Outcome() for _ in combos]
     catalog = Catalog(store, stage_ids, memory_limit=memory_limit)
     compact_rows = 0
-    names: list[pa.Array] = []
-    matrices: list[np.ndarray] = []
+    kept: list[list[pa.Table]] = [[] for _ in combos]
     with tempfile.TemporaryDirectory(prefix="ff-whatif-") as tmp:
+        spilled: list[str] = []
         for part in range(partitions):
             sql = compact_sql(plan, stage_ids, partitions, part)
             with catalog.connect(read_only=True, sql=sql, guard=guard) as con:
                 table = con.sql(sql).to_arrow_table()
             compact_rows = max(compact_rows, table.num_rows)
-            ident, counts = evaluate_part(table, plan, outcomes)
+            counts = evaluate_part(table, plan, outcomes)
             del table
-            names.append(ident)
-            if partitions > 1:  # on disk: one combination's row of each partition is read back at a time
-                path = os.path.join(tmp, f"part-{part}.npy")
-                np.save(path, counts)
-                del counts
-                matrices.append(np.load(path, mmap_mode="r"))
+            if partitions > 1:  # on disk: read back one combination at a time
+                path = os.path.join(tmp, f"part-{part}.parquet")
+                pq.write_table(pa.concat_tables([t.append_column("combo", pa.array([k] * t.num_rows, pa.int32()))
+                                                 for k, t in enumerate(counts)]), path)
+                spilled.append(path)
             else:
-                matrices.append(counts)
-        results = [finish(c, o, identity_counts(names, [np.asarray(m[k]) for m in matrices]))
-                   for k, (c, o) in enumerate(zip(combos, outcomes, strict=True))]
-        matrices.clear()
+                for k, t in enumerate(counts):
+                    kept[k].append(t)
+            del counts
+        results = []
+        for k, (c, o) in enumerate(zip(combos, outcomes, strict=True)):
+            parts = kept[k] or [pq.read_table(p, filters=[("combo", "=", k)]).drop_columns(["combo"])
+                                for p in spilled]
+            results.append(finish(c, o, pa.concat_tables(parts) if parts else COUNTS_SCHEMA.empty_table()))
+            kept[k] = []
     return {
         "run": store.url,
         "keys": grid.keys,

@@ -58,7 +58,8 @@ def rerun_copy(src: Path, dst: Path, overrides: list[str], *, force: bool = Fals
 
 
 # One combination of the whatif tests' grid, exported for real on the same tables.
-REEXPORT = ["export.thresholds.quality.yaw.max_abs=40", "export.min_images_per_identity=3", "export.val_fraction=0.5"]
+REEXPORT = ["export.thresholds.quality.yaw.max_abs=40", "export.identities.max_images=3",
+            "export.min_images_per_identity=3"]
 
 
 @pytest.fixture(scope="session")

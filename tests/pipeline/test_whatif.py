@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 from pipeline.cli import USER_ERROR, app
 from tests.pipeline.conftest import REEXPORT
 
-GRID = ["--set", "export.thresholds.quality.yaw.max_abs=25,40", "--set", "export.min_images_per_identity=2,3",
-        "--set", "export.val_fraction=0.2,0.5"]
+GRID = ["--set", "export.thresholds.quality.yaw.max_abs=25,40", "--set", "export.identities.max_images=null,3",
+        "--set", "export.min_images_per_identity=2,3"]
 
 
 def _cli(*args: str) -> tuple[int, str, str]:
@@ -29,14 +29,16 @@ def _files(run: Path) -> dict[str, int]:
 def _export_counts(run: Path) -> dict[str, Any]:
     done = json.loads((run / "export" / "export.json").read_text())
     ex = done["excluded"]
-    return {"splits": {k: {"samples": v["samples"], "identities": v["identities"]} for k, v in done["splits"].items()},
+    return {"samples": sum(v["samples"] for v in done["splits"].values()),
+            "identities": sum(v["identities"] for v in done["splits"].values()), "selection": done["selection"],
             "candidates": ex["candidates"], "total_samples": ex["total_samples"],
             "dropped_no_identity": ex["dropped_no_identity"], "dropped_small_identity": ex["dropped_small_identity"],
             "small_identities": ex["small_identities"]}
 
 
 def _whatif_counts(combo: dict[str, Any]) -> dict[str, Any]:
-    return {k: combo[k] for k in ("splits", "candidates", "total_samples", "dropped_no_identity",
+    return {k: combo[k] for k in ("samples", "identities", "selection", "candidates", "total_samples",
+                                  "dropped_no_identity",
                                   "dropped_small_identity", "small_identities")}
 
 
@@ -49,15 +51,15 @@ def test_whatif_counts_are_the_counts_of_the_export_run_with_those_settings(
     assert _files(small_quickstart_run) == before  # nothing in the run written
     combos = {tuple(c["settings"].values()): c for c in result["combinations"]}
     assert len(combos) == 8
-    # The run's own settings (quality.yaw max_abs 25, 2 images, 0.2) give its own export...
-    assert _whatif_counts(combos[("25", "2", "0.2")]) == _export_counts(small_quickstart_run)
+    # The run's own settings (quality.yaw max_abs 25, no quota, 2 images) give its own export...
+    assert _whatif_counts(combos[("25", "null", "2")]) == _export_counts(small_quickstart_run)
     # ... and another combination gives what the export gave when it was run with it.
     chosen = tuple(s.split("=", 1)[1] for s in REEXPORT)
     assert _whatif_counts(combos[chosen]) == _export_counts(small_quickstart_reexported)
     assert _export_counts(small_quickstart_reexported) != _export_counts(small_quickstart_run)
+    assert combos[chosen]["selection"]["drops"]["over_quota"] > 0  # the quota is what differs
     for c in result["combinations"]:  # every sample is kept or counted under one rule
         assert c["samples"] + sum(d["count"] for d in c["drops"]) == c["total_samples"]
-        assert c["samples"] == sum(s["samples"] for s in c["splits"].values())
 
 
 def test_whatif_counts_a_where_drop_under_where_as_sql_over_the_table_counts_it(small_quickstart_run: Path) -> None:
