@@ -139,3 +139,14 @@ def test_whatif_conditions_are_the_export_predicates_terms_with_where_as_one() -
     assert terms[-1].startswith("(") and "'a AND (b'" in terms[-1]
     assert split_values("a, f(b, c) > 1, x IN ('p,q', \"r,s\"), [1, 2]") == [
         "a", "f(b, c) > 1", "x IN ('p,q', \"r,s\")", "[1, 2]"]
+
+
+def test_whatif_reports_a_balance_the_run_cannot_meet(small_quickstart_run: Path) -> None:
+    balance = ("export.identities.balance={column: labels.pose_bin, level: identity, "
+               "shares: {frontal: 0.5, upside: 0.5}}")
+    code, out, err = _cli("whatif", str(small_quickstart_run), "--set", balance, "--json")
+    assert code == 0, err
+    (combo,) = json.loads(out)["combinations"]
+    doc = combo["selection"]["balance"]
+    assert doc["column"] == "labels.pose_bin" and doc["met"] is False and "upside" in doc["short"]
+    assert combo["unmet"] and combo["unmet"][0].startswith("balance labels.pose_bin: short")
