@@ -346,9 +346,9 @@ def evaluate_part(table: pa.Table, plan: Plan, outcomes: list[Outcome]) -> list[
             if atom.kind in ("error", "decision"):
                 rcodes, rnames = rules[atom.stage]
                 per = np.bincount(rcodes[fail] + 1, weights=n[fail], minlength=len(rnames) + 1)
-                for j in np.flatnonzero(per):
-                    rule = rnames[j - 1] if j else "(no reason)"
-                    out.drops[(atom.stage, f"error: {rule}" if atom.kind == "error" else rule)] += int(per[j])
+                for code_ in np.flatnonzero(per).tolist():
+                    rule = rnames[code_ - 1] if code_ else "(no reason)"
+                    out.drops[(atom.stage, f"error: {rule}" if atom.kind == "error" else rule)] += int(per[code_])
             else:
                 out.drops[(atom.stage, atom.rule)] += int(n[fail].sum())
         out.candidates += int(n[remaining].sum())
