@@ -357,7 +357,12 @@ def evaluate_part(table: pa.Table, plan: Plan, outcomes: list[Outcome]) -> list[
         b = plan.combo_bin[k]
         bcode, bnames = bins[b] if b >= 0 else (np.zeros(len(n), np.int64), pa.array([NO_BIN]))
         key = code[sel] * len(bnames) + bcode[sel]
-        uniq, inv = np.unique(key, return_inverse=True)
+        if len(bnames) == 1:  # no balance column: the identity code is the key, no sort needed
+            present = np.bincount(key, minlength=len(names)) > 0
+            uniq = np.flatnonzero(present)
+            inv = (np.cumsum(present) - 1)[key]
+        else:
+            uniq, inv = np.unique(key, return_inverse=True)
         r = plan.combo_rank[k]
         rs, rn = ranks[r] if r >= 0 else (np.zeros(len(n)), np.zeros(len(n), np.int64))
         out_tables.append(pa.table({
