@@ -402,6 +402,33 @@ def finish(combo: Combination, out: Outcome, counts: pa.Table) -> dict[str, Any]
     }
 
 
+MAX_WORKERS = 8
+PARALLEL_FROM_ROWS = 500_000  # (identity, bin) rows over all combinations: below, starting processes costs more
+
+
+def _finish_all(combos: list[Combination], outcomes: list[Outcome], counts_of: Any, workers: int
+                ) -> list[dict[str, Any]]:
+    """``finish`` per combination: the identity rules are per-identity Python, the costly part of a large
+    grid, so they run in ``workers`` processes (spawned: the caller holds DuckDB threads), a bounded
+    number of combinations in flight (each process holds one combination's counts at a time)."""
+    if workers <= 1:
+        return [finish(c, o, counts_of(k)) for k, (c, o) in enumerate(zip(combos, outcomes, strict=True))]
+    import multiprocessing
+    from concurrent.futures import Future, ProcessPoolExecutor
+
+    results: list[dict[str, Any] | None] = [None] * len(combos)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending: dict[Future[dict[str, Any]], int] = {}
+        for k, (c, o) in enumerate(zip(combos, outcomes, strict=True)):
+            if len(pending) >= 2 * workers:
+                done = next(iter(pending))
+                results[pending.pop(done)] = done.result()
+            pending[pool.submit(finish, c, o, counts_of(k))] = k
+        for fut, k in pending.items():
+            results[k] = fut.result()
+    return [r for r in results if r is not None]
+
+
 def samples_rows(store: RunStorage) -> tuple[int, pa.Schema]:
     """Rows of the committed samples table (from the files' footers) and its schema."""
     if not store.exists(*TABLES_DONE):
@@ -435,8 +462,11 @@ def prepare(store: RunStorage, stage_ids: list[str], base_export: dict[str, Any]
 
 
 def whatif(store: RunStorage, stage_ids: list[str], grid: Grid, *, memory_limit: str = "2GB",
-           guard: QueryGuard | None = None, rows_per_partition: int = ROWS_PER_PARTITION) -> dict[str, Any]:
-    """Evaluate the grid; see the module docstring."""
+           guard: QueryGuard | None = None, rows_per_partition: int = ROWS_PER_PARTITION,
+           workers: int | None = None) -> dict[str, Any]:
+    """Evaluate the grid; see the module docstring. ``workers``: processes that apply the identity
+    rules, one combination at a time each (default: one per CPU when the grid is large enough to
+    pay for starting them, else none)."""
     combos = grid.combinations
     plan = atom_plan(combos, stage_ids)
     partitions = max(1, math.ceil(grid.rows / rows_per_partition))
@@ -462,12 +492,16 @@ def whatif(store: RunStorage, stage_ids: list[str], grid: Grid, *, memory_limit:
                 for k, t in enumerate(counts):
                     kept[k].append(t)
             del counts
-        results = []
-        for k, (c, o) in enumerate(zip(combos, outcomes, strict=True)):
+        def counts_of(k: int) -> pa.Table:
             parts = kept[k] or [pq.read_table(p, filters=[("combo", "=", k)]).drop_columns(["combo"])
                                 for p in spilled]
-            results.append(finish(c, o, pa.concat_tables(parts) if parts else COUNTS_SCHEMA.empty_table()))
             kept[k] = []
+            return pa.concat_tables(parts) if parts else COUNTS_SCHEMA.empty_table()
+
+        size = sum(t.num_rows for ts in kept for t in ts) or grid.rows
+        n_workers = workers if workers is not None else (
+            min(os.cpu_count() or 1, len(combos), MAX_WORKERS) if size >= PARALLEL_FROM_ROWS else 0)
+        results = _finish_all(combos, outcomes, counts_of, n_workers)
     return {
         "run": store.url,
         "keys": grid.keys,
