@@ -29,7 +29,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from duckdb.func import FunctionNullHandling
 
-from manifests.catalog import COMMITTED_GLOB, TEMP_PREFIX, Catalog, sandbox, sweep_stale_temp
+from manifests.catalog import TEMP_PREFIX, Catalog, sweep_stale_temp
+from manifests.commit import COMMITTED_GLOB
 from manifests.layout import (
     DECISIONS_TABLE,
     EXPORT_DIR,
@@ -40,7 +41,7 @@ from manifests.layout import (
     TABLES_DONE,
 )
 from manifests.query_guard import QueryGuard
-from manifests.sql import lit, parquet_source, q
+from manifests.sql import lit, parquet_source, q, sandbox
 from manifests.storage import RunStorage
 from manifests.tables import BASE_FIELDS, DECISION_COLUMNS, SEP
 from pipeline.export.plan import rule_of
