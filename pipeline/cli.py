@@ -467,6 +467,210 @@ def _print_rows(reader: pa.RecordBatchReader, limit: int, vertical: bool | None)
                   soft_wrap=True)
 
 
+
+def _guarded(work: Any, memory_limit: str, timeout: float) -> Any:
+    """Run a read-only analysis under query's bounds: a memory cap (DuckDB spills below it), a
+    timeout, Ctrl-C and SIGTERM that stop it at once; exits as ``query`` does when one stops it."""
+    from manifests.query_guard import QueryGuard, Stopped, parse_size
+
+    try:
+        memory = parse_size(memory_limit)
+    except ValueError as exc:
+        _fail(f"--memory-limit: {exc}")
+    guard = QueryGuard(timeout_s=timeout, memory_bytes=memory)
+    try:
+        return guard.run(lambda: work(guard), signals=True)
+    except Stopped as exc:
+        code = STOP_EXIT[exc.reason]
+        try:
+            _fail(exc.detail + STOP_OPTION.get(exc.reason, ""), code)
+        finally:
+            if exc.abandoned:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+
+
+@app.command()
+def whatif(
+    run_dir: Annotated[str, typer.Argument(help="run directory")],
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="export.KEY=V1,V2,...: values to try for one export setting (repeatable; the grid is the "
+                      "product of every key's values); commas inside quotes or parentheses stay in the value")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    timeout: Annotated[float, typer.Option(min=0, help="seconds before it is stopped (exit 124); 0: no limit")] = 600,
+    memory_limit: Annotated[str, typer.Option("--memory-limit", help="memory it may add to this process, e.g. 2GB")
+                            ] = "2GB",
+) -> None:
+    """What the export would keep under other settings: per combination of the --set values, samples and
+    identities kept, drops per rule, quotas and balance unmet, from the run's tables; nothing is written."""
+    from manifests.storage import RunStorage, StorageURLError
+    from pipeline.engine.rundir import read_run_file
+    from pipeline.status import NotARunError, stage_order
+    from pipeline.whatif import WhatifError, prepare
+    from pipeline.whatif import whatif as evaluate
+
+    try:
+        store = RunStorage(run_dir)
+        order = stage_order(store)
+        state = read_run_file(store)
+        assert state is not None  # stage_order refused a directory without a run file
+        grid = prepare(store, order, dict(state.config.get("export") or {}), set_ or [])
+    except (NotARunError, StorageURLError, WhatifError) as exc:
+        _fail(str(exc))
+        return
+    import duckdb
+
+    try:
+        result = _guarded(lambda guard: evaluate(store, order, grid, memory_limit=memory_limit, guard=guard),
+                          memory_limit, timeout)
+    except (WhatifError, duckdb.Error) as exc:
+        _fail(str(exc).strip().splitlines()[0])
+        return
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=1) + "\n")
+        return
+    _print_whatif(result)
+
+
+def _drop_text(d: dict[str, Any]) -> str:
+    own = d["stage"] == "export" or d["rule"].startswith("threshold ")
+    return f"{d['rule'] if own else d['stage'] + ': ' + d['rule']} {d['count']}"
+
+
+def whatif_table(result: dict[str, Any], top_rules: int = 4) -> Table:
+    """One row per combination; its drop rules one per line, largest first."""
+    combos = result["combinations"]
+    t = Table(title=f"{result['run']}: {len(combos)} combination(s)", box=box.SIMPLE_HEAD,
+              caption=WHATIF_CAPTION.format(samples=result["evaluation"]["samples"]))
+    for key in result["keys"]:
+        t.add_column(key.removeprefix("export."))
+    for col in ("samples", "identities"):
+        t.add_column(col, justify="right", no_wrap=True)
+    t.add_column("drops by rule", no_wrap=True)
+    unmet = any(c["unmet"] for c in combos)
+    if unmet:
+        t.add_column("unmet")
+    for c in combos:
+        lines = [_drop_text(d) for d in c["drops"][:top_rules]]
+        if len(c["drops"]) > top_rules:
+            lines.append(f"+{len(c['drops']) - top_rules} more")
+        row = [*(c["settings"][k] for k in result["keys"]), str(c["samples"]), str(c["identities"]),
+               "\n".join(lines) or "-"]
+        if unmet:
+            row.append("\n".join(str(u) for u in c["unmet"]) or "none")
+        t.add_row(*row)
+    return t
+
+
+WHATIF_CAPTION = ("{samples} samples read once. A sample is counted under the first rule, in the export's order, "
+                  "that drops it; --json has every rule. The split is decided when the export runs.")
+
+
+def _print_whatif(result: dict[str, Any]) -> None:
+    """The table when it fits the terminal, else one block per combination (as ``status`` does)."""
+    table = whatif_table(result)
+    if out.measure(table, options=out.options.update_width(10_000)).maximum <= out.width:
+        out.print(table)
+        return
+    out.print(f"{result['run']}: {len(result['combinations'])} combination(s)", highlight=False)
+    for n, c in enumerate(result["combinations"], 1):
+        settings = "  ".join(f"{k.removeprefix('export.')}={v}" for k, v in c["settings"].items())
+        out.print(styled((f"[{n}]", "bold"), f" {settings or '(the run' + chr(39) + 's settings)'}"), soft_wrap=True)
+        out.print(f"  kept {c['samples']} samples, {c['identities']} identities", highlight=False)
+        out.print("  drops: " + (", ".join(_drop_text(d) for d in c["drops"]) or "none"), highlight=False,
+                  markup=False)
+        for u in c["unmet"]:
+            out.print(styled(("  unmet:", "yellow"), f" {u}"))
+    out.print(WHATIF_CAPTION.format(samples=result["evaluation"]["samples"]), highlight=False)
+
+
+@app.command()
+def diff(
+    run_a: Annotated[str, typer.Argument(help="run directory A (before)")],
+    run_b: Annotated[str, typer.Argument(help="run directory B (after)")],
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    examples: Annotated[int, typer.Option(min=0, max=100, help="example sample ids per change")] = 3,
+    timeout: Annotated[float, typer.Option(min=0, help="seconds before it is stopped (exit 124); 0: no limit")] = 600,
+    memory_limit: Annotated[str, typer.Option("--memory-limit", help="memory it may add to this process, e.g. 2GB; "
+                                                                      "DuckDB spills to disk below it")] = "2GB",
+) -> None:
+    """What changed from run A to run B, joined by sample id: per stage the samples whose decision changed
+    (by rule, with example ids), score shifts over the samples both hold, export membership and split changes."""
+    import duckdb
+
+    from manifests.storage import RunStorage, StorageURLError
+    from pipeline.diff import DiffError
+    from pipeline.diff import diff as compare
+    from pipeline.status import NotARunError, stage_order
+
+    try:
+        stores = (RunStorage(run_a), RunStorage(run_b))
+        for st in stores:
+            stage_order(st)  # refuses a directory that is not a run
+    except (NotARunError, StorageURLError) as exc:
+        _fail(str(exc))
+        return
+    try:
+        result = _guarded(lambda guard: compare(*stores, examples=examples, memory_limit=memory_limit, guard=guard),
+                          memory_limit, timeout)
+    except (DiffError, duckdb.Error) as exc:
+        _fail(str(exc).strip().splitlines()[0])
+        return
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=1) + "\n")
+        return
+    _print_diff(result)
+
+
+def _print_diff(r: dict[str, Any]) -> None:
+    s = r["samples"]
+    out.print(styled(("A", "bold"), f" {r['a']}"), highlight=False)
+    out.print(styled(("B", "bold"), f" {r['b']}"), highlight=False)
+    out.print(f"samples: {s['common']} in both, {s['only_a']} in A only, {s['only_b']} in B only", highlight=False)
+    for side in ("a", "b"):
+        if s[f"only_{side}_examples"]:
+            out.print(f"  e.g. in {side.upper()} only: {', '.join(s[f'only_{side}_examples'])}", highlight=False)
+    t = Table(title="decisions that changed (A -> B), per stage", box=box.SIMPLE_HEAD)
+    for col, just in (("stage", "left"), ("A -> B", "left"), ("rule", "left"), ("samples", "right"),
+                      ("examples", "left")):
+        t.add_column(col, justify=just, overflow="fold")  # type: ignore[arg-type]
+    for st in r["stages"]:
+        for c in st["changes"]:
+            t.add_row(st["stage"], f"{c['from']} -> {c['to']}", c["rule"] or "-", str(c["count"]),
+                      "\n".join(c["examples"]))
+    out.print(t if r["stages"] else "decisions: no stage changed a decision")
+    shifted = [x for x in r["scores"] if x["changed"]]
+    if shifted:
+        t = Table(title="score shifts over the samples in both runs (columns with a changed value)",
+                  box=box.SIMPLE_HEAD)
+        for col in ("column", "changed", "mean A", "mean B", "delta", "p50 A", "p50 B"):
+            t.add_column(col, justify="left" if col == "column" else "right", overflow="fold")
+        mid = QUANTILE_MEDIAN
+        for x in shifted:
+            t.add_row(x["column"], str(x["changed"]), _num(x["mean_a"]), _num(x["mean_b"]), _num(x["mean_delta"]),
+                      _num(x["q_a"][mid] if x["q_a"] else None), _num(x["q_b"][mid] if x["q_b"] else None))
+        out.print(t)
+    else:
+        out.print(f"scores: no value changed in {len(r['scores'])} shared numeric column(s)")
+    e = r["export"]
+    if not (e["a"] and e["b"]):
+        missing = " and ".join(side.upper() for side in ("a", "b") if not e[side])
+        out.print(f"export: not compared ({missing} has no committed export)")
+        return
+    out.print(f"export: A {e['samples_a']} samples, B {e['samples_b']}; {e['only_a']} in A's only, {e['only_b']} in "
+              f"B's only, {e['split_changed']} changed split", highlight=False)
+    for c in e["changes"]:
+        out.print(f"  {c['from']} -> {c['to']}: {c['count']}  e.g. {', '.join(c['examples'])}", highlight=False)
+
+
+QUANTILE_MEDIAN = 1  # position of the median in pipeline.diff.QUANTILES
+
+
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4g}"
+
+
 @app.command()
 def lineage(
     run_dir: Annotated[str, typer.Argument(help="run directory")],

@@ -36,3 +36,41 @@ def small_quickstart_run(tmp_path_factory: pytest.TempPathFactory, ray_session: 
     result = Runner(cfg, stages, str(out), show_progress=False).run()
     assert result.complete, result
     return out
+
+
+def rerun_copy(src: Path, dst: Path, overrides: list[str], *, force: bool = False) -> Path:
+    """A copy of the small quickstart run, run again with more overrides (only what they change is
+    recomputed): a second run to compare with the first."""
+    import shutil
+
+    import yaml
+
+    from pipeline.config import load_config
+    from pipeline.engine.runner import Runner
+
+    shutil.copytree(src, dst)
+    raw = yaml.safe_load((EXAMPLES / "quickstart.yaml").read_text())
+    raw["export"]["thresholds"] = EXPORT_THRESHOLDS
+    cfg, stages = load_config(raw=raw, overrides=[*SMALL_QUICKSTART, *overrides])
+    result = Runner(cfg, stages, str(dst), show_progress=False).run(force=force)
+    assert result.complete, result
+    return dst
+
+
+# One combination of the whatif tests' grid, exported for real on the same tables.
+REEXPORT = ["export.thresholds.quality.yaw.max_abs=40", "export.identities.max_images=3",
+            "export.min_images_per_identity=3"]
+
+
+@pytest.fixture(scope="session")
+def small_quickstart_reexported(small_quickstart_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small quickstart run exported again with REEXPORT (no stage runs again)."""
+    return rerun_copy(small_quickstart_run, tmp_path_factory.mktemp("small-qs-reexport") / "run", REEXPORT)
+
+
+@pytest.fixture(scope="session")
+def small_quickstart_stricter(small_quickstart_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small quickstart run with a stricter separation threshold (separation and what follows it run
+    again): some samples it kept are dropped, and the export loses them."""
+    return rerun_copy(small_quickstart_run, tmp_path_factory.mktemp("small-qs-stricter") / "run",
+                      ["stages.separation.params.threshold=0.6"], force=True)
