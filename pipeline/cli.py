@@ -209,6 +209,11 @@ def status(
                   f"val {sp['val']['samples']} / {sp['val']['identities']}")
     else:
         out.print("export: not written")
+    if st.get("refill"):
+        from pipeline.refill import summary_lines
+
+        for line in summary_lines(st["refill"]):
+            out.print(line, highlight=False)
 
 
 def status_table(st: dict[str, Any]) -> Table:

@@ -46,6 +46,7 @@ from pipeline.export.plan import (
 )
 from pipeline.export.retry import DRIVER_ATTEMPTS, RETRYABLE, remote_options
 from pipeline.export.shards import CorruptSourceError, write_range
+from pipeline.refill import read_summary
 
 LEGACY_DIRS = ("train", "val")  # shard folders of exports written before versioned folders
 
@@ -205,7 +206,8 @@ def export_task(url: str, storage_options: dict[str, Any], stages: list[dict[str
     class_names = labelled.column("identity_id").to_pylist()
     card = dataset_card(cfg=cfg, version=version, splits=splits, stats=stats, class_names=class_names,
                         image_exts=image_exts, meta_types=meta_types, config_hash=cfg_hash,
-                        fingerprint=fingerprint, balance=_balance_markdown(balance), stages=stages)
+                        fingerprint=fingerprint, balance=_balance_markdown(balance), stages=stages,
+                        refill=read_summary(store))
     n_train = ids.per_split["train"]["identities"]
     done = {
         "fingerprint": fingerprint, "config_hash": cfg_hash, "version": version, "splits": splits,

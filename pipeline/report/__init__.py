@@ -121,6 +121,7 @@ def build_report(store: RunStorage) -> str:
         run=st["run"], complete=st["complete"], stages=stages, export=st["export"], histograms=histograms,
         drops=drops, sheets=sheets, balance=balance, kept=[thumb(e) for e in kept], time_svg=time_svg,
         throughput_svg=throughput_svg, summaries=_summaries(store, order), config_name=config.get("name"),
+        refill=st["refill"],
     )
 
 
