@@ -498,8 +498,9 @@ def lineage(
     for r in rows:
         head = (str(r.get("stage")), "bold")
         if r.get("stage") == "export":
+            made = "" if r.get("round") is None else f" round={r['round']}"
             out.print(styled(head, f"  split={r.get('split')} label={r.get('label')} shard={r.get('export_shard')} "
-                                   f"key={r.get('export_key')}"))
+                                   f"key={r.get('export_key')}{made}"))
             continue
         decision: str | tuple[str, str] = "keep" if r.get("keep") else f"drop ({r.get('reason')})"
         if r.get("status") != "ok":

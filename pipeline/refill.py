@@ -48,6 +48,7 @@ from manifests.storage import RunStorage
 from pipeline.config import PipelineConfig, ResolvedStage, refill_target
 from pipeline.engine.rundir import read_plan, wipe_stages, write_plan
 from stages.base import StageKind, stable_hash
+from stages.sources.generation import GeneratorSource
 
 ROUND_PREFIX = "r"
 
@@ -104,7 +105,6 @@ class Refill:
         self.order = [s.stage_id for s in stages]
         first_global = next((i for i, s in enumerate(stages) if s.cls.kind == StageKind.GLOBAL), len(stages))
         self.whole_run = self.order[first_global:]  # stages whose output depends on every shard
-        self.source_cls = stages[0].cls
         self.per = int(cfg.identities.images_per_identity) if cfg.identities else 0
 
     # ------------------------------------------------------------ settings changed since the rounds ran
@@ -152,7 +152,7 @@ class Refill:
         items = [(index, nxt.get(index, self.per), math.ceil(d * factor))
                  for index, d in sorted(standing.deficits.items())]
         round_ = done_rounds + 1
-        specs = self.source_cls.refill_plan(items, self.cfg.run.shard_size, round_)  # type: ignore[attr-defined]
+        specs = GeneratorSource.refill_plan(items, self.cfg.run.shard_size, round_)
         self._invalidate_whole_run(every_table=bool(self.whole_run))
         new = [{"name": round_shard_name(round_, i), "spec": sp} for i, sp in enumerate(specs)]
         write_plan(self.store, {**plan, "refill": s.digest, "shards": [*shards, *new]})
