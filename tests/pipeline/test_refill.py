@@ -14,6 +14,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
+from manifests.lineage import trace
 from manifests.storage import RunStorage
 from pipeline.config import load_config
 from pipeline.engine.rundir import read_plan
@@ -111,6 +112,9 @@ def test_short_identities_get_their_next_variants_until_the_target_or_max_rounds
     assert 'id="refill"' in (refilled / "report" / "index.html").read_text()
     exported = pq.read_table(refilled / "export" / "manifest.parquet")
     assert exported.num_rows == sum(kept.values())
+    late = next(r for r in rows if r["pattern__round"] == 2 and _kept(r))
+    trail = trace(RunStorage(str(refilled)), list(STAGES), late["sample_id"])
+    assert [r["round"] for r in trail if r["stage"] in ("pattern", "export")] == [2, 2]
 
 
 def test_a_run_continued_or_cut_back_across_rounds_is_byte_identical_to_a_fresh_one(
