@@ -21,6 +21,7 @@ export/export.json                        the export's commit (written last), na
 export/README.md, export/manifest.parquet the dataset card (HF front matter) and the export manifest
 export/v-<fingerprint>/<split>/shard-*.tar training shards of one export version
 report/index.html, report/<stage>.summary.json
+report/refill.json                        refill rounds of a generator run and where its identities ended
 history/<time>.json                       what each invocation did
 metrics/<job>/...                         training and evaluation metrics
 cache/...                                 stage caches (MLLM answers)
@@ -55,6 +56,7 @@ DECISIONS_TABLE = (TABLES_DIR, "decisions")
 TABLES_DONE = (TABLES_DIR, "tables.json")
 REPORT_DIR = "report"
 REPORT_FILE = (REPORT_DIR, "index.html")
+REFILL_SUMMARY = (REPORT_DIR, "refill.json")
 HISTORY_DIR = "history"
 METRICS_DIR = "metrics"
 CACHE_DIR = "cache"

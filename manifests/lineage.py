@@ -85,6 +85,8 @@ def trace(store: RunStorage, stage_ids: list[str], sample_id: str) -> list[dict[
         schema = pq.read_schema(path if store.is_local else store.fs.open(path, "rb"))
         if "sample_id" in schema.names:
             table = look._read(path, [sample_id])
+            # The generation round that made the sample (0, or a refill round), beside where it went.
+            made = next((r["round"] for r in rows if r.get("round") is not None), None)
             for r in table.to_pylist():
-                rows.append({"stage": "export", "stage_index": len(stage_ids), **r})
+                rows.append({"stage": "export", "stage_index": len(stage_ids), "round": made, **r})
     return rows

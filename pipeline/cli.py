@@ -209,6 +209,11 @@ def status(
                   f"val {sp['val']['samples']} / {sp['val']['identities']}")
     else:
         out.print("export: not written")
+    if st.get("refill"):
+        from pipeline.refill import summary_lines
+
+        for line in summary_lines(st["refill"]):
+            out.print(line, highlight=False)
 
 
 def status_table(st: dict[str, Any]) -> Table:
@@ -697,8 +702,9 @@ def lineage(
     for r in rows:
         head = (str(r.get("stage")), "bold")
         if r.get("stage") == "export":
+            made = "" if r.get("round") is None else f" round={r['round']}"
             out.print(styled(head, f"  split={r.get('split')} label={r.get('label')} shard={r.get('export_shard')} "
-                                   f"key={r.get('export_key')}"))
+                                   f"key={r.get('export_key')}{made}"))
             continue
         decision: str | tuple[str, str] = "keep" if r.get("keep") else f"drop ({r.get('reason')})"
         if r.get("status") != "ok":

@@ -82,6 +82,17 @@ class IdentitiesConfig(Strict):
         1_000_000, ge=1, description="candidates the sampler may draw before it gives up reaching count")
 
 
+class RefillConfig(Strict):
+    """Identities that end under the target after every stage's decision get more variants, in rounds."""
+
+    target_images: int | None = Field(
+        None, ge=1, description="kept images each identity should reach; default: export.identities.target_images")
+    max_rounds: int = Field(3, ge=0, description="refill rounds at most (0: none); each round is new shards")
+    max_factor: float = Field(
+        4.0, ge=1.0, le=100.0, description="an identity short by d images gets ceil(d x f) new variants, f the "
+        "inverse of the run's observed pass rate, capped at this")
+
+
 class StageConfig(Strict):
     stage: str = Field(description="a registered stage name or module.path:ClassName")
     id: str | None = Field(None, pattern=r"^[a-z][a-z0-9_]*$", description="unique name in this run")
@@ -106,6 +117,9 @@ class PipelineConfig(Strict):
         min_length=1, description="the stages in order: a source first, then mappers, filters and global stages")
     export: ExportConfig = Field(
         ExportConfig(), description="what is exported as training shards, and the dataset card")
+    refill: RefillConfig | None = Field(
+        None, description="generate more variants for identities under the target after the filters (a generator "
+        "source only)")
 
     @model_validator(mode="after")
     def _unique_ids(self) -> PipelineConfig:
@@ -355,7 +369,24 @@ def resolve_stages(cfg: PipelineConfig) -> list[ResolvedStage]:
             f"invalid config:\n  identities: stage {out[0].stage_id!r} generates from identities; "
             "add an 'identities' block"
         )
+    if cfg.refill is not None and cfg.refill.max_rounds > 0:
+        if not getattr(out[0].cls, "needs_identities", False):
+            raise ConfigError(
+                f"invalid config:\n  refill: stage {out[0].stage_id!r} does not generate from identities; refill "
+                "needs a generator source (render, arc2face), or remove the 'refill' block")
+        if refill_target(cfg) is None:
+            raise ConfigError("invalid config:\n  refill.target_images: expected a number of images per identity "
+                              "(or export.identities.target_images)")
     return out
+
+
+def refill_target(cfg: PipelineConfig) -> int | None:
+    """The kept images per identity that refill aims at: its own ``target_images``, else the export's
+    identity target where the export config has one (read from its dump, so either may be absent)."""
+    if cfg.refill is not None and cfg.refill.target_images is not None:
+        return cfg.refill.target_images
+    target = (cfg.export.model_dump(mode="json").get("identities") or {}).get("target_images")
+    return int(target) if target is not None else None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,

@@ -116,5 +116,7 @@ def run_status(store: RunStorage) -> dict[str, Any]:
     # A run whose config turns the export off ends with its tables (the runner's last step then).
     exporting = (state.config.get("export") or {}).get("enabled", True) is not False
     finished = export is not None if exporting else store.exists(*TABLES_DONE)
+    from pipeline.refill import read_summary
+
     return {"run": store.url, "stages": stages, "shards_total": total, "export": export,
-            "complete": bool(stages_done and finished)}
+            "refill": read_summary(store), "complete": bool(stages_done and finished)}

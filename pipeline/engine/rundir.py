@@ -182,8 +182,12 @@ def wipe_run(store: RunStorage) -> None:
         store.remove(part, recursive=True)
 
 
+PLAN_KEYS = ("fingerprint", "source", "refill")  # the plan's own keys, beside its shards
+
+
 def read_plan(store: RunStorage) -> dict[str, Any] | None:
-    """The frozen shard plan: ``{"fingerprint", "source", "shards": [{"name", "spec"}]}``.
+    """The frozen shard plan: ``{"fingerprint", "source", "shards": [{"name", "spec"}]}`` (and
+    ``"refill"``, the settings digest, once refill rounds are in it).
 
     Stored as Parquet (one row per shard, the spec as a JSON string: zstd keeps a folder ingest's
     millions of paths small); a plan.json of an older run is still read."""
@@ -196,8 +200,10 @@ def read_plan(store: RunStorage) -> dict[str, Any] | None:
         meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
         names = table.column("name").to_pylist()
         specs = table.column("spec").to_pylist()
-        return {"fingerprint": meta.get("fingerprint"), "source": meta.get("source"),
-                "shards": [{"name": n, "spec": json.loads(sp)} for n, sp in zip(names, specs, strict=True)]}
+        plan: dict[str, Any] = {"fingerprint": meta.get("fingerprint"), "source": meta.get("source")}
+        plan.update({k: meta[k] for k in PLAN_KEYS[2:] if k in meta})
+        plan["shards"] = [{"name": n, "spec": json.loads(sp)} for n, sp in zip(names, specs, strict=True)]
+        return plan
     if store.exists(LEGACY_PLAN_FILE):
         return json.loads(store.read_bytes(LEGACY_PLAN_FILE))
     return None
@@ -226,7 +232,8 @@ def write_plan(store: RunStorage, plan: dict[str, Any]) -> None:
     table = pa.table({"name": pa.array([s["name"] for s in shards], pa.string()),
                       "spec": pa.array([json.dumps(s["spec"], sort_keys=True) for s in shards], pa.string())})
     table = table.replace_schema_metadata({"fingerprint": str(plan.get("fingerprint", "")),
-                                           "source": str(plan.get("source", ""))})
+                                           "source": str(plan.get("source", "")),
+                                           **{k: str(plan[k]) for k in PLAN_KEYS[2:] if plan.get(k) is not None}})
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     store.write_atomic(buf.getvalue(), PLAN_FILE)

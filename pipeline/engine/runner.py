@@ -59,6 +59,7 @@ from pipeline.engine.scheduler import (
     fuse_chains,
 )
 from pipeline.engine.warm import WarmWorkers
+from pipeline.refill import Refill
 from pipeline.terminal import console as make_console
 from pipeline.terminal import styled
 from stages.base import InputError, SourceStage, Stage, StageContext, StageKind
@@ -101,6 +102,7 @@ class Runner:
                                      storage_options=dict(storage_options or {}), identities=ids)
             for s in stages
         }
+        self.refill = Refill(cfg, stages, self.store)
         # Instances in the driver are never set up: they only answer schema questions.
         self.instances: dict[str, Stage[Any]] = {s.stage_id: s.cls(s.params, self.contexts[s.stage_id]) for s in stages}
         self._check_columns()
@@ -191,7 +193,21 @@ class Runner:
             plan = {"fingerprint": fp, "source": source.stage_id,
                     "shards": [{"name": _shard_name(i), "spec": sp} for i, sp in enumerate(specs)]}
             write_plan(self.store, plan)
-        return plan["shards"]
+        return self.refill.reconcile(plan)["shards"]
+
+    def _next_round(self, plan: list[dict[str, Any]], prog: Progress
+                    ) -> tuple[list[str], dict[str, Any], dict[str, set[str]]]:
+        """Shards, specs and commits of the plan a refill round extended; progress counts the new totals
+        (a stage the round removed starts again from zero)."""
+        shards = [p["name"] for p in plan]
+        committed, _ = scan_committed(self.store, self.order)
+        for sid, p in prog.stages.items():
+            p.total, p.done = len(shards), len(committed[sid])
+            if not committed[sid]:
+                p.rows = p.kept = p.dropped = p.errors = 0
+                p.reasons.clear()
+        prog.export_note = f"refill: round {max(int(x['spec'].get('round', 0)) for x in plan)}"
+        return shards, {p["name"]: p["spec"] for p in plan}, committed
 
     # ------------------------------------------------------------ the run
 
@@ -293,25 +309,13 @@ class Runner:
             enabled=self.show_progress, console=self.console,
         )
         failures: dict[tuple[str, str], str] = {}
-        warm = WarmWorkers()
         with prog:
-            compactions: list[Any] = []
-            phases = self.phases()
-            for i, phase in enumerate(phases):
-                if phase[0].cls.kind == StageKind.GLOBAL:
-                    self._run_global(phase[0], shards, committed, failures, prog)
-                else:
-                    warm = WarmWorkers(self._run_streaming(phase, shards, specs, committed, failures,
-                                                           prog, park=i == len(phases) - 1))
-                compactions += self._compact(phase, shards, committed, warm)
-            for s in self.stages[1:]:  # run-level summaries from the committed manifests
-                self.instances[s.stage_id].finish(self.store)
-            self._await_compactions(compactions)
-            complete = not failures and all(len(committed[s]) == len(shards) for s in self.order)
-            if complete:
-                prog.export_note = "tables: writing"
-                prog.update()
-                complete = self._write_tables(shards, failures, warm)
+            while True:  # one pass per refill round (pipeline/refill.py); one in all without refill
+                complete, warm = self._one_pass(shards, specs, committed, failures, prog)
+                if not (complete and self.refill.next_round()):
+                    break
+                warm.close()
+                shards, specs, committed = self._next_round(self.shard_plan(), prog)
             warm.close()
             if complete and self.cfg.export.enabled:
                 prog.export_note = "export: running"
@@ -327,6 +331,30 @@ class Runner:
         result.failures = [{"stage": k[0], "shard": k[1], "error": v} for k, v in failures.items()]
         result.complete = complete and (result.export is not None or not self.cfg.export.enabled)
         return warm
+
+    def _one_pass(self, shards: list[str], specs: dict[str, Any], committed: dict[str, set[str]],
+                  failures: dict[tuple[str, str], str], prog: Progress) -> tuple[bool, WarmWorkers]:
+        """Every phase over the plan's shards, the stages' run-level summaries and the tables: whether the
+        run is complete, and the workers parked for the closing steps."""
+        warm = WarmWorkers()
+        compactions: list[Any] = []
+        phases = self.phases()
+        for i, phase in enumerate(phases):
+            if phase[0].cls.kind == StageKind.GLOBAL:
+                self._run_global(phase[0], shards, committed, failures, prog)
+            else:
+                warm = WarmWorkers(self._run_streaming(phase, shards, specs, committed, failures,
+                                                       prog, park=i == len(phases) - 1))
+            compactions += self._compact(phase, shards, committed, warm)
+        for s in self.stages[1:]:  # run-level summaries from the committed manifests
+            self.instances[s.stage_id].finish(self.store)
+        self._await_compactions(compactions)
+        complete = not failures and all(len(committed[s]) == len(shards) for s in self.order)
+        if complete:
+            prog.export_note = "tables: writing"
+            prog.update()
+            complete = self._write_tables(shards, failures, warm)
+        return complete, warm
 
     def _close(self, result: RunResult, owns_ray: bool, t0: float) -> None:
         """The report (drawn from the committed manifests while Ray's processes stop, rather than after

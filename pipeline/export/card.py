@@ -110,6 +110,21 @@ def leak_lines(doc: dict[str, Any]) -> list[str]:
     return out
 
 
+def refill_markdown(doc: dict[str, Any]) -> str:
+    """The run's refill record (pipeline/refill.py): identities at target, rounds, samples per round."""
+    share = doc.get("share_at_target")
+    lines = [f"Identities under {doc['target_images']} kept images after the filters got more generated images, "
+             f"in rounds (at most {doc['max_rounds']}): {doc['at_target']} of {doc['identities'] - doc['lost']} "
+             "identities with a kept image reached the target"
+             + ("" if share is None else f" ({100 * share:.1f}%)")
+             + f" after {doc['rounds_run']} round(s); {doc['short']} stayed short and {doc['lost']} lost every "
+             "image to an identity-level decision (not refilled).", ""]
+    if doc.get("rounds"):
+        lines += ["| round | samples added | identities | shards |", "|---|---|---|---|"]
+        lines += [f"| {r['round']} | {r['samples']} | {r['identities']} | {r['shards']} |" for r in doc["rounds"]]
+    return "\n".join(lines)
+
+
 def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")[:160]
 
@@ -117,7 +132,8 @@ def _cell(text: Any) -> str:
 def dataset_card(*, cfg: ExportConfig, version: str, splits: dict[str, Any], stats: dict[str, Any],
                  class_names: list[str], image_exts: list[str], meta_types: dict[str, str], config_hash: str,
                  fingerprint: str, balance: str, stages: list[dict[str, Any]],
-                 leaks: dict[str, Any] | None = None, grouping: list[dict[str, Any]] | None = None) -> str:
+                 leaks: dict[str, Any] | None = None, grouping: list[dict[str, Any]] | None = None,
+                 refill: dict[str, Any] | None = None) -> str:
     fm = front_matter(cfg, version, splits, class_names, image_exts, meta_types)
     n_train = splits.get("train", {}).get("identities", 0)
     n_val = splits.get("val", {}).get("identities", 0)
@@ -180,6 +196,8 @@ def dataset_card(*, cfg: ExportConfig, version: str, splits: dict[str, Any], sta
         lines += [f"- `{k}`: {v.model_dump(exclude_none=True)}" for k, v in cfg.thresholds.items()]
         if cfg.where:
             lines.append(f"- where: `{cfg.where}`")
+    if refill:
+        lines += ["", "## Refill", "", refill_markdown(refill)]
     lines += ["", "## Drops and errors by rule", ""]
     lines += drop_table(stats["reasons"]) if stats["reasons"] else ["No sample was dropped or failed."]
     if balance:

@@ -51,6 +51,7 @@ from pipeline.export.plan import (
 )
 from pipeline.export.shards import write_range
 from pipeline.export.splits import LeakReport, assign_units, leak_report, lookalike_pairs, lookalike_threshold
+from pipeline.refill import read_summary
 from pipeline.summaries import grouping_figures
 
 MAX_LISTED = 10  # look-alike pairs across splits listed by name (flag mode)
@@ -289,7 +290,8 @@ def export_task(url: str, storage_options: dict[str, Any], stages: list[dict[str
     card = dataset_card(cfg=cfg, version=version, splits=splits, stats=stats, class_names=class_names,
                         image_exts=image_exts, meta_types=meta_types, config_hash=cfg_hash,
                         fingerprint=fingerprint, balance=_balance_markdown(balance), stages=stages,
-                        leaks=plan.splits, grouping=grouping_figures(store, [(s["id"], s["name"]) for s in stages]))
+                        leaks=plan.splits, grouping=grouping_figures(store, [(s["id"], s["name"]) for s in stages]),
+                        refill=read_summary(store))
     n_train = ids.per_split["train"]["identities"]
     done = {
         "fingerprint": fingerprint, "config_hash": cfg_hash, "version": version, "splits": splits,

@@ -117,6 +117,7 @@ def build_report(store: RunStorage) -> str:
         drops=drops, sheets=sheets, balance=balance, kept=[thumb(e) for e in kept], time_svg=time_svg,
         throughput_svg=throughput_svg, summaries=_summaries(store, order), config_name=config.get("name"),
         grouping=grouping_figures(store, [(sid, names.get(sid, sid)) for sid in order]),
+        refill=st["refill"],
     )
 
 

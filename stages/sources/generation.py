@@ -4,6 +4,10 @@ Every generator (the procedural renderer, Arc2Face) shares the sample plan: iden
 cut into shards by position, with a sample id that hashes what defines the sample and a per-image
 perturbation of the identity vector drawn from the sample's own seed. A subclass only implements
 ``render_batch``.
+
+A refill round (pipeline/refill.py) asks for more variants of some identities: its shards list
+(identity index, first variant, count) items, and a variant past ``images_per_identity`` gets its id
+and seeds by the same rule as any other, so the round's samples are what a larger plan would make.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from stages.base import Batch, P, SourceStage, sample_seed, stable_hash
 
 GENERATOR_FIELDS: tuple[pa.Field, ...] = (
     pa.field("variant", pa.int32()),
+    pa.field("round", pa.int32()),  # 0: the plan's images_per_identity; r: refill round r
     pa.field("perturbation_sigma", pa.float32()),
     pa.field("perturbation_cosine", pa.float32()),
 )
@@ -105,49 +110,75 @@ class GeneratorSource(SourceStage[P]):
         total = int(ids["count"]) * int(ids["images_per_identity"])
         return [{"start": a, "stop": min(a + shard_size, total)} for a in range(0, total, shard_size)]
 
+    @staticmethod
+    def refill_plan(items: list[tuple[int, int, int]], shard_size: int, round_: int) -> list[dict[str, Any]]:
+        """Shard specs of one refill round: ``items`` are (identity index, first variant, count), cut
+        into shards of ``shard_size`` samples in the order given."""
+        specs: list[dict[str, Any]] = []
+        current: list[list[int]] = []
+        room = shard_size
+        for index, first, count in items:
+            while count > 0:
+                take = min(count, room)
+                current.append([index, first, take])
+                first, count, room = first + take, count - take, room - take
+                if room == 0:
+                    specs.append({"round": round_, "items": current})
+                    current, room = [], shard_size
+        if current:
+            specs.append({"round": round_, "items": current})
+        return specs
+
     def sample_id(self, identity_id: str, variant: int) -> str:
         params = self.params.model_dump(mode="json")
         return stable_hash([identity_id, variant, self.name, self.version, params], 24)
 
+    def _members(self, shard: dict[str, Any]) -> list[tuple[int, int]]:
+        """(identity index, variant) of every sample of a shard, in order."""
+        if "items" in shard:
+            return [(int(i), v) for i, first, n in shard["items"] for v in range(int(first), int(first) + int(n))]
+        per = int(self._identities()["images_per_identity"])
+        return [(flat // per, flat % per) for flat in range(int(shard["start"]), int(shard["stop"]))]
+
     def read(self, shard: dict[str, Any]) -> Iterator[Batch]:
         ids = self._identities()
-        per = int(ids["images_per_identity"])
-        start, stop = int(shard["start"]), int(shard["stop"])
-        first, last = start // per, (stop - 1) // per
-        table = self._load_identity_rows(first, last)
+        members = self._members(shard)
+        round_ = int(shard.get("round", 0))
+        table = self._load_identity_rows(sorted({i for i, _ in members}))
         by_index = {int(i): n for n, i in enumerate(table.column("index").to_pylist())}
         ident_ids = table.column("identity_id").to_pylist()
         vectors = vector_matrix(table.column("vector"))
         sigmas = tuple(ids["perturbation"]["sigmas"])
         fractions = tuple(ids["perturbation"]["fractions"])
         rows: list[dict[str, Any]] = []
-        for flat in range(start, stop):
-            n = by_index[flat // per]
-            variant = flat % per
+        for index, variant in members:
+            n = by_index[index]
             sid = self.sample_id(ident_ids[n], variant)
             sigma = perturbation_sigma(self.context.seed, sid, sigmas, fractions)
             vec = vectors[n]
             pert = perturb(vec, sigma, sample_seed(self.context.seed, sid, "perturb"))
             rows.append({
-                "sample_id": sid, "key": sid, "identity_id": ident_ids[n], "variant": variant,
+                "sample_id": sid, "key": sid, "identity_id": ident_ids[n], "variant": variant, "round": round_,
                 "identity_vector": vec, "perturbed_vector": pert, "perturbation_sigma": sigma,
                 "perturbation_cosine": float(vec @ pert),
             })
         for i in range(0, len(rows), self.batch_size_for_read()):
             chunk = rows[i : i + self.batch_size_for_read()]
             out = self.render_batch(chunk)
-            for col in ("variant", "perturbation_sigma", "perturbation_cosine"):
+            for col in ("variant", "round", "perturbation_sigma", "perturbation_cosine"):
                 out[col] = [r[col] for r in chunk]
             yield out
 
     def batch_size_for_read(self) -> int:
         return int(getattr(self.params, "batch_size", 0) or self.batch_size)
 
-    def _load_identity_rows(self, first: int, last: int) -> pa.Table:
+    def _load_identity_rows(self, indices: list[int]) -> pa.Table:
         store = RunStorage(self.context.run_dir, self.context.storage_options)
         path = posixpath.join(store.root, *IDENTITIES_FILE)
         dataset = pads.dataset(path, filesystem=store.fs, format="parquet")
-        expr = (pads.field("index") >= first) & (pads.field("index") <= last)
+        # The row-group statistics still prune on the range; the set keeps a refill shard's few rows.
+        expr = ((pads.field("index") >= min(indices)) & (pads.field("index") <= max(indices))
+                & pads.field("index").isin(indices))
         return dataset.to_table(filter=expr, columns=["identity_id", "index", "vector"])
 
     def render_batch(self, rows: list[dict[str, Any]]) -> Batch:

@@ -60,6 +60,17 @@ def test_missing_identities_block_is_reported(engine_config: dict) -> None:
         _load(engine_config)
 
 
+def test_refill_without_a_generator_source_or_a_target_is_refused(engine_config: dict) -> None:
+    engine_config["refill"] = {"max_rounds": 2}
+    with pytest.raises(ConfigError, match=r"refill\.target_images: expected a number of images per identity"):
+        _load(engine_config)
+    engine_config["refill"]["target_images"] = 8
+    assert _load(engine_config)[0].refill is not None
+    engine_config["stages"][0] = {"stage": "ingest", "params": {"root": "/data"}}
+    with pytest.raises(ConfigError, match=r"refill: stage 'ingest' does not generate from identities"):
+        _load(engine_config)
+
+
 def test_duplicate_stage_ids_are_refused(engine_config: dict) -> None:
     engine_config["stages"].append(dict(engine_config["stages"][1]))
     with pytest.raises(ConfigError, match=r"duplicate stage id 'meanf'"):

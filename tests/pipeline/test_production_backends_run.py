@@ -58,3 +58,37 @@ def test_run_with_tiny_arc2face_and_insightface_pack(model_folders: tuple[Path, 
     assert {r["sample_id"] for r in embedded} == {r["sample_id"] for r in det if r["status"] == "ok"}
     for r in embedded:
         assert r["embedding_space"].startswith("arcface") and len(r["embedding"]) == 512
+
+
+def test_refill_rounds_generate_with_arc2face(model_folders: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """Refill goes through the generator base, so Arc2Face makes a round's variants like any others: the
+    export's ``where`` keeps odd variants only, so each identity is one short after its first two."""
+    import json
+
+    from stages.base import sample_seed
+
+    base, models, _ = model_folders
+    raw = {
+        "name": "arc2face-refill",
+        "run": {"seed": 5, "shard_size": 4},
+        "identities": {"count": 2, "images_per_identity": 2, "dim": 512, "max_cosine": 0.35},
+        "stages": [
+            {"stage": "arc2face", "resources": {"cpus": 1, "gpus": 0},
+             "params": {"arc2face_dir": str(models / "arc2face"), "encoder_dir": str(models / "encoder"),
+                        "base_model": str(base), "dtype": "fp32", "device": "cpu", "steps": 2, "size": 64}},
+        ],
+        "export": {"min_images_per_identity": 1, "val_fraction": 0.0, "where": "arc2face__variant % 2 = 1"},
+        "refill": {"target_images": 2, "max_rounds": 2},
+    }
+    cfg, stages = load_config(raw=raw)
+    res = Runner(cfg, stages, str(tmp_path / "run"), show_progress=False).run()
+    assert res.complete, res.failures
+    rows = pq.read_table(tmp_path / "run" / "manifests" / "arc2face").to_pylist()
+    refill = [r for r in rows if r["round"] == 1]
+    # Short by one with half kept: ceil(1 x 2) = 2 new variants each, the next indices.
+    assert sorted((r["identity_id"], r["variant"]) for r in refill) == sorted(
+        (i, v) for i in {r["identity_id"] for r in rows} for v in (2, 3))
+    assert all(r["status"] == "ok" and r["seed"] == sample_seed(5, r["sample_id"], "arc2face") for r in refill)
+    summary = json.loads((tmp_path / "run" / "report" / "refill.json").read_text())
+    assert (summary["at_target"], summary["rounds_run"], summary["short"]) == (2, 1, 0)
+    assert pq.read_table(tmp_path / "run" / "export" / "manifest.parquet").num_rows == 4
