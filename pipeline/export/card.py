@@ -97,7 +97,9 @@ def leak_lines(doc: dict[str, Any]) -> list[str]:
     if "threshold" not in doc:
         return [*out, "- no embedding in the run: look-alike identities and cross-split similarity not measured"]
     out.append(f"- look-alike identity pairs (centroid {doc['metric']} in `{doc['space']}` at threshold "
-               f"{doc['threshold']:g}): {doc['lookalike_pairs']} ({doc['lookalikes']}); across splits: "
+               f"{doc['threshold']:g}, {doc.get('threshold_source', 'given')}"
+               + (f" at {doc['lookalike_rate']:g} false look-alikes per identity" if "lookalike_rate" in doc else "")
+               + f"): {doc['lookalike_pairs']} ({doc['lookalikes']}); across splits: "
                f"{doc['cross_split_lookalikes']}")
     out += [f"  - `{p['a']}` / `{p['b']}`: {p['score']:.3f}" for p in doc.get("cross_split_examples", [])]
     ident, image = doc.get("max_identity_similarity"), doc.get("max_image_similarity")

@@ -113,8 +113,12 @@ class Splits(Strict):
         "listed in the card")
     embedding: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="the stage whose "
                                   "embedding is compared (default: the one stage with an embedding column)")
-    threshold: float | None = Field(None, description="look-alike threshold in the space's metric (default: the "
-                                    "space's verification threshold, facekit.thresholds)")
+    threshold: float | None = Field(None, description="look-alike threshold in the space's metric; null: fitted "
+                                    "from the run's own identities at lookalike_rate")
+    lookalike_rate: float | None = Field(
+        0.01, gt=0.0, lt=1.0, description="share of identities that may get a false look-alike partner: the "
+        "centroid pairs of the run's distinct identities set the threshold (never looser than the space's "
+        "verification point); null: the verification point itself")
     image_check: int = Field(2000, ge=0, description="validation images (a hash sample) whose nearest training "
                              "image is measured for the card")
 

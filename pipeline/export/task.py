@@ -50,7 +50,7 @@ from pipeline.export.plan import (
     writer_ranges,
 )
 from pipeline.export.shards import write_range
-from pipeline.export.splits import LeakReport, assign_units, leak_report, lookalike_pairs, lookalike_threshold
+from pipeline.export.splits import LeakReport, assign_units, leak_report, lookalike_pairs
 from pipeline.refill import read_summary
 from pipeline.summaries import grouping_figures
 
@@ -93,9 +93,9 @@ def _choose_call(url: str, opts: dict[str, Any], cand: list[tuple[str, ...]], de
     return choose_range(RunStorage(url, opts), cand, decisions, lo, hi, cfg.identities, out_plan, out_emb)
 
 
-def _lookalike_call(url: str, opts: dict[str, Any], emb: list[tuple[str, ...]], metric: str, threshold: float
-                    ) -> list[tuple[str, str, float]]:
-    return lookalike_pairs(RunStorage(url, opts), emb, metric, threshold)
+def _lookalike_call(url: str, opts: dict[str, Any], emb: list[tuple[str, ...]], metric: str, cfg: ExportConfig,
+                    space: str) -> tuple[list[tuple[str, str, float]], dict[str, Any]]:
+    return lookalike_pairs(RunStorage(url, opts), emb, metric, cfg, space)
 
 
 def _leak_call(url: str, opts: dict[str, Any], emb: list[tuple[str, ...]], splits: dict[str, str], metric: str,
@@ -205,11 +205,9 @@ def plan_export(store: RunStorage, stages: list[dict[str, Any]], cfg: ExportConf
     pairs: list[tuple[str, str, float]] = []
     space = spaces.pop() if spaces else None
     if space is not None:
-        threshold = lookalike_threshold(cfg, space[0])
-        pairs = _gather([(_lookalike_call, (url, storage_options, emb_files, space[1], threshold))], opts,
-                        "look-alike")[0]
-        split_doc.update({"space": space[0], "metric": space[1], "threshold": threshold,
-                          "lookalike_pairs": len(pairs)})
+        pairs, fit = _gather([(_lookalike_call, (url, storage_options, emb_files, space[1], cfg, space[0]))], opts,
+                             "look-alike")[0]
+        split_doc.update({"space": space[0], "metric": space[1], **fit, "lookalike_pairs": len(pairs)})
         if cfg.splits.lookalikes == "together":
             links += [(a, b) for a, b, _ in pairs]
     splits = assign_units(kept, links, cfg.val_fraction, cfg.splits.stratify is not None)

@@ -89,3 +89,17 @@ def test_stratified_split_holds_out_the_fraction_of_each_stratum(run: Path) -> N
     assert len(strata) > 1
     for members in strata.values():
         assert sum(sides[m] == "val" for m in members) == round(0.5 * len(members))
+
+
+def test_a_run_whose_distinct_identities_all_verify_at_the_photo_point_still_holds_out_validation(
+        tmp_path: Path) -> None:
+    """Identities that sit close together (as renders do in a photo-trained space) are not all look-alikes:
+    the threshold is fitted from the run's own centroid pairs, and only the planted twins are joined."""
+    run = tmp_path / "run"
+    write_samples(run, IDENTITIES, IMAGES, SHARDS, dim=8)  # 8-d: distinct centroids up to cosine ~0.9
+    plan, _ = _plan(run, 1)
+    sides = _sides(plan)
+    assert plan.splits["threshold_source"] == "fitted"
+    assert plan.splits["threshold"] > plan.splits["floor"]
+    assert 0 < sum(s == "val" for s in sides.values()) < IDENTITIES
+    assert plan.splits["lookalike_pairs"] < IDENTITIES // 2
