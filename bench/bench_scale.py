@@ -305,7 +305,7 @@ def main() -> None:
         ("consistency", ConsistencyStage, ConsistencyParams(exact_max=2000)),
         ("separation", SeparationStage, SeparationParams()),
         ("dedup", DedupStage, DedupParams()),
-        ("grouping", GroupingStage, GroupingParams(method="connected_components", threshold=args.grouping_threshold,
+        ("grouping", GroupingStage, GroupingParams(method="scalable", threshold=args.grouping_threshold,
                                                    gt_column="truth_identity")),
     ]
     ray.init(num_cpus=args.cpus, include_dashboard=False, configure_logging=False, log_to_driver=False,
