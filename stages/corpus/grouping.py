@@ -45,11 +45,19 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from facekit.identities.cluster_metrics import KeyTerms, key_terms, scores
 from facekit.thresholds import Metric, defaults_for, fit_at_far, pair_scores_from_labels
-from facekit.vector_index import assign_cells, default_nlist, embedding_matrix, normalise_rows, one_space, train_cells
+from facekit.vector_index import (
+    assign_cells,
+    default_nlist,
+    embedding_matrix,
+    group_sums,
+    normalise_rows,
+    one_space,
+    train_cells,
+)
 from stages.base import (
     IDENTITY_ID,
     SAMPLE_ID,
@@ -65,7 +73,7 @@ from stages.base import (
 )
 from stages.corpus.components import SHARD_SHIFT, both_ways, components, node_partition, split_by
 from stages.corpus.dedup import _dedup_census, _unit_vectors, _vector_sample
-from stages.corpus.linkage import Clusters, knn_pairs, rac, singletons
+from stages.corpus.linkage import Clusters, knn_pairs, nearest, rac, singletons
 
 NO_EMBEDDING = "no_embedding"  # the rule: a sample without a vector cannot be grouped
 
@@ -95,6 +103,9 @@ class GroupingParams(Params):
     k: int = Field(10, ge=1, description="scalable: nearest neighbours per point that are candidate pairs")
     spill: int = Field(
         2, ge=1, le=8, description="scalable: k-means cells each point joins in the neighbour search (see dedup)")
+    merge_spill: int = Field(
+        8, ge=1, le=64, description="scalable: cells each point joins at the levels after the first (the "
+        "pieces of an identity the first search split sit in different cells; far fewer points by then)")
     cells: int | None = Field(
         None, ge=1, description="scalable: k-means cells of the neighbour search; null: sized from the row count")
     max_levels: int = Field(
@@ -102,6 +113,10 @@ class GroupingParams(Params):
     max_component: int = Field(
         200_000, ge=2, description=
         "scalable: largest component clustered in one task; a larger one is clustered within its k-means cells")
+    quality_column: str | None = Field(
+        None, description="a per-sample quality score (detector score, face size): a sample below quality_min "
+        "never links two groups; it joins its nearest group after clustering")
+    quality_min: float | None = Field(None, description="the lowest quality_column value that may link groups")
     id_prefix: str = Field("g", description="prefix of the group ids assigned as identity_id")
     partitions: int | None = Field(None, ge=1, description="shuffle partitions; null: from the row count")
 
@@ -114,6 +129,17 @@ class GroupingParams(Params):
             raise ValueError("connected_components (single linkage) chains look-alike identities into one group; "
                              "use exact or scalable (average linkage at any size)")
         return value
+
+    @model_validator(mode="after")
+    def _quality_pair(self) -> GroupingParams:
+        if (self.quality_column is None) != (self.quality_min is None):
+            raise ValueError("quality_column and quality_min go together: name the column and its lowest value")
+        return self
+
+    @property
+    def quality(self) -> tuple[str, float] | None:
+        return (self.quality_column, self.quality_min) if self.quality_column and self.quality_min is not None \
+            else None
 
 
 def group_id(prefix: str, member_ids: list[str]) -> str:
@@ -143,8 +169,12 @@ def _clusters(table: pa.Table) -> Clusters:
                     _matrix(table, "s").copy(), table.column("q").to_numpy().copy())
 
 
-def _cluster_table(c: Clusters, **extra: Any) -> pa.Table:
-    return pa.table({**extra, "id": c.ids, "n": c.n, "s": _vector_column(c.s), "q": c.q})
+def _cluster_columns(c: Clusters) -> dict[str, Any]:
+    return {"id": c.ids, "n": c.n, "s": _vector_column(c.s), "q": c.q}
+
+
+def _cluster_table(c: Clusters) -> pa.Table:
+    return pa.table(_cluster_columns(c))
 
 
 def _concat(tables: list[pa.Table | None]) -> pa.Table | None:
@@ -171,7 +201,7 @@ class GroupingStage(GlobalStage):
     def __init__(self, params: Params, context: StageContext) -> None:
         super().__init__(params, context)
         p = self.params
-        self.needs = tuple(dict.fromkeys([*EMBEDDING_COLUMNS, *([p.gt_column] if p.gt_column else [])]))
+        self.needs = tuple(dict.fromkeys([*EMBEDDING_COLUMNS, *(c for c in (p.gt_column, p.quality_column) if c)]))
 
     def summary(self) -> dict[str, Any]:
         """Method, levels, threshold and its source, group counts, and the clustering scores against
@@ -199,9 +229,12 @@ class GroupingStage(GlobalStage):
         self._summary = {"method": method, "embedding_space": space, "threshold": threshold,
                          "threshold_source": source}
         if method == "exact":
-            members = self._exact(corpus, metric, threshold)
+            members, final, cells, spill = self._exact(corpus, metric, threshold)
         else:
-            members = self._scalable(corpus, n_valid, metric, threshold)
+            members, final, cells, spill = self._scalable(corpus, n_valid, metric, threshold)
+        if p.quality:
+            members = self._attach(corpus, members, final, cells, spill, metric, threshold)
+        corpus.discard(final)
         corpus.shuffle("groups", _final_groups, [], p.id_prefix, side=members)
         counts = corpus.map(_group_counts, [], side="groups")
         corpus.discard(members)
@@ -237,10 +270,11 @@ class GroupingStage(GlobalStage):
 
     # ------------------------------------------------------------ exact
 
-    def _exact(self, corpus: Corpus, metric: Metric, threshold: float) -> str:
+    def _exact(self, corpus: Corpus, metric: Metric, threshold: float) -> tuple[str, str, Any, int]:
         """Every vector into one partition, scikit-learn's linkage in one task; (node, sid, cluster) rows
-        keyed by the cluster's shard index (the cluster: its smallest ordinal)."""
-        corpus.shuffle("all", _all_vectors, list(EMBEDDING_COLUMNS))
+        keyed by the cluster's shard index (the cluster: its smallest ordinal), the clusters as points
+        (``final``) and the low-quality samples left out (``lowq``)."""
+        corpus.shuffle("all", _all_vectors, list(self.needs), self.params.quality)
         parts = corpus.partitions
         corpus.partitions = 1
         try:
@@ -249,7 +283,7 @@ class GroupingStage(GlobalStage):
             corpus.partitions = parts
         corpus.discard("all")
         self._summary["levels"] = 1
-        return "members"
+        return "members", "final", corpus.put(np.zeros((1, 1), dtype=np.float32)), 1
 
     def _exact_members(self, table: pa.Table | None, part: int, metric: Metric,
                        threshold: float) -> tuple[dict[int, pa.Table], None]:
@@ -257,13 +291,27 @@ class GroupingStage(GlobalStage):
             return {}, None
         table = table.sort_by("node")
         node = table.column("node").to_numpy()
-        label = np.zeros(node.size, dtype=np.int64)
-        if node.size > 1:
-            label = self._agglomerative(_matrix(table, "vector"), metric, threshold)
-        first = np.full(int(label.max()) + 1, np.iinfo(np.int64).max, dtype=np.int64)
-        np.minimum.at(first, label, node)
-        cl = first[label]
-        return split_by(_shard_of(cl), {"node": node, "sid": table.column("sid"), "cl": cl}), None
+        x = _matrix(table, "vector")
+        low = table.column("low").to_numpy(zero_copy_only=False)
+        good = np.flatnonzero(~low)
+        cl = node.copy()
+        if good.size > 1:
+            label = self._agglomerative(x[good], metric, threshold)
+            first = np.full(int(label.max()) + 1, np.iinfo(np.int64).max, dtype=np.int64)
+            np.minimum.at(first, label, node[good])
+            cl[good] = first[label]
+        pieces: dict[Any, pa.Table] = split_by(_shard_of(cl), {"node": node, "sid": table.column("sid"), "cl": cl})
+        if good.size:
+            pts = singletons(node[good], x[good])
+            reps, inverse = np.unique(cl[good], return_inverse=True)
+            sums = Clusters(reps, np.bincount(inverse.ravel()).astype(np.int64),
+                            group_sums(inverse.ravel(), pts.s, reps.size),
+                            np.bincount(inverse.ravel(), weights=pts.q))
+            pieces |= {("final", q): t for q, t in split_by(_shard_of(reps), _cluster_columns(sums)).items()}
+        if low.any():
+            lows = singletons(node[low], x[low])
+            pieces |= {("lowq", q): t for q, t in split_by(_shard_of(lows.ids), _cluster_columns(lows)).items()}
+        return pieces, None
 
     def _agglomerative(self, x: np.ndarray, metric: Metric, threshold: float) -> np.ndarray:
         """Average-linkage clusters cut at the threshold (as a distance: 1 - cosine for cosine spaces)."""
@@ -280,9 +328,9 @@ class GroupingStage(GlobalStage):
 
     # ------------------------------------------------------------ scalable
 
-    def _scalable(self, corpus: Corpus, n_valid: int, metric: Metric, threshold: float) -> str:
-        """Levels of candidate search and RAC merges; returns the shuffle of (node, sid, cluster) rows keyed
-        by the cluster's shard index."""
+    def _scalable(self, corpus: Corpus, n_valid: int, metric: Metric, threshold: float) -> tuple[str, str, Any, int]:
+        """Levels of candidate search and RAC merges. Returns the shuffle of (node, sid, cluster) rows keyed
+        by the cluster's shard index, the shuffle of the final clusters as points, the cells and the spill."""
         p = self.params
         if p.linkage != "average":
             raise ValueError(f"the scalable method is average linkage; linkage {p.linkage!r} needs method exact")
@@ -297,23 +345,26 @@ class GroupingStage(GlobalStage):
             cells = np.zeros((1, 1), dtype=np.float32)
         cells_ref = corpus.put(cells)
         spill = 1 if nlist == 1 else p.spill
+        merge_spill = 1 if nlist == 1 else max(p.spill, p.merge_spill)
         unit = metric.higher_is_same
-        corpus.shuffle("pts0", _level0_points, list(EMBEDDING_COLUMNS))
+        corpus.shuffle("pts0", _level0_points, list(self.needs), p.quality)
+        final = "pts0"
         stats = {"cells": nlist, "candidate_pairs": 0, "rac_rounds": 0, "split_components": 0,
                  "largest_component": 0}
         members = "members0"
         level = 0
         while level < p.max_levels:
-            pts, nxt = f"pts{level}", f"pts{level + 1}"
             level += 1
-            corpus.shuffle(f"cells{level}", _cell_points, [], cells_ref, spill, unit, parts, side=pts)
+            pts, nxt = f"pts{level - 1}", f"pts{level}"  # level's points in, its clusters out
+            corpus.shuffle(f"cells{level}", _cell_points, [], cells_ref, spill if level == 1 else merge_spill, unit,
+                           parts, side=pts)
             found = corpus.reshuffle(f"knn{level}", f"cells{level}", _cell_knn, metric, threshold, p.k, parts,
                                      level)
             corpus.discard(f"cells{level}")
             edges = sum(found)
             stats["candidate_pairs"] += edges
             if edges == 0:
-                corpus.discard(pts)
+                final = pts
                 break
             graph = components(corpus, f"links{level}")
             corpus.discard(f"links{level}")
@@ -334,17 +385,33 @@ class GroupingStage(GlobalStage):
             corpus.discard(f"comp{level}")
             stats["rac_rounds"] += max([d[1] for d in done], default=0)
             stats["largest_component"] = max([stats["largest_component"], *(d[2] for d in done)])
+            final = nxt
             if sum(d[0] for d in done) == 0:
-                corpus.discard(nxt)
                 break
             corpus.shuffle(f"members{level}", _remap, [], side=(members, f"map{level}"))
             corpus.discard(members)
             corpus.discard(f"map{level}")
             members = f"members{level}"
-        else:
-            corpus.discard(f"pts{level}")
-        self._summary |= {"levels": level, "k": p.k, "spill": spill, **stats}
-        return members
+        self._summary |= {"levels": level, "k": p.k, "spill": spill, "merge_spill": merge_spill, **stats}
+        return members, final, cells_ref, spill
+
+    def _attach(self, corpus: Corpus, members: str, final: str, cells: Any, spill: int, metric: Metric,
+                threshold: float) -> str:
+        """Each low-quality sample joins the group closest to it by average linkage (searched through the
+        same cells), where that passes the threshold; it never linked two groups."""
+        parts = corpus.partitions
+        corpus.shuffle("attach-cells", _attach_cells, [], cells, spill, metric.higher_is_same, parts,
+                       side=(final, "lowq"))
+        corpus.discard("lowq")
+        corpus.reshuffle("attach", "attach-cells", _attach_nearest, metric, threshold)
+        corpus.discard("attach-cells")
+        corpus.shuffle("members-attached", _remap, [], side=(members, "attach-map"))
+        attached = sum(corpus.map(_distinct_old, [], side="attach-map"))
+        corpus.discard("attach-map")
+        corpus.discard(members)
+        low = sum(corpus.map(_low_count, list(self.needs), self.params.quality))
+        self._summary |= {"low_quality": low, "low_quality_attached": attached}
+        return "members-attached"
 
     # ------------------------------------------------------------ scores
 
@@ -425,25 +492,39 @@ def _labelled_sample(table: pa.Table, index: int, column: str, per_shard: int,
     return x, lab.astype(str)
 
 
-def _all_vectors(table: pa.Table, index: int) -> dict[int, pa.Table]:
+def _low_quality(table: pa.Table, rows: np.ndarray, quality: tuple[str, float] | None) -> np.ndarray:
+    """Rows (of ``rows``) below the quality floor; a missing score counts as low."""
+    if quality is None:
+        return np.zeros(rows.size, dtype=bool)
+    col = table.column(quality[0]).take(pa.array(rows))
+    q = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
+    return ~(np.nan_to_num(q, nan=-np.inf) >= quality[1])
+
+
+def _all_vectors(table: pa.Table, index: int, quality: tuple[str, float] | None) -> dict[int, pa.Table]:
     rows, x = _unit_vectors(table)
     if rows.size == 0:
         return {}
     node = ordinals(index, table.num_rows)[rows]
     return {0: pa.table({"node": node, "sid": table.column(SAMPLE_ID).take(pa.array(rows)),
-                         "vector": _vector_column(x)})}
+                         "vector": _vector_column(x), "low": _low_quality(table, rows, quality)})}
 
 
-def _level0_points(table: pa.Table, index: int) -> dict[Any, pa.Table]:
-    """Each sample a point of its own (``pts0``, keyed by its shard index) and a member of itself
-    (``members0``: node, sample id, cluster)."""
+def _level0_points(table: pa.Table, index: int, quality: tuple[str, float] | None) -> dict[Any, pa.Table]:
+    """Each sample a point of its own (``pts0``, keyed by its shard index; a low-quality one in ``lowq``
+    instead) and a member of itself (``members0``: node, sample id, cluster)."""
     rows, x = _unit_vectors(table)
     if rows.size == 0:
         return {}
     node = ordinals(index, table.num_rows)[rows]
-    sid = table.column(SAMPLE_ID).take(pa.array(rows))
-    return {index: _cluster_table(singletons(node, x)),
-            ("members0", index): pa.table({"node": node, "sid": sid, "cl": node})}
+    low = _low_quality(table, rows, quality)
+    pieces: dict[Any, pa.Table] = {("members0", index): pa.table(
+        {"node": node, "sid": table.column(SAMPLE_ID).take(pa.array(rows)), "cl": node})}
+    if (~low).any():
+        pieces[index] = _cluster_table(singletons(node[~low], x[~low]))
+    if low.any():
+        pieces[("lowq", index)] = _cluster_table(singletons(node[low], x[low]))
+    return pieces
 
 
 def _cell_points(table: pa.Table, index: int, pts: pa.Table | None, cells: np.ndarray, spill: int,
@@ -462,7 +543,7 @@ def _cell_points(table: pa.Table, index: int, pts: pa.Table | None, cells: np.nd
 
 
 def _with_cell(c: Clusters, cell: np.ndarray) -> dict[str, Any]:
-    return {"cell": cell, "id": c.ids, "n": c.n, "s": _vector_column(c.s), "q": c.q}
+    return {"cell": cell, **_cluster_columns(c)}
 
 
 def _cell_knn(table: pa.Table | None, part: int, metric: Metric, threshold: float, k: int, parts: int,
@@ -493,6 +574,57 @@ def _cell_knn(table: pa.Table | None, part: int, metric: Metric, threshold: floa
     pieces: dict[Any, pa.Table] = {(f"links{level}", q): t for q, t in both_ways(lo, hi, parts).items()}
     pieces |= {(f"edges{level}", q): t for q, t in split_by(_shard_of(lo), {"a": lo, "b": hi}).items()}
     return pieces, int(lo.size)
+
+
+def _attach_cells(table: pa.Table, index: int, sides: list[pa.Table | None], cells: np.ndarray, spill: int,
+                  unit: bool, parts: int) -> dict[int, pa.Table]:
+    """Final clusters and low-quality samples of one shard index, each in its ``spill`` nearest cells."""
+    del table
+    out = []
+    for piece, low in zip(sides, (False, True), strict=True):
+        if piece is None or piece.num_rows == 0:
+            continue
+        c = _clusters(piece)
+        means = c.means()
+        assigned = assign_cells(normalise_rows(means) if unit else means, cells, spill)
+        rep = np.repeat(np.arange(len(c)), assigned.shape[1])
+        out.append(pa.table({**_with_cell(c.take(rep), assigned.ravel()), "low": np.full(rep.size, low)}))
+    if not out:
+        return {}
+    both = pa.concat_tables(out)
+    return split_by(both.column("cell").to_numpy() % parts, {c: both.column(c) for c in both.column_names})
+
+
+def _low_count(table: pa.Table, index: int, quality: tuple[str, float]) -> int:
+    rows, _ = _unit_vectors(table)
+    return int(_low_quality(table, rows, quality).sum())
+
+
+def _distinct_old(table: pa.Table, index: int, moves: pa.Table | None) -> int:
+    return 0 if moves is None else int(np.unique(moves.column("old").to_numpy()).size)
+
+
+def _attach_nearest(table: pa.Table | None, part: int, metric: Metric,
+                    threshold: float) -> tuple[dict[Any, pa.Table], None]:
+    """In every cell of one partition, each low-quality sample's closest cluster passing the threshold;
+    (old, new, score) keyed by the sample's shard index (``_remap`` keeps the best over its cells)."""
+    if table is None or table.num_rows == 0:
+        return {}, None
+    cell = table.column("cell").to_numpy()
+    low = table.column("low").to_numpy(zero_copy_only=False)
+    c = _clusters(table)
+    found_old, found_new, found_s = [], [], []
+    for k in np.unique(cell[low]).tolist():
+        q, t = np.flatnonzero(low & (cell == k)), np.flatnonzero(~low & (cell == k))
+        qi, ti, sc = nearest(c.take(q), c.take(t), metric, threshold)
+        found_old.append(c.ids[q[qi]])
+        found_new.append(c.ids[t[ti]])
+        found_s.append(sc)
+    if not found_old:
+        return {}, None
+    old, new, sc = np.concatenate(found_old), np.concatenate(found_new), np.concatenate(found_s)
+    return {("attach-map", q): t for q, t in split_by(_shard_of(old), {"old": old, "new": new,
+                                                                       "score": sc}).items()}, None
 
 
 def _root_counts(table: pa.Table, index: int, labels: pa.Table | None, parts: int) -> dict[int, pa.Table]:
@@ -531,7 +663,7 @@ def _component_rows(table: pa.Table, index: int, sides: list[pa.Table | None], p
     alone = root < 0
     pieces: dict[Any, pa.Table] = {}
     if alone.any():
-        pieces[(f"pts{level + 1}", index)] = _cluster_table(c.take(np.flatnonzero(alone)))
+        pieces[(f"pts{level}", index)] = _cluster_table(c.take(np.flatnonzero(alone)))
     linked = np.flatnonzero(~alone)
     if linked.size == 0:
         return pieces
@@ -580,8 +712,7 @@ def _rac_partition(table: pa.Table | None, part: int, metric: Metric, threshold:
     merged = rac(c, a[ok], b[ok], metric, threshold)
     reps = np.unique(merged.root)
     out = c.take(reps)
-    pieces = {(f"pts{level + 1}", q): t for q, t in split_by(_shard_of(out.ids), {
-        "id": out.ids, "n": out.n, "s": _vector_column(out.s), "q": out.q}).items()}
+    pieces = {(f"pts{level}", q): t for q, t in split_by(_shard_of(out.ids), _cluster_columns(out)).items()}
     moved = np.flatnonzero(merged.root != np.arange(m))
     if moved.size:
         old, new = c.ids[moved], c.ids[merged.root[moved]]
@@ -600,8 +731,11 @@ def _remap(table: pa.Table, index: int, sides: list[pa.Table | None]) -> dict[in
     cl = members.column("cl").to_numpy()
     if moves is not None and moves.num_rows:
         old, new = moves.column("old").to_numpy(), moves.column("new").to_numpy()
-        order = np.argsort(old)
+        rank = -moves.column("score").to_numpy() if "score" in moves.column_names else np.zeros(old.size)
+        order = np.lexsort((new, rank, old))  # several candidates of one point: the best, then the smallest
         old, new = old[order], new[order]
+        first = np.r_[True, old[1:] != old[:-1]]
+        old, new = old[first], new[first]
         pos = np.minimum(np.searchsorted(old, cl), old.size - 1)
         hit = old[pos] == cl
         cl = np.where(hit, new[pos], cl)

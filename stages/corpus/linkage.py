@@ -111,6 +111,29 @@ def knn_pairs(c: Clusters, k: int, metric: Metric, threshold: float) -> tuple[np
     return code // m, code % m, sc[first].astype(np.float32)
 
 
+def nearest(q: Clusters, t: Clusters, metric: Metric, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each cluster of ``q``'s closest cluster of ``t`` by exact average linkage, where it passes the
+    threshold: (rows of q, rows of t, scores as similarities). Ties go to the smaller id of ``t``."""
+    e = np.empty(0, dtype=np.int64)
+    if len(q) == 0 or len(t) == 0:
+        return e, e, np.empty(0, dtype=np.float64)
+    order = np.argsort(t.ids, kind="stable")
+    t = t.take(order)
+    found_q, found_t, found_s = [], [], []
+    for lo in range(0, len(q), BLOCK):
+        hi = min(len(q), lo + BLOCK)
+        block = (q.s[lo:hi] @ t.s.T) / (q.n[lo:hi, None] * t.n[None, :]).astype(np.float64)
+        if not metric.higher_is_same:
+            block = 2.0 * block - (q.q[lo:hi] / q.n[lo:hi])[:, None] - (t.q / t.n)[None, :]
+        best = np.argmax(block, axis=1)  # the first maximum: the smallest id among equals
+        score = block[np.arange(hi - lo), best]
+        ok = score >= cut(metric, threshold)
+        found_q.append(np.arange(lo, hi)[ok])
+        found_t.append(order[best[ok]])
+        found_s.append(score[ok])
+    return np.concatenate(found_q), np.concatenate(found_t), np.concatenate(found_s)
+
+
 @dataclass(frozen=True)
 class Merged:
     """Each input row's cluster (the row index of its representative: its smallest id) and the rounds."""
