@@ -26,13 +26,13 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
+from facekit.identities.cluster_metrics import cluster_scores
 from manifests.commit import encode_manifest
 from manifests.layout import manifest_path
 from manifests.schema import VOLATILE
 from manifests.storage import RunStorage
 from pipeline.engine.execution import UpstreamInfo, load_shard_input
 from pipeline.engine.global_exec import GlobalStageError, RayCorpus, read_shard_columns, run_global_distributed
-from facekit.identities.cluster_metrics import cluster_scores
 from stages.corpus.consistency import ConsistencyParams, ConsistencyStage
 from stages.corpus.dedup import DedupParams, DedupStage
 from stages.corpus.grouping import GroupingParams, GroupingStage
