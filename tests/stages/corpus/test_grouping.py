@@ -100,7 +100,7 @@ def test_scalable_in_a_euclidean_space_is_average_linkage_on_squared_distances(t
 def test_scalable_bcubed_f_is_within_0_01_of_exact_on_planted_lookalikes(tmp_path: Path) -> None:
     """1,200 points, 60 identities in look-alike pairs; the default k, with one cell and with the cell
     search really cut (8 k-means cells, each point in its 2 nearest). The summary's scores are those of
-    the committed groups."""
+    the committed groups. A component above max_component is split and counted."""
     x, truth = lookalikes(60, 20, 48, 7)
     run, shards = written(tmp_path, vector_table(x, truth), 200)
     _, exact = group(run, shards, "exact", method="exact", threshold=0.3, gt_column="truth_identity")
@@ -114,6 +114,13 @@ def test_scalable_bcubed_f_is_within_0_01_of_exact_on_planted_lookalikes(tmp_pat
         assert abs(scal["pairwise_f"] - exact["pairwise_f"]) <= 0.02
         want = cluster_scores([r["identity_id"] for r in rows], [f"id{t}" for t in truth])
         assert {k: scal[k] for k in want} == pytest.approx(want)
+    # At this loose threshold every point is in one component; above max_component it is clustered within
+    # its cells (bounded memory), counted, and costs some accuracy.
+    _, split = group(run, shards, "split", method="scalable", threshold=0.3, cells=8, max_component=200,
+                     gt_column="truth_identity")
+    print(f"split: {split['split_components']} components, BCubed F {split['bcubed_f']:.4f}")
+    assert split["split_components"] == 1 and split["largest_component"] == len(x)
+    assert exact["bcubed_f"] - 0.1 < split["bcubed_f"] < exact["bcubed_f"]
 
 
 def test_group_ids_hash_the_smallest_member_and_do_not_depend_on_row_order_or_shards(tmp_path: Path) -> None:
