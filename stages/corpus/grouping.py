@@ -226,6 +226,9 @@ class GroupingStage(GlobalStage):
         threshold, source = self._threshold(corpus, space, metric)
         corpus.partitions = p.partitions or corpus.plan_partitions(n_valid * p.spill)
         method = p.method if p.method != "auto" else ("exact" if n_valid <= p.exact_limit else "scalable")
+        if method == "exact" and n_valid > p.exact_limit:
+            raise ValueError(f"grouping method exact holds every pair of {n_valid} samples in one task, above "
+                             f"exact_limit {p.exact_limit}: use method auto or scalable, or raise exact_limit")
         self._summary = {"method": method, "embedding_space": space, "threshold": threshold,
                          "threshold_source": source}
         if method == "exact":

@@ -153,13 +153,15 @@ def test_agglomerative_names_the_exact_method_and_single_linkage_is_refused_with
         GroupingParams(method="connected_components")
 
 
-def test_auto_is_exact_up_to_the_limit_and_scalable_above(tmp_path: Path) -> None:
+def test_auto_is_exact_up_to_the_limit_and_scalable_above_where_exact_is_refused(tmp_path: Path) -> None:
     x, truth = lookalikes(10, 6, 16, 5, sibling=0.2, noise=0.5)
     run, shards = written(tmp_path, vector_table(x, truth), 30)
     _, small = group(run, shards, "a", threshold=0.5)
     _, large = group(run, shards, "b", threshold=0.5, exact_limit=59)
     assert (small["method"], large["method"]) == ("exact", "scalable")
     assert small["groups"] == large["groups"] == 10
+    with pytest.raises(ValueError, match="above exact_limit 59"):
+        group(run, shards, "c", method="exact", threshold=0.5, exact_limit=59)
 
 
 def test_the_threshold_is_given_fitted_from_labelled_pairs_or_the_spaces_default(tmp_path: Path) -> None:
