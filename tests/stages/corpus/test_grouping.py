@@ -3,19 +3,23 @@ exact one, the method and threshold choices, the summary's clustering scores."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 from scipy.cluster.hierarchy import fcluster, linkage
 
 from facekit.identities.cluster_metrics import cluster_scores
 from facekit.thresholds import Metric, defaults_for, fit_at_far, pair_scores_from_labels
-from stages.corpus.grouping import GroupingParams, GroupingStage
-from tests.fixtures.synthetic_corpus import run_written, write_table_run
+from manifests.schema import VOLATILE
+from pipeline.engine.local_corpus import run_local
+from stages.corpus.grouping import GroupingParams, GroupingStage, group_id
+from tests.fixtures.synthetic_corpus import global_spec, run_written, write_table_run
 
 SPACE = "arcface-r100-512"
 SUMMARY_KEYS = {"method", "levels", "embedding_space", "threshold", "threshold_source", "groups", "singletons",
@@ -140,8 +144,6 @@ def test_group_ids_hash_the_smallest_member_and_do_not_depend_on_row_order_or_sh
     for sid, gid in by_sid.items():
         members.setdefault(gid, []).append(sid)
     for rows in members.values():
-        from stages.corpus.grouping import group_id
-
         assert group_id("g", rows) == by_sid[rows[0]]
         assert {r["group_size"] for r in base if r["sample_id"] in rows} == {len(rows)}
 
@@ -248,3 +250,24 @@ def test_low_quality_samples_never_bridge_two_groups_and_join_their_nearest(tmp_
     assert partition(rows) == partition(good_rows)  # the good samples' groups, whatever joined them
     assert guarded["low_quality"] == int(low.sum()) and 0 < guarded["low_quality_attached"] < guarded["low_quality"]
     assert guarded["bcubed_f"] > plain["bcubed_f"] + 0.02
+
+
+def test_a_grouping_resumed_after_some_shards_committed_is_identical_to_one_run(tmp_path: Path) -> None:
+    """Decisions are a pure function of the upstream manifests: committing half the shards, then the rest
+    in a second run (what resume does), gives the manifests of one uninterrupted run."""
+    x, truth = lookalikes(30, 12, 32, 8)
+    run, shards = written(tmp_path, vector_table(x, truth), 40)
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(run, resumed)
+    params = GroupingParams(method="scalable", threshold=0.3, cells=4)
+    run_local(global_spec(GroupingStage, params, run), shards, shards)  # type: ignore[arg-type]
+    half = shards[: len(shards) // 2]
+    run_local(global_spec(GroupingStage, params, resumed), shards, half)  # type: ignore[arg-type]
+    run_local(global_spec(GroupingStage, params, resumed), shards, shards[len(half):])  # type: ignore[arg-type]
+    whole = sorted(Path(run, "manifests", "grouping").glob("*.parquet"))
+    again = sorted(Path(resumed, "manifests", "grouping").glob("*.parquet"))
+    assert [f.name for f in whole] == [f.name for f in again] and len(whole) == len(shards)
+    for a, b in zip(whole, again, strict=True):
+        ta, tb = pq.read_table(a), pq.read_table(b)
+        keep = [c for c in ta.column_names if c not in VOLATILE]
+        assert ta.select(keep).equals(tb.select(keep)), a.name
