@@ -13,9 +13,10 @@ what keeps look-alikes apart. Two ways to compute it, one answer:
   graph (components.py) are independent (an average-linkage cluster at threshold t never spans two
   components of the graph of pairs >= t), so each is clustered in one task by rounds of
   reciprocal-nearest-neighbour merges (RAC, vectorised over a partition's components). The next level's
-  points are the clusters, searched again through the cells and merged by exact average linkage of their
-  members (a centroid merge: it joins an identity the k-NN search split). Levels stop when one merges
-  nothing (or at ``max_levels``). With a complete graph (``k`` >= samples, one cell) it is sklearn's
+  points are the clusters, searched again through the cells (``merge_spill`` nearest cells each: the
+  pieces of an identity the first search split sit in different cells) and merged by exact average
+  linkage of their members (a centroid merge: it joins an identity the k-NN search split). Levels stop
+  when one merges nothing (or at ``max_levels``). With a complete graph (``k`` >= samples, one cell) it is sklearn's
   answer; the bench and tests measure by how much the default graph differs.
 
 Euclidean spaces: average linkage on *squared* distances cut at threshold^2 (what sums give exactly;
@@ -25,6 +26,11 @@ average linkage. Cosine spaces compare unit vectors on both.
 A component larger than ``max_component`` points is not clustered in one task: its points are clustered
 within their nearest k-means cell (pairs across cells of such a component are left to the next level's
 centroid merge). Such components are counted in ``summary()`` (``split_components``).
+
+Low-quality samples (``quality_column`` below ``quality_min``: tiny faces, low detector scores) never
+link two groups: they are left out of the clustering, then each joins the group closest to it by average
+linkage (searched through the same cells) where that passes the threshold, else it stays alone. Counted
+in the summary (``low_quality``, ``low_quality_attached``).
 
 The threshold: ``threshold`` when given; else fitted at ``fit_far`` from pairs of samples carrying
 different identity labels (``identity_id``, else ``gt_column``) as consistency's ``fit_far`` does; else
@@ -99,7 +105,8 @@ class GroupingParams(Params):
         None, description="ground-truth labels the grouping is scored against, never used to group")
     exact_limit: int = Field(
         20_000, ge=1, validation_alias=AliasChoices("exact_limit", "agglomerative_max"), description=
-        "auto: exact average linkage up to this many samples (the full distance matrix in one task)")
+        "auto: exact average linkage up to this many samples (the full distance matrix in one task; "
+        "method exact refuses more); agglomerative_max is the same key")
     k: int = Field(10, ge=1, description="scalable: nearest neighbours per point that are candidate pairs")
     spill: int = Field(
         2, ge=1, le=8, description="scalable: k-means cells each point joins in the neighbour search (see dedup)")
