@@ -623,9 +623,12 @@ def _attach_nearest(table: pa.Table | None, part: int, metric: Metric,
     cell = table.column("cell").to_numpy()
     low = table.column("low").to_numpy(zero_copy_only=False)
     c = _clusters(table)
+    order = np.argsort(cell, kind="stable")
+    bounds = np.flatnonzero(np.r_[True, cell[order][1:] != cell[order][:-1], True])
     found_old, found_new, found_s = [], [], []
-    for k in np.unique(cell[low]).tolist():
-        q, t = np.flatnonzero(low & (cell == k)), np.flatnonzero(~low & (cell == k))
+    for s, e in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+        rows = order[s:e]
+        q, t = rows[low[rows]], rows[~low[rows]]
         qi, ti, sc = nearest(c.take(q), c.take(t), metric, threshold)
         found_old.append(c.ids[q[qi]])
         found_new.append(c.ids[t[ti]])
@@ -692,9 +695,9 @@ def _component_rows(table: pa.Table, index: int, sides: list[pa.Table | None], p
     partner_a, partner_b = partner_a[order], partner_b[order]
     lo = np.searchsorted(partner_a, lc.ids, "left")
     hi = np.searchsorted(partner_a, lc.ids, "right")
-    offsets = np.r_[0, np.cumsum(hi - lo)]
-    take = np.concatenate([np.arange(a, b) for a, b in zip(lo.tolist(), hi.tolist(), strict=True)] or
-                          [np.empty(0, dtype=np.int64)]).astype(np.int64)
+    counts = hi - lo
+    offsets = np.r_[0, np.cumsum(counts)]
+    take = np.repeat(lo - offsets[:-1], counts) + np.arange(offsets[-1])  # every [lo, hi) run, in order
     nbr = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(partner_b[take], pa.int64()))
     key = root[linked] ^ ((sub + 1) << np.int64(40))  # spreads a split component's cells over partitions
     cols = {"root": root[linked], "sub": sub, "id": lc.ids, "n": lc.n, "s": _vector_column(lc.s), "q": lc.q,
