@@ -142,7 +142,7 @@ def render_identities(models: dict[str, tuple[object, object]], images: list[np.
                       labels: np.ndarray) -> dict[str, object]:
     from sklearn.cluster import AgglomerativeClustering
 
-    from stages.corpus.grouping import purity
+    from facekit.identities.cluster_metrics import cluster_scores
 
     out: dict[str, object] = {}
     for name, (det, emb) in models.items():
@@ -160,11 +160,13 @@ def render_identities(models: dict[str, tuple[object, object]], images: list[np.
         cut = 1.0 - fit.threshold if metric.higher_is_same else fit.threshold
         groups = AgglomerativeClustering(n_clusters=None, distance_threshold=cut, linkage="average",
                                          metric="cosine" if metric.higher_is_same else "euclidean").fit_predict(x)
+        scored = cluster_scores(groups, lab)
         out[name] = {"detection_rate": round(float(ok.mean()), 3), "nn1_accuracy": round(float(np.mean(
             lab[sim.argmax(axis=1)] == lab)), 3), "genuine_mean": round(float(gen.mean()), 3),
             "impostor_mean": round(float(imp.mean()), 3), "threshold_far1e-3": round(fit.threshold, 3),
-            "frr_at_far1e-3": round(fit.frr, 3), "purity": round(purity(list(groups), list(lab)), 3),
-            "inverse_purity": round(purity(list(lab), list(groups)), 3), "groups": len(set(groups)),
+            "frr_at_far1e-3": round(fit.frr, 3), "purity": round(float(scored["purity"]), 3),
+            "inverse_purity": round(float(scored["inverse_purity"]), 3),
+            "bcubed_f": round(float(scored["bcubed_f"]), 3), "groups": len(set(groups)),
             "identities": len(set(lab))}
     return out
 
