@@ -408,23 +408,35 @@ def run_global_distributed(spec: StageSpec, shards: list[str], todo: Iterable[st
     stage = spec.build()
     assert isinstance(stage, GlobalStage)
     if stage.distributed():
-        stage.setup()
         corpus = RayCorpus(spec, stage, shards, todo_list, partitions)
-        try:
-            stage.run_corpus(corpus)
-        finally:
-            store.remove(*global_work_dir(spec.stage_id), recursive=True)
-        results, summary = corpus.results, stage.summary()
+        summary = run_corpus_steps(corpus, store)
+        results = corpus.results
     else:
         res = stage.resources
         results, summary = run_calls(
             f"global stage {spec.stage_id!r}: whole-table", _whole_table_task,
             [(store.url, store.storage_options, spec, stage, shards, todo_list)],
             task_options(max(res.cpus, 0.1), int(res.memory_gb * 2**30), res.gpus), error=GlobalStageError)[0]
+    write_summary(store, spec.stage_id, summary)
+    return results
+
+
+def run_corpus_steps(corpus: RayCorpus, store: RunStorage) -> dict[str, Any] | None:
+    """The stage's distributed steps on ``corpus`` (Ray or in-process), its work folder removed after;
+    the stage's summary."""
+    corpus.stage.setup()
+    try:
+        corpus.stage.run_corpus(corpus)
+    finally:
+        store.remove(*global_work_dir(corpus.spec.stage_id), recursive=True)
+    return corpus.stage.summary()
+
+
+def write_summary(store: RunStorage, stage_id: str, summary: dict[str, Any] | None) -> None:
+    """A global stage's run-level summary where the report and status read it."""
     if summary is not None:
         import json
 
         store.write_atomic(json.dumps(summary, indent=2, sort_keys=True, default=str).encode(),
-                           *stage_summary_path(spec.stage_id))
-    return results
+                           *stage_summary_path(stage_id))
 

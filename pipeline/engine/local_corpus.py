@@ -9,14 +9,12 @@ its store (``put``, ``call(kept=True)``) are kept here as plain values.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from manifests.layout import global_work_dir, stage_summary_path
 from manifests.storage import RunStorage
 from pipeline.engine.execution import ShardResult, StageSpec
-from pipeline.engine.global_exec import RayCorpus, _resolve
+from pipeline.engine.global_exec import RayCorpus, _resolve, run_corpus_steps, write_summary
 from stages.base import GlobalStage, Kept
 
 
@@ -67,14 +65,7 @@ def run_local(spec: StageSpec, shards: list[str], todo: Iterable[str], partition
     store = RunStorage(spec.context.run_dir, spec.context.storage_options)
     stage = spec.build()
     assert isinstance(stage, GlobalStage) and stage.distributed()
-    stage.setup()
     corpus = LocalCorpus(spec, stage, shards, [s for s in shards if s in keep], partitions, shards_per_task)
-    try:
-        stage.run_corpus(corpus)
-    finally:
-        store.remove(*global_work_dir(spec.stage_id), recursive=True)
-    summary = stage.summary() if callable(getattr(stage, "summary", None)) else None  # type: ignore[attr-defined]
-    if summary is not None:
-        store.write_atomic(json.dumps(summary, indent=2, sort_keys=True, default=str).encode(),
-                           *stage_summary_path(spec.stage_id))
+    summary = run_corpus_steps(corpus, store)
+    write_summary(store, spec.stage_id, summary)
     return corpus.results, summary
