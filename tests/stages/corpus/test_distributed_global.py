@@ -26,13 +26,13 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
+from facekit.identities.cluster_metrics import cluster_scores
 from manifests.commit import encode_manifest
 from manifests.layout import manifest_path
 from manifests.schema import VOLATILE
 from manifests.storage import RunStorage
 from pipeline.engine.execution import UpstreamInfo, load_shard_input
 from pipeline.engine.global_exec import GlobalStageError, RayCorpus, read_shard_columns, run_global_distributed
-from facekit.identities.cluster_metrics import cluster_scores
 from stages.corpus.consistency import ConsistencyParams, ConsistencyStage
 from stages.corpus.dedup import DedupParams, DedupStage
 from stages.corpus.grouping import GroupingParams, GroupingStage
@@ -43,6 +43,7 @@ from tests.fixtures.make_corpus_reference import CASES, CORPUS, REFERENCE
 from tests.fixtures.synthetic_corpus import (
     UPSTREAM,
     SyntheticCorpus,
+    decide_table,
     global_spec,
     upstream_manifest,
     write_run,
@@ -149,17 +150,18 @@ def test_decisions_do_not_depend_on_the_number_of_partitions(
 @pytest.mark.parametrize(("cls", "params"), [
     (ConsistencyStage, ConsistencyParams(fit_far=0.01)),
     (ConsistencyStage, ConsistencyParams(mode="label_noise", passes=3)),
+    (ConsistencyStage, ConsistencyParams(centroid="median", passes=3, fit_far=0.05)),
     (SeparationStage, SeparationParams(fit_quantile=0.99)),
     (SeparationStage, SeparationParams(policy="merge", fit_quantile=0.99)),
 ])
 @pytest.mark.parametrize("parts", [1, 5])
-def test_identities_spread_over_every_shard_get_the_single_process_decisions(
+def test_identities_spread_over_every_shard_get_the_decisions_of_one_shard_holding_them_all(
     ray_session: Any, tmp_path: Path, cls: type, params: Any, parts: int
 ) -> None:
     """The reference corpus keeps each identity in one shard; here its rows are dealt out so every identity
     has images in many shards. Sums added per identity partition in shard order, the half split by run
     order across shards and the decisions sent back to every shard holding an identity must equal the
-    single-process stage on the same rows in the same order, at any number of identity partitions."""
+    stage on the same rows in the same order written as one shard, at any number of identity partitions."""
     table = CORPUS.table()
     order = [i for start in range(7) for i in range(start, table.num_rows, 7)]  # row r goes to stride r % 7
     table = table.take(pa.array(order))
@@ -174,17 +176,17 @@ def test_identities_spread_over_every_shard_get_the_single_process_decisions(
     spec = global_spec(cls, params.model_copy(update={"partitions": parts}), run)
     run_global_distributed(spec, shards, shards)
     got = _rows(run, cls.name)
-    stage = spec.build()  # type: ignore[attr-defined]
     up = (UpstreamInfo(UPSTREAM, False, False),)
-    whole = pa.concat_tables([read_shard_columns(store, up, sh, stage.needs) for sh in shards])
-    want = stage.run_global(whole)
+    whole = pa.concat_tables([read_shard_columns(store, up, sh, cls.needs) for sh in shards])
+    want, _ = decide_table(cls, params, table, str(tmp_path / "one-shard"), shard_rows=table.num_rows)
 
     given = whole.column("identity_id").to_pylist()
     shards_of: dict[str, set[str]] = {}
     for r, lab in zip(got, given, strict=True):
         shards_of.setdefault(lab, set()).add(r["shard"])
     assert min(len(v) for v in shards_of.values()) >= 5
-    relabelled = want.get("identity_id", given)
+    relabelled = want["identity_id"]
+    assert len(want["shard"]) == len(got) and set(want["shard"]) == {"000000"}
     assert not all(want["keep"]) or relabelled != given  # the stage decided something
     assert [r["sample_id"] for r in got] == want["sample_id"]
     assert [r["keep"] for r in got] == want["keep"]
@@ -285,8 +287,7 @@ def test_a_stage_that_keeps_failing_gives_up_with_its_reason(
 KILL_SCRIPT = textwrap.dedent("""
     import sys, tempfile, ray
     from pipeline.engine.global_exec import run_global_distributed
-    from facekit.identities.cluster_metrics import cluster_scores
-from stages.corpus.consistency import ConsistencyParams, ConsistencyStage
+    from stages.corpus.consistency import ConsistencyParams, ConsistencyStage
     from tests.fixtures.synthetic_corpus import global_spec
     from manifests.storage import RunStorage
     from pipeline.engine.rundir import committed_shards
