@@ -101,7 +101,7 @@ class ConsistencyStage(GlobalStage):
     version: ClassVar[str] = "1"
     params_model: ClassVar[type[Params]] = ConsistencyParams
     resources: ClassVar[Resources] = Resources(cpus=1.0)
-    needs: tuple[str, ...] = ("embedding", "embedding_space", "embedding_metric")
+    needs: tuple[str, ...] = EMBEDDING_COLUMNS
     columns: ClassVar[tuple[pa.Field, ...]] = (
         pa.field("centroid_score", pa.float32()),  # vs own robust centroid, in score_metric units
         pa.field("nearest_other_identity", pa.string()),

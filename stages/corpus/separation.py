@@ -72,7 +72,7 @@ class SeparationStage(GlobalStage):
     version: ClassVar[str] = "1"
     params_model: ClassVar[type[Params]] = SeparationParams
     resources: ClassVar[Resources] = Resources(cpus=1.0)
-    needs: tuple[str, ...] = ("embedding", "embedding_space", "embedding_metric")
+    needs: tuple[str, ...] = EMBEDDING_COLUMNS
     # identity_id is a common manifest column: the commit sets it (relabelled under merge) without
     # declaring it.
     columns: ClassVar[tuple[pa.Field, ...]] = (
