@@ -30,7 +30,7 @@ from facekit.identities.cluster_metrics import cluster_scores
 from manifests.commit import encode_manifest
 from manifests.layout import manifest_path
 from manifests.schema import VOLATILE
-from manifests.storage import RunStorage
+from manifests.storage import TMP_PREFIX, RunStorage
 from pipeline.engine.execution import UpstreamInfo, load_shard_input
 from pipeline.engine.global_exec import GlobalStageError, RayCorpus, read_shard_columns, run_global_distributed
 from stages.corpus.consistency import ConsistencyParams, ConsistencyStage
@@ -289,7 +289,7 @@ KILL_SCRIPT = textwrap.dedent("""
     from pipeline.engine.global_exec import run_global_distributed
     from stages.corpus.consistency import ConsistencyParams, ConsistencyStage
     from tests.fixtures.synthetic_corpus import global_spec
-    from manifests.storage import RunStorage
+    from manifests.storage import TMP_PREFIX, RunStorage
     from pipeline.engine.rundir import committed_shards
     run = sys.argv[1]
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ffray-", dir="/tmp"),
@@ -308,7 +308,7 @@ HOG_SCRIPT = textwrap.dedent("""
     from stages.corpus.dedup import DedupParams
     from tests.fixtures.corpus_stages import MemoryHogDedup
     from tests.fixtures.synthetic_corpus import global_spec
-    from manifests.storage import RunStorage
+    from manifests.storage import TMP_PREFIX, RunStorage
     from pipeline.engine.rundir import committed_shards
     run = sys.argv[1]
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ffray-", dir="/tmp"),
@@ -346,6 +346,11 @@ def test_a_global_task_killed_by_rays_memory_monitor_is_retried_and_the_stage_co
     assert [r["keep"] for r in _rows(run, "dedup")] == reference["keep"]
 
 
+def _committed(run: str, stage: str) -> list[str]:
+    """The stage's committed manifests (a write the kill interrupted leaves a temporary file beside them)."""
+    return sorted(f for f in glob.glob(f"{run}/manifests/{stage}/*.parquet") if not Path(f).name.startswith(TMP_PREFIX))
+
+
 def _run_script(run: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     return subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, run], cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -365,11 +370,11 @@ def test_kill_9_during_a_distributed_global_stage_then_resume_is_byte_identical(
 
     proc = _run_script(killed)
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and len(glob.glob(f"{killed}/manifests/consistency/*.parquet")) < 5:
+    while time.monotonic() < deadline and len(_committed(killed, "consistency")) < 5:
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    first = sorted(glob.glob(f"{killed}/manifests/consistency/*.parquet"))
+    first = _committed(killed, "consistency")
     assert 5 <= len(first) < corpus.shards, "the kill must land while shards are being committed"
     stamps = {f: os.stat(f).st_mtime_ns for f in first}
     proc = _run_script(killed)
