@@ -153,7 +153,7 @@ def test_decisions_do_not_depend_on_the_number_of_partitions(
     (ConsistencyStage, ConsistencyParams(centroid="median", passes=3, fit_far=0.05)),
     (SeparationStage, SeparationParams(fit_quantile=0.99)),
     (SeparationStage, SeparationParams(policy="merge", fit_quantile=0.99)),
-])
+], ids=["consistency-fit", "consistency-label-noise", "consistency-median", "separation-fit", "separation-merge"])
 @pytest.mark.parametrize("parts", [1, 5])
 def test_identities_spread_over_every_shard_get_the_decisions_of_one_shard_holding_them_all(
     ray_session: Any, tmp_path: Path, cls: type, params: Any, parts: int
