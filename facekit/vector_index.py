@@ -378,31 +378,6 @@ def _single_threaded_kernels() -> Iterator[None]:
         faiss.omp_set_num_threads(old)
 
 
-@dataclass(frozen=True)
-class LabelledEmbeddings:
-    """The rows of a global stage's table that have both an embedding and an identity label."""
-
-    x: np.ndarray  # (n, d) all rows, L2-normalised when the space compares by cosine
-    rows: np.ndarray  # indices of the labelled rows with an embedding
-    names: np.ndarray  # sorted identity names: code order is the deterministic identity order
-    codes: np.ndarray  # per labelled row, its index into names
-    space: str
-    metric: Metric
-
-
-def labelled_embeddings(table: pa.Table, labels: list[Any]) -> LabelledEmbeddings | None:
-    x, valid = embedding_matrix(table)
-    usable = valid & np.array([lab is not None for lab in labels], dtype=bool)
-    if not usable.any():
-        return None
-    space, metric = space_of(table, valid)
-    if metric.higher_is_same:
-        x = normalise_rows(x)
-    rows = np.flatnonzero(usable)
-    names, codes = np.unique(np.array([labels[i] for i in rows], dtype=object).astype(str), return_inverse=True)
-    return LabelledEmbeddings(x, rows, names, codes, space, metric)
-
-
 # ---------------------------------------------------------------- per-partition helpers (distributed stages)
 
 

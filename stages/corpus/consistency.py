@@ -35,18 +35,8 @@ import pyarrow as pa
 from pydantic import Field
 
 from facekit.thresholds import FittedThreshold, Metric, defaults_for, fit_at_far
-from facekit.vector_index import (
-    EXACT_MAX,
-    build_index,
-    deserialize_index,
-    group_sums,
-    knn,
-    labelled_embeddings,
-    normalise_rows,
-    one_space,
-    serialize_index,
-)
-from stages.base import IDENTITY_ID, SAMPLE_ID, Batch, Corpus, GlobalStage, Params, Resources, Rows, rows_ok
+from facekit.vector_index import EXACT_MAX, build_index, deserialize_index, group_sums, one_space, serialize_index
+from stages.base import SAMPLE_ID, Batch, Corpus, GlobalStage, Params, Resources, Rows
 from stages.corpus.components import key_partition, split_by
 from stages.corpus.identities import (
     aligned,
@@ -61,10 +51,16 @@ from stages.corpus.identities import (
     space_census,
     vectors,
 )
-
-EMBEDDING_COLUMNS = ("embedding", "embedding_space", "embedding_metric")
-
-LOO_MEDIAN_MAX = 64  # above this many images one image barely moves a median; use the plain median
+from stages.corpus.kernels import (
+    EMBEDDING_COLUMNS,
+    centroids_from_sums,
+    commit_unjudged,
+    impostor_scores,
+    loo_scores,
+    median_scores,
+    nearest_other,
+    next_inliers,
+)
 
 
 class ConsistencyParams(Params):
@@ -76,8 +72,8 @@ class ConsistencyParams(Params):
         True, description="generated: keep an image beyond the threshold that is still nearest its own identity")
     centroid: Literal["leave_one_out", "median"] = Field(
         "leave_one_out", description=
-        "leave_one_out: each image scored against its identity's centroid without itself; median: a per-coordinate "
-        "median (single process)")
+        "leave_one_out: each image scored against its identity's centroid without itself; median: against the "
+        "per-coordinate median of its identity's other images (every image of an identity moves to one task)")
     threshold: float | None = Field(
         None, description="score limit in the space's metric; null: fitted (fit_far) or the space's default")
     fit_far: float | None = Field(
@@ -98,81 +94,6 @@ class ConsistencyParams(Params):
         None, ge=1, description="identity partitions of the distributed form; null: sized from the run")
 
 
-def centroids(x: np.ndarray, codes: np.ndarray, k: int, metric: Metric, inlier: np.ndarray) -> np.ndarray:
-    """Mean vector of each label's inlier rows (renormalised for cosine spaces)."""
-    sums = group_sums(codes[inlier], x[inlier], k)
-    means = sums / np.maximum(np.bincount(codes[inlier], minlength=k), 1)[:, None]
-    return (normalise_rows(means) if metric.higher_is_same else means).astype(np.float32)
-
-
-def own_centroid_scores(
-    x: np.ndarray, codes: np.ndarray, k: int, metric: Metric, method: str, inlier: np.ndarray
-) -> np.ndarray:
-    """Score of each row against its identity's centroid of inliers, never including the row itself."""
-    scores = np.full(len(x), np.nan, dtype=np.float32)
-    if method == "leave_one_out":
-        sums = group_sums(codes[inlier], x[inlier], k)
-        return loo_scores(x, codes, sums, np.bincount(codes[inlier], minlength=k), metric, inlier)
-    order = np.argsort(codes, kind="stable")
-    starts = np.searchsorted(codes[order], np.arange(k + 1))
-    for c in range(k):
-        rows = order[starts[c] : starts[c + 1]]
-        good = rows[inlier[rows]]
-        ref = np.full((rows.size, x.shape[1]), np.nan, dtype=np.float64)
-        whole = np.median(x[good], axis=0) if good.size else None
-        for r, row in enumerate(rows):
-            others = good[good != row]
-            if others.size == 0:
-                continue
-            if good.size > LOO_MEDIAN_MAX and whole is not None:
-                ref[r] = whole
-            else:
-                ref[r] = np.median(x[others], axis=0)
-        ok = ~np.isnan(ref[:, 0])
-        if metric.higher_is_same:
-            ref[ok] = normalise_rows(ref[ok])
-        scores[rows[ok]] = metric.score(x[rows[ok]], ref[ok].astype(np.float32))
-    return scores
-
-
-def loo_scores(x: np.ndarray, codes: np.ndarray, sums: np.ndarray, counts: np.ndarray, metric: Metric,
-               inlier: np.ndarray) -> np.ndarray:
-    """Leave-one-out score of each row from its identity's inlier sums and counts (any subset of rows:
-    the sums may come from the whole run)."""
-    scores = np.full(len(x), np.nan, dtype=np.float32)
-    m = counts[codes] - inlier  # inliers other than the row
-    ok = m > 0
-    ref = (sums[codes[ok]] - x[ok] * inlier[ok, None]) / m[ok, None]
-    if metric.higher_is_same:
-        ref = normalise_rows(ref)
-    scores[ok] = metric.score(x[ok], ref.astype(np.float32))
-    return scores
-
-
-def impostor_scores(
-    x: np.ndarray, codes: np.ndarray, cents: np.ndarray, metric: Metric, limit: int, seed: int
-) -> np.ndarray:
-    """Each row vs identity centroids other than its own: all of them, or ``limit`` random ones."""
-    n, k = len(x), len(cents)
-    if k < 2:
-        return np.empty(0, dtype=np.float32)
-    if n * (k - 1) <= limit:
-        rows = np.repeat(np.arange(n), k)
-        others = np.tile(np.arange(k), n)
-        keep = others != codes[rows]
-        rows, others = rows[keep], others[keep]
-    else:
-        rng = np.random.default_rng(seed)
-        rows = rng.integers(0, n, limit)
-        shift = rng.integers(1, k, limit)  # never the row's own identity
-        others = (codes[rows] + shift) % k
-    out = np.empty(rows.size, dtype=np.float32)
-    step = 1 << 18
-    for s in range(0, rows.size, step):
-        out[s : s + step] = metric.score(x[rows[s : s + step]], cents[others[s : s + step]])
-    return out
-
-
 class ConsistencyStage(GlobalStage):
     """Drops images that are not the identity they carry; scores and the threshold used are stored."""
 
@@ -180,7 +101,7 @@ class ConsistencyStage(GlobalStage):
     version: ClassVar[str] = "1"
     params_model: ClassVar[type[Params]] = ConsistencyParams
     resources: ClassVar[Resources] = Resources(cpus=1.0)
-    needs: tuple[str, ...] = ("embedding", "embedding_space", "embedding_metric")
+    needs: tuple[str, ...] = EMBEDDING_COLUMNS
     columns: ClassVar[tuple[pa.Field, ...]] = (
         pa.field("centroid_score", pa.float32()),  # vs own robust centroid, in score_metric units
         pa.field("nearest_other_identity", pa.string()),
@@ -198,107 +119,29 @@ class ConsistencyStage(GlobalStage):
         """Threshold used, how it was chosen, and counts, for the run report."""
         return dict(getattr(self, "_summary", {}))
 
-    def run_global(self, table: pa.Table) -> Batch:
-        p = self.params
-        n = table.num_rows
-        out = rows_ok(table.column(SAMPLE_ID).to_pylist())
-        out["detail"] = [None] * n
-        for f in self.columns:
-            out[f.name] = [None] * n
-        labels = table.column(IDENTITY_ID).to_pylist()
-        le = labelled_embeddings(table, labels)
-        if le is None:
-            self._summary = {"judged": 0}
-            return out
-        x, rows, names, codes, space, metric = le.x, le.rows, le.names, le.codes, le.space, le.metric
-        k = len(names)
-        xj = x[rows]
-        counts = np.bincount(codes, minlength=k)
-        inlier = np.ones(rows.size, dtype=bool)
-        for _ in range(p.passes):
-            cents = centroids(xj, codes, k, metric, inlier)
-            own = own_centroid_scores(xj, codes, k, metric, p.centroid, inlier)
-            own[counts[codes] < p.min_samples] = np.nan
-            impostor = impostor_scores(xj, codes, cents, metric, p.fit_max_impostors, self.context.seed)
-            threshold, source, fitted = self._threshold(space, metric, own, impostor)
-            has_score = ~np.isnan(own)
-            same = np.ones(rows.size, dtype=bool)
-            same[has_score] = metric.same(own[has_score], threshold)
-            inlier = self._next_inliers(same, codes, k)
-
-        other_id: list[str | None] = [None] * rows.size
-        other_score = np.full(rows.size, np.nan, dtype=np.float32)
-        if k > 1:
-            scores, ids = knn(cents, xj, 2, metric, exact_max=p.exact_max, seed=self.context.seed)
-            pick = np.where(ids[:, 0] == codes, 1, 0)
-            best = ids[np.arange(rows.size), pick]
-            other_score = scores[np.arange(rows.size), pick]
-            other_id = [str(names[b]) if b >= 0 else None for b in best]
-        stranger = float(np.median(impostor)) if impostor.size else None
-
-        far = has_score & ~same
-        nearer_other = metric.closer(np.nan_to_num(other_score, nan=metric.worst()), own)
-        as_far_as_stranger = np.zeros(rows.size, dtype=bool)
-        if stranger is not None:
-            as_far_as_stranger[has_score] = ~metric.same(own[has_score], stranger)
-        if p.mode == "label_noise":
-            drop = far & nearer_other
-        elif p.keep_nearest and stranger is not None:
-            drop = far & (nearer_other | as_far_as_stranger)
-        else:
-            drop = far
-
-        for r, i in enumerate(rows):
-            out["centroid_score"][i] = None if np.isnan(own[r]) else float(own[r])
-            out["nearest_other_identity"][i] = other_id[r]
-            out["nearest_other_score"][i] = None if np.isnan(other_score[r]) else float(other_score[r])
-            out["threshold"][i] = threshold
-            out["threshold_source"][i] = source
-            out["stranger_score"][i] = stranger
-            out["score_metric"][i] = metric.value
-            if drop[r]:
-                out["keep"][i] = False
-                out["reason"][i] = INCONSISTENT
-                out["detail"][i] = self._detail(own[r], threshold, other_id[r], other_score[r], nearer_other[r])
-        self._summary = {
-            "mode": p.mode,
-            "embedding_space": space,
-            "metric": metric.value,
-            "threshold": threshold,
-            "threshold_source": source,
-            "stranger_score": stranger,
-            "fit": fitted.as_dict() if fitted else None,
-            "identities": k,
-            "passes": p.passes,
-            "judged": int(has_score.sum()),
-            "unjudged": int(n - has_score.sum()),
-            "dropped": int(drop.sum()),
-        }
-        return out
-
-    # ------------------------------------------------------------ distributed form
-
     def distributed(self) -> bool:
-        """Leave-one-out centroids are sums and counts (map + reduce); medians need every image of an
-        identity in one place, so ``centroid: median`` runs the single-process form."""
-        return self.params.centroid == "leave_one_out"
+        return True
 
     def run_corpus(self, corpus: Corpus) -> None:
         """Per-identity sums and counts as identity-partitioned map + reduce, one round per pass, each shard
         getting back the tables of its own identities; scoring, the threshold's bounded sample of genuine /
         impostor comparisons and the decisions per shard, in parallel. The driver sees counts and
-        thresholds only: no table that grows with the identities."""
+        thresholds only: no table that grows with the identities. ``centroid: median`` also moves every
+        labelled image to its identity's partition, whose task scores each image against the median of
+        its identity's other images, one round per pass."""
         p = self.params
         census = corpus.map(space_census, EMBEDDING_COLUMNS)
         if not any(c["labelled"] for c in census):
             self._summary = {"judged": 0}
-            corpus.commit(_commit_unjudged, list(self.columns))
+            corpus.commit(commit_unjudged, [f.name for f in self.columns])
             return
         space, metric = one_space(set().union(*(c["spaces"] for c in census)),
                                   set().union(*(c["metrics"] for c in census)))
         d = max(c["dim"] for c in census)
         parts = plan_identity_partitions(corpus, census, p.partitions, 2 * 8 * d + 64)
-        base = {"metric": metric, "min_samples": p.min_samples, "parts": parts}
+        base = {"metric": metric, "min_samples": p.min_samples, "parts": parts, "median": p.centroid == "median"}
+        if base["median"]:
+            corpus.shuffle("images", _image_records, EMBEDDING_COLUMNS, base)
         thresholds: list[float] = []
         sides: list[str] = []
         k = n_rows = judged = 0
@@ -310,6 +153,9 @@ class ConsistencyStage(GlobalStage):
             if t:
                 corpus.discard(f"cent{t - 1}")
             sides.append(f"side{t}")
+            if base["median"]:
+                corpus.reshuffle(f"median{t}", "images", _median_pass, t, thresholds, base)
+                sides.append(f"median{t}")
             if t == 0:
                 k, n_rows, judged = (sum(s[i] for s in stats) for i in range(3))
             if t < p.passes - 1 and (p.threshold is not None or p.fit_far is None):
@@ -343,28 +189,32 @@ class ConsistencyStage(GlobalStage):
                 thresholds: list[float]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """This shard's inliers before the last state, and the last state's scores and same-identity mask
         (None when it has no threshold yet): every pass is recomputed from the shard's pieces of the
-        per-identity tables (``sides[t]``: pass t's sums and counts, and whether pass t-1 left an identity
-        enough inliers)."""
+        per-identity tables (pass t's sums and counts, and whether pass t-1 left an identity enough
+        inliers; under ``centroid: median`` followed by the scores its identity partitions computed)."""
         metric = base["metric"]
         own_names, codes = np.unique(labels, return_inverse=True)
         codes = codes.ravel()
+        step = 2 if base["median"] else 1
+        passes = [sides[t : t + step] for t in range(0, len(sides), step)]
+        at = [aligned(own_names, piece, f"consistency pass {t}") for t, (piece, *_) in enumerate(passes)]
+        tables = [piece for piece, *_ in passes if piece is not None]  # ``aligned`` refused a missing one
+        total = tables[0].column("total").to_numpy()[at[0]]
         inlier = np.ones(len(xj), dtype=bool)
         own = same = None
-        at = [aligned(own_names, piece, f"consistency pass {t}") for t, piece in enumerate(sides)]
-        pieces = [piece for piece in sides if piece is not None]  # ``aligned`` refused a missing one
-        total = pieces[0].column("total").to_numpy()[at[0]] if pieces else np.zeros(0, dtype=np.int64)
-        for t, piece in enumerate(pieces):
-            sums, counts = matrix(piece.column("sum"))[at[t]], piece.column("count").to_numpy()[at[t]]
-            own = loo_scores(xj, codes, sums, counts, metric, inlier)
+        for t, piece in enumerate(tables):
+            if base["median"]:
+                own = _scores_back(passes[t][1], len(xj))
+            else:
+                sums, counts = matrix(piece.column("sum"))[at[t]], piece.column("count").to_numpy()[at[t]]
+                own = loo_scores(xj, codes, sums, counts, metric, inlier)
             own[total[codes] < base["min_samples"]] = np.nan
             if t >= len(thresholds):
                 return inlier, own, None
             has = ~np.isnan(own)
             same = np.ones(len(xj), dtype=bool)
             same[has] = metric.same(own[has], thresholds[t])
-            if t + 1 < len(pieces):
-                after = pieces[t + 1]
-                enough = after.column("prev_enough").to_numpy(zero_copy_only=False)[at[t + 1]]
+            if t + 1 < len(tables):
+                enough = tables[t + 1].column("prev_enough").to_numpy(zero_copy_only=False)[at[t + 1]]
                 inlier = same | ~enough[codes]
         return inlier, own, same
 
@@ -432,9 +282,7 @@ class ConsistencyStage(GlobalStage):
             codes = codes_in(labels, index["names"])
             scores, ids = index["index"].search(np.ascontiguousarray(xj), 2)
             scores = scores if metric.higher_is_same else np.sqrt(np.maximum(scores, 0.0)).astype(np.float32)
-            pick = np.where(ids[:, 0] == codes, 1, 0)
-            best = ids[np.arange(rows.size), pick]
-            other_score = scores[np.arange(rows.size), pick]
+            best, other_score = nearest_other(scores, ids, codes)
             other_ids = names_at(index["names"], best).to_pylist()
         has = ~np.isnan(own)
         far = has & ~same
@@ -465,12 +313,6 @@ class ConsistencyStage(GlobalStage):
                 out.drop(i, INCONSISTENT, self._detail(own, d["threshold"], other_id, other, bool(d["nearer"][r])))
         return out.batch()
 
-    @staticmethod
-    def _next_inliers(same: np.ndarray, codes: np.ndarray, k: int) -> np.ndarray:
-        """Rows the next pass builds centroids from; an identity left with < 2 inliers keeps all rows."""
-        enough = np.bincount(codes[same], minlength=k) >= 2
-        return same | ~enough[codes]
-
     def _threshold(
         self, space: str, metric: Metric, own: np.ndarray, impostor: np.ndarray
     ) -> tuple[float, str, FittedThreshold | None]:
@@ -491,16 +333,6 @@ class ConsistencyStage(GlobalStage):
 
 
 INCONSISTENT = "inconsistent_identity"  # the rule: beyond the threshold (and nearer another / a stranger)
-
-
-def centroids_from_sums(sums: np.ndarray, counts: np.ndarray, metric: Metric, block: int = 8192) -> np.ndarray:
-    """Float32 centroids, computed in blocks of rows: the whole table's float64 temporaries were two more
-    copies of the identity table on the driver (every step is per row, so blocks change no bit)."""
-    out = np.empty(sums.shape, dtype=np.float32)
-    for s in range(0, len(sums), block):
-        means = sums[s : s + block] / np.maximum(counts[s : s + block], 1)[:, None]
-        out[s : s + block] = normalise_rows(means) if metric.higher_is_same else means
-    return out
 
 
 def _identity_totals(table: pa.Table | None, part: int, t: int, metric: Metric,
@@ -544,5 +376,46 @@ def _centroid_index(cents_table: pa.Table | None, metric: Metric, exact_max: int
                                                                            seed=seed))}
 
 
-def _commit_unjudged(table: pa.Table, index: int, columns: list[str]) -> Batch:
-    return Rows(table.column(SAMPLE_ID).to_pylist(), columns).batch()
+def _image_records(table: pa.Table, index: int, base: dict[str, Any]) -> dict[Any, pa.Table]:
+    """``centroid: median``: every labelled image of this shard (its vector and its place among the
+    shard's labelled rows), keyed by its identity's partition."""
+    xj, _, labels = shard_labelled(table, base["metric"])
+    if not labels.size:
+        return {}
+    return dict(split_by(key_partition(labels, base["parts"]), {
+        "identity": labels, "shard": np.full(labels.size, index, dtype=np.int64),
+        "pos": np.arange(labels.size, dtype=np.int64), "vector": vectors(xj)}))
+
+
+def _median_pass(table: pa.Table | None, part: int, t: int, thresholds: list[float],
+                 base: dict[str, Any]) -> tuple[dict[Any, pa.Table], None]:
+    """One identity partition under ``centroid: median``: passes 0..t replayed on every image of its
+    identities (pass s keeps as inliers what pass s-1 found the same identity at ``thresholds[s-1]``);
+    pass t's score of each image goes back to its shard."""
+    if table is None or table.num_rows == 0:
+        return {}, None
+    metric = base["metric"]
+    own_names, codes = np.unique(names(table.column("identity")), return_inverse=True)
+    codes, k = codes.ravel(), own_names.size
+    x = matrix(table.column("vector"), np.float32)
+    few = np.bincount(codes, minlength=k)[codes] < base["min_samples"]
+    inlier = np.ones(len(x), dtype=bool)
+    for s in range(t + 1):
+        own = median_scores(x, codes, k, metric, inlier)
+        own[few] = np.nan
+        if s < t:
+            has = ~np.isnan(own)
+            same = np.ones(len(x), dtype=bool)
+            same[has] = metric.same(own[has], thresholds[s])
+            inlier = next_inliers(same, codes, k)
+    return dict(split_by(table.column("shard").to_numpy(), {"pos": table.column("pos"), "own": own})), None
+
+
+def _scores_back(piece: pa.Table | None, n: int) -> np.ndarray:
+    """The scores a shard's identity partitions sent back, in the order of its labelled rows."""
+    pos = np.empty(0, dtype=np.int64) if piece is None else piece.column("pos").to_numpy()
+    if pos.size != n or np.unique(pos).size != n:
+        raise RuntimeError(f"consistency: {pos.size} median scores came back for this shard's {n} labelled images")
+    own = np.empty(n, dtype=np.float32)
+    own[pos] = piece.column("own").to_numpy()  # type: ignore[union-attr]
+    return own

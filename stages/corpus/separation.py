@@ -27,10 +27,9 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from facekit.thresholds import Metric, defaults_for
-from facekit.vector_index import EXACT_MAX, group_sums, knn, labelled_embeddings, normalise_rows, one_space, range_pairs
-from stages.base import IDENTITY_ID, SAMPLE_ID, Batch, Corpus, GlobalStage, Params, Resources, Rows, rows_ok
+from facekit.vector_index import EXACT_MAX, group_sums, knn, normalise_rows, one_space, range_pairs
+from stages.base import SAMPLE_ID, Batch, Corpus, GlobalStage, Params, Resources, Rows
 from stages.corpus.components import key_partition, split_by
-from stages.corpus.consistency import EMBEDDING_COLUMNS, centroids, centroids_from_sums
 from stages.corpus.identities import (
     aligned,
     centroid_table,
@@ -44,8 +43,10 @@ from stages.corpus.identities import (
     space_census,
     vectors,
 )
+from stages.corpus.kernels import EMBEDDING_COLUMNS, centroids_from_sums, commit_unjudged, nearest_other
 
 COLLISION = "identity_collision"  # the rule: this identity's centroid is within the threshold of a kept one
+SPLIT_HALF_MIN = 4  # images an identity needs for its two halves' centroids to say anything
 
 
 class SeparationParams(Params):
@@ -64,25 +65,6 @@ class SeparationParams(Params):
         None, ge=1, description="identity partitions of the distributed form; null: sized from the run")
 
 
-def split_half_scores(
-    x: np.ndarray, codes: np.ndarray, k: int, metric: Metric, min_size: int = 4
-) -> np.ndarray:
-    """Score between the centroids of the two halves (alternate rows) of each identity's images."""
-    order = np.argsort(codes, kind="stable")
-    starts = np.searchsorted(codes[order], np.arange(k + 1))
-    out = []
-    for c in range(k):
-        rows = order[starts[c] : starts[c + 1]]
-        if rows.size < min_size:
-            continue
-        a, b = x[rows[0::2]].mean(axis=0), x[rows[1::2]].mean(axis=0)
-        halves = np.stack([a, b])
-        if metric.higher_is_same:
-            halves = normalise_rows(halves)
-        out.append(float(metric.score(halves[:1], halves[1:])[0]))
-    return np.asarray(out, dtype=np.float64)
-
-
 class SeparationStage(GlobalStage):
     """Finds identity collisions; drops the later identity or merges labels, recording the partner."""
 
@@ -90,9 +72,9 @@ class SeparationStage(GlobalStage):
     version: ClassVar[str] = "1"
     params_model: ClassVar[type[Params]] = SeparationParams
     resources: ClassVar[Resources] = Resources(cpus=1.0)
-    needs: tuple[str, ...] = ("embedding", "embedding_space", "embedding_metric")
-    # identity_id is a common manifest column: run_global returns it (relabelled under merge) but does
-    # not declare it.
+    needs: tuple[str, ...] = EMBEDDING_COLUMNS
+    # identity_id is a common manifest column: the commit sets it (relabelled under merge) without
+    # declaring it.
     columns: ClassVar[tuple[pa.Field, ...]] = (
         pa.field("collision_with", pa.string()),  # the kept / merged-into identity
         pa.field("collision_score", pa.float32()),  # centroid score to that identity
@@ -109,73 +91,6 @@ class SeparationStage(GlobalStage):
     def summary(self) -> dict[str, Any]:
         return dict(getattr(self, "_summary", {}))
 
-    def run_global(self, table: pa.Table) -> Batch:
-        p = self.params
-        n = table.num_rows
-        labels = table.column(IDENTITY_ID).to_pylist()
-        out = rows_ok(table.column(SAMPLE_ID).to_pylist())
-        out["detail"] = [None] * n
-        for f in self.columns:
-            out[f.name] = [None] * n
-        out[IDENTITY_ID] = list(labels)
-        le = labelled_embeddings(table, labels)
-        if le is None:
-            self._summary = {"identities": 0}
-            return out
-        x, rows, names, codes, space, metric = le.x, le.rows, le.names, le.codes, le.space, le.metric
-        k = len(names)  # names are sorted: code order is the deterministic identity order
-        cents = centroids(x[rows], codes, k, metric, np.ones(rows.size, dtype=bool))
-        threshold, source = self._threshold(space, metric, x[rows], codes, k)
-
-        pairs = range_pairs(cents, metric, threshold, exact_max=p.exact_max, seed=self.context.seed)
-        # identity code -> the code of the identity it collides into (-1: none)
-        if p.policy == "drop_later":
-            partner = self._drop_later(k, pairs.i, pairs.j, pairs.score, metric)
-        else:
-            partner = self._merge(k, pairs.i, pairs.j)
-        partner_score = np.full(k, np.nan, dtype=np.float32)
-        hit = partner >= 0
-        partner_score[hit] = metric.score(cents[hit], cents[partner[hit]])
-
-        near_id = np.full(k, -1, dtype=np.int64)
-        near_score = np.full(k, np.nan, dtype=np.float32)
-        if k > 1:
-            scores, ids = knn(cents, cents, 2, metric, exact_max=p.exact_max, seed=self.context.seed)
-            pick = np.where(ids[:, 0] == np.arange(k), 1, 0)
-            near_id = ids[np.arange(k), pick]
-            near_score = scores[np.arange(k), pick]
-
-        for r, i in enumerate(rows):
-            c = codes[r]
-            out["nearest_identity_id"][i] = str(names[near_id[c]]) if near_id[c] >= 0 else None
-            out["nearest_identity_score"][i] = None if np.isnan(near_score[c]) else float(near_score[c])
-            out["threshold"][i] = threshold
-            out["threshold_source"][i] = source
-            out["score_metric"][i] = metric.value
-            if partner[c] < 0:
-                continue
-            other = str(names[partner[c]])
-            out["collision_with"][i] = other
-            out["collision_score"][i] = float(partner_score[c])
-            if p.policy == "drop_later":
-                out["keep"][i] = False
-                out["reason"][i] = COLLISION
-                out["detail"][i] = f"with {other} ({partner_score[c]:.3f}, threshold {threshold:.3f})"
-            else:
-                out[IDENTITY_ID][i] = other
-        self._summary = {
-            "policy": p.policy,
-            "embedding_space": space,
-            "threshold": threshold,
-            "threshold_source": source,
-            "identities": k,
-            "colliding_pairs": len(pairs),
-            "dropped_identities" if p.policy == "drop_later" else "merged_identities": int(hit.sum()),
-        }
-        return out
-
-    # ------------------------------------------------------------ distributed form
-
     def distributed(self) -> bool:
         return True
 
@@ -187,7 +102,7 @@ class SeparationStage(GlobalStage):
         census = corpus.map(space_census, EMBEDDING_COLUMNS)
         if not any(c["labelled"] for c in census):
             self._summary = {"identities": 0}
-            corpus.commit(_commit_plain, [f.name for f in self.columns])
+            corpus.commit(commit_unjudged, [f.name for f in self.columns])
             return
         space, metric = one_space(set().union(*(c["spaces"] for c in census)),
                                   set().union(*(c["metrics"] for c in census)))
@@ -223,7 +138,7 @@ class SeparationStage(GlobalStage):
         identities, cents = centroid_table(cents_table)
         k = len(identities)
         halves = np.empty(0) if cents_table is None else cents_table.column("half_score").to_numpy()
-        threshold, source = self._threshold_from_scores(space, metric, halves[~np.isnan(halves)])
+        threshold, source = self._threshold(space, metric, halves[~np.isnan(halves)])
         pairs = range_pairs(cents, metric, threshold, exact_max=p.exact_max, seed=self.context.seed)
         if p.policy == "drop_later":
             partner = self._drop_later(k, pairs.i, pairs.j, pairs.score, metric)
@@ -236,16 +151,14 @@ class SeparationStage(GlobalStage):
         near_score = np.full(k, np.nan, dtype=np.float32)
         if k > 1:
             scores, ids = knn(cents, cents, 2, metric, exact_max=p.exact_max, seed=self.context.seed)
-            pick = np.where(ids[:, 0] == np.arange(k), 1, 0)
-            near_id = ids[np.arange(k), pick]
-            near_score = scores[np.arange(k), pick]
+            near_id, near_score = nearest_other(scores, ids, np.arange(k))
         table = pa.table({"identity": identities, "partner": names_at(identities, partner),
                           "partner_score": partner_score, "near": names_at(identities, near_id),
                           "near_score": near_score})
         found = {"threshold": threshold, "source": source, "pairs": len(pairs), "hits": int(hit.sum())}
         return found, table
 
-    def _threshold_from_scores(self, space: str, metric: Metric, halves: np.ndarray) -> tuple[float, str]:
+    def _threshold(self, space: str, metric: Metric, halves: np.ndarray) -> tuple[float, str]:
         p = self.params
         if p.threshold is not None:
             return float(p.threshold), "param"
@@ -307,22 +220,6 @@ class SeparationStage(GlobalStage):
         partner[partner == np.arange(k)] = -1
         return partner
 
-    def _threshold(
-        self, space: str, metric: Metric, x: np.ndarray, codes: np.ndarray, k: int
-    ) -> tuple[float, str]:
-        p = self.params
-        if p.threshold is not None:
-            return float(p.threshold), "param"
-        if p.fit_quantile is not None:
-            halves = split_half_scores(x, codes, k, metric)
-            if halves.size:
-                q = p.fit_quantile if not metric.higher_is_same else 1.0 - p.fit_quantile
-                return float(
-                    np.quantile(halves, q)
-                ), f"fit_quantile={p.fit_quantile:g} of {halves.size} split halves"
-        return defaults_for(space).collision, f"default:{space}"
-
-
 def _member_records(table: pa.Table, index: int, base: dict[str, Any]) -> dict[Any, pa.Table]:
     """(identity, shard, images) of each identity of this shard, keyed by the identity's partition."""
     _, _, labels = shard_labelled(table, base["metric"])
@@ -377,7 +274,7 @@ def _half_records(table: pa.Table, index: int, offsets: pa.Table | None, base: d
 
 def _half_totals(table: pa.Table | None, part: int, metric: Metric) -> tuple[dict[Any, pa.Table], int]:
     """One identity partition: halves added in shard order, the identity's centroid and its split-half
-    score (identities of at least 4 images), into the gathered centroid table."""
+    score (identities of at least ``SPLIT_HALF_MIN`` images), into the gathered centroid table."""
     if table is None or table.num_rows == 0:
         return {}, 0
     table, starts, _ = runs(table)
@@ -388,7 +285,7 @@ def _half_totals(table: pa.Table | None, part: int, metric: Metric) -> tuple[dic
     co = np.add.reduceat(table.column("odd_count").to_numpy(), starts)
     cents = centroids_from_sums(np.stack([even, odd]).sum(axis=0), ce + co, metric)
     half = np.full(ids.size, np.nan, dtype=np.float64)
-    ok = (ce + co >= 4) & (ce > 0) & (co > 0)  # split_half_scores' min_size (and a split was made)
+    ok = (ce + co >= SPLIT_HALF_MIN) & (ce > 0) & (co > 0)
     if ok.any():
         a, b = even[ok] / ce[ok, None], odd[ok] / co[ok, None]
         if metric.higher_is_same:
@@ -406,7 +303,3 @@ def _decisions_back(table: pa.Table | None, part: int, decisions: pa.Table) -> t
         raise RuntimeError(f"separation: partition {part} holds identities the centroid table does not")
     rows = decisions.take(pa.array(pos))
     return dict(split_by(table.column("shard").to_numpy(), {c: rows.column(c) for c in rows.column_names})), None
-
-
-def _commit_plain(table: pa.Table, index: int, columns: list[str]) -> Batch:
-    return Rows(table.column(SAMPLE_ID).to_pylist(), columns).batch()

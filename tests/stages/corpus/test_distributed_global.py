@@ -30,7 +30,7 @@ from facekit.identities.cluster_metrics import cluster_scores
 from manifests.commit import encode_manifest
 from manifests.layout import manifest_path
 from manifests.schema import VOLATILE
-from manifests.storage import RunStorage
+from manifests.storage import TMP_PREFIX, RunStorage
 from pipeline.engine.execution import UpstreamInfo, load_shard_input
 from pipeline.engine.global_exec import GlobalStageError, RayCorpus, read_shard_columns, run_global_distributed
 from stages.corpus.consistency import ConsistencyParams, ConsistencyStage
@@ -43,6 +43,7 @@ from tests.fixtures.make_corpus_reference import CASES, CORPUS, REFERENCE
 from tests.fixtures.synthetic_corpus import (
     UPSTREAM,
     SyntheticCorpus,
+    decide_table,
     global_spec,
     upstream_manifest,
     write_run,
@@ -150,17 +151,18 @@ def test_decisions_do_not_depend_on_the_number_of_partitions(
 @pytest.mark.parametrize(("cls", "params"), [
     (ConsistencyStage, ConsistencyParams(fit_far=0.01)),
     (ConsistencyStage, ConsistencyParams(mode="label_noise", passes=3)),
+    (ConsistencyStage, ConsistencyParams(centroid="median", passes=3, fit_far=0.05)),
     (SeparationStage, SeparationParams(fit_quantile=0.99)),
     (SeparationStage, SeparationParams(policy="merge", fit_quantile=0.99)),
-])
+], ids=["consistency-fit", "consistency-label-noise", "consistency-median", "separation-fit", "separation-merge"])
 @pytest.mark.parametrize("parts", [1, 5])
-def test_identities_spread_over_every_shard_get_the_single_process_decisions(
+def test_identities_spread_over_every_shard_get_the_decisions_of_one_shard_holding_them_all(
     ray_session: Any, tmp_path: Path, cls: type, params: Any, parts: int
 ) -> None:
     """The reference corpus keeps each identity in one shard; here its rows are dealt out so every identity
     has images in many shards. Sums added per identity partition in shard order, the half split by run
     order across shards and the decisions sent back to every shard holding an identity must equal the
-    single-process stage on the same rows in the same order, at any number of identity partitions."""
+    stage on the same rows in the same order written as one shard, at any number of identity partitions."""
     table = CORPUS.table()
     order = [i for start in range(7) for i in range(start, table.num_rows, 7)]  # row r goes to stride r % 7
     table = table.take(pa.array(order))
@@ -175,17 +177,17 @@ def test_identities_spread_over_every_shard_get_the_single_process_decisions(
     spec = global_spec(cls, params.model_copy(update={"partitions": parts}), run)
     run_global_distributed(spec, shards, shards)
     got = _rows(run, cls.name)
-    stage = spec.build()  # type: ignore[attr-defined]
     up = (UpstreamInfo(UPSTREAM, False, False),)
-    whole = pa.concat_tables([read_shard_columns(store, up, sh, stage.needs) for sh in shards])
-    want = stage.run_global(whole)
+    whole = pa.concat_tables([read_shard_columns(store, up, sh, cls.needs) for sh in shards])
+    want, _ = decide_table(cls, params, table, str(tmp_path / "one-shard"), shard_rows=table.num_rows)
 
     given = whole.column("identity_id").to_pylist()
     shards_of: dict[str, set[str]] = {}
     for r, lab in zip(got, given, strict=True):
         shards_of.setdefault(lab, set()).add(r["shard"])
     assert min(len(v) for v in shards_of.values()) >= 5
-    relabelled = want.get("identity_id", given)
+    relabelled = want["identity_id"]
+    assert len(want["shard"]) == len(got) and set(want["shard"]) == {"000000"}
     assert not all(want["keep"]) or relabelled != given  # the stage decided something
     assert [r["sample_id"] for r in got] == want["sample_id"]
     assert [r["keep"] for r in got] == want["keep"]
@@ -286,10 +288,9 @@ def test_a_stage_that_keeps_failing_gives_up_with_its_reason(
 KILL_SCRIPT = textwrap.dedent("""
     import sys, tempfile, ray
     from pipeline.engine.global_exec import run_global_distributed
-    from facekit.identities.cluster_metrics import cluster_scores
-from stages.corpus.consistency import ConsistencyParams, ConsistencyStage
+    from stages.corpus.consistency import ConsistencyParams, ConsistencyStage
     from tests.fixtures.synthetic_corpus import global_spec
-    from manifests.storage import RunStorage
+    from manifests.storage import TMP_PREFIX, RunStorage
     from pipeline.engine.rundir import committed_shards
     run = sys.argv[1]
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ffray-", dir="/tmp"),
@@ -308,7 +309,7 @@ HOG_SCRIPT = textwrap.dedent("""
     from stages.corpus.dedup import DedupParams
     from tests.fixtures.corpus_stages import MemoryHogDedup
     from tests.fixtures.synthetic_corpus import global_spec
-    from manifests.storage import RunStorage
+    from manifests.storage import TMP_PREFIX, RunStorage
     from pipeline.engine.rundir import committed_shards
     run = sys.argv[1]
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ffray-", dir="/tmp"),
@@ -346,6 +347,11 @@ def test_a_global_task_killed_by_rays_memory_monitor_is_retried_and_the_stage_co
     assert [r["keep"] for r in _rows(run, "dedup")] == reference["keep"]
 
 
+def _committed(run: str, stage: str) -> list[str]:
+    """The stage's committed manifests (a write the kill interrupted leaves a temporary file beside them)."""
+    return sorted(f for f in glob.glob(f"{run}/manifests/{stage}/*.parquet") if not Path(f).name.startswith(TMP_PREFIX))
+
+
 def _run_script(run: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     return subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, run], cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -365,11 +371,11 @@ def test_kill_9_during_a_distributed_global_stage_then_resume_is_byte_identical(
 
     proc = _run_script(killed)
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and len(glob.glob(f"{killed}/manifests/consistency/*.parquet")) < 5:
+    while time.monotonic() < deadline and len(_committed(killed, "consistency")) < 5:
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    first = sorted(glob.glob(f"{killed}/manifests/consistency/*.parquet"))
+    first = _committed(killed, "consistency")
     assert 5 <= len(first) < corpus.shards, "the kill must land while shards are being committed"
     stamps = {f: os.stat(f).st_mtime_ns for f in first}
     proc = _run_script(killed)

@@ -3,7 +3,8 @@
 Acceptance tests run on real faces: procedural renders (facekit.renderer.render) embedded with dlib's
 ResNet through dlib directly (HOG detector, 68-point predictor, ``face_recognition_models`` weights),
 with duplicates, other-identity images and identity clones planted by the tests. Edge cases use small
-synthetic vectors. Stages are called the way the runner calls them: ``run_global(arrow_table)``.
+synthetic vectors. Consistency and separation run their distributed steps in this process (LocalCorpus) over
+the table written as a run of several shards; dedup is called on the whole table (``run_global``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from stages.corpus.dedup import DedupParams, DedupStage
 from stages.corpus.grouping import GroupingParams, GroupingStage
 from stages.corpus.separation import SeparationParams, SeparationStage
 from stages.mappers.fingerprint import FingerprintStage
-from tests.fixtures.synthetic_corpus import run_written, write_table_run
+from tests.fixtures.synthetic_corpus import decide_table, run_written, write_table_run
 
 CTX = StageContext(run_dir="/tmp/unused", stage_id="test", seed=0)
 DLIB = "dlib-resnet-128"
@@ -158,10 +159,12 @@ def judgeable(rows: list[Face], min_clean: int = 3) -> list[Face]:
 # --------------------------------------------------------------------------- consistency
 
 
-def test_consistency_drops_planted_other_identity_images_and_keeps_clean_ones(faces: list[Face]) -> None:
+def test_consistency_drops_planted_other_identity_images_and_keeps_clean_ones(
+    faces: list[Face], tmp_path: Path
+) -> None:
     rows = judgeable(embedded(faces, {"clean", "swap"}))
-    stage = ConsistencyStage(ConsistencyParams(mode="generated", fit_far=0.01), CTX)
-    out = stage.run_global(face_table(rows))
+    params = ConsistencyParams(mode="generated", fit_far=0.01)
+    out, summary = decide_table(ConsistencyStage, params, face_table(rows), str(tmp_path / "run"))
 
     assert out["sample_id"] == [f.sample_id for f in rows]
     keep = np.array(out["keep"])
@@ -171,7 +174,7 @@ def test_consistency_drops_planted_other_identity_images_and_keeps_clean_ones(fa
     assert dropped >= 0.95
     assert kept >= 0.95
     assert set(out["threshold_source"]) == {"fit_far=0.01"}
-    fit = stage.summary()["fit"]
+    fit = summary["fit"]
     assert fit["far"] <= 0.01 and fit["n_impostor"] > 1000
     reasons = [r for r, k in zip(out["reason"], keep, strict=True) if not k]
     assert set(reasons) == {"inconsistent_identity"}
@@ -179,7 +182,7 @@ def test_consistency_drops_planted_other_identity_images_and_keeps_clean_ones(fa
 
 
 def test_images_of_strangers_are_dropped_and_keep_nearest_trades_a_few_for_clean_images(
-    faces: list[Face],
+    faces: list[Face], tmp_path: Path
 ) -> None:
     """Images of people outside the run: the strict rule drops all beyond the threshold; keep_nearest
     also keeps the ones that happen to be nearest their label (about 1 in K) -- and the clean images
@@ -189,7 +192,8 @@ def test_images_of_strangers_are_dropped_and_keep_nearest_trades_a_few_for_clean
     figures = {}
     for keep_nearest in (False, True):
         params = ConsistencyParams(mode="generated", fit_far=0.01, keep_nearest=keep_nearest)
-        keep = np.array(ConsistencyStage(params, CTX).run_global(face_table(rows))["keep"])
+        out, _ = decide_table(ConsistencyStage, params, face_table(rows), str(tmp_path / f"run-{keep_nearest}"))
+        keep = np.array(out["keep"])
         figures[keep_nearest] = ((~keep[strangers]).mean(), keep[~strangers].mean())
     print(f"strangers dropped / clean kept: strict {figures[False]}, keep_nearest {figures[True]}")
     assert figures[False][0] >= 0.95
@@ -197,11 +201,10 @@ def test_images_of_strangers_are_dropped_and_keep_nearest_trades_a_few_for_clean
     assert figures[True][1] > figures[False][1]
 
 
-def test_label_noise_mode_names_the_identity_a_swapped_image_belongs_to(faces: list[Face]) -> None:
+def test_label_noise_mode_names_the_identity_a_swapped_image_belongs_to(faces: list[Face], tmp_path: Path) -> None:
     rows = judgeable(embedded(faces, {"clean", "swap"}))
-    out = ConsistencyStage(ConsistencyParams(mode="label_noise", fit_far=0.01), CTX).run_global(
-        face_table(rows)
-    )
+    params = ConsistencyParams(mode="label_noise", fit_far=0.01)
+    out, _ = decide_table(ConsistencyStage, params, face_table(rows), str(tmp_path / "run"))
 
     swaps = [i for i, f in enumerate(rows) if f.kind == "swap"]
     caught = [i for i in swaps if not out["keep"][i]]
@@ -216,10 +219,10 @@ def test_label_noise_mode_names_the_identity_a_swapped_image_belongs_to(faces: l
 # --------------------------------------------------------------------------- separation
 
 
-def test_separation_drops_the_later_identity_of_each_planted_collision(faces: list[Face]) -> None:
+def test_separation_drops_the_later_identity_of_each_planted_collision(faces: list[Face], tmp_path: Path) -> None:
     rows = embedded(faces, {"clean", "clone"})
-    stage = SeparationStage(SeparationParams(policy="drop_later", fit_quantile=0.99), CTX)
-    out = stage.run_global(face_table(rows))
+    params = SeparationParams(policy="drop_later", fit_quantile=0.99)
+    out, summary = decide_table(SeparationStage, params, face_table(rows), str(tmp_path / "run"))
 
     dropped = {rows[i].label for i, k in enumerate(out["keep"]) if not k}
     assert dropped == {"zz000", "zz001", "zz002"}
@@ -231,14 +234,13 @@ def test_separation_drops_the_later_identity_of_each_planted_collision(faces: li
             assert out["collision_score"][i] < out["threshold"][i]
         else:
             assert out["keep"][i] and out["reason"][i] is None
-    assert stage.summary()["dropped_identities"] == 3
+    assert summary["dropped_identities"] == 3
 
 
-def test_separation_merge_relabels_a_collision_to_its_partner(faces: list[Face]) -> None:
+def test_separation_merge_relabels_a_collision_to_its_partner(faces: list[Face], tmp_path: Path) -> None:
     rows = embedded(faces, {"clean", "clone"})
-    out = SeparationStage(SeparationParams(policy="merge", fit_quantile=0.99), CTX).run_global(
-        face_table(rows)
-    )
+    params = SeparationParams(policy="merge", fit_quantile=0.99)
+    out, _ = decide_table(SeparationStage, params, face_table(rows), str(tmp_path / "run"))
 
     assert all(out["keep"])
     for i, f in enumerate(rows):
@@ -407,15 +409,14 @@ def _vec_table(
     )
 
 
-def test_consistency_keeps_a_row_for_every_sample_even_without_embedding_or_centroid() -> None:
+def test_consistency_keeps_a_row_for_every_sample_even_without_embedding_or_centroid(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     x = np.concatenate([np.zeros((6, 8)) + rng.normal(0, 0.05, (6, 8)), np.ones((1, 8))]).astype(np.float32)
     x = np.concatenate([x, np.full((1, 8), 3.0, dtype=np.float32)])
     labels: list[str | None] = ["a"] * 6 + ["b", None]
     valid = [True] * 5 + [False, True, True]
-    out = ConsistencyStage(ConsistencyParams(threshold=0.5), CTX).run_global(
-        _vec_table(x, labels, valid=valid)
-    )
+    out, _ = decide_table(ConsistencyStage, ConsistencyParams(threshold=0.5), _vec_table(x, labels, valid=valid),
+                          str(tmp_path / "run"), shard_rows=3)
 
     assert len(out["sample_id"]) == 8
     assert all(out["keep"])  # nothing to judge against: no embedding, a lone identity, no label
@@ -424,7 +425,7 @@ def test_consistency_keeps_a_row_for_every_sample_even_without_embedding_or_cent
     assert out["threshold_source"][0] == "param"
 
 
-def test_consistency_in_a_cosine_space_drops_the_planted_vector() -> None:
+def test_consistency_in_a_cosine_space_drops_the_planted_vector(tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
     centres = rng.standard_normal((5, 64))
     x = np.repeat(centres, 8, axis=0) + 0.3 * rng.standard_normal((40, 64))
@@ -432,27 +433,27 @@ def test_consistency_in_a_cosine_space_drops_the_planted_vector() -> None:
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     labels = [f"id{i // 8}" for i in range(40)]
     table = _vec_table(x.astype(np.float32), labels, space="arcface-r100-512", metric="cosine")
-    out = ConsistencyStage(ConsistencyParams(keep_nearest=False), CTX).run_global(table)
+    out, _ = decide_table(ConsistencyStage, ConsistencyParams(keep_nearest=False), table, str(tmp_path / "run"), 16)
 
     assert [i for i, k in enumerate(out["keep"]) if not k] == [3]
     assert out["score_metric"][0] == "cosine" and out["threshold_source"][0] == "default:arcface-r100-512"
     assert out["centroid_score"][0] > out["threshold"][0] > out["centroid_score"][3]
 
 
-def test_separation_greedy_order_keeps_an_identity_whose_only_partner_was_dropped() -> None:
+def test_separation_greedy_order_keeps_an_identity_whose_only_partner_was_dropped(tmp_path: Path) -> None:
     # a--b and b--c collide, a--c do not: drop b (later than a), keep c (its partner b is gone)
     pts = {"a": 0.0, "b": 0.3, "c": 0.6, "d": 5.0}
     x = np.array([[pts[k] + 0.01 * j, 0.0] for k in pts for j in range(3)], dtype=np.float32)
     labels = [k for k in pts for _ in range(3)]
-    out = SeparationStage(SeparationParams(threshold=0.4), CTX).run_global(_vec_table(x, labels))
+    out, _ = decide_table(SeparationStage, SeparationParams(threshold=0.4), _vec_table(x, labels),
+                          str(tmp_path / "drop"), shard_rows=5)
 
     dropped = {labels[i] for i, k in enumerate(out["keep"]) if not k}
     assert dropped == {"b"}
     assert {out["reason"][i] for i in range(len(labels)) if labels[i] == "b"} == {"identity_collision"}
     assert {out["detail"][i].split(" (")[0] for i in range(len(labels)) if labels[i] == "b"} == {"with a"}
-    merged = SeparationStage(SeparationParams(threshold=0.4, policy="merge"), CTX).run_global(
-        _vec_table(x, labels)
-    )
+    merged, _ = decide_table(SeparationStage, SeparationParams(threshold=0.4, policy="merge"), _vec_table(x, labels),
+                             str(tmp_path / "merge"), shard_rows=5)
     assert sorted(set(merged["identity_id"])) == ["a", "d"]  # a chain merges into its smallest id
 
 
@@ -492,13 +493,13 @@ def test_picture_similarity_tells_a_crop_or_flip_of_a_render_from_another_render
     assert picture_similarity(t, thumbnail(two)) < 0.97
 
 
-def test_every_global_stage_accepts_an_empty_table() -> None:
+def test_every_global_stage_accepts_an_empty_table(tmp_path: Path) -> None:
     empty = _vec_table(np.zeros((0, 8), dtype=np.float32), [])
-    for stage in (
-        ConsistencyStage(ConsistencyParams(), CTX),
-        SeparationStage(SeparationParams(), CTX),
-        DedupStage(DedupParams(), CTX),
-    ):
-        out = stage.run_global(empty)
+    stage = DedupStage(DedupParams(), CTX)
+    out = stage.run_global(empty)
+    assert out["sample_id"] == [] and out["keep"] == []
+    assert isinstance(stage.summary(), dict)
+    for cls, params in ((ConsistencyStage, ConsistencyParams()), (SeparationStage, SeparationParams())):
+        out, summary = decide_table(cls, params, empty, str(tmp_path / cls.name))
         assert out["sample_id"] == [] and out["keep"] == []
-        assert isinstance(stage.summary(), dict)
+        assert summary in ({"judged": 0}, {"identities": 0})

@@ -1,0 +1,108 @@
+"""Kernels the identity stages share: centroids from sums, robust centres, scores against them.
+
+Stage files hold a stage's rules and its order of distributed steps; the arithmetic two stages use is
+written here once, so neither imports the other's privates. Every function works on one block of rows
+(a shard, an identity partition) and depends only on its arguments.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from facekit.thresholds import Metric
+from facekit.vector_index import normalise_rows
+from stages.base import SAMPLE_ID, Batch, Rows
+
+EMBEDDING_COLUMNS = ("embedding", "embedding_space", "embedding_metric")
+LOO_MEDIAN_MAX = 64  # above this many images one image barely moves a median; use the plain median
+
+
+def centroids_from_sums(sums: np.ndarray, counts: np.ndarray, metric: Metric, block: int = 8192) -> np.ndarray:
+    """Float32 centroids, computed in blocks of rows: whole-table float64 temporaries would be two more
+    copies of the identity table (every step is per row, so blocks change no bit)."""
+    out = np.empty(sums.shape, dtype=np.float32)
+    for s in range(0, len(sums), block):
+        means = sums[s : s + block] / np.maximum(counts[s : s + block], 1)[:, None]
+        out[s : s + block] = normalise_rows(means) if metric.higher_is_same else means
+    return out
+
+
+def loo_scores(x: np.ndarray, codes: np.ndarray, sums: np.ndarray, counts: np.ndarray, metric: Metric,
+               inlier: np.ndarray) -> np.ndarray:
+    """Leave-one-out score of each row from its identity's inlier sums and counts (any subset of rows:
+    the sums may come from the whole run)."""
+    scores = np.full(len(x), np.nan, dtype=np.float32)
+    m = counts[codes] - inlier  # inliers other than the row
+    ok = m > 0
+    ref = (sums[codes[ok]] - x[ok] * inlier[ok, None]) / m[ok, None]
+    if metric.higher_is_same:
+        ref = normalise_rows(ref)
+    scores[ok] = metric.score(x[ok], ref.astype(np.float32))
+    return scores
+
+
+def median_scores(x: np.ndarray, codes: np.ndarray, k: int, metric: Metric, inlier: np.ndarray) -> np.ndarray:
+    """Score of each row against the coordinate-wise median of its identity's other inliers (of all of
+    them above ``LOO_MEDIAN_MAX``): needs every row of an identity, so ``x`` holds whole identities."""
+    scores = np.full(len(x), np.nan, dtype=np.float32)
+    order = np.argsort(codes, kind="stable")
+    starts = np.searchsorted(codes[order], np.arange(k + 1))
+    for c in range(k):
+        rows = order[starts[c] : starts[c + 1]]
+        good = rows[inlier[rows]]
+        ref = np.full((rows.size, x.shape[1]), np.nan, dtype=np.float64)
+        whole = np.median(x[good], axis=0) if good.size > LOO_MEDIAN_MAX else None
+        for r, row in enumerate(rows):
+            others = good[good != row]
+            if others.size:
+                ref[r] = whole if whole is not None else np.median(x[others], axis=0)
+        ok = ~np.isnan(ref[:, 0])
+        if metric.higher_is_same:
+            ref[ok] = normalise_rows(ref[ok])
+        scores[rows[ok]] = metric.score(x[rows[ok]], ref[ok].astype(np.float32))
+    return scores
+
+
+def next_inliers(same: np.ndarray, codes: np.ndarray, k: int) -> np.ndarray:
+    """Rows the next pass builds centres from: those found the same identity, except that an identity
+    left with fewer than 2 of them keeps all its rows."""
+    enough = np.bincount(codes[same], minlength=k) >= 2
+    return same | ~enough[codes]
+
+
+def impostor_scores(
+    x: np.ndarray, codes: np.ndarray, cents: np.ndarray, metric: Metric, limit: int, seed: int
+) -> np.ndarray:
+    """Each row vs identity centroids other than its own: all of them, or ``limit`` random ones."""
+    n, k = len(x), len(cents)
+    if k < 2:
+        return np.empty(0, dtype=np.float32)
+    if n * (k - 1) <= limit:
+        rows = np.repeat(np.arange(n), k)
+        others = np.tile(np.arange(k), n)
+        keep = others != codes[rows]
+        rows, others = rows[keep], others[keep]
+    else:
+        rng = np.random.default_rng(seed)
+        rows = rng.integers(0, n, limit)
+        shift = rng.integers(1, k, limit)  # never the row's own identity
+        others = (codes[rows] + shift) % k
+    out = np.empty(rows.size, dtype=np.float32)
+    step = 1 << 18
+    for s in range(0, rows.size, step):
+        out[s : s + step] = metric.score(x[rows[s : s + step]], cents[others[s : s + step]])
+    return out
+
+
+def nearest_other(scores: np.ndarray, ids: np.ndarray, own: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """From a 2-nearest search: each row's nearest identity that is not its own ``own`` code (the first
+    hit, or the second where the first is itself); (identity codes, scores)."""
+    pick = np.where(ids[:, 0] == own, 1, 0)
+    at = np.arange(len(ids))
+    return ids[at, pick], scores[at, pick]
+
+
+def commit_unjudged(table: pa.Table, index: int, columns: list[str]) -> Batch:
+    """A shard's rows when there is nothing to judge: every sample kept, the stage's columns empty."""
+    return Rows(table.column(SAMPLE_ID).to_pylist(), columns).batch()
