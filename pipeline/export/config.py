@@ -9,7 +9,7 @@ on an in-memory connection whose external access is disabled, over the Arrow dat
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -155,6 +155,18 @@ class ExportConfig(Strict):
     pretty_name: str | None = Field(None, max_length=200, description="the dataset card's title")
     task_memory_gb: float = Field(1.0, gt=0.0, le=512.0, description="memory declared by each export task")
     rows_per_task: int = Field(50_000, ge=1, description="samples a plan or writer task handles at most")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _alias_follows(cls, data: Any) -> Any:
+        """A config that names only identities.min_images carries the same value in its alias, so the
+        frozen run.yaml (which writes every key) loads again as the same setting."""
+        if isinstance(data, dict) and "min_images_per_identity" not in data:
+            ids = data.get("identities")
+            given = ids.get("min_images") if isinstance(ids, dict) else getattr(ids, "min_images", None)
+            if given is not None:
+                data = {**data, "min_images_per_identity": given}
+        return data
 
     @model_validator(mode="after")
     def _one_minimum(self) -> ExportConfig:

@@ -151,3 +151,13 @@ def test_an_invalid_identities_config_names_its_key_path(export: dict[str, Any],
     raw["export"].pop("min_images_per_identity", None) if "min_images_per_identity" not in export else None
     with pytest.raises(ConfigError, match=message):
         load_config(raw=raw)
+
+
+def test_a_config_naming_only_identities_min_images_loads_again_from_its_frozen_dump() -> None:
+    """run.yaml writes every key, the alias too: the dump must load as the same setting (whatif and a
+    resumed run read it), while two different values given by the user stay an error."""
+    cfg = ExportConfig(identities={"min_images": 3})
+    again = ExportConfig(**cfg.model_dump())
+    assert again.min_images == 3 and again == cfg
+    with pytest.raises(ValueError, match="differ"):
+        ExportConfig(identities={"min_images": 3}, min_images_per_identity=4)
