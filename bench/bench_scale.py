@@ -207,7 +207,7 @@ class PeakRss:
                 try:
                     rss = p.memory_info().rss
                     if rss > self.peak:
-                        self.peak, self.peak_name = rss, " ".join(p.cmdline()[:3]).strip()[:80]
+                        self.peak, self.peak_name = rss, " ".join(a for a in p.cmdline()[:3] if a)[:80]
                     if p.pid == self.me.pid:
                         self.driver_peak = max(self.driver_peak, rss)
                 except psutil.Error:

@@ -87,6 +87,28 @@ def test_export_threshold_on_a_missing_column_fails_before_any_work(engine_confi
     assert not out.exists()
 
 
+@pytest.mark.parametrize(("key", "block"), [
+    ("export.identities.prefer.score", {"identities": {"prefer": {"score": "meanf.meen"}}}),
+    ("export.identities.balance.column", {"identities": {"balance": {"column": "meanf.meen", "shares": {"a": 1.0}}}}),
+    ("export.splits.stratify", {"splits": {"stratify": "meanf.meen"}}),
+])
+def test_a_misspelled_column_of_the_identity_selection_or_the_split_exits_2_naming_its_key_before_any_work(
+        engine_config: dict, tmp_path: Path, key: str, block: dict) -> None:
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    engine_config["export"].update(block)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(engine_config))
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["run", str(config), "--output", str(out)])
+    assert res.exit_code == 2, (res.stdout, res.stderr)
+    assert res.stderr.startswith("error: ") and "Traceback" not in res.stderr, res.stderr
+    assert f"{key}: stage 'meanf' has no column 'meen' (columns: mean)" in res.stderr, res.stderr
+    assert not out.exists()
+
+
 def test_an_extra_export_member_that_is_not_image_bytes_fails_before_any_work(engine_config: dict,
                                                                              tmp_path: Path) -> None:
     engine_config["export"]["extra_members"] = {"mean.txt": "meanf.mean"}

@@ -87,6 +87,7 @@ def test_the_extractor_finds_the_commands_users_see() -> None:
     assert {f for f, _ in ALL} >= {"README.md", "docs/get-started.md", "docs/tutorials/curate-folder.md",
                                    "docs/tutorials/arc2face-kuberay.md", "docs/tutorials/train-evaluate.md",
                                    "arc2face-10k.yaml", "curate-folder.yaml", "quickstart.yaml",
+                                   "quickstart-dataset.yaml", "docs/building-the-dataset.md", "docs/identities.md",
                                    "train-recognition.yaml", "train-enhancement.yaml",
                                    "eval-verification.yaml"}
 
@@ -175,7 +176,7 @@ def _run_module(module: str, args: list[str], tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_quickstart_run_commands_run_for_real(small_quickstart_run: Path) -> None:
-    """README's status / query / lineage lines, on a real (small) quickstart run."""
+    """README's status / query / lineage / whatif lines, on a real (small) quickstart run."""
     import pyarrow.parquet as pq
 
     sample = pq.read_table(small_quickstart_run / "export" / "manifest.parquet").column("sample_id")[0].as_py()
@@ -183,7 +184,7 @@ def test_quickstart_run_commands_run_for_real(small_quickstart_run: Path) -> Non
     for where, command in ALL:
         argv = shlex.split(command, comments=True)
         if argv[0] != "facefoundry" or "runs/quickstart" not in argv or argv[1] not in {"status", "query",
-                                                                                      "lineage"}:
+                                                                                      "lineage", "whatif"}:
             continue
         args = [str(small_quickstart_run) if a == "runs/quickstart" else a.replace("<sample_id>", sample)
                 for a in argv[1:]]
@@ -203,3 +204,19 @@ def test_inline_set_overrides_in_the_readme_apply_to_the_quickstart_config() -> 
         if "path.to.key" in item:
             continue
         load_config(EXAMPLES / "quickstart.yaml", [item])
+
+
+def test_the_dataset_example_asks_for_quotas_splits_and_refill_and_its_columns_exist(tmp_path: Path) -> None:
+    """examples/quickstart-dataset.yaml is the recipe the docs build on: it loads, sets each part of the
+    dataset it shows, and every column its selection and split name passes the runner's checks."""
+    from pipeline.config import load_config
+    from pipeline.engine.runner import Runner
+
+    cfg, stages = load_config(EXAMPLES / "quickstart-dataset.yaml")
+    ids, splits = cfg.export.identities, cfg.export.splits
+    assert (ids.target_images, ids.max_images, cfg.export.min_images) == (8, 8, 4)
+    assert (ids.prefer.score, ids.prefer.diversity) == ("quality.sharpness", "labels.pose_bin")
+    assert (splits.stratify, splits.lookalikes) == ("labels.pose_bin", "together")
+    assert cfg.refill is not None and cfg.refill.max_rounds == 2
+    Runner(cfg, stages, str(tmp_path / "run"), show_progress=False)  # raises ConfigError on a missing column
+    assert not (tmp_path / "run").exists()
