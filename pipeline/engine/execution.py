@@ -224,8 +224,8 @@ def _read_tar(reader: ShardReader, stage_id: str) -> bytes:
     return data
 
 
-def remember(cache: ShardCache, stage: Stage[Any], stage_id: str, table: pa.Table, out: Batch, wrote_tar: bool,
-             members: dict[str, list[bytes | None]] | None = None) -> None:
+def cache_for_next_stage(cache: ShardCache, stage: Stage[Any], stage_id: str, table: pa.Table, out: Batch,
+                         wrote_tar: bool, members: dict[str, list[bytes | None]] | None = None) -> None:
     """Keep a stage's output for the next stage of a fused chain: exactly what that stage would read
     back from storage (the manifest as built; the images and pixel members the tar holds)."""
     cache.tables[stage_id] = table
@@ -550,5 +550,5 @@ class ShardExecutor:
         if commit:
             commit_manifest(self.store, spec, shard, table, tar)
         if cache is not None:
-            remember(cache, stage, spec.stage_id, table, out, wrote_tar=commit, members=members)
+            cache_for_next_stage(cache, stage, spec.stage_id, table, out, wrote_tar=commit, members=members)
         return summarise(spec, shard, rows_in, out, time.perf_counter() - t0, self.worker)
