@@ -491,8 +491,9 @@ def summarise(spec: StageSpec, shard: str, rows_in: int, out: Batch, seconds: fl
     return res
 
 
-class ShardExecutor:
-    """One stage instance, set up once, running shards. Lives inside a Ray actor."""
+class PreparedStage:
+    """One stage built and set up once, running shards one at a time: read the input, process, write,
+    commit. Lives inside a Ray actor, as part of a ``fused.FusedChain``."""
 
     def __init__(self, spec: StageSpec) -> None:
         self.spec = spec
