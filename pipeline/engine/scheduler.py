@@ -147,7 +147,7 @@ class ShardState:
     deaths: int = 0  # actor deaths blamed on the shard since its last bisection
     bisect_rounds: int = 0  # bisections done; a shard that kills its worker after one is given up
     bisect: _Bisect | None = None  # the poison-sample search under way, if any
-    quarantine: tuple[tuple[str, ...], str] = ((), "")  # poison samples found, and why, for the next run
+    quarantine: tuple[tuple[str, ...], str] = ((), "")  # poison samples found, and why: sent with its next run
 
 
 @dataclass
