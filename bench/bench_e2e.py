@@ -278,7 +278,7 @@ def bytes_per_stage(tars: list[str], cpus: int) -> dict[str, Any]:
     from manifests.storage import RunStorage
     from pipeline.config import load_config
     from pipeline.engine import execution
-    from pipeline.engine.fused import ChainExecutor
+    from pipeline.engine.fused import FusedChain
     from pipeline.engine.runner import Runner
 
     counted: dict[str, int] = {"bytes": 0}
@@ -324,14 +324,14 @@ def bytes_per_stage(tars: list[str], cpus: int) -> dict[str, Any]:
         shutil.copytree(tmp / "run", tmp / "fused")
         for s in stages[1:]:
             (tmp / "fused" / "manifests" / s.stage_id / f"{shard}.parquet").unlink()
-        chain = ChainExecutor([runner.spec(s) for s in stages[1:]])
+        chain = FusedChain([runner.spec(s) for s in stages[1:]])
         fused: dict[str, int] = {}
-        for ex in chain.execs:
+        for ex in chain.prepared:
             ex.store = RunStorage(str(tmp / "fused"))
         from pipeline.engine.execution import ShardCache
 
         cache = ShardCache()
-        for ex in chain.execs:
+        for ex in chain.prepared:
             counted["bytes"] = 0
             ex.run_shard(shard, None, cache=cache)
             fused[ex.spec.stage_id] = counted["bytes"]

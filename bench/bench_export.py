@@ -161,7 +161,7 @@ def run_new(out: Path, shards: list[str], write_shards: int, shard_size: int, cp
     from manifests.storage import RunStorage
     from pipeline.export.config import ExportConfig
     from pipeline.export.task import run_export
-    from pipeline.tables import write_run_tables
+    from pipeline.run_tables import write_run_tables
 
     ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=False, log_to_driver=False,
              _temp_dir=tempfile.mkdtemp(prefix="ffbench-", dir="/tmp"))

@@ -1,5 +1,6 @@
-"""The run's output tables: ``tables/samples`` (one row per sample, every stage's columns) and
-``tables/decisions`` (one row per sample per stage: status, keep, rule, detail).
+"""The run's output tables as files: ``tables/samples`` (one row per sample, every stage's columns) and
+``tables/decisions`` (one row per sample per stage: status, keep, rule, detail). Their schema and how
+one shard's rows are built, with no Ray; ``pipeline.run_tables`` runs this over a run's shards.
 
 Why: the per-stage manifests are the lineage, one schema per stage, and readers that infer one
 schema from the first file they see (pandas, pyarrow.dataset, Ray Data, polars, ``datasets``,

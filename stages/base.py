@@ -292,10 +292,10 @@ class Checks:
 
 
 @dataclass(frozen=True)
-class Gathered:
-    """Stands for the whole of a small shuffle (every piece written to its partition 0) in a task's
-    arguments: the task reads it from the run's work folder, so a table of identities reaches the tasks
-    that need it without passing through the driver."""
+class StoredTable:
+    """A table stored in the run's work folder (alias: ``Gathered``): in a task's arguments it stands for
+    the whole of a small shuffle (every piece written to its partition 0), read there in the task, so a
+    table of identities reaches the tasks that need it without passing through the driver."""
 
     name: str
     sort_by: str | None = None  # a column to sort the table by, once per task
@@ -303,16 +303,22 @@ class Gathered:
 
 
 @dataclass(frozen=True)
-class Kept:
-    """A value a task left in the object store (``Corpus.call(..., kept=True)``), in a later task's
-    arguments: fetched there, and ``convert`` applied once per task (deserialising an index once, not
-    once per shard)."""
+class ObjectStoreValue:
+    """A value a task left in Ray's object store (``Corpus.call(..., kept=True)``; alias: ``Kept``): in a
+    later task's arguments it is fetched there, and ``convert`` applied once per task (deserialising an
+    index once, not once per shard)."""
 
     ref: Any
     convert: Callable[[Any], Any] | None = None
 
 
-Side = str | tuple[str, ...] | None  # the shard-keyed shuffle(s) a per-shard task gets its pieces of
+# The shard-keyed shuffle(s) a per-shard task gets its own piece of (``side=``; alias: ``Side``).
+ShardKeyedInput = str | tuple[str, ...] | None
+
+# Aliases of the three names above, kept because plugin stages may import them; use the names above.
+Gathered = StoredTable
+Kept = ObjectStoreValue
+Side = ShardKeyedInput
 
 
 class Corpus(Protocol):
@@ -331,8 +337,9 @@ class Corpus(Protocol):
     ``put`` is for shared inputs that do not grow with the samples (k-means cells, the few duplicate
     links). A table that grows with the identities goes through storage instead: a reduce writes it to
     partition 0 of a shuffle (a piece key ``(name, 0)``), and ``gathered(name)`` in any task's arguments
-    stands for it; ``call(fn, ..., kept=True)`` runs ``fn`` -> ``(small, large)`` and returns
-    ``(small, Kept)``: ``large`` stays in the object store and the ``Kept`` passes it to later tasks.
+    stands for it (a ``StoredTable``); ``call(fn, ..., kept=True)`` runs ``fn`` -> ``(small, large)`` and
+    returns ``(small, ObjectStoreValue)``: ``large`` stays in the object store and the ``ObjectStoreValue``
+    passes it to later tasks.
     """
 
     shards: list[str]
@@ -342,10 +349,11 @@ class Corpus(Protocol):
 
     def put(self, value: Any) -> Any: ...
 
-    def map(self, fn: Callable[..., Any], columns: Sequence[str], *args: Any, side: Side = None) -> list[Any]: ...
+    def map(self, fn: Callable[..., Any], columns: Sequence[str], *args: Any,
+            side: ShardKeyedInput = None) -> list[Any]: ...
 
     def shuffle(self, name: str, fn: Callable[..., dict[int, pa.Table]], columns: Sequence[str],
-                *args: Any, side: Side = None) -> int: ...
+                *args: Any, side: ShardKeyedInput = None) -> int: ...
 
     def reduce(self, name: str, fn: Callable[..., Any], *args: Any) -> list[Any]: ...
 
@@ -360,9 +368,9 @@ class Corpus(Protocol):
              convert: Callable[[Any], Any] | None = None) -> Any: ...
 
     def gathered(self, name: str, sort_by: str | None = None,
-                 convert: Callable[[pa.Table | None], Any] | None = None) -> Gathered: ...
+                 convert: Callable[[pa.Table | None], Any] | None = None) -> StoredTable: ...
 
-    def commit(self, fn: Callable[..., Batch], *args: Any, side: Side = None) -> Any: ...
+    def commit(self, fn: Callable[..., Batch], *args: Any, side: ShardKeyedInput = None) -> Any: ...
 
     def dropped_before(self) -> int:
         """Rows dropped in the shards an earlier attempt already committed (for a resumed summary)."""

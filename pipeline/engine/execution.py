@@ -224,8 +224,8 @@ def _read_tar(reader: ShardReader, stage_id: str) -> bytes:
     return data
 
 
-def remember(cache: ShardCache, stage: Stage[Any], stage_id: str, table: pa.Table, out: Batch, wrote_tar: bool,
-             members: dict[str, list[bytes | None]] | None = None) -> None:
+def cache_for_next_stage(cache: ShardCache, stage: Stage[Any], stage_id: str, table: pa.Table, out: Batch,
+                         wrote_tar: bool, members: dict[str, list[bytes | None]] | None = None) -> None:
     """Keep a stage's output for the next stage of a fused chain: exactly what that stage would read
     back from storage (the manifest as built; the images and pixel members the tar holds)."""
     cache.tables[stage_id] = table
@@ -491,8 +491,9 @@ def summarise(spec: StageSpec, shard: str, rows_in: int, out: Batch, seconds: fl
     return res
 
 
-class ShardExecutor:
-    """One stage instance, set up once, running shards. Lives inside a Ray actor."""
+class PreparedStage:
+    """One stage built and set up once, running shards one at a time: read the input, process, write,
+    commit. Lives inside a Ray actor, as part of a ``fused.FusedChain``."""
 
     def __init__(self, spec: StageSpec) -> None:
         self.spec = spec
@@ -550,5 +551,5 @@ class ShardExecutor:
         if commit:
             commit_manifest(self.store, spec, shard, table, tar)
         if cache is not None:
-            remember(cache, stage, spec.stage_id, table, out, wrote_tar=commit, members=members)
+            cache_for_next_stage(cache, stage, spec.stage_id, table, out, wrote_tar=commit, members=members)
         return summarise(spec, shard, rows_in, out, time.perf_counter() - t0, self.worker)

@@ -1,7 +1,7 @@
 """Carrying out the scheduler's actions on Ray: the one place the streaming phase touches Ray.
 
-``Executor`` is the interface the runner's loop drives (start and stop actors, send requests, wait
-for what finished); ``RayExecutor`` is the implementation on Ray actors. Every failure Ray can
+``RayExecutor`` is what the runner's loop drives (start and stop actors, send requests, wait for
+what finished), on Ray actors that each hold one ``fused.FusedChain``. Every failure Ray can
 report for an actor call is turned into one of four outcomes the scheduler understands: done,
 failed (the stage raised), transient (retry later) or died (the actor or its node is gone).
 """
@@ -12,7 +12,7 @@ import contextlib
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import ray
 
@@ -20,7 +20,7 @@ from pipeline.engine.cluster import ActorPlan
 from pipeline.engine.execution import ShardResult, StageSpec
 from pipeline.engine.faults import Fault, describe
 from pipeline.engine.faults import classify as classify_fault
-from pipeline.engine.fused import ChainExecutor, StageSetupError
+from pipeline.engine.fused import FusedChain, StageSetupError
 from pipeline.engine.scheduler import Kind, Request
 
 
@@ -39,14 +39,6 @@ class Event:
     results: list[ShardResult] = field(default_factory=list)
     samples: list[str] = field(default_factory=list)
     error: str = ""
-
-
-class Executor(Protocol):
-    def start_actor(self, chain: int, actor: int) -> None: ...
-    def stop_actor(self, actor: int) -> None: ...
-    def send(self, request: Request) -> None: ...
-    def wait(self, timeout: float) -> list[Event]: ...
-    def close(self) -> None: ...
 
 
 # ---------------------------------------------------------------- failure classification
@@ -70,7 +62,7 @@ class StageActor:
     """Holds one set-up chain of stages; Ray keeps it alive while the chain has work."""
 
     def __init__(self, specs: list[StageSpec]) -> None:
-        self.chain = ChainExecutor(specs)
+        self.chain = FusedChain(specs)
 
     def run(self, shard: str, source_spec: dict[str, Any] | None, start: int, quarantine: tuple[str, ...],
             detail: str) -> list[ShardResult]:
@@ -88,7 +80,7 @@ class StageActor:
     def park(self) -> None:
         """The stages are done: release what they hold, keep the warm process (see engine/warm.py)."""
         self.chain.teardown()
-        self.chain = ChainExecutor([])
+        self.chain = FusedChain([])
 
     def call(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """A closing step of the run (compaction, the run tables) on this parked process."""

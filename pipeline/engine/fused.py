@@ -12,30 +12,30 @@ import contextlib
 import traceback
 from typing import Any
 
-from pipeline.engine.execution import ShardCache, ShardExecutor, ShardResult, StageSpec, load_shard_input
+from pipeline.engine.execution import PreparedStage, ShardCache, ShardResult, StageSpec, load_shard_input
 
 
 class StageSetupError(RuntimeError):
     """A stage's ``setup()`` (or construction) failed: no shard of it can run."""
 
 
-class ChainExecutor:
+class FusedChain:
     """The stages of one fused chain, each set up once; lives inside a Ray actor (or a test)."""
 
     def __init__(self, specs: list[StageSpec]) -> None:
         self.specs = specs
         self.error: str | None = None
-        self.execs: list[ShardExecutor] = []
+        self.prepared: list[PreparedStage] = []
         try:
-            self.execs = [ShardExecutor(s) for s in specs]
+            self.prepared = [PreparedStage(s) for s in specs]
         except Exception:  # a setup error is reported on every call, so the driver can stop the run
             self.error = traceback.format_exc()[-4000:]
 
     def teardown(self) -> None:
         """Each stage releases what its setup took; one that fails to must not keep the others."""
-        for ex in self.execs:
+        for ps in self.prepared:
             with contextlib.suppress(Exception):  # the actor is retired either way
-                ex.stage.teardown()
+                ps.stage.teardown()
 
     def _check(self) -> None:
         if self.error is not None:
@@ -49,8 +49,8 @@ class ChainExecutor:
         self._check()
         cache = ShardCache()
         results = []
-        for j, ex in enumerate(self.execs[start:], start):
-            results.append(ex.run_shard(shard, source_spec if j == 0 else None, cache=cache,
+        for j, ps in enumerate(self.prepared[start:], start):
+            results.append(ps.run_shard(shard, source_spec if j == 0 else None, cache=cache,
                                         quarantine=quarantine if j == start else (),
                                         quarantine_detail=detail))
         return results
@@ -59,7 +59,7 @@ class ChainExecutor:
         """The sample ids stage ``start`` would process for a shard (what a bisection splits)."""
         self._check()
         spec = self.specs[start]
-        batch, _ = load_shard_input(self.execs[start].store, spec.upstream, shard, with_images=False,
+        batch, _ = load_shard_input(self.prepared[start].store, spec.upstream, shard, with_images=False,
                                     columns=set())
         return list(batch["sample_id"])
 
@@ -67,6 +67,6 @@ class ChainExecutor:
         """Run the chain from ``start`` on some samples, committing nothing: returns if the worker survives."""
         self._check()
         cache = ShardCache()
-        for j, ex in enumerate(self.execs[start:], start):
-            ex.run_shard(shard, None, cache=cache, only=sample_ids if j == start else None, commit=False)
+        for j, ps in enumerate(self.prepared[start:], start):
+            ps.run_shard(shard, None, cache=cache, only=sample_ids if j == start else None, commit=False)
         return True

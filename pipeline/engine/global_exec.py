@@ -6,7 +6,7 @@ on Ray. The driver only coordinates: every read of samples happens in a task, on
 partition) at a time, and only the columns the stage declares (``needs``) are read, as Arrow. What comes
 back to the driver is counts, thresholds, bounded samples and the few duplicate links, never a table of
 samples or of identities: per-identity tables go from task to task through the run's work folder
-(``Gathered``) or the object store (``Kept``).
+(``StoredTable``) or the object store (``ObjectStoreValue``).
 
 Failures: every task declares the stage's memory (``resources.memory_gb`` -> Ray ``memory=``) and runs
 through pipeline.engine.tasks: work Ray lost (an OOM kill by Ray's memory monitor, a dead worker or
@@ -66,10 +66,10 @@ from stages.base import (
     STATUS,
     STATUS_OK,
     Batch,
-    Gathered,
     GlobalStage,
-    Kept,
-    Side,
+    ObjectStoreValue,
+    ShardKeyedInput,
+    StoredTable,
 )
 
 log = logging.getLogger(__name__)
@@ -105,22 +105,23 @@ def _side_args(store: RunStorage, stage_id: str, side: str | tuple[str, ...] | N
 
 
 def _resolve(store: RunStorage, stage_id: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Arguments with every ``Gathered`` marker replaced by its table and every ``Kept`` by its value, read
-    here in the task (the driver never holds them)."""
-    def read(g: Gathered) -> Any:
+    """Arguments with every ``StoredTable`` marker replaced by its table and every ``ObjectStoreValue`` by its
+    value, read here in the task (the driver never holds them)."""
+    def read(g: StoredTable) -> Any:
         table = _read_partition(store, stage_id, g.name, 0)
         table = table.sort_by(g.sort_by) if table is not None and g.sort_by else table
         return g.convert(table) if g.convert else table
 
-    def fetch(k: Kept) -> Any:
+    def fetch(k: ObjectStoreValue) -> Any:
         value = ray.get(k.ref)
         return k.convert(value) if k.convert else value
 
-    return tuple(read(a) if isinstance(a, Gathered) else fetch(a) if isinstance(a, Kept) else a for a in args)
+    return tuple(read(a) if isinstance(a, StoredTable) else fetch(a) if isinstance(a, ObjectStoreValue) else a
+                 for a in args)
 
 
 def _shard_task(url: str, options: dict[str, Any], upstream: tuple[UpstreamInfo, ...],
-                items: list[tuple[str, int]], columns: tuple[str, ...], stage_id: str, side: Side,
+                items: list[tuple[str, int]], columns: tuple[str, ...], stage_id: str, side: ShardKeyedInput,
                 fn: Callable[..., Any], *args: Any) -> list[Any]:
     """``fn`` on each of a few consecutive shards, one shard's table in memory at a time."""
     store = RunStorage(url, options)
@@ -144,7 +145,7 @@ def _write_pieces(store: RunStorage, stage_id: str, name: str, source: str,
 
 
 def _shuffle_task(url: str, options: dict[str, Any], upstream: tuple[UpstreamInfo, ...],
-                  items: list[tuple[str, int]], columns: tuple[str, ...], stage_id: str, side: Side,
+                  items: list[tuple[str, int]], columns: tuple[str, ...], stage_id: str, side: ShardKeyedInput,
                   name: str, fn: Callable[..., Any], *args: Any) -> list[int]:
     """Map each shard to partition pieces and write each as an Arrow IPC file under the run's work folder."""
     store = RunStorage(url, options)
@@ -207,7 +208,7 @@ def _kept_call_task(url: str, options: dict[str, Any], stage_id: str, fn: Callab
     return small, large
 
 
-def _commit_task(url: str, options: dict[str, Any], spec: StageSpec, stage: GlobalStage, side: Side,
+def _commit_task(url: str, options: dict[str, Any], spec: StageSpec, stage: GlobalStage, side: ShardKeyedInput,
                  items: list[tuple[str, int]], fn: Callable[..., Batch], *args: Any) -> list[ShardResult]:
     store = RunStorage(url, options)
     args = _resolve(store, spec.stage_id, args)
@@ -242,10 +243,10 @@ def commit_rows(store: RunStorage, spec: StageSpec, stage: GlobalStage, shard: s
     return summarise(spec, shard, n, out, time.perf_counter() - t0, worker)
 
 
-_INLINE = (str, int, float, bool, type(None), ray.ObjectRef, Gathered, Kept)
+_INLINE = (str, int, float, bool, type(None), ray.ObjectRef, StoredTable, ObjectStoreValue)
 
 
-def _share(calls: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+def _put_shared_args(calls: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     """One object-store copy of each argument several calls share. Ray puts a large argument of a call in
     the store once per call: a centroid table handed to N map tasks would be N copies in the driver's
     memory, and its size grows with the identities of the run."""
@@ -283,8 +284,8 @@ class RayCorpus:
         retried). ``kept``: ``fn`` has two returns; the driver fetches the first and gets ``(first, ref)``
         where ``ref`` names the second, left in the object store for later tasks."""
         t0 = time.perf_counter()
-        out = run_calls(f"global stage {self.spec.stage_id!r}: {what}", fn, _share(calls), self.options, kept=kept,
-                        error=GlobalStageError)
+        out = run_calls(f"global stage {self.spec.stage_id!r}: {what}", fn, _put_shared_args(calls), self.options,
+                        kept=kept, error=GlobalStageError)
         log.debug("global stage %s: %s, %d tasks, %.2f s, driver peak RSS %.0f MiB", self.spec.stage_id, what,
                   len(calls), time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         return out
@@ -302,14 +303,15 @@ class RayCorpus:
         per = max(1, math.ceil(len(items) / (TASKS_PER_CPU * cpus)))
         return [items[i : i + per] for i in range(0, len(items), per)]
 
-    def map(self, fn: Callable[..., Any], columns: Sequence[str], *args: Any, side: Side = None) -> list[Any]:
+    def map(self, fn: Callable[..., Any], columns: Sequence[str], *args: Any,
+            side: ShardKeyedInput = None) -> list[Any]:
         st = self.store
         calls = [(st.url, st.storage_options, self.spec.upstream, chunk, tuple(columns), self.spec.stage_id, side,
                   fn, *args) for chunk in self._chunks()]
         return [r for part in self._run("map", _shard_task, calls) for r in part]
 
     def shuffle(self, name: str, fn: Callable[..., dict[int, pa.Table]], columns: Sequence[str], *args: Any,
-                side: Side = None) -> int:
+                side: ShardKeyedInput = None) -> int:
         st = self.store
         st.remove(*global_work_dir(self.spec.stage_id, name), recursive=True)
         calls = [(st.url, st.storage_options, self.spec.upstream, chunk, tuple(columns), self.spec.stage_id, side,
@@ -340,14 +342,14 @@ class RayCorpus:
         if kept:
             small, ref = self._run("call (kept)", _kept_call_task, [(st.url, st.storage_options, sid, fn, *args)],
                                    True)[0]
-            return small, Kept(ref, convert)
+            return small, ObjectStoreValue(ref, convert)
         return self._run("call", _call_task, [(st.url, st.storage_options, sid, fn, *args)])[0]
 
     def gathered(self, name: str, sort_by: str | None = None,
-                 convert: Callable[[pa.Table | None], Any] | None = None) -> Gathered:
-        return Gathered(name, sort_by, convert)
+                 convert: Callable[[pa.Table | None], Any] | None = None) -> StoredTable:
+        return StoredTable(name, sort_by, convert)
 
-    def commit(self, fn: Callable[..., Batch], *args: Any, side: Side = None) -> list[ShardResult]:
+    def commit(self, fn: Callable[..., Batch], *args: Any, side: ShardKeyedInput = None) -> list[ShardResult]:
         st = self.store
         calls = [(st.url, st.storage_options, self.spec, self.stage, side, chunk, fn, *args)
                  for chunk in self._chunks(self.todo)]

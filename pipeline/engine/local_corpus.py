@@ -15,7 +15,7 @@ from typing import Any
 from manifests.storage import RunStorage
 from pipeline.engine.execution import ShardResult, StageSpec
 from pipeline.engine.global_exec import RayCorpus, _resolve, run_corpus_steps, write_summary
-from stages.base import GlobalStage, Kept
+from stages.base import GlobalStage, ObjectStoreValue
 
 
 class LocalCorpus(RayCorpus):
@@ -46,13 +46,14 @@ class LocalCorpus(RayCorpus):
         resolved = _resolve(self.store, self.spec.stage_id, tuple(_local(a) for a in args))
         if kept:
             small, large = fn(*resolved)
-            return small, Kept(large, convert)
+            return small, ObjectStoreValue(large, convert)
         return fn(*resolved)
 
 
 def _local(arg: Any) -> Any:
-    """A ``Kept`` holds its value itself here: hand the task the value (converted), as Ray's fetch would."""
-    if isinstance(arg, Kept):
+    """An ``ObjectStoreValue`` holds its value itself here: hand the task the value (converted), as Ray's
+    fetch would."""
+    if isinstance(arg, ObjectStoreValue):
         return arg.convert(arg.ref) if arg.convert else arg.ref
     return arg
 

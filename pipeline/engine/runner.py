@@ -379,7 +379,7 @@ class Runner:
         from manifests.tables import StageColumns
         from pipeline.engine.rundir import read_run_file
         from pipeline.export.task import read_committed
-        from pipeline.tables import tables_stamp, tables_up_to_date
+        from pipeline.run_tables import tables_stamp, tables_up_to_date
 
         state = read_run_file(self.store)
         plan = read_plan(self.store)
@@ -529,7 +529,7 @@ class Runner:
     def _write_tables(self, shards: list[str], failures: dict[tuple[str, str], str], warm: WarmWorkers) -> bool:
         """The run's one-row-per-sample tables: part of the run's commit, before the export."""
         from manifests.tables import StageColumns
-        from pipeline.tables import write_run_tables
+        from pipeline.run_tables import write_run_tables
 
         cols = [StageColumns(s.stage_id, self.instances[s.stage_id].output_fields(), s.cls.writes_pixels)
                 for s in self.stages]

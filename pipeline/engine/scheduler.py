@@ -139,6 +139,18 @@ class _Bisect:
 
 
 @dataclass
+class ShardState:
+    """Everything a phase tracks for one shard in one chain, so each fault rule reads one record."""
+
+    attempts: int = 0  # failures that count towards ``max_attempts``
+    transient: int = 0  # transient retries so far (backed off, not counted as failures)
+    deaths: int = 0  # actor deaths blamed on the shard since its last bisection
+    bisect_rounds: int = 0  # bisections done; a shard that kills its worker after one is given up
+    bisect: _Bisect | None = None  # the poison-sample search under way, if any
+    quarantine: tuple[tuple[str, ...], str] = ((), "")  # poison samples found, and why: sent with its next run
+
+
+@dataclass
 class _Chain:
     index: int
     stages: list[str]
@@ -178,12 +190,7 @@ class Scheduler:
         self.order = {sh: i for i, sh in enumerate(shards)}
         self.requests: dict[int, Request] = {}
         self.actors: dict[int, _Actor] = {}
-        self.attempts: dict[tuple[int, str], int] = {}
-        self.transient: dict[tuple[int, str], int] = {}
-        self.deaths: dict[tuple[int, str], int] = {}
-        self.bisects: dict[tuple[int, str], _Bisect] = {}
-        self.quarantine: dict[tuple[int, str], tuple[tuple[str, ...], str]] = {}
-        self.bisected_rounds: dict[tuple[int, str], int] = {}
+        self.shard_states: dict[tuple[int, str], ShardState] = {}  # keyed by (chain, shard)
         self.delayed: list[tuple[float, int, int, str]] = []  # (due, tiebreak, chain, shard)
         self._ids = itertools.count(1)
         self._probes: dict[int, deque[tuple[Kind, str, int, tuple[str, ...]]]] = {}
@@ -219,11 +226,20 @@ class Scheduler:
     def _first_open(self, c: _Chain, shard: str) -> int:
         return next(j for j, s in enumerate(c.stages) if shard not in self.committed[s])
 
+    def _state(self, chain: int, shard: str) -> ShardState:
+        return self.shard_states.setdefault((chain, shard), ShardState())
+
+    def _bisection(self, chain: int, shard: str) -> _Bisect:
+        b = self._state(chain, shard).bisect
+        assert b is not None, f"no bisection under way for shard {shard} of chain {chain}"
+        return b
+
     def _finish(self, c: _Chain, shard: str) -> None:
         c.expect.discard(shard)
-        for key in ((c.index, shard),):
-            self.deaths.pop(key, None)
-            self.quarantine.pop(key, None)
+        st = self.shard_states.get((c.index, shard))
+        if st is not None:
+            st.deaths = 0
+            st.quarantine = ((), "")
         if c.index + 1 < len(self.chains):
             nxt = self.chains[c.index + 1]
             if shard in nxt.expect and self._input_ready(nxt, shard):
@@ -236,7 +252,7 @@ class Scheduler:
         self.out.append(ShardFailed(sid, shard, error))
         for later in self.chains[c.index:]:
             later.expect.discard(shard)
-        self.bisects.pop((c.index, shard), None)
+        self._state(c.index, shard).bisect = None
 
     # ------------------------------------------------------------ events
 
@@ -255,20 +271,17 @@ class Scheduler:
                 self._finish(c, r.shard)
             else:  # a chain stops early when nothing is left alive for the rest of it: nothing to do
                 c.ready.appendleft(r.shard)
-        elif r.kind == Kind.SAMPLES:
-            b = self.bisects[(r.chain, r.shard)]
-            b.outstanding -= 1
+            return
+        b = self._bisection(r.chain, r.shard)
+        b.outstanding -= 1
+        if r.kind == Kind.SAMPLES:
             ids = tuple(samples)
             if not ids:
                 self._give_up(c, r.shard, f"the shard killed its worker {self.limits.max_shard_deaths} times "
                                           "and has no samples to bisect")
                 return
             self._split(b, ids)
-            self._bisect_step(c, r.shard)
-        else:
-            b = self.bisects[(r.chain, r.shard)]
-            b.outstanding -= 1
-            self._bisect_step(c, r.shard)
+        self._bisect_step(c, r.shard)
 
     def failed(self, req: int, error: str, *, transient: bool = False, now: float = 0.0,
                committed: Iterable[str] = ()) -> None:
@@ -279,29 +292,27 @@ class Scheduler:
         for sid in committed:
             self.committed_stage(sid, r.shard)
         c = self.chains[r.chain]
-        key = (r.chain, r.shard)
         if r.kind != Kind.RUN:
             # A probe or listing that raises (not a crash) says the subset is not poison for the worker.
-            b = self.bisects[key]
-            b.outstanding -= 1
+            self._bisection(r.chain, r.shard).outstanding -= 1
             self._bisect_step(c, r.shard)
             return
+        st = self._state(r.chain, r.shard)
         if transient:
-            n = self.transient.get(key, 0) + 1
-            self.transient[key] = n
-            if n <= self.limits.max_transient:
-                delay = min(self.limits.backoff_s * 2 ** (n - 1), self.limits.backoff_max_s)
+            st.transient += 1
+            if st.transient <= self.limits.max_transient:
+                delay = min(self.limits.backoff_s * 2 ** (st.transient - 1), self.limits.backoff_max_s)
                 heapq.heappush(self.delayed, (now + delay, next(self._tiebreak), r.chain, r.shard))
                 return
-        n = self.attempts.get(key, 0) + 1
-        self.attempts[key] = n
-        if n < self.limits.max_attempts:
+        st.attempts += 1
+        if st.attempts < self.limits.max_attempts:
             c.ready.append(r.shard)  # at the back: the others go first
         else:
             self._give_up(c, r.shard, error)
 
     def died(self, req: int, error: str = "", committed: Iterable[str] = ()) -> None:
-        """The actor that held the request died (or its node went away); ``committed`` as in ``failed``."""
+        """The actor that held the request died (or its node went away); ``committed`` as in ``failed``.
+        Only the request the actor was running is blamed; the ones queued behind it go back."""
         r = self.requests[req]
         for sid in committed:
             self.committed_stage(sid, r.shard)
@@ -309,39 +320,52 @@ class Scheduler:
         blamed = not actor.dead and bool(actor.inflight) and actor.inflight[0] == req
         if not actor.dead:
             actor.dead = True
-            c = self.chains[actor.chain]
-            if actor in c.actors:
-                c.actors.remove(actor)
+            owner = self.chains[actor.chain]
+            if actor in owner.actors:
+                owner.actors.remove(actor)
         self._close(req)
         c = self.chains[r.chain]
-        key = (r.chain, r.shard)
         if r.kind == Kind.RUN:
-            if not blamed:  # it was queued behind the one that killed the actor
-                c.ready.appendleft(r.shard)
-                return
-            c.deaths_in_a_row += 1
-            limit = (self.limits.max_shard_deaths + self.limits.max_in_flight) * max(c.plan.maximum, 1)
-            if c.deaths_in_a_row > limit:
-                raise SetupFailed(f"stage(s) {', '.join(c.stages)}: {c.deaths_in_a_row} workers died in a row "
-                                  f"without finishing any work: {error}")
-            n = self.deaths.get(key, 0) + 1
-            self.deaths[key] = n
-            if n < self.limits.max_shard_deaths:
-                c.ready.append(r.shard)  # at the back, never the front: other shards go on
-                return
-            rounds = self.bisected_rounds.get(key, 0)
-            if rounds >= 1 or (c.source and self._first_open(c, r.shard) == 0):
-                why = ("a source shard cannot be split" if rounds == 0
-                       else "again after its poison samples were quarantined")
-                self._give_up(c, r.shard, f"shard {r.shard} killed its worker {n} times ({why}): {error}")
-                return
-            self.bisected_rounds[key] = rounds + 1
-            self.deaths[key] = 0
-            self.bisects[key] = _Bisect(start=self._first_open(c, r.shard))
-            self.bisects[key].outstanding += 1
-            self._send(c, Kind.SAMPLES, r.shard, self.bisects[key].start, front=True)
+            self._run_died(c, r, blamed, error)
+        else:
+            self._probe_died(c, r, blamed, error)
+
+    def _run_died(self, c: _Chain, r: Request, blamed: bool, error: str) -> None:
+        """A shard run lost its actor: requeue it, or after ``max_shard_deaths`` bisect its samples."""
+        if not blamed:  # it was queued behind the one that killed the actor
+            c.ready.appendleft(r.shard)
             return
-        b = self.bisects[key]
+        c.deaths_in_a_row += 1
+        limit = (self.limits.max_shard_deaths + self.limits.max_in_flight) * max(c.plan.maximum, 1)
+        if c.deaths_in_a_row > limit:
+            raise SetupFailed(f"stage(s) {', '.join(c.stages)}: {c.deaths_in_a_row} workers died in a row "
+                              f"without finishing any work: {error}")
+        st = self._state(c.index, r.shard)
+        st.deaths += 1
+        if st.deaths < self.limits.max_shard_deaths:
+            c.ready.append(r.shard)  # at the back, never the front: other shards go on
+            return
+        if st.bisect_rounds >= 1 or (c.source and self._first_open(c, r.shard) == 0):
+            why = ("a source shard cannot be split" if st.bisect_rounds == 0
+                   else "again after its poison samples were quarantined")
+            self._give_up(c, r.shard, f"shard {r.shard} killed its worker {st.deaths} times ({why}): {error}")
+            return
+        self._start_bisection(c, r.shard)
+
+    # ------------------------------------------------------------ bisection
+
+    def _start_bisection(self, c: _Chain, shard: str) -> None:
+        """Look for the shard's poison samples: list its live samples first, then probe halves."""
+        st = self._state(c.index, shard)
+        st.bisect_rounds += 1
+        st.deaths = 0
+        st.bisect = _Bisect(start=self._first_open(c, shard), outstanding=1)
+        self._send(c, Kind.SAMPLES, shard, st.bisect.start, front=True)
+
+    def _probe_died(self, c: _Chain, r: Request, blamed: bool, error: str) -> None:
+        """A listing or probe lost its actor: a one-sample probe that kills it enough times names a
+        poison sample, a larger one is split; one queued behind the killer is sent again."""
+        b = self._bisection(r.chain, r.shard)
         b.outstanding -= 1
         if not blamed:
             if r.kind == Kind.SAMPLES:
@@ -365,8 +389,6 @@ class Scheduler:
             self._split(b, r.samples)
         self._bisect_step(c, r.shard)
 
-    # ------------------------------------------------------------ bisection
-
     @staticmethod
     def _split(b: _Bisect, ids: tuple[str, ...]) -> None:
         mid = (len(ids) + 1) // 2
@@ -375,17 +397,18 @@ class Scheduler:
             b.todo.append(ids[mid:])
 
     def _bisect_step(self, c: _Chain, shard: str) -> None:
-        key = (c.index, shard)
-        b = self.bisects[key]
+        """Send the subsets still to probe; when none is out, quarantine what was found and rerun."""
+        st = self._state(c.index, shard)
+        b = self._bisection(c.index, shard)
         while b.todo:
             self._send(c, Kind.PROBE, shard, b.start, samples=b.todo.popleft(), front=True)
             b.outstanding += 1
         if b.outstanding == 0:
-            del self.bisects[key]
+            st.bisect = None
             names = ", ".join(c.stages[b.start:])
             detail = (f"this sample killed the worker of stage(s) {names} "
                       f"(found by bisecting shard {shard}); quarantined")
-            self.quarantine[key] = (tuple(sorted(b.poison)), detail)
+            st.quarantine = (tuple(sorted(b.poison)), detail)
             c.ready.appendleft(shard)
 
     # ------------------------------------------------------------ decisions
@@ -442,7 +465,8 @@ class Scheduler:
             shard = c.ready.popleft()
             if shard not in c.expect:
                 continue
-            poison, detail = self.quarantine.get((c.index, shard), ((), ""))
+            st = self.shard_states.get((c.index, shard))
+            poison, detail = st.quarantine if st is not None else ((), "")
             return Kind.RUN, shard, self._first_open(c, shard), poison, detail
         return None
 

@@ -17,7 +17,7 @@ from manifests.catalog import Catalog, QueryError
 from manifests.lineage import trace
 from manifests.storage import RunStorage
 from pipeline.config import load_config
-from pipeline.engine.execution import ShardExecutor, write_pixels
+from pipeline.engine.execution import PreparedStage, write_pixels
 from pipeline.engine.rundir import RunConflictError, RunLockedError, run_lock
 from pipeline.engine.runner import Runner, RunResult
 
@@ -154,7 +154,7 @@ def test_executor_commits_manifest_last(tmp_path: Path, engine_config: dict) -> 
     runner.prepare(force=False, new=False)
     runner.prepare_source()
     plan = runner.shard_plan()
-    ex = ShardExecutor(runner.spec(stages[0]))
+    ex = PreparedStage(runner.spec(stages[0]))
     out = {}
     for part in ex.stage.read(plan[0]["spec"]):  # type: ignore[attr-defined]
         out = part

@@ -66,11 +66,11 @@ def test_an_argument_every_task_shares_is_put_in_the_object_store_once() -> None
     import numpy as np
     import ray
 
-    from pipeline.engine.global_exec import _share
+    from pipeline.engine.global_exec import _put_shared_args
 
     table = np.arange(300_000, dtype=np.float32)  # 1.2 MB: above Ray's inline limit
     own = [np.zeros(4) for _ in range(3)]
-    calls = _share([("url", i, own[i], table, 0.5, len) for i in range(3)])
+    calls = _put_shared_args([("url", i, own[i], table, 0.5, len) for i in range(3)])
 
     refs = [c[3] for c in calls]
     assert all(isinstance(r, ray.ObjectRef) for r in refs) and len({r.hex() for r in refs}) == 1

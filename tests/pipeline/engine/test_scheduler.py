@@ -180,7 +180,7 @@ def test_losing_every_actor_with_two_requests_in_flight_aborts_nothing_and_blame
     for r in reqs:  # the node goes away: each actor's running and queued request both fail
         s.died(r.req, "node died")
     running = {reqs[0].shard, reqs[1].shard} if reqs[0].actor != reqs[1].actor else {reqs[0].shard, reqs[2].shard}
-    assert {k[1] for k, v in s.deaths.items() if v} == running
+    assert {shard for (_, shard), st in s.shard_states.items() if st.deaths} == running
     seen = _drain(s, s.decide())
     assert not [a for a in seen if isinstance(a, ShardFailed)]
     assert s.committed["a"] == set(SHARDS)
@@ -292,3 +292,62 @@ def test_workers_that_die_in_a_row_without_finishing_anything_stop_the_run() -> 
             for r in _requests(actions):
                 s.died(r.req, "import error")
             actions = s.decide()
+
+
+def test_during_a_bisection_a_raising_probe_clears_its_samples_and_probes_queued_behind_a_crash_go_again() -> None:
+    samples = tuple(f"s{i}" for i in range(8))
+    poison, raises = "s5", "s1"
+    s = _sched([["a"]], plans=[_plan(1, 1)], limits=Limits(max_in_flight=2, max_shard_deaths=2), upstream="src")
+    bad = SHARDS[3]
+    requeued: list[tuple[str, ...]] = []
+    probed: list[tuple[str, ...]] = []
+    runs: list[Request] = []
+
+    def behave(s: Scheduler, r: Request) -> bool:
+        if r.kind == Kind.PROBE:
+            probed.append(r.samples)
+        if s.actors[r.actor].dead:  # queued behind the request that killed the actor: Ray fails it too
+            if r.kind == Kind.PROBE:
+                requeued.append(r.samples)
+            s.died(r.req, "actor gone")
+        elif r.kind == Kind.SAMPLES:
+            s.done(r.req, samples=samples)
+        elif r.kind == Kind.PROBE and poison in r.samples:
+            s.died(r.req, "worker crashed")
+        elif r.kind == Kind.PROBE and raises in r.samples:
+            s.failed(r.req, "ValueError: a stage raised")  # not a crash: these samples are not poison
+        elif r.kind == Kind.PROBE:
+            s.done(r.req)
+        else:
+            runs.append(r)
+            if r.shard == bad and poison not in r.samples:
+                s.died(r.req, "worker crashed")
+            else:
+                _complete(s, r)
+        return True
+
+    seen = _drain(s, s.start(), on_request=behave)
+    assert not [a for a in seen if isinstance(a, ShardFailed)]
+    assert requeued and all(probed.count(q) >= 2 for q in requeued)  # queued behind a crash: sent again
+    assert [r for r in runs if r.shard == bad][-1].samples == (poison,)  # the raising samples are not quarantined
+    assert s.committed["a"] == set(SHARDS)
+
+
+def test_a_shard_whose_sample_listing_kills_the_worker_or_finds_no_samples_fails_alone() -> None:
+    s = _sched([["a"]], plans=[_plan(1, 1)], limits=Limits(max_in_flight=1, max_shard_deaths=2), upstream="src")
+    kills_listing, empty = SHARDS[1], SHARDS[4]
+
+    def behave(s: Scheduler, r: Request) -> bool:
+        if r.shard not in (kills_listing, empty):
+            return False
+        if r.kind == Kind.SAMPLES and r.shard == empty:
+            s.done(r.req, samples=())
+        else:
+            s.died(r.req, "worker crashed")
+        return True
+
+    seen = _drain(s, s.start(), on_request=behave)
+    failed = {a.shard: a.error for a in seen if isinstance(a, ShardFailed)}
+    assert set(failed) == {kills_listing, empty}
+    assert "listing the samples" in failed[kills_listing] and "no samples to bisect" in failed[empty]
+    assert s.committed["a"] == set(SHARDS) - {kills_listing, empty}

@@ -16,7 +16,7 @@ from pipeline.engine.cluster import ActorPlan
 from pipeline.engine.executor import RayExecutor
 from pipeline.engine.runner import Runner
 from pipeline.engine.warm import WarmWorkers
-from pipeline.tables import write_run_tables
+from pipeline.run_tables import write_run_tables
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

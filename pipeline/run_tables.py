@@ -1,7 +1,8 @@
-"""Write the run's tables (``tables/samples``, ``tables/decisions``) as part of the run's commit.
+"""The Ray driver side of the run's tables (``tables/samples``, ``tables/decisions``): write them as part
+of the run's commit; their file format and column rules are ``manifests.tables``.
 
 One Ray task per source shard joins that shard's fragments of every stage and writes one file of
-each table with the common schema (see ``manifests.tables``); the driver holds shard names and
+each table with the common schema; the driver holds shard names and
 counts only. ``tables/tables.json`` is written last: a run whose tables commit matches the stage
 fingerprints skips this step entirely, and a killed one resumes file by file (each file carries
 the stamp it was built from).
