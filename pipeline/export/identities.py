@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.export.config import Balance, ExportConfig, Identities
-from pipeline.export.order import unit, units
+from pipeline.export.order import units
 
 TOO_SMALL = "identity_too_small"
 OVER_QUOTA = "over_quota"
@@ -313,7 +313,7 @@ def preference_order(rows: pa.Table, cfg: Identities) -> np.ndarray:
 
     n = rows.num_rows
     ids = rows.column("sample_id").to_pylist()
-    tie = [unit("pick:" + s) for s in ids]
+    tie = units("pick:", rows.column("sample_id")).tolist()
     p = cfg.prefer
     if p.score is not None:
         scores = rows.column("sel_score").to_pylist()
