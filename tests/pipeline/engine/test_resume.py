@@ -17,19 +17,13 @@ import yaml
 
 from manifests.catalog import COMMITTED_GLOB
 from manifests.schema import VOLATILE
-from tests.fixtures import REPO
+from tests.fixtures import REPO, engine_stage, pattern_config
 
-CONFIG = {
-    "name": "resume-test",
-    "run": {"seed": 11, "shard_size": 4},
-    "identities": {"count": 8, "images_per_identity": 4, "dim": 32, "max_cosine": 0.6},
-    "stages": [
-        {"stage": "tests.fixtures.engine_stages:PatternSource", "id": "pattern"},
-        {"stage": "tests.fixtures.engine_stages:BusyMapper", "id": "busy", "params": {"ms_per_sample": 120}},
-        {"stage": "tests.fixtures.engine_stages:MeanFilter", "id": "meanf", "params": {"min_mean": 50}},
-    ],
-    "export": {"shard_size": 6, "val_fraction": 0.25},
-}
+CONFIG = pattern_config(
+    "resume-test", seed=11, shard_size=4, identities=(8, 4, 32, 0.6),
+    stages=[engine_stage("BusyMapper", "busy", params={"ms_per_sample": 120}),
+            engine_stage("MeanFilter", "meanf", params={"min_mean": 50})],
+    export={"shard_size": 6, "val_fraction": 0.25})
 
 
 def _cli(config: Path, out: Path) -> subprocess.Popen[bytes]:
