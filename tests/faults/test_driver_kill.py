@@ -25,17 +25,15 @@ def _committed(root: Path) -> int:
 
 
 @pytest.mark.faults
-def test_sigkill_at_random_moments_then_resume_is_byte_identical_with_no_duplicates(tmp_path: Path) -> None:
-    seed = int(os.environ.get("FF_FAULT_SEED", str(random.SystemRandom().randrange(1 << 30))))
-    rng = random.Random(seed)
-    print(f"fault seed {seed} (FF_FAULT_SEED={seed} replays it)")
+def test_sigkill_at_random_moments_then_resume_is_byte_identical_with_no_duplicates(
+        tmp_path: Path, fault_rng: random.Random) -> None:
     config = tmp_path / "resume.yaml"
     config.write_text(yaml.safe_dump(CONFIG))
     ref, out = tmp_path / "ref", tmp_path / "resumed"
     _finish(_cli(config, ref))
     total = _committed(ref)
     # Increasing kill points over the run's commits (0 = before the first commit: startup, planning).
-    targets = sorted(rng.sample(range(total - 1), KILLS))
+    targets = sorted(fault_rng.sample(range(total - 1), KILLS))
     killed = 0
     for target in targets:
         proc = _cli(config, out)
@@ -44,7 +42,7 @@ def test_sigkill_at_random_moments_then_resume_is_byte_identical_with_no_duplica
             time.sleep(0.02)
         if proc.poll() is not None:
             continue  # finished (or got further) before this kill point
-        time.sleep(rng.uniform(0, 0.4))  # land anywhere: mid-write, mid-commit, between shards
+        time.sleep(fault_rng.uniform(0, 0.4))  # land anywhere: mid-write, mid-commit, between shards
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         killed += 1
@@ -55,7 +53,7 @@ def test_sigkill_at_random_moments_then_resume_is_byte_identical_with_no_duplica
     for pattern in ("shards/*/*.tar", "export/*/*/*.tar", "identities/*.parquet", "plan.*"):
         a, b = _files(ref, pattern), _files(out, pattern)
         assert a.keys() == b.keys() and a, pattern
-        assert a == b, f"{pattern} differs after {killed} kills (seed {seed})"
+        assert a == b, f"{pattern} differs after {killed} kills (its fault seed is printed above)"
     for stage in STAGES:
         rows = _rows(out, stage)
         ids = [r["sample_id"] for r in rows]
