@@ -875,6 +875,21 @@ def _train_config(config: Path, overrides: list[str] | None, model: type[Any]) -
         _fail(str(exc))
 
 
+def _train(config: Path, overrides: list[str] | None, model: type[Any], train: Any, address: str | None,
+           new: bool) -> None:
+    """Load the job's config, train in a Ray session, print the result as JSON (user errors: one line)."""
+    from pipeline.engine import cluster
+
+    cfg = _train_config(config, overrides, model)
+    try:
+        with cluster.session(address):
+            result = train(cfg, new=new)
+    except _training_user_errors() as exc:
+        _fail(str(exc))
+        return
+    out.print_json(json.dumps(result.__dict__ if hasattr(result, "__dict__") else result, default=str))
+
+
 @train_app.command("recognition")
 def train_recognition_cmd(
     config: Annotated[Path, typer.Argument(help="recognition training YAML")],
@@ -884,18 +899,10 @@ def train_recognition_cmd(
                    ] = False,
 ) -> None:
     """IResNet + margin loss on exported shards; safetensors checkpoints; resumes from the last one."""
-    from pipeline.engine import cluster
     from training.config import RecognitionTrainConfig
     from training.recognition import train_recognition
 
-    cfg = _train_config(config, set_, RecognitionTrainConfig)
-    try:
-        with cluster.session(address):
-            result = train_recognition(cfg, new=new)
-    except _training_user_errors() as exc:
-        _fail(str(exc))
-        return
-    out.print_json(json.dumps(result.__dict__ if hasattr(result, "__dict__") else result, default=str))
+    _train(config, set_, RecognitionTrainConfig, train_recognition, address, new)
 
 
 @train_app.command("enhancement")
@@ -907,18 +914,10 @@ def train_enhancement_cmd(
                    ] = False,
 ) -> None:
     """A small U-Net on (degraded, clean) pairs; PSNR/SSIM/identity similarity vs the degraded input."""
-    from pipeline.engine import cluster
     from training.config import EnhancementTrainConfig
     from training.enhancement import train_enhancement
 
-    cfg = _train_config(config, set_, EnhancementTrainConfig)
-    try:
-        with cluster.session(address):
-            result = train_enhancement(cfg, new=new)
-    except _training_user_errors() as exc:
-        _fail(str(exc))
-        return
-    out.print_json(json.dumps(result.__dict__ if hasattr(result, "__dict__") else result, default=str))
+    _train(config, set_, EnhancementTrainConfig, train_enhancement, address, new)
 
 
 @eval_app.command("verification")
