@@ -89,11 +89,15 @@ def _root(
     """Generate and curate face datasets on Ray, with per-sample lineage."""
 
 
+# Options several commands take, declared once.
+Overrides = Annotated[list[str] | None, typer.Option("--set", help="override: path.to.key=value")]
+StartOver = Annotated[bool, typer.Option("--new", help="delete the job's checkpoints and metrics and start over")]
+
 @app.command()
 def run(
     config: Annotated[Path, typer.Argument(help="pipeline YAML")],
     output: Annotated[str, typer.Option("--output", "-o", help="run directory: a path or fsspec URL")],
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override: path.to.key=value")] = None,
+    set_: Overrides = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (else RAY_ADDRESS, else local)")] = None,
     new: Annotated[bool, typer.Option("--new", help="delete what the output holds and start over")] = False,
     force: Annotated[bool, typer.Option("--force", help="recompute stages whose config changed")] = False,
@@ -746,7 +750,7 @@ def _jsonable(v: Any) -> Any:
 @app.command()
 def doctor(
     config: Annotated[Path | None, typer.Argument(help="pipeline YAML whose models to check")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override: path.to.key=value")] = None,
+    set_: Overrides = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address: check every node (else RAY_ADDRESS, "
                                                      "else this machine only)")] = None,
     py_module: Annotated[list[str] | None, typer.Option("--py-module", help="a folder holding your own stage "
@@ -893,10 +897,9 @@ def _train(config: Path, overrides: list[str] | None, model: type[Any], train: A
 @train_app.command("recognition")
 def train_recognition_cmd(
     config: Annotated[Path, typer.Argument(help="recognition training YAML")],
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override: path.to.key=value")] = None,
+    set_: Overrides = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address")] = None,
-    new: Annotated[bool, typer.Option("--new", help="delete the job's checkpoints and metrics and start over")
-                   ] = False,
+    new: StartOver = False,
 ) -> None:
     """IResNet + margin loss on exported shards; safetensors checkpoints; resumes from the last one."""
     from training.config import RecognitionTrainConfig
@@ -908,10 +911,9 @@ def train_recognition_cmd(
 @train_app.command("enhancement")
 def train_enhancement_cmd(
     config: Annotated[Path, typer.Argument(help="enhancement training YAML")],
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override: path.to.key=value")] = None,
+    set_: Overrides = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address")] = None,
-    new: Annotated[bool, typer.Option("--new", help="delete the job's checkpoints and metrics and start over")
-                   ] = False,
+    new: StartOver = False,
 ) -> None:
     """A small U-Net on (degraded, clean) pairs; PSNR/SSIM/identity similarity vs the degraded input."""
     from training.config import EnhancementTrainConfig
@@ -923,7 +925,7 @@ def train_enhancement_cmd(
 @eval_app.command("verification")
 def eval_verification_cmd(
     config: Annotated[Path, typer.Argument(help="verification eval YAML")],
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override: path.to.key=value")] = None,
+    set_: Overrides = None,
 ) -> None:
     """10-fold verification accuracy and TAR@FAR on .bin pair files and held-out export identities."""
     from training.config import VerificationEvalConfig
