@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+from typing import Any
 
 import pytest
 
@@ -79,3 +80,17 @@ def engine_config() -> dict:
     import copy
 
     return copy.deepcopy(ENGINE_CONFIG)
+
+
+@pytest.fixture(scope="module")
+def photo() -> Any:
+    """insightface's group photo (t1.jpg, six faces) as RGB; skips where insightface (the models extra) is
+    not installed."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    insightface = pytest.importorskip("insightface")
+    path = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
+    return np.asarray(Image.open(path).convert("RGB"))
