@@ -4,6 +4,7 @@ place of the procedural renderer, and a tiny insightface pack in place of dlib."
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -22,6 +23,13 @@ def model_folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path,
     return base, models, pack
 
 
+def _arc2face_stage(base: Path, models: Path) -> dict[str, Any]:
+    """The tiny Arc2Face source on the CPU: two steps at 64 px."""
+    return {"stage": "arc2face", "resources": {"cpus": 1, "gpus": 0},
+            "params": {"arc2face_dir": str(models / "arc2face"), "encoder_dir": str(models / "encoder"),
+                       "base_model": str(base), "dtype": "fp32", "device": "cpu", "steps": 2, "size": 64}}
+
+
 def test_run_with_tiny_arc2face_and_insightface_pack(model_folders: tuple[Path, Path, Path], tmp_path: Path) -> None:
     base, models, pack = model_folders
     insight = {"backend": "insightface", "options": {"model_dir": str(pack), "det_size": 160}}
@@ -30,9 +38,7 @@ def test_run_with_tiny_arc2face_and_insightface_pack(model_folders: tuple[Path, 
         "run": {"seed": 5, "shard_size": 4},
         "identities": {"count": 3, "images_per_identity": 2, "dim": 512, "max_cosine": 0.35},
         "stages": [
-            {"stage": "arc2face", "resources": {"cpus": 1, "gpus": 0},
-             "params": {"arc2face_dir": str(models / "arc2face"), "encoder_dir": str(models / "encoder"),
-                        "base_model": str(base), "dtype": "fp32", "device": "cpu", "steps": 2, "size": 64}},
+            _arc2face_stage(base, models),
             {"stage": "image_stats", "params": {"min_sharpness": 0, "min_contrast": 0}},
             {"stage": "detect", "params": {**insight, "policy": "one_face_per_image"}},
             {"stage": "align"},
@@ -73,9 +79,7 @@ def test_refill_rounds_generate_with_arc2face(model_folders: tuple[Path, Path, P
         "run": {"seed": 5, "shard_size": 4},
         "identities": {"count": 2, "images_per_identity": 2, "dim": 512, "max_cosine": 0.35},
         "stages": [
-            {"stage": "arc2face", "resources": {"cpus": 1, "gpus": 0},
-             "params": {"arc2face_dir": str(models / "arc2face"), "encoder_dir": str(models / "encoder"),
-                        "base_model": str(base), "dtype": "fp32", "device": "cpu", "steps": 2, "size": 64}},
+            _arc2face_stage(base, models),
         ],
         "export": {"min_images_per_identity": 1, "val_fraction": 0.0, "where": "arc2face__variant % 2 = 1"},
         "refill": {"target_images": 2, "max_rounds": 2},
