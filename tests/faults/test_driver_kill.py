@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
-from tests.pipeline.engine.test_resume import CONFIG, _cli, _files, _finish, _rows
+from tests.pipeline.engine.test_resume import CONFIG, _cli, _files, _finish, _reference, _rows
 
 KILLS = int(os.environ.get("FF_FAULT_KILLS", "3"))
 STAGES = ("pattern", "busy", "meanf")
@@ -27,10 +26,8 @@ def _committed(root: Path) -> int:
 @pytest.mark.faults
 def test_sigkill_at_random_moments_then_resume_is_byte_identical_with_no_duplicates(
         tmp_path: Path, fault_rng: random.Random) -> None:
-    config = tmp_path / "resume.yaml"
-    config.write_text(yaml.safe_dump(CONFIG))
-    ref, out = tmp_path / "ref", tmp_path / "resumed"
-    _finish(_cli(config, ref))
+    config, ref = _reference(tmp_path, CONFIG)
+    out = tmp_path / "resumed"
     total = _committed(ref)
     # Increasing kill points over the run's commits (0 = before the first commit: startup, planning).
     targets = sorted(fault_rng.sample(range(total - 1), KILLS))

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
-from tests.pipeline.engine.test_resume import _cli, _files, _finish, _rows
+from tests.pipeline.engine.test_resume import _cli, _files, _finish, _reference, _rows
 from tests.pipeline.test_refill import RAW, STAGES
 
 KILLS = int(os.environ.get("FF_FAULT_KILLS", "3"))
@@ -28,10 +27,8 @@ def _source_commits(root: Path, prefix: str = "") -> int:
 @pytest.mark.faults
 def test_sigkill_during_refill_rounds_then_resume_is_byte_identical(
         tmp_path: Path, fault_rng: random.Random) -> None:
-    config = tmp_path / "refill.yaml"
-    config.write_text(yaml.safe_dump(RAW))
-    ref, out = tmp_path / "ref", tmp_path / "resumed"
-    _finish(_cli(config, ref))
+    config, ref = _reference(tmp_path, RAW)
+    out = tmp_path / "resumed"
     total = _source_commits(ref)
     assert _source_commits(ref, "r") > 0, "the reference run made no refill round"
     # One kill as soon as a refill round has committed a shard, the others at random source commits,

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -33,6 +34,14 @@ def _cli(config: Path, out: Path) -> subprocess.Popen[bytes]:
          "--num-cpus", "2"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )
+
+
+def _reference(tmp_path: Path, raw: dict[str, Any]) -> tuple[Path, Path]:
+    """``raw`` written as ``run.yaml`` and run to the end uninterrupted: (the config, the run ``ref``)."""
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    _finish(_cli(config, tmp_path / "ref"))
+    return config, tmp_path / "ref"
 
 
 def _finish(proc: subprocess.Popen[bytes], timeout: float = 600) -> None:
@@ -71,10 +80,8 @@ def _running_with_commits(config: Path, out: Path, shards: int = 2) -> subproces
 
 @pytest.mark.slow
 def test_resume_after_sigkill_is_byte_identical_to_an_uninterrupted_run(tmp_path: Path) -> None:
-    config = tmp_path / "resume.yaml"
-    config.write_text(yaml.safe_dump(CONFIG))
-    ref, resumed = tmp_path / "ref", tmp_path / "resumed"
-    _finish(_cli(config, ref))
+    config, ref = _reference(tmp_path, CONFIG)
+    resumed = tmp_path / "resumed"
 
     proc = _cli(config, resumed)
     deadline = time.monotonic() + 300
