@@ -10,10 +10,15 @@ import signal
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
-from tests.pipeline.engine.test_resume import CONFIG, _cli, _files, _finish, _reference, _rows
+from tests.pipeline.engine.test_resume import (
+    CONFIG,
+    _assert_resumed_identical,
+    _cli,
+    _finish,
+    _reference,
+)
 
 KILLS = int(os.environ.get("FF_FAULT_KILLS", "3"))
 STAGES = ("pattern", "busy", "meanf")
@@ -47,17 +52,5 @@ def test_sigkill_at_random_moments_then_resume_is_byte_identical_with_no_duplica
     assert killed >= 1, "no kill landed before the run finished"
 
     _finish(_cli(config, out))
-    for pattern in ("shards/*/*.tar", "export/*/*/*.tar", "identities/*.parquet", "plan.*"):
-        a, b = _files(ref, pattern), _files(out, pattern)
-        assert a.keys() == b.keys() and a, pattern
-        assert a == b, f"{pattern} differs after {killed} kills (its fault seed is printed above)"
-    for stage in STAGES:
-        rows = _rows(out, stage)
-        ids = [r["sample_id"] for r in rows]
-        assert len(ids) == len(set(ids)), f"duplicate rows in {stage}"
-        assert _rows(ref, stage) == rows
-    exported = pq.read_table(out / "export" / "manifest.parquet")
-    assert exported.num_rows == len(set(exported.column("sample_id").to_pylist()))
-    assert pq.read_table(ref / "export" / "manifest.parquet").equals(exported)
-    leftovers = glob.glob(str(out / "manifests" / "*" / "_tmp-*")) + glob.glob(str(out / "shards" / "*" / "_tmp-*"))
-    assert not leftovers, "temporary files of the killed runs left behind"
+    files = ("shards/*/*.tar", "export/*/*/*.tar", "identities/*.parquet", "plan.*")
+    _assert_resumed_identical(ref, out, files, STAGES, f"{killed} kills (its fault seed is printed above)")

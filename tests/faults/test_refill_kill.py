@@ -10,10 +10,9 @@ import signal
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
-from tests.pipeline.engine.test_resume import _cli, _files, _finish, _reference, _rows
+from tests.pipeline.engine.test_resume import _assert_resumed_identical, _cli, _finish, _reference
 from tests.pipeline.test_refill import RAW, STAGES
 
 KILLS = int(os.environ.get("FF_FAULT_KILLS", "3"))
@@ -49,15 +48,5 @@ def test_sigkill_during_refill_rounds_then_resume_is_byte_identical(
     assert killed >= 1, "no kill landed before the run finished"
 
     _finish(_cli(config, out))
-    for pattern in ("shards/*/*.tar", "export/*/*/*.tar", "identities/*.parquet", "plan.*", "report/refill.json"):
-        a, b = _files(ref, pattern), _files(out, pattern)
-        assert a.keys() == b.keys() and a, pattern
-        assert a == b, f"{pattern} differs after {killed} kills (its fault seed is printed above)"
-    for stage in STAGES:
-        rows = _rows(out, stage)
-        ids = [r["sample_id"] for r in rows]
-        assert len(ids) == len(set(ids)), f"duplicate rows in {stage}"
-        assert _rows(ref, stage) == rows, f"{stage} differs after {killed} kills (its fault seed is printed above)"
-    assert pq.read_table(ref / "export" / "manifest.parquet").equals(pq.read_table(out / "export" / "manifest.parquet"))
-    leftovers = glob.glob(str(out / "manifests" / "*" / "_tmp-*")) + glob.glob(str(out / "shards" / "*" / "_tmp-*"))
-    assert not leftovers, "temporary files of the killed runs left behind"
+    files = ("shards/*/*.tar", "export/*/*/*.tar", "identities/*.parquet", "plan.*", "report/refill.json")
+    _assert_resumed_identical(ref, out, files, STAGES, f"{killed} kills (its fault seed is printed above)")

@@ -44,6 +44,26 @@ def _reference(tmp_path: Path, raw: dict[str, Any]) -> tuple[Path, Path]:
     return config, tmp_path / "ref"
 
 
+def _assert_resumed_identical(ref: Path, out: Path, patterns: tuple[str, ...], stages: tuple[str, ...],
+                              after: str) -> None:
+    """A resumed run ``out`` against its uninterrupted reference ``ref``: the files of ``patterns`` byte
+    for byte, every stage's rows (none twice), the export manifest, and no temporary file left."""
+    for pattern in patterns:
+        a, b = _files(ref, pattern), _files(out, pattern)
+        assert a.keys() == b.keys() and a, pattern
+        assert a == b, f"{pattern} differs after {after}"
+    for stage in stages:
+        rows = _rows(out, stage)
+        ids = [r["sample_id"] for r in rows]
+        assert len(ids) == len(set(ids)), f"duplicate rows in {stage}"
+        assert _rows(ref, stage) == rows, f"{stage} differs after {after}"
+    exported = pq.read_table(out / "export" / "manifest.parquet")
+    assert exported.num_rows == len(set(exported.column("sample_id").to_pylist()))
+    assert pq.read_table(ref / "export" / "manifest.parquet").equals(exported)
+    leftovers = glob.glob(str(out / "manifests" / "*" / "_tmp-*")) + glob.glob(str(out / "shards" / "*" / "_tmp-*"))
+    assert not leftovers, f"temporary files left behind after {after}"
+
+
 def _finish(proc: subprocess.Popen[bytes], timeout: float = 600) -> None:
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out.decode(errors="replace")[-3000:]
