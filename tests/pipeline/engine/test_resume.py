@@ -86,16 +86,19 @@ def _committed(root: Path, stage: str) -> int:
     return len(glob.glob(str(root / "manifests" / stage / COMMITTED_GLOB)))
 
 
-def _running_with_commits(config: Path, out: Path, shards: int = 2) -> subprocess.Popen[bytes]:
-    """A run of ``config`` started and caught while it runs, once ``shards`` of its busy stage are
-    committed: the moment a signal or a kill tests what is kept."""
+def _running_with_commits(tmp_path: Path, shards: int = 2) -> tuple[Path, Path, subprocess.Popen[bytes]]:
+    """A run of ``CONFIG`` (written to ``tmp_path``) into ``tmp_path/run``, started and caught while it
+    runs, once ``shards`` of its busy stage are committed: the moment a signal or a kill tests what is
+    kept. Returns (the config, the run, the process)."""
+    config, out = tmp_path / "run.yaml", tmp_path / "run"
+    config.write_text(yaml.safe_dump(CONFIG))
     proc = _cli(config, out)
     deadline = time.monotonic() + 300  # a bound for a stuck start, not a timing claim
     while time.monotonic() < deadline and _committed(out, "busy") < shards:
         if proc.poll() is not None:
             pytest.fail("the run finished before it could be interrupted; make the busy stage slower")
         time.sleep(0.05)
-    return proc
+    return config, out, proc
 
 
 @pytest.mark.slow
@@ -132,10 +135,7 @@ def test_resume_after_sigkill_is_byte_identical_to_an_uninterrupted_run(tmp_path
 
 @pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tmp_path: Path) -> None:
-    config = tmp_path / "resume.yaml"
-    config.write_text(yaml.safe_dump(CONFIG))
-    out = tmp_path / "run"
-    proc = _running_with_commits(config, out)
+    config, out, proc = _running_with_commits(tmp_path)
     proc.send_signal(signal.SIGINT)
     text, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, text.decode(errors="replace")[-3000:]
