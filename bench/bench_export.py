@@ -17,12 +17,10 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.bench_scale import PeakRss  # noqa: E402
 from facekit.imaging import encode_png  # noqa: E402
 from manifests.layout import manifest_path  # noqa: E402
 from manifests.schema import manifest_schema  # noqa: E402
@@ -44,68 +43,6 @@ GEN = StageColumns("gen", (pa.field("variant", pa.int64()),), True)
 QUALITY = StageColumns("quality", (pa.field("sharpness", pa.float32()), pa.field("yaw", pa.float32())), False)
 LABELS = StageColumns("labels", (pa.field("pose_bin", pa.string()),), False)
 STAGES = [GEN, QUALITY, LABELS]
-
-
-def _processes() -> list[tuple[int, str, int]]:
-    """(pid, command line, RSS bytes) of this process and its descendants (the local Ray it started:
-    other people's Ray clusters on a shared machine are not ours), from /proc (no psutil needed)."""
-    parent: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-    mine = {os.getpid()}
-    changed = True
-    while changed:
-        changed = False
-        for pid, ppid in parent.items():
-            if ppid in mine and pid not in mine:
-                mine.add(pid)
-                changed = True
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) not in mine:
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-            with open(f"/proc/{entry}/statm") as f:
-                rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, IndexError):
-            continue
-        out.append((int(entry), cmd, rss))
-    return out
-
-
-class PeakRSS:
-    """The largest RSS of this process and of every Ray worker process, sampled in a thread."""
-
-    def __init__(self) -> None:
-        self.peak = 0
-        self.peak_name = ""
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self) -> None:
-        me = os.getpid()
-        while not self._stop.is_set():
-            for pid, cmd, rss in _processes():
-                if pid != me and not (cmd.startswith("ray::") or "default_worker.py" in cmd):
-                    continue
-                if rss > self.peak:
-                    self.peak, self.peak_name = rss, ("driver" if pid == me else cmd[:40])
-            time.sleep(0.05)
-
-    def __enter__(self) -> PeakRSS:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def build_run(out: Path, samples: int, shard_size: int, write_shards: int) -> list[str]:
@@ -170,21 +107,21 @@ def run_new(out: Path, shards: list[str], write_shards: int, shard_size: int, cp
     stages = [{"id": "gen", "name": "gen"}, {"id": "quality", "name": "quality"}, {"id": "labels", "name": "labels"}]
     rows = []
     try:
-        with PeakRSS() as peak:
+        with PeakRss() as peak:
             t0 = time.perf_counter()
             write_run_tables(store, STAGES, fps, shards)
             rows.append({"step": "new: run tables", "samples": len(shards) * shard_size,
                          "seconds": round(time.perf_counter() - t0, 2), "peak_rss_mib": peak.peak >> 20,
                          "largest": peak.peak_name})
         plan_only = ExportConfig(where="shard < '000000'", shard_size=1000)  # plans everything, writes nothing
-        with PeakRSS() as peak:
+        with PeakRss() as peak:
             t0 = time.perf_counter()
             run_export(store, stages, plan_only, "bench-plan", "h", rows_per_file=shard_size)
             rows.append({"step": "new: export planning (all rows scanned, none selected)",
                          "samples": len(shards) * shard_size, "seconds": round(time.perf_counter() - t0, 2),
                          "peak_rss_mib": peak.peak >> 20, "largest": peak.peak_name})
         cfg = ExportConfig(where=f"shard < '{write_shards:06d}'", shard_size=1000)
-        with PeakRSS() as peak:
+        with PeakRss() as peak:
             t0 = time.perf_counter()
             done, _ = run_export(store, stages, cfg, "bench-write", "h", rows_per_file=shard_size)
             written = sum(s["samples"] for s in done["splits"].values())

@@ -31,17 +31,12 @@ from manifests.shards import write_tar  # noqa: E402
 from manifests.storage import RunStorage  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.engine.rundir import stage_fingerprints, write_plan, write_run_file  # noqa: E402
+from tests.fixtures import engine_stage, pattern_config  # noqa: E402
 
-CONFIG = {
-    "name": "bench-report",
-    "run": {"seed": 0, "shard_size": 1000},
-    "identities": {"count": 10, "images_per_identity": 4, "dim": 64, "max_cosine": 0.5},
-    "stages": [
-        {"stage": "tests.fixtures.engine_stages:PatternSource", "id": "pattern"},
-        {"stage": "tests.fixtures.engine_stages:MeanFilter", "id": "meanf", "params": {"min_mean": 60}},
-    ],
-    "export": {"thresholds": {"meanf.mean": {"min": 70}}},
-}
+CONFIG = pattern_config(
+    "bench-report", seed=0, shard_size=1000, identities=(10, 4, 64, 0.5),
+    stages=[engine_stage("MeanFilter", "meanf", params={"min_mean": 60})],
+    export={"thresholds": {"meanf.mean": {"min": 70}}})
 
 
 def build_run(root: Path, rows: int, shard_size: int = 1000) -> None:

@@ -41,21 +41,10 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from tests.fixtures.identity_model import hex_ids, mix
 from tests.fixtures.synthetic_corpus import METRIC, SPACE, UPSTREAM, upstream_manifest
 
 # ---------------------------------------------------------------- a fast, vectorised synthetic corpus
-
-
-def _mix(v: np.ndarray) -> np.ndarray:
-    """splitmix64: a stable 64-bit hash of integers (sample ids, hashes) without Python loops."""
-    z = v.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-def _hex(v: np.ndarray) -> list[str]:
-    return [f"{x:016x}" for x in v.tolist()]
 
 
 class Corpus:
@@ -137,17 +126,17 @@ class Corpus:
         own = np.uint64(first * self.per) + np.arange(n, dtype=np.uint64)
         sids = _sid(own, self.seed)
         reencode = kinds == 3
-        content = _mix(key ^ np.uint64(self.seed * 7 + 1))
-        content[reencode] = _mix(content[reencode])
-        pixel = _mix(key ^ np.uint64(self.seed * 7 + 2))
-        pixel[reencode] = _mix(pixel[reencode])
-        phash = _mix(key ^ np.uint64(self.seed * 7 + 3)) ^ flips
+        content = mix(key ^ np.uint64(self.seed * 7 + 1))
+        content[reencode] = mix(content[reencode])
+        pixel = mix(key ^ np.uint64(self.seed * 7 + 2))
+        pixel[reencode] = mix(pixel[reencode])
+        phash = mix(key ^ np.uint64(self.seed * 7 + 3)) ^ flips
         names = np.array(["clean", "swap", "dup-exact", "dup-reencode"])
         emb = pa.FixedSizeListArray.from_arrays(pa.array(xs.ravel(), pa.float32()), self.dim)
         return pa.table({
             "sample_id": sids, "key": sids, "identity_id": labels, "parent_id": pa.nulls(n, pa.string()),
             "embedding": emb, "embedding_space": [SPACE] * n, "embedding_metric": [METRIC] * n,
-            "content_sha256": _hex(content), "pixel_sha256": _hex(pixel), "phash": _hex(phash),
+            "content_sha256": hex_ids(content), "pixel_sha256": hex_ids(pixel), "phash": hex_ids(phash),
             "width": pa.array(np.where(reencode, 96, 112), pa.int32()),
             "height": pa.array(np.where(reencode, 96, 112), pa.int32()),
             "image_format": np.where(reencode, "jpeg", "png").tolist(),
@@ -165,7 +154,7 @@ class Corpus:
 
 
 def _sid(v: np.ndarray, seed: int) -> list[str]:
-    return ["s" + h for h in _hex(_mix(v ^ np.uint64(seed * 7 + 5)))]
+    return ["s" + h for h in hex_ids(mix(v ^ np.uint64(seed * 7 + 5)))]
 
 
 def _write_shard(args: tuple[dict[str, int], str, int]) -> None:

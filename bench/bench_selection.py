@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_export import PeakRSS  # noqa: E402
+from bench_scale import PeakRss  # noqa: E402
 
 from manifests.storage import RunStorage  # noqa: E402
 from pipeline.engine.tasks import task_options  # noqa: E402
@@ -55,7 +55,7 @@ def main() -> None:
         write_samples(run, n // 50 + 1, 51, max(1, n // SHARD_ROWS), dim=32)
         wrote = time.perf_counter() - t0
         store = RunStorage(str(run))
-        with PeakRSS() as peak:
+        with PeakRss() as peak:
             t0 = time.perf_counter()
             plan = plan_export(store, STAGES, cfg, "v-bench", SHARD_ROWS, task_options(0.5, 2**30))
             seconds = time.perf_counter() - t0

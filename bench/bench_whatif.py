@@ -29,15 +29,13 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# The export bench's three stages (gen, quality, labels): the same samples table shape.
+from bench.bench_export import STAGES  # noqa: E402
 from manifests.layout import RUN_FILE, SAMPLES_TABLE, TABLES_DONE  # noqa: E402
 from manifests.storage import RunStorage  # noqa: E402
-from manifests.tables import StageColumns, samples_schema  # noqa: E402
+from manifests.tables import samples_schema  # noqa: E402
 from pipeline.export.config import ExportConfig  # noqa: E402
 
-GEN = StageColumns("gen", (pa.field("variant", pa.int32()),), True)
-QUALITY = StageColumns("quality", (pa.field("sharpness", pa.float32()), pa.field("yaw", pa.float32())), False)
-LABELS = StageColumns("labels", (pa.field("pose_bin", pa.string()),), False)
-STAGES = [GEN, QUALITY, LABELS]
 # 5 x 5 x 2 = 50 combinations.
 GRID = ["export.thresholds.quality.sharpness.min=0,10,20,30,40",
         "export.thresholds.quality.yaw.max_abs=10,15,20,25,30",

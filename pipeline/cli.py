@@ -89,11 +89,15 @@ def _root(
     """Generate and curate face datasets on Ray, with per-sample lineage."""
 
 
+# Options several commands take, declared once.
+Overrides = Annotated[list[str] | None, typer.Option("--set", help="override: path.to.key=value")]
+StartOver = Annotated[bool, typer.Option("--new", help="delete the job's checkpoints and metrics and start over")]
+
 @app.command()
 def run(
     config: Annotated[Path, typer.Argument(help="pipeline YAML")],
     output: Annotated[str, typer.Option("--output", "-o", help="run directory: a path or fsspec URL")],
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override: path.to.key=value")] = None,
+    set_: Overrides = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (else RAY_ADDRESS, else local)")] = None,
     new: Annotated[bool, typer.Option("--new", help="delete what the output holds and start over")] = False,
     force: Annotated[bool, typer.Option("--force", help="recompute stages whose config changed")] = False,
@@ -746,7 +750,7 @@ def _jsonable(v: Any) -> Any:
 @app.command()
 def doctor(
     config: Annotated[Path | None, typer.Argument(help="pipeline YAML whose models to check")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override: path.to.key=value")] = None,
+    set_: Overrides = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address: check every node (else RAY_ADDRESS, "
                                                      "else this machine only)")] = None,
     py_module: Annotated[list[str] | None, typer.Option("--py-module", help="a folder holding your own stage "
@@ -875,56 +879,53 @@ def _train_config(config: Path, overrides: list[str] | None, model: type[Any]) -
         _fail(str(exc))
 
 
-@train_app.command("recognition")
-def train_recognition_cmd(
-    config: Annotated[Path, typer.Argument(help="recognition training YAML")],
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override: path.to.key=value")] = None,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address")] = None,
-    new: Annotated[bool, typer.Option("--new", help="delete the job's checkpoints and metrics and start over")
-                   ] = False,
-) -> None:
-    """IResNet + margin loss on exported shards; safetensors checkpoints; resumes from the last one."""
+def _train(config: Path, overrides: list[str] | None, model: type[Any], train: Any, address: str | None,
+           new: bool) -> None:
+    """Load the job's config, train in a Ray session, print the result as JSON (user errors: one line)."""
     from pipeline.engine import cluster
-    from training.config import RecognitionTrainConfig
-    from training.recognition import train_recognition
 
-    cfg = _train_config(config, set_, RecognitionTrainConfig)
+    cfg = _train_config(config, overrides, model)
     try:
         with cluster.session(address):
-            result = train_recognition(cfg, new=new)
+            result = train(cfg, new=new)
     except _training_user_errors() as exc:
         _fail(str(exc))
         return
     out.print_json(json.dumps(result.__dict__ if hasattr(result, "__dict__") else result, default=str))
+
+
+@train_app.command("recognition")
+def train_recognition_cmd(
+    config: Annotated[Path, typer.Argument(help="recognition training YAML")],
+    set_: Overrides = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address")] = None,
+    new: StartOver = False,
+) -> None:
+    """IResNet + margin loss on exported shards; safetensors checkpoints; resumes from the last one."""
+    from training.config import RecognitionTrainConfig
+    from training.recognition import train_recognition
+
+    _train(config, set_, RecognitionTrainConfig, train_recognition, address, new)
 
 
 @train_app.command("enhancement")
 def train_enhancement_cmd(
     config: Annotated[Path, typer.Argument(help="enhancement training YAML")],
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override: path.to.key=value")] = None,
+    set_: Overrides = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address")] = None,
-    new: Annotated[bool, typer.Option("--new", help="delete the job's checkpoints and metrics and start over")
-                   ] = False,
+    new: StartOver = False,
 ) -> None:
     """A small U-Net on (degraded, clean) pairs; PSNR/SSIM/identity similarity vs the degraded input."""
-    from pipeline.engine import cluster
     from training.config import EnhancementTrainConfig
     from training.enhancement import train_enhancement
 
-    cfg = _train_config(config, set_, EnhancementTrainConfig)
-    try:
-        with cluster.session(address):
-            result = train_enhancement(cfg, new=new)
-    except _training_user_errors() as exc:
-        _fail(str(exc))
-        return
-    out.print_json(json.dumps(result.__dict__ if hasattr(result, "__dict__") else result, default=str))
+    _train(config, set_, EnhancementTrainConfig, train_enhancement, address, new)
 
 
 @eval_app.command("verification")
 def eval_verification_cmd(
     config: Annotated[Path, typer.Argument(help="verification eval YAML")],
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override: path.to.key=value")] = None,
+    set_: Overrides = None,
 ) -> None:
     """10-fold verification accuracy and TAR@FAR on .bin pair files and held-out export identities."""
     from training.config import VerificationEvalConfig

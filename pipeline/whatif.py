@@ -403,13 +403,16 @@ def finish(combo: Combination, out: Outcome, counts: pa.Table) -> dict[str, Any]
 
 
 MAX_WORKERS = 8
-PARALLEL_FROM_ROWS = 500_000  # (identity, bin) rows over all combinations: below, starting processes costs more
+# (identity, bin) rows over all combinations: the identity rules are array operations (about a quarter
+# of a microsecond a row), and a spawned process costs seconds to import the package, so a pool pays only
+# for grids this large.
+PARALLEL_FROM_ROWS = 50_000_000
 
 
 def _finish_all(combos: list[Combination], outcomes: list[Outcome], counts_of: Any, workers: int
                 ) -> list[dict[str, Any]]:
-    """``finish`` per combination: the identity rules are per-identity Python, the costly part of a large
-    grid, so they run in ``workers`` processes (spawned: the caller holds DuckDB threads), a bounded
+    """``finish`` per combination: the identity rules are the costly part of a very large grid, so they
+    may run in ``workers`` processes (spawned: the caller holds DuckDB threads), a bounded
     number of combinations in flight (each process holds one combination's counts at a time)."""
     if workers <= 1:
         return [finish(c, o, counts_of(k)) for k, (c, o) in enumerate(zip(combos, outcomes, strict=True))]

@@ -5,8 +5,11 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+from typing import Any
 
 import pytest
+
+from tests.fixtures import engine_stage, pattern_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -66,16 +69,10 @@ def ray_session():  # type: ignore[no-untyped-def]
     embedded.stop()
 
 
-ENGINE_CONFIG = {
-    "name": "engine-test",
-    "run": {"seed": 3, "shard_size": 8},
-    "identities": {"count": 6, "images_per_identity": 4, "dim": 64, "max_cosine": 0.5},
-    "stages": [
-        {"stage": "tests.fixtures.engine_stages:PatternSource", "id": "pattern"},
-        {"stage": "tests.fixtures.engine_stages:MeanFilter", "id": "meanf", "params": {"min_mean": 60}},
-    ],
-    "export": {"shard_size": 5, "val_fraction": 0.34, "min_images_per_identity": 2},
-}
+ENGINE_CONFIG = pattern_config(
+    "engine-test", seed=3, shard_size=8, identities=(6, 4, 64, 0.5),
+    stages=[engine_stage("MeanFilter", "meanf", params={"min_mean": 60})],
+    export={"shard_size": 5, "val_fraction": 0.34, "min_images_per_identity": 2})
 
 
 @pytest.fixture
@@ -83,3 +80,17 @@ def engine_config() -> dict:
     import copy
 
     return copy.deepcopy(ENGINE_CONFIG)
+
+
+@pytest.fixture(scope="module")
+def photo() -> Any:
+    """insightface's group photo (t1.jpg, six faces) as RGB; skips where insightface (the models extra) is
+    not installed."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    insightface = pytest.importorskip("insightface")
+    path = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
+    return np.asarray(Image.open(path).convert("RGB"))

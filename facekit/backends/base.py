@@ -152,3 +152,7 @@ class BackendParams(Params):
     def _check_options(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         backend = info.data.get("backend")
         return validate_backend_options(backend, value) if backend else value
+
+    def missing_files(self, role: str) -> list[str]:
+        """A stage's ``doctor``: what this backend cannot find for ``role`` (detector, embedder)."""
+        return check_backend_files(self.backend, dict(self.options), role)

@@ -137,8 +137,6 @@ def dataset_card(*, cfg: ExportConfig, version: str, splits: dict[str, Any], sta
                  leaks: dict[str, Any] | None = None, grouping: list[dict[str, Any]] | None = None,
                  refill: dict[str, Any] | None = None) -> str:
     fm = front_matter(cfg, version, splits, class_names, image_exts, meta_types)
-    n_train = splits.get("train", {}).get("identities", 0)
-    n_val = splits.get("val", {}).get("identities", 0)
     description = cfg.description or (
         "Face images produced and curated by a FaceFoundry run: every sample traceable from the seed (or source "
         "file) that made it to the training shard that holds it.")
@@ -151,9 +149,38 @@ def dataset_card(*, cfg: ExportConfig, version: str, splits: dict[str, Any], sta
              + (", plus " + ", ".join(f"`{e}`" for e in cfg.extra_members) if cfg.extra_members else "") + ".",
              "Stages of the run that made them: " + ", ".join(f"`{s['id']}` ({s['name']})" for s in stages) + ".",
              "", "```python", "import datasets", "ds = datasets.load_dataset(\"path/to/export\")  "
-             "# splits: train, validation", "```", "",
-             "## Splits (by identity)", "",
-             "| split | samples | identities | shards |", "|---|---|---|---|"]
+             "# splits: train, validation", "```", ""]
+    lines += _splits_lines(cfg, splits)
+    lines += _labels_lines(splits, grouping)
+    lines += _fields_lines(meta_types)
+    lines += _selection_section(cfg, stats, config_hash, fingerprint)
+    if refill:
+        lines += ["", "## Refill", "", refill_markdown(refill)]
+    lines += ["", "## Drops and errors by rule", ""]
+    lines += drop_table(stats["reasons"]) if stats["reasons"] else ["No sample was dropped or failed."]
+    if balance:
+        lines += ["", "## Balance", "", balance]
+    if leaks:
+        lines += ["", "## Split leak check", "", *leak_lines(leaks)]
+    lines += USE_AND_FACE_DATA
+    return "\n".join(lines) + "\n"
+
+
+USE_AND_FACE_DATA = [
+    "", "## Intended use", "",
+    "Training and evaluating face recognition and face restoration models, and research on dataset curation. "
+    "Not for identifying, tracking or profiling real people, nor for inferring sensitive attributes.", "",
+    "## Face data", "",
+    "This dataset contains images of faces. Synthetic faces can still resemble real people; ingested corpora "
+    "contain real people who have rights over their likeness (consent, data-protection law such as the GDPR's "
+    "rules on biometric data). Check the license and the provenance of the sources before use or release, "
+    "honour removal requests, and measure demographic balance (the Balance section, when present, covers "
+    "only the run's attribute labels) before drawing conclusions from a model trained on it.",
+]
+
+
+def _splits_lines(cfg: ExportConfig, splits: dict[str, Any]) -> list[str]:
+    lines = ["## Splits (by identity)", "", "| split | samples | identities | shards |", "|---|---|---|---|"]
     for split, s in splits.items():
         lines.append(f"| {split} | {s['samples']} | {s['identities']} | {len(s['shards'])} |")
     few = [s for s, v in splits.items() if v["samples"] and len(v["shards"]) < cfg.min_shards_per_split]
@@ -161,7 +188,13 @@ def dataset_card(*, cfg: ExportConfig, version: str, splits: dict[str, Any], sta
         lines += ["", f"**Warning:** {', '.join(few)} has fewer than {cfg.min_shards_per_split} shards (too few "
                   "samples): a data loader with more workers than shards leaves workers idle; set "
                   "`num_workers` to at most the shard count."]
-    lines += [
+    return lines
+
+
+def _labels_lines(splits: dict[str, Any], grouping: list[dict[str, Any]] | None) -> list[str]:
+    n_train = splits.get("train", {}).get("identities", 0)
+    n_val = splits.get("val", {}).get("identities", 0)
+    lines = [
         "", "## Labels", "",
         f"One label space across splits: training identities are labels 0..{max(n_train - 1, 0)} (sorted by "
         f"identity id; a classifier head has {n_train} classes), validation identities "
@@ -172,18 +205,24 @@ def dataset_card(*, cfg: ExportConfig, version: str, splits: dict[str, Any], sta
     ]
     for g in grouping or []:
         lines += [f"Identity labels assigned by grouping {grouping_line(g)}", ""]
-    lines += [
-        "## Fields of `<key>.json`", "", "| field | type | meaning |", "|---|---|---|",
-    ]
+    return lines
+
+
+def _fields_lines(meta_types: dict[str, str]) -> list[str]:
+    lines = ["## Fields of `<key>.json`", "", "| field | type | meaning |", "|---|---|---|"]
     for k, (t, text) in JSON_FIELDS.items():
         lines.append(f"| `{k}` | {t} | {text} |")
     for k, t in meta_types.items():
         lines.append(f"| `{k}` | {_hf_dtype(t)} | copied from the run's stage column "
                      f"`{k.replace('_', '.', 1)}` (`export.metadata_columns`) |")
-    lines += [
-        "", "Scores are on their backend's own scale: `det_score` of the dlib HOG detector is an SVM margin "
-        "(roughly 0-3), not a probability; SCRFD and YuNet scores are in [0, 1]. Embedding distances and "
-        "cosines are specific to the embedder named in the run's manifests (`model_name`, `model_revision`).",
+    return [*lines,
+            "", "Scores are on their backend's own scale: `det_score` of the dlib HOG detector is an SVM margin "
+            "(roughly 0-3), not a probability; SCRFD and YuNet scores are in [0, 1]. Embedding distances and "
+            "cosines are specific to the embedder named in the run's manifests (`model_name`, `model_revision`)."]
+
+
+def _selection_section(cfg: ExportConfig, stats: dict[str, Any], config_hash: str, fingerprint: str) -> list[str]:
+    lines = [
         "", "## Selection", "",
         f"- samples seen by the run: {stats['total_samples']}",
         f"- selected by the decisions (every stage ok and kept, or the export thresholds): {stats['candidates']}",
@@ -198,26 +237,7 @@ def dataset_card(*, cfg: ExportConfig, version: str, splits: dict[str, Any], sta
         lines += [f"- `{k}`: {v.model_dump(exclude_none=True)}" for k, v in cfg.thresholds.items()]
         if cfg.where:
             lines.append(f"- where: `{cfg.where}`")
-    if refill:
-        lines += ["", "## Refill", "", refill_markdown(refill)]
-    lines += ["", "## Drops and errors by rule", ""]
-    lines += drop_table(stats["reasons"]) if stats["reasons"] else ["No sample was dropped or failed."]
-    if balance:
-        lines += ["", "## Balance", "", balance]
-    if leaks:
-        lines += ["", "## Split leak check", "", *leak_lines(leaks)]
-    lines += [
-        "", "## Intended use", "",
-        "Training and evaluating face recognition and face restoration models, and research on dataset curation. "
-        "Not for identifying, tracking or profiling real people, nor for inferring sensitive attributes.", "",
-        "## Face data", "",
-        "This dataset contains images of faces. Synthetic faces can still resemble real people; ingested corpora "
-        "contain real people who have rights over their likeness (consent, data-protection law such as the GDPR's "
-        "rules on biometric data). Check the license and the provenance of the sources before use or release, "
-        "honour removal requests, and measure demographic balance (the Balance section, when present, covers "
-        "only the run's attribute labels) before drawing conclusions from a model trained on it.",
-    ]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def leakage_gates(store: Any, stages: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from pipeline.export.config import Identities
 from pipeline.export.identities import NO_BIN, available_bins, image_plan, pick_images
-from pipeline.export.order import unit
+from pipeline.export.order import units
 from pipeline.export.plan import MAX_EXAMPLES, SELECTION_COLUMNS
 
 EXPORT_STAGE = "export"
@@ -117,7 +117,7 @@ def choose_range(store: Any, cand_files: list[tuple[str, ...]], decisions: pa.Ta
             raise ValueError(f"export.splits: more than one embedding space among the exported samples "
                              f"({sorted(spaces)}): similarities are only comparable within one space")
         out.space = spaces.pop() if spaces else None
-        check = pa.array([unit("check:" + s) for s in emb.column("sample_id").to_pylist()], pa.float64())
+        check = pa.array(units("check:", emb.column("sample_id")), pa.float64())
         emb = emb.select(["sample_id", "identity_id", "sel_emb"]).append_column("check", check).sort_by("check")
         _write(store, emb, out_emb)
     writer = kept.drop_columns([c for c in SELECTION_COLUMNS if c in kept.column_names])

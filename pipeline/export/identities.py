@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.export.config import Balance, ExportConfig, Identities
-from pipeline.export.order import unit
+from pipeline.export.order import units
 
 TOO_SMALL = "identity_too_small"
 OVER_QUOTA = "over_quota"
@@ -65,11 +65,12 @@ def quotas(total: int, shares: Mapping[str, float]) -> dict[str, int]:
     return out
 
 
-def balanced_total(upper: int, available: Mapping[str, int], shares: Mapping[str, float], fill: bool) -> int:
+def balanced_total(upper: int, available: Mapping[str, int], shares: Mapping[str, float], fill: bool,
+                   exists: int | None = None) -> int:
     """The largest total <= ``upper`` whose quotas every bin meets (``fill``: ``upper``, capped by what
-    exists)."""
+    exists: ``exists``, by default the sum of ``available``)."""
     if fill:
-        return min(upper, sum(available.values()))
+        return min(upper, sum(available.values()) if exists is None else exists)
     t = upper
     for b, s in shares.items():
         t = min(t, math.ceil((available.get(b, 0) + 1) / s) - 1)
@@ -91,14 +92,19 @@ class ImagePlan:
 
 
 def image_plan(available: Mapping[str, int], cfg: Identities) -> ImagePlan:
-    n = sum(available.values())
+    return _plan(sum(available.values()), available, cfg)
+
+
+def _plan(n: int, available: Mapping[str, int], cfg: Identities) -> ImagePlan:
+    """The plan of an identity with ``n`` candidates, ``available`` of them per bin (bins outside the
+    shares may be left out)."""
     capped = min(n, cfg.max_images) if cfg.max_images is not None else n
     bal = cfg.balance
     if bal is None or bal.level != "image":
         return ImagePlan(capped, capped, None, {})
     want = quotas(capped, bal.shares)
     short = {b: q - available.get(b, 0) for b, q in want.items() if q > available.get(b, 0)}
-    total = balanced_total(capped, available, bal.shares, bal.fill)
+    total = balanced_total(capped, available, bal.shares, bal.fill, n)
     per_bin = {b: min(q, available.get(b, 0)) for b, q in quotas(total, bal.shares).items()}
     return ImagePlan(total, capped, per_bin, short)
 
@@ -123,21 +129,94 @@ class Selection:
                 "target_images": self.target_images, "short_of_target": self.short_of_target}
 
 
-def _identity_bin(bins: Mapping[str, int]) -> str:
-    """The most frequent bin of an identity's images; ties by bin name."""
-    return min(bins, key=lambda b: (-bins[b], b))
+@dataclass(frozen=True)
+class _PerIdentity:
+    """The counts table folded to one entry per identity, identities in id order."""
+
+    ids: pa.Array  # sorted identity ids
+    n: np.ndarray  # candidate images
+    score: np.ndarray  # mean ranking score; NaN without one
+    has_score: np.ndarray
+    top_bin: pa.Array  # the most frequent bin (ties by bin name)
+    row_ident: np.ndarray  # per (identity, bin) row: its identity's index
+    row_bin: pa.Array  # per row: its bin (NO_BIN for a null or empty one)
+    row_n: np.ndarray
 
 
-def _rank_key(cfg: Identities, ident: str, n: int, score: float | None) -> tuple[Any, ...]:
+def _per_identity(counts: pa.Table) -> _PerIdentity:
+    bins = pc.if_else(pc.or_kleene(pc.is_null(counts.column("bin")), pc.equal(counts.column("bin"), "")),
+                      NO_BIN, counts.column("bin"))
+    grouped = pa.table({"identity_id": counts.column("identity_id"), "bin": bins,
+                        "n": counts.column("n").cast(pa.int64())}).group_by(["identity_id", "bin"]).aggregate(
+        [("n", "sum")])
+    ids = pc.unique(grouped.column("identity_id").combine_chunks())
+    ids = ids.take(pc.sort_indices(ids))
+    row_ident = pc.index_in(grouped.column("identity_id"), ids).to_numpy().astype(np.int64)
+    row_bin = grouped.column("bin").combine_chunks()
+    row_n = grouped.column("n_sum").to_numpy().astype(np.int64)
+    n = np.bincount(row_ident, weights=row_n, minlength=len(ids)).astype(np.int64)
+    # The most frequent bin: rows by identity, count descending, bin name ascending; the first per identity.
+    order = pc.sort_indices(pa.table({"i": row_ident, "n": row_n, "b": row_bin}),
+                            [("i", "ascending"), ("n", "descending"), ("b", "ascending")]).to_numpy()
+    first = order[np.r_[True, row_ident[order][1:] != row_ident[order][:-1]]]
+    top_bin = row_bin.take(pa.array(first))
+    score_sum = np.zeros(len(ids))
+    score_n = np.zeros(len(ids), dtype=np.int64)
+    if "score_sum" in counts.column_names:
+        valid = counts.column("score_sum").is_valid().to_numpy(zero_copy_only=False)
+        at = pc.index_in(counts.column("identity_id"), ids).to_numpy(zero_copy_only=False)[valid].astype(np.int64)
+        sums = counts.column("score_sum").to_numpy(zero_copy_only=False)[valid].astype(np.float64)
+        ns = pc.fill_null(counts.column("score_n"), 0).to_numpy(zero_copy_only=False)[valid].astype(np.int64)
+        np.add.at(score_sum, at, sums)
+        np.add.at(score_n, at, ns)
+    has_score = score_n != 0
+    score = np.divide(score_sum, score_n, out=np.full(len(ids), np.nan), where=has_score)
+    return _PerIdentity(ids, n, score, has_score, top_bin, row_ident, row_bin, row_n)
 
+
+@dataclass(frozen=True)
+class _Plans:
+    """Every identity's ``ImagePlan`` as arrays; with image balance, ``kind`` indexes ``plans`` (identities
+    with the same counts per share bin share one plan)."""
+
+    total: np.ndarray
+    capped: np.ndarray
+    kind: np.ndarray | None = None
+    plans: list[ImagePlan] = field(default_factory=list)
+
+
+def _image_plans(per: _PerIdentity, cfg: Identities) -> _Plans:
+    capped = per.n if cfg.max_images is None else np.minimum(per.n, cfg.max_images)
+    bal = cfg.balance
+    if bal is None or bal.level != "image":
+        return _Plans(capped, capped)
+    names = sorted(bal.shares)
+    # Per identity: candidates, then candidates per share bin (what image_plan reads of its counts).
+    matrix = np.zeros((len(per.n), 1 + len(names)), dtype=np.int64)
+    matrix[:, 0] = per.n
+    col = pc.index_in(per.row_bin, pa.array(names, pa.string())).to_numpy(zero_copy_only=False)
+    in_share = ~np.isnan(col.astype(np.float64))
+    np.add.at(matrix, (per.row_ident[in_share], 1 + col[in_share].astype(np.int64)), per.row_n[in_share])
+    patterns, kind = np.unique(matrix, axis=0, return_inverse=True)
+    kind = kind.reshape(-1)
+    plans = [_plan(int(p[0]), {b: int(c) for b, c in zip(names, p[1:], strict=True) if c}, cfg) for p in patterns]
+    total = np.array([p.total for p in plans], dtype=np.int64)[kind]
+    return _Plans(total, capped, kind, plans)
+
+
+def _ranked(per: _PerIdentity, eligible: np.ndarray, cfg: Identities) -> np.ndarray:
+    """Indices of the eligible identities, best first by ``cfg.rank``; ties by identity id (the
+    identities' index order)."""
+    idx = np.flatnonzero(eligible)
     r = cfg.rank
     if r.by == "images":
-        return (-n, ident)
-    if r.by == "hash":
-        return (unit("rank:" + ident), ident)
-    if score is None:
-        return (1, 0.0, ident)  # identities without a score rank last
-    return (0, -score if r.order == "higher" else score, ident)
+        keys: tuple[np.ndarray, ...] = (idx, -per.n[idx])
+    elif r.by == "hash":
+        keys = (idx, units("rank:", per.ids.take(pa.array(idx))))
+    else:
+        score = np.where(per.has_score[idx], per.score[idx], 0.0)
+        keys = (idx, -score if r.order == "higher" else score, ~per.has_score[idx])
+    return idx[np.lexsort(keys)]
 
 
 def select_identities(counts: pa.Table, cfg: ExportConfig | Identities, min_images: int | None = None
@@ -148,84 +227,63 @@ def select_identities(counts: pa.Table, cfg: ExportConfig | Identities, min_imag
         ids_cfg, min_req = cfg.identities, cfg.min_images
     else:
         ids_cfg, min_req = cfg, min_images or cfg.min_images or 1
-    per: dict[str, dict[str, int]] = {}
-    score_sum: dict[str, float] = {}
-    score_n: dict[str, int] = {}
-    cols = {c: counts.column(c).to_pylist() for c in counts.column_names}
-    n_rows = counts.num_rows
-    for i in range(n_rows):
-        ident, b, n = cols["identity_id"][i], cols["bin"][i] or NO_BIN, int(cols["n"][i])
-        bins = per.setdefault(ident, {})
-        bins[b] = bins.get(b, 0) + n
-        if "score_sum" in cols and cols["score_sum"][i] is not None:
-            score_sum[ident] = score_sum.get(ident, 0.0) + float(cols["score_sum"][i])
-            score_n[ident] = score_n.get(ident, 0) + int(cols["score_n"][i] or 0)
-    drops = dict.fromkeys(RULES, 0)
-    dropped_ids = dict.fromkeys(RULES, 0)
-    rule: dict[str, str | None] = {}
-    selected: dict[str, int] = {}
-    plans: dict[str, ImagePlan] = {}
-    eligible: list[str] = []
-    for ident in sorted(per):
-        plan = image_plan(per[ident], ids_cfg)
-        plans[ident] = plan
-        if plan.total < min_req:
-            rule[ident] = TOO_SMALL
-            drops[TOO_SMALL] += sum(per[ident].values())
-            dropped_ids[TOO_SMALL] += 1
-        else:
-            eligible.append(ident)
-
-    def score_of(ident: str) -> float | None:
-        return score_sum[ident] / score_n[ident] if score_n.get(ident) else None
-
-    ranked = sorted(eligible, key=lambda i: _rank_key(ids_cfg, i, sum(per[i].values()), score_of(i)))
+    per = _per_identity(counts)
+    plans = _image_plans(per, ids_cfg)
+    eligible = plans.total >= min_req
+    ranked = _ranked(per, eligible, ids_cfg)
     limit = len(ranked) if ids_cfg.max_identities is None else min(len(ranked), ids_cfg.max_identities)
     bal = ids_cfg.balance
-    ident_bin = {i: _identity_bin(per[i]) for i in per}
     balance_doc: dict[str, Any] | None = None
+    chosen = np.zeros(len(per.n), dtype=bool)
     if bal is not None and bal.level == "identity":
-        chosen, balance_doc = _balance_identities(ranked, limit, ident_bin, bal)
+        names = per.ids.to_pylist()
+        top = per.top_bin.to_pylist()
+        picked, balance_doc = _balance_identities([names[i] for i in ranked], limit,
+                                                  {names[i]: top[i] for i in ranked}, bal)
+        chosen[[i for i in ranked if names[i] in picked]] = True
     else:
-        chosen = set(ranked[:limit])
-    left = [i for i in ranked if i not in chosen]
-    for k, ident in enumerate(left):  # the last len(ranked) - limit in rank order: max_identities alone
-        why = OVER_MAX_IDENTITIES if k >= len(left) - (len(ranked) - limit) else BALANCE
-        rule[ident] = why
-        drops[why] += sum(per[ident].values())
-        dropped_ids[why] += 1
-    short_bins: dict[str, dict[str, int]] = {}
-    for ident in chosen:
-        plan = plans[ident]
-        n = sum(per[ident].values())
-        rule[ident] = None
-        selected[ident] = plan.total
-        drops[OVER_QUOTA] += n - plan.capped
-        drops[BALANCE] += plan.capped - plan.total
-        for b, lack in plan.short.items():
-            entry = short_bins.setdefault(b, {"images": 0, "identities": 0})
-            entry["images"] += lack
-            entry["identities"] += 1
+        chosen[ranked[:limit]] = True
+    rule = np.full(len(per.n), None, dtype=object)
+    rule[~eligible] = TOO_SMALL
+    left = ranked[~chosen[ranked]]  # in rank order: the last len(ranked) - limit are max_identities alone
+    cut = len(left) - (len(ranked) - limit)
+    rule[left[:cut]] = BALANCE
+    rule[left[cut:]] = OVER_MAX_IDENTITIES
+    selected = np.where(chosen, plans.total, 0)
+    drops = {why: int(per.n[rule == why].sum()) for why in (TOO_SMALL, OVER_MAX_IDENTITIES, BALANCE)}
+    dropped_ids = {why: int((rule == why).sum()) for why in RULES}
+    drops[OVER_QUOTA] = int((per.n - plans.capped)[chosen].sum())
+    drops[BALANCE] += int((plans.capped - plans.total)[chosen].sum())
     if bal is not None and bal.level == "image":
-        got: dict[str, int] = {}
-        for ident in chosen:
-            for b, k in (plans[ident].per_bin or {}).items():
-                got[b] = got.get(b, 0) + k
-        balance_doc = {"level": "image", "column": bal.column, "fill": bal.fill,
-                       "shares": dict(bal.shares), "kept_per_bin_before_fill": dict(sorted(got.items())),
-                       "short": dict(sorted(short_bins.items())), "met": not short_bins}
+        balance_doc = _image_balance_doc(plans, chosen, bal)
     target = ids_cfg.target_images
-    short_target = sum(1 for i in chosen if target is not None and selected[i] < target)
-    idents = sorted(per)
-    table = pa.table({
-        "identity_id": pa.array(idents, pa.string()),
-        "candidates": pa.array([sum(per[i].values()) for i in idents], pa.int64()),
-        "selected": pa.array([selected.get(i, 0) for i in idents], pa.int64()),
-        "bin": pa.array([ident_bin[i] for i in idents], pa.string()),
-        "rule": pa.array([rule[i] for i in idents], pa.string()),
-    })
-    return Selection(table, sum(selected.values()), len(chosen), {k: v for k, v in drops.items() if v},
+    short_target = int((selected[chosen] < target).sum()) if target is not None else 0
+    table = pa.table({"identity_id": per.ids, "candidates": pa.array(per.n, pa.int64()),
+                      "selected": pa.array(selected, pa.int64()), "bin": per.top_bin.cast(pa.string()),
+                      "rule": pa.array(rule.tolist(), pa.string())})
+    return Selection(table, int(selected.sum()), int(chosen.sum()), {k: drops[k] for k in RULES if drops[k]},
                      {k: v for k, v in dropped_ids.items() if v}, balance_doc, short_target, target)
+
+
+def _image_balance_doc(plans: _Plans, chosen: np.ndarray, bal: Balance) -> dict[str, Any]:
+    """What image-level balance kept per bin (before ``fill``) over the chosen identities, and what each
+    bin lacked."""
+    assert plans.kind is not None
+    per_kind = np.bincount(plans.kind[chosen], minlength=len(plans.plans))
+    got: dict[str, int] = {}
+    short: dict[str, dict[str, int]] = {}
+    for plan, times in zip(plans.plans, per_kind.tolist(), strict=True):
+        if not times:
+            continue
+        for b, k in (plan.per_bin or {}).items():
+            got[b] = got.get(b, 0) + k * times
+        for b, lack in plan.short.items():
+            entry = short.setdefault(b, {"images": 0, "identities": 0})
+            entry["images"] += lack * times
+            entry["identities"] += times
+    return {"level": "image", "column": bal.column, "fill": bal.fill, "shares": dict(bal.shares),
+            "kept_per_bin_before_fill": dict(sorted(got.items())), "short": dict(sorted(short.items())),
+            "met": not short}
 
 
 def _balance_identities(ranked: list[str], limit: int, ident_bin: Mapping[str, str], bal: Balance
@@ -255,7 +313,7 @@ def preference_order(rows: pa.Table, cfg: Identities) -> np.ndarray:
 
     n = rows.num_rows
     ids = rows.column("sample_id").to_pylist()
-    tie = [unit("pick:" + s) for s in ids]
+    tie = units("pick:", rows.column("sample_id")).tolist()
     p = cfg.prefer
     if p.score is not None:
         scores = rows.column("sel_score").to_pylist()

@@ -34,7 +34,7 @@ from facekit.userconfig import shown
 from manifests.sql import predicate_sql, q
 from manifests.tables import column_name
 from pipeline.export.config import WHERE_TABLE, ExportConfig, Threshold
-from pipeline.export.order import unit
+from pipeline.export.order import units
 
 MAX_EXAMPLES = 3
 
@@ -211,8 +211,8 @@ def plan_partition(store: Any, samples_files: list[tuple[str, ...]], decisions_f
     ids = sel.column("identity_id")
     res.no_identity = int(pc.sum(pc.is_null(ids)).as_py() or 0) + int(pc.sum(pc.equal(ids, "")).as_py() or 0)
     labelled = sel.filter(pc.and_(pc.is_valid(ids), pc.not_equal(pc.fill_null(ids, ""), "")))
-    u = pa.array([unit("order:" + s) for s in labelled.column("sample_id").to_pylist()], pa.float64())
-    ih = pa.array([unit("ident:" + s) for s in labelled.column("identity_id").to_pylist()], pa.float64())
+    u = pa.array(units("order:", labelled.column("sample_id")), pa.float64())
+    ih = pa.array(units("ident:", labelled.column("identity_id")), pa.float64())
     labelled = labelled.append_column("unit", u).append_column("ihash", ih).sort_by(
         [("ihash", "ascending"), ("identity_id", "ascending"), ("sample_id", "ascending")])
     import io

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from facekit.thresholds import Metric, defaults_for, distinct_label_pairs
 from pipeline.export.config import ExportConfig
-from pipeline.export.order import unit
+from pipeline.export.order import units
 
 
 class UnionFind:
@@ -135,9 +135,10 @@ def assign_units(kept: pa.Table, links: list[tuple[str, str]], val_fraction: flo
     members: dict[int, list[int]] = {}
     for i in range(len(ids)):
         members.setdefault(uf.find(i), []).append(i)
-    units = [(min((unit("split:" + ids[i]), ids[i]) for i in m), m) for m in members.values()]
+    hashes = units("split:", kept.column("identity_id")).tolist()
+    keyed = [(min((hashes[i], ids[i]) for i in m), m) for m in members.values()]
     by_stratum: dict[str, list[tuple[tuple[float, str], list[int]]]] = {}
-    for key, m in units:
+    for key, m in keyed:
         by_stratum.setdefault(str(strata[index[key[1]]]), []).append((key, m))
     out: dict[str, str] = {}
     for group in by_stratum.values():

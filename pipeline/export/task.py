@@ -38,7 +38,7 @@ from pipeline.engine.tasks import TaskFailedError, run_tasks, task_options
 from pipeline.export.card import dataset_card
 from pipeline.export.choose import ChosenPart, choose_range, hash_ranges, merge_drops
 from pipeline.export.config import ExportConfig
-from pipeline.export.identities import Selection, select_identities
+from pipeline.export.identities import COUNTS_SCHEMA, Selection, select_identities
 from pipeline.export.plan import (
     IdentityPlan,
     PartitionPlan,
@@ -152,31 +152,12 @@ def plan_export(store: RunStorage, stages: list[dict[str, Any]], cfg: ExportConf
                 rows_per_file: int, opts: dict[str, Any]) -> ExportPlan:
     """Select (row decisions, then identities), split with the leak checks: Ray tasks over
     partitions of samples, then over identity-hash ranges; the driver holds one row per identity."""
-    url, storage_options = store.url, store.storage_options
-    order = [s["id"] for s in stages]
-    samples_files = store.list_files(*SAMPLES_TABLE, suffix=MANIFEST_SUFFIX)
-    if not samples_files:
-        raise ExportFailed(f"export: no {'/'.join(SAMPLES_TABLE)} files: the run's tables were not written")
-    with store.fs.open(store.path(*SAMPLES_TABLE, samples_files[0]), "rb") as f:
-        schema = pq.read_schema(f)
-    spec = selection_spec(cfg, order, balance_columns(schema, stages), schema)
-    group = max(1, cfg.rows_per_task // max(rows_per_file, 1))
-    decisions = set(store.list_files(*DECISIONS_TABLE, suffix=MANIFEST_SUFFIX))
-    plan_calls = []
-    for i in range(0, len(samples_files), group):
-        names = samples_files[i : i + group]
-        plan_calls.append((_plan_call, (
-            url, storage_options, [(*SAMPLES_TABLE, n) for n in names],
-            [(*DECISIONS_TABLE, n) for n in names if n in decisions], spec,
-            (EXPORT_DIR, version, "_cand", f"part-{i // group:06d}.parquet"))))
-    plans: list[PartitionPlan] = _gather(plan_calls, opts, "plan")
-    cand_files: list[tuple[str, ...]] = [tuple(c[1][5]) for c in plan_calls]
+    spec, plans, cand_files = _plan_partitions(store, stages, cfg, version, rows_per_file, opts)
     counts = [p.identities for p in plans if p.identities is not None and p.identities.num_rows]
-    from pipeline.export.identities import COUNTS_SCHEMA
-
     selection = select_identities(pa.concat_tables(counts) if counts else COUNTS_SCHEMA.empty_table(), cfg)
     decided = ray.put(selection.table.select(["identity_id", "rule"]))
     labelled = sum(p.candidates - p.no_identity for p in plans)
+    url, storage_options = store.url, store.storage_options
     choose_calls = []
     for k, (lo, hi) in enumerate(hash_ranges(labelled, cfg.rows_per_task)):
         emb_out = (EXPORT_DIR, version, "_emb", f"part-{k:06d}.parquet") if spec.embedding else None
@@ -188,37 +169,7 @@ def plan_export(store: RunStorage, stages: list[dict[str, Any]], cfg: ExportConf
     emb_files: list[tuple[str, ...]] = [tuple(c[1][8]) for c in choose_calls if c[1][8] is not None]
     kept = pa.concat_tables([c.kept for c in chosen]) if chosen else pa.table(
         {"identity_id": pa.array([], pa.string()), "n": pa.array([], pa.int64()), "strat": pa.array([], pa.string())})
-
-    # Split units: dedup groups always; look-alike identities when `together`.
-    by_group: dict[str, str] = {}
-    links: list[tuple[str, str]] = []
-    for part in chosen:
-        for g, ident in part.dup_links:
-            if g in by_group and by_group[g] != ident:
-                links.append((by_group[g], ident))
-            by_group.setdefault(g, ident)
-    spaces = {c.space for c in chosen if c.space is not None}
-    if len(spaces) > 1:
-        raise ExportFailed(f"export.splits: more than one embedding space ({sorted(spaces)})")
-    split_doc: dict[str, Any] = {"stratify": cfg.splits.stratify, "lookalikes": cfg.splits.lookalikes,
-                                 "dedup_links": len(links)}
-    pairs: list[tuple[str, str, float]] = []
-    space = spaces.pop() if spaces else None
-    if space is not None:
-        pairs, fit = _gather([(_lookalike_call, (url, storage_options, emb_files, space[1], cfg, space[0]))], opts,
-                             "look-alike")[0]
-        split_doc.update({"space": space[0], "metric": space[1], **fit, "lookalike_pairs": len(pairs)})
-        if cfg.splits.lookalikes == "together":
-            links += [(a, b) for a, b, _ in pairs]
-    splits = assign_units(kept, links, cfg.val_fraction, cfg.splits.stratify is not None)
-    crossing = [(a, b, sc) for a, b, sc in pairs if splits.get(a) != splits.get(b)]
-    split_doc["cross_split_lookalikes"] = len(crossing)
-    split_doc["cross_split_examples"] = [{"a": a, "b": b, "score": sc} for a, b, sc in crossing[:MAX_LISTED]]
-    if space is not None:
-        leaks: LeakReport = _gather([(_leak_call, (url, storage_options, emb_files, splits, space[1],
-                                                   cfg.splits.image_check))], opts, "leak check")[0]
-        split_doc["max_identity_similarity"] = leaks.max_identity
-        split_doc["max_image_similarity"] = leaks.max_image
+    splits, split_doc = _split(store, chosen, kept, emb_files, cfg, opts)
     store.remove(EXPORT_DIR, version, "_emb", recursive=True)
     ids = label_identities(kept, splits, cfg)
     reasons = [p.reasons for p in plans] + [merge_drops([c.drops for c in chosen], len(stages))]
@@ -235,6 +186,68 @@ def plan_export(store: RunStorage, stages: list[dict[str, Any]], cfg: ExportConf
     for p in plans:
         exts.update(p.exts)
     return ExportPlan(spec, plan_files, ids, selection, stats, exts, split_doc)
+
+
+def _plan_partitions(store: RunStorage, stages: list[dict[str, Any]], cfg: ExportConfig, version: str,
+                     rows_per_file: int, opts: dict[str, Any]
+                     ) -> tuple[SelectionSpec, list[PartitionPlan], list[tuple[str, ...]]]:
+    """The row decisions, one Ray task per group of samples files: each writes its candidates (a
+    ``_cand`` file, returned in task order) and returns its (identity, bin) counts."""
+    order = [s["id"] for s in stages]
+    samples_files = store.list_files(*SAMPLES_TABLE, suffix=MANIFEST_SUFFIX)
+    if not samples_files:
+        raise ExportFailed(f"export: no {'/'.join(SAMPLES_TABLE)} files: the run's tables were not written")
+    with store.fs.open(store.path(*SAMPLES_TABLE, samples_files[0]), "rb") as f:
+        schema = pq.read_schema(f)
+    spec = selection_spec(cfg, order, balance_columns(schema, stages), schema)
+    group = max(1, cfg.rows_per_task // max(rows_per_file, 1))
+    decisions = set(store.list_files(*DECISIONS_TABLE, suffix=MANIFEST_SUFFIX))
+    plan_calls = []
+    for i in range(0, len(samples_files), group):
+        names = samples_files[i : i + group]
+        plan_calls.append((_plan_call, (
+            store.url, store.storage_options, [(*SAMPLES_TABLE, n) for n in names],
+            [(*DECISIONS_TABLE, n) for n in names if n in decisions], spec,
+            (EXPORT_DIR, version, "_cand", f"part-{i // group:06d}.parquet"))))
+    plans: list[PartitionPlan] = _gather(plan_calls, opts, "plan")
+    return spec, plans, [tuple(c[1][5]) for c in plan_calls]
+
+
+def _split(store: RunStorage, chosen: list[ChosenPart], kept: pa.Table, emb_files: list[tuple[str, ...]],
+           cfg: ExportConfig, opts: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
+    """Each kept identity's split, and the leak checks the card reports. Split units: dedup groups
+    always; look-alike identities when ``together``."""
+    by_group: dict[str, str] = {}
+    links: list[tuple[str, str]] = []
+    for part in chosen:
+        for g, ident in part.dup_links:
+            if g in by_group and by_group[g] != ident:
+                links.append((by_group[g], ident))
+            by_group.setdefault(g, ident)
+    spaces = {c.space for c in chosen if c.space is not None}
+    if len(spaces) > 1:
+        raise ExportFailed(f"export.splits: more than one embedding space ({sorted(spaces)})")
+    split_doc: dict[str, Any] = {"stratify": cfg.splits.stratify, "lookalikes": cfg.splits.lookalikes,
+                                 "dedup_links": len(links)}
+    pairs: list[tuple[str, str, float]] = []
+    space = spaces.pop() if spaces else None
+    url, storage_options = store.url, store.storage_options
+    if space is not None:
+        pairs, fit = _gather([(_lookalike_call, (url, storage_options, emb_files, space[1], cfg, space[0]))], opts,
+                             "look-alike")[0]
+        split_doc.update({"space": space[0], "metric": space[1], **fit, "lookalike_pairs": len(pairs)})
+        if cfg.splits.lookalikes == "together":
+            links += [(a, b) for a, b, _ in pairs]
+    splits = assign_units(kept, links, cfg.val_fraction, cfg.splits.stratify is not None)
+    crossing = [(a, b, sc) for a, b, sc in pairs if splits.get(a) != splits.get(b)]
+    split_doc["cross_split_lookalikes"] = len(crossing)
+    split_doc["cross_split_examples"] = [{"a": a, "b": b, "score": sc} for a, b, sc in crossing[:MAX_LISTED]]
+    if space is not None:
+        leaks: LeakReport = _gather([(_leak_call, (url, storage_options, emb_files, splits, space[1],
+                                                   cfg.splits.image_check))], opts, "leak check")[0]
+        split_doc["max_identity_similarity"] = leaks.max_identity
+        split_doc["max_image_similarity"] = leaks.max_image
+    return splits, split_doc
 
 
 def export_task(url: str, storage_options: dict[str, Any], stages: list[dict[str, Any]], cfg: ExportConfig,

@@ -48,32 +48,30 @@ def histogram_svg(h: Histogram) -> str:
 
 
 def stage_time_svg(stages: Sequence[str], wall_s: Sequence[float], busy_per_worker_s: Sequence[float]) -> str:
-    with rc_context(RC):
-        fig = Figure(figsize=(5.0, 0.3 * len(stages) + 0.9))
-        ax = fig.add_subplot()
-        ys = list(range(len(stages)))
-        ax.barh([y + 0.2 for y in ys], wall_s, height=0.4, color=KEPT, label="wall span")
-        ax.barh([y - 0.2 for y in ys], busy_per_worker_s, height=0.4, color=DROPPED, label="busy / worker")
-        ax.set_yticks(ys, list(stages))
-        ax.invert_yaxis()
-        ax.set_xlabel("seconds")
-        ax.set_title("time per stage")
-        ax.legend(frameon=False, fontsize=7)
-        return _svg(fig)
+    return _stage_bars(stages, [(0.2, wall_s, KEPT, "wall span"), (-0.2, busy_per_worker_s, DROPPED, "busy / worker")],
+                       "seconds", "time per stage")
 
 
 def throughput_svg(stages: Sequence[str], capacity: Sequence[float], wall_rate: Sequence[float]) -> str:
+    return _stage_bars(stages, [(-0.2, capacity, KEPT, "capacity × workers"), (0.2, wall_rate, DROPPED, "wall rate")],
+                       "rows / s", "throughput per stage", log=True)
+
+
+def _stage_bars(stages: Sequence[str], bars: Sequence[tuple[float, Sequence[float], str, str]], xlabel: str,
+                title: str, log: bool = False) -> str:
+    """Two bars per stage, one row a stage: each bar (offset from the row, values, colour, label);
+    ``log``: a log x axis when any value is positive."""
     with rc_context(RC):
         fig = Figure(figsize=(5.0, 0.3 * len(stages) + 0.9))
         ax = fig.add_subplot()
         ys = list(range(len(stages)))
-        ax.barh([y - 0.2 for y in ys], capacity, height=0.4, color=KEPT, label="capacity × workers")
-        ax.barh([y + 0.2 for y in ys], wall_rate, height=0.4, color=DROPPED, label="wall rate")
+        for offset, values, color, label in bars:
+            ax.barh([y + offset for y in ys], values, height=0.4, color=color, label=label)
         ax.set_yticks(ys, list(stages))
         ax.invert_yaxis()
-        if any(v > 0 for v in [*capacity, *wall_rate]):
+        if log and any(v > 0 for _, values, _, _ in bars for v in values):
             ax.set_xscale("log")
-        ax.set_xlabel("rows / s")
-        ax.set_title("throughput per stage")
+        ax.set_xlabel(xlabel)
+        ax.set_title(title)
         ax.legend(frameon=False, fontsize=7)
         return _svg(fig)

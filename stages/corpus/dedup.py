@@ -437,8 +437,16 @@ class DedupStage(GlobalStage):
                 close = ~confirmed & metric.same(s, thresholds[2])
                 redundant = (a[close], b[close])
         groups = _groups(endpoints, edges, info, p.prefer is not None, redundant)
-        kinds = _cat([e[2] for e in edges])
-        self._summary = {
+        self._summary = self._resolved_summary(groups, _cat([e[2] for e in edges]), candidates, rejected,
+                                               redundant, thresholds)
+        return groups
+
+    def _resolved_summary(self, groups: dict[str, Any], kinds: np.ndarray, candidates: dict[str, int],
+                          rejected: int, redundant: tuple[np.ndarray, np.ndarray],
+                          thresholds: tuple[float, float, float, float] | None) -> dict[str, Any]:
+        """The stage's summary: groups and drops, links by kind, candidates and what the pictures refuted."""
+        p = self.params
+        return {
             "groups": int(groups["n_groups"]),
             "dropped": int(groups["dropped"]),
             "duplicates": groups.pop("dropped_by_kind"),
@@ -452,7 +460,6 @@ class DedupStage(GlobalStage):
             "embedding_threshold": thresholds[1] if thresholds else None,
             "redundant_threshold": thresholds[2] if thresholds and p.redundant_variants == "report" else None,
         }
-        return groups
 
     def _commit(self, table: pa.Table, index: int, groups: dict[str, Any]) -> Batch:
         out = Rows(table.column(SAMPLE_ID).to_pylist(), [f.name for f in self.columns])

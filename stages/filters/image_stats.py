@@ -21,6 +21,11 @@ class ImageStatsParams(Params):
     min_contrast: float = Field(0.05, ge=0, description="std of brightness, 0-1")
 
 
+# What image_stats measures, as the columns of the stages that store it.
+STATS_COLUMNS = (pa.field("sharpness", pa.float32()), pa.field("exposure", pa.float32()),
+                 pa.field("contrast", pa.float32()))
+
+
 def image_stats(rgb: np.ndarray) -> tuple[float, float, float]:
     grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
     sharpness = float(cv2.Laplacian(grey, cv2.CV_64F).var())
@@ -35,11 +40,7 @@ class ImageStatsStage(FilterStage[ImageStatsParams]):
     version: ClassVar[str] = "2"
     resources: ClassVar[Resources] = Resources(cpus=0.5)
     batch_size: ClassVar[int] = 64
-    columns: ClassVar[tuple[pa.Field, ...]] = (
-        pa.field("sharpness", pa.float32()),
-        pa.field("exposure", pa.float32()),
-        pa.field("contrast", pa.float32()),
-    )
+    columns: ClassVar[tuple[pa.Field, ...]] = STATS_COLUMNS
 
     def score_row(self, batch: Batch, i: int) -> dict[str, Any]:
         s, e, c = image_stats(decode_rgb(batch[IMAGE][i]))

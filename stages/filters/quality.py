@@ -24,6 +24,7 @@ from pydantic import Field
 from facekit.geometry import ARCFACE_SIZE, align_to_template, head_pose, landmarks_array, warp
 from facekit.imaging import decode_rgb
 from stages.base import IMAGE, Batch, Checks, FilterStage, Params, Reason, Resources, RowError
+from stages.filters.image_stats import STATS_COLUMNS, image_stats
 
 # Rows, columns of the 112 crop that hold the face: from the brows (y 36, template eyes at 52) to
 # below the mouth (y 104, mouth at 92), between the cheeks (x 24-88, eyes at 38 and 74).
@@ -49,11 +50,9 @@ class QualityParams(Params):
 
 
 def face_stats(crop112: np.ndarray) -> tuple[float, float, float]:
-    """Sharpness, exposure, contrast of a 112 ArcFace crop's face region."""
-    grey = cv2.cvtColor(crop112, cv2.COLOR_RGB2GRAY)[FACE_REGION]
-    sharpness = float(cv2.Laplacian(grey, cv2.CV_64F).var())
-    g = grey.astype(np.float32) / 255.0
-    return sharpness, float(g.mean()), float(g.std())
+    """Sharpness, exposure, contrast of a 112 ArcFace crop's face region (the whole-image measures of
+    ``image_stats`` on that region)."""
+    return image_stats(crop112[FACE_REGION])
 
 
 class QualityStage(FilterStage[QualityParams]):
@@ -64,9 +63,7 @@ class QualityStage(FilterStage[QualityParams]):
     resources: ClassVar[Resources] = Resources(cpus=0.25)
     batch_size: ClassVar[int] = 64
     columns: ClassVar[tuple[pa.Field, ...]] = (
-        pa.field("sharpness", pa.float32()),
-        pa.field("exposure", pa.float32()),
-        pa.field("contrast", pa.float32()),
+        *STATS_COLUMNS,
         pa.field("face_size", pa.float32()),
         pa.field("det_score", pa.float32()),  # detect's, repeated so export thresholds can name it here
         pa.field("yaw", pa.float32()),  # degrees, > 0: nose toward image right

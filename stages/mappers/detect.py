@@ -78,10 +78,8 @@ class DetectStage(Stage[DetectParams]):
 
     @classmethod
     def doctor(cls, params: Params) -> list[str]:
-        from facekit.backends.base import check_backend_files
-
         assert isinstance(params, DetectParams)
-        return check_backend_files(params.backend, dict(params.options), "detector")
+        return params.missing_files("detector")
 
     def setup(self) -> None:
         self.detector: FaceDetector = build_backend(self.params.backend, "detector", self.params.options)

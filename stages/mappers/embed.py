@@ -64,10 +64,8 @@ class EmbedStage(Stage[EmbedParams]):
 
     @classmethod
     def doctor(cls, params: Params) -> list[str]:
-        from facekit.backends.base import check_backend_files
-
         assert isinstance(params, EmbedParams)
-        return check_backend_files(params.backend, dict(params.options), "embedder")
+        return params.missing_files("embedder")
 
     def setup(self) -> None:
         self.embedder: FaceEmbedder = build_backend(self.params.backend, "embedder", self.params.options)

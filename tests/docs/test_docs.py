@@ -5,7 +5,6 @@ run as written on a small folder."""
 from __future__ import annotations
 
 import html
-import io
 import json
 import os
 import re
@@ -16,13 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.reference import model_fields
 from stages.registry import BUILTIN_STAGES, resolve_stage
-from tests.fixtures import REPO
+from tests.fixtures import REPO, png_bytes
 from tests.pipeline.test_examples import markdown_commands
 
 
@@ -81,12 +79,6 @@ def test_the_benchmarks_page_shows_what_bench_wrote(site: Path) -> None:
                 assert str(value) in section or json.dumps(value) in section, (script, value)
 
 
-def _png(rgb: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 @pytest.mark.slow
 def test_the_curation_tutorial_runs_as_written(tmp_path: Path, ray_session: object) -> None:
     """Its run command through load_config and the runner (the test's Ray), then its status and query lines
@@ -104,7 +96,7 @@ def test_the_curation_tutorial_runs_as_written(tmp_path: Path, ray_session: obje
         vec /= np.linalg.norm(vec)
         for j in range(3):
             rgb, _ = render_sample(vec, vec, seed=10 * i + j, size=192, perturbation_sigma=0.3, max_yaw=10)
-            (photos / f"p{i}_{j}.png").write_bytes(_png(rgb))
+            (photos / f"p{i}_{j}.png").write_bytes(png_bytes(rgb))
     (photos / "empty.jpg").write_bytes(b"")
     commands = markdown_commands(REPO / "docs" / "tutorials" / "curate-folder.md")
     run_dir = tmp_path / "curated"

@@ -10,11 +10,15 @@ import signal
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
-import yaml
 
-from tests.pipeline.engine.test_resume import CONFIG, _cli, _files, _finish, _rows
+from tests.pipeline.engine.test_resume import (
+    CONFIG,
+    _assert_resumed_identical,
+    _cli,
+    _finish,
+    _reference,
+)
 
 KILLS = int(os.environ.get("FF_FAULT_KILLS", "3"))
 STAGES = ("pattern", "busy", "meanf")
@@ -25,17 +29,13 @@ def _committed(root: Path) -> int:
 
 
 @pytest.mark.faults
-def test_sigkill_at_random_moments_then_resume_is_byte_identical_with_no_duplicates(tmp_path: Path) -> None:
-    seed = int(os.environ.get("FF_FAULT_SEED", str(random.SystemRandom().randrange(1 << 30))))
-    rng = random.Random(seed)
-    print(f"fault seed {seed} (FF_FAULT_SEED={seed} replays it)")
-    config = tmp_path / "resume.yaml"
-    config.write_text(yaml.safe_dump(CONFIG))
-    ref, out = tmp_path / "ref", tmp_path / "resumed"
-    _finish(_cli(config, ref))
+def test_sigkill_at_random_moments_then_resume_is_byte_identical_with_no_duplicates(
+        tmp_path: Path, fault_rng: random.Random) -> None:
+    config, ref = _reference(tmp_path, CONFIG)
+    out = tmp_path / "resumed"
     total = _committed(ref)
     # Increasing kill points over the run's commits (0 = before the first commit: startup, planning).
-    targets = sorted(rng.sample(range(total - 1), KILLS))
+    targets = sorted(fault_rng.sample(range(total - 1), KILLS))
     killed = 0
     for target in targets:
         proc = _cli(config, out)
@@ -44,7 +44,7 @@ def test_sigkill_at_random_moments_then_resume_is_byte_identical_with_no_duplica
             time.sleep(0.02)
         if proc.poll() is not None:
             continue  # finished (or got further) before this kill point
-        time.sleep(rng.uniform(0, 0.4))  # land anywhere: mid-write, mid-commit, between shards
+        time.sleep(fault_rng.uniform(0, 0.4))  # land anywhere: mid-write, mid-commit, between shards
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         killed += 1
@@ -52,17 +52,5 @@ def test_sigkill_at_random_moments_then_resume_is_byte_identical_with_no_duplica
     assert killed >= 1, "no kill landed before the run finished"
 
     _finish(_cli(config, out))
-    for pattern in ("shards/*/*.tar", "export/*/*/*.tar", "identities/*.parquet", "plan.*"):
-        a, b = _files(ref, pattern), _files(out, pattern)
-        assert a.keys() == b.keys() and a, pattern
-        assert a == b, f"{pattern} differs after {killed} kills (seed {seed})"
-    for stage in STAGES:
-        rows = _rows(out, stage)
-        ids = [r["sample_id"] for r in rows]
-        assert len(ids) == len(set(ids)), f"duplicate rows in {stage}"
-        assert _rows(ref, stage) == rows
-    exported = pq.read_table(out / "export" / "manifest.parquet")
-    assert exported.num_rows == len(set(exported.column("sample_id").to_pylist()))
-    assert pq.read_table(ref / "export" / "manifest.parquet").equals(exported)
-    leftovers = glob.glob(str(out / "manifests" / "*" / "_tmp-*")) + glob.glob(str(out / "shards" / "*" / "_tmp-*"))
-    assert not leftovers, "temporary files of the killed runs left behind"
+    files = ("shards/*/*.tar", "export/*/*/*.tar", "identities/*.parquet", "plan.*")
+    _assert_resumed_identical(ref, out, files, STAGES, f"{killed} kills (its fault seed is printed above)")

@@ -9,18 +9,15 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.fixtures import REPO
-from tests.pipeline.engine.test_resume import CONFIG, _cli, _files, _finish, _rows
+from tests.pipeline.engine.test_resume import CONFIG, _files, _reference, _rows
 
 
 @pytest.mark.faults
 def test_a_worker_node_removed_mid_run_still_completes_byte_identical(tmp_path: Path) -> None:
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(CONFIG))
-    ref, out = tmp_path / "ref", tmp_path / "cluster"
-    _finish(_cli(config, ref))
+    config, ref = _reference(tmp_path, CONFIG)
+    out = tmp_path / "cluster"
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "tests.faults.node_loss_run", str(config), str(out)], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=900)

@@ -10,11 +10,9 @@ import signal
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
-import yaml
 
-from tests.pipeline.engine.test_resume import _cli, _files, _finish, _rows
+from tests.pipeline.engine.test_resume import _assert_resumed_identical, _cli, _finish, _reference
 from tests.pipeline.test_refill import RAW, STAGES
 
 KILLS = int(os.environ.get("FF_FAULT_KILLS", "3"))
@@ -26,19 +24,15 @@ def _source_commits(root: Path, prefix: str = "") -> int:
 
 
 @pytest.mark.faults
-def test_sigkill_during_refill_rounds_then_resume_is_byte_identical(tmp_path: Path) -> None:
-    seed = int(os.environ.get("FF_FAULT_SEED", str(random.SystemRandom().randrange(1 << 30))))
-    rng = random.Random(seed)
-    print(f"fault seed {seed} (FF_FAULT_SEED={seed} replays it)")
-    config = tmp_path / "refill.yaml"
-    config.write_text(yaml.safe_dump(RAW))
-    ref, out = tmp_path / "ref", tmp_path / "resumed"
-    _finish(_cli(config, ref))
+def test_sigkill_during_refill_rounds_then_resume_is_byte_identical(
+        tmp_path: Path, fault_rng: random.Random) -> None:
+    config, ref = _reference(tmp_path, RAW)
+    out = tmp_path / "resumed"
     total = _source_commits(ref)
     assert _source_commits(ref, "r") > 0, "the reference run made no refill round"
     # One kill as soon as a refill round has committed a shard, the others at random source commits,
     # each followed by a random delay so it lands in a global stage, the tables or a round's planning too.
-    targets = [("r", 1), *sorted(("", rng.randrange(total)) for _ in range(KILLS - 1))]
+    targets = [("r", 1), *sorted(("", fault_rng.randrange(total)) for _ in range(KILLS - 1))]
     killed = 0
     for prefix, target in targets:
         proc = _cli(config, out)
@@ -47,22 +41,12 @@ def test_sigkill_during_refill_rounds_then_resume_is_byte_identical(tmp_path: Pa
             time.sleep(0.02)
         if proc.poll() is not None:
             continue  # finished (or got further) before this kill point
-        time.sleep(rng.uniform(0, 3.0))
+        time.sleep(fault_rng.uniform(0, 3.0))
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         killed += 1
     assert killed >= 1, "no kill landed before the run finished"
 
     _finish(_cli(config, out))
-    for pattern in ("shards/*/*.tar", "export/*/*/*.tar", "identities/*.parquet", "plan.*", "report/refill.json"):
-        a, b = _files(ref, pattern), _files(out, pattern)
-        assert a.keys() == b.keys() and a, pattern
-        assert a == b, f"{pattern} differs after {killed} kills (seed {seed})"
-    for stage in STAGES:
-        rows = _rows(out, stage)
-        ids = [r["sample_id"] for r in rows]
-        assert len(ids) == len(set(ids)), f"duplicate rows in {stage}"
-        assert _rows(ref, stage) == rows, f"{stage} differs after {killed} kills (seed {seed})"
-    assert pq.read_table(ref / "export" / "manifest.parquet").equals(pq.read_table(out / "export" / "manifest.parquet"))
-    leftovers = glob.glob(str(out / "manifests" / "*" / "_tmp-*")) + glob.glob(str(out / "shards" / "*" / "_tmp-*"))
-    assert not leftovers, "temporary files of the killed runs left behind"
+    files = ("shards/*/*.tar", "export/*/*/*.tar", "identities/*.parquet", "plan.*", "report/refill.json")
+    _assert_resumed_identical(ref, out, files, STAGES, f"{killed} kills (its fault seed is printed above)")

@@ -49,12 +49,17 @@ def _assert_same(ref: Path, out: Path) -> None:
         assert _rows(ref, stage) == _rows(out, stage)
 
 
+def _finished_copy(tmp_path: Path, raw: dict[str, Any]) -> tuple[Path, Path]:
+    """A finished run ``ref`` of ``raw`` and a copy of it, ``out``, to damage."""
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    assert _run(raw, ref)[0].complete
+    shutil.copytree(ref, out)
+    return ref, out
+
+
 def test_a_truncated_manifest_and_a_truncated_tar_are_reported_and_recomputed(tmp_path: Path,
                                                                             engine_config: dict) -> None:
-    ref = tmp_path / "ref"
-    assert _run(engine_config, ref)[0].complete
-    out = tmp_path / "run"
-    shutil.copytree(ref, out)
+    ref, out = _finished_copy(tmp_path, engine_config)
     manifest = out / "manifests" / "meanf" / "000002.parquet"
     manifest.write_bytes(manifest.read_bytes()[:-100])  # a disk that lost the tail
     tar = out / "shards" / "pattern" / "000001.tar"
@@ -81,10 +86,7 @@ def test_a_truncated_manifest_and_a_truncated_tar_are_reported_and_recomputed(tm
 @pytest.mark.faults
 def test_a_tar_corrupted_in_place_is_caught_by_its_checksum_when_read_and_recomputed(tmp_path: Path,
                                                                                    engine_config: dict) -> None:
-    ref = tmp_path / "ref"
-    assert _run(engine_config, ref)[0].complete
-    out = tmp_path / "run"
-    shutil.copytree(ref, out)
+    ref, out = _finished_copy(tmp_path, engine_config)
     tar = out / "shards" / "pattern" / "000001.tar"
     data = bytearray(tar.read_bytes())
     data[700] ^= 0xFF  # same size: only the checksum can tell

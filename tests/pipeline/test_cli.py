@@ -401,13 +401,10 @@ def test_a_corrupt_or_empty_run_yaml_is_one_line_naming_it(tmp_path: Path, conte
 
 @pytest.mark.slow
 def test_sigterm_stops_a_run_cleanly_with_the_resume_hint_and_the_run_then_resumes(tmp_path: Path) -> None:
-    from tests.pipeline.engine.test_resume import CONFIG, _committed, _finish, _running_with_commits
     from tests.pipeline.engine.test_resume import _cli as run_cli
+    from tests.pipeline.engine.test_resume import _committed, _finish, _running_with_commits
 
-    config = tmp_path / "busy.yaml"
-    config.write_text(yaml.safe_dump(CONFIG))
-    out = tmp_path / "run"
-    proc = _running_with_commits(config, out)
+    config, out, proc = _running_with_commits(tmp_path)
     proc.send_signal(signal.SIGTERM)  # the driver only, as a service manager or `kill PID` sends it
     try:
         text = proc.communicate(timeout=120)[0].decode(errors="replace")

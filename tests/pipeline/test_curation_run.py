@@ -15,23 +15,12 @@ from PIL import Image
 from facekit.renderer.render import render_sample
 from pipeline.config import load_config
 from pipeline.engine.runner import Runner
+from tests.fixtures import jpeg_bytes, png_bytes
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 IDENTITIES = 5
 PER_IDENTITY = 5
-
-
-def _png(rgb: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _jpeg(rgb: np.ndarray, quality: int = 85) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -45,21 +34,21 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (root / f"person{i}").mkdir()
         for j in range(PER_IDENTITY):
             rgb, _ = render_sample(vec, vec, seed=100 * i + j, size=256, perturbation_sigma=0.4, max_yaw=15)
-            (root / f"person{i}" / f"img{j}.png").write_bytes(_png(rgb))
+            (root / f"person{i}" / f"img{j}.png").write_bytes(png_bytes(rgb))
             first.setdefault(i, rgb)
     # Planted duplicates of person0/img0 and person1/img0: a byte copy, a JPEG re-encode, a resize.
     (root / "person0" / "copy.png").write_bytes((root / "person0" / "img0.png").read_bytes())
-    (root / "person1" / "reencoded.jpg").write_bytes(_jpeg(first[1], 90))
+    (root / "person1" / "reencoded.jpg").write_bytes(jpeg_bytes(first[1], 90))
     small = np.asarray(Image.fromarray(first[2]).resize((200, 200), Image.BILINEAR))
-    (root / "person2" / "resized.png").write_bytes(_png(small))
+    (root / "person2" / "resized.png").write_bytes(png_bytes(small))
     bad = root / "bad"
     bad.mkdir()
     (bad / "zero.jpg").write_bytes(b"")
     (bad / "notes.jpg").write_text("this is not an image")
-    (bad / "truncated.jpg").write_bytes(_jpeg(first[3])[:600])
-    (bad / "tiny.png").write_bytes(_png(np.zeros((1, 1, 3), np.uint8)))
+    (bad / "truncated.jpg").write_bytes(jpeg_bytes(first[3])[:600])
+    (bad / "tiny.png").write_bytes(png_bytes(np.zeros((1, 1, 3), np.uint8)))
     Image.new("L", (12000, 12000)).save(bad / "huge.png", optimize=False, compress_level=1)
-    (bad / "noface.png").write_bytes(_png(np.full((200, 200, 3), 127, np.uint8)))
+    (bad / "noface.png").write_bytes(png_bytes(np.full((200, 200, 3), 127, np.uint8)))
     from importlib.resources import files
 
     group = files("insightface") / "data" / "images" / "t1.jpg"

@@ -15,8 +15,9 @@ import webdataset as wds
 import yaml
 
 from pipeline.config import ConfigError, load_config
-from pipeline.engine.runner import Runner, RunResult
+from pipeline.engine.runner import Runner
 from tests.conftest import ENGINE_CONFIG
+from tests.fixtures import completed_run, run_config
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -25,21 +26,13 @@ CONFIG["export"] = {**CONFIG["export"], "license": "cc-by-4.0", "description": "
                     "min_shards_per_split": 3}
 
 
-def _run(raw: dict[str, Any], out: Path, overrides: list[str] | None = None) -> RunResult:
-    cfg, stages = load_config(raw=raw, overrides=overrides)
-    return Runner(cfg, stages, str(out), show_progress=False).run()
-
-
 def _samples(run: Path, shards: list[str]) -> list[dict[str, Any]]:
     return list(wds.WebDataset([str(run / s) for s in shards], shardshuffle=False).decode())
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("export") / "run"
-    res = _run(CONFIG, out)
-    assert res.complete, res
-    return out
+    return completed_run(CONFIG, tmp_path_factory.mktemp("export") / "run")
 
 
 def _done(run: Path) -> dict[str, Any]:
@@ -173,7 +166,7 @@ def test_export_where_with_an_unknown_column_fails_before_any_work(tmp_path: Pat
 def test_export_where_selects_on_the_samples_table_columns(run: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     shutil.copytree(run, out)
-    res = _run(CONFIG, out, overrides=["export.where=pattern__variant < 2"])
+    res = run_config(CONFIG, out, overrides=["export.where=pattern__variant < 2"])
     assert res.complete and res.export_ran
     done = _done(out)
     rows = _samples(out, done["splits"]["train"]["shards"] + done["splits"]["val"]["shards"])
@@ -184,7 +177,7 @@ def test_a_new_export_switches_at_its_commit_and_removes_the_old_version(run: Pa
     out = tmp_path / "run"
     shutil.copytree(run, out)
     before = _done(out)
-    res = _run(CONFIG, out, overrides=['export.thresholds={"meanf.mean": {"min": 10}}'])
+    res = run_config(CONFIG, out, overrides=['export.thresholds={"meanf.mean": {"min": 10}}'])
     assert res.complete and res.export_ran
     after = _done(out)
     assert after["version"] != before["version"]
@@ -202,7 +195,7 @@ def test_a_failed_export_leaves_the_previous_export_intact_and_readable(run: Pat
     # checked before work: its plan tasks fail. (A missing source tar no longer fails an export: the run
     # sees it and recomputes the shard.)
     change = ["export.where=CAST(key AS INTEGER) >= 0"]
-    res = _run(CONFIG, out, overrides=change)
+    res = run_config(CONFIG, out, overrides=change)
     assert not res.complete and any(f["stage"] == "export" for f in res.failures)
     assert (out / "export" / "export.json").read_bytes() == committed
     assert (out / "export" / "README.md").read_bytes() == card
@@ -216,7 +209,7 @@ def test_a_failed_export_leaves_the_previous_export_intact_and_readable(run: Pat
 def test_identity_quota_drops_are_counted_by_rule_in_the_card_and_export_json(run: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     shutil.copytree(run, out)
-    res = _run(CONFIG, out, overrides=["export.identities.max_images=2", "export.identities.target_images=2"])
+    res = run_config(CONFIG, out, overrides=["export.identities.max_images=2", "export.identities.target_images=2"])
     assert res.complete and res.export_ran
     done = _done(out)
     rows = _samples(out, done["splits"]["train"]["shards"] + done["splits"]["val"]["shards"])

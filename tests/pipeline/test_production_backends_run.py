@@ -4,6 +4,7 @@ place of the procedural renderer, and a tiny insightface pack in place of dlib."
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -22,24 +23,26 @@ def model_folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path,
     return base, models, pack
 
 
+def _arc2face_run(name: str, identities: int, folders: tuple[Path, Path, Path], stages: list[dict[str, Any]],
+                  **sections: Any) -> dict[str, Any]:
+    """A run of ``identities`` x 2 images from the tiny Arc2Face on the CPU (two steps at 64 px), then ``stages``."""
+    base, models, _ = folders
+    arc2face = {"stage": "arc2face", "resources": {"cpus": 1, "gpus": 0},
+                "params": {"arc2face_dir": str(models / "arc2face"), "encoder_dir": str(models / "encoder"),
+                           "base_model": str(base), "dtype": "fp32", "device": "cpu", "steps": 2, "size": 64}}
+    return {"name": name, "run": {"seed": 5, "shard_size": 4},
+            "identities": {"count": identities, "images_per_identity": 2, "dim": 512, "max_cosine": 0.35},
+            "stages": [arc2face, *stages], **sections}
+
+
 def test_run_with_tiny_arc2face_and_insightface_pack(model_folders: tuple[Path, Path, Path], tmp_path: Path) -> None:
-    base, models, pack = model_folders
-    insight = {"backend": "insightface", "options": {"model_dir": str(pack), "det_size": 160}}
-    raw = {
-        "name": "production-backends",
-        "run": {"seed": 5, "shard_size": 4},
-        "identities": {"count": 3, "images_per_identity": 2, "dim": 512, "max_cosine": 0.35},
-        "stages": [
-            {"stage": "arc2face", "resources": {"cpus": 1, "gpus": 0},
-             "params": {"arc2face_dir": str(models / "arc2face"), "encoder_dir": str(models / "encoder"),
-                        "base_model": str(base), "dtype": "fp32", "device": "cpu", "steps": 2, "size": 64}},
-            {"stage": "image_stats", "params": {"min_sharpness": 0, "min_contrast": 0}},
-            {"stage": "detect", "params": {**insight, "policy": "one_face_per_image"}},
-            {"stage": "align"},
-            {"stage": "embed", "params": {**insight, "dim": 512}},
-        ],
-        "export": {"min_images_per_identity": 1, "val_fraction": 0.0},
-    }
+    insight = {"backend": "insightface", "options": {"model_dir": str(model_folders[2]), "det_size": 160}}
+    raw = _arc2face_run("production-backends", 3, model_folders, [
+        {"stage": "image_stats", "params": {"min_sharpness": 0, "min_contrast": 0}},
+        {"stage": "detect", "params": {**insight, "policy": "one_face_per_image"}},
+        {"stage": "align"},
+        {"stage": "embed", "params": {**insight, "dim": 512}},
+    ], export={"min_images_per_identity": 1, "val_fraction": 0.0})
     cfg, stages = load_config(raw=raw)
     res = Runner(cfg, stages, str(tmp_path / "run"), show_progress=False).run()
     assert not res.failures, res.failures
@@ -67,19 +70,9 @@ def test_refill_rounds_generate_with_arc2face(model_folders: tuple[Path, Path, P
 
     from stages.base import sample_seed
 
-    base, models, _ = model_folders
-    raw = {
-        "name": "arc2face-refill",
-        "run": {"seed": 5, "shard_size": 4},
-        "identities": {"count": 2, "images_per_identity": 2, "dim": 512, "max_cosine": 0.35},
-        "stages": [
-            {"stage": "arc2face", "resources": {"cpus": 1, "gpus": 0},
-             "params": {"arc2face_dir": str(models / "arc2face"), "encoder_dir": str(models / "encoder"),
-                        "base_model": str(base), "dtype": "fp32", "device": "cpu", "steps": 2, "size": 64}},
-        ],
-        "export": {"min_images_per_identity": 1, "val_fraction": 0.0, "where": "arc2face__variant % 2 = 1"},
-        "refill": {"target_images": 2, "max_rounds": 2},
-    }
+    export = {"min_images_per_identity": 1, "val_fraction": 0.0, "where": "arc2face__variant % 2 = 1"}
+    raw = _arc2face_run("arc2face-refill", 2, model_folders, [], export=export,
+                        refill={"target_images": 2, "max_rounds": 2})
     cfg, stages = load_config(raw=raw)
     res = Runner(cfg, stages, str(tmp_path / "run"), show_progress=False).run()
     assert res.complete, res.failures

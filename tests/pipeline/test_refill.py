@@ -20,24 +20,18 @@ from pipeline.config import load_config
 from pipeline.engine.rundir import read_plan
 from pipeline.engine.runner import Runner, RunResult
 from pipeline.status import run_status
+from tests.fixtures import engine_stage, pattern_config
 from tests.pipeline.engine.test_resume import _files, _rows
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 TARGET = 4
-RAW: dict[str, Any] = {
-    "name": "refill-test",
-    "run": {"seed": 11, "shard_size": 8},
-    "identities": {"count": 8, "images_per_identity": 4, "dim": 32, "max_cosine": 0.6},
-    "stages": [
-        {"stage": "tests.fixtures.engine_stages:PatternSource", "id": "pattern"},
-        # Drops the darker images: some identities lose a few, one loses every image.
-        {"stage": "tests.fixtures.engine_stages:MeanFilter", "id": "meanf", "params": {"min_mean": 120}},
-        {"stage": "tests.fixtures.engine_stages:IdentitySize", "id": "size"},
-    ],
-    "export": {"shard_size": 6, "val_fraction": 0.25, "min_images_per_identity": 1},
-    "refill": {"target_images": TARGET, "max_rounds": 2},
-}
+RAW: dict[str, Any] = pattern_config(
+    "refill-test", seed=11, shard_size=8, identities=(8, 4, 32, 0.6),
+    # MeanFilter drops the darker images: some identities lose a few, one loses every image.
+    stages=[engine_stage("MeanFilter", "meanf", params={"min_mean": 120}), engine_stage("IdentitySize", "size")],
+    export={"shard_size": 6, "val_fraction": 0.25, "min_images_per_identity": 1},
+    refill={"target_images": TARGET, "max_rounds": 2})
 STAGES = ("pattern", "meanf", "size")
 
 

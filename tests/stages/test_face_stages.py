@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import math
-from pathlib import Path
 from typing import Any
 
 import cv2
@@ -93,13 +92,6 @@ def assert_schema(stage: Stage, out: Batch) -> pa.Table:
 
 def decode(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-
-
-@pytest.fixture(scope="module")
-def photo() -> np.ndarray:
-    insightface = pytest.importorskip("insightface")  # ships the group photo; in the `models` extra
-    path = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
-    return np.asarray(Image.open(path).convert("RGB"))
 
 
 @pytest.fixture(scope="module")

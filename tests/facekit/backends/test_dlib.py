@@ -13,7 +13,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from PIL import Image
 
 from facekit.backends.base import FaceDetector, FaceEmbedder
 from facekit.backends.dlib import (
@@ -30,13 +29,6 @@ from facekit.geometry import align_to_template, warp
 from tests.fixtures import REPO
 
 T1_FACES = 6  # dlib HOG finds all six with upsample 0, 1 and 2 at full resolution
-
-
-@pytest.fixture(scope="module")
-def photo() -> np.ndarray:
-    insightface = pytest.importorskip("insightface")  # ships the group photo; in the `models` extra
-    path = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
-    return np.asarray(Image.open(path).convert("RGB"))
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import insightface
 import numpy as np
 import pyarrow as pa
 import pytest
-from PIL import Image
 
 from facekit.backends.base import FaceDetector, FaceEmbedder
 from facekit.backends.insightface import (
@@ -37,12 +36,6 @@ from tests.fixtures import tiny_onnx
 @pytest.fixture(scope="module")
 def pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_onnx.build_buffalo_pack(tmp_path_factory.mktemp("buffalo_l"))
-
-
-@pytest.fixture(scope="module")
-def photo() -> np.ndarray:
-    path = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
-    return np.asarray(Image.open(path).convert("RGB"))
 
 
 @pytest.mark.parametrize(

@@ -39,13 +39,6 @@ T1_FACES = 6
 
 
 @pytest.fixture(scope="module")
-def photo() -> np.ndarray:
-    insightface = pytest.importorskip("insightface")  # ships the group photo
-    path = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
-    return np.asarray(Image.open(path).convert("RGB"))
-
-
-@pytest.fixture(scope="module")
 def detector() -> YuNetDetector:
     return YuNetDetector()
 

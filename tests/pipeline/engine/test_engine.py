@@ -19,14 +19,10 @@ from manifests.storage import RunStorage
 from pipeline.config import load_config
 from pipeline.engine.execution import PreparedStage, write_pixels
 from pipeline.engine.rundir import RunConflictError, RunLockedError, run_lock
-from pipeline.engine.runner import Runner, RunResult
+from pipeline.engine.runner import Runner
+from tests.fixtures import completed_run, run_config
 
 pytestmark = pytest.mark.usefixtures("ray_session")
-
-
-def _run(raw: dict[str, Any], out: Path, overrides: list[str] | None = None, **kw: Any) -> RunResult:
-    cfg, stages = load_config(raw=raw, overrides=overrides)
-    return Runner(cfg, stages, str(out), show_progress=False).run(**kw)
 
 
 def _manifest_rows(out: Path, stage: str) -> list[dict[str, Any]]:
@@ -40,10 +36,7 @@ def _manifest_rows(out: Path, stage: str) -> list[dict[str, Any]]:
 def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.conftest import ENGINE_CONFIG
 
-    out = tmp_path_factory.mktemp("engine") / "run"
-    res = _run(ENGINE_CONFIG, out)
-    assert res.complete, res
-    return out
+    return completed_run(ENGINE_CONFIG, tmp_path_factory.mktemp("engine") / "run")
 
 
 def test_every_sample_has_one_row_per_stage_and_the_filter_decides(finished_run: Path) -> None:
@@ -116,11 +109,11 @@ def test_lineage_traces_a_sample_through_every_stage_to_its_training_shard(finis
 
 def test_a_sample_whose_processing_raises_gets_an_error_row_and_the_run_goes_on(
         tmp_path: Path, engine_config: dict) -> None:
-    first = _run(engine_config, tmp_path / "probe", overrides=["export.enabled=false"])
+    first = run_config(engine_config, tmp_path / "probe", overrides=["export.enabled=false"])
     assert first.complete
     victim = _manifest_rows(tmp_path / "probe", "pattern")[5]["sample_id"]
     engine_config["stages"][1]["params"]["fail_on"] = [victim]
-    res = _run(engine_config, tmp_path / "run")
+    res = run_config(engine_config, tmp_path / "run")
     assert res.complete
     rows = {r["sample_id"]: r for r in _manifest_rows(tmp_path / "run", "meanf")}
     assert len(rows) == 24
@@ -132,7 +125,7 @@ def test_a_sample_whose_processing_raises_gets_an_error_row_and_the_run_goes_on(
 def test_a_tar_without_its_manifest_is_invisible_and_recomputed_identically(tmp_path: Path,
                                                                              engine_config: dict) -> None:
     out = tmp_path / "run"
-    assert _run(engine_config, out, overrides=["export.enabled=false"]).complete
+    assert run_config(engine_config, out, overrides=["export.enabled=false"]).complete
     tar = out / "shards" / "pattern" / "000001.tar"
     manifest = out / "manifests" / "pattern" / "000001.parquet"
     original = tar.read_bytes()
@@ -143,7 +136,7 @@ def test_a_tar_without_its_manifest_is_invisible_and_recomputed_identically(tmp_
     tar.write_bytes(b"half-written garbage")
     cat = Catalog(RunStorage(str(out)), ["pattern", "meanf"])
     assert cat.query("SELECT count(*) AS n FROM pattern").column("n")[0].as_py() == 16
-    res = _run(engine_config, out, overrides=["export.enabled=false"])
+    res = run_config(engine_config, out, overrides=["export.enabled=false"])
     assert res.stages["pattern"]["computed"] == 1 and res.stages["pattern"]["resumed"] == 2
     assert tar.read_bytes() == original
 
@@ -168,23 +161,23 @@ def test_executor_commits_manifest_last(tmp_path: Path, engine_config: dict) -> 
 def test_changed_config_is_refused_then_force_recomputes_from_the_changed_stage(tmp_path: Path,
                                                                                 engine_config: dict) -> None:
     out = tmp_path / "run"
-    assert _run(engine_config, out).complete
+    assert run_config(engine_config, out).complete
     with pytest.raises(RunConflictError, match=r"(?s)stage .meanf. changed.*--force.*--new"):
-        _run(engine_config, out, overrides=["stages.meanf.params.min_mean=90"])
-    res = _run(engine_config, out, overrides=["stages.meanf.params.min_mean=90"], force=True)
+        run_config(engine_config, out, overrides=["stages.meanf.params.min_mean=90"])
+    res = run_config(engine_config, out, overrides=["stages.meanf.params.min_mean=90"], force=True)
     assert res.stages["pattern"] == {**res.stages["pattern"], "computed": 0, "resumed": 3}
     assert res.stages["meanf"]["computed"] == 3
-    res = _run(engine_config, out, overrides=["run.seed=9"], new=True)
+    res = run_config(engine_config, out, overrides=["run.seed=9"], new=True)
     assert res.stages["pattern"]["computed"] == 3
 
 
 def test_changing_only_an_export_threshold_reruns_only_the_export(tmp_path: Path, engine_config: dict) -> None:
     out = tmp_path / "run"
-    first = _run(engine_config, out)
+    first = run_config(engine_config, out)
     assert first.export_ran
-    again = _run(engine_config, out)
+    again = run_config(engine_config, out)
     assert not again.export_ran and all(s["computed"] == 0 for s in again.stages.values())
-    looser = _run(engine_config, out, overrides=['export.thresholds={"meanf.mean": {"min": 10}}'])
+    looser = run_config(engine_config, out, overrides=['export.thresholds={"meanf.mean": {"min": 10}}'])
     assert looser.export_ran and all(s["computed"] == 0 for s in looser.stages.values())
     assert looser.export is not None and first.export is not None
     n_first = sum(s["samples"] for s in first.export["splits"].values())
@@ -196,7 +189,7 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_the_lo
                                                                                    engine_config: dict) -> None:
     out = tmp_path / "run"
     with run_lock(RunStorage(str(out))), pytest.raises(RunLockedError, match="in use by"):
-        _run(engine_config, out)
+        run_config(engine_config, out)
 
 
 def test_a_finished_run_has_every_stage_compacted_and_the_catalog_reads_the_copy(finished_run: Path) -> None:

@@ -13,22 +13,16 @@ import pytest
 from manifests.schema import VOLATILE
 from pipeline.config import load_config
 from pipeline.engine.runner import Runner, RunResult
+from tests.fixtures import engine_stage, pattern_config
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
-CONFIG: dict[str, Any] = {
-    "name": "fused",
-    "run": {"seed": 7, "shard_size": 6},
-    "identities": {"count": 6, "images_per_identity": 3, "dim": 16, "max_cosine": 0.9},
-    "stages": [
-        {"stage": "tests.fixtures.engine_stages:PatternSource", "id": "pattern"},
-        {"stage": "tests.fixtures.engine_stages:BusyMapper", "id": "busy", "params": {"ms_per_sample": 1}},
-        {"stage": "tests.fixtures.engine_stages:MeanFilter", "id": "meanf", "params": {"min_mean": 150},
-         "prune": True},
-        {"stage": "tests.fixtures.engine_stages:CrashMapper", "id": "bright", "params": {"crash_prefix": "-"}},
-    ],
-    "export": {"enabled": False},
-}
+CONFIG: dict[str, Any] = pattern_config(
+    "fused", seed=7, shard_size=6, identities=(6, 3, 16, 0.9),
+    stages=[engine_stage("BusyMapper", "busy", params={"ms_per_sample": 1}),
+            engine_stage("MeanFilter", "meanf", params={"min_mean": 150}, prune=True),
+            engine_stage("CrashMapper", "bright", params={"crash_prefix": "-"})],
+    export={"enabled": False})
 
 
 def _run(out: Path, fuse: bool) -> RunResult:

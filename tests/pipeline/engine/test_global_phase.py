@@ -11,8 +11,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import load_config
-from pipeline.engine.runner import Runner, RunResult
+from tests.fixtures import run_config
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -28,15 +27,10 @@ def _config(dedup: str, engine_config: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-def _run(raw: dict[str, Any], out: Path) -> RunResult:
-    cfg, stages = load_config(raw=raw)
-    return Runner(cfg, stages, str(out), show_progress=False).run()
-
-
 def test_a_global_stage_runs_distributed_and_commits_one_fragment_per_shard(
     tmp_path: Path, engine_config: dict[str, Any]
 ) -> None:
-    res = _run(_config("dedup", engine_config), tmp_path / "run")
+    res = run_config(_config("dedup", engine_config), tmp_path / "run")
 
     assert res.complete, res.failures
     source = sorted(Path(p).name for p in glob.glob(str(tmp_path / "run/manifests/pattern/*.parquet")))
@@ -51,7 +45,7 @@ def test_a_global_stage_runs_distributed_and_commits_one_fragment_per_shard(
 def test_a_global_stage_that_keeps_failing_is_recorded_in_the_history(
     tmp_path: Path, engine_config: dict[str, Any]
 ) -> None:
-    res = _run(_config("tests.fixtures.corpus_stages:AlwaysFailingDedup", engine_config), tmp_path / "run")
+    res = run_config(_config("tests.fixtures.corpus_stages:AlwaysFailingDedup", engine_config), tmp_path / "run")
 
     assert not res.complete
     assert res.failures and res.failures[0]["stage"] == "dedup" and "disk on fire" in res.failures[0]["error"]

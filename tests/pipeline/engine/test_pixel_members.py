@@ -15,21 +15,15 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.engine.runner import Runner, RunResult
+from tests.fixtures import engine_stage, pattern_config
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
-CONFIG: dict[str, Any] = {
-    "name": "members",
-    "run": {"seed": 5, "shard_size": 6},
-    "identities": {"count": 4, "images_per_identity": 3, "dim": 16, "max_cosine": 0.9},
-    "stages": [
-        {"stage": "tests.fixtures.engine_stages:PatternSource", "id": "pattern"},
-        {"stage": "tests.fixtures.engine_stages:ThumbMapper", "id": "thumbs", "params": {"side": 16}},
-        {"stage": "tests.fixtures.engine_stages:ThumbReader", "id": "reader"},
-    ],
-    "export": {"shard_size": 4, "val_fraction": 0.25, "min_images_per_identity": 1,
-               "extra_members": {"thumb.png": "thumbs.thumb"}},
-}
+CONFIG: dict[str, Any] = pattern_config(
+    "members", seed=5, shard_size=6, identities=(4, 3, 16, 0.9),
+    stages=[engine_stage("ThumbMapper", "thumbs", params={"side": 16}), engine_stage("ThumbReader", "reader")],
+    export={"shard_size": 4, "val_fraction": 0.25, "min_images_per_identity": 1,
+            "extra_members": {"thumb.png": "thumbs.thumb"}})
 
 
 def _run(out: Path, fuse: bool) -> RunResult:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -17,19 +18,13 @@ import yaml
 
 from manifests.catalog import COMMITTED_GLOB
 from manifests.schema import VOLATILE
-from tests.fixtures import REPO
+from tests.fixtures import REPO, engine_stage, pattern_config
 
-CONFIG = {
-    "name": "resume-test",
-    "run": {"seed": 11, "shard_size": 4},
-    "identities": {"count": 8, "images_per_identity": 4, "dim": 32, "max_cosine": 0.6},
-    "stages": [
-        {"stage": "tests.fixtures.engine_stages:PatternSource", "id": "pattern"},
-        {"stage": "tests.fixtures.engine_stages:BusyMapper", "id": "busy", "params": {"ms_per_sample": 120}},
-        {"stage": "tests.fixtures.engine_stages:MeanFilter", "id": "meanf", "params": {"min_mean": 50}},
-    ],
-    "export": {"shard_size": 6, "val_fraction": 0.25},
-}
+CONFIG = pattern_config(
+    "resume-test", seed=11, shard_size=4, identities=(8, 4, 32, 0.6),
+    stages=[engine_stage("BusyMapper", "busy", params={"ms_per_sample": 120}),
+            engine_stage("MeanFilter", "meanf", params={"min_mean": 50})],
+    export={"shard_size": 6, "val_fraction": 0.25})
 
 
 def _cli(config: Path, out: Path) -> subprocess.Popen[bytes]:
@@ -39,6 +34,34 @@ def _cli(config: Path, out: Path) -> subprocess.Popen[bytes]:
          "--num-cpus", "2"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )
+
+
+def _reference(tmp_path: Path, raw: dict[str, Any]) -> tuple[Path, Path]:
+    """``raw`` written as ``run.yaml`` and run to the end uninterrupted: (the config, the run ``ref``)."""
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    _finish(_cli(config, tmp_path / "ref"))
+    return config, tmp_path / "ref"
+
+
+def _assert_resumed_identical(ref: Path, out: Path, patterns: tuple[str, ...], stages: tuple[str, ...],
+                              after: str) -> None:
+    """A resumed run ``out`` against its uninterrupted reference ``ref``: the files of ``patterns`` byte
+    for byte, every stage's rows (none twice), the export manifest, and no temporary file left."""
+    for pattern in patterns:
+        a, b = _files(ref, pattern), _files(out, pattern)
+        assert a.keys() == b.keys() and a, pattern
+        assert a == b, f"{pattern} differs after {after}"
+    for stage in stages:
+        rows = _rows(out, stage)
+        ids = [r["sample_id"] for r in rows]
+        assert len(ids) == len(set(ids)), f"duplicate rows in {stage}"
+        assert _rows(ref, stage) == rows, f"{stage} differs after {after}"
+    exported = pq.read_table(out / "export" / "manifest.parquet")
+    assert exported.num_rows == len(set(exported.column("sample_id").to_pylist()))
+    assert pq.read_table(ref / "export" / "manifest.parquet").equals(exported)
+    leftovers = glob.glob(str(out / "manifests" / "*" / "_tmp-*")) + glob.glob(str(out / "shards" / "*" / "_tmp-*"))
+    assert not leftovers, f"temporary files left behind after {after}"
 
 
 def _finish(proc: subprocess.Popen[bytes], timeout: float = 600) -> None:
@@ -63,24 +86,25 @@ def _committed(root: Path, stage: str) -> int:
     return len(glob.glob(str(root / "manifests" / stage / COMMITTED_GLOB)))
 
 
-def _running_with_commits(config: Path, out: Path, shards: int = 2) -> subprocess.Popen[bytes]:
-    """A run of ``config`` started and caught while it runs, once ``shards`` of its busy stage are
-    committed: the moment a signal or a kill tests what is kept."""
+def _running_with_commits(tmp_path: Path, shards: int = 2) -> tuple[Path, Path, subprocess.Popen[bytes]]:
+    """A run of ``CONFIG`` (written to ``tmp_path``) into ``tmp_path/run``, started and caught while it
+    runs, once ``shards`` of its busy stage are committed: the moment a signal or a kill tests what is
+    kept. Returns (the config, the run, the process)."""
+    config, out = tmp_path / "run.yaml", tmp_path / "run"
+    config.write_text(yaml.safe_dump(CONFIG))
     proc = _cli(config, out)
     deadline = time.monotonic() + 300  # a bound for a stuck start, not a timing claim
     while time.monotonic() < deadline and _committed(out, "busy") < shards:
         if proc.poll() is not None:
             pytest.fail("the run finished before it could be interrupted; make the busy stage slower")
         time.sleep(0.05)
-    return proc
+    return config, out, proc
 
 
 @pytest.mark.slow
 def test_resume_after_sigkill_is_byte_identical_to_an_uninterrupted_run(tmp_path: Path) -> None:
-    config = tmp_path / "resume.yaml"
-    config.write_text(yaml.safe_dump(CONFIG))
-    ref, resumed = tmp_path / "ref", tmp_path / "resumed"
-    _finish(_cli(config, ref))
+    config, ref = _reference(tmp_path, CONFIG)
+    resumed = tmp_path / "resumed"
 
     proc = _cli(config, resumed)
     deadline = time.monotonic() + 300
@@ -111,10 +135,7 @@ def test_resume_after_sigkill_is_byte_identical_to_an_uninterrupted_run(tmp_path
 
 @pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tmp_path: Path) -> None:
-    config = tmp_path / "resume.yaml"
-    config.write_text(yaml.safe_dump(CONFIG))
-    out = tmp_path / "run"
-    proc = _running_with_commits(config, out)
+    config, out, proc = _running_with_commits(tmp_path)
     proc.send_signal(signal.SIGINT)
     text, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, text.decode(errors="replace")[-3000:]

@@ -161,3 +161,24 @@ def test_a_config_naming_only_identities_min_images_loads_again_from_its_frozen_
     assert again.min_images == 3 and again == cfg
     with pytest.raises(ValueError, match="differ"):
         ExportConfig(identities={"min_images": 3}, min_images_per_identity=4)
+
+
+def test_the_counts_may_come_in_any_order_and_split_over_repeated_rows() -> None:
+    # The export concatenates one counts table per partition: an (identity, bin) may repeat, in any order,
+    # and a null or empty bin is the "(none)" bin.
+    whole = _counts([("a", "x", 5, 0.2), ("a", "(none)", 2, None), ("b", "y", 3, 0.9), ("d", "x", 4, 0.5),
+                     ("e", "(none)", 3, None), ("e", "z", 2, None)])
+    split = _counts([("d", "x", 1, 0.5), ("b", "y", 3, 0.9), ("a", "", 1, None), ("e", "z", 2, None),
+                     ("a", "x", 2, 0.2), ("e", "", 2, None), ("d", "x", 3, 0.5), ("a", None, 1, None),
+                     ("e", None, 1, None), ("a", "x", 3, 0.2)])
+    cfg = ExportConfig(identities={"max_images": 4, "max_identities": 2,
+                                   "rank": {"by": "score", "score": "q.s", "order": "lower"}})
+    expected = select_identities(whole, cfg)
+    got = select_identities(split, cfg)
+    assert got.table.to_pylist() == expected.table.to_pylist()
+    assert got.summary() == expected.summary()
+    # a ranks first (mean 0.2 over its 5 scored images), d second; b and e (no score: last) are left out.
+    assert _decisions(got) == {"a": (4, None), "b": (0, "over_max_identities"), "d": (4, None),
+                               "e": (0, "over_max_identities")}
+    assert {r["identity_id"]: r["bin"] for r in got.table.to_pylist()} == {"a": "x", "b": "y", "d": "x",
+                                                                           "e": "(none)"}

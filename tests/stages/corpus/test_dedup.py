@@ -8,7 +8,6 @@ picture)."""
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -23,23 +22,12 @@ from facekit.identities.gaussian import perturb
 from facekit.renderer.render import render_sample
 from pipeline.config import load_config
 from pipeline.engine.runner import Runner
+from tests.fixtures import jpeg_bytes, png_bytes
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 IDENTITIES, RENDERS = 10, 4
 SIGMAS = (0.3, 0.5, 0.7, 0.3)
-
-
-def _png(rgb: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _jpeg(rgb: np.ndarray, quality: int) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
 
 
 def _crop(rgb: np.ndarray, n: int) -> np.ndarray:
@@ -52,10 +40,11 @@ def _crop(rgb: np.ndarray, n: int) -> np.ndarray:
 
 
 TRANSFORMS: dict[str, Callable[[np.ndarray, int], bytes]] = {
-    "jpeg": lambda rgb, n: _jpeg(rgb, 50 + (n * 5) % 50),
-    "half": lambda rgb, n: _png(cv2.resize(rgb, (rgb.shape[1] // 2, rgb.shape[0] // 2), interpolation=cv2.INTER_AREA)),
-    "crop": lambda rgb, n: _png(np.ascontiguousarray(_crop(rgb, n))),
-    "flip": lambda rgb, n: _png(np.ascontiguousarray(rgb[:, ::-1])),
+    "jpeg": lambda rgb, n: jpeg_bytes(rgb, 50 + (n * 5) % 50),
+    "half": lambda rgb, n: png_bytes(
+        cv2.resize(rgb, (rgb.shape[1] // 2, rgb.shape[0] // 2), interpolation=cv2.INTER_AREA)),
+    "crop": lambda rgb, n: png_bytes(np.ascontiguousarray(_crop(rgb, n))),
+    "flip": lambda rgb, n: png_bytes(np.ascontiguousarray(rgb[:, ::-1])),
 }
 
 
@@ -89,7 +78,7 @@ def planted_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str,
     """One pipeline run over the planted folder; rows of the dedup manifest by file stem."""
     root = tmp_path_factory.mktemp("planted")
     for n, (name, rgb) in enumerate(_originals().items()):
-        (root / f"{name}.png").write_bytes(_png(rgb))
+        (root / f"{name}.png").write_bytes(png_bytes(rgb))
         for t, make in TRANSFORMS.items():
             data = make(rgb, n)
             ext = "jpg" if t == "jpeg" else "png"

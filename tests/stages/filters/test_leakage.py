@@ -18,7 +18,6 @@ far above it and the distinct photo faces below the published 0.363.
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 from pathlib import Path
@@ -41,7 +40,7 @@ from pipeline.config import load_config
 from pipeline.engine.runner import Runner
 from stages.base import StageContext
 from stages.filters.leakage import LeakageParams, LeakageStage
-from tests.fixtures import EXAMPLES
+from tests.fixtures import EXAMPLES, jpeg_bytes, png_bytes
 from training.bin_pairs import write_pair_file
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -49,18 +48,6 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 THRESHOLD = 0.8
 GALLERY_RENDERS = 6
 T1_IN_GALLERY = 3
-
-
-def _png(rgb: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _jpeg(rgb: np.ndarray, quality: int) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
 
 
 def _t1_faces() -> list[np.ndarray]:
@@ -89,25 +76,25 @@ def leak_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     for i, vec in enumerate(ids[:GALLERY_RENDERS]):
         (gallery / f"render{i}").mkdir()
         img, _ = render_sample(vec, None, 100 + i, 256, 0.0, 10.0)
-        (gallery / f"render{i}" / "a.png").write_bytes(_png(img))
+        (gallery / f"render{i}" / "a.png").write_bytes(png_bytes(img))
         again, _ = render_sample(vec, perturb(vec, 0.3, 7 + i), 500 + i, 256, 0.3, 10.0)
-        (photos / f"planted_rerender{i}.png").write_bytes(_png(again))
+        (photos / f"planted_rerender{i}.png").write_bytes(png_bytes(again))
         expected[f"planted_rerender{i}"] = f"render{i}"
     for i, vec in enumerate(ids[GALLERY_RENDERS:]):
         img, _ = render_sample(vec, None, 900 + i, 256, 0.3, 10.0)
-        (photos / f"distinct_render{i}.png").write_bytes(_png(img))
+        (photos / f"distinct_render{i}.png").write_bytes(png_bytes(img))
     real = [*_t1_faces(), np.asarray(skdata.astronaut())]
     in_gallery = {f"t1face{k}": real[k] for k in range(T1_IN_GALLERY)} | {"astronaut": real[-1]}
     for name, rgb in in_gallery.items():
         (gallery / name).mkdir()
-        (gallery / name / "photo.jpg").write_bytes(_jpeg(rgb, 95))
-        (photos / f"planted_{name}_jpeg40.jpg").write_bytes(_jpeg(rgb, 40))
+        (gallery / name / "photo.jpg").write_bytes(jpeg_bytes(rgb, 95))
+        (photos / f"planted_{name}_jpeg40.jpg").write_bytes(jpeg_bytes(rgb, 40))
         small = np.asarray(Image.fromarray(rgb).resize((round(rgb.shape[1] * 0.6), round(rgb.shape[0] * 0.6)),
                                                        Image.BILINEAR))
-        (photos / f"planted_{name}_small.png").write_bytes(_png(small))
+        (photos / f"planted_{name}_small.png").write_bytes(png_bytes(small))
         expected[f"planted_{name}_jpeg40"] = expected[f"planted_{name}_small"] = name
     for k in range(T1_IN_GALLERY, 6):
-        (photos / f"distinct_t1face{k}.jpg").write_bytes(_jpeg(real[k], 95))
+        (photos / f"distinct_t1face{k}.jpg").write_bytes(jpeg_bytes(real[k], 95))
     raw = {
         "name": "leakage-test",
         "run": {"seed": 0, "shard_size": 12},
@@ -192,7 +179,7 @@ def _render_crops(n: int, seed: int) -> list[np.ndarray]:
 def test_a_bin_verification_set_is_a_gallery_whose_same_pairs_are_one_identity(tmp_path: Path) -> None:
     crops = _render_crops(4, 3)
     path = tmp_path / "mini.bin"
-    write_pair_file(str(path), [_png(c) for c in crops], [True, False])
+    write_pair_file(str(path), [png_bytes(c) for c in crops], [True, False])
     g = build_gallery(str(path), "bin", gallery_sha256(str(path), "bin"), YuNetDetector(), SFaceEmbedder())
     assert g.identities == ["mini:pair0", "mini:pair0", "mini:2", "mini:3"]
     assert g.items == ["mini[0]", "mini[1]", "mini[2]", "mini[3]"]
@@ -228,7 +215,7 @@ def test_a_changed_gallery_is_refused_once_shards_were_scored_against_the_old_on
     assert LeakageStage.doctor(LeakageParams(gallery=str(out / "nowhere"))) != []
     extra = leak_run["gallery"] / "newcomer" / "a.png"
     extra.parent.mkdir()
-    extra.write_bytes(_png(np.full((64, 64, 3), 128, np.uint8)))
+    extra.write_bytes(png_bytes(np.full((64, 64, 3), 128, np.uint8)))
     try:
         again = LeakageStage(stage.params, StageContext(run_dir=str(out), stage_id="leakage", seed=0))
         with pytest.raises(ValueError, match="gallery_sha256="):
@@ -274,7 +261,7 @@ def quickstart_leak(tmp_path_factory: pytest.TempPathFactory) -> dict[str, objec
     for i in range(QS_LEAKED):  # a new frontal render of each, not one of the run's images
         (gallery / f"idx{i}").mkdir(parents=True)
         img, _ = render_sample(vectors[i], None, 7000 + i, 256, 0.0, 20.0)
-        (gallery / f"idx{i}" / "a.png").write_bytes(_png(img))
+        (gallery / f"idx{i}" / "a.png").write_bytes(png_bytes(img))
     raw = yaml.safe_load((EXAMPLES / "quickstart.yaml").read_text())
     at = next(i for i, s in enumerate(raw["stages"]) if s["stage"] == "embed")
     raw["stages"].insert(at + 1, {"stage": "leakage", "params": {"gallery": str(gallery), "partitions": 16}})
