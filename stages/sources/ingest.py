@@ -111,7 +111,9 @@ class IngestParams(Params):
     max_file_mb: float = Field(
         64.0, gt=0, description="files and tar members larger than this are error rows, never read")
     storage_options: dict[str, Any] = Field(
-        default_factory=dict, description="fsspec options for root and tars (endpoint, credentials profile)")
+        default_factory=dict,
+        description="fsspec options for root and tars (endpoint, credentials profile); kept in the run so that "
+                    "every reader opens the source tars alike: name credentials by profile or environment")
 
     @model_validator(mode="after")
     def _one_source(self) -> IngestParams:
