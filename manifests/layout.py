@@ -10,6 +10,7 @@ plan.parquet                              the source's shard plan (one row per s
 .lock                                     one writer per run directory
 identities/identities.parquet
 sources/<stage>/listing-<hash>.parquet    a folder source's file listing, frozen on first run
+sources/storage.json                      fsspec options per source location (scheme://bucket) images are read from
 shards/<stage>/<shard>.tar                pixel-writing stages only
 manifests/<stage>/<shard>.parquet         one row per sample per stage: the lineage (the commit)
 manifests/<stage>/_compacted/current.json the stage's sorted copy (which fragments it covers) ...
@@ -42,6 +43,7 @@ LOCK_FILE = ".lock"
 IDENTITIES_DIR = "identities"
 IDENTITIES_FILE = (IDENTITIES_DIR, "identities.parquet")
 SOURCES_DIR = "sources"
+SOURCE_STORAGE_FILE = (SOURCES_DIR, "storage.json")
 SHARDS_DIR = "shards"
 MANIFESTS_DIR = "manifests"
 EXPORT_DIR = "export"

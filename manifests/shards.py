@@ -136,7 +136,8 @@ class TarMember:
     (``unsafe_member_name``, ``not_a_regular_file``, ``file_too_large``, ``truncated_tar``,
     ``corrupt_tar``, ``unreadable_tar``) and ``detail`` says what exactly; ``key`` and ``ext`` are set
     whenever the name itself is safe, so a bad member still belongs to its sample. ``offset`` is where
-    the member's header starts: stable, unique within the tar, and where a byte range read resumes.
+    the member's header starts: stable, unique within the tar, and where a byte range read resumes;
+    ``data_offset`` where its bytes start (in a plain tar, the byte range a reader fetches them by).
     """
 
     key: str
@@ -147,6 +148,7 @@ class TarMember:
     detail: str | None = None
     offset: int = 0
     size: int = 0
+    data_offset: int = 0
 
 
 def _kind(info: tarfile.TarInfo) -> str:
@@ -254,7 +256,7 @@ def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo, key: str, ext: str
     if len(data) != info.size:
         detail = f"tar ends inside member {name!r} ({len(data)} of {info.size} bytes)"
         return TarMember(key, ext, None, "truncated_tar", name, detail, info.offset, info.size)
-    return TarMember(key, ext, data, None, name, None, info.offset, info.size)
+    return TarMember(key, ext, data, None, name, None, info.offset, info.size, info.offset_data)
 
 
 def _missing_end(fileobj: BinaryIO, end: int, last: TarMember,

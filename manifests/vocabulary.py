@@ -21,6 +21,9 @@ IDENTITY_ID = "identity_id"
 PARENT_ID = "parent_id"
 IMAGE = "image"  # the encoded image bytes (never stored in a manifest: the shard tar holds them)
 IMAGE_EXT = "image_ext"
+# Where the image's bytes already lie outside the run (a member of a source tar: {tar, offset, size,
+# crc32}, tar an absolute URL): the engine records that range instead of writing the bytes again.
+IMAGE_SOURCE = "image_source"
 # Decision columns every stage emits for every row.
 STATUS = "status"
 KEEP = "keep"

@@ -34,6 +34,7 @@ from manifests.vocabulary import DETAIL as DETAIL
 from manifests.vocabulary import IDENTITY_ID as IDENTITY_ID
 from manifests.vocabulary import IMAGE as IMAGE
 from manifests.vocabulary import IMAGE_EXT as IMAGE_EXT
+from manifests.vocabulary import IMAGE_SOURCE as IMAGE_SOURCE
 from manifests.vocabulary import KEEP as KEEP
 from manifests.vocabulary import KEY as KEY
 from manifests.vocabulary import PARENT_ID as PARENT_ID

@@ -25,11 +25,12 @@ from manifests.commit import (
     tar_record,
     verify_fragment,
 )
+from manifests.ranges import ByteRange, fetch_ranges, is_source_tar
 from manifests.reader import ShardReader, own_or_parent_rows, shard_rows
 from manifests.schema import CARRIED, manifest_schema, member_ext
 from manifests.shards import UnsafeMemberError, check_key, write_tar
 from manifests.storage import RunStorage
-from manifests.vocabulary import TAR_OFFSET, TAR_SIZE
+from manifests.vocabulary import IMAGE_SOURCE, OUTPUT_SHARD, TAR_CRC32, TAR_OFFSET, TAR_SIZE
 from pipeline.engine.faults import UpstreamNotCommittedError, is_transient
 from stages.base import (
     DETAIL,
@@ -166,7 +167,17 @@ def load_shard_input(store: RunStorage, upstream: tuple[UpstreamInfo, ...], shar
     if pix is None:
         return batch, None
     batch[IMAGE], batch[IMAGE_EXT] = _images(reader, cache, pix.stage_id, rows, tars)
-    return batch, "/".join(shard_tar_path(pix.stage_id, shard))
+    return batch, _input_shard(reader, pix.stage_id)
+
+
+def _input_shard(reader: ShardReader, stage_id: str) -> str:
+    """The tar a stage's input images come from: the pixel stage's shard tar, or the source tar its
+    images lie in when it referenced them there."""
+    shards = pc.drop_null(reader.fragment(stage_id, [OUTPUT_SHARD])[OUTPUT_SHARD])
+    first = shards[0].as_py() if len(shards) else None
+    if first and is_source_tar(first):
+        return str(first)
+    return "/".join(shard_tar_path(stage_id, reader.shard))
 
 
 def _member_bytes(reader: ShardReader, cache: ShardCache, stage_id: str, column: str, rows: pa.Table,
@@ -189,17 +200,23 @@ def _member_bytes(reader: ShardReader, cache: ShardCache, stage_id: str, column:
 def _images(reader: ShardReader, cache: ShardCache, stage_id: str, rows: pa.Table,
             tars: dict[str, bytes]) -> tuple[list[Any], list[str | None]]:
     """Each row's image (own or its parent's) from the latest pixel-writing stage: sliced from its shard
-    tar at the offsets the manifest records (no tar parsing), or what a fused chain holds."""
+    tar at the offsets the manifest records (no tar parsing), fetched by byte range from the source tar
+    it lies in (each slice checked against its CRC-32), or what a fused chain holds."""
     if stage_id not in cache.images:
-        tab = reader.fragment(stage_id, [SAMPLE_ID, TAR_OFFSET, TAR_SIZE, IMAGE_EXT])
+        tab = reader.fragment(stage_id, [SAMPLE_ID, TAR_OFFSET, TAR_SIZE, TAR_CRC32, IMAGE_EXT, OUTPUT_SHARD])
         tab = tab.filter(pc.is_valid(tab[TAR_OFFSET]))
+        sids, offs, sizes, crcs, exts, shards = (tab.column(c).to_pylist() for c in (
+            SAMPLE_ID, TAR_OFFSET, TAR_SIZE, TAR_CRC32, IMAGE_EXT, OUTPUT_SHARD))
+        sourced = [i for i, tar in enumerate(shards) if tar and is_source_tar(tar)]
+        fetched = dict(zip(sourced, fetch_ranges(reader.store, [
+            ByteRange(shards[i], offs[i], sizes[i], crcs[i]) for i in sourced]), strict=True))
         data = b""
-        if tab.num_rows:
+        if len(sourced) < tab.num_rows:
             data = tars.get(stage_id) or _read_tar(reader, stage_id)
         view = memoryview(data)
-        where = (tab.column(c).to_pylist() for c in (SAMPLE_ID, TAR_OFFSET, TAR_SIZE, IMAGE_EXT))
-        cache.images[stage_id] = {sid: (remembering(view[off : off + size], cache.pixels), ext)
-                                  for sid, off, size, ext in zip(*where, strict=True)}
+        cache.images[stage_id] = {
+            sid: (remembering(fetched[i] if i in fetched else view[offs[i] : offs[i] + sizes[i]], cache.pixels), ext)
+            for i, (sid, ext) in enumerate(zip(sids, exts, strict=True))}
     found = cache.images[stage_id]
     at = own_or_parent_rows(rows[SAMPLE_ID], rows[PARENT_ID], list(found)).to_pylist()
     hits = list(found.values())
@@ -364,15 +381,20 @@ def build_manifest(spec: StageSpec, stage: Stage[Any], shard: str, out: Batch, i
     info = stage.model_info()
     now = datetime.now(UTC)
     keys = out.get(KEY, [None] * n)
-    exts = out.get(IMAGE_EXT, [None] * n) if output_shard else [None] * n
     images = out.get(IMAGE, [None] * n)
+    sources = out.get(IMAGE_SOURCE, [None] * n)
+    exts = out.get(IMAGE_EXT, [None] * n) if output_shard or any(sources) else [None] * n
+    shards: list[str | None] = []
     offsets, sizes, crcs = [], [], []
     for i in range(n):
-        has_image = output_shard and images[i] is not None and out[STATUS][i] == STATUS_OK
-        loc = locations.get(keys[i] or "", {}).get(exts[i] or "png") if has_image else None
-        offsets.append(loc.offset if loc else None)
-        sizes.append(loc.size if loc else None)
-        crcs.append(loc.crc32 if loc else None)
+        has_image = images[i] is not None and out[STATUS][i] == STATUS_OK
+        src = sources[i] if has_image else None
+        loc = locations.get(keys[i] or "", {}).get(exts[i] or "png") if has_image and output_shard and not src else None
+        where = ByteRange(src["tar"], src["offset"], src["size"], src["crc32"]) if src else loc
+        shards.append((src["tar"] if src else output_shard) if where else None)
+        offsets.append(where.offset if where else None)
+        sizes.append(where.size if where else None)
+        crcs.append(where.crc32 if where else None)
     data: dict[str, list[Any]] = {
         SAMPLE_ID: out[SAMPLE_ID],
         KEY: keys,
@@ -391,11 +413,11 @@ def build_manifest(spec: StageSpec, stage: Stage[Any], shard: str, out: Batch, i
         "params_hash": [spec.params_hash] * n,
         "fingerprint": [spec.fingerprint] * n,
         "input_shard": [input_shard] * n,
-        "output_shard": [output_shard if o is not None else None for o in offsets],
+        OUTPUT_SHARD: shards,
         IMAGE_EXT: [e if o is not None else None for e, o in zip(exts, offsets, strict=True)],
         TAR_OFFSET: offsets,
         TAR_SIZE: sizes,
-        "tar_crc32": crcs,
+        TAR_CRC32: crcs,
         "worker": [worker] * n,
         "processed_at": [now] * n,
         "duration_ms": durations if len(durations) == n else [None] * n,
@@ -428,13 +450,15 @@ def take_members(out: Batch, members: dict[str, str]) -> dict[str, list[bytes | 
 
 def write_pixels(store: RunStorage, spec: StageSpec, shard: str, out: Batch,
                  members: dict[str, list[bytes | None]] | None = None,
-                 member_exts: dict[str, str] | None = None) -> tuple[str | None, dict[str, Any], TarRecord]:
+                 member_exts: dict[str, str] | None = None) -> tuple[str | None, dict[str, Any], TarRecord | None]:
     """Write the shard tar for rows that carry pixels (the image, and any pixel members as
-    ``<key>.<column>.<ext>``); a bad key turns that row into an error. Returns the tar's path, member
-    locations and its size + checksum, which the manifest commits; member columns of ``out`` get
-    their location."""
+    ``<key>.<column>.<ext>``); a bad key turns that row into an error. An image that already lies in a
+    source tar (``IMAGE_SOURCE``) is not written: its manifest row records that range. Returns the
+    tar's path, member locations and its size + checksum, which the manifest commits (no tar: None,
+    when every image lies in a source tar); member columns of ``out`` get their location."""
     n = len(out[SAMPLE_ID])
-    images = out.get(IMAGE, [None] * n)
+    sources = out.get(IMAGE_SOURCE, [None] * n)
+    images = [None if src else image for image, src in zip(out.get(IMAGE, [None] * n), sources, strict=True)]
     exts = out.get(IMAGE_EXT, [None] * n)
     members = members or {}
     member_exts = member_exts or {}
@@ -457,6 +481,8 @@ def write_pixels(store: RunStorage, spec: StageSpec, shard: str, out: Batch,
         if images[i] is not None:
             record[exts[i] or "png"] = images[i]
         samples.append(record)
+    if not samples and any(sources):
+        return None, {}, None
     data, index = write_tar(samples)
     rel = "/".join(shard_tar_path(spec.stage_id, shard))
     for c, vals in members.items():

@@ -15,9 +15,7 @@ recomputes that shard, and the export fails naming the tar.
 from __future__ import annotations
 
 import io
-import zlib
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -26,8 +24,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from facekit.imaging import decode_rgb, encode_jpeg, encode_png
-from manifests.commit import uncommit
-from manifests.layout import EXPORT_DIR, manifest_path, tar_owner
+from manifests.layout import EXPORT_DIR
+from manifests.ranges import ByteRange, fetch_ranges
 from manifests.shards import UnsafeMemberError, check_key, write_tar
 from pipeline.export.plan import SelectionSpec
 
@@ -55,21 +53,6 @@ def read_range_rows(store: Any, plan_files: list[tuple[str, ...]], identities: p
     return t.sort_by([("shard_index", "ascending"), ("unit", "ascending"), ("sample_id", "ascending")])
 
 
-class CorruptSourceError(RuntimeError):
-    """A source slice does not match the checksum committed for it: not transient, never retried."""
-
-
-@dataclass(frozen=True)
-class ByteRange:
-    """Where one member's bytes lie: a shard tar (relative to the run), offset, size, CRC-32 (None
-    for fragments written before per-member checksums)."""
-
-    tar: str
-    offset: int
-    size: int
-    crc32: int | None = None
-
-
 def image_range(row: dict[str, Any]) -> ByteRange:
     crc = row.get("src_crc32")
     return ByteRange(row["src_shard"], int(row["src_offset"]), int(row["src_size"]), None if crc is None else int(crc))
@@ -78,50 +61,6 @@ def image_range(row: dict[str, Any]) -> ByteRange:
 def member_range(value: dict[str, Any]) -> ByteRange:
     crc = value.get("crc32")
     return ByteRange(value["tar"], int(value["offset"]), int(value["size"]), None if crc is None else int(crc))
-
-
-def fetch_ranges(store: Any, ranges: list[ByteRange]) -> list[bytes]:
-    """Every range's bytes, read grouped by source tar (sorted by offset; one open per tar on a local
-    disk, one concurrent ``cat_ranges`` on object stores), verified by length and checksum."""
-    order = sorted(range(len(ranges)), key=lambda i: (ranges[i].tar, ranges[i].offset))
-    out: list[bytes] = [b""] * len(ranges)
-    if store.is_local:
-        current: str | None = None
-        f: Any = None
-        try:
-            for i in order:
-                if ranges[i].tar != current:
-                    if f is not None:
-                        f.close()
-                    current = ranges[i].tar
-                    f = open(store.path(current), "rb")  # noqa: SIM115 - closed when the tar changes
-                f.seek(ranges[i].offset)
-                out[i] = f.read(ranges[i].size)
-        finally:
-            if f is not None:
-                f.close()
-    elif order:
-        paths = [store.path(ranges[i].tar) for i in order]
-        starts = [ranges[i].offset for i in order]
-        ends = [ranges[i].offset + ranges[i].size for i in order]
-        for i, chunk in zip(order, store.fs.cat_ranges(paths, starts, ends, on_error="raise"), strict=True):
-            if isinstance(chunk, BaseException):
-                raise chunk
-            out[i] = chunk
-    for i in order:
-        r = ranges[i]
-        if len(out[i]) != r.size:
-            raise OSError(f"short read of {r.tar} at {r.offset}: {len(out[i])} of {r.size} bytes")
-        if r.crc32 is not None and zlib.crc32(out[i]) != r.crc32:
-            owner = tar_owner(r.tar)
-            if owner is not None:
-                uncommit(store, store.path(*manifest_path(*owner)))
-            raise CorruptSourceError(
-                f"{r.tar} at offset {r.offset}: {r.size} bytes that do not match the CRC-32 committed for them "
-                f"(the tar was damaged after its commit); nothing was exported from it"
-                + (f". Stage {owner[0]!r}, shard {owner[1]!r} is uncommitted: run again to recompute it"
-                   if owner else ""))
-    return out
 
 
 def fetch_images(store: Any, rows: list[dict[str, Any]]) -> list[bytes]:

@@ -164,7 +164,7 @@ def pixel_locations(con: duckdb.DuckDBPyConnection,
         "  SELECT w.want_id, w.upto, p.parent_id FROM want w JOIN parents p ON p.sample_id = w.want_id "
         "  WHERE p.parent_id IS NOT NULL) "
         "SELECT c.want_id, c.upto, arg_max(struct_pack(shard := d.output_shard, off := d.tar_offset, "
-        "  size := d.tar_size, ext := d.image_ext), d.stage_index) "
+        "  size := d.tar_size, crc := d.tar_crc32, ext := d.image_ext), d.stage_index) "
         "FROM cand c JOIN decisions d ON d.sample_id = c.src AND d.output_shard IS NOT NULL "
         "  AND d.tar_offset IS NOT NULL AND d.stage_index <= c.upto GROUP BY ALL"
     ).fetchall()

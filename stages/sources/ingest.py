@@ -19,6 +19,14 @@ shard (planning reads nothing); ``tar_split`` indexes the headers of each plain 
 time (no member data is read) and cuts it into byte ranges of ``shard_size`` samples, each read by
 seeking to its offset. A compressed tar cannot be read by range and stays one shard.
 
+A plain tar's images are not copied into the run: each sample's image is recorded as the byte range
+of its member in the source tar (its URL, offset, size and CRC-32), which every reader fetches and
+checks (manifests/ranges.py), so a tar changed after ingest is refused by name, never read as other
+pixels. Only loose files (folder mode) and compressed tars, whose members have no byte range a
+reader could seek to, are packed into the run's shard tars. Readers open a source tar with this
+stage's ``storage_options``, kept in the run (``sources/storage.json``, never in a manifest), so
+credentials belong in a profile or the environment, never in the config.
+
 Nothing the input holds can crash the run, vanish, double or grow a process without bound. Every
 read is bounded by ``max_file_mb`` (sizes are checked before reading, in folders and in tars) and
 images by a pixel limit before decoding (facekit.imaging.decode). Each bad input is a row with
@@ -48,6 +56,7 @@ import os
 import posixpath
 import re
 import stat
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -61,6 +70,7 @@ from facekit.imaging import ImageError, decode, remembering
 from manifests.layout import listing_path
 from manifests.listing import listing_size, read_listing, walk_rel_paths, write_listing
 from manifests.names import IMAGE_EXTENSIONS, extension, name_bytes, name_str, name_text
+from manifests.ranges import record_source_options
 from manifests.shards import TarMember, is_compressed, iter_tar_members
 from manifests.storage import RunStorage, expand_user_glob
 from manifests.transient import is_transient
@@ -68,6 +78,7 @@ from stages.base import (
     IDENTITY_ID,
     IMAGE,
     IMAGE_EXT,
+    IMAGE_SOURCE,
     KEY,
     PARENT_ID,
     Batch,
@@ -100,7 +111,9 @@ class IngestParams(Params):
     max_file_mb: float = Field(
         64.0, gt=0, description="files and tar members larger than this are error rows, never read")
     storage_options: dict[str, Any] = Field(
-        default_factory=dict, description="fsspec options for root and tars (endpoint, credentials profile)")
+        default_factory=dict,
+        description="fsspec options for root and tars (endpoint, credentials profile); kept in the run so that "
+                    "every reader opens the source tars alike: name credentials by profile or environment")
 
     @model_validator(mode="after")
     def _one_source(self) -> IngestParams:
@@ -142,6 +155,7 @@ class _Row:
     identity: str | None = None
     ext: str = ""
     data: bytes | None = None
+    source: dict[str, Any] | None = None  # where ``data`` lies in a plain source tar (manifests/ranges.py)
     reason: Reason | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -231,7 +245,10 @@ class IngestStage(SourceStage):
         """Folder mode: walk the folder once into the run's listing; a resumed run reuses it as is. A walk
         that finds no image raises InputError before the listing is written."""
         self._store = store
-        if self.params.root is None or store.exists(*self._listing_parts()):
+        if self.params.root is None:
+            record_source_options(store, self.params.tars, self.params.storage_options)
+            return
+        if store.exists(*self._listing_parts()):
             return
         fs, root = self._root_folder()
         images = others = 0
@@ -340,7 +357,7 @@ class IngestStage(SourceStage):
             yield self._to_batch(batch)
 
     def _to_batch(self, rows: list[_Row]) -> Batch:
-        out = Rows([r.sample_id for r in rows], (KEY, IDENTITY_ID, PARENT_ID, IMAGE, IMAGE_EXT, *_OWN))
+        out = Rows([r.sample_id for r in rows], (KEY, IDENTITY_ID, PARENT_ID, IMAGE, IMAGE_EXT, IMAGE_SOURCE, *_OWN))
         for i, r in enumerate(rows):
             out.set(i, **{KEY: r.key, IDENTITY_ID: r.identity, "source_uri": r.source_uri,
                           "source_path": r.source_path, IMAGE_EXT: r.ext.lower() or None})
@@ -354,8 +371,9 @@ class IngestStage(SourceStage):
                     r.reason = Reason(exc.rule, exc.detail)
                 else:
                     h, w = decoded.rgb.shape[:2]
-                    out.set(i, **{IMAGE: image, IMAGE_EXT: sniff_ext(r.data, r.ext), "width": int(w),
-                                  "height": int(h), "pixel_mode": decoded.mode, "orientation": decoded.orientation})
+                    out.set(i, **{IMAGE: image, IMAGE_EXT: sniff_ext(r.data, r.ext), IMAGE_SOURCE: r.source,
+                                  "width": int(w), "height": int(h), "pixel_mode": decoded.mode,
+                                  "orientation": decoded.orientation})
             if r.reason is not None:
                 out.fail(i, r.reason.rule, r.reason.detail)
         return out.batch()
@@ -436,19 +454,22 @@ class IngestStage(SourceStage):
             members = iter_tar_members(handle, self.limit, None if stop is None else int(stop),
                                        is_transient=is_transient)
             try:
-                yield from self._group_members(source_uri, members, set(shard.get("seen", ())))
+                by_range = not is_compressed(handle)
+                yield from self._group_members(source_uri, members, set(shard.get("seen", ())), by_range)
             except OSError as exc:
                 if is_transient(exc):
                     raise _transient(exc, tar) from exc
                 raise
 
-    def _group_members(self, source_uri: str, members: Iterable[TarMember], seen: set[str]) -> Iterator[_Row]:
-        """Adjacent members with one key are one sample; a key that comes back later is a duplicate."""
+    def _group_members(self, source_uri: str, members: Iterable[TarMember], seen: set[str],
+                       by_range: bool) -> Iterator[_Row]:
+        """Adjacent members with one key are one sample; a key that comes back later is a duplicate.
+        ``by_range``: the tar is plain, so each image is referenced where it lies instead of copied."""
         group: list[TarMember] = []
         for m in members:
             if not m.key:  # no usable name, or a tar-level problem: a row of its own
                 if not m.name and group:  # the tar ends or breaks here: what came before is complete
-                    yield self._tar_row(source_uri, group, seen)
+                    yield self._tar_row(source_uri, group, seen, by_range)
                     group = []
                 detail = f"{m.name}: {m.detail}" if m.name and m.name not in (m.detail or "") else m.detail
                 key = "bad-" + stable_hash([source_uri, m.name, m.offset, m.error], 12)
@@ -456,13 +477,13 @@ class IngestStage(SourceStage):
                            reason=Reason(m.error or "corrupt_tar", detail))
                 continue
             if group and m.key != group[0].key:
-                yield self._tar_row(source_uri, group, seen)
+                yield self._tar_row(source_uri, group, seen, by_range)
                 group = []
             group.append(m)
         if group:
-            yield self._tar_row(source_uri, group, seen)
+            yield self._tar_row(source_uri, group, seen, by_range)
 
-    def _tar_row(self, source_uri: str, group: list[TarMember], seen: set[str]) -> _Row:
+    def _tar_row(self, source_uri: str, group: list[TarMember], seen: set[str], by_range: bool) -> _Row:
         key, first = group[0].key, group[0]
         safe_key = key if _KEY_RE.match(key) else folder_key(key)
         if key in seen:
@@ -494,7 +515,11 @@ class IngestStage(SourceStage):
         elif image_ext is None:
             row.reason = Reason("no_image_in_sample", f"members: {', '.join(sorted(files))}")
         else:
-            row.data = files[image_ext].data or b""
+            image = files[image_ext]
+            row.data = image.data or b""
+            if by_range:
+                row.source = {"tar": source_uri, "offset": image.data_offset, "size": len(row.data),
+                              "crc32": zlib.crc32(row.data)}
         return row
 
 

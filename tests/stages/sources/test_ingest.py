@@ -388,3 +388,115 @@ def test_a_missing_or_imageless_root_is_an_input_error_and_leaves_no_listing(tmp
     with pytest.raises(InputError, match="no file matches") as tars:
         IngestStage(IngestParams(tars=[str(root / "a.png"), str(tmp_path / "*.tar")]), CTX).check_input()
     assert tars.value.key == "params.tars[1]"
+
+
+# ---------------------------------------------------------------- tar ingest by byte range, through runs
+
+
+def _range_corpus(folder: Path, n: int = 12) -> list[tuple[str, bytes]]:
+    """Members of a WebDataset tar: noise images (they do not compress) with their identities."""
+    members: list[tuple[str, bytes]] = []
+    for i in range(n):
+        members += [(f"s{i:03d}.png", encode_png(rgb(100 + i, 224))),
+                    (f"s{i:03d}.json", json.dumps({"identity_id": f"p{i % 3}"}).encode())]
+    folder.mkdir(parents=True, exist_ok=True)
+    return members
+
+
+def _range_run(out: Path, tars: list[str], extra: tuple[str, ...] = (), **ingest: Any) -> Any:
+    from pipeline.config import load_config
+    from pipeline.engine.runner import Runner
+
+    raw = {"name": "by-range", "run": {"seed": 0, "shard_size": 6},
+           "stages": [{"stage": "ingest", "params": {"tars": tars, **ingest}}, {"stage": "fingerprint"},
+                      *({"stage": s} for s in extra)],
+           "export": {"min_images_per_identity": 1, "val_fraction": 0.0}}
+    cfg, stages = load_config(raw=raw)
+    return Runner(cfg, stages, str(out), show_progress=False).run()
+
+
+def _exported_images(out: Path) -> dict[str, bytes]:
+    images: dict[str, bytes] = {}
+    for path in sorted(out.glob("export/v-*/*/shard-*.tar")):
+        with tarfile.open(path) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".png"):
+                    f = tar.extractfile(m)
+                    assert f is not None
+                    images[m.name[: -len(".png")]] = f.read()
+    return images
+
+
+def _bytes_under(folder: Path, skip: tuple[str, ...] = ()) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*")
+               if p.is_file() and p.relative_to(folder).parts[0] not in skip)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_plain_tar_is_ingested_by_byte_range_exports_what_a_packed_run_exports_and_a_changed_tar_is_refused(
+        tmp_path: Path) -> None:
+    members = _range_corpus(tmp_path / "src")
+    plain = _tar(tmp_path / "src" / "data.tar", members)
+    packed = tmp_path / "src" / "data.tar.gz"
+    with tarfile.open(packed, "w:gz") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+    by_range, copied = tmp_path / "by-range", tmp_path / "copied"
+    for out, tar in ((by_range, plain), (copied, packed)):
+        res = _range_run(out, [str(tar)])
+        assert res.complete, res.failures
+
+    # No pixel written into the run: no shard tar, and the run (less its export and report) is a fraction
+    # of the source.
+    assert not (by_range / "shards").exists()
+    assert _bytes_under(by_range, skip=("export", "report")) < plain.stat().st_size / 4
+    assert _bytes_under(copied / "shards") > plain.stat().st_size / 2  # a compressed tar is packed
+    rows = pq.read_table(by_range / "manifests" / "ingest").to_pylist()
+    assert {r["output_shard"] for r in rows} == {f"file://{plain}"}
+    source = plain.read_bytes()
+    for r in rows:  # each row names its member's bytes in the source tar, checksummed
+        assert source[r["tar_offset"]:r["tar_offset"] + r["tar_size"]] == dict(members)[f"{r['key']}.png"]
+    assert {r["input_shard"] for r in pq.read_table(by_range / "manifests" / "fingerprint").to_pylist()} == {
+        f"file://{plain}"}
+
+    exported = _exported_images(by_range)
+    assert exported == _exported_images(copied) == {k[:-4]: v for k, v in members if k.endswith(".png")}
+
+    # The source tar changes after ingest (same size, one image's bytes differ): a stage reading it refuses,
+    # naming the tar, and never runs on other pixels.
+    first = min(rows, key=lambda r: r["tar_offset"])
+    damaged = bytearray(source)
+    damaged[first["tar_offset"] + 100] ^= 0xFF
+    plain.write_bytes(bytes(damaged))
+    res = _range_run(by_range, [str(plain)], extra=("image_stats",))
+    assert not res.complete
+    said = " ".join(f["error"] if "error" in f else str(f) for f in res.failures)
+    assert f"source tar file://{plain} changed after ingest" in said, res.failures
+    assert not list((by_range / "manifests").glob("image_stats/000000.parquet"))
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_tar_on_s3_is_ingested_by_byte_range_with_the_options_the_run_kept_for_its_bucket(tmp_path: Path) -> None:
+    from tests.fixtures.s3 import moto_s3
+
+    members = _range_corpus(tmp_path / "src", n=6)
+    plain = _tar(tmp_path / "src" / "data.tar", members)
+    out = tmp_path / "run"
+    with moto_s3() as s3:
+        bucket = s3.new_bucket()
+        fs = fsspec.filesystem("s3", **s3.storage_options, skip_instance_cache=True)
+        fs.put_file(str(plain), f"{bucket}/in/data.tar")
+        res = _range_run(out, [f"s3://{bucket}/in/*.tar"], storage_options=s3.storage_options)
+        assert res.complete, res.failures
+        exported = _exported_images(out)
+    assert exported == {k[:-4]: v for k, v in members if k.endswith(".png")}
+    assert not (out / "shards").exists()
+    rows = pq.read_table(out / "manifests" / "ingest").to_pylist()
+    assert {r["output_shard"] for r in rows} == {f"s3://{bucket}/in/data.tar"}
+    # The bucket's options live in the run beside its config, never in a manifest.
+    kept = json.loads((out / "sources" / "storage.json").read_text())
+    assert kept == {f"s3://{bucket}": json.loads(json.dumps(s3.storage_options))}
+    assert not any(b"endpoint_url" in p.read_bytes() for p in (out / "manifests").rglob("*.parquet"))
