@@ -158,7 +158,9 @@ def _per_identity(counts: pa.Table) -> _PerIdentity:
     # The most frequent bin: rows by identity, count descending, bin name ascending; the first per identity.
     order = pc.sort_indices(pa.table({"i": row_ident, "n": row_n, "b": row_bin}),
                             [("i", "ascending"), ("n", "descending"), ("b", "ascending")]).to_numpy()
-    first = order[np.r_[True, row_ident[order][1:] != row_ident[order][:-1]]]
+    starts = np.ones(len(order), dtype=bool)
+    starts[1:] = row_ident[order][1:] != row_ident[order][:-1]
+    first = order[starts]
     top_bin = row_bin.take(pa.array(first))
     score_sum = np.zeros(len(ids))
     score_n = np.zeros(len(ids), dtype=np.int64)

@@ -182,3 +182,8 @@ def test_the_counts_may_come_in_any_order_and_split_over_repeated_rows() -> None
                                "e": (0, "over_max_identities")}
     assert {r["identity_id"]: r["bin"] for r in got.table.to_pylist()} == {"a": "x", "b": "y", "d": "x",
                                                                            "e": "(none)"}
+
+
+def test_no_counts_select_nothing() -> None:
+    sel = select_identities(COUNTS_SCHEMA.empty_table(), ExportConfig(identities={"max_identities": 2}))
+    assert (sel.samples, sel.identities, sel.table.num_rows, sel.drops) == (0, 0, 0, {})
