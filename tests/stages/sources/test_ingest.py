@@ -6,6 +6,7 @@ import io
 import json
 import os
 import tarfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -262,6 +263,13 @@ def test_tar_split_cuts_member_ranges_that_cover_each_sample_once(tars: list[Pat
     assert len(plan) > len(tars)
     split = rows_of(st, shard_size=2)
     assert [r["sample_id"] for r in split] == [r["sample_id"] for r in whole]
+    # Each image is recorded where its bytes lie in the plain source tar, whichever range read it.
+    located = [r for r in split if r["image_source"]]
+    assert len(located) == sum(r["status"] == "ok" for r in split) > 0
+    for r in located:
+        at = r["image_source"]
+        data = Path(at["tar"].removeprefix("file://")).read_bytes()[at["offset"]:at["offset"] + at["size"]]
+        assert data == bytes(r["image"]) and zlib.crc32(data) == at["crc32"]
 
 
 def test_params_need_exactly_one_source() -> None:
