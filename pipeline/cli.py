@@ -477,6 +477,21 @@ def _print_rows(reader: pa.RecordBatchReader, limit: int, vertical: bool | None)
 
 
 
+def _analysis(work: Any, errors: tuple[type[BaseException], ...], memory_limit: str, timeout: float,
+              as_json: bool, show: Any) -> None:
+    """A read-only analysis (whatif, diff) under query's bounds: its first error line as a user error, its
+    result as JSON or as the command's tables."""
+    try:
+        result = _guarded(work, memory_limit, timeout)
+    except errors as exc:
+        _fail(str(exc).strip().splitlines()[0])
+        return
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=1) + "\n")
+        return
+    show(result)
+
+
 def _guarded(work: Any, memory_limit: str, timeout: float) -> Any:
     """Run a read-only analysis under query's bounds: a memory cap (DuckDB spills below it), a
     timeout, Ctrl-C and SIGTERM that stop it at once; exits as ``query`` does when one stops it."""
@@ -530,16 +545,8 @@ def whatif(
         return
     import duckdb
 
-    try:
-        result = _guarded(lambda guard: evaluate(store, order, grid, memory_limit=memory_limit, guard=guard),
-                          memory_limit, timeout)
-    except (WhatifError, duckdb.Error) as exc:
-        _fail(str(exc).strip().splitlines()[0])
-        return
-    if as_json:
-        sys.stdout.write(json.dumps(result, indent=1) + "\n")
-        return
-    _print_whatif(result)
+    _analysis(lambda guard: evaluate(store, order, grid, memory_limit=memory_limit, guard=guard),
+              (WhatifError, duckdb.Error), memory_limit, timeout, as_json, _print_whatif)
 
 
 def _drop_text(d: dict[str, Any]) -> str:
@@ -620,16 +627,8 @@ def diff(
     except (NotARunError, StorageURLError) as exc:
         _fail(str(exc))
         return
-    try:
-        result = _guarded(lambda guard: compare(*stores, examples=examples, memory_limit=memory_limit, guard=guard),
-                          memory_limit, timeout)
-    except (DiffError, duckdb.Error) as exc:
-        _fail(str(exc).strip().splitlines()[0])
-        return
-    if as_json:
-        sys.stdout.write(json.dumps(result, indent=1) + "\n")
-        return
-    _print_diff(result)
+    _analysis(lambda guard: compare(*stores, examples=examples, memory_limit=memory_limit, guard=guard),
+              (DiffError, duckdb.Error), memory_limit, timeout, as_json, _print_diff)
 
 
 def _print_diff(r: dict[str, Any]) -> None:
