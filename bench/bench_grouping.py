@@ -78,7 +78,7 @@ def grouping_params(method: str, threshold: float | None, limit: int) -> Any:
     try:
         return GroupingParams(method=method, threshold=threshold, gt_column=TRUTH)
     except ValidationError:
-        extra = {"agglomerative_max": max(limit, 20_000)} if method == "exact" else {}
+        extra = {"agglomerative_max": max(limit, 12_000)} if method == "exact" else {}
         return GroupingParams(method="agglomerative", threshold=threshold, gt_column=TRUTH, **extra)
 
 
@@ -98,7 +98,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--samples", type=int, default=200_000)
     ap.add_argument("--dim", type=int, default=128)
-    ap.add_argument("--subset", type=int, default=20_000, help="samples of the exact-vs-scalable subset")
+    ap.add_argument("--subset", type=int, default=12_000, help="samples of the exact-vs-scalable subset")
     ap.add_argument("--out", default=None, help="keep the runs here (full/ and subset/); reused if built alike")
     ap.add_argument("--shard-size", type=int, default=10_000)
     ap.add_argument("--per-identity", type=int, default=25, help="mean images per identity (long-tailed)")

@@ -84,6 +84,7 @@ from stages.corpus.linkage import Clusters, knn_pairs, nearest, rac, singletons
 NO_EMBEDDING = "no_embedding"  # the rule: a sample without a vector cannot be grouped
 
 EMBEDDING_COLUMNS = ("embedding", "embedding_space", "embedding_metric")
+EXACT_LIMIT = 12_000  # sklearn/scipy average linkage: a process peaks at ~1.6 GiB at 12k samples, ~3.5 GiB at 20k
 ONE_CELL_MAX = 20_000  # up to this many points the candidate search is one cell: every pair is scored
 FIT_ROWS = 4_000  # labelled samples drawn (over all shards) to fit the threshold
 _LOW = np.uint64(0xFFFFFFFF)
@@ -104,7 +105,7 @@ class GroupingParams(Params):
     gt_column: str | None = Field(
         None, description="ground-truth labels the grouping is scored against, never used to group")
     exact_limit: int = Field(
-        20_000, ge=1, validation_alias=AliasChoices("exact_limit", "agglomerative_max"), description=
+        EXACT_LIMIT, ge=1, validation_alias=AliasChoices("exact_limit", "agglomerative_max"), description=
         "auto: exact average linkage up to this many samples (the full distance matrix in one task; "
         "method exact refuses more); agglomerative_max is the same key")
     k: int = Field(10, ge=1, description="scalable: nearest neighbours per point that are candidate pairs")
