@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import ray.train.torch
 import torch
@@ -56,13 +56,15 @@ class WorkerJob:
     trains on and its rank."""
 
     def __init__(self, loop_config: dict[str, Any], config_model: type[RunLength], kind: str) -> None:
-        self.cfg: Any = config_model.model_validate(loop_config["config"])
+        # Any: the trainer's own config model (its data, model and optimizer sections).
+        self.cfg: Any = cast(Any, config_model.model_validate(loop_config["config"]))
         self.kind = kind
         self.run_dir: str = loop_config["run_dir"]
-        self.storage: dict[str, Any] = self.cfg.data.storage_options
+        data = self.cfg.data
+        self.storage: dict[str, Any] = data.storage_options
         self.worker = setup_worker(self.cfg.scaling)
-        self.export = load_export(self.cfg.data.export, self.storage)
-        self.split = self.export.split(self.cfg.data.train_split)
+        self.export = load_export(data.export, self.storage)
+        self.split = self.export.split(data.train_split)
         self.jdir = job_dir(self.run_dir, self.cfg.job)
         self.start_step = 0
 
@@ -72,7 +74,7 @@ class WorkerJob:
         restore: Callable[[nn.Module, Checkpoint], None],
         decoder: Callable[[Sample], Any],
         loss: LossFn,
-        tensors: Callable[[nn.Module], dict[str, torch.Tensor]],
+        tensors: Callable[[nn.Module], dict[str, dict[str, torch.Tensor]]],
         precision: Precision,
         lineage: dict[str, Any] | None = None,
         ddp_check: bool = False,

@@ -84,7 +84,7 @@ def _margin_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, s
     return loss
 
 
-def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+def _tensors(module: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
     assert isinstance(module, RecognitionModule)
     return {"model": module.backbone.state_dict(), "head": module.head.state_dict()}
 
