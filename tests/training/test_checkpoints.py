@@ -86,10 +86,10 @@ def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> ExportIndex:
     return write_procedural_export(tmp_path_factory.mktemp("resume-run"), spec)
 
 
-def _config(export: ExportIndex, steps: int, **extra: object) -> RecognitionTrainConfig:
+def _config(export: ExportIndex, steps: int, job: str = "resume", **extra: object) -> RecognitionTrainConfig:
     return RecognitionTrainConfig.model_validate(
         tiny_recognition_job(
-            export.run_dir, "resume", steps, input_size=32, batch_size=4, embedding_size=16,
+            export.run_dir, job, steps, input_size=32, batch_size=4, embedding_size=16,
             data={"shuffle_buffer": 8},
             log_every=1,
             loss={"kind": "cosface", "scale": 16.0},
