@@ -125,8 +125,12 @@ class QueryGuard:
         self._interrupt_all()
 
     def _interrupt_all(self) -> None:
+        self._call_each(self._interrupts)
+
+    def _call_each(self, registered: dict[int, Callable[[], None]]) -> None:
+        """Every registered call, each once, whatever the others raise: stopping must reach them all."""
         with self._lock:
-            calls = list(self._interrupts.values())
+            calls = list(registered.values())
         for call in calls:
             with contextlib.suppress(Exception):
                 call()
@@ -194,10 +198,6 @@ class QueryGuard:
                 self.stop("memory", f"query stopped: memory {human_size(used)} > {human_size(self.memory_bytes)}")
 
     def _abandon(self) -> None:
-        with self._lock:
-            cleanups = list(self._cleanups.values())
-        for cleanup in cleanups:
-            with contextlib.suppress(Exception):
-                cleanup()
+        self._call_each(self._cleanups)
         assert self._stopped is not None
         raise Stopped(self._stopped.reason, self._stopped.detail, abandoned=True)

@@ -14,6 +14,7 @@ reader, and resume recomputes it.
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import uuid
@@ -68,6 +69,17 @@ class RunStorage:
 
     def read_bytes(self, *parts: str) -> bytes:
         return self.fs.cat_file(self.path(*parts))
+
+    def read_json(self, *parts: str) -> dict[str, Any] | None:
+        """A JSON object the run wrote; None when the file is missing, not JSON or not an object: a record
+        that cannot be read counts as one never written."""
+        if not self.exists(*parts):
+            return None
+        try:
+            doc = json.loads(self.read_bytes(*parts))
+        except ValueError:
+            return None
+        return doc if isinstance(doc, dict) else None
 
     def read_range(self, rel_path: str, offset: int, size: int) -> bytes:
         return self.fs.cat_file(self.path(rel_path), start=offset, end=offset + size)

@@ -13,6 +13,7 @@ import os
 import shlex
 import signal
 import sys
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TextIO
@@ -92,6 +93,7 @@ def _root(
 # Options several commands take, declared once.
 Overrides = Annotated[list[str] | None, typer.Option("--set", help="override: path.to.key=value")]
 StartOver = Annotated[bool, typer.Option("--new", help="delete the job's checkpoints and metrics and start over")]
+TrainConfigFile = Annotated[Path, typer.Argument(help="the job's training YAML")]
 
 @app.command()
 def run(
@@ -893,32 +895,40 @@ def _train(config: Path, overrides: list[str] | None, model: type[Any], train: A
     out.print_json(json.dumps(result.__dict__ if hasattr(result, "__dict__") else result, default=str))
 
 
-@train_app.command("recognition")
-def train_recognition_cmd(
-    config: Annotated[Path, typer.Argument(help="recognition training YAML")],
-    set_: Overrides = None,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address")] = None,
-    new: StartOver = False,
-) -> None:
-    """IResNet + margin loss on exported shards; safetensors checkpoints; resumes from the last one."""
+def _recognition_job() -> tuple[type[Any], Any]:
     from training.config import RecognitionTrainConfig
     from training.recognition import train_recognition
 
-    _train(config, set_, RecognitionTrainConfig, train_recognition, address, new)
+    return RecognitionTrainConfig, train_recognition
 
 
-@train_app.command("enhancement")
-def train_enhancement_cmd(
-    config: Annotated[Path, typer.Argument(help="enhancement training YAML")],
-    set_: Overrides = None,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address")] = None,
-    new: StartOver = False,
-) -> None:
-    """A small U-Net on (degraded, clean) pairs; PSNR/SSIM/identity similarity vs the degraded input."""
+def _enhancement_job() -> tuple[type[Any], Any]:
     from training.config import EnhancementTrainConfig
     from training.enhancement import train_enhancement
 
-    _train(config, set_, EnhancementTrainConfig, train_enhancement, address, new)
+    return EnhancementTrainConfig, train_enhancement
+
+
+def _train_command(kind: str, job: Callable[[], tuple[type[Any], Any]], summary: str) -> None:
+    """``facefoundry train <kind>``: every job takes the same arguments; ``job`` names its config model and
+    entry point, imported only when the command runs."""
+
+    def command(
+        config: TrainConfigFile,
+        set_: Overrides = None,
+        address: Annotated[str | None, typer.Option(help="Ray cluster address")] = None,
+        new: StartOver = False,
+    ) -> None:
+        model, train = job()
+        _train(config, set_, model, train, address, new)
+
+    train_app.command(kind, help=summary)(command)
+
+
+_train_command("recognition", _recognition_job,
+               "IResNet + margin loss on exported shards; safetensors checkpoints; resumes from the last one.")
+_train_command("enhancement", _enhancement_job,
+               "A small U-Net on (degraded, clean) pairs; PSNR/SSIM/identity similarity vs the degraded input.")
 
 
 @eval_app.command("verification")

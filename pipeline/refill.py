@@ -242,13 +242,7 @@ class Refill:
 
 def read_summary(store: RunStorage) -> dict[str, Any] | None:
     """The run's refill record (``report/refill.json``); None for a run without refill."""
-    if not store.exists(*REFILL_SUMMARY):
-        return None
-    try:
-        doc = json.loads(store.read_bytes(*REFILL_SUMMARY))
-    except ValueError:
-        return None
-    return doc if isinstance(doc, dict) else None
+    return store.read_json(*REFILL_SUMMARY)
 
 
 def summary_lines(doc: dict[str, Any]) -> list[str]:

@@ -36,13 +36,8 @@ def _write_some(url: str, storage_options: dict[str, Any], stages: list[StageCol
 
 
 def tables_up_to_date(store: RunStorage, stamp_value: str, shards: list[str]) -> bool:
-    if not store.exists(*TABLES_DONE):
-        return False
-    try:
-        done = json.loads(store.read_bytes(*TABLES_DONE))
-    except ValueError:
-        return False
-    return bool(done.get("stamp") == stamp_value and done.get("shards") == len(shards))
+    done = store.read_json(*TABLES_DONE)
+    return done is not None and done.get("stamp") == stamp_value and done.get("shards") == len(shards)
 
 
 def tables_stamp(store: RunStorage, stages: list[StageColumns], fingerprints: dict[str, str], shards: list[str]

@@ -9,29 +9,26 @@ embeddings of the output and of the clean image).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from typing import Any, Protocol
 
 import cv2
 import numpy as np
-import ray.train.torch
 import torch
 from torch.nn import functional as F
 
 from facekit.imaging import decode_rgb
 from stages.base import sample_seed
 from stages.mappers.degrade import degrade_rgb, draw_degradation
-from training.checkpoints import load_checkpoint, restore_optimizer, save_checkpoint
+from training.checkpoints import load_checkpoint
 from training.config import EnhancementDataConfig, EnhancementTrainConfig
-from training.ddp import setup_worker, unwrap
+from training.ddp import unwrap
 from training.export_index import ExportIndex, load_export
 from training.image_quality import psnr, ssim
-from training.job_layout import TrainResult, find_resume, job_dir, write_json
-from training.optimizers import build_optimizer, lr_at, set_lr
+from training.job_layout import TrainResult, write_json
+from training.loop import Precision, WorkerJob
 from training.ray_launch import absolute_url, launch_job
-from training.shard_loader import Sample, ShardStream, make_loader
-from training.step_log import StepLog
+from training.shard_loader import Sample, ShardStream
 from training.unet import UNet
 
 KIND = "enhancement"
@@ -97,105 +94,26 @@ def train_enhancement(config: EnhancementTrainConfig, new: bool = False) -> Trai
 
 
 def enhancement_train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
-    cfg = EnhancementTrainConfig.model_validate(loop_config["config"])
-    run_dir, storage = loop_config["run_dir"], cfg.data.storage_options
-    worker = setup_worker(cfg.scaling)
-    export = load_export(cfg.data.export, storage)
-    split = export.split(cfg.data.train_split)
-    jdir = job_dir(run_dir, cfg.job)
-
-    torch.manual_seed(cfg.seed)
-    net = UNet(cfg.model.base_channels, cfg.model.levels)
-    resume = find_resume(jdir, cfg, KIND, export.sha256)
-    start_step = resume.step if resume is not None else 0
-    if resume is not None:
-        net.load_state_dict(resume.tensors["model"])
-    model = ray.train.torch.prepare_model(net)
-    optimizer = build_optimizer(model.parameters(), cfg.optimizer)
-    if resume is not None:
-        restore_optimizer(optimizer, resume)
-
-    global_batch = cfg.data.batch_size * worker.world_size
-    steps_per_epoch = max(1, split.samples // global_batch)
-    total = cfg.max_steps or math.ceil((cfg.epochs or 1.0) * steps_per_epoch)
-    stream = ShardStream(
-        split.shards,
-        PairDecoder(cfg.data, train=True, seed=cfg.seed),
-        rank=worker.rank,
-        world_size=worker.world_size,
-        seed=cfg.seed * 1_000_003 + start_step,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        start_epoch=start_step // steps_per_epoch,
-        storage_options=storage,
+    job = WorkerJob(loop_config, EnhancementTrainConfig, KIND)
+    cfg: EnhancementTrainConfig = job.cfg
+    model, done = job.train(
+        build=lambda: UNet(cfg.model.base_channels, cfg.model.levels),
+        restore=lambda net, ckpt: net.load_state_dict(ckpt.tensors["model"]),
+        decoder=PairDecoder(cfg.data, train=True, seed=cfg.seed),
+        loss=lambda model, degraded, clean, _step: F.l1_loss(model(degraded).float(), clean),
+        tensors=lambda net: {"model": net.state_dict()},
+        precision=Precision(torch.bfloat16, scaled=False),
     )
-    loader = make_loader(stream, cfg.data.batch_size, cfg.data.loader_workers)
-    torch.manual_seed(cfg.seed + 7919 * (worker.rank + 1) + start_step)
-    amp = cfg.amp and worker.device.type == "cuda"
-    log = StepLog(cfg, KIND, worker, run_dir, total, start_step, global_batch, steps_per_epoch, storage)
-    lineage = {
-        "kind": KIND,
-        "job": cfg.job,
-        "config": cfg.model_dump(mode="json"),
-        "export": export.lineage(),
-        "world_size": worker.world_size,
-    }
-    step, last_ckpt = start_step, (resume.path if resume is not None else None)
-    model.train()
-    batches: Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]] = iter(loader) if step < total else iter(())
-    for degraded, clean, _keys in batches:
-        degraded = degraded.to(worker.device, non_blocking=True)
-        clean = clean.to(worker.device, non_blocking=True)
-        lr = lr_at(step, total, cfg.optimizer)
-        set_lr(optimizer, lr)
-        with torch.autocast(device_type=worker.device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = F.l1_loss(model(degraded).float(), clean)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.optimizer.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
-        optimizer.step()
-        step += 1
-        log.after_step(step, float(loss.detach()), lr)
-        if log.checkpoint_due(step):
-            if worker.is_chief:
-                last_ckpt = save_checkpoint(
-                    jdir,
-                    step,
-                    {"model": unwrap(model).state_dict()},
-                    lineage,
-                    optimizer=optimizer,
-                    keep=cfg.checkpoint.keep,
-                    storage_options=storage,
-                )
-            log.after_checkpoint(step)
-        if step >= total:
-            break
-    log.finish(step)
-    del batches, loader
-
-    if not worker.is_chief:
+    if not job.worker.is_chief:
         return None
     result = None
-    if cfg.data.eval_split and cfg.data.eval_split in export.split_names:
-        embedder = load_identity_embedder(cfg.identity_model, worker.device)
-        result = evaluate_enhancement(unwrap(model), export, cfg.data, embedder, worker.device, cfg.seed)
-        write_json(f"{jdir}/eval/enhancement-step-{step:08d}.json", result, storage)
-        log.log_eval(step, _flatten(result), f"export:{cfg.data.eval_split}")
-    return TrainResult(
-        job=cfg.job,
-        kind=KIND,
-        run_dir=run_dir,
-        job_dir=jdir,
-        start_step=start_step,
-        final_step=step,
-        total_steps=total,
-        checkpoint=last_ckpt,
-        export_sha256=export.sha256,
-        world_size=worker.world_size,
-        wall_s=0.0,
-        last_loss=log.last_loss,
-        eval=result,
-    ).to_dict()
+    if cfg.data.eval_split and cfg.data.eval_split in job.export.split_names:
+        device = job.worker.device
+        embedder = load_identity_embedder(cfg.identity_model, device)
+        result = evaluate_enhancement(unwrap(model), job.export, cfg.data, embedder, device, cfg.seed)
+        write_json(f"{job.jdir}/eval/enhancement-step-{done.step:08d}.json", result, job.storage)
+        done.log.log_eval(done.step, _flatten(result), f"export:{cfg.data.eval_split}")
+    return job.result(done, result)
 
 
 # ---------------------------------------------------------------- evaluation

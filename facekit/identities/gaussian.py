@@ -8,6 +8,7 @@ so the rule mostly matters for low dims or for samplers fitted to real data, whe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,24 +43,38 @@ def keep_separated(candidates: np.ndarray, kept: list[np.ndarray], max_cosine: f
         best.append(max(float(prior_max[i]), within))
 
 
-def sample_gaussian_identities(count: int, dim: int, max_cosine: float, seed: int,
-                               max_candidates: int = 1_000_000, chunk: int = 4096) -> SampledIdentities:
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x1D]))
+def sample_separated(draw: Callable[[int], np.ndarray], count: int, max_cosine: float, max_candidates: int,
+                     chunk: int, against: str = "") -> SampledIdentities:
+    """``count`` identities kept greedily (``keep_separated``) from candidates drawn ``chunk`` at a time:
+    ``draw(n)`` returns up to ``n`` unit rows (a sampler may filter its draws; they count as tried).
+    ``against`` names a further rule the draws obey, for the error when ``max_candidates`` run out."""
     kept: list[np.ndarray] = []
     best: list[float] = []
     tried = 0
     while len(kept) < count:
         if tried >= max_candidates:
             raise RuntimeError(
-                f"identities: only {len(kept)} of {count} identities found below cosine {max_cosine} "
-                f"after {tried} candidates; raise identities.max_cosine or lower identities.count"
+                f"identities: only {len(kept)} of {count} identities found below cosine "
+                f"{max_cosine}{against} after {tried} candidates; "
+                "raise identities.max_cosine or lower identities.count"
             )
         n = min(chunk, max_candidates - tried)
+        cand = draw(n)
+        tried += n
+        keep_separated(cand, kept, max_cosine, count, best)
+    return SampledIdentities(np.stack(kept).astype(np.float32), np.asarray(best, np.float32), tried)
+
+
+def sample_gaussian_identities(count: int, dim: int, max_cosine: float, seed: int,
+                               max_candidates: int = 1_000_000, chunk: int = 4096) -> SampledIdentities:
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x1D]))
+
+    def draw(n: int) -> np.ndarray:
         cand = rng.standard_normal((n, dim)).astype(np.float32)
         cand /= np.linalg.norm(cand, axis=1, keepdims=True)
-        keep_separated(cand, kept, max_cosine, count, best)
-        tried += n
-    return SampledIdentities(np.stack(kept).astype(np.float32), np.asarray(best, np.float32), tried)
+        return cand
+
+    return sample_separated(draw, count, max_cosine, max_candidates, chunk)
 
 
 def add_siblings(sampled: SampledIdentities, fraction: float, cosine: float, seed: int) -> SampledIdentities:

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from facekit.identities.gaussian import SampledIdentities, keep_separated
+from facekit.identities.gaussian import SampledIdentities, sample_separated
 
 EMBEDDING_KEYS = ("embedding", "embeddings", "centroids", "vectors")
 LABEL_KEYS = ("identity_id", "identity", "label", "labels")
@@ -177,24 +177,15 @@ def sample_from_reference(
     and, unless ``reference_max_cosine`` is None, < ``reference_max_cosine`` to every reference identity."""
     model = PcaGaussian.fit(reference.centroids, n_components)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x9CA]))
-    kept: list[np.ndarray] = []
-    best: list[float] = []
-    tried = 0
-    while len(kept) < count:
-        if tried >= max_candidates:
-            against = "" if reference_max_cosine is None else f" and {reference_max_cosine} to the reference"
-            raise RuntimeError(
-                f"identities: only {len(kept)} of {count} identities found below cosine "
-                f"{max_cosine}{against} after {tried} candidates; "
-                "raise identities.max_cosine or lower identities.count"
-            )
-        n = min(chunk, max_candidates - tried)
+
+    def draw(n: int) -> np.ndarray:
         cand = model.sample(rng, n, scale)
-        tried += n
         if reference_max_cosine is not None:
             cand = cand[max_cosine_to(cand, reference.centroids) < reference_max_cosine]
-        keep_separated(cand, kept, max_cosine, count, best)
-    return SampledIdentities(np.stack(kept).astype(np.float32), np.asarray(best, np.float32), tried)
+        return cand
+
+    against = "" if reference_max_cosine is None else f" and {reference_max_cosine} to the reference"
+    return sample_separated(draw, count, max_cosine, max_candidates, chunk, against)
 
 
 def sample_pca_identities(

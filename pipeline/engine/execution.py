@@ -84,18 +84,35 @@ class StageSpec:
         return self.cls(self.params, self.context)
 
 
+@dataclass(kw_only=True)
+class Outcomes:
+    """Samples kept, dropped and failed, and how many for each reason: what one shard's run counts and
+    what a stage's progress sums over its shards."""
+
+    kept: int = 0
+    dropped: int = 0
+    errors: int = 0
+    reasons: Counter[str] = field(default_factory=Counter)
+
+    def tally(self, other: Outcomes) -> None:
+        self.kept += other.kept
+        self.dropped += other.dropped
+        self.errors += other.errors
+        self.reasons.update(other.reasons)
+
+    def clear(self) -> None:
+        self.kept = self.dropped = self.errors = 0
+        self.reasons.clear()
+
+
 @dataclass
-class ShardResult:
+class ShardResult(Outcomes):
     stage_id: str
     shard: str
     rows_in: int = 0
     rows_out: int = 0
-    kept: int = 0
-    dropped: int = 0
-    errors: int = 0
     seconds: float = 0.0
     worker: str = ""
-    reasons: Counter[str] = field(default_factory=Counter)
 
 
 manifest_path = layout.manifest_path

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 
 from rich.console import Console
@@ -12,12 +11,12 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from pipeline.engine.execution import ShardResult
+from pipeline.engine.execution import Outcomes, ShardResult
 from pipeline.terminal import console as make_console
 
 
 @dataclass
-class StageProgress:
+class StageProgress(Outcomes):
     stage_id: str
     kind: str
     total: int
@@ -26,12 +25,8 @@ class StageProgress:
     computed: int = 0
     failed: int = 0
     rows: int = 0
-    kept: int = 0
-    dropped: int = 0
-    errors: int = 0
     started: float | None = None
     last: float | None = None
-    reasons: Counter[str] = field(default_factory=Counter)
 
     def add(self, r: ShardResult) -> None:
         now = time.monotonic()
@@ -41,10 +36,7 @@ class StageProgress:
         self.done += 1
         self.computed += 1
         self.rows += r.rows_out
-        self.kept += r.kept
-        self.dropped += r.dropped
-        self.errors += r.errors
-        self.reasons.update(r.reasons)
+        self.tally(r)
 
     @property
     def rate(self) -> float:

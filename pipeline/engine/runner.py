@@ -204,8 +204,8 @@ class Runner:
         for sid, p in prog.stages.items():
             p.total, p.done = len(shards), len(committed[sid])
             if not committed[sid]:
-                p.rows = p.kept = p.dropped = p.errors = 0
-                p.reasons.clear()
+                p.rows = 0
+                p.clear()
         prog.export_note = f"refill: round {max(int(x['spec'].get('round', 0)) for x in plan)}"
         return shards, {p["name"]: p["spec"] for p in plan}, committed
 

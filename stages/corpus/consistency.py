@@ -35,26 +35,25 @@ import pyarrow as pa
 from pydantic import Field
 
 from facekit.thresholds import FittedThreshold, Metric, defaults_for, fit_at_far
-from facekit.vector_index import EXACT_MAX, build_index, deserialize_index, group_sums, one_space, serialize_index
-from stages.base import SAMPLE_ID, Batch, Corpus, GlobalStage, Params, Resources, Rows
+from facekit.vector_index import build_index, deserialize_index, group_sums, serialize_index
+from stages.base import SAMPLE_ID, Batch, Corpus, Params, Rows
 from stages.corpus.components import key_partition, split_by
 from stages.corpus.identities import (
+    IdentityParams,
+    IdentityStage,
     aligned,
     centroid_table,
     codes_in,
     matrix,
     names,
     names_at,
-    plan_identity_partitions,
     runs,
     shard_labelled,
-    space_census,
     vectors,
 )
 from stages.corpus.kernels import (
     EMBEDDING_COLUMNS,
     centroids_from_sums,
-    commit_unjudged,
     impostor_scores,
     loo_scores,
     median_scores,
@@ -63,7 +62,7 @@ from stages.corpus.kernels import (
 )
 
 
-class ConsistencyParams(Params):
+class ConsistencyParams(IdentityParams):
     mode: Literal["generated", "label_noise"] = Field(
         "generated", description=
         "generated: distance to the identity's centroid decides; label_noise: ingested labels, where an image is "
@@ -87,21 +86,14 @@ class ConsistencyParams(Params):
         "pass 2 rebuilds every centroid from the images pass 1 kept; 1: a single leave-one-out pass")
     min_samples: int = Field(
         3, ge=2, description="identities with fewer images have no reliable centroid and are kept unjudged")
-    exact_max: int = Field(
-        EXACT_MAX, ge=0, description=
-        "up to this many centroids the nearest-identity search is exact, above it approximate (IVF)")
-    partitions: int | None = Field(
-        None, ge=1, description="identity partitions of the distributed form; null: sized from the run")
 
 
-class ConsistencyStage(GlobalStage):
+class ConsistencyStage(IdentityStage):
     """Drops images that are not the identity they carry; scores and the threshold used are stored."""
 
     name: ClassVar[str] = "consistency"
     version: ClassVar[str] = "1"
     params_model: ClassVar[type[Params]] = ConsistencyParams
-    resources: ClassVar[Resources] = Resources(cpus=1.0)
-    needs: tuple[str, ...] = EMBEDDING_COLUMNS
     columns: ClassVar[tuple[pa.Field, ...]] = (
         pa.field("centroid_score", pa.float32()),  # vs own robust centroid, in score_metric units
         pa.field("nearest_other_identity", pa.string()),
@@ -113,14 +105,6 @@ class ConsistencyStage(GlobalStage):
     )
 
     params: ConsistencyParams
-    _summary: dict[str, Any]
-
-    def summary(self) -> dict[str, Any]:
-        """Threshold used, how it was chosen, and counts, for the run report."""
-        return dict(getattr(self, "_summary", {}))
-
-    def distributed(self) -> bool:
-        return True
 
     def run_corpus(self, corpus: Corpus) -> None:
         """Per-identity sums and counts as identity-partitioned map + reduce, one round per pass, each shard
@@ -130,16 +114,11 @@ class ConsistencyStage(GlobalStage):
         labelled image to its identity's partition, whose task scores each image against the median of
         its identity's other images, one round per pass."""
         p = self.params
-        census = corpus.map(space_census, EMBEDDING_COLUMNS)
-        if not any(c["labelled"] for c in census):
-            self._summary = {"judged": 0}
-            corpus.commit(commit_unjudged, [f.name for f in self.columns])
+        found = self.identity_space(corpus, p.partitions, 2, {"judged": 0})
+        if found is None:
             return
-        space, metric = one_space(set().union(*(c["spaces"] for c in census)),
-                                  set().union(*(c["metrics"] for c in census)))
-        d = max(c["dim"] for c in census)
-        parts = plan_identity_partitions(corpus, census, p.partitions, 2 * 8 * d + 64)
-        base = {"metric": metric, "min_samples": p.min_samples, "parts": parts, "median": p.centroid == "median"}
+        space, metric = found.space, found.metric
+        base = {"metric": metric, "min_samples": p.min_samples, "parts": found.parts, "median": p.centroid == "median"}
         if base["median"]:
             corpus.shuffle("images", _image_records, EMBEDDING_COLUMNS, base)
         thresholds: list[float] = []
@@ -182,7 +161,7 @@ class ConsistencyStage(GlobalStage):
             "mode": p.mode, "embedding_space": space, "metric": metric.value, "threshold": threshold,
             "threshold_source": source, "stranger_score": stranger, "fit": fitted.as_dict() if fitted else None,
             "identities": k, "passes": p.passes, "judged": judged,
-            "unjudged": int(sum(c["n"] for c in census) - judged), "dropped": dropped,
+            "unjudged": int(found.rows - judged), "dropped": dropped,
         }
 
     def _replay(self, xj: np.ndarray, labels: np.ndarray, sides: list[pa.Table | None], base: dict[str, Any],

@@ -48,7 +48,6 @@ from facekit.vector_index import (
     default_nlist,
     embedding_matrix,
     normalise_rows,
-    one_space,
     range_pairs,
     range_rows,
     space_of,
@@ -68,6 +67,7 @@ from stages.base import (
     stable_hash,
 )
 from stages.corpus.components import key_partition
+from stages.corpus.identities import census_space
 from stages.mappers.fingerprint import (
     CONTENT_SHA256,
     HEIGHT,
@@ -328,8 +328,7 @@ class DedupStage(GlobalStage):
         emb_ok = bool(set(EMBEDDING_COLUMNS) <= needs and n_valid)
         metric = thresholds = None
         if emb_ok:
-            space, metric = one_space(set().union(*(c["spaces"] for c in census)),
-                                      set().union(*(c["metrics"] for c in census)))
+            space, metric = census_space(census)
             thresholds = self._thresholds(space)
         exact: list[tuple[np.ndarray, np.ndarray]] = []
         corpus.plan_partitions(max(1, n_rows) * 2) if p.partitions is None else None

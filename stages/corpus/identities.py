@@ -11,15 +11,18 @@ identities. Only counts come back to the driver.
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import Field
 
 from facekit.thresholds import Metric
-from facekit.vector_index import embedding_matrix, normalise_rows, table_spaces
-from stages.base import IDENTITY_ID, Corpus
+from facekit.vector_index import EXACT_MAX, embedding_matrix, normalise_rows, one_space, table_spaces
+from stages.base import IDENTITY_ID, Corpus, GlobalStage, Params, Resources
+from stages.corpus.kernels import EMBEDDING_COLUMNS, commit_unjudged
 
 PARTITION_BYTES = 64 << 20  # vector payload of one identity partition
 RECORD_ROWS = 640  # bytes a record counts as one row of the engine's row-based partition plan
@@ -49,6 +52,62 @@ def plan_identity_partitions(corpus: Corpus, census: list[dict[str, Any]], fixed
         return fixed
     records = sum(c["identities"] for c in census)
     return corpus.plan_partitions(records * max(1, math.ceil(record_bytes / RECORD_ROWS)))
+
+
+def census_space(census: list[dict[str, Any]]) -> tuple[str, Metric]:
+    """The run's one embedding space and its metric, from every shard's census (two spaces: an error)."""
+    return one_space(set().union(*(c["spaces"] for c in census)), set().union(*(c["metrics"] for c in census)))
+
+
+@dataclass(frozen=True)
+class IdentitySpace:
+    """What an identity stage's distributed steps start from: the run's space, its metric, the number of
+    identity partitions and the run's live rows."""
+
+    space: str
+    metric: Metric
+    parts: int
+    rows: int
+
+
+class IdentityParams(Params):
+    """The params of every identity stage: how the search among centroids runs, how the run is cut."""
+
+    exact_max: int = Field(
+        EXACT_MAX, ge=0, description=
+        "up to this many centroids the search among them is exact, above it approximate (IVF)")
+    partitions: int | None = Field(
+        None, ge=1, description="identity partitions of the distributed form; null: sized from the run")
+
+
+class IdentityStage(GlobalStage):
+    """A global stage that judges identities by their embeddings' centroids, in the distributed form only;
+    what it decided, and how, is its summary."""
+
+    resources: ClassVar[Resources] = Resources(cpus=1.0)
+    needs: tuple[str, ...] = EMBEDDING_COLUMNS
+    _summary: dict[str, Any]
+
+    def summary(self) -> dict[str, Any]:
+        """Threshold used, how it was chosen, and counts, for the run report."""
+        return dict(getattr(self, "_summary", {}))
+
+    def distributed(self) -> bool:
+        return True
+
+    def identity_space(self, corpus: Corpus, partitions: int | None, vectors_per_record: int,
+                       unjudged: dict[str, Any]) -> IdentitySpace | None:
+        """The space and partitions for records of ``vectors_per_record`` vectors each; None, with every
+        sample kept unjudged and ``unjudged`` as the summary, when no image carries an identity label."""
+        census = corpus.map(space_census, EMBEDDING_COLUMNS)
+        if not any(c["labelled"] for c in census):
+            self._summary = unjudged
+            corpus.commit(commit_unjudged, [f.name for f in self.columns])
+            return None
+        space, metric = census_space(census)
+        d = max(c["dim"] for c in census)
+        parts = plan_identity_partitions(corpus, census, partitions, vectors_per_record * 8 * d + 64)
+        return IdentitySpace(space, metric, parts, sum(c["n"] for c in census))
 
 
 def shard_labelled(table: pa.Table, metric: Metric) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

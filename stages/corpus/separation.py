@@ -27,29 +27,29 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from facekit.thresholds import Metric, defaults_for
-from facekit.vector_index import EXACT_MAX, group_sums, knn, normalise_rows, one_space, range_pairs
-from stages.base import SAMPLE_ID, Batch, Corpus, GlobalStage, Params, Resources, Rows
+from facekit.vector_index import group_sums, knn, normalise_rows, range_pairs
+from stages.base import SAMPLE_ID, Batch, Corpus, Params, Rows
 from stages.corpus.components import key_partition, split_by
 from stages.corpus.identities import (
+    IdentityParams,
+    IdentityStage,
     aligned,
     centroid_table,
     codes_in,
     matrix,
     names,
     names_at,
-    plan_identity_partitions,
     runs,
     shard_labelled,
-    space_census,
     vectors,
 )
-from stages.corpus.kernels import EMBEDDING_COLUMNS, centroids_from_sums, commit_unjudged, nearest_other
+from stages.corpus.kernels import EMBEDDING_COLUMNS, centroids_from_sums, nearest_other
 
 COLLISION = "identity_collision"  # the rule: this identity's centroid is within the threshold of a kept one
 SPLIT_HALF_MIN = 4  # images an identity needs for its two halves' centroids to say anything
 
 
-class SeparationParams(Params):
+class SeparationParams(IdentityParams):
     policy: Literal["drop_later", "merge"] = Field(
         "drop_later", description=
         "drop_later: of two colliding identities the later (by id) is dropped; merge: relabelled as one")
@@ -58,21 +58,14 @@ class SeparationParams(Params):
     fit_quantile: float | None = Field(
         None, gt=0.0, lt=1.0,
         description="fit the threshold at this quantile of split-half centroid scores (e.g. 0.99)")
-    exact_max: int = Field(
-        EXACT_MAX, ge=0, description=
-        "up to this many centroids the collision search is exact, above it approximate (IVF)")
-    partitions: int | None = Field(
-        None, ge=1, description="identity partitions of the distributed form; null: sized from the run")
 
 
-class SeparationStage(GlobalStage):
+class SeparationStage(IdentityStage):
     """Finds identity collisions; drops the later identity or merges labels, recording the partner."""
 
     name: ClassVar[str] = "separation"
     version: ClassVar[str] = "1"
     params_model: ClassVar[type[Params]] = SeparationParams
-    resources: ClassVar[Resources] = Resources(cpus=1.0)
-    needs: tuple[str, ...] = EMBEDDING_COLUMNS
     # identity_id is a common manifest column: the commit sets it (relabelled under merge) without
     # declaring it.
     columns: ClassVar[tuple[pa.Field, ...]] = (
@@ -86,28 +79,17 @@ class SeparationStage(GlobalStage):
     )
 
     params: SeparationParams
-    _summary: dict[str, Any]
-
-    def summary(self) -> dict[str, Any]:
-        return dict(getattr(self, "_summary", {}))
-
-    def distributed(self) -> bool:
-        return True
 
     def run_corpus(self, corpus: Corpus) -> None:
         """Identity centroids and split halves by an identity-partitioned map + reduce; the collision search
         runs in one task on that table of identities (k rows, not samples), whose decisions go back to the
         shards holding each identity. The driver sees counts and the threshold only."""
         p = self.params
-        census = corpus.map(space_census, EMBEDDING_COLUMNS)
-        if not any(c["labelled"] for c in census):
-            self._summary = {"identities": 0}
-            corpus.commit(commit_unjudged, [f.name for f in self.columns])
+        found = self.identity_space(corpus, p.partitions, 4, {"identities": 0})
+        if found is None:
             return
-        space, metric = one_space(set().union(*(c["spaces"] for c in census)),
-                                  set().union(*(c["metrics"] for c in census)))
-        d = max(c["dim"] for c in census)
-        base = {"metric": metric, "parts": plan_identity_partitions(corpus, census, p.partitions, 4 * 8 * d + 64)}
+        space, metric = found.space, found.metric
+        base = {"metric": metric, "parts": found.parts}
         if p.fit_quantile is not None and p.threshold is None:
             # Split halves by run order: each shard needs how many images of its identities come before it.
             corpus.shuffle("members", _member_records, EMBEDDING_COLUMNS, base)

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from facekit.backends.base import BackendParams, DetectedFace, FaceDetector, build_backend
+from facekit.backends.base import BackendParams, DetectedFace, FaceDetector
 from facekit.imaging import ImageError, decode_rgb
 from stages.base import (
     IMAGE,
@@ -30,13 +30,12 @@ from stages.base import (
     SAMPLE_ID,
     Batch,
     ModelInfo,
-    Params,
     Resources,
     Rows,
-    Stage,
     StageKind,
     stable_hash,
 )
+from stages.mappers.backend_stage import BackendStage
 
 
 class DetectParams(BackendParams):
@@ -59,10 +58,11 @@ def _floats(values: np.ndarray | tuple[float, ...] | None) -> list[float] | None
     return None if values is None else [float(v) for v in np.asarray(values, dtype=np.float64).ravel()]
 
 
-class DetectStage(Stage[DetectParams]):
+class DetectStage(BackendStage[DetectParams]):
     """Finds faces (box, score, landmarks); the image is one face, or each face becomes a derived sample."""
 
     name: ClassVar[str] = "detect"
+    role: ClassVar[Literal["detector", "embedder"]] = "detector"
     version: ClassVar[str] = "2"
     kind: ClassVar[StageKind] = StageKind.MAPPER
     resources: ClassVar[Resources] = Resources(cpus=0.5, memory_gb=0.5)
@@ -76,13 +76,8 @@ class DetectStage(Stage[DetectParams]):
         pa.field("face_index", pa.int32()),  # 0 = largest
     )
 
-    @classmethod
-    def doctor(cls, params: Params) -> list[str]:
-        assert isinstance(params, DetectParams)
-        return params.missing_files("detector")
-
     def setup(self) -> None:
-        self.detector: FaceDetector = build_backend(self.params.backend, "detector", self.params.options)
+        self.detector: FaceDetector = self.build_model()
 
     def model_info(self) -> ModelInfo:
         detector = getattr(self, "detector", None)

@@ -8,15 +8,16 @@ backend; it is declared from the params (``dim``, default per backend) before an
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from facekit.backends.base import BackendParams, FaceEmbedder, build_backend
+from facekit.backends.base import BackendParams, FaceEmbedder
 from facekit.imaging import ImageError, decode_rgb
-from stages.base import IMAGE, Batch, ModelInfo, Params, Resources, Stage
+from stages.base import IMAGE, Batch, ModelInfo, Resources
+from stages.mappers.backend_stage import BackendStage
 
 # Width of each backend's vectors when ``dim`` is not given (insightface: the released 512-d packs).
 DEFAULT_DIMS: dict[str, int] = {"dlib": 128, "sface": 128, "insightface": 512}
@@ -46,10 +47,11 @@ def embedding_fields(dim: int) -> tuple[pa.Field, ...]:
     )
 
 
-class EmbedStage(Stage[EmbedParams]):
+class EmbedStage(BackendStage[EmbedParams]):
     """Embeds each aligned crop as an identity vector, recording the space and metric it compares in."""
 
     name: ClassVar[str] = "embed"
+    role: ClassVar[Literal["detector", "embedder"]] = "embedder"
     version: ClassVar[str] = "2"
     resources: ClassVar[Resources] = Resources(cpus=0.5, memory_gb=1.0)
     batch_size: ClassVar[int] = 32
@@ -62,13 +64,8 @@ class EmbedStage(Stage[EmbedParams]):
     def input_columns(self) -> tuple[str, ...]:
         return () if self.params.image_column == IMAGE else (self.params.image_column,)
 
-    @classmethod
-    def doctor(cls, params: Params) -> list[str]:
-        assert isinstance(params, EmbedParams)
-        return params.missing_files("embedder")
-
     def setup(self) -> None:
-        self.embedder: FaceEmbedder = build_backend(self.params.backend, "embedder", self.params.options)
+        self.embedder: FaceEmbedder = self.build_model()
         if self.embedder.dim != self.params.width:
             got, want = self.embedder.dim, self.params.width
             raise ValueError(f"embed: the {self.params.backend} model gives {got}-d vectors but the stage "

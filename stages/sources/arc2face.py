@@ -17,21 +17,7 @@ from pydantic import Field
 
 from facekit.backends.arc2face import Arc2Face, Arc2FaceSpec, GenerationSettings
 from facekit.imaging import ImageError, decode_rgb, encode_png
-from stages.base import (
-    IDENTITY_ID,
-    IMAGE,
-    IMAGE_EXT,
-    KEY,
-    SAMPLE_ID,
-    Batch,
-    ModelInfo,
-    Params,
-    Resources,
-    Rows,
-    StageContext,
-    sample_seed,
-    stable_hash,
-)
+from stages.base import SAMPLE_ID, Batch, ModelInfo, Params, Resources, StageContext, sample_seed, stable_hash
 from stages.sources.generation import GeneratorSource
 
 POSE_COLUMN = "pose_image"
@@ -121,9 +107,7 @@ class Arc2FaceStage(GeneratorSource[Arc2FaceParams]):
         n = len(rows)
         seeds = [sample_seed(self.context.seed, r[SAMPLE_ID], "arc2face") for r in rows]
         vector_key = "perturbed_vector" if p.condition_on == "perturbed" else "identity_vector"
-        out = Rows([r[SAMPLE_ID] for r in rows], [KEY, IDENTITY_ID, IMAGE, IMAGE_EXT])
-        out.column(KEY, [r.get(KEY, r[SAMPLE_ID]) for r in rows])
-        out.column(IDENTITY_ID, [r.get(IDENTITY_ID) for r in rows])
+        out = self.generated_rows(rows)
         out.column("seed", seeds)
         for col, value in (("steps", p.steps), ("guidance", p.guidance), ("size", p.size),
                            ("conditioned_on", p.condition_on)):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import json
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar
 
 import numpy as np
@@ -33,7 +33,19 @@ from facekit.identities.gaussian import (
 from manifests.layout import IDENTITIES_FILE
 from manifests.schema import identity_schema
 from manifests.storage import RunStorage
-from stages.base import Batch, P, SourceStage, sample_seed, stable_hash
+from stages.base import (
+    IDENTITY_ID,
+    IMAGE,
+    IMAGE_EXT,
+    KEY,
+    SAMPLE_ID,
+    Batch,
+    P,
+    Rows,
+    SourceStage,
+    sample_seed,
+    stable_hash,
+)
 
 GENERATOR_FIELDS: tuple[pa.Field, ...] = (
     pa.field("variant", pa.int32()),
@@ -180,6 +192,15 @@ class GeneratorSource(SourceStage[P]):
         expr = ((pads.field("index") >= min(indices)) & (pads.field("index") <= max(indices))
                 & pads.field("index").isin(indices))
         return dataset.to_table(filter=expr, columns=["identity_id", "index", "vector"])
+
+    @staticmethod
+    def generated_rows(rows: list[dict[str, Any]], columns: Iterable[str] = ()) -> Rows:
+        """The output rows of a batch of planned samples: each keeps its planned key (its id where the
+        plan has none) and its identity; the image members and ``columns`` start empty."""
+        out = Rows([r[SAMPLE_ID] for r in rows], [KEY, IDENTITY_ID, IMAGE, IMAGE_EXT, *columns])
+        out.column(KEY, [r.get(KEY, r[SAMPLE_ID]) for r in rows])
+        out.column(IDENTITY_ID, [r.get(IDENTITY_ID) for r in rows])
+        return out
 
     def render_batch(self, rows: list[dict[str, Any]]) -> Batch:
         raise NotImplementedError

@@ -16,19 +16,7 @@ from pydantic import Field
 
 from facekit.imaging import encode_png
 from facekit.renderer.render import RENDERER_REVISION, render_sample
-from stages.base import (
-    IDENTITY_ID,
-    IMAGE,
-    IMAGE_EXT,
-    KEY,
-    SAMPLE_ID,
-    Batch,
-    ModelInfo,
-    Params,
-    Resources,
-    Rows,
-    sample_seed,
-)
+from stages.base import SAMPLE_ID, Batch, ModelInfo, Params, Resources, sample_seed
 from stages.sources.generation import GeneratorSource
 
 # Ground-truth keys of ``render_sample`` and their Arrow types; columns are these names with ``gt_``.
@@ -88,9 +76,8 @@ class RenderStage(GeneratorSource[RenderParams]):
     def render_batch(self, rows: list[dict[str, Any]]) -> Batch:
         """Render rows of (sample_id, key, identity_id, identity_vector, perturbed_vector,
         perturbation_sigma); a row that cannot be rendered becomes an error row, never an exception."""
-        out = Rows([r[SAMPLE_ID] for r in rows], [KEY, IDENTITY_ID, IMAGE, IMAGE_EXT, *(f.name for f in self.columns)])
+        out = self.generated_rows(rows, [f.name for f in self.columns])
         for i, row in enumerate(rows):
-            out.set(i, key=row.get(KEY, row[SAMPLE_ID]), identity_id=row.get(IDENTITY_ID))
             try:
                 img, truth = self._render(row)
             except (ValueError, TypeError, KeyError) as exc:

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import glob
 import os
-import random
-import signal
-import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.pipeline.engine.test_resume import _assert_resumed_identical, _cli, _finish, _reference
+from tests.faults.conftest import KillDrill
 from tests.pipeline.test_refill import RAW, STAGES
 
 KILLS = int(os.environ.get("FF_FAULT_KILLS", "3"))
@@ -25,28 +24,14 @@ def _source_commits(root: Path, prefix: str = "") -> int:
 
 @pytest.mark.faults
 def test_sigkill_during_refill_rounds_then_resume_is_byte_identical(
-        tmp_path: Path, fault_rng: random.Random) -> None:
-    config, ref = _reference(tmp_path, RAW)
-    out = tmp_path / "resumed"
-    total = _source_commits(ref)
-    assert _source_commits(ref, "r") > 0, "the reference run made no refill round"
+        kill_drill: Callable[[dict[str, Any]], KillDrill]) -> None:
+    drill = kill_drill(RAW)
+    assert _source_commits(drill.ref, "r") > 0, "the reference run made no refill round"
     # One kill as soon as a refill round has committed a shard, the others at random source commits,
     # each followed by a random delay so it lands in a global stage, the tables or a round's planning too.
-    targets = [("r", 1), *sorted(("", fault_rng.randrange(total)) for _ in range(KILLS - 1))]
-    killed = 0
+    total = _source_commits(drill.ref)
+    targets = [("r", 1), *sorted(("", drill.rng.randrange(total)) for _ in range(KILLS - 1))]
     for prefix, target in targets:
-        proc = _cli(config, out)
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and proc.poll() is None and _source_commits(out, prefix) < target:
-            time.sleep(0.02)
-        if proc.poll() is not None:
-            continue  # finished (or got further) before this kill point
-        time.sleep(fault_rng.uniform(0, 3.0))
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        killed += 1
-    assert killed >= 1, "no kill landed before the run finished"
-
-    _finish(_cli(config, out))
+        drill.kill_when(lambda p=prefix, t=target: _source_commits(drill.out, p) >= t, 600, 3.0)
     files = ("shards/*/*.tar", "export/*/*/*.tar", "identities/*.parquet", "plan.*", "report/refill.json")
-    _assert_resumed_identical(ref, out, files, STAGES, f"{killed} kills (its fault seed is printed above)")
+    drill.resume_matches_reference(files, STAGES)

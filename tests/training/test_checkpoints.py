@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.fixtures.procedural_export import ProceduralExportSpec, write_procedural_export
+from tests.fixtures.procedural_export import ProceduralExportSpec, tiny_recognition_job, write_procedural_export
 from training.checkpoints import (
     CheckpointError,
     list_checkpoints,
@@ -86,27 +86,18 @@ def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> ExportIndex:
     return write_procedural_export(tmp_path_factory.mktemp("resume-run"), spec)
 
 
-def _config(export: ExportIndex, steps: int, **extra: object) -> RecognitionTrainConfig:
+def _config(export: ExportIndex, steps: int, job: str = "resume", **extra: object) -> RecognitionTrainConfig:
     return RecognitionTrainConfig.model_validate(
-        {
-            "job": "resume",
-            "max_steps": steps,
-            "log_every": 1,
-            "data": {
-                "export": export.run_dir,
-                "input_size": 32,
-                "batch_size": 4,
-                "loader_workers": 0,
-                "shuffle_buffer": 8,
-                "eval_split": None,
-            },
-            "model": {"name": "iresnet_tiny", "embedding_size": 16},
-            "loss": {"kind": "cosface", "scale": 16.0},
-            "optimizer": {"name": "sgd", "lr": 0.05},
-            "checkpoint": {"every_steps": 3, "keep": 0},
-            "scaling": {"num_workers": 0},  # Ray Train local mode: same loop, in this process
+        tiny_recognition_job(
+            export.run_dir, job, steps, input_size=32, batch_size=4, embedding_size=16,
+            data={"shuffle_buffer": 8},
+            log_every=1,
+            loss={"kind": "cosface", "scale": 16.0},
+            optimizer={"name": "sgd", "lr": 0.05},
+            checkpoint={"every_steps": 3, "keep": 0},
+            scaling={"num_workers": 0},  # Ray Train local mode: same loop, in this process
             **extra,
-        }
+        )
     )
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.fixtures.procedural_export import ProceduralExportSpec, write_procedural_export
+from tests.fixtures.procedural_export import ProceduralExportSpec, tiny_recognition_job, write_procedural_export
 from training.config import RecognitionTrainConfig
 from training.recognition import train_recognition
 
@@ -30,27 +30,14 @@ def test_two_workers_hold_identical_weights_after_a_step_on_different_samples(
         ProceduralExportSpec(train_identities=6, val_identities=2, images_per_identity=4, shard_size=6),
     )
     cfg = RecognitionTrainConfig.model_validate(
-        {
-            "job": "ddp",
-            "max_steps": 2,
-            "log_every": 1,
-            "data": {
-                "export": str(tmp_path),
-                "input_size": 32,
-                "batch_size": 4,
-                "loader_workers": 0,
-                "eval_split": None,
-            },
-            "model": {"name": "iresnet_tiny", "embedding_size": 16},
-            "loss": {
-                "kind": "arcface",
-                "scale": 16.0,
-                "sample_rate": 0.5,
-            },  # PartialFC draws agree across ranks
-            "optimizer": {"name": "sgd", "lr": 0.1},
-            "checkpoint": {"every_steps": 2},
-            "scaling": {"num_workers": 2, "cpus_per_worker": 0.5, "torch_threads": 1},
-        }
+        tiny_recognition_job(
+            tmp_path, "ddp", 2, input_size=32, batch_size=4, embedding_size=16,
+            log_every=1,
+            loss={"kind": "arcface", "scale": 16.0, "sample_rate": 0.5},  # PartialFC draws agree across ranks
+            optimizer={"name": "sgd", "lr": 0.1},
+            checkpoint={"every_steps": 2},
+            scaling={"num_workers": 2, "cpus_per_worker": 0.5, "torch_threads": 1},
+        )
     )
     result = train_recognition(cfg)
     assert result.world_size == 2 and result.final_step == 2

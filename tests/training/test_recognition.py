@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.fixtures import EXAMPLES
-from tests.fixtures.procedural_export import ProceduralExportSpec, write_procedural_export
+from tests.fixtures.procedural_export import ProceduralExportSpec, tiny_recognition_job, write_procedural_export
 from training.config import (
     RecognitionTrainConfig,
     TrainConfigError,
@@ -35,30 +35,15 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
         run,
         ProceduralExportSpec(train_identities=40, val_identities=20, images_per_identity=8, shard_size=64),
     )
-    overrides = {
-        "job": "recognition",
-        "max_steps": 120,
-        "log_every": 20,
-        "data": {
-            "export": str(run),
-            "input_size": 48,
-            "batch_size": 32,
-            "loader_workers": 0,
-            "shuffle_buffer": 256,
-            "eval_split": None,
-        },
-        "model": {"name": "iresnet_tiny", "embedding_size": 128},
-        "loss": {"kind": "cosface", "scale": 32.0},
-        "optimizer": {
-            "name": "adamw",
-            "lr": 0.002,
-            "weight_decay": 0.0005,
-            "warmup_steps": 10,
-            "schedule": "cosine",
-        },
-        "checkpoint": {"every_steps": 60},
-        "scaling": {"num_workers": 0, "torch_threads": 1},  # in-process; DDP is proven in test_training_ddp
-    }
+    overrides = tiny_recognition_job(
+        run, "recognition", 120, input_size=48, batch_size=32, embedding_size=128,
+        data={"shuffle_buffer": 256},
+        log_every=20,
+        loss={"kind": "cosface", "scale": 32.0},
+        optimizer={"name": "adamw", "lr": 0.002, "weight_decay": 0.0005, "warmup_steps": 10, "schedule": "cosine"},
+        checkpoint={"every_steps": 60},
+        scaling={"num_workers": 0, "torch_threads": 1},  # in-process; DDP is proven in test_training_ddp
+    )
     return train_recognition(load_train_config(overrides, RecognitionTrainConfig))
 
 
