@@ -16,12 +16,12 @@ by file, one FAISS flat index per file: memory is the sample plus one file).
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from facekit.thresholds import Metric, defaults_for, distinct_label_pairs
@@ -176,31 +176,27 @@ def leak_report(store: Any, emb_files: list[tuple[str, ...]], splits: dict[str, 
         scores, nn = knn(x[train], x[val], 1, m)
         b = int(np.argmax(scores[:, 0]) if m.higher_is_same else np.argmin(scores[:, 0]))
         best_id = {"score": float(scores[b, 0]), "val": names[val[b]], "train": names[train[int(nn[b, 0])]]}
-    # the sample: the image_check validation images with the smallest check hash (each file is sorted by it)
-    heap: list[tuple[float, str, str, list[float]]] = []
+    # the sample: the image_check validation images with the smallest check hash (each file is sorted by
+    # it, so a file's first val rows are its candidates); Arrow filters, no row reaches Python
+    val_set = pa.array([k for k, v in splits.items() if v == "val"], pa.string())
+    train_set = pa.array([k for k, v in splits.items() if v == "train"], pa.string())
+    sample: pa.Table | None = None
     n_val = 0
     for parts in emb_files:
-        t = _read(store, parts)
-        for sid, ident, vec, h in zip(*(t.column(c).to_pylist() for c in ("sample_id", "identity_id", "sel_emb",
-                                                                          "check")), strict=True):
-            if splits.get(ident) != "val":
-                continue
-            n_val += 1
-            item = (-h, sid, ident, vec)
-            if len(heap) < image_check:
-                heapq.heappush(heap, item)
-            elif image_check and item > heap[0]:
-                heapq.heapreplace(heap, item)
-    if not heap:
+        t = _read(store, parts, ["sample_id", "identity_id", "sel_emb", "check"])
+        t = t.filter(pc.is_in(t.column("identity_id"), value_set=val_set))
+        n_val += t.num_rows
+        if image_check and t.num_rows:
+            both = t.slice(0, image_check) if sample is None else pa.concat_tables([sample, t.slice(0, image_check)])
+            sample = both.sort_by([("check", "ascending"), ("sample_id", "ascending")]).slice(0, image_check)
+    if sample is None or not sample.num_rows:
         return LeakReport(best_id, None)
-    sample = sorted(heap, key=lambda r: (-r[0], r[1]))
-    q = np.asarray([r[3] for r in sample], dtype=np.float32)
+    q, _ = embedding_matrix(sample, "sel_emb")
     best = m.worst()
     best_pair: tuple[int, str] | None = None
     for parts in emb_files:
         t = _read(store, parts, ["sample_id", "identity_id", "sel_emb"])
-        mask = pa.array([splits.get(i) == "train" for i in t.column("identity_id").to_pylist()], pa.bool_())
-        t = t.filter(mask)
+        t = t.filter(pc.is_in(t.column("identity_id"), value_set=train_set))
         if not t.num_rows:
             continue
         xt, _ = embedding_matrix(t, "sel_emb")
@@ -211,6 +207,6 @@ def leak_report(store: Any, emb_files: list[tuple[str, ...]], splits: dict[str, 
             best_pair = (b, str(t.column("sample_id")[int(nn[b, 0])].as_py()))
     if best_pair is None:
         return LeakReport(best_id, None)
-    return LeakReport(best_id, {"score": best, "val": sample[best_pair[0]][1], "train": best_pair[1],
-                                "checked": len(sample), "of": n_val})
+    return LeakReport(best_id, {"score": best, "val": str(sample.column("sample_id")[best_pair[0]].as_py()),
+                                "train": best_pair[1], "checked": sample.num_rows, "of": n_val})
 

@@ -51,8 +51,6 @@ from facekit.vector_index import (
     range_pairs,
     range_rows,
     space_of,
-    table_spaces,
-    train_cells,
 )
 from stages.base import (
     SAMPLE_ID,
@@ -67,7 +65,7 @@ from stages.base import (
     stable_hash,
 )
 from stages.corpus.components import key_partition
-from stages.corpus.identities import census_space
+from stages.corpus.kernels import EMBEDDING_COLUMNS, census_space, corpus_cells, embedding_census, unit_vectors
 from stages.mappers.fingerprint import (
     CONTENT_SHA256,
     HEIGHT,
@@ -84,7 +82,6 @@ from stages.mappers.fingerprint import (
 KINDS = ("exact", "phash", "embedding")  # strongest first
 DUPLICATE = "duplicate_of"  # the rule; the detail names the link kind and the kept sample
 REDUNDANT = "redundant_variant_of"  # column: the distinct picture this one is a redundant variant of
-EMBEDDING_COLUMNS = ("embedding", "embedding_space", "embedding_metric")
 
 
 class DedupParams(Params):
@@ -322,7 +319,7 @@ class DedupStage(GlobalStage):
         """
         p = self.params
         needs = set(self.needs)
-        census = corpus.map(_dedup_census, list(self.needs))
+        census = corpus.map(embedding_census, list(self.needs))
         n_rows = sum(c["n"] for c in census)
         n_valid = sum(c["valid"] for c in census)
         emb_ok = bool(set(EMBEDDING_COLUMNS) <= needs and n_valid)
@@ -345,14 +342,7 @@ class DedupStage(GlobalStage):
         emb = None
         if p.embeddings and emb_ok and metric is not None and thresholds is not None:
             nlist = p.cells or (1 if n_valid <= p.exact_max else default_nlist(n_valid))
-            if nlist > 1:
-                per_shard = max(1, -(-min(n_valid, max(nlist * 32, 20_000)) // max(1, len(census))))
-                sample = np.concatenate(corpus.map(_vector_sample, list(EMBEDDING_COLUMNS), per_shard,
-                                                   self.context.seed))
-                cells = corpus.call(train_cells, sample, nlist, self.context.seed)
-                del sample
-            else:
-                cells = np.zeros((1, 1), dtype=np.float32)
+            cells = corpus_cells(corpus, n_valid, nlist, self.context.seed)
             spill = 1 if nlist == 1 else p.spill
             if p.partitions is None:
                 corpus.plan_partitions(n_valid * spill)
@@ -706,38 +696,9 @@ def _phash_links(table: pa.Table | None, part: int, max_distance: int) -> tuple[
     return _unique_pairs(np.concatenate(found_a), np.concatenate(found_b))
 
 
-def _dedup_census(table: pa.Table, index: int) -> dict[str, Any]:
-    valid = np.zeros(table.num_rows, dtype=bool)
-    spaces: set[str] = set()
-    metrics: set[str] = set()
-    if set(EMBEDDING_COLUMNS) <= set(table.column_names):
-        _, valid = embedding_matrix(table)
-        spaces, metrics = table_spaces(table, valid)
-    return {"n": table.num_rows, "valid": int(valid.sum()), "spaces": spaces, "metrics": metrics}
-
-
-def _unit_vectors(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    """Valid rows and their vectors, normalised in cosine spaces (what the single-process stage compares)."""
-    x, valid = embedding_matrix(table)
-    rows = np.flatnonzero(valid)
-    if rows.size == 0:
-        return rows, np.zeros((0, x.shape[1]), dtype=np.float32)
-    metric = Metric(table.column("embedding_metric")[int(rows[0])].as_py())
-    xv = normalise_rows(x[rows]) if metric.higher_is_same else x[rows]
-    return rows, np.ascontiguousarray(xv, dtype=np.float32)
-
-
-def _vector_sample(table: pa.Table, index: int, per_shard: int, seed: int) -> np.ndarray:
-    _, x = _unit_vectors(table)
-    if len(x) <= per_shard:
-        return x
-    pick = np.sort(np.random.default_rng([seed, index]).choice(len(x), per_shard, replace=False))
-    return x[pick]
-
-
 def _cell_records(table: pa.Table, index: int, cells: np.ndarray, spill: int, parts: int) -> dict[int, pa.Table]:
     """Each vector once per each of its ``spill`` nearest cells, partitioned by cell."""
-    rows, x = _unit_vectors(table)
+    rows, x = unit_vectors(table)
     if rows.size == 0:
         return {}
     assigned = assign_cells(x, cells, spill)

@@ -61,8 +61,6 @@ from facekit.vector_index import (
     embedding_matrix,
     group_sums,
     normalise_rows,
-    one_space,
-    train_cells,
 )
 from stages.base import (
     IDENTITY_ID,
@@ -78,12 +76,11 @@ from stages.base import (
     stable_hash,
 )
 from stages.corpus.components import SHARD_SHIFT, both_ways, components, node_partition, split_by
-from stages.corpus.dedup import _dedup_census, _unit_vectors, _vector_sample
+from stages.corpus.kernels import EMBEDDING_COLUMNS, census_space, corpus_cells, embedding_census, unit_vectors
 from stages.corpus.linkage import Clusters, knn_pairs, nearest, rac, singletons
 
 NO_EMBEDDING = "no_embedding"  # the rule: a sample without a vector cannot be grouped
 
-EMBEDDING_COLUMNS = ("embedding", "embedding_space", "embedding_metric")
 EXACT_LIMIT = 12_000  # sklearn/scipy average linkage: a process peaks at ~1.6 GiB at 12k samples, ~3.5 GiB at 20k
 ONE_CELL_MAX = 20_000  # up to this many points the candidate search is one cell: every pair is scored
 FIT_ROWS = 4_000  # labelled samples drawn (over all shards) to fit the threshold
@@ -223,14 +220,13 @@ class GroupingStage(GlobalStage):
 
     def run_corpus(self, corpus: Corpus) -> None:
         p = self.params
-        census = corpus.map(_dedup_census, list(EMBEDDING_COLUMNS))
+        census = corpus.map(embedding_census, list(EMBEDDING_COLUMNS))
         n_valid = sum(c["valid"] for c in census)
         if n_valid == 0:
             self._summary = {"groups": 0}
             corpus.commit(self._commit, None, None)
             return
-        space, metric = one_space(set().union(*(c["spaces"] for c in census)),
-                                  set().union(*(c["metrics"] for c in census)))
+        space, metric = census_space(census)
         threshold, source = self._threshold(corpus, space, metric)
         corpus.partitions = p.partitions or corpus.plan_partitions(n_valid * p.spill)
         method = p.method if p.method != "auto" else ("exact" if n_valid <= p.exact_limit else "scalable")
@@ -347,13 +343,7 @@ class GroupingStage(GlobalStage):
             raise ValueError(f"the scalable method is average linkage; linkage {p.linkage!r} needs method exact")
         parts = corpus.partitions
         nlist = p.cells or (1 if n_valid <= ONE_CELL_MAX else default_nlist(n_valid))
-        if nlist > 1:
-            per_shard = max(1, -(-min(n_valid, max(nlist * 32, 20_000)) // max(1, len(corpus.shards))))
-            sample = np.concatenate(corpus.map(_vector_sample, list(EMBEDDING_COLUMNS), per_shard, self.context.seed))
-            cells = corpus.call(train_cells, sample, nlist, self.context.seed)
-            del sample
-        else:
-            cells = np.zeros((1, 1), dtype=np.float32)
+        cells = corpus_cells(corpus, n_valid, nlist, self.context.seed)
         cells_ref = corpus.put(cells)
         spill = 1 if nlist == 1 else p.spill
         merge_spill = 1 if nlist == 1 else max(p.spill, p.merge_spill)
@@ -493,7 +483,7 @@ class GroupingStage(GlobalStage):
 def _labelled_sample(table: pa.Table, index: int, column: str, per_shard: int,
                      seed: int) -> tuple[np.ndarray, np.ndarray]:
     """A bounded sample of one shard's samples that have a vector and a label in ``column``."""
-    rows, x = _unit_vectors(table)
+    rows, x = unit_vectors(table)
     labels = table.column(column).take(pa.array(rows)).to_pylist() if rows.size else []
     ok = np.array([lab is not None for lab in labels], dtype=bool)
     x, lab = x[ok], np.array([str(v) for v, k in zip(labels, ok, strict=True) if k], dtype=object)
@@ -513,7 +503,7 @@ def _low_quality(table: pa.Table, rows: np.ndarray, quality: tuple[str, float] |
 
 
 def _all_vectors(table: pa.Table, index: int, quality: tuple[str, float] | None) -> dict[int, pa.Table]:
-    rows, x = _unit_vectors(table)
+    rows, x = unit_vectors(table)
     if rows.size == 0:
         return {}
     node = ordinals(index, table.num_rows)[rows]
@@ -524,7 +514,7 @@ def _all_vectors(table: pa.Table, index: int, quality: tuple[str, float] | None)
 def _level0_points(table: pa.Table, index: int, quality: tuple[str, float] | None) -> dict[Any, pa.Table]:
     """Each sample a point of its own (``pts0``, keyed by its shard index; a low-quality one in ``lowq``
     instead) and a member of itself (``members0``: node, sample id, cluster)."""
-    rows, x = _unit_vectors(table)
+    rows, x = unit_vectors(table)
     if rows.size == 0:
         return {}
     node = ordinals(index, table.num_rows)[rows]
@@ -607,7 +597,7 @@ def _attach_cells(table: pa.Table, index: int, sides: list[pa.Table | None], cel
 
 
 def _low_count(table: pa.Table, index: int, quality: tuple[str, float]) -> int:
-    rows, _ = _unit_vectors(table)
+    rows, _ = unit_vectors(table)
     return int(_low_quality(table, rows, quality).sum())
 
 

@@ -20,9 +20,9 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from facekit.thresholds import Metric
-from facekit.vector_index import EXACT_MAX, embedding_matrix, normalise_rows, one_space, table_spaces
+from facekit.vector_index import EXACT_MAX, embedding_matrix, normalise_rows, table_spaces
 from stages.base import IDENTITY_ID, Corpus, GlobalStage, Params, Resources
-from stages.corpus.kernels import EMBEDDING_COLUMNS, commit_unjudged
+from stages.corpus.kernels import EMBEDDING_COLUMNS, census_space, commit_unjudged
 
 PARTITION_BYTES = 64 << 20  # vector payload of one identity partition
 RECORD_ROWS = 640  # bytes a record counts as one row of the engine's row-based partition plan
@@ -52,11 +52,6 @@ def plan_identity_partitions(corpus: Corpus, census: list[dict[str, Any]], fixed
         return fixed
     records = sum(c["identities"] for c in census)
     return corpus.plan_partitions(records * max(1, math.ceil(record_bytes / RECORD_ROWS)))
-
-
-def census_space(census: list[dict[str, Any]]) -> tuple[str, Metric]:
-    """The run's one embedding space and its metric, from every shard's census (two spaces: an error)."""
-    return one_space(set().union(*(c["spaces"] for c in census)), set().union(*(c["metrics"] for c in census)))
 
 
 @dataclass(frozen=True)

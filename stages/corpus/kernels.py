@@ -7,14 +7,17 @@ written here once, so neither imports the other's privates. Every function works
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
 
 from facekit.thresholds import Metric
-from facekit.vector_index import normalise_rows
-from stages.base import SAMPLE_ID, Batch, Rows
+from facekit.vector_index import embedding_matrix, normalise_rows, one_space, table_spaces, train_cells
+from stages.base import SAMPLE_ID, Batch, Corpus, Rows
 
 EMBEDDING_COLUMNS = ("embedding", "embedding_space", "embedding_metric")
+CELL_SAMPLE_MIN = 20_000  # vectors drawn (over all shards) to train the k-means cells, at least
 LOO_MEDIAN_MAX = 64  # above this many images one image barely moves a median; use the plain median
 
 
@@ -106,3 +109,50 @@ def nearest_other(scores: np.ndarray, ids: np.ndarray, own: np.ndarray) -> tuple
 def commit_unjudged(table: pa.Table, index: int, columns: list[str]) -> Batch:
     """A shard's rows when there is nothing to judge: every sample kept, the stage's columns empty."""
     return Rows(table.column(SAMPLE_ID).to_pylist(), columns).batch()
+
+
+def embedding_census(table: pa.Table, index: int) -> dict[str, Any]:
+    """Rows, rows with a usable vector, and the spaces and metrics they declare (one shard)."""
+    valid = np.zeros(table.num_rows, dtype=bool)
+    spaces: set[str] = set()
+    metrics: set[str] = set()
+    if set(EMBEDDING_COLUMNS) <= set(table.column_names):
+        _, valid = embedding_matrix(table)
+        spaces, metrics = table_spaces(table, valid)
+    return {"n": table.num_rows, "valid": int(valid.sum()), "spaces": spaces, "metrics": metrics}
+
+
+def census_space(census: list[dict[str, Any]]) -> tuple[str, Metric]:
+    """The run's one embedding space and its metric, from every shard's census (two spaces: an error)."""
+    return one_space(set().union(*(c["spaces"] for c in census)), set().union(*(c["metrics"] for c in census)))
+
+
+def unit_vectors(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """Valid rows and their vectors, normalised in cosine spaces (what the stages compare)."""
+    x, valid = embedding_matrix(table)
+    rows = np.flatnonzero(valid)
+    if rows.size == 0:
+        return rows, np.zeros((0, x.shape[1]), dtype=np.float32)
+    metric = Metric(table.column("embedding_metric")[int(rows[0])].as_py())
+    xv = normalise_rows(x[rows]) if metric.higher_is_same else x[rows]
+    return rows, np.ascontiguousarray(xv, dtype=np.float32)
+
+
+def vector_sample(table: pa.Table, index: int, per_shard: int, seed: int) -> np.ndarray:
+    """Up to ``per_shard`` of a shard's vectors, drawn by (seed, shard index): the same draw on a rerun."""
+    _, x = unit_vectors(table)
+    if len(x) <= per_shard:
+        return x
+    pick = np.sort(np.random.default_rng([seed, index]).choice(len(x), per_shard, replace=False))
+    return x[pick]
+
+
+def corpus_cells(corpus: Corpus, n_valid: int, nlist: int, seed: int) -> np.ndarray:
+    """``nlist`` k-means cells trained in one task on a bounded sample of the run's vectors (32 per cell,
+    at least ``CELL_SAMPLE_MIN``, spread over the shards); one all-zero cell when ``nlist`` is 1."""
+    if nlist <= 1:
+        return np.zeros((1, 1), dtype=np.float32)
+    per_shard = max(1, -(-min(n_valid, max(nlist * 32, CELL_SAMPLE_MIN)) // max(1, len(corpus.shards))))
+    sample = np.concatenate(corpus.map(vector_sample, list(EMBEDDING_COLUMNS), per_shard, seed))
+    cells: np.ndarray = corpus.call(train_cells, sample, nlist, seed)
+    return cells

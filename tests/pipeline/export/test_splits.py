@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
@@ -103,3 +104,35 @@ def test_a_run_whose_distinct_identities_all_verify_at_the_photo_point_still_hol
     assert plan.splits["threshold"] > plan.splits["floor"]
     assert 0 < sum(s == "val" for s in sides.values()) < IDENTITIES
     assert plan.splits["lookalike_pairs"] < IDENTITIES // 2
+
+
+@pytest.mark.parametrize("image_check", [10_000, 7])
+def test_the_image_leak_figure_is_the_closest_training_image_to_the_sampled_validation_images(
+        run: Path, image_check: int) -> None:
+    """With every validation image sampled it is the brute-force maximum over (validation, training)
+    image pairs; with a few, the maximum over those the check hash picks, and it never exceeds that."""
+    import numpy as np
+
+    from pipeline.export.order import units
+
+    plan, rows = _plan(run, 4, splits={"image_check": image_check, "lookalikes": "flag"})
+    sides = _sides(plan)
+    table = pads.dataset(str(run / "tables" / "samples"), format="parquet").to_table(
+        columns=["sample_id", "identity_id", "emb__embedding"])
+    kept = {s for v in rows.values() for s in v}
+    ids = table.column("sample_id").to_pylist()
+    x = np.asarray(table.column("emb__embedding").to_pylist(), dtype=np.float64)
+    side = [sides.get(i) if s in kept else None for s, i in
+            zip(ids, table.column("identity_id").to_pylist(), strict=True)]
+    val = [r for r, sd in enumerate(side) if sd == "val"]
+    train = [r for r, sd in enumerate(side) if sd == "train"]
+    check = units("check:", pa.array([ids[r] for r in val]))
+    sampled = [val[i] for i in np.lexsort((np.array([ids[r] for r in val]), check))[:image_check]]
+    scores = x[sampled] @ x[train].T
+    got = plan.splits["max_image_similarity"]
+    assert got["of"] == len(val) and got["checked"] == min(image_check, len(val))
+    assert got["score"] == pytest.approx(float(scores.max()), abs=1e-5)
+    v, t = np.unravel_index(int(np.argmax(scores)), scores.shape)
+    assert (got["val"], got["train"]) == (ids[sampled[v]], ids[train[t]])
+    if image_check < len(val):
+        assert got["score"] <= float((x[val] @ x[train].T).max()) + 1e-6
