@@ -98,12 +98,12 @@ def load_centroids(store: Any, emb_files: list[tuple[str, ...]], metric: Metric)
         if not t.num_rows:
             continue
         x, _ = embedding_matrix(t, "sel_emb")
-        ids = t.column("identity_id").to_pylist()
-        uniq = sorted(set(ids))
-        code = {k: i for i, k in enumerate(uniq)}
-        codes = np.asarray([code[i] for i in ids], dtype=np.int64)
+        ids = t.column("identity_id")
+        uniq = pc.unique(ids)
+        uniq = uniq.take(pc.sort_indices(uniq))
+        codes = pc.index_in(ids, value_set=uniq).to_numpy().astype(np.int64)
         blocks.append(centroids(x, codes, len(uniq), metric.higher_is_same))
-        names += uniq
+        names += uniq.to_pylist()
     return names, (np.concatenate(blocks) if blocks else np.zeros((0, 0), np.float32))
 
 
