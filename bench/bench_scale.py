@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import io
 import json
 import math
 import multiprocessing as mp
@@ -42,7 +41,7 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from tests.fixtures.identity_model import hex_ids, mix
-from tests.fixtures.synthetic_corpus import METRIC, SPACE, UPSTREAM, upstream_manifest
+from tests.fixtures.synthetic_corpus import METRIC, SPACE, UPSTREAM, write_shard
 
 # ---------------------------------------------------------------- a fast, vectorised synthetic corpus
 
@@ -159,13 +158,7 @@ def _sid(v: np.ndarray, seed: int) -> list[str]:
 
 def _write_shard(args: tuple[dict[str, int], str, int]) -> None:
     cfg, run, s = args
-    from manifests.layout import manifest_path
-    from manifests.storage import RunStorage
-
-    name = f"{s:06d}"
-    buf = io.BytesIO()
-    pq.write_table(upstream_manifest(Corpus(**cfg).shard(s), name), buf, compression="zstd")
-    RunStorage(run).write_atomic(buf.getvalue(), *manifest_path(UPSTREAM, name))
+    write_shard(Corpus(**cfg), run, s)  # a committed fragment: readers verify its footer before use
 
 
 # ---------------------------------------------------------------- measuring
